@@ -1,0 +1,1 @@
+"""Serving side of the L2 oral proficiency grader: config, prompt, audio, scoring, engine, API."""

@@ -1,0 +1,160 @@
+"""The grader's YAML config, validated by pydantic.
+
+One file names the base model, the engine settings and the exam parts. Paths
+in it (base model, adapters) are resolved against the file's own folder, so a
+config and the models beside it can move together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from serve.levels import DEFAULT_LEVELS, Level
+from serve.prompt import DEFAULT_TASK
+
+# vLLM accepts only these LoRA ranks.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class ConfigError(ValueError):
+    """The config file is missing, not YAML, or does not validate (message says where and why)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """The base model."""
+
+    base: str = Field(description="Hub id (e.g. Qwen/Qwen2-Audio-7B-Instruct) or a local checkpoint folder.")
+    untrained: bool = Field(False, description="True for the generated tiny checkpoint: results are flagged as meaningless.")
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_lora_rank: int = Field(16, description="Largest adapter rank the engine accepts.")
+    max_loras: int = Field(4, ge=1, description="Adapters resident on the device at once (in one batch).")
+    max_cpu_loras: int = Field(16, ge=1, description="Adapters cached in host memory.")
+    memory_share: float = Field(
+        0.9, gt=0.0, le=1.0, description="Share of device memory vLLM may use (on CPU: share reserved for the KV cache)."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences (audio chunks) batched together.")
+    max_model_len: int = Field(2048, ge=256, description="Prompt tokens per chunk: rubric + up to 750 audio tokens.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start, slower steps).")
+    tensor_parallel_size: int = Field(1, ge=1)
+    seed: int = 0
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_known(cls, v: int) -> int:
+        if v not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be one of {list(VLLM_LORA_RANKS)} (vLLM's supported LoRA ranks)")
+        return v
+
+    @model_validator(mode="after")
+    def _cpu_loras_cover_device(self) -> EngineConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return self
+
+
+class AudioConfig(_Strict):
+    """Limits and rules for the audio of an answer."""
+
+    max_chunk_s: float = Field(30.0, gt=0.0, le=30.0, description="Longest chunk sent to the encoder (its window is 30 s).")
+    min_speech_s: float = Field(1.0, ge=0.0, description="Less voiced audio than this is refused as silence/too short.")
+    silence_dbfs: float = Field(-50.0, description="Frames quieter than this (RMS, dBFS) count as silence.")
+    max_duration_s: float = Field(900.0, gt=0.0, description="Longest answer accepted.")
+    max_upload_mb: float = Field(50.0, gt=0.0, description="Largest upload accepted.")
+
+
+class PartConfig(_Strict):
+    """One exam part: its adapter, its prompt and its label scale."""
+
+    adapter: Path | None = Field(None, description="peft LoRA adapter folder; null scores with the base model.")
+    task: str = Field(DEFAULT_TASK, min_length=1, description="What the part asks of the candidate (goes in the prompt).")
+    levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2)
+
+    @field_validator("levels")
+    @classmethod
+    def _labels_unique(cls, v: tuple[Level, ...]) -> tuple[Level, ...]:
+        labels = [lv.label for lv in v]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique, got {labels}")
+        return v
+
+
+class GraderConfig(_Strict):
+    """The whole config file."""
+
+    model: ModelConfig
+    engine: EngineConfig = EngineConfig()
+    audio: AudioConfig = AudioConfig()
+    parts: dict[str, PartConfig] = Field(min_length=1)
+
+    @field_validator("parts")
+    @classmethod
+    def _part_ids(cls, v: dict[str, PartConfig]) -> dict[str, PartConfig]:
+        for part in v:
+            if not part or not all(c.isalnum() or c in "-_." for c in part):
+                raise ValueError(f"part id {part!r} must be letters, digits, '-', '_' or '.'")
+        return v
+
+    def part(self, part: str) -> PartConfig:
+        """The part's config; :class:`UnknownPartError` names the known parts."""
+        try:
+            return self.parts[part]
+        except KeyError:
+            raise UnknownPartError(part, sorted(self.parts)) from None
+
+
+class UnknownPartError(KeyError):
+    """A request names a part the config does not have."""
+
+    def __init__(self, part: str, known: list[str]):
+        super().__init__(part)
+        self.part, self.known = part, known
+
+    def __str__(self) -> str:
+        return f"unknown part {self.part!r} (known parts: {', '.join(self.known)})"
+
+
+def _resolve(base_dir: Path, value: str | Path) -> str:
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    local = base_dir / p
+    # A relative path that exists beside the config is a local folder; otherwise it may be a hub id.
+    return str(local.resolve()) if local.exists() or str(value).startswith(".") else str(value)
+
+
+def load_config(path: str | Path) -> GraderConfig:
+    """Read and validate a config file; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping (model, engine, audio, parts)")
+    try:
+        cfg = GraderConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"config file {path} is invalid: {problems}") from None
+    base_dir = path.resolve().parent
+    cfg.model.base = _resolve(base_dir, cfg.model.base)
+    for part in cfg.parts.values():
+        if part.adapter is not None:
+            adapter = part.adapter.expanduser()
+            part.adapter = adapter if adapter.is_absolute() else (base_dir / adapter).resolve()
+    return cfg

@@ -1,0 +1,47 @@
+"""The scoring prompt: CEFR rubric in the system turn, the answer's audio in the user turn.
+
+The rubric comes first so that every request of a part shares the same token
+prefix, which vLLM's prefix cache reuses across requests. Training builds its
+inputs with the same functions, so serving sees exactly what the adapter
+learned on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from serve.levels import Level
+
+AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+DEFAULT_TASK = "The candidate answers one part of a speaking test."
+
+SYSTEM_TEMPLATE = (
+    "You are an examiner of spoken English. {task}\n"
+    "Judge the candidate's overall speaking proficiency from the recording: "
+    "fluency, pronunciation, grammar, vocabulary and how well the answer is "
+    "organised. The levels are:\n"
+    "{levels}\n"
+    "Reply with the letter of one level and nothing else."
+)
+
+QUESTION = "Which level is this answer? Reply with one letter."
+
+
+def rubric(levels: Sequence[Level]) -> str:
+    """One line per level: ``A (A1): descriptor``."""
+    return "\n".join(f"{lv.label} ({lv.cefr}): {lv.descriptor}" for lv in levels)
+
+
+def system_message(task: str, levels: Sequence[Level]) -> str:
+    """The system turn of a part's prompt."""
+    return SYSTEM_TEMPLATE.format(task=task.strip(), levels=rubric(levels))
+
+
+def build_prompt(task: str, levels: Sequence[Level]) -> str:
+    """The full ChatML prompt text, ending where the model's answer (one label) starts."""
+    return (
+        f"<|im_start|>system\n{system_message(task, levels)}<|im_end|>\n"
+        f"<|im_start|>user\nAudio 1: {AUDIO_PLACEHOLDER}\n{QUESTION}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )

@@ -1,0 +1,47 @@
+"""Qwen2-Audio for vLLM with LoRA on its language model.
+
+Only the language model's linear layers take LoRA (the audio tower and the
+projector are not vLLM linear layers). Adapter keys are accepted in both
+naming schemes peft has used for this model:
+
+- transformers 5: ``base_model.model.model.language_model.layers.0.mlp.down_proj.lora_A.weight``
+- transformers 4: ``base_model.model.language_model.model.layers.0.mlp.down_proj.lora_A.weight``
+
+Both are mapped onto vLLM's module names (``language_model.model.layers...``);
+without the mapping vLLM would silently apply nothing.
+"""
+
+from __future__ import annotations
+
+from vllm.model_executor.models.interfaces import SupportsLoRA
+from vllm.model_executor.models.module_mapping import MultiModelKeys
+from vllm.model_executor.models.qwen2_audio import Qwen2AudioForConditionalGeneration
+from vllm.model_executor.models.utils import WeightsMapper
+
+# transformers 5 names -> vLLM module names. transformers 4 names already match.
+TRANSFORMERS5_TO_VLLM = WeightsMapper(
+    orig_to_new_prefix={
+        "model.language_model.": "language_model.model.",
+        "model.audio_tower.": "audio_tower.",
+        "model.multi_modal_projector.": "multi_modal_projector.",
+        "lm_head.": "language_model.lm_head.",
+    }
+)
+
+
+class Qwen2AudioLoRAForConditionalGeneration(Qwen2AudioForConditionalGeneration, SupportsLoRA):
+    """vLLM's Qwen2-Audio with ``SupportsLoRA`` declared (inherits its multimodal processor)."""
+
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+    hf_to_vllm_mapper = TRANSFORMERS5_TO_VLLM
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """Module prefixes of the three parts of the model."""
+        return MultiModelKeys.from_string_field(
+            language_model="language_model.",
+            connector="multi_modal_projector.",
+            tower_model="audio_tower.",
+        )
