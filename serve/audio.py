@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def decode(data: bytes | str | Path, *, max_duration_s: float | None = None) -> 
     except AudioError:
         raise
     except Exception as e:  # libsndfile reports every format problem as a generic error
-        raise AudioError("undecodable", f"the audio cannot be decoded: {str(e).strip() or type(e).__name__}") from None
+        detail = re.sub(r"^Error opening <[^>]*>: ", "", str(e).strip()) or type(e).__name__
+        raise AudioError("undecodable", f"the audio cannot be decoded (not a supported audio format): {detail}") from None
     if wave.shape[0] == 0:
         raise AudioError("empty", "the audio holds no samples")
     mono = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]

@@ -117,6 +117,12 @@ class BatchScorer:
         self.llm = LLM(**engine_kwargs(cfg))
         self.parts: dict[str, PartSpec] = resolve_parts(cfg, self.llm.get_tokenizer())
 
+    def close(self) -> None:
+        """Stop the engine's processes now rather than at interpreter exit."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def score_chunks(self, answers: Sequence[tuple[str, list[Chunk]]]) -> list[ScoredAnswer]:
         """Score answers given as (part, chunks); every chunk of every answer goes to the engine at once."""
         requests = [(part, chunk) for part, chunks in answers for chunk in chunks]

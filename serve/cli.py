@@ -1,0 +1,139 @@
+"""``l2grader``: the grader's command line.
+
+Subcommands import their heavy dependencies (vLLM, torch) only when they run,
+so ``l2grader --help`` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+PROG = "l2grader"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error line and exit."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _load_config(path: str):
+    from serve.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        fail(str(e))
+
+
+# ---------------------------------------------------------------- make-tiny-model
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from adapters.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote tiny UNTRAINED Qwen2-Audio checkpoint to {out / 'model'}", file=sys.stderr)
+    print(f"wrote demo adapters to {out / 'adapters'}", file=sys.stderr)
+    print(f"wrote ready config {out / 'demo.yaml'}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- score
+
+
+def _prepared(paths: Sequence[str], audio_cfg) -> Iterator[tuple[str, object]]:
+    """(path, chunks) or (path, AudioError) for each file, in order."""
+    from serve.audio import AudioError, prepare_answer
+
+    for path in paths:
+        try:
+            yield path, prepare_answer(path, audio_cfg)
+        except AudioError as e:
+            yield path, e
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    cfg = _load_config(args.config)
+    if args.part not in cfg.parts:
+        fail(f"unknown part {args.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+    from serve.engine import BatchScorer
+    from serve.parts import LabelTokenError
+
+    scorer = None
+    failed = 0
+    try:
+        # Decode the next batch of files in the background while the engine scores this one.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batches = _batches(_prepared(args.audio, cfg.audio), args.batch_size)
+            pending = pool.submit(next, batches, None)
+            while (batch := pending.result()) is not None:
+                pending = pool.submit(next, batches, None)
+                good = [(path, chunks) for path, chunks in batch if isinstance(chunks, list)]
+                if good and scorer is None:
+                    try:
+                        scorer = BatchScorer(cfg)
+                    except (LabelTokenError, ValueError) as e:
+                        fail(str(e))
+                results = iter(scorer.score_chunks([(args.part, chunks) for _, chunks in good]) if good else [])
+                for path, chunks in batch:
+                    if isinstance(chunks, list):
+                        print(json.dumps({"file": path, **next(results).model_dump()}), flush=True)
+                    else:
+                        failed += 1
+                        print(f"{PROG}: error: {path}: {chunks}", file=sys.stderr, flush=True)
+    finally:
+        if scorer is not None:
+            scorer.close()  # otherwise the engine's processes can hold the interpreter at exit
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Score spoken English answers (CEFR-aligned).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("score", help="score audio files offline with one engine; one JSON object per file")
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--part", required=True, help="exam part the answers belong to")
+    p.add_argument("--batch-size", type=int, default=256, help="answers sent to the engine together (default 256)")
+    p.add_argument("--verbose", action="store_true", help="show the engine's own log")
+    p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG/Opus, MP3, ...)")
+    p.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``l2grader make-tiny-model`` and ``l2grader score`` run as a user runs them (real processes, real engine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+L2GRADER = str(Path(sys.executable).parent / "l2grader")
+
+
+def run(*args, timeout=300):
+    return subprocess.run([L2GRADER, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("l2grader: error:")]
+
+
+def test_make_tiny_model_writes_a_ready_config(tmp_path):
+    r = run("make-tiny-model", tmp_path / "t")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "t" / "demo.yaml").is_file()
+    assert (tmp_path / "t" / "model" / "config.json").is_file()
+
+
+def test_unknown_part_fails_fast_with_one_line(tiny_dir, audio_dir):
+    r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "nope", audio_dir / "a.wav", timeout=60)
+    assert r.returncode == 2
+    assert error_lines(r.stderr) == [
+        "l2grader: error: unknown part 'nope' (known parts: interview, long_turn)"
+    ]
+
+
+def test_bad_config_fails_with_one_line(tmp_path, audio_dir):
+    (tmp_path / "c.yaml").write_text("model: {base: m}\nparts: {}\n")
+    r = run("score", "--config", tmp_path / "c.yaml", "--part", "p", audio_dir / "a.wav", timeout=60)
+    assert r.returncode == 2 and len(error_lines(r.stderr)) == 1 and "parts" in r.stderr
+
+
+@pytest.mark.engine
+def test_score_batch_with_bad_files(tiny_dir, audio_dir):
+    files = ["a.wav", "corrupt.wav", "b.flac", "empty.wav", "c.ogg", "silent.wav", "d.mp3", "a.wav"]
+    r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", *(audio_dir / f for f in files))
+    assert r.returncode == 1, r.stderr[-3000:]
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(x["file"]).name for x in results] == ["a.wav", "b.flac", "c.ogg", "d.mp3", "a.wav"]
+    for x in results:
+        assert set(x) >= {"part", "score", "hard_score", "cefr", "probabilities", "chunks", "duration_s", "model"}
+        assert abs(sum(x["probabilities"].values()) - 1) < 1e-4
+        assert 1.0 <= x["score"] <= 6.0
+        assert x["model"]["untrained"] is True and x["model"]["adapter"].startswith("interview@")
+    # Same file, same numbers (to float32 rounding: batch composition changes summation order).
+    assert results[0]["probabilities"] == pytest.approx(results[-1]["probabilities"], abs=1e-6)
+    by_name = {Path(x["file"]).name: x for x in results}
+    assert len(by_name["b.flac"]["chunks"]) == 3  # 75 s
+    assert len(by_name["a.wav"]["chunks"]) == 1  # 20 s
+    assert by_name["b.flac"]["duration_s"] == pytest.approx(75, abs=0.05)
+    errors = error_lines(r.stderr)
+    assert len(errors) == 3
+    assert "corrupt.wav: the audio cannot be decoded" in errors[0]
+    assert "empty.wav: the audio is empty" in errors[1]
+    assert "silent.wav: the audio is silent" in errors[2]
+
+    # A second run (a new engine) gives the same numbers; the other demo part gives different ones.
+    again = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", audio_dir / "b.flac")
+    assert again.returncode == 0
+    assert json.loads(again.stdout)["probabilities"] == pytest.approx(by_name["b.flac"]["probabilities"], abs=1e-6)
+    other = run("score", "--config", tiny_dir / "demo.yaml", "--part", "long_turn", audio_dir / "b.flac")
+    assert other.returncode == 0
+    diff = max(abs(json.loads(other.stdout)["probabilities"][k] - v) for k, v in by_name["b.flac"]["probabilities"].items())
+    assert diff > 0.01

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adapters.tiny_model import DEMO_PARTS, demo_config_dict
+from serve.config import ConfigError, UnknownPartError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_validate():
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.model.untrained and set(demo.parts) == set(DEMO_PARTS)
+    assert demo.model.base == str(REPO / "models" / "tiny" / "model")
+    assert demo.parts["interview"].adapter == REPO / "models" / "tiny" / "adapters" / "interview"
+    real = load_config(REPO / "configs" / "qwen2-audio-7b.yaml")
+    assert real.model.base == "Qwen/Qwen2-Audio-7B-Instruct"  # hub id kept as is
+    assert real.engine.dtype == "bfloat16" and not real.model.untrained
+
+
+def test_repo_demo_config_is_the_generated_one():
+    shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    expected = demo_config_dict("../models/tiny/model", {p: f"../models/tiny/adapters/{p}" for p in DEMO_PARTS})
+    assert shipped == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("model: {base: m}\nparts: {}\n", "parts"),
+        ("model: {base: m}\nparts: {p: {}}\nengine: {max_lora_rank: 12}\n", "max_lora_rank"),
+        ("model: {base: m}\nparts: {p: {}}\nengine: {max_loras: 8, max_cpu_loras: 2}\n", "max_cpu_loras"),
+        ("model: {base: m}\nparts: {p: {}}\nengine: {dtyp: float32}\n", "engine.dtyp"),
+        ("model: {base: m}\nparts: {'a b': {}}\n", "part id"),
+        ("parts: {p: {}}\n", "model"),
+        ("model: [\n", "not valid YAML"),
+        ("- 1\n", "must hold a mapping"),
+        (
+            "model: {base: m}\nparts: {p: {levels: [{label: A, cefr: A1, score: 1, descriptor: x},"
+            " {label: A, cefr: A2, score: 2, descriptor: y}]}}\n",
+            "labels must be unique",
+        ),
+    ],
+)
+def test_invalid_configs_say_where(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    cfg = load_config(write(tmp_path, "model: {base: m}\nparts: {p: {adapter: ad/p}}\n"))
+    assert cfg.model.base == str(tmp_path / "m")
+    assert cfg.parts["p"].adapter == tmp_path / "ad" / "p"
+    with pytest.raises(UnknownPartError, match="known parts: p"):
+        cfg.part("q")

@@ -1,0 +1,108 @@
+"""The real vLLM engine on the tiny checkpoint, checked against the transformers + peft reference.
+
+Tolerance: float32 on both sides; label probabilities and scores agree to 1e-4
+(observed differences are around 1e-6, from kernel summation order).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from serve.audio import split
+from serve.config import load_config
+from tests.audio_fixtures import speechlike
+
+pytestmark = pytest.mark.engine
+TOL = 1e-4
+
+
+def to_transformers4_names(src, dst):
+    """Rewrite a transformers-5 peft adapter with the key names transformers 4 used."""
+    shutil.copytree(src, dst)
+    weights = load_file(src / "adapter_model.safetensors")
+    renamed = {
+        k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+        for k, v in weights.items()
+    }
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, dst / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine_cfg")
+    to_transformers4_names(tiny_dir / "adapters" / "interview", d / "interview_t4")
+    raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
+    raw["model"]["base"] = str(tiny_dir / "model")
+    for part in list(raw["parts"]):
+        raw["parts"][part]["adapter"] = str(tiny_dir / raw["parts"][part]["adapter"])
+    raw["parts"]["base"] = {"adapter": None, "task": raw["parts"]["interview"]["task"]}
+    raw["parts"]["interview_t4"] = {"adapter": str(d / "interview_t4"), "task": raw["parts"]["interview"]["task"]}
+    (d / "c.yaml").write_text(yaml.safe_dump(raw))
+    return load_config(d / "c.yaml")
+
+
+@pytest.fixture(scope="module")
+def vllm_scorer(cfg):
+    from serve.engine import BatchScorer
+
+    scorer = BatchScorer(cfg)
+    yield scorer
+    scorer.close()
+
+
+@pytest.fixture(scope="module")
+def reference(cfg):
+    from adapters.reference import ReferenceScorer
+
+    return ReferenceScorer(cfg)
+
+
+WAVES = [speechlike(6, seed=11), speechlike(20, seed=12), speechlike(75, seed=13)]
+
+
+@pytest.mark.parametrize("part", ["base", "interview", "long_turn"])
+def test_vllm_equals_transformers_reference(vllm_scorer, reference, part):
+    got = vllm_scorer.score_waves(part, WAVES)
+    for wave, answer in zip(WAVES, got):
+        ref = reference.score_chunks(part, split(wave))
+        assert len(answer.chunks) == len(ref.chunks)
+        assert answer.score == pytest.approx(ref.score, abs=TOL)
+        for label, p in ref.probabilities.items():
+            assert answer.probabilities[label] == pytest.approx(p, abs=TOL)
+        for a, b in zip(answer.chunks, ref.chunks):
+            assert a.score == pytest.approx(b.score, abs=TOL)
+
+
+def test_adapters_change_the_distribution(vllm_scorer):
+    base, interview, long_turn = (vllm_scorer.score_waves(p, WAVES[:1])[0] for p in ("base", "interview", "long_turn"))
+    dist = lambda a, b: max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities)  # noqa: E731
+    assert dist(base, interview) > 0.01
+    assert dist(base, long_turn) > 0.01
+    assert dist(interview, long_turn) > 0.01
+
+
+def test_transformers4_adapter_names_apply_the_same_weights(vllm_scorer):
+    new, old = (vllm_scorer.score_waves(p, WAVES[:2]) for p in ("interview", "interview_t4"))
+    for a, b in zip(new, old):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=TOL)
+    assert old[0].model.adapter.startswith("interview_t4@")
+
+
+def test_scores_are_well_formed_and_repeatable(vllm_scorer):
+    first = vllm_scorer.score_waves("interview", WAVES)
+    again = vllm_scorer.score_waves("interview", WAVES[::-1])[::-1]
+    for a, b in zip(first, again):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+        assert sum(a.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+        assert 1.0 <= a.score <= 6.0
+        assert a.hard_score in {1.0, 2.0, 3.0, 4.0, 5.0, 6.0}
+        assert a.model.untrained and a.model.adapter_hash
+    assert [len(a.chunks) for a in first] == [1, 1, 3]
+    chunk_scores = np.array([c.score for c in first[2].chunks])
+    assert first[2].score == pytest.approx(chunk_scores.mean(), abs=1e-9)  # equal-length chunks
