@@ -108,6 +108,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------- serve-config
+
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serve.deploy import serve_config
+
+    cfg = _load_config(args.config)
+    print(yaml.safe_dump(serve_config(cfg, args.config_path or str(Path(args.config).resolve())), sort_keys=False), end="")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -127,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG/Opus, MP3, ...)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("serve-config", help="print the Ray Serve config (serveConfigV2) the service runs with")
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--config-path", help="where the config lies on the cluster (default: its path here)")
+    p.set_defaults(func=cmd_serve_config)
+
+    from adapters.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -75,6 +75,63 @@ class AudioConfig(_Strict):
     max_upload_mb: float = Field(50.0, gt=0.0, description="Largest upload accepted.")
 
 
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling bounds of one deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica the autoscaler aims at.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """One Ray Serve deployment: replicas, admission limit, resources."""
+
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests a replica admits at once; beyond this callers get 503 + Retry-After."
+    )
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+def _ingress_default() -> DeploymentConfig:
+    return DeploymentConfig(
+        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=16),
+        max_ongoing_requests=64,
+        num_cpus=1.0,
+    )
+
+
+def _scorer_default() -> DeploymentConfig:
+    return DeploymentConfig(
+        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=48),
+        max_ongoing_requests=128,
+        num_cpus=1.0,
+        num_gpus=0.0,
+    )
+
+
+class ServingConfig(_Strict):
+    """The HTTP service (Ray Serve): where it listens, its deployments, its keys and registry."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    ingress: DeploymentConfig = Field(default_factory=_ingress_default)
+    scorer: DeploymentConfig = Field(default_factory=_scorer_default)
+    adapters_per_replica: int = Field(8, ge=1, description="Adapters a scorer replica keeps loaded (LRU).")
+    registry_file: Path | None = Field(
+        None, description="Where admin changes to the part registry persist (default: beside the config)."
+    )
+    api_keys_env: str | None = Field(None, description="Env var holding comma-separated scoring API keys.")
+    admin_keys_env: str | None = Field(None, description="Env var holding comma-separated admin API keys.")
+
+
 class PartConfig(_Strict):
     """One exam part: its adapter, its prompt and its label scale."""
 
@@ -97,6 +154,7 @@ class GraderConfig(_Strict):
     model: ModelConfig
     engine: EngineConfig = EngineConfig()
     audio: AudioConfig = AudioConfig()
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     parts: dict[str, PartConfig] = Field(min_length=1)
 
     @field_validator("parts")
@@ -153,6 +211,9 @@ def load_config(path: str | Path) -> GraderConfig:
         raise ConfigError(f"config file {path} is invalid: {problems}") from None
     base_dir = path.resolve().parent
     cfg.model.base = _resolve(base_dir, cfg.model.base)
+    if cfg.serving.registry_file is not None:
+        reg = cfg.serving.registry_file.expanduser()
+        cfg.serving.registry_file = reg if reg.is_absolute() else (base_dir / reg).resolve()
     for part in cfg.parts.values():
         if part.adapter is not None:
             adapter = part.adapter.expanduser()

@@ -1,0 +1,60 @@
+"""The Ray Serve config of the application, derived from the grader's YAML config.
+
+One source of truth: ``l2grader serve`` applies :func:`deployment_options` to the
+deployments it runs, and :func:`serve_config` writes the same options into the
+Ray Serve config file / KubeRay ``serveConfigV2``, so a cluster runs what the
+CLI runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve.config import DeploymentConfig, GraderConfig
+
+APP_NAME = "l2grader"
+APP_IMPORT_PATH = "serve.app:build_app"
+INGRESS = "Ingress"
+SCORER = "Scorer"
+
+
+def _options(d: DeploymentConfig) -> dict[str, Any]:
+    actor: dict[str, Any] = {"num_cpus": d.num_cpus}
+    if d.num_gpus:
+        actor["num_gpus"] = d.num_gpus
+    a = d.autoscaling
+    return {
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "initial_replicas": max(a.min_replicas, 1),
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        },
+        "ray_actor_options": actor,
+    }
+
+
+def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
+    """Ray Serve options of each deployment, by deployment name."""
+    return {INGRESS: _options(cfg.serving.ingress), SCORER: _options(cfg.serving.scorer)}
+
+
+def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:
+    """A Ray Serve config (the schema of ``serve deploy`` and KubeRay's ``serveConfigV2``).
+
+    ``config_path`` is where the grader config lies on the machines that run it.
+    """
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": cfg.serving.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": APP_IMPORT_PATH,
+                "args": {"config": config_path},
+                "deployments": [{"name": name, **opts} for name, opts in deployment_options(cfg).items()],
+            }
+        ],
+    }
