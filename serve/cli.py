@@ -108,6 +108,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _load_config(args.config)  # fail fast, one line, on a bad config
+    from serve.server import run_server
+
+    return run_server(args.config, args.host, args.port, args.address)
+
+
 # ---------------------------------------------------------------- serve-config
 
 
@@ -140,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG/Opus, MP3, ...)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("serve", help="run the HTTP scoring service (Ray Serve + vLLM)")
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--host", help="address to listen on (default: serving.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: serving.port, 8000)")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-config", help="print the Ray Serve config (serveConfigV2) the service runs with")
     p.add_argument("--config", required=True, help="grader YAML config")

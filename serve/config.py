@@ -96,6 +96,10 @@ class DeploymentConfig(_Strict):
     max_ongoing_requests: int = Field(
         64, ge=1, description="Requests a replica admits at once; beyond this callers get 503 + Retry-After."
     )
+    max_queued_requests: int = Field(
+        64, ge=1, description="Requests waiting for a replica beyond which new ones are refused (503)."
+    )
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503 under overload.")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
 

@@ -25,6 +25,8 @@ def _options(d: DeploymentConfig) -> dict[str, Any]:
     a = d.autoscaling
     return {
         "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
         "autoscaling_config": {
             "min_replicas": a.min_replicas,
             "initial_replicas": max(a.min_replicas, 1),

@@ -148,3 +148,61 @@ class BatchScorer:
         from serve.audio import split
 
         return self.score_chunks([(part, split(w, self.cfg.audio.max_chunk_s)) for w in waves])
+
+
+class AsyncScorer:
+    """Online scoring with vLLM's ``AsyncLLM``: concurrent requests share continuous batches."""
+
+    def __init__(self, cfg: GraderConfig):
+        configure_vllm_environment()
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg)))
+        self.tokenizer = self.engine.get_tokenizer()
+        self._next_id = 0
+
+    def resolve(self, part: str, pcfg) -> PartSpec:
+        """Check a part against this engine's tokenizer (label tokens, adapter files and rank)."""
+        from serve.parts import resolve_part
+
+        return resolve_part(
+            part,
+            pcfg,
+            self.tokenizer,
+            base=self.cfg.model.base,
+            untrained=self.cfg.model.untrained,
+            max_lora_rank=self.cfg.engine.max_lora_rank,
+        )
+
+    async def load_adapter(self, spec: PartSpec) -> None:
+        """Load the part's adapter into the engine now (not on the first request)."""
+        req = lora_request(spec)
+        if req is not None:
+            await self.engine.add_lora(req)
+
+    async def unload_adapter(self, spec: PartSpec) -> None:
+        """Drop the part's adapter from the engine."""
+        if spec.adapter_path is not None:
+            await self.engine.remove_lora(spec.adapter_int_id)
+
+    async def _score_chunk(self, spec: PartSpec, chunk: Chunk, request_id: str) -> ChunkScore:
+        final = None
+        async for out in self.engine.generate(
+            engine_input(spec, chunk), sampling_params(spec), request_id, lora_request=lora_request(spec)
+        ):
+            final = out
+        return chunk_score(spec, chunk, final)
+
+    async def score(self, spec: PartSpec, chunks: Sequence[Chunk], request_id: str) -> ScoredAnswer:
+        """Score one answer: all its chunks are submitted at once."""
+        import asyncio
+
+        scores = await asyncio.gather(
+            *(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(chunks))
+        )
+        return aggregate(spec.part, spec.levels, scores, spec.model)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,73 @@
+"""Request and response bodies of the HTTP API (``/v1``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.config import PartConfig
+from serve.protocol import ScoredAnswer
+
+
+class ScoreRequest(BaseModel):
+    """JSON body of ``POST /v1/score`` (multipart takes the same fields, with ``audio`` as a file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    part: str
+    audio_base64: str = Field(description="The answer's audio file (WAV, FLAC, OGG/Opus, MP3), base64-encoded.")
+    response_id: str | None = Field(None, description="Caller's id of the answer, echoed back.")
+
+
+class ScoreResponse(ScoredAnswer):
+    """A scored answer with the ids of the call."""
+
+    response_id: str | None
+    request_id: str
+    latency_ms: float
+
+
+class BatchRequest(BaseModel):
+    """Several answers of one candidate, each to its part."""
+
+    model_config = ConfigDict(extra="forbid")
+    answers: list[ScoreRequest] = Field(min_length=1, max_length=64)
+    candidate_id: str | None = None
+
+
+class Overall(BaseModel):
+    score: float = Field(description="Mean of the answers' scores.")
+    cefr: str
+
+
+class BatchResponse(BaseModel):
+    candidate_id: str | None
+    results: list[ScoreResponse]
+    overall: Overall
+    request_id: str
+    latency_ms: float
+
+
+class PartInfo(BaseModel):
+    part: str
+    model_id: str
+    adapter: str | None
+    adapter_hash: str | None
+    task: str
+    labels: dict[str, float]
+
+
+class PartsResponse(BaseModel):
+    parts: list[PartInfo]
+
+
+class PutPartRequest(PartConfig):
+    """Body of ``PUT /v1/parts/{part}``: the part's adapter folder (as the service sees it), prompt and levels."""
+
+
+class ErrorBody(BaseModel):
+    kind: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+    request_id: str
