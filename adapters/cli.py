@@ -1,9 +1,124 @@
-"""Subcommands of ``l2grader`` that make and judge adapters (registered by :mod:`serve.cli`)."""
+"""Subcommands of ``l2grader`` that make and judge adapters (registered by :mod:`serve.cli`).
+
+Heavy imports (torch, peft, vLLM) happen inside the commands.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from serve.cli import fail
+
+    fail(message, code)
+
+
+def _config(path: str):
+    from serve.cli import _load_config
+
+    return _load_config(path)
+
+
+def cmd_synth_data(args: argparse.Namespace) -> int:
+    from adapters.synth import SynthError, synth_dataset
+
+    try:
+        paths = synth_dataset(args.dir, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test,
+                              seed=args.seed, part=args.part)
+    except SynthError as e:
+        _fail(str(e), 1)
+    for name, path in paths.items():
+        n = sum(1 for _ in open(path))
+        print(f"wrote {n} {name} answers to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    if args.part not in cfg.parts:
+        _fail(f"unknown part {args.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    from adapters.dataset import DataError
+    from adapters.train import TrainError, TrainOptions, format_summary, train
+
+    opts = TrainOptions(
+        part=args.part, data=args.data, out=args.out, dev=args.dev, loss=args.loss, epochs=args.epochs,
+        lr=args.lr, rank=args.rank, alpha=args.alpha, dropout=args.dropout, batch_size=args.batch_size,
+        warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+        device=args.device, dtype=args.dtype, resume=args.resume, stop_after=args.stop_after,
+        progress=not args.no_progress,
+    )
+    try:
+        summary = train(cfg, opts)
+    except (TrainError, DataError) as e:
+        _fail(str(e), 1)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    if args.part not in cfg.parts:
+        _fail(f"unknown part {args.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from adapters.dataset import DataError
+    from adapters.evaluate import evaluate
+    from adapters.lora import AdapterError
+
+    try:
+        evaluate(cfg, args.part, args.data, adapter=args.adapter, plot=args.plot, predictions=args.predictions)
+    except (DataError, AdapterError, ValueError) as e:
+        _fail(str(e), 1)
+    return 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the adapter subcommands (train, evaluate, synth-data) to the ``l2grader`` parser."""
+    p = sub.add_parser("train", help="train a part's LoRA adapter on scored answers (JSON lines)")
+    p.add_argument("--config", required=True, help="grader YAML config (base model, part prompt and levels)")
+    p.add_argument("--part", required=True, help="exam part to train the adapter for")
+    p.add_argument("--data", required=True, help='training answers: JSON lines {"audio": path, "score": number}')
+    p.add_argument("--out", required=True, help="adapter output folder (checkpoints go to OUT/checkpoints)")
+    p.add_argument("--dev", help="development answers, evaluated periodically and at the end")
+    p.add_argument("--loss", choices=["fa", "ce"], default="fa",
+                   help="fa: fair-average soft targets (default); ce: cross-entropy on the rounded score")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the data (default 2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine schedule (default 1e-4)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument("--batch-size", type=int, default=8, help="chunks per optimizer step (default 8)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps of linear warm-up (default 0.03)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (default: each epoch)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (default: each epoch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="base model weights (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="stop after N steps of this invocation, checkpointed (for time-boxed jobs; then --resume)")
+    p.add_argument("--no-progress", action="store_true", help="progress lines instead of a progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a test set through vLLM; PCC, Spearman, RMSE, within 0.5/1.0, plot")
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--part", required=True, help="exam part of the test set")
+    p.add_argument("--data", required=True, help='test answers: JSON lines {"audio": path, "score": number}')
+    p.add_argument("--adapter", help="adapter folder to evaluate instead of the part's configured one")
+    p.add_argument("--plot", help="calibration plot PNG (default: DATA.PART.calibration.png beside the data)")
+    p.add_argument("--predictions", help="also write each answer's scores to this JSON-lines file")
+    p.add_argument("--verbose", action="store_true", help="show the engine's own log")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("synth-data", help="make a synthetic scored speaking test with espeak-ng (train/dev/test)")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--n-train", type=int, default=300, help="training answers (default 300)")
+    p.add_argument("--n-dev", type=int, default=60, help="development answers (default 60)")
+    p.add_argument("--n-test", type=int, default=100, help="test answers (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--part", default="interview", help="part id written into the data (default interview)")
+    p.set_defaults(func=cmd_synth_data)

@@ -35,3 +35,14 @@ if [ "$DEVICE" = cpu ]; then
 fi
 
 .venv/bin/python -c "import vllm, transformers, peft; print('==> ready: vllm', vllm.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+
+# espeak-ng makes the synthetic speaking test (`l2grader synth-data`) that the
+# training test learns from. Install it when it is missing and we can.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "==> espeak-ng (synthetic training data)"
+    apt-get update -qq && apt-get install -y -qq espeak-ng
+  else
+    echo "==> note: espeak-ng is missing; install it for \`l2grader synth-data\` and tests/test_training.py" >&2
+  fi
+fi

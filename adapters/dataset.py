@@ -1,0 +1,92 @@
+"""Scored answers for training and evaluation: JSON lines in, chunks with their human score out.
+
+One line per answer: ``{"audio": path, "score": float}`` with optional
+``part`` and ``speaker``. Relative audio paths resolve against the file's own
+folder. Rows of another part than the one asked for are skipped. Answers are
+decoded, checked and chunked exactly as serving does
+(:func:`serve.audio.prepare_answer`): an answer longer than 30 s gives several
+chunks, each trained on the answer's score.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.audio import Chunk, prepare_answer
+
+
+class DataError(ValueError):
+    """A data file is missing or a line of it is malformed."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One scored answer."""
+
+    audio: Path
+    score: float
+    part: str | None = None
+    speaker: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A scored answer, decoded and chunked."""
+
+    example: Example
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One chunk and the score of the answer it belongs to."""
+
+    answer_index: int
+    chunk: Chunk
+    score: float
+
+
+def read_jsonl(path: str | Path, part: str | None = None) -> list[Example]:
+    """The examples of a JSON-lines file (those of ``part`` only, when given)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"data file {path} not found") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            audio, score = row["audio"], float(row["score"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path}:{n}: expected {{\"audio\": path, \"score\": number}}: {e}") from None
+        if part is not None and row.get("part") not in (None, part):
+            continue
+        audio_path = Path(audio).expanduser()
+        if not audio_path.is_absolute():
+            audio_path = path.resolve().parent / audio_path
+        speaker = row.get("speaker")
+        out.append(Example(audio_path, score, row.get("part"), None if speaker is None else str(speaker)))
+    return out
+
+
+def load_answers(examples: list[Example], audio_cfg) -> tuple[list[Answer], list[tuple[Example, str]]]:
+    """Decode and chunk every example; unusable audio is returned with its reason instead."""
+    from serve.audio import AudioError
+
+    good, bad = [], []
+    for ex in examples:
+        try:
+            good.append(Answer(ex, tuple(prepare_answer(ex.audio, audio_cfg))))
+        except AudioError as e:
+            bad.append((ex, str(e)))
+    return good, bad
+
+
+def train_items(answers: list[Answer]) -> list[TrainItem]:
+    """Every chunk of every answer, each labelled with its answer's score."""
+    return [TrainItem(i, c, a.example.score) for i, a in enumerate(answers) for c in a.chunks]

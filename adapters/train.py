@@ -1,0 +1,443 @@
+"""Train a part's LoRA adapter on scored answers, as in the paper.
+
+peft LoRA (rank 16 by default) on the language model's projections only
+(:data:`adapters.lora.LANGUAGE_MODEL_TARGETS`: vLLM applies LoRA nowhere
+else); the audio encoder and projector stay frozen. Inputs are built exactly
+as serving builds them: the part's prompt (:func:`serve.parts.resolve_part`),
+the processor called as vLLM calls it, answers chunked as in serving with
+each chunk trained on its answer's score.
+
+The loss (:mod:`adapters.losses`) reads the label tokens' logits at the first
+output position, renormalised over the label set (``log_softmax`` over the
+label logits only, as serving renormalises its label probabilities):
+fair-average soft targets (``fa``, default) or cross-entropy on the rounded
+score (``ce``). Defaults follow the paper: 2 epochs, learning rate 1e-4,
+cosine schedule (after a short linear warm-up), AdamW.
+
+CPU: float32. One GPU: bfloat16 base weights (LoRA weights stay float32)
+with gradient checkpointing.
+
+Output folder::
+
+    DIR/adapter_config.json, adapter_model.safetensors   peft LoRA (loads in vLLM as is)
+    DIR/grader_adapter.json                              part, levels, how it was trained
+    DIR/training_summary.json                            options, losses, dev metrics, timings
+    DIR/dev_predictions.jsonl                            final dev scores (with --dev)
+    DIR/checkpoints/step-N/                              adapter + optimizer/scheduler/step state
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapters.dataset import Answer, TrainItem, load_answers, read_jsonl, train_items
+from adapters.losses import LOSSES, loss_fn
+from adapters.lora import LANGUAGE_MODEL_TARGETS, check_adapter_dir, write_adapter_metadata
+from adapters.metrics import all_metrics, format_metrics
+from serve.audio import SAMPLE_RATE
+from serve.config import GraderConfig
+from serve.parts import PartSpec, resolve_part
+from serve.protocol import ScoredAnswer
+from serve.scoring import ChunkScore, aggregate, label_probabilities
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+SUMMARY_FILE = "training_summary.json"
+KEEP_CHECKPOINTS = 2
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or resume (message says why)."""
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a training run (defaults: the paper's)."""
+
+    part: str
+    data: str
+    out: str
+    dev: str | None = None
+    loss: str = "fa"
+    epochs: float = 2.0
+    lr: float = 1e-4
+    rank: int = 16
+    alpha: float | None = None  # LoRA alpha; default 2 * rank
+    dropout: float = 0.05
+    batch_size: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    eval_every: int = 0  # steps between dev evaluations; 0: once per epoch
+    save_every: int = 0  # steps between checkpoints; 0: once per epoch
+    seed: int = 0
+    device: str | None = None  # default: cuda when available, else cpu
+    dtype: str | None = None  # default: bfloat16 on cuda, float32 on cpu
+    resume: bool = False
+    stop_after: int = 0  # stop after this many steps of this invocation (0: run to the end); --resume continues
+    progress: bool = True
+
+    # fields that must match for --resume to continue the same run
+    RESUME_KEYS = ("part", "loss", "epochs", "lr", "rank", "alpha", "batch_size", "warmup_ratio", "seed")
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    last_pos: torch.Tensor  # index of the last prompt token of each row (the first output position's input)
+    scores: torch.Tensor
+
+
+def pick_device(opts: TrainOptions) -> tuple[str, torch.dtype]:
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def part_spec(cfg: GraderConfig, part: str, tokenizer) -> PartSpec:
+    """The part's prompt and label tokens, exactly as serving resolves them (without its adapter)."""
+    pcfg = cfg.part(part).model_copy(update={"adapter": None})
+    return resolve_part(part, pcfg, tokenizer, base=cfg.model.base, untrained=cfg.model.untrained)
+
+
+def make_batch(processor, spec: PartSpec, items: Sequence[TrainItem], device: str, dtype: torch.dtype) -> Batch:
+    """Processor inputs for a batch of chunks (right-padded), called as vLLM calls the processor."""
+    inputs = processor(
+        text=[spec.prompt] * len(items),
+        audio=[it.chunk.samples for it in items],
+        sampling_rate=SAMPLE_RATE,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )
+    mask = inputs["attention_mask"]
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    last_pos = torch.where(mask.bool(), positions, -1).max(dim=1).values
+    out = {}
+    for k, v in inputs.items():
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return Batch(out, last_pos.to(device), torch.tensor([it.score for it in items], dtype=torch.float64))
+
+
+def label_logits(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
+    """Logits of the label tokens at the first output position, ``[batch, n_labels]``.
+
+    Runs the language model once and applies only the label rows of the output
+    head to the one position that matters: the same numbers as the full
+    logits, without a ``[batch, tokens, vocabulary]`` tensor.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(**batch.inputs, use_cache=False).last_hidden_state
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_pos]
+    w = base.lm_head.weight[list(label_ids)]
+    return (h @ w.T).float()
+
+
+@torch.no_grad()
+def score_answers(
+    model, processor, spec: PartSpec, answers: Sequence[Answer], *, batch_size: int, device: str, dtype: torch.dtype
+) -> list[ScoredAnswer]:
+    """Score answers with the model in eval mode: the trainer's own evaluation (transformers + peft)."""
+    was_training = model.training
+    model.eval()
+    items = train_items(list(answers))
+    probs: list[np.ndarray] = []
+    for i in range(0, len(items), batch_size):
+        batch = make_batch(processor, spec, items[i : i + batch_size], device, dtype)
+        lp = torch.log_softmax(label_logits(model, batch, spec.label_token_ids), dim=-1).cpu().numpy()
+        probs.extend(label_probabilities(row) for row in lp)
+    if was_training:
+        model.train()
+    results, k = [], 0
+    for ans in answers:
+        chunks = [ChunkScore(c.start_s, c.end_s, probs[k + j]) for j, c in enumerate(ans.chunks)]
+        k += len(ans.chunks)
+        results.append(aggregate(spec.part, spec.levels, chunks, spec.model))
+    return results
+
+
+def answer_metrics(answers: Sequence[Answer], scored: Sequence[ScoredAnswer]) -> dict[str, dict[str, float]]:
+    """Soft and hard metrics of scored answers against their human scores."""
+    human = [a.example.score for a in answers]
+    return {
+        "soft": all_metrics([s.score for s in scored], human),
+        "hard": all_metrics([s.hard_score for s in scored], human),
+    }
+
+
+def load_trained(cfg: GraderConfig, part: str, adapter_dir: str | Path, device: str = "cpu", dtype=torch.float32):
+    """The base model with a trained adapter, in eval mode, with its processor and part spec."""
+    from peft import PeftModel
+
+    from adapters.reference import load_base_model
+
+    base, processor = load_base_model(cfg.model.base, dtype, device)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return model, processor, part_spec(cfg, part, processor.tokenizer)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    d = out / CHECKPOINTS
+    found = [p for p in d.glob("step-*") if (p / STATE_FILE).is_file()] if d.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    """Adapter + optimizer/scheduler/step state under ``out/checkpoints/step-N``; keeps the newest few."""
+    ckpt = out / CHECKPOINTS / f"step-{state['step']}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **state},
+        tmp / STATE_FILE,
+    )
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+    for old in _checkpoints(out)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
+
+
+# ---------------------------------------------------------------- training
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
+    """Train one part's adapter; returns the run summary (also written to ``out/training_summary.json``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    from adapters.reference import load_base_model
+
+    if opts.loss not in LOSSES:
+        raise TrainError(f"unknown loss {opts.loss!r} (choose from {', '.join(LOSSES)})")
+    if opts.part not in cfg.parts:
+        raise TrainError(f"unknown part {opts.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    out = Path(opts.out)
+    existing = _checkpoints(out)
+    if existing and not opts.resume:
+        raise TrainError(f"{out} already holds checkpoints of a run; pass --resume to continue it or pick another --out")
+    t_start = time.time()
+    torch.manual_seed(opts.seed)
+    device, dtype = pick_device(opts)
+
+    train_ex = read_jsonl(opts.data, opts.part)
+    answers, bad = load_answers(train_ex, cfg.audio)
+    for ex, why in bad:
+        _log(f"skipping {ex.audio}: {why}")
+    if not answers:
+        raise TrainError(f"no usable answers of part {opts.part!r} in {opts.data}")
+    items = train_items(answers)
+    dev_answers: list[Answer] = []
+    if opts.dev:
+        dev_answers, dev_bad = load_answers(read_jsonl(opts.dev, opts.part), cfg.audio)
+        for ex, why in dev_bad:
+            _log(f"skipping dev {ex.audio}: {why}")
+
+    model, processor = load_base_model(cfg.model.base, dtype, device)
+    spec = part_spec(cfg, opts.part, processor.tokenizer)
+    level_scores = [lv.score for lv in spec.levels]
+    lora = LoraConfig(
+        r=opts.rank,
+        lora_alpha=opts.alpha if opts.alpha is not None else 2 * opts.rank,
+        lora_dropout=opts.dropout,
+        target_modules=LANGUAGE_MODEL_TARGETS,
+        bias="none",
+    )
+    model = get_peft_model(model, lora)
+    if device.startswith("cuda"):
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.train()
+
+    steps_per_epoch = math.ceil(len(items) / opts.batch_size)
+    total_steps = max(1, math.ceil(opts.epochs * steps_per_epoch))
+    warmup = int(round(opts.warmup_ratio * total_steps))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    eval_every = opts.eval_every or steps_per_epoch
+    save_every = opts.save_every or steps_per_epoch
+    compute_loss = loss_fn(opts.loss)
+
+    step, history, losses = 0, [], []
+    if opts.resume and existing:
+        state = load_checkpoint(existing[-1], model, optimizer, scheduler)
+        saved = state["options"]
+        diff = {k: (saved.get(k), getattr(opts, k)) for k in TrainOptions.RESUME_KEYS if saved.get(k) != getattr(opts, k)}
+        if diff:
+            raise TrainError(f"--resume: options differ from the checkpointed run: {diff}")
+        if state["n_items"] != len(items):
+            raise TrainError(f"--resume: the data changed ({state['n_items']} chunks then, {len(items)} now)")
+        step, history, losses = state["step"], state["history"], state["losses"]
+        _log(f"resuming from {existing[-1]} (step {step} of {total_steps})")
+    elif opts.resume:
+        _log(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting afresh")
+
+    _log(
+        f"training part {opts.part!r}: {len(answers)} answers ({len(items)} chunks), {total_steps} steps "
+        f"of {opts.batch_size}, loss {opts.loss}, rank {opts.rank}, lr {opts.lr:g}, {n_trainable:,} trainable "
+        f"parameters, {device}/{str(dtype).removeprefix('torch.')}"
+    )
+
+    def evaluate_dev() -> dict[str, Any] | None:
+        if not dev_answers:
+            return None
+        scored = score_answers(model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype)
+        return {"step": step, **answer_metrics(dev_answers, scored)}
+
+    def state_dict() -> dict[str, Any]:
+        return {"step": step, "history": history, "losses": losses, "n_items": len(items), "options": _opts_dict(opts)}
+
+    bar = None
+    if opts.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=f"train {opts.part}", unit="step", file=sys.stderr, dynamic_ncols=True)
+    t_train = time.time()
+    steps_this_run = 0
+    while step < total_steps:
+        if opts.stop_after and steps_this_run >= opts.stop_after:
+            break
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(items), opts.seed, epoch)
+        idx = order[offset * opts.batch_size : (offset + 1) * opts.batch_size]
+        batch = make_batch(processor, spec, [items[i] for i in idx], device, dtype)
+        loss = compute_loss(label_logits(model, batch, spec.label_token_ids), batch.scores, level_scores)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        steps_this_run += 1
+        losses.append(round(loss.item(), 6))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        elif step % 10 == 0 or step == total_steps:
+            _log(f"step {step}/{total_steps} loss {np.mean(losses[-20:]):.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+        if step % eval_every == 0 and step < total_steps and dev_answers:
+            m = evaluate_dev()
+            history.append(m)
+            _log(f"\n[step {step}] dev " + format_metrics("soft", m["soft"]))
+        stopping = bool(opts.stop_after) and steps_this_run >= opts.stop_after
+        if step % save_every == 0 or step == total_steps or stopping:
+            save_checkpoint(out, model, optimizer, scheduler, state_dict())
+    if bar is not None:
+        bar.close()
+    train_s = time.time() - t_train
+    if step < total_steps:
+        _log(f"stopped after step {step} of {total_steps}; continue with --resume")
+        return {"part": opts.part, "finished": False, "steps": step, "total_steps": total_steps,
+                "train_seconds": round(train_s, 2), "adapter": None}
+
+    # the adapter itself, at the top of the output folder
+    model.save_pretrained(out)
+    training_meta = {
+        "kind": "lora-sft",
+        "loss": opts.loss,
+        "epochs": opts.epochs,
+        "lr": opts.lr,
+        "rank": opts.rank,
+        "steps": step,
+        "batch_size": opts.batch_size,
+        "train_answers": len(answers),
+        "train_chunks": len(items),
+        "data": str(Path(opts.data).resolve()),
+        "base": cfg.model.base,
+    }
+    write_adapter_metadata(out, part=opts.part, levels=spec.levels, training=training_meta)
+    check_adapter_dir(out)
+
+    final = None
+    if dev_answers:
+        scored = score_answers(model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype)
+        final = {"step": step, **answer_metrics(dev_answers, scored)}
+        history.append(final)
+        with open(out / "dev_predictions.jsonl", "w") as f:
+            for a, s in zip(dev_answers, scored):
+                f.write(json.dumps({"audio": str(a.example.audio), "human": a.example.score, "score": s.score,
+                                    "hard_score": s.hard_score}) + "\n")
+    summary = {
+        "part": opts.part,
+        "finished": True,
+        "options": _opts_dict(opts),
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "trainable_parameters": n_trainable,
+        "train_answers": len(answers),
+        "train_chunks": len(items),
+        "skipped_answers": len(bad),
+        "dev_answers": len(dev_answers),
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "steps_this_run": steps_this_run,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])) if losses else None,
+        "losses": losses,
+        "dev_history": history,
+        "dev_final": final,
+        "train_seconds": round(train_s, 2),
+        "total_seconds": round(time.time() - t_start, 2),
+        "adapter": str(out.resolve()),
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _opts_dict(opts: TrainOptions) -> dict[str, Any]:
+    d = asdict(opts)
+    d.pop("progress", None)
+    return d
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A short human-readable account of a run."""
+    if not s.get("finished", True):
+        return f"stopped at step {s['steps']} of {s['total_steps']}: run again with --resume to finish"
+    lines = [
+        f"trained {s['part']!r} adapter -> {s['adapter']}",
+        f"  {s['train_answers']} answers ({s['train_chunks']} chunks), {s['steps']} steps, "
+        f"loss {s['options']['loss']} {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
+        f"{s['train_seconds']:.1f} s training on {s['device']}",
+    ]
+    if s["dev_final"]:
+        lines.append("  dev " + format_metrics("soft", s["dev_final"]["soft"]))
+        lines.append("  dev " + format_metrics("hard", s["dev_final"]["hard"]))
+    return "\n".join(lines)
