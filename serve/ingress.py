@@ -76,7 +76,7 @@ def request_id() -> str:
 
 def _error_response(err: ApiError, rid: str) -> JSONResponse:
     body = ErrorResponse(error={"kind": err.kind, "message": err.message}, request_id=rid)
-    return JSONResponse(body.model_dump(), status_code=err.status, headers={**err.headers, "X-Request-ID": rid})
+    return JSONResponse(body.model_dump(), status_code=err.status, headers=err.headers)  # Serve adds X-Request-ID
 
 
 @app.exception_handler(RequestValidationError)
@@ -204,7 +204,7 @@ class Ingress:
         try:
             part, body = await work(rid, started)
             status = 200
-            response = JSONResponse(body, headers={"X-Request-ID": rid})
+            response = JSONResponse(body)
         except ApiError as e:
             status = e.status
             # Unknown part ids come from callers: keep them out of metric labels.

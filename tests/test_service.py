@@ -1,0 +1,239 @@
+"""The real service (Ray Serve on loopback, vLLM on the tiny checkpoint) through real HTTP.
+
+The application starts once for this module, with API keys configured, and
+every endpoint and bad input is exercised against it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from tests.audio_fixtures import speechlike, write
+
+pytestmark = pytest.mark.engine
+
+L2GRADER = str(Path(sys.executable).parent / "l2grader")
+USER_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service_cfg(tiny_dir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("service")
+    raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
+    raw["model"]["base"] = str(tiny_dir / "model")
+    for pcfg in raw["parts"].values():
+        pcfg["adapter"] = str(tiny_dir / pcfg["adapter"])
+    raw["audio"] = {"max_upload_mb": 24, "max_duration_s": 660}
+    raw["serving"] = {
+        "port": free_port(),
+        "api_keys_env": "L2G_TEST_API_KEYS",
+        "admin_keys_env": "L2G_TEST_ADMIN_KEYS",
+        "registry_file": str(d / "registry.json"),
+    }
+    (d / "service.yaml").write_text(yaml.safe_dump(raw))
+    return d / "service.yaml"
+
+
+@pytest.fixture(scope="module")
+def base_url(service_cfg, tmp_path_factory):
+    port = yaml.safe_load(service_cfg.read_text())["serving"]["port"]
+    env = dict(os.environ, L2G_TEST_API_KEYS=USER_KEY, L2G_TEST_ADMIN_KEYS=ADMIN_KEY)
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
+    proc = subprocess.Popen([L2GRADER, "serve", "--config", str(service_cfg)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    try:
+        while True:
+            assert proc.poll() is None, "service exited during start-up"
+            log.seek(0)
+            announced = f"listening on http://127.0.0.1:{port}" in log.read()
+            try:
+                if announced and httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "service not ready in time"
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def long_files(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("long")
+    return [write(d / "five.wav", 5, 16000, seed=21), write(d / "minute.ogg", 61, 48000, seed=22),
+            write(d / "two.mp3", 130, 22050, seed=23), write(d / "ten.flac", 600, 16000, seed=24)]
+
+
+def post_file(url, path: Path, part="interview", headers=USER, **form):
+    with open(path, "rb") as f:
+        return httpx.post(f"{url}/v1/score", data={"part": part, **form}, files={"audio": (path.name, f)},
+                          headers=headers, timeout=300)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_health_ready_docs(base_url):
+    assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{base_url}/readyz").json()
+    assert ready["ready"] is True and ready["untrained"] is True
+    assert httpx.get(f"{base_url}/docs").status_code == 200
+    paths = httpx.get(f"{base_url}/openapi.json").json()["paths"]
+    assert {"/v1/score", "/v1/score/batch", "/v1/parts", "/v1/parts/{part}"} <= set(paths)
+
+
+def test_scores_equal_the_offline_cli(base_url, service_cfg, audio_dir, long_files):
+    files = [audio_dir / "a.wav", audio_dir / "b.flac", audio_dir / "c.ogg", audio_dir / "d.mp3", *long_files]
+    cli = subprocess.run([L2GRADER, "score", "--config", str(service_cfg), "--part", "interview", *map(str, files)],
+                         capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    offline = {Path(x["file"]).name: x for x in map(json.loads, cli.stdout.splitlines())}
+    for path in files:
+        r = post_file(base_url, path, response_id=f"resp-{path.stem}")
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["response_id"] == f"resp-{path.stem}" and got["request_id"] and got["latency_ms"] > 0
+        assert r.headers["x-request-id"] == got["request_id"]
+        want = offline[path.name]
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+        assert len(got["chunks"]) == len(want["chunks"])
+    assert len(offline["ten.flac"]["chunks"]) == 20
+
+
+def test_json_base64_and_batch(base_url, audio_dir):
+    audio = base64.b64encode((audio_dir / "a.wav").read_bytes()).decode()
+    r = httpx.post(f"{base_url}/v1/score", json={"part": "long_turn", "audio_base64": audio}, headers=USER, timeout=120)
+    assert r.status_code == 200, r.text
+    single = r.json()
+    assert single["part"] == "long_turn" and single["response_id"] is None
+    batch = {"candidate_id": "cand-1", "answers": [
+        {"part": "interview", "audio_base64": audio, "response_id": "q1"},
+        {"part": "long_turn", "audio_base64": audio, "response_id": "q2"}]}
+    r = httpx.post(f"{base_url}/v1/score/batch", json=batch, headers=USER, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["response_id"] for x in body["results"]] == ["q1", "q2"]
+    assert body["results"][1]["score"] == pytest.approx(single["score"], abs=1e-5)
+    assert body["overall"]["score"] == pytest.approx(np.mean([x["score"] for x in body["results"]]))
+    assert body["overall"]["cefr"] in {"A1", "A2", "B1", "B2", "C1", "C2"}
+
+
+def test_64_concurrent_requests_across_two_parts(base_url, tmp_path):
+    files = [write(tmp_path / f"c{i}.wav", 8 + i % 5, 16000, seed=100 + i) for i in range(8)]
+    jobs = [(files[i % 8], ("interview", "long_turn")[i % 2]) for i in range(64)]
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        responses = list(pool.map(lambda job: post_file(base_url, job[0], part=job[1]), jobs))
+    assert [r.status_code for r in responses] == [200] * 64
+    assert {r.json()["part"] for r in responses} == {"interview", "long_turn"}
+
+
+def test_register_score_and_delete_a_part(base_url, tiny_dir, tmp_path, audio_dir, service_cfg):
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from adapters.tiny_model import make_demo_adapter
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir / "model")
+    adapter = make_demo_adapter(model, tmp_path / "opinion_v1", "opinion", seed=777)
+    body = {"adapter": str(adapter), "task": "Part 5, opinion: the candidate gives opinions."}
+    assert httpx.put(f"{base_url}/v1/parts/opinion", json=body, headers=USER).status_code == 403
+    r = httpx.put(f"{base_url}/v1/parts/opinion", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["model_id"].startswith("opinion@")
+    registry = json.loads(Path(yaml.safe_load(service_cfg.read_text())["serving"]["registry_file"]).read_text())
+    assert registry["opinion"]["adapter"] == str(adapter)  # persisted for restarts
+    parts = {p["part"] for p in httpx.get(f"{base_url}/v1/parts", headers=USER).json()["parts"]}
+    assert parts == {"interview", "long_turn", "opinion"}
+
+    scored = post_file(base_url, audio_dir / "a.wav", part="opinion")
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["model"]["adapter"] == r.json()["model_id"]
+    interview = post_file(base_url, audio_dir / "a.wav", part="interview").json()
+    assert scored.json()["probabilities"] != pytest.approx(interview["probabilities"], abs=1e-3)
+
+    bad = httpx.put(f"{base_url}/v1/parts/broken", json={"adapter": str(tmp_path / "nowhere")}, headers=ADMIN)
+    assert bad.status_code == 422 and "does not exist" in bad.json()["error"]["message"]
+
+    assert httpx.delete(f"{base_url}/v1/parts/opinion", headers=ADMIN).status_code == 200
+    gone = post_file(base_url, audio_dir / "a.wav", part="opinion")
+    assert gone.status_code == 404 and gone.json()["error"]["kind"] == "unknown_part"
+    assert httpx.delete(f"{base_url}/v1/parts/opinion", headers=ADMIN).status_code == 404
+
+
+def test_bad_inputs_get_their_status_and_are_counted(base_url, audio_dir, tmp_path):
+    before = httpx.get(f"{base_url}/metrics").text
+    blip = np.zeros(16000 * 4, dtype=np.float32)
+    blip[:4000] = speechlike(0.25)
+    sf.write(tmp_path / "blip.wav", blip, 16000)
+    huge = tmp_path / "huge.wav"
+    huge.write_bytes(b"\0" * (25 * 1024 * 1024))
+    long = write(tmp_path / "long.flac", 700, 8000, seed=5)
+    cases = [
+        (post_file(base_url, audio_dir / "a.wav", part="no_such_part"), 404, "unknown_part"),
+        (httpx.post(f"{base_url}/v1/score", data={"part": "interview"}, files={"x": ("a", b"1")}, headers=USER), 422, "invalid_request"),
+        (httpx.post(f"{base_url}/v1/score", json={"audio_base64": "AAAA"}, headers=USER), 422, "invalid_request"),
+        (post_file(base_url, audio_dir / "corrupt.wav"), 422, "undecodable"),
+        (post_file(base_url, audio_dir / "empty.wav"), 422, "empty"),
+        (post_file(base_url, audio_dir / "silent.wav"), 422, "silence"),
+        (post_file(base_url, tmp_path / "blip.wav"), 422, "silence"),
+        (post_file(base_url, huge), 413, "too_large"),
+        (post_file(base_url, long), 413, "too_long"),
+        (httpx.post(f"{base_url}/v1/score", content=b"hello", headers={**USER, "content-type": "text/plain"}), 415, "unsupported_media_type"),
+    ]
+    for response, status, kind in cases:
+        assert response.status_code == status, (kind, response.text)
+        err = response.json()
+        assert err["error"]["kind"] == kind and err["error"]["message"] and err["request_id"]
+    assert "too short to score" in cases[6][0].json()["error"]["message"]
+
+    assert post_file(base_url, audio_dir / "c.ogg").status_code == 200  # the replica is still alive
+    after = httpx.get(f"{base_url}/metrics").text
+    for kind, n in [("unknown_part", 1), ("invalid_request", 2), ("undecodable", 1), ("empty", 1), ("silence", 2),
+                    ("too_large", 1), ("too_long", 1), ("unsupported_media_type", 1)]:
+        assert metric(after, "l2grader_errors_total", kind=kind) - metric(before, "l2grader_errors_total", kind=kind) == n, kind
+    assert metric(after, "l2grader_audio_seconds_scored_total", part="interview") > 0
+    assert metric(after, "l2grader_adapter_loads", part="interview") >= 1
+    assert "l2grader_request_latency_seconds_bucket" in after and "l2grader_inflight_requests" in after
+
+
+def test_api_keys(base_url, audio_dir):
+    assert post_file(base_url, audio_dir / "a.wav", headers={}).status_code == 401
+    assert post_file(base_url, audio_dir / "a.wav", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{base_url}/v1/parts").status_code == 401
+    assert httpx.delete(f"{base_url}/v1/parts/interview", headers=USER).status_code == 403
+    assert post_file(base_url, audio_dir / "a.wav", headers=ADMIN).status_code == 200
