@@ -1,0 +1,1 @@
+"""Load testing (Locust) and the benchmark of the service against the offline and plain pipelines."""

@@ -1,0 +1,51 @@
+"""Speech-like audio made from numbers, for load tests, the benchmark and the test suite.
+
+A voiced harmonic tone with a wandering pitch, a syllable-rate envelope and a
+little noise: it passes the service's speech check, and every seed gives a
+different answer (so caches keyed by the audio do not flatter the numbers).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = {
+    "wav": dict(format="WAV", subtype="PCM_16"),
+    "flac": dict(format="FLAC"),
+    "ogg": dict(format="OGG", subtype="OPUS"),
+    "mp3": dict(format="MP3"),
+}
+
+
+def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """Mono float32 audio that passes the speech check: harmonics of a wandering pitch, 4 Hz syllables, noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    f0 = 110 + 30 * rng.random() + 20 * np.sin(2 * np.pi * 0.4 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = (0.5 + 0.5 * np.sin(2 * np.pi * (3 + rng.random() * 2) * t)) ** 2
+    return (0.2 * voiced * envelope + 0.01 * rng.normal(size=t.size)).astype(np.float32)
+
+
+def encode(wave: np.ndarray, rate: int, fmt: str = "wav") -> bytes:
+    """The audio as a file's bytes in ``fmt`` (wav, flac, ogg = Opus, mp3)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, rate, **FORMATS[fmt])
+    return buf.getvalue()
+
+
+def answer_bytes(seconds: float, seed: int, fmt: str = "wav", rate: int = 16000) -> bytes:
+    """One generated answer as file bytes."""
+    return encode(speechlike(seconds, rate, seed), rate, fmt)
+
+
+def write(path: Path, seconds: float, rate: int = 16000, seed: int = 0) -> Path:
+    """Write speech-like audio in the format its suffix names."""
+    Path(path).write_bytes(encode(speechlike(seconds, rate, seed), rate, Path(path).suffix[1:]))
+    return Path(path)
