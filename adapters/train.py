@@ -355,7 +355,8 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         if step % eval_every == 0 and step < total_steps and dev_answers:
             m = evaluate_dev()
             history.append(m)
-            _log(f"\n[step {step}] dev " + format_metrics("soft", m["soft"]))
+            line = f"[step {step}] dev " + format_metrics("soft", m["soft"])
+            bar.write(line, file=sys.stderr) if bar is not None else _log(line)
         stopping = bool(opts.stop_after) and steps_this_run >= opts.stop_after
         if step % save_every == 0 or step == total_steps or stopping:
             save_checkpoint(out, model, optimizer, scheduler, state_dict())
