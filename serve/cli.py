@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     from adapters.cli import add_commands
 
     add_commands(sub)
+
+    from loadtest.cli import add_commands as add_loadtest_commands
+
+    add_loadtest_commands(sub)
     return parser
 
 

@@ -1,0 +1,403 @@
+"""Benchmark: the same answers scored by the service, the offline batch path and the plain pipeline.
+
+``l2grader bench --config FILE`` generates a set of answers (speech-like audio,
+one seed each, parts taken in turn) and scores all of them, in one run, through
+
+(a) ``service``: ``l2grader serve`` started on a free loopback port, the answers
+    posted over HTTP (multipart) by concurrent clients;
+(b) ``offline``: :class:`serve.engine.BatchScorer` (``vllm.LLM``), every answer
+    decoded and sent to the engine in one batch, in this process;
+(c) ``reference``: transformers + peft (:class:`adapters.reference.ReferenceScorer`),
+    one answer at a time, the way a research grader runs.
+
+Each path gets a warm-up on other answers first, so engine start-up, adapter
+loads and first-call compilation are left out. It prints each path's
+throughput (answers/s, audio seconds scored per wall second), latency
+(p50/p95) and CPU time per answer, the ratios, and as its last line all of it
+as one JSON object. The service's CPU time is that of its whole process tree
+(Ray's processes, both replicas, the engine process) during the HTTP phase;
+the offline path's is that of this process and its engine process.
+
+With a GPU (``torch.cuda.is_available()``) the reference path runs instead a
+Qwen2-Audio-7B-shaped model with random bf16 weights and a rank-16 adapter per
+part, and reports its model-FLOPs utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+# Published shapes of Qwen2-Audio-7B(-Instruct).
+QWEN2_AUDIO_7B_AUDIO = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                            num_mel_bins=128, max_source_positions=1500)
+QWEN2_AUDIO_7B_TEXT = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                           intermediate_size=11008, vocab_size=156032, max_position_embeddings=8192)
+# Dense bf16 peak of the GPU (FLOP/s), by name; L2GRADER_PEAK_TFLOPS overrides.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def _log(msg: str) -> None:
+    print(f"l2grader bench: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Answer:
+    part: str
+    seconds: float
+    wav: bytes
+
+
+def make_answers(parts: list[str], n: int, min_s: float, max_s: float, seed: int) -> list[Answer]:
+    """``n`` distinct 16 kHz WAV answers, lengths uniform in [min_s, max_s], parts in turn."""
+    from loadtest.audio import answer_bytes
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        s = round(rng.uniform(min_s, max_s), 2)
+        out.append(Answer(parts[i % len(parts)], s, answer_bytes(s, seed * 100_003 + i)))
+    return out
+
+
+def summary(name: str, latencies_s: list[float], wall_s: float, answers: int, audio_s: float,
+            cpu_s: float | None, errors: dict[str, int] | None = None) -> dict:
+    from loadtest.service import percentile
+
+    ms = [x * 1000 for x in latencies_s]
+    return {
+        "path": name, "answers": answers, "wall_s": round(wall_s, 3),
+        "answers_per_s": round(answers / wall_s, 3) if wall_s else 0.0,
+        "audio_s_per_s": round(audio_s / wall_s, 2) if wall_s else 0.0,
+        "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
+        "cpu_ms_per_answer": None if cpu_s is None else round(cpu_s * 1000 / max(answers, 1), 2),
+        "errors": errors or {},
+    }
+
+
+# ---------------------------------------------------------------- (a) the service over HTTP
+
+
+def _post(port: int, answer: Answer, headers: dict[str, str]) -> tuple[int, float, dict]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"part\"\r\n\r\n{answer.part}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n").encode() + answer.wav + f"\r\n--{boundary}--\r\n".encode()
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/score", body=body,
+                     headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        r = conn.getresponse()
+        data = r.read()
+        status = r.status
+    except OSError:
+        status, data = 0, b""
+    finally:
+        conn.close()
+    elapsed = time.perf_counter() - t0
+    try:
+        got = json.loads(data) if status == 200 else {}
+    except ValueError:
+        status, got = -1, {}
+    return status, elapsed, got
+
+
+def _post_all(port: int, answers: list[Answer], concurrency: int, headers: dict[str, str]):
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        return list(pool.map(lambda a: _post(port, a, headers), answers))
+
+
+def service_phase(config: str, cfg, answers: list[Answer], warmup: list[Answer], concurrency: int, out: Path,
+                  idle_s: float = 3.0) -> dict:
+    from loadtest.cli import _api_key
+    from loadtest.service import Service, TreeCpu
+
+    key, env = _api_key(cfg, None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    _log(f"(a) service: starting `l2grader serve` (log {out / 'bench-serve.log'})")
+    service = Service(config, out / "bench-serve.log", env=env)
+    try:
+        _post_all(service.port, warmup, concurrency, headers)
+        cpu = TreeCpu(service.pids())
+        cpu.start()
+        time.sleep(idle_s)
+        idle_cpu_s = cpu.stop()  # Ray's background work with no traffic
+        _log(f"(a) service: {len(answers)} answers, {concurrency} concurrent clients")
+        cpu.start()
+        t0 = time.perf_counter()
+        results = _post_all(service.port, answers, concurrency, headers)
+        wall = time.perf_counter() - t0
+        cpu_s = cpu.stop()
+    finally:
+        service.stop()
+    errors: dict[str, int] = {}
+    for status, _, _ in results:
+        if status != 200:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+    ok = [(lat, got) for status, lat, got in results if status == 200]
+    s = summary("service", [lat for lat, _ in ok], wall, len(ok), sum(g["duration_s"] for _, g in ok), cpu_s, errors)
+    s["idle_cpu_ms_per_s"] = round(idle_cpu_s * 1000 / idle_s, 1)
+    s["scores"] = [None if status != 200 else got["score"] for status, _, got in results]
+    return s
+
+
+# ---------------------------------------------------------------- (b) offline batch
+
+
+def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
+    from loadtest.service import TreeCpu
+    from serve.audio import prepare_answer
+    from serve.engine import BatchScorer
+
+    _log("(b) offline: starting the engine (vllm.LLM)")
+    scorer = BatchScorer(cfg)
+    try:
+        scorer.score_chunks([(a.part, prepare_answer(a.wav, cfg.audio)) for a in warmup])
+        _log(f"(b) offline: {len(answers)} answers in one batch")
+        cpu = TreeCpu([os.getpid()])
+        cpu.start()
+        t0 = time.perf_counter()
+        results = scorer.score_chunks([(a.part, prepare_answer(a.wav, cfg.audio)) for a in answers])
+        wall = time.perf_counter() - t0
+        cpu_s = cpu.stop()
+    finally:
+        scorer.close()
+    # Every answer of the batch is done when the batch is: its latency is the batch's.
+    s = summary("offline", [wall] * len(results), wall, len(results), sum(r.duration_s for r in results), cpu_s)
+    s["scores"] = [r.score for r in results]
+    return s
+
+
+# ---------------------------------------------------------------- (c) plain transformers + peft
+
+
+def reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
+    from adapters.reference import ReferenceScorer
+    from loadtest.service import TreeCpu
+    from serve.audio import prepare_answer
+
+    _log("(c) reference: loading transformers + peft")
+    ref = ReferenceScorer(cfg)
+    for a in warmup[:2]:
+        ref.score_chunks(a.part, prepare_answer(a.wav, cfg.audio))
+    _log(f"(c) reference: {len(answers)} answers one at a time")
+    lat, audio_s, scores = [], 0.0, []
+    cpu = TreeCpu([os.getpid()])
+    cpu.start()
+    t0 = time.perf_counter()
+    for a in answers:
+        t = time.perf_counter()
+        r = ref.score_chunks(a.part, prepare_answer(a.wav, cfg.audio))
+        lat.append(time.perf_counter() - t)
+        audio_s += r.duration_s
+        scores.append(r.score)
+    wall = time.perf_counter() - t0
+    s = summary("reference", lat, wall, len(answers), audio_s, cpu.stop())
+    s["scores"] = scores
+    return s
+
+
+# ---------------------------------------------------------------- GPU: 7B-shaped plain pipeline
+
+
+def build_7b_shaped_model(processor, parts: list[str], device: str = "cuda", rank: int = 16):
+    """Qwen2-Audio-7B's published shapes, random bf16 weights on ``device``, one rank-``rank`` adapter per part."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    from adapters.lora import LANGUAGE_MODEL_TARGETS
+
+    config = Qwen2AudioConfig(
+        audio_config=dict(QWEN2_AUDIO_7B_AUDIO),
+        text_config=dict(QWEN2_AUDIO_7B_TEXT),
+        audio_token_index=processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LANGUAGE_MODEL_TARGETS, bias="none")
+    model = get_peft_model(model, lora, adapter_name=parts[0])
+    for part in parts[1:]:
+        model.add_adapter(part, lora)
+    with torch.no_grad():  # non-zero adapters, so the LoRA matmuls are not skipped by anything
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.01)
+    model.eval()
+    audio_params = sum(p.numel() for n, p in model.named_parameters() if "audio_tower" in n)
+    lm_params = sum(p.numel() for n, p in model.named_parameters()
+                    if "audio_tower" not in n and "embed_tokens" not in n)
+    return model, audio_params, lm_params
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of the GPU (FLOP/s); ``L2GRADER_PEAK_TFLOPS`` overrides."""
+    if os.environ.get("L2GRADER_PEAK_TFLOPS"):
+        return float(os.environ["L2GRADER_PEAK_TFLOPS"]) * 1e12
+    for key, value in PEAK_BF16.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
+    """Model-FLOPs utilisation: achieved FLOP/s over the device's peak."""
+    return None if not peak or seconds <= 0 else flops / seconds / peak
+
+
+def gpu_reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
+    """The plain pipeline on a Qwen2-Audio-7B-shaped random bf16 model, one answer at a time, with its MFU.
+
+    FLOPs: 2 x parameters x positions, the encoder at its fixed 1500 positions per
+    chunk (Whisper pads every chunk to 30 s), the language model at the prompt's tokens.
+    """
+    import torch
+    from transformers import AutoProcessor
+
+    from serve.audio import SAMPLE_RATE, prepare_answer
+    from serve.parts import resolve_parts
+
+    processor = AutoProcessor.from_pretrained(cfg.model.base)
+    specs = resolve_parts(cfg, processor.tokenizer)
+    parts = sorted(specs)
+    model, audio_params, lm_params = build_7b_shaped_model(processor, parts)
+    name = torch.cuda.get_device_name()
+    _log(f"(c) reference on {name}: Qwen2-Audio-7B-shaped random bf16 model "
+         f"({(audio_params + lm_params) / 1e9:.2f} B parameters without embeddings)")
+
+    @torch.inference_mode()
+    def one(a: Answer) -> float:
+        """Score one answer chunk by chunk; its FLOPs."""
+        spec = specs[a.part]
+        model.set_adapter(a.part)
+        flops = 0.0
+        for c in prepare_answer(a.wav, cfg.audio):
+            inputs = processor(text=spec.prompt, audio=[c.samples], sampling_rate=SAMPLE_RATE, truncation=True,
+                               return_tensors="pt")
+            inputs = {k: v.to("cuda") for k, v in inputs.items()}
+            inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
+            model(**inputs).logits[0, -1].float().cpu()
+            flops += 2.0 * (audio_params * 1500 + lm_params * int(inputs["input_ids"].shape[1]))
+        return flops
+
+    for a in warmup[:2]:
+        one(a)
+    torch.cuda.synchronize()
+    lat, flops = [], 0.0
+    t0 = time.perf_counter()
+    for a in answers:
+        t = time.perf_counter()
+        flops += one(a)
+        torch.cuda.synchronize()
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    s = summary("reference", lat, wall, len(answers), sum(a.seconds for a in answers), None)
+    s.update(device=name, model="Qwen2-Audio-7B-shaped, random bf16",
+             tflops=round(flops / wall / 1e12, 2), mfu=mfu(flops, wall, peak_flops(name)))
+    return s
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _ratio(a, b) -> float | None:
+    return None if not a or not b else round(a / b, 2)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from loadtest.service import ensure_tiny_model
+    from serve.cli import _load_config
+
+    cfg = _load_config(args.config)
+    ensure_tiny_model(cfg)
+    out = Path(args.out or "runs/bench")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [p.strip() for p in args.parts.split(",")] if args.parts else sorted(cfg.parts)
+    answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed)
+    warmup = make_answers(parts, min(args.warmup, args.answers), args.min_s, args.max_s, seed=args.seed + 1)
+    audio_total = sum(a.seconds for a in answers)
+    _log(f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({audio_total:.0f} s of audio), parts {', '.join(parts)}")
+
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.no_gpu
+    paths = {}
+    if "service" not in args.skip:
+        paths["service"] = service_phase(args.config, cfg, answers, warmup, args.concurrency, out)
+    if "offline" not in args.skip:
+        paths["offline"] = offline_phase(cfg, answers, warmup)
+    if "reference" not in args.skip:
+        ref_answers = answers[: args.reference_answers] if args.reference_answers else answers
+        paths["reference"] = (gpu_reference_phase if gpu else reference_phase)(cfg, ref_answers, warmup)
+
+    sv, off, ref = paths.get("service"), paths.get("offline"), paths.get("reference")
+    result = {
+        "answers": len(answers), "answer_s": [args.min_s, args.max_s], "concurrency": args.concurrency,
+        "device": torch.cuda.get_device_name() if gpu else "cpu", "cpu_count": os.cpu_count(),
+        "paths": {k: {x: y for x, y in v.items() if x != "scores"} for k, v in paths.items()},
+        "ratios": {
+            "service_over_offline_answers_per_s": _ratio(sv and sv["answers_per_s"], off and off["answers_per_s"]),
+            "service_over_reference_answers_per_s": _ratio(sv and sv["answers_per_s"], ref and ref["answers_per_s"]),
+            "offline_over_reference_answers_per_s": _ratio(off and off["answers_per_s"], ref and ref["answers_per_s"]),
+        },
+    }
+    if sv and off and sv["cpu_ms_per_answer"] is not None and off["cpu_ms_per_answer"] is not None:
+        result["service_extra_cpu_ms_per_answer"] = round(sv["cpu_ms_per_answer"] - off["cpu_ms_per_answer"], 2)
+    if sv and off and not gpu:
+        n = min(len(sv["scores"]), len(off["scores"]))
+        diffs = [abs(a - b) for a, b in zip(sv["scores"][:n], off["scores"][:n]) if a is not None]
+        result["max_score_diff_service_offline"] = max(diffs) if diffs else None
+    return result
+
+
+def print_report(result: dict) -> None:
+    rows = result["paths"]
+    print(f"{result['answers']} answers of {result['answer_s'][0]:g}-{result['answer_s'][1]:g} s on {result['device']} "
+          f"({result['cpu_count']} CPUs); service with {result['concurrency']} concurrent clients")
+    print(f"{'path':<10} {'answers/s':>10} {'audio s/s':>10} {'p50 ms':>9} {'p95 ms':>9} {'CPU ms/answer':>14} {'errors':>7}")
+    for name, r in rows.items():
+        cpu = "-" if r["cpu_ms_per_answer"] is None else f"{r['cpu_ms_per_answer']:.1f}"
+        print(f"{name:<10} {r['answers_per_s']:>10.2f} {r['audio_s_per_s']:>10.1f} {r['p50_ms']:>9.0f} "
+              f"{r['p95_ms']:>9.0f} {cpu:>14} {sum(r['errors'].values()):>7}")
+    for k, v in result["ratios"].items():
+        if v is not None:
+            print(f"{k.replace('_', ' ')}: {v:.2f}x")
+    if "service_extra_cpu_ms_per_answer" in result:
+        print(f"service CPU over offline per answer: {result['service_extra_cpu_ms_per_answer']:+.1f} ms "
+              f"(service idle background: {rows['service']['idle_cpu_ms_per_s']:.0f} CPU ms/s)")
+    print(json.dumps(result))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    result = run_bench(args)
+    print_report(result)
+    return 1 if any(sum(r["errors"].values()) for r in result["paths"].values()) else 0
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="score the same answers through the service, the offline path and plain transformers")
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--answers", type=int, default=256, help="answers scored by each path (default 256)")
+    p.add_argument("--min-s", type=float, default=8.0, help="shortest answer, seconds (default 8)")
+    p.add_argument("--max-s", type=float, default=20.0, help="longest answer, seconds (default 20)")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients of the service (default 32)")
+    p.add_argument("--reference-answers", type=int, default=64,
+                   help="answers for the one-at-a-time reference path (0: all; default 64)")
+    p.add_argument("--warmup", type=int, default=16, help="warm-up answers per path, not counted (default 16)")
+    p.add_argument("--parts", help="comma-separated parts (default: all of the config's)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["service", "offline", "reference"], help="paths to leave out")
+    p.add_argument("--seed", type=int, default=7, help="seed of the generated answers (default 7)")
+    p.add_argument("--out", help="folder for the service's log (default runs/bench)")
+    p.add_argument("--no-gpu", action="store_true", help="on a GPU host, run the reference on the config's model instead")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,224 @@
+"""Locust load test of the scoring service, shaped like an exam platform's traffic.
+
+Each simulated user is one of the platform's upload workers: it takes a
+candidate's answer to some exam part, posts it (multipart, as a platform
+uploads a recording) and waits a moment before the next one. Answers come
+from a pool generated once at start-up and reused:
+
+- ``short``: 10-20 s (interview questions), most of the traffic;
+- ``medium``: 30-60 s (long turns, two chunks);
+- ``long``: 3-5 min (presentations, up to ten chunks), a few.
+
+Run it through ``l2grader loadtest`` (which starts the service, runs Locust
+headless and summarises), or by hand::
+
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless -u 16 -t 60s
+
+Settings (environment):
+
+``L2GRADER_API_KEY``       bearer key sent with every request (none by default)
+``L2GRADER_PARTS``         comma-separated parts; default: ``GET /v1/parts``
+``L2GRADER_MIX``           length mix, e.g. ``short:80,medium:17,long:3`` (the default)
+``L2GRADER_FORMATS``       comma-separated upload formats, rotated: wav, flac, ogg, mp3 (default wav)
+``L2GRADER_POOL``          answers generated per length class (default 8)
+``L2GRADER_UNIQUE``        1 (default): every WAV upload differs from all others in one inaudible sample,
+                           so the engine's caches (audio features, prefix blocks) see fresh answers
+                           as in production; 0: send the pool's files byte for byte
+``L2GRADER_WAIT_S``        think time, uniform in [0, WAIT_S] (default 0.5)
+``L2GRADER_SHAPE``         ``step``: step ramp up to ``L2GRADER_USERS`` users over ``L2GRADER_DURATION_S``
+``L2GRADER_STEPS``         number of steps of the step ramp (default 5)
+``L2GRADER_STATS``         where to write this run's exact per-answer record (JSON) at the end
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import uuid
+
+from locust import LoadTestShape, between, events, task
+from locust.contrib.fasthttp import FastHttpUser
+
+from loadtest.audio import answer_bytes
+from loadtest.mix import DEFAULT_MIX, LENGTHS, parse_mix
+
+RATES = {"wav": 16000, "flac": 16000, "ogg": 48000, "mp3": 22050}
+CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
+
+
+class AnswerPool:
+    """Answers generated once per Locust process, with their multipart bodies built per part on first use."""
+
+    def __init__(self, mix: dict[str, float], per_class: int, formats: list[str], seed: int = 1234):
+        rng = random.Random(seed)
+        self.mix = mix
+        self.answers: dict[str, list[tuple[str, float, bytes]]] = {}
+        n = 0
+        for cls in mix:
+            lo, hi = LENGTHS[cls]
+            items = []
+            for i in range(per_class):
+                fmt = formats[n % len(formats)]
+                seconds = round(rng.uniform(lo, hi), 2)
+                items.append((fmt, seconds, answer_bytes(seconds, seed + n, fmt, RATES[fmt])))
+                n += 1
+            self.answers[cls] = items
+        self._bodies: dict[tuple[str, str, int], tuple[bytes, str]] = {}
+        self._lock = threading.Lock()
+
+    def pick(self, rng: random.Random) -> tuple[str, int]:
+        cls = rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
+        return cls, rng.randrange(len(self.answers[cls]))
+
+    def body(self, part: str, cls: str, i: int, rng: random.Random | None = None) -> tuple[bytes, str, float]:
+        """Multipart body, its content type and the answer's length in seconds.
+
+        With ``rng``, a WAV answer gets one 16-bit sample set to a random quiet value
+        (at most -54 dBFS): a new file for every request, the same answer to a listener.
+        """
+        fmt, seconds, audio = self.answers[cls][i]
+        key = (part, cls, i)
+        with self._lock:
+            if key not in self._bodies:
+                boundary = uuid.uuid4().hex
+                head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"part\"\r\n\r\n{part}\r\n"
+                        f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"{cls}-{i}.{fmt}\"\r\n"
+                        f"Content-Type: {CONTENT_TYPES[fmt]}\r\n\r\n").encode()
+                tail = f"\r\n--{boundary}--\r\n".encode()
+                self._bodies[key] = (head + audio + tail, f"multipart/form-data; boundary={boundary}")
+            body, ctype = self._bodies[key]
+        if rng is not None and fmt == "wav":
+            start = body.index(b"\r\n\r\n", body.index(b'name="audio"')) + 4 + 44  # after the 44-byte WAV header
+            pos = start + 2 * rng.randrange((len(audio) - 44) // 2)
+            body = bytearray(body)
+            body[pos:pos + 2] = rng.randrange(-64, 65).to_bytes(2, "little", signed=True)
+            body = bytes(body)
+        return body, ctype, seconds
+
+
+class Record:
+    """Exact per-answer record of this process (Locust's own percentiles are rounded)."""
+
+    def __init__(self):
+        self.latencies_ms: list[float] = []
+        self.audio_s = 0.0
+        self.chunks = 0
+        self.statuses: dict[str, int] = {}
+        self.first_start: float | None = None
+        self.last_end: float | None = None
+
+    def add(self, status: int, started: float, ended: float, latency_ms: float, audio_s: float, chunks: int) -> None:
+        self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+        self.first_start = started if self.first_start is None else min(self.first_start, started)
+        self.last_end = ended if self.last_end is None else max(self.last_end, ended)
+        if status == 200:
+            self.latencies_ms.append(latency_ms)
+            self.audio_s += audio_s
+            self.chunks += chunks
+
+    def dump(self) -> dict:
+        return {"latencies_ms": self.latencies_ms, "audio_s": self.audio_s, "chunks": self.chunks,
+                "statuses": self.statuses, "first_start": self.first_start, "last_end": self.last_end}
+
+
+UNIQUE = os.environ.get("L2GRADER_UNIQUE", "1") != "0"
+POOL: AnswerPool | None = None
+PARTS: list[str] = []
+RECORD = Record()
+
+
+def _auth() -> dict[str, str]:
+    key = os.environ.get("L2GRADER_API_KEY", "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _fetch_parts(host: str) -> list[str]:
+    import urllib.request
+
+    req = urllib.request.Request(f"{host.rstrip('/')}/v1/parts", headers=_auth())
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return sorted(p["part"] for p in json.load(r)["parts"])
+
+
+@events.test_start.add_listener
+def _prepare(environment, **_):
+    global POOL, PARTS
+    if POOL is None:
+        formats = [f.strip() for f in os.environ.get("L2GRADER_FORMATS", "wav").split(",") if f.strip()]
+        unknown = [f for f in formats if f not in RATES]
+        if unknown:
+            raise ValueError(f"unknown upload format(s) {unknown} (known: {', '.join(RATES)})")
+        POOL = AnswerPool(parse_mix(os.environ.get("L2GRADER_MIX", DEFAULT_MIX)),
+                          int(os.environ.get("L2GRADER_POOL", "8")), formats)
+    if not PARTS:
+        given = [p.strip() for p in os.environ.get("L2GRADER_PARTS", "").split(",") if p.strip()]
+        PARTS = given or _fetch_parts(environment.host)
+        if not PARTS:
+            raise RuntimeError("the service lists no parts to score")
+
+
+@events.quitting.add_listener
+def _write_record(environment, **_):
+    path = os.environ.get("L2GRADER_STATS")
+    if path:
+        with open(path, "w") as f:
+            json.dump({**RECORD.dump(), "parts": PARTS}, f)
+
+
+class ExamPlatform(FastHttpUser):
+    """One upload worker of an exam platform."""
+
+    wait_time = between(0.0, float(os.environ.get("L2GRADER_WAIT_S", "0.5")))
+    connection_timeout = 60.0
+    network_timeout = 600.0
+
+    def on_start(self):
+        self.rng = random.Random()
+        self.auth = _auth()
+
+    @task
+    def score_answer(self):
+        part = self.rng.choice(PARTS)
+        cls, i = POOL.pick(self.rng)
+        body, ctype, seconds = POOL.body(part, cls, i, self.rng if UNIQUE else None)
+        started = time.time()
+        t0 = time.perf_counter()
+        with self.client.post("/v1/score", data=body, headers={**self.auth, "Content-Type": ctype},
+                              name=f"/v1/score [{part}]", catch_response=True) as r:
+            latency_ms = (time.perf_counter() - t0) * 1000
+            status = r.status_code or 0
+            chunks, audio_s = 0, 0.0
+            if status == 200:
+                try:
+                    got = r.json()
+                    chunks, audio_s = len(got["chunks"]), float(got["duration_s"])
+                    r.success()
+                except (ValueError, KeyError, TypeError) as e:
+                    status = -1
+                    r.failure(f"unreadable score: {e}")
+            elif status == 503:
+                r.failure(f"503 overloaded (Retry-After {r.headers.get('Retry-After')})")
+            else:
+                r.failure(f"{status}: {(r.text or '')[:200]}")
+            RECORD.add(status, started, time.time(), latency_ms, audio_s, chunks)
+
+
+if os.environ.get("L2GRADER_SHAPE", "constant") == "step":
+
+    class StepRamp(LoadTestShape):
+        """Step ramp to saturation: ``L2GRADER_STEPS`` equal steps up to ``L2GRADER_USERS`` users."""
+
+        users = int(os.environ.get("L2GRADER_USERS", "32"))
+        duration = float(os.environ.get("L2GRADER_DURATION_S", "120"))
+        steps = max(1, int(os.environ.get("L2GRADER_STEPS", "5")))
+
+        def tick(self):
+            t = self.get_run_time()
+            if t >= self.duration:
+                return None
+            step = min(self.steps, int(t // (self.duration / self.steps)) + 1)
+            users = max(1, round(self.users * step / self.steps))
+            return users, users  # spawn each step at once

@@ -1,0 +1,155 @@
+"""Start ``l2grader serve`` on a free loopback port, wait until it is ready, measure its CPU, stop it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def l2grader_cmd() -> list[str]:
+    """The ``l2grader`` of this interpreter (its console script, else ``python -m serve.cli``)."""
+    script = Path(sys.executable).parent / "l2grader"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "serve.cli"]
+
+
+def ensure_tiny_model(cfg) -> None:
+    """Write the tiny checkpoint where an untrained config expects it, if it is not there yet."""
+    base = Path(cfg.model.base)
+    if not cfg.model.untrained or not base.is_absolute() or base.exists():
+        return
+    from adapters.tiny_model import make_tiny_model
+
+    print(f"l2grader: writing the tiny UNTRAINED checkpoint to {base.parent} (missing)", file=sys.stderr, flush=True)
+    make_tiny_model(base.parent)
+
+
+def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.load(e)
+        except ValueError:
+            return e.code, {}
+
+
+class Service:
+    """``l2grader serve --config FILE`` as a subprocess (its own process group) on a free loopback port."""
+
+    def __init__(self, config: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 600):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen(
+            [*l2grader_cmd(), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+        try:
+            self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited during start-up (code {self.proc.returncode}); log: {self.log_path}\n"
+                                   + self.log_tail())
+            try:
+                status, body = get_json(f"{self.url}/readyz", timeout=5)
+                if status == 200 and body.get("ready"):
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the service was not ready within {timeout_s:.0f} s; log: {self.log_path}")
+            time.sleep(1.0)
+
+    def log_tail(self, n: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def pids(self) -> list[int]:
+        """The service's whole process tree (Ray's processes, the replicas, the engine processes)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root.pid, *(c.pid for c in root.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+class TreeCpu:
+    """CPU seconds (user + system) used by a set of process trees between ``start()`` and ``stop()``.
+
+    Processes seen at the start and the end are sampled; children that start
+    and exit in between are counted through their parents' reaped children time.
+    """
+
+    def __init__(self, root_pids):
+        self.root_pids = list(root_pids)
+        self._start: dict[tuple[int, float], float] = {}
+
+    def _sample(self) -> dict[tuple[int, float], float]:
+        import psutil
+
+        out = {}
+        procs = []
+        for pid in self.root_pids:
+            try:
+                root = psutil.Process(pid)
+                procs += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                out[(p.pid, p.create_time())] = t.user + t.system + t.children_user + t.children_system
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self) -> float:
+        end = self._sample()
+        return sum(v - self._start.get(k, 0.0) for k, v in end.items())
+
+
+def percentile(values, q: float) -> float:
+    """``q``-th percentile (linear interpolation), 0 for no values."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if len(values) else 0.0
