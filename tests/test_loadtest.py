@@ -1,0 +1,60 @@
+"""``l2grader loadtest`` and ``l2grader bench`` end to end on the tiny checkpoint (short runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.engine
+
+L2GRADER = str(Path(sys.executable).parent / "l2grader")
+
+
+@pytest.fixture(scope="module")
+def demo_cfg(tiny_dir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("loadtest")
+    raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
+    raw["model"]["base"] = str(tiny_dir / "model")
+    for pcfg in raw["parts"].values():
+        pcfg["adapter"] = str(tiny_dir / pcfg["adapter"])
+    raw["serving"] = {"registry_file": str(d / "registry.json"), "api_keys_env": "L2G_LOADTEST_KEYS"}
+    (d / "demo.yaml").write_text(yaml.safe_dump(raw))
+    return d / "demo.yaml"
+
+
+def test_loadtest_short_run(demo_cfg, tmp_path):
+    out = tmp_path / "run"
+    run = subprocess.run([L2GRADER, "loadtest", "--config", str(demo_cfg), "--users", "8", "--duration", "20",
+                          "--pool", "3", "--out", str(out)], capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"answers_per_s", "audio_s_per_s", "p50_ms", "p95_ms", "p99_ms", "errors"} <= set(summary)
+    assert summary["errors"] == {} and summary["answers_per_s"] > 0 and summary["audio_s_per_s"] > 0
+    assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+    assert set(summary["parts"]) == {"interview", "long_turn"}  # fetched from GET /v1/parts, with the API key
+    for name in ("locust_stats.csv", "locust_failures.csv", "locust_stats_history.csv", "report.html"):
+        assert (out / name).stat().st_size > 0, name
+    stats = (out / "locust_stats.csv").read_text()
+    assert "/v1/score [interview]" in stats and "/v1/score [long_turn]" in stats  # split by part
+
+
+def test_bench_prints_all_three_paths(demo_cfg, tmp_path):
+    run = subprocess.run([L2GRADER, "bench", "--config", str(demo_cfg), "--answers", "6", "--reference-answers", "3",
+                          "--warmup", "2", "--concurrency", "4", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    for name in ("service", "offline", "reference"):
+        assert any(line.startswith(name) for line in lines), name
+    result = json.loads(lines[-1])
+    assert set(result["paths"]) == {"service", "offline", "reference"}
+    for path in result["paths"].values():
+        assert path["answers_per_s"] > 0 and path["errors"] == {}
+    assert result["paths"]["service"]["answers"] == 6 and result["paths"]["reference"]["answers"] == 3
+    assert result["service_extra_cpu_ms_per_answer"] is not None
+    assert result["max_score_diff_service_offline"] < 1e-4  # the same answers get the same scores
