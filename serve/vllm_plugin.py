@@ -19,9 +19,8 @@ def register() -> None:
     """Entry point of the plugin: idempotent, cheap (the model module loads lazily)."""
     from vllm import ModelRegistry
 
-    from serve.engine import limit_engine_spin, use_fast_cpu_lora
+    from serve.vllm_cpu_patches import apply_cpu_patches
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     # Every vLLM process loads this plugin, engine core and model workers included.
-    limit_engine_spin()
-    use_fast_cpu_lora()
+    apply_cpu_patches()
