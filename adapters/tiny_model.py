@@ -176,6 +176,15 @@ def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str]) -> dict:
             "max_num_seqs": 64,
             "max_model_len": 2048,
         },
+        # One ingress replica: on a small CPU-only machine a second one competes with the engine
+        # for cores (measured on 2 cores: 20.6 -> 22.3 answers/s, 27.9 -> 21.3 ms extra CPU per answer).
+        "serving": {
+            "ingress": {
+                "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+                "max_ongoing_requests": 64,
+                "num_cpus": 1,
+            },
+        },
         "parts": {
             part: {"adapter": adapter_dirs[part], "task": task} for part, task in DEMO_PARTS.items()
         },
