@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from ray import serve
 
-from serve.audio import Chunk
+from serve.audio import SAMPLE_RATE, Chunk, split
 from serve.config import PartConfig, load_config
 from serve.engine import AsyncScorer
 from serve.parts import PartSpec
@@ -45,14 +47,21 @@ class LoadedPart:
 class ScorerReplica:
     """Behaviour of a scorer replica (the deployment class adds multiplexing around it)."""
 
-    def __init__(self, config_path: str):
+    async def __init__(self, config_path: str):
         cfg = load_config(config_path)
         self.core = AsyncScorer(cfg)
-        for part, pcfg in cfg.parts.items():  # label tokens and adapters checked at start-up
-            self.core.resolve(part, pcfg)
+        specs = [self.core.resolve(part, pcfg) for part, pcfg in cfg.parts.items()]  # labels, adapters checked
         self._pending: dict[str, tuple[str, PartConfig]] = {}
         self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter()}
-        self.loaded: dict[str, PartSpec] = {}
+        await self._warm_up(specs[0])
+
+    async def _warm_up(self, spec: PartSpec) -> None:
+        """Score one full-length chunk before taking traffic, so the first caller does not pay the engine's warm-up."""
+        t = np.arange(int(self.core.cfg.audio.max_chunk_s * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
+        tone = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        started = time.perf_counter()
+        await self.core.score(spec, split(tone, self.core.cfg.audio.max_chunk_s), "warm-up")
+        logger.info("scorer warmed up in %.1f s", time.perf_counter() - started)
 
     async def _load_part(self, model_id: str) -> LoadedPart:
         part, pcfg = self._pending[model_id]
