@@ -10,16 +10,8 @@ import os
 import sys
 
 
-def _fail(message: str, code: int = 2) -> None:
-    from serve.cli import fail
-
-    fail(message, code)
-
-
-def _config(path: str):
-    from serve.cli import _load_config
-
-    return _load_config(path)
+from serve.cli import fail as _fail
+from serve.cli import load_config_or_exit
 
 
 def cmd_synth_data(args: argparse.Namespace) -> int:
@@ -37,9 +29,7 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _config(args.config)
-    if args.part not in cfg.parts:
-        _fail(f"unknown part {args.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    cfg = load_config_or_exit(args.config, args.part)
     from adapters.dataset import DataError
     from adapters.train import TrainError, TrainOptions, format_summary, train
 
@@ -59,9 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    cfg = _config(args.config)
-    if args.part not in cfg.parts:
-        _fail(f"unknown part {args.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    cfg = load_config_or_exit(args.config, args.part)
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from adapters.dataset import DataError

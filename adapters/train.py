@@ -46,7 +46,7 @@ from adapters.losses import LOSSES, loss_fn
 from adapters.lora import LANGUAGE_MODEL_TARGETS, check_adapter_dir, write_adapter_metadata
 from adapters.metrics import all_metrics, format_metrics
 from serve.audio import SAMPLE_RATE
-from serve.config import GraderConfig
+from serve.config import GraderConfig, UnknownPartError
 from serve.parts import PartSpec, resolve_part
 from serve.protocol import ScoredAnswer
 from serve.scoring import ChunkScore, aggregate, label_probabilities
@@ -246,8 +246,10 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
 
     if opts.loss not in LOSSES:
         raise TrainError(f"unknown loss {opts.loss!r} (choose from {', '.join(LOSSES)})")
-    if opts.part not in cfg.parts:
-        raise TrainError(f"unknown part {opts.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    try:
+        cfg.part(opts.part)
+    except UnknownPartError as e:
+        raise TrainError(str(e)) from None
     out = Path(opts.out)
     existing = _checkpoints(out)
     if existing and not opts.resume:

@@ -317,9 +317,9 @@ def _ratio(a, b) -> float | None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     from loadtest.service import ensure_tiny_model
-    from serve.cli import _load_config
+    from serve.cli import load_config_or_exit
 
-    cfg = _load_config(args.config)
+    cfg = load_config_or_exit(args.config)
     ensure_tiny_model(cfg)
     out = Path(args.out or "runs/bench")
     out.mkdir(parents=True, exist_ok=True)

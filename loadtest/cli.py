@@ -14,13 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from serve.cli import load_config_or_exit
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-
-
-def _config(path: str):
-    from serve.cli import _load_config
-
-    return _load_config(path)
 
 
 def _api_key(cfg, given: str | None) -> tuple[str | None, dict[str, str]]:
@@ -70,7 +66,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     from loadtest.mix import parse_mix
     from loadtest.service import Service, TreeCpu, ensure_tiny_model
 
-    cfg = _config(args.config)
+    cfg = load_config_or_exit(args.config)
     try:
         parse_mix(args.mix)
     except ValueError as e:

@@ -23,13 +23,17 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def _load_config(path: str):
-    from serve.config import ConfigError, load_config
+def load_config_or_exit(path: str, part: str | None = None):
+    """The validated config (and, if given, a check that ``part`` is in it); one error line and exit 2 otherwise."""
+    from serve.config import ConfigError, UnknownPartError, load_config
 
     try:
-        return load_config(path)
-    except ConfigError as e:
+        cfg = load_config(path)
+        if part is not None:
+            cfg.part(part)
+    except (ConfigError, UnknownPartError) as e:
         fail(str(e))
+    return cfg
 
 
 # ---------------------------------------------------------------- make-tiny-model
@@ -71,9 +75,7 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    cfg = _load_config(args.config)
-    if args.part not in cfg.parts:
-        fail(f"unknown part {args.part!r} (known parts: {', '.join(sorted(cfg.parts))})")
+    cfg = load_config_or_exit(args.config, args.part)
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -112,7 +114,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _load_config(args.config)  # fail fast, one line, on a bad config
+    load_config_or_exit(args.config)  # fail fast, one line, on a bad config
     from serve.server import run_server
 
     return run_server(args.config, args.host, args.port, args.address)
@@ -126,7 +128,7 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
 
     from serve.deploy import serve_config
 
-    cfg = _load_config(args.config)
+    cfg = load_config_or_exit(args.config)
     print(yaml.safe_dump(serve_config(cfg, args.config_path or str(Path(args.config).resolve())), sort_keys=False), end="")
     return 0
 

@@ -18,6 +18,21 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_config(tiny_dir):
+    """Factory of the tiny checkpoint's demo config as a fresh dict, with absolute paths (write it anywhere)."""
+    import yaml
+
+    def make() -> dict:
+        raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
+        raw["model"]["base"] = str(tiny_dir / "model")
+        for pcfg in raw["parts"].values():
+            pcfg["adapter"] = str(tiny_dir / pcfg["adapter"])
+        return raw
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def audio_dir(tmp_path_factory) -> Path:
     """Answers in four formats and several lengths, plus bad inputs."""
     d = tmp_path_factory.mktemp("audio")

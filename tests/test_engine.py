@@ -34,13 +34,10 @@ def to_transformers4_names(src, dst):
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_dir, tmp_path_factory):
+def cfg(tiny_dir, tiny_config, tmp_path_factory):
     d = tmp_path_factory.mktemp("engine_cfg")
     to_transformers4_names(tiny_dir / "adapters" / "interview", d / "interview_t4")
-    raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
-    raw["model"]["base"] = str(tiny_dir / "model")
-    for part in list(raw["parts"]):
-        raw["parts"][part]["adapter"] = str(tiny_dir / raw["parts"][part]["adapter"])
+    raw = tiny_config()
     raw["parts"]["base"] = {"adapter": None, "task": raw["parts"]["interview"]["task"]}
     raw["parts"]["interview_t4"] = {"adapter": str(d / "interview_t4"), "task": raw["parts"]["interview"]["task"]}
     (d / "c.yaml").write_text(yaml.safe_dump(raw))

@@ -16,12 +16,9 @@ L2GRADER = str(Path(sys.executable).parent / "l2grader")
 
 
 @pytest.fixture(scope="module")
-def demo_cfg(tiny_dir, tmp_path_factory) -> Path:
+def demo_cfg(tiny_config, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("loadtest")
-    raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
-    raw["model"]["base"] = str(tiny_dir / "model")
-    for pcfg in raw["parts"].values():
-        pcfg["adapter"] = str(tiny_dir / pcfg["adapter"])
+    raw = tiny_config()
     raw["serving"] = {"registry_file": str(d / "registry.json"), "api_keys_env": "L2G_LOADTEST_KEYS"}
     (d / "demo.yaml").write_text(yaml.safe_dump(raw))
     return d / "demo.yaml"

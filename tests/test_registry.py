@@ -11,11 +11,8 @@ from serve.registry import PartRegistry, default_registry_file
 
 
 @pytest.fixture()
-def cfg_path(tiny_dir, tmp_path):
-    raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
-    raw["model"]["base"] = str(tiny_dir / "model")
-    for pcfg in raw["parts"].values():
-        pcfg["adapter"] = str(tiny_dir / pcfg["adapter"])
+def cfg_path(tiny_config, tmp_path):
+    raw = tiny_config()
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path / "c.yaml"
 

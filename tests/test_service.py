@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import soundfile as sf
 import yaml
 
+from loadtest.service import free_port
 from tests.audio_fixtures import speechlike, write
 
 pytestmark = pytest.mark.engine
@@ -33,19 +33,10 @@ USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def service_cfg(tiny_dir, tmp_path_factory) -> Path:
+def service_cfg(tiny_config, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("service")
-    raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
-    raw["model"]["base"] = str(tiny_dir / "model")
-    for pcfg in raw["parts"].values():
-        pcfg["adapter"] = str(tiny_dir / pcfg["adapter"])
+    raw = tiny_config()
     raw["audio"] = {"max_upload_mb": 24, "max_duration_s": 660}
     raw["serving"] = {
         "port": free_port(),
