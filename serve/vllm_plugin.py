@@ -2,7 +2,7 @@
 
 vLLM 0.32's ``Qwen2AudioForConditionalGeneration`` does not declare
 ``SupportsLoRA``, so an engine built with ``enable_lora=True`` refuses it. This
-plugin registers :class:`serve.qwen2_audio_lora.Qwen2AudioLoRAForConditionalGeneration`
+plugin registers :class:`serve.qwen2_audio_model.Qwen2AudioLoRAForConditionalGeneration`
 under the same architecture name. It is installed as an entry point in the
 ``vllm.general_plugins`` group, which every vLLM process (API process, engine
 core, workers, Ray actors) loads on start-up; registering the model only in the
@@ -12,7 +12,7 @@ calling process would not reach the engine's worker processes.
 from __future__ import annotations
 
 ARCHITECTURE = "Qwen2AudioForConditionalGeneration"
-MODEL_CLASS = "serve.qwen2_audio_lora:Qwen2AudioLoRAForConditionalGeneration"
+MODEL_CLASS = "serve.qwen2_audio_model:Qwen2AudioLoRAForConditionalGeneration"
 
 
 def register() -> None:

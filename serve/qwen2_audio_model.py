@@ -1,4 +1,4 @@
-"""Qwen2-Audio for vLLM with LoRA on its language model.
+"""vLLM's Qwen2-Audio with LoRA on its language model and an unpadded audio encoder.
 
 Only the language model's linear layers take LoRA (the audio tower and the
 projector are not vLLM linear layers). Adapter keys are accepted in both
@@ -9,14 +9,22 @@ naming schemes peft has used for this model:
 
 Both are mapped onto vLLM's module names (``language_model.model.layers...``);
 without the mapping vLLM would silently apply nothing.
+
+The audio encoder runs over each chunk's real frames instead of 30 s of
+padding (:mod:`serve.audio_encoder`); the result is the same, the work is
+proportional to the chunk's length.
 """
 
 from __future__ import annotations
 
+import torch
 from vllm.model_executor.models.interfaces import SupportsLoRA
 from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.qwen2_audio import Qwen2AudioForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+
+from serve.audio_encoder import encode_valid_frames
 
 # transformers 5 names -> vLLM module names. transformers 4 names already match.
 TRANSFORMERS5_TO_VLLM = WeightsMapper(
@@ -45,3 +53,16 @@ class Qwen2AudioLoRAForConditionalGeneration(Qwen2AudioForConditionalGeneration,
             connector="multi_modal_projector.",
             tower_model="audio_tower.",
         )
+
+    def _process_audio_input(self, audio_input) -> tuple[torch.Tensor, ...]:
+        """Audio embeddings of each chunk, the encoder run over its real frames only."""
+        if audio_input["type"] != "audio_features":
+            return super()._process_audio_input(audio_input)
+        features = audio_input["input_features"]
+        if isinstance(features, list):
+            features = torch.stack(features)
+        mel_lengths = audio_input["feature_attention_mask"].sum(-1)
+        with gpu_sync_allowed():  # chunks are grouped by length on the host
+            encoded = encode_valid_frames(self.audio_tower, features, mel_lengths)
+        lengths = [len(e) for e in encoded]
+        return torch.split(self.multi_modal_projector(torch.cat(encoded)), lengths)
