@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from serve.deploy import APP_NAME
+from serve.deploy import APP_NAME, RAY_SYSTEM_CONFIG
 
 
 def _log(msg: str) -> None:
@@ -33,14 +33,14 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
         _log("WARNING: serving the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
 
     if address:
-        ray.init(address=address)
+        ray.init(address=address)  # its Ray settings are the cluster's (k8s: serve.deploy.ray_env() on every pod)
     else:
         # Local Ray: enough logical CPUs for every replica the config may start.
         s = cfg.serving
         need = s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas
         env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_"))}
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 1)), include_dashboard=False,
-                 runtime_env={"env_vars": env} if env else None)
+                 runtime_env={"env_vars": env} if env else None, _system_config=RAY_SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port})
     _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)

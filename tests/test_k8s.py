@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from serve.config import load_config
-from serve.deploy import INGRESS, SCORER, serve_config
+from serve.deploy import INGRESS, SCORER, ray_env, serve_config
 from tests.kustomize_lite import KustomizeError, apply_json6902, build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -265,6 +265,11 @@ def test_pods_use_config_paths_keys_and_port(overlay):
             assert var and refs[var]["key"] == var, f"{group}: {var} not from a Secret"
             if secrets:  # the overlay ships its (demo) Secret: it must hold the key
                 assert var in secrets[refs[var]["name"]]["data"]
+
+        # The Ray settings `l2grader serve` gives a local cluster, on every Ray process of the pod.
+        values = {e["name"]: e.get("value") for e in container["env"]}
+        for var, value in ray_env().items():
+            assert values.get(var) == value, f"{group}: {var}"
 
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == cfg.serving.port
