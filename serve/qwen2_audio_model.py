@@ -1,4 +1,4 @@
-"""vLLM's Qwen2-Audio with LoRA on its language model and an unpadded audio encoder.
+"""vLLM's Qwen2-Audio with LoRA on its language model, its audio work sized to the real audio.
 
 Only the language model's linear layers take LoRA (the audio tower and the
 projector are not vLLM linear layers). Adapter keys are accepted in both
@@ -10,21 +10,32 @@ naming schemes peft has used for this model:
 Both are mapped onto vLLM's module names (``language_model.model.layers...``);
 without the mapping vLLM would silently apply nothing.
 
-The audio encoder runs over each chunk's real frames instead of 30 s of
-padding (:mod:`serve.audio_encoder`); the result is the same, the work is
-proportional to the chunk's length.
+The log-mel features (:mod:`serve.log_mel`) and the audio encoder
+(:mod:`serve.audio_encoder`) work over each chunk's real audio instead of 30 s
+of padding; the results are the same, the work is proportional to the chunk's
+length.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from transformers import WhisperFeatureExtractor
 from vllm.model_executor.models.interfaces import SupportsLoRA
 from vllm.model_executor.models.module_mapping import MultiModelKeys
-from vllm.model_executor.models.qwen2_audio import Qwen2AudioForConditionalGeneration
+from vllm.model_executor.models.qwen2_audio import (
+    Qwen2AudioDummyInputsBuilder,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioMultiModalProcessor,
+    Qwen2AudioProcessingInfo,
+)
 from vllm.model_executor.models.utils import WeightsMapper
+from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from serve.audio_encoder import encode_valid_frames
+from serve.log_mel import UnpaddedWhisperFeatureExtractor
 
 # transformers 5 names -> vLLM module names. transformers 4 names already match.
 TRANSFORMERS5_TO_VLLM = WeightsMapper(
@@ -37,8 +48,25 @@ TRANSFORMERS5_TO_VLLM = WeightsMapper(
 )
 
 
+class Qwen2AudioUnpaddedProcessingInfo(Qwen2AudioProcessingInfo):
+    """vLLM's processing info for Qwen2-Audio, its feature extractor swapped for the unpadded one."""
+
+    def get_hf_processor(self, **kwargs: object):
+        processor = super().get_hf_processor(**kwargs)  # cached by vLLM: swapped once
+        if type(processor.feature_extractor) is WhisperFeatureExtractor:
+            unpadded = copy.copy(processor.feature_extractor)
+            unpadded.__class__ = UnpaddedWhisperFeatureExtractor
+            processor.feature_extractor = unpadded
+        return processor
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    Qwen2AudioMultiModalProcessor,
+    info=Qwen2AudioUnpaddedProcessingInfo,
+    dummy_inputs=Qwen2AudioDummyInputsBuilder,
+)
 class Qwen2AudioLoRAForConditionalGeneration(Qwen2AudioForConditionalGeneration, SupportsLoRA):
-    """vLLM's Qwen2-Audio with ``SupportsLoRA`` declared (inherits its multimodal processor)."""
+    """vLLM's Qwen2-Audio with ``SupportsLoRA`` declared, features and encoder over real audio only."""
 
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
