@@ -55,3 +55,21 @@ def test_bench_prints_all_three_paths(demo_cfg, tmp_path):
     assert result["paths"]["service"]["answers"] == 6 and result["paths"]["reference"]["answers"] == 3
     assert result["service_extra_cpu_ms_per_answer"] is not None
     assert result["max_score_diff_service_offline"] < 1e-4  # the same answers get the same scores
+
+
+def test_overload_gets_503_with_retry_after_and_does_not_fail_the_run(tiny_config, tmp_path):
+    """A scorer that takes one answer at a time and queues one more: the rest are 503s, which are intended."""
+    raw = tiny_config()
+    raw["serving"] = {"registry_file": str(tmp_path / "registry.json"),
+                      "scorer": {"max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2}}
+    cfg = tmp_path / "overload.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    run = subprocess.run([L2GRADER, "loadtest", "--config", str(cfg), "--users", "16", "--duration", "15",
+                          "--wait", "0", "--pool", "2", "--mix", "short:100", "--out", str(out)],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(summary["errors"]) == {"503"} and summary["errors"]["503"] > 0, summary
+    assert summary["answers"] > 0  # the scorer kept scoring what it admitted
+    assert "Retry-After 2" in (out / "locust_failures.csv").read_text()
