@@ -1,9 +1,10 @@
-"""vLLM plugin that gives Qwen2-Audio LoRA support.
+"""vLLM plugin that gives Qwen2-Audio LoRA support and audio work sized to the real audio.
 
 vLLM 0.32's ``Qwen2AudioForConditionalGeneration`` does not declare
 ``SupportsLoRA``, so an engine built with ``enable_lora=True`` refuses it. This
 plugin registers :class:`serve.qwen2_audio_model.Qwen2AudioLoRAForConditionalGeneration`
-under the same architecture name. It is installed as an entry point in the
+under the same architecture name; the same class computes features and runs the
+audio encoder over each chunk's real audio, not its 30 s padding. It is installed as an entry point in the
 ``vllm.general_plugins`` group, which every vLLM process (API process, engine
 core, workers, Ray actors) loads on start-up; registering the model only in the
 calling process would not reach the engine's worker processes.
