@@ -1,4 +1,4 @@
-"""Subcommands of ``l2grader`` that make and judge adapters (registered by :mod:`serve.cli`).
+"""Subcommands of ``l2grader`` that make and judge adapters (registered by :mod:`serve.cli.main`).
 
 Heavy imports (torch, peft, vLLM) happen inside the commands.
 """
@@ -9,9 +9,8 @@ import argparse
 import os
 import sys
 
-
-from serve.cli import fail as _fail
-from serve.cli import load_config_or_exit
+from serve.cli.common import fail as _fail
+from serve.cli.common import load_config_or_exit
 
 
 def cmd_synth_data(args: argparse.Namespace) -> int:
@@ -54,7 +53,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from adapters.dataset import DataError
     from adapters.evaluate import evaluate
-    from adapters.lora import AdapterError
+    from serve.grading.adapter_files import AdapterError
 
     try:
         evaluate(cfg, args.part, args.data, adapter=args.adapter, plot=args.plot, predictions=args.predictions)

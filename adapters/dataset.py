@@ -4,7 +4,7 @@ One line per answer: ``{"audio": path, "score": float}`` with optional
 ``part`` and ``speaker``. Relative audio paths resolve against the file's own
 folder. Rows of another part than the one asked for are skipped. Answers are
 decoded, checked and chunked exactly as serving does
-(:func:`serve.audio.prepare_answer`): an answer longer than 30 s gives several
+(:func:`serve.grading.audio.prepare_answer`): an answer longer than 30 s gives several
 chunks, each trained on the answer's score.
 """
 
@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.audio import Chunk, prepare_answer
+from serve.grading.audio import Chunk, prepare_answer
 
 
 class DataError(ValueError):
@@ -76,7 +76,7 @@ def read_jsonl(path: str | Path, part: str | None = None) -> list[Example]:
 
 def load_answers(examples: list[Example], audio_cfg) -> tuple[list[Answer], list[tuple[Example, str]]]:
     """Decode and chunk every example; unusable audio is returned with its reason instead."""
-    from serve.audio import AudioError
+    from serve.grading.audio import AudioError
 
     good, bad = [], []
     for ex in examples:

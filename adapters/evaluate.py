@@ -1,8 +1,8 @@
 """Evaluate a part's adapter on a scored test set through the serving path (vLLM).
 
 Every answer of the set is decoded and chunked as in serving and sent to one
-:class:`serve.engine.BatchScorer` in one batch; the soft and hard scores are
-compared with the human scores (:mod:`adapters.metrics`), and a calibration
+:class:`serve.engine.offline.OfflineEngine` in one batch; the soft and hard scores are
+compared with the human scores (:mod:`adapters.agreement`), and a calibration
 plot of predicted against human scores is drawn.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from adapters.dataset import Answer, load_answers, read_jsonl
-from adapters.lora import adapter_rank, check_adapter_dir
-from adapters.metrics import all_metrics, format_metrics
-from serve.config import VLLM_LORA_RANKS, GraderConfig
-from serve.protocol import ScoredAnswer
+from adapters.agreement import format_metrics, soft_hard_metrics
+from serve.grading.adapter_files import check_adapter
+from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
+from serve.grading.results import ScoredAnswer
 
 
 def config_for(cfg: GraderConfig, part: str, adapter: str | Path | None = None) -> GraderConfig:
@@ -31,9 +31,8 @@ def config_for(cfg: GraderConfig, part: str, adapter: str | Path | None = None) 
     engine = cfg.engine
     if adapter is not None:
         path = Path(adapter).expanduser().resolve()
-        check_adapter_dir(path)
+        rank = check_adapter(path).rank
         pcfg = pcfg.model_copy(update={"adapter": path})
-        rank = adapter_rank(path)
         if rank > engine.max_lora_rank:
             new_rank = min(r for r in VLLM_LORA_RANKS if r >= rank)
             print(f"note: adapter rank {rank}: engine.max_lora_rank raised to {new_rank}", file=sys.stderr)
@@ -43,21 +42,13 @@ def config_for(cfg: GraderConfig, part: str, adapter: str | Path | None = None) 
 
 def score_with_engine(cfg: GraderConfig, part: str, answers: Sequence[Answer]) -> list[ScoredAnswer]:
     """Score every answer with one vLLM engine, all chunks in one batch."""
-    from serve.engine import BatchScorer
+    from serve.engine.offline import OfflineEngine
 
-    scorer = BatchScorer(cfg)
+    scorer = OfflineEngine(cfg)
     try:
-        return scorer.score_chunks([(part, list(a.chunks)) for a in answers])
+        return scorer.score_answers([(part, list(a.chunks)) for a in answers])
     finally:
         scorer.close()
-
-
-def metrics(answers: Sequence[Answer], scored: Sequence[ScoredAnswer]) -> dict[str, dict[str, float]]:
-    human = [a.example.score for a in answers]
-    return {
-        "soft": all_metrics([s.score for s in scored], human),
-        "hard": all_metrics([s.hard_score for s in scored], human),
-    }
 
 
 def calibration_plot(path: str | Path, human: Sequence[float], soft: Sequence[float], hard: Sequence[float],
@@ -116,7 +107,7 @@ def evaluate(cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | P
     if len(answers) < 2:
         raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 2 are needed")
     scored = score_with_engine(cfg, part, answers)
-    result = metrics(answers, scored)
+    result = soft_hard_metrics(answers, scored)
     pcfg = cfg.parts[part]
     if predictions is not None:
         with open(predictions, "w") as f:

@@ -14,7 +14,7 @@ rest of the vocabulary takes no part in the loss.
   clip to its end labels. Loss = cross-entropy against that soft target.
 - **Cross-entropy** (``ce``): the target is the single label of the rounded
   score (the nearest level; a tie goes to the higher level, as in
-  :func:`serve.levels.nearest_level`).
+  :func:`serve.grading.levels.nearest_level`).
 """
 
 from __future__ import annotations

@@ -14,13 +14,29 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from serve.audio import SAMPLE_RATE, Chunk
-from serve.config import GraderConfig
-from serve.parts import PartSpec, resolve_parts
-from serve.protocol import ScoredAnswer
-from serve.scoring import ChunkScore, aggregate, label_probabilities
+from serve.grading.audio import SAMPLE_RATE, Chunk
+from serve.grading.config import GraderConfig
+from serve.grading.parts import PartSpec, resolve_parts
+from serve.grading.results import ScoredAnswer
+from serve.grading.scoring import ChunkScore, aggregate, label_probabilities
 
+#: Names of the dtypes in configs and on the command line.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def processor_inputs(processor, prompt: str, audios: Sequence[np.ndarray], device: str = "cpu",
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs for chunks of one prompt (right-padded), the processor called as vLLM calls it.
+
+    Floating-point inputs (the audio features) are cast to ``dtype`` when given.
+    """
+    inputs = processor(text=[prompt] * len(audios), audio=list(audios), sampling_rate=SAMPLE_RATE, truncation=True,
+                       padding=True, return_tensors="pt")
+    out = {}
+    for k, v in inputs.items():
+        v = v.to(device)
+        out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    return out
 
 
 def load_base_model(base: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -52,17 +68,10 @@ class ReferenceScorer:
                 self.model.load_adapter(str(spec.adapter_path), adapter_name=spec.part)
         self.model.eval()
 
-    def model_inputs(self, spec: PartSpec, chunk: Chunk) -> dict[str, torch.Tensor]:
-        """Processor outputs for one chunk, called as vLLM calls the processor."""
-        inputs = self.processor(
-            text=spec.prompt, audio=[chunk.samples], sampling_rate=SAMPLE_RATE, truncation=True, return_tensors="pt"
-        )
-        return {k: v.to(self.device) for k, v in inputs.items()}
-
     @torch.inference_mode()
     def label_logprobs(self, spec: PartSpec, chunk: Chunk) -> np.ndarray:
         """Log-probabilities (over the whole vocabulary) of the part's labels at the first output position."""
-        inputs = self.model_inputs(spec, chunk)
+        inputs = processor_inputs(self.processor, spec.prompt, [chunk.samples], self.device)
         if spec.adapter_path is None:
             ctx = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
         else:
@@ -72,7 +81,7 @@ class ReferenceScorer:
             logits = self.model(**inputs).logits[0, -1].float()
         return torch.log_softmax(logits, dim=-1)[list(spec.label_token_ids)].cpu().numpy()
 
-    def score_chunks(self, part: str, chunks: Sequence[Chunk]) -> ScoredAnswer:
+    def score_answer(self, part: str, chunks: Sequence[Chunk]) -> ScoredAnswer:
         """Score one answer, chunk by chunk."""
         spec = self.parts[part]
         scores = [

@@ -114,7 +114,7 @@ def speak(spec: Spec) -> np.ndarray:
 
     import soundfile as sf
 
-    from serve.audio import resample
+    from serve.grading.audio import resample
 
     cmd = ["espeak-ng", "-m", "-v", spec.voice, "-s", str(spec.rate_wpm), "-p", str(spec.pitch), "--stdout", spec.text]
     try:
@@ -145,7 +145,7 @@ def synth_dataset(
     """Write ``audio/<split>/*.wav`` and ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` under ``out_dir``."""
     import soundfile as sf
 
-    from serve.audio import SAMPLE_RATE
+    from serve.grading.audio import SAMPLE_RATE
 
     if shutil.which("espeak-ng") is None:
         raise SynthError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from serve.levels import DEFAULT_LEVELS
-from serve.prompt import QUESTION, build_prompt
+from serve.engine.weight_names import published_name
+from serve.grading.levels import DEFAULT_LEVELS
+from serve.grading.prompt import QUESTION, build_prompt
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
@@ -99,19 +100,6 @@ def _write_tokenizer_and_processor(out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _published_key(name: str) -> str:
-    """transformers 5 state-dict names -> the layout of the published checkpoint (and vLLM)."""
-    for old, new in (
-        ("model.language_model.", "language_model.model."),
-        ("model.audio_tower.", "audio_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("lm_head.", "language_model.lm_head."),
-    ):
-        if name.startswith(old):
-            return new + name[len(old) :]
-    raise ValueError(f"unexpected parameter name {name!r}")
-
-
 def _build_model(out: Path, seed: int):
     from transformers import AutoTokenizer, Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
@@ -135,7 +123,7 @@ def _build_model(out: Path, seed: int):
 
 
 def _save_checkpoint(model, config, out: Path) -> None:
-    state = {_published_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    state = {published_name(k): v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     config.save_pretrained(out)
 
@@ -144,7 +132,7 @@ def make_demo_adapter(model, out: Path, part: str, seed: int, rank: int = 16) ->
     """A LoRA adapter with random non-zero weights, saved by peft as training would save it."""
     from peft import LoraConfig, get_peft_model
 
-    from adapters.lora import LANGUAGE_MODEL_TARGETS, write_adapter_metadata
+    from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, write_adapter_metadata
 
     lora_config = LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LANGUAGE_MODEL_TARGETS, bias="none"

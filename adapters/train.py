@@ -1,9 +1,9 @@
 """Train a part's LoRA adapter on scored answers, as in the paper.
 
 peft LoRA (rank 16 by default) on the language model's projections only
-(:data:`adapters.lora.LANGUAGE_MODEL_TARGETS`: vLLM applies LoRA nowhere
+(:data:`serve.grading.adapter_files.LANGUAGE_MODEL_TARGETS`: vLLM applies LoRA nowhere
 else); the audio encoder and projector stay frozen. Inputs are built exactly
-as serving builds them: the part's prompt (:func:`serve.parts.resolve_part`),
+as serving builds them: the part's prompt (:func:`serve.grading.parts.resolve_part`),
 the processor called as vLLM calls it, answers chunked as in serving with
 each chunk trained on its answer's score.
 
@@ -42,14 +42,14 @@ import numpy as np
 import torch
 
 from adapters.dataset import Answer, TrainItem, load_answers, read_jsonl, train_items
+from adapters.reference import TORCH_DTYPES, load_base_model, processor_inputs
 from adapters.losses import LOSSES, loss_fn
-from adapters.lora import LANGUAGE_MODEL_TARGETS, check_adapter_dir, write_adapter_metadata
-from adapters.metrics import all_metrics, format_metrics
-from serve.audio import SAMPLE_RATE
-from serve.config import GraderConfig, UnknownPartError
-from serve.parts import PartSpec, resolve_part
-from serve.protocol import ScoredAnswer
-from serve.scoring import ChunkScore, aggregate, label_probabilities
+from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, write_adapter_metadata
+from adapters.agreement import format_metrics, soft_hard_metrics
+from serve.grading.config import GraderConfig, UnknownPartError
+from serve.grading.parts import PartSpec, check_part, resolve_part
+from serve.grading.results import ScoredAnswer
+from serve.grading.scoring import ChunkScore, aggregate, label_probabilities
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -100,34 +100,22 @@ class Batch:
 
 def pick_device(opts: TrainOptions) -> tuple[str, torch.dtype]:
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return device, TORCH_DTYPES[opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
 
 
 def part_spec(cfg: GraderConfig, part: str, tokenizer) -> PartSpec:
     """The part's prompt and label tokens, exactly as serving resolves them (without its adapter)."""
     pcfg = cfg.part(part).model_copy(update={"adapter": None})
-    return resolve_part(part, pcfg, tokenizer, base=cfg.model.base, untrained=cfg.model.untrained)
+    return resolve_part(check_part(part, pcfg), tokenizer, base=cfg.model.base, untrained=cfg.model.untrained)
 
 
 def make_batch(processor, spec: PartSpec, items: Sequence[TrainItem], device: str, dtype: torch.dtype) -> Batch:
-    """Processor inputs for a batch of chunks (right-padded), called as vLLM calls the processor."""
-    inputs = processor(
-        text=[spec.prompt] * len(items),
-        audio=[it.chunk.samples for it in items],
-        sampling_rate=SAMPLE_RATE,
-        truncation=True,
-        padding=True,
-        return_tensors="pt",
-    )
+    """Processor inputs for a batch of chunks (right-padded), as serving's engine gets them."""
+    inputs = processor_inputs(processor, spec.prompt, [it.chunk.samples for it in items], device, dtype)
     mask = inputs["attention_mask"]
-    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last_pos = torch.where(mask.bool(), positions, -1).max(dim=1).values
-    out = {}
-    for k, v in inputs.items():
-        v = v.to(device)
-        out[k] = v.to(dtype) if v.is_floating_point() else v
-    return Batch(out, last_pos.to(device), torch.tensor([it.score for it in items], dtype=torch.float64))
+    return Batch(inputs, last_pos, torch.tensor([it.score for it in items], dtype=torch.float64))
 
 
 def label_logits(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
@@ -167,20 +155,9 @@ def score_answers(
     return results
 
 
-def answer_metrics(answers: Sequence[Answer], scored: Sequence[ScoredAnswer]) -> dict[str, dict[str, float]]:
-    """Soft and hard metrics of scored answers against their human scores."""
-    human = [a.example.score for a in answers]
-    return {
-        "soft": all_metrics([s.score for s in scored], human),
-        "hard": all_metrics([s.hard_score for s in scored], human),
-    }
-
-
 def load_trained(cfg: GraderConfig, part: str, adapter_dir: str | Path, device: str = "cpu", dtype=torch.float32):
     """The base model with a trained adapter, in eval mode, with its processor and part spec."""
     from peft import PeftModel
-
-    from adapters.reference import load_base_model
 
     base, processor = load_base_model(cfg.model.base, dtype, device)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -241,8 +218,6 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     """Train one part's adapter; returns the run summary (also written to ``out/training_summary.json``)."""
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
-
-    from adapters.reference import load_base_model
 
     if opts.loss not in LOSSES:
         raise TrainError(f"unknown loss {opts.loss!r} (choose from {', '.join(LOSSES)})")
@@ -321,7 +296,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         if not dev_answers:
             return None
         scored = score_answers(model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype)
-        return {"step": step, **answer_metrics(dev_answers, scored)}
+        return {"step": step, **soft_hard_metrics(dev_answers, scored)}
 
     def state_dict() -> dict[str, Any]:
         return {"step": step, "history": history, "losses": losses, "n_items": len(items), "options": _opts_dict(opts)}
@@ -386,12 +361,12 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         "base": cfg.model.base,
     }
     write_adapter_metadata(out, part=opts.part, levels=spec.levels, training=training_meta)
-    check_adapter_dir(out)
+    check_adapter(out)
 
     final = None
     if dev_answers:
         scored = score_answers(model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype)
-        final = {"step": step, **answer_metrics(dev_answers, scored)}
+        final = {"step": step, **soft_hard_metrics(dev_answers, scored)}
         history.append(final)
         with open(out / "dev_predictions.jsonl", "w") as f:
             for a, s in zip(dev_answers, scored):

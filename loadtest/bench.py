@@ -5,7 +5,7 @@ one seed each, parts taken in turn) and scores all of them, in one run, through
 
 (a) ``service``: ``l2grader serve`` started on a free loopback port, the answers
     posted over HTTP (multipart) by concurrent clients;
-(b) ``offline``: :class:`serve.engine.BatchScorer` (``vllm.LLM``), every answer
+(b) ``offline``: :class:`serve.engine.offline.OfflineEngine` (``vllm.LLM``), every answer
     decoded and sent to the engine in one batch, in this process;
 (c) ``reference``: transformers + peft (:class:`adapters.reference.ReferenceScorer`),
     one answer at a time, the way a research grader runs.
@@ -32,10 +32,11 @@ import os
 import random
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from loadtest.multipart import multipart_answer
 
 # Published shapes of Qwen2-Audio-7B(-Instruct).
 QWEN2_AUDIO_7B_AUDIO = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
@@ -88,15 +89,11 @@ def summary(name: str, latencies_s: list[float], wall_s: float, answers: int, au
 
 
 def _post(port: int, answer: Answer, headers: dict[str, str]) -> tuple[int, float, dict]:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"part\"\r\n\r\n{answer.part}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"a.wav\"\r\n"
-            f"Content-Type: audio/wav\r\n\r\n").encode() + answer.wav + f"\r\n--{boundary}--\r\n".encode()
+    form = multipart_answer(answer.part, answer.wav, "a.wav")
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
-        conn.request("POST", "/v1/score", body=body,
-                     headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        conn.request("POST", "/v1/score", body=form.body, headers={**headers, "Content-Type": form.content_type})
         r = conn.getresponse()
         data = r.read()
         status = r.status
@@ -119,10 +116,9 @@ def _post_all(port: int, answers: list[Answer], concurrency: int, headers: dict[
 
 def service_phase(config: str, cfg, answers: list[Answer], warmup: list[Answer], concurrency: int, out: Path,
                   idle_s: float = 3.0) -> dict:
-    from loadtest.cli import _api_key
-    from loadtest.service import Service, TreeCpu
+    from loadtest.service import Service, TreeCpu, client_key
 
-    key, env = _api_key(cfg, None)
+    key, env = client_key(cfg, None)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     _log(f"(a) service: starting `l2grader serve` (log {out / 'bench-serve.log'})")
     service = Service(config, out / "bench-serve.log", env=env)
@@ -156,18 +152,18 @@ def service_phase(config: str, cfg, answers: list[Answer], warmup: list[Answer],
 
 def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     from loadtest.service import TreeCpu
-    from serve.audio import prepare_answer
-    from serve.engine import BatchScorer
+    from serve.grading.audio import prepare_answer
+    from serve.engine.offline import OfflineEngine
 
     _log("(b) offline: starting the engine (vllm.LLM)")
-    scorer = BatchScorer(cfg)
+    scorer = OfflineEngine(cfg)
     try:
-        scorer.score_chunks([(a.part, prepare_answer(a.wav, cfg.audio)) for a in warmup])
+        scorer.score_answers([(a.part, prepare_answer(a.wav, cfg.audio)) for a in warmup])
         _log(f"(b) offline: {len(answers)} answers in one batch")
         cpu = TreeCpu([os.getpid()])
         cpu.start()
         t0 = time.perf_counter()
-        results = scorer.score_chunks([(a.part, prepare_answer(a.wav, cfg.audio)) for a in answers])
+        results = scorer.score_answers([(a.part, prepare_answer(a.wav, cfg.audio)) for a in answers])
         wall = time.perf_counter() - t0
         cpu_s = cpu.stop()
     finally:
@@ -184,12 +180,12 @@ def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
 def reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     from adapters.reference import ReferenceScorer
     from loadtest.service import TreeCpu
-    from serve.audio import prepare_answer
+    from serve.grading.audio import prepare_answer
 
     _log("(c) reference: loading transformers + peft")
     ref = ReferenceScorer(cfg)
     for a in warmup[:2]:
-        ref.score_chunks(a.part, prepare_answer(a.wav, cfg.audio))
+        ref.score_answer(a.part, prepare_answer(a.wav, cfg.audio))
     _log(f"(c) reference: {len(answers)} answers one at a time")
     lat, audio_s, scores = [], 0.0, []
     cpu = TreeCpu([os.getpid()])
@@ -197,7 +193,7 @@ def reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     t0 = time.perf_counter()
     for a in answers:
         t = time.perf_counter()
-        r = ref.score_chunks(a.part, prepare_answer(a.wav, cfg.audio))
+        r = ref.score_answer(a.part, prepare_answer(a.wav, cfg.audio))
         lat.append(time.perf_counter() - t)
         audio_s += r.duration_s
         scores.append(r.score)
@@ -216,7 +212,7 @@ def build_7b_shaped_model(processor, parts: list[str], device: str = "cuda", ran
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-    from adapters.lora import LANGUAGE_MODEL_TARGETS
+    from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS
 
     config = Qwen2AudioConfig(
         audio_config=dict(QWEN2_AUDIO_7B_AUDIO),
@@ -265,8 +261,9 @@ def gpu_reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dic
     import torch
     from transformers import AutoProcessor
 
-    from serve.audio import SAMPLE_RATE, prepare_answer
-    from serve.parts import resolve_parts
+    from adapters.reference import processor_inputs
+    from serve.grading.audio import prepare_answer
+    from serve.grading.parts import resolve_parts
 
     processor = AutoProcessor.from_pretrained(cfg.model.base)
     specs = resolve_parts(cfg, processor.tokenizer)
@@ -283,10 +280,7 @@ def gpu_reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dic
         model.set_adapter(a.part)
         flops = 0.0
         for c in prepare_answer(a.wav, cfg.audio):
-            inputs = processor(text=spec.prompt, audio=[c.samples], sampling_rate=SAMPLE_RATE, truncation=True,
-                               return_tensors="pt")
-            inputs = {k: v.to("cuda") for k, v in inputs.items()}
-            inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
+            inputs = processor_inputs(processor, spec.prompt, [c.samples], "cuda", torch.bfloat16)
             model(**inputs).logits[0, -1].float().cpu()
             flops += 2.0 * (audio_params * 1500 + lm_params * int(inputs["input_ids"].shape[1]))
         return flops
@@ -317,7 +311,7 @@ def _ratio(a, b) -> float | None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     from loadtest.service import ensure_tiny_model
-    from serve.cli import load_config_or_exit
+    from serve.cli.common import load_config_or_exit
 
     cfg = load_config_or_exit(args.config)
     ensure_tiny_model(cfg)

@@ -1,4 +1,4 @@
-"""``l2grader loadtest`` and ``l2grader bench`` (registered by :mod:`serve.cli`).
+"""``l2grader loadtest`` and ``l2grader bench`` (registered by :mod:`serve.cli.main`).
 
 Locust runs as its own process: gevent's monkey-patching and Ray do not live
 in one interpreter.
@@ -14,26 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from serve.cli import load_config_or_exit
+from serve.cli.common import fail, load_config_or_exit
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-
-
-def _api_key(cfg, given: str | None) -> tuple[str | None, dict[str, str]]:
-    """The key to send, and the environment a started service needs so that it accepts it."""
-    if given:
-        env = {cfg.serving.api_keys_env: given} if cfg.serving.api_keys_env and not os.environ.get(cfg.serving.api_keys_env) else {}
-        return given, env
-    name = cfg.serving.api_keys_env
-    if not name:
-        return None, {}
-    keys = [k.strip() for k in os.environ.get(name, "").split(",") if k.strip()]
-    if keys:
-        return keys[0], {}
-    import secrets
-
-    key = secrets.token_hex(16)
-    return key, {name: key}  # a started service gets a fresh key for the run
 
 
 def summarise(record: dict, wall_s: float, service_cpu_s: float | None = None) -> dict:
@@ -64,18 +47,16 @@ def summarise(record: dict, wall_s: float, service_cpu_s: float | None = None) -
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from loadtest.mix import parse_mix
-    from loadtest.service import Service, TreeCpu, ensure_tiny_model
+    from loadtest.service import Service, TreeCpu, client_key, ensure_tiny_model
 
     cfg = load_config_or_exit(args.config)
     try:
         parse_mix(args.mix)
     except ValueError as e:
-        from serve.cli import fail
-
         fail(str(e))
     out = Path(args.out or f"runs/loadtest-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    key, service_env = _api_key(cfg, args.api_key)
+    key, service_env = client_key(cfg, args.api_key)
 
     service = None
     if not args.url:
@@ -120,8 +101,6 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     stats_file = out / "answers.json"
     if not stats_file.exists():
         print((out / "locust.log").read_text()[-3000:], file=sys.stderr)
-        from serve.cli import fail
-
         fail(f"Locust exited (code {locust.returncode}) without a record; see {out / 'locust.log'}", 1)
     record = json.loads(stats_file.read_text())
     wall = (record["last_end"] - record["first_start"]) if record["first_start"] else 0.0

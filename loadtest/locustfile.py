@@ -37,13 +37,13 @@ import os
 import random
 import threading
 import time
-import uuid
 
 from locust import LoadTestShape, between, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from loadtest.audio import answer_bytes
 from loadtest.mix import DEFAULT_MIX, LENGTHS, parse_mix
+from loadtest.multipart import MultipartAnswer, multipart_answer
 
 RATES = {"wav": 16000, "flac": 16000, "ogg": 48000, "mp3": 22050}
 CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
@@ -66,7 +66,7 @@ class AnswerPool:
                 items.append((fmt, seconds, answer_bytes(seconds, seed + n, fmt, RATES[fmt])))
                 n += 1
             self.answers[cls] = items
-        self._bodies: dict[tuple[str, str, int], tuple[bytes, str]] = {}
+        self._bodies: dict[tuple[str, str, int], MultipartAnswer] = {}
         self._lock = threading.Lock()
 
     def pick(self, rng: random.Random) -> tuple[str, int]:
@@ -83,15 +83,11 @@ class AnswerPool:
         key = (part, cls, i)
         with self._lock:
             if key not in self._bodies:
-                boundary = uuid.uuid4().hex
-                head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"part\"\r\n\r\n{part}\r\n"
-                        f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"{cls}-{i}.{fmt}\"\r\n"
-                        f"Content-Type: {CONTENT_TYPES[fmt]}\r\n\r\n").encode()
-                tail = f"\r\n--{boundary}--\r\n".encode()
-                self._bodies[key] = (head + audio + tail, f"multipart/form-data; boundary={boundary}")
-            body, ctype = self._bodies[key]
+                self._bodies[key] = multipart_answer(part, audio, f"{cls}-{i}.{fmt}", CONTENT_TYPES[fmt])
+            form = self._bodies[key]
+        body, ctype = form.body, form.content_type
         if rng is not None and fmt == "wav":
-            start = body.index(b"\r\n\r\n", body.index(b'name="audio"')) + 4 + 44  # after the 44-byte WAV header
+            start = form.audio_offset + 44  # after the 44-byte WAV header
             pos = start + 2 * rng.randrange((len(audio) - 44) // 2)
             body = bytearray(body)
             body[pos:pos + 2] = rng.randrange(-64, 65).to_bytes(2, "little", signed=True)

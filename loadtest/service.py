@@ -37,6 +37,26 @@ def ensure_tiny_model(cfg) -> None:
     make_tiny_model(base.parent)
 
 
+def client_key(cfg, given: str | None) -> tuple[str | None, dict[str, str]]:
+    """The key a load client sends, and the environment a service it starts needs so that it accepts that key.
+
+    ``given`` wins; else the first key of the config's ``api_keys_env`` variable;
+    else, when the config names such a variable, a fresh key for the run.
+    """
+    name = cfg.serving.api_keys_env
+    if given:
+        return given, ({name: given} if name and not cfg.serving.api_keys() else {})
+    if not name:
+        return None, {}
+    keys = cfg.serving.api_keys()
+    if keys:
+        return keys[0], {}
+    import secrets
+
+    key = secrets.token_hex(16)
+    return key, {name: key}
+
+
 def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict]:
     req = urllib.request.Request(url, headers=headers or {})
     try:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from serve.audio import SAMPLE_RATE, AudioError, check_speech, chunk_bounds, decode, prepare_answer, split
-from serve.config import AudioConfig
+from serve.grading.audio import SAMPLE_RATE, AudioError, check_speech, chunk_bounds, decode, prepare_answer, split
+from serve.grading.config import AudioConfig
 from tests.audio_fixtures import speechlike
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve.audio_encoder import encode_valid_frames
+from serve.engine.audio_encoder import encode_valid_frames
 
 
 @pytest.fixture(scope="module")

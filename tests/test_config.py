@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from adapters.tiny_model import DEMO_PARTS, demo_config_dict
-from serve.config import ConfigError, UnknownPartError, load_config
+from serve.grading.config import ConfigError, UnknownPartError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from serve.audio import split
-from serve.config import load_config
+from serve.grading.audio import split
+from serve.grading.config import load_config
 from tests.audio_fixtures import speechlike
 
 pytestmark = pytest.mark.engine
@@ -46,9 +46,9 @@ def cfg(tiny_dir, tiny_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vllm_scorer(cfg):
-    from serve.engine import BatchScorer
+    from serve.engine.offline import OfflineEngine
 
-    scorer = BatchScorer(cfg)
+    scorer = OfflineEngine(cfg)
     yield scorer
     scorer.close()
 
@@ -63,11 +63,16 @@ def reference(cfg):
 WAVES = [speechlike(6, seed=11), speechlike(20, seed=12), speechlike(75, seed=13)]
 
 
+def score_waves(engine, part, waves):
+    """Score already-decoded 16 kHz answers of one part, chunked as in serving."""
+    return engine.score_answers([(part, split(w)) for w in waves])
+
+
 @pytest.mark.parametrize("part", ["base", "interview", "long_turn"])
 def test_vllm_equals_transformers_reference(vllm_scorer, reference, part):
-    got = vllm_scorer.score_waves(part, WAVES)
+    got = score_waves(vllm_scorer, part, WAVES)
     for wave, answer in zip(WAVES, got):
-        ref = reference.score_chunks(part, split(wave))
+        ref = reference.score_answer(part, split(wave))
         assert len(answer.chunks) == len(ref.chunks)
         assert answer.score == pytest.approx(ref.score, abs=TOL)
         for label, p in ref.probabilities.items():
@@ -77,7 +82,7 @@ def test_vllm_equals_transformers_reference(vllm_scorer, reference, part):
 
 
 def test_adapters_change_the_distribution(vllm_scorer):
-    base, interview, long_turn = (vllm_scorer.score_waves(p, WAVES[:1])[0] for p in ("base", "interview", "long_turn"))
+    base, interview, long_turn = (score_waves(vllm_scorer, p, WAVES[:1])[0] for p in ("base", "interview", "long_turn"))
     dist = lambda a, b: max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities)  # noqa: E731
     assert dist(base, interview) > 0.01
     assert dist(base, long_turn) > 0.01
@@ -85,15 +90,15 @@ def test_adapters_change_the_distribution(vllm_scorer):
 
 
 def test_transformers4_adapter_names_apply_the_same_weights(vllm_scorer):
-    new, old = (vllm_scorer.score_waves(p, WAVES[:2]) for p in ("interview", "interview_t4"))
+    new, old = (score_waves(vllm_scorer, p, WAVES[:2]) for p in ("interview", "interview_t4"))
     for a, b in zip(new, old):
         assert a.probabilities == pytest.approx(b.probabilities, abs=TOL)
     assert old[0].model.adapter.startswith("interview_t4@")
 
 
 def test_scores_are_well_formed_and_repeatable(vllm_scorer):
-    first = vllm_scorer.score_waves("interview", WAVES)
-    again = vllm_scorer.score_waves("interview", WAVES[::-1])[::-1]
+    first = score_waves(vllm_scorer, "interview", WAVES)
+    again = score_waves(vllm_scorer, "interview", WAVES[::-1])[::-1]
     for a, b in zip(first, again):
         assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
         assert sum(a.probabilities.values()) == pytest.approx(1.0, abs=1e-4)

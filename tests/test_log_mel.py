@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
 
-from serve.log_mel import UnpaddedWhisperFeatureExtractor
+from serve.engine.log_mel import UnpaddedWhisperFeatureExtractor
 
 
 @pytest.fixture(scope="module")

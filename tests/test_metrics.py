@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from adapters.metrics import METRIC_KEYS, all_metrics, pearson, rmse, spearman, within
+from adapters.agreement import METRIC_KEYS, all_metrics, pearson, rmse, spearman, within
 
 PRED = [1.0, 2.0, 3.0, 4.0]
 HUMAN = [2.0, 2.0, 4.0, 5.0]

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from serve.levels import DEFAULT_LEVELS, nearest_level
-from serve.protocol import ModelInfo
-from serve.scoring import ChunkScore, aggregate, label_probabilities, soft_score
+from serve.grading.levels import DEFAULT_LEVELS, nearest_level
+from serve.grading.results import ModelInfo
+from serve.grading.scoring import ChunkScore, aggregate, label_probabilities, soft_score
 
 MODEL = ModelInfo(base="m", adapter=None, adapter_hash=None)
 

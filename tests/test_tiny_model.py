@@ -6,11 +6,11 @@ import json
 import pytest
 from safetensors import safe_open
 
-from adapters.lora import LANGUAGE_MODEL_TARGETS, adapter_hash, read_adapter_metadata
+from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, read_adapter_metadata
 from adapters.tiny_model import DEMO_PARTS, make_tiny_model
-from serve.config import load_config
-from serve.levels import DEFAULT_LEVELS
-from serve.parts import LabelTokenError, label_token_ids, resolve_parts
+from serve.grading.config import load_config
+from serve.grading.levels import DEFAULT_LEVELS
+from serve.grading.parts import LabelTokenError, label_token_ids, resolve_parts
 
 
 def digest(path):
@@ -49,7 +49,7 @@ def test_demo_adapters_are_nonzero_and_distinct(tiny_dir):
             assert names and all("language_model" in n for n in names)
             assert all(f.get_tensor(n).abs().sum() > 0 for n in names)
         assert read_adapter_metadata(d)["part"] == part
-        hashes.add(adapter_hash(d))
+        hashes.add(check_adapter(d).content_hash)
     assert len(hashes) == len(DEMO_PARTS)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.lora import check_adapter_dir, read_adapter_metadata
+from serve.grading.adapter_files import check_adapter, read_adapter_metadata
 
 TRAIN_FLAGS = ["--lr", "1e-3", "--epochs", "3", "--batch-size", "16", "--dropout", "0", "--rank", "16"]
 N_TRAIN, N_DEV, N_TEST = 300, 40, 100
@@ -32,7 +32,7 @@ N_TRAIN, N_DEV, N_TEST = 300, 40, 100
 
 def l2grader(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "serve.cli.main", *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, f"l2grader {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -129,7 +129,7 @@ def test_vllm_serves_what_the_trainer_learned(run):
     """The trainer's own evaluation (transformers + peft, eval mode) equals vLLM's scores of the same adapter."""
     from adapters.dataset import load_answers, read_jsonl
     from adapters.train import load_trained, score_answers
-    from serve.config import load_config
+    from serve.grading.config import load_config
 
     cfg = load_config(run["cfg"])
     answers, bad = load_answers(read_jsonl(run["test"], "interview"), cfg.audio)
@@ -147,7 +147,7 @@ def test_vllm_serves_what_the_trainer_learned(run):
 @pytest.mark.engine
 def test_trained_adapter_is_a_serving_adapter(run):
     out = run["adapter"]
-    check_adapter_dir(out)
+    check_adapter(out)
     peft_cfg = json.loads((out / "adapter_config.json").read_text())
     assert peft_cfg["r"] == 16 and peft_cfg["bias"] == "none" and not peft_cfg.get("modules_to_save")
     assert not peft_cfg.get("use_dora")
@@ -171,7 +171,7 @@ def test_interrupted_training_resumes_to_the_same_adapter(synth, tiny_dir, tmp_p
     from safetensors.torch import load_file
 
     from adapters.train import TrainError, TrainOptions, train
-    from serve.config import load_config
+    from serve.grading.config import load_config
 
     cfg = load_config(tiny_dir / "demo.yaml")
     subset = tmp_path / "small.jsonl"

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve.levels import Level, nearest_level
-from serve.protocol import ChunkResult, ModelInfo, ScoredAnswer
+from serve.grading.levels import Level, nearest_level
+from serve.grading.results import ChunkResult, ModelInfo, ScoredAnswer
 
 
 def label_probabilities(label_logprobs: Sequence[float]) -> np.ndarray:

@@ -10,8 +10,8 @@ naming schemes peft has used for this model:
 Both are mapped onto vLLM's module names (``language_model.model.layers...``);
 without the mapping vLLM would silently apply nothing.
 
-The log-mel features (:mod:`serve.log_mel`) and the audio encoder
-(:mod:`serve.audio_encoder`) work over each chunk's real audio instead of 30 s
+The log-mel features (:mod:`serve.engine.log_mel`) and the audio encoder
+(:mod:`serve.engine.audio_encoder`) work over each chunk's real audio instead of 30 s
 of padding; the results are the same, the work is proportional to the chunk's
 length.
 """
@@ -34,18 +34,12 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-from serve.audio_encoder import encode_valid_frames
-from serve.log_mel import UnpaddedWhisperFeatureExtractor
+from serve.engine.audio_encoder import encode_valid_frames
+from serve.engine.log_mel import UnpaddedWhisperFeatureExtractor
+from serve.engine.weight_names import TRANSFORMERS5_TO_PUBLISHED
 
 # transformers 5 names -> vLLM module names. transformers 4 names already match.
-TRANSFORMERS5_TO_VLLM = WeightsMapper(
-    orig_to_new_prefix={
-        "model.language_model.": "language_model.model.",
-        "model.audio_tower.": "audio_tower.",
-        "model.multi_modal_projector.": "multi_modal_projector.",
-        "lm_head.": "language_model.lm_head.",
-    }
-)
+TRANSFORMERS5_TO_VLLM = WeightsMapper(orig_to_new_prefix=dict(TRANSFORMERS5_TO_PUBLISHED))
 
 
 class Qwen2AudioUnpaddedProcessingInfo(Qwen2AudioProcessingInfo):

@@ -7,17 +7,41 @@ config and the models beside it can move together.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve.levels import DEFAULT_LEVELS, Level
-from serve.prompt import DEFAULT_TASK
+from serve.grading.levels import DEFAULT_LEVELS, Level
+from serve.grading.prompt import DEFAULT_TASK
 
 # vLLM accepts only these LoRA ranks.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+PART_ID_CHARS = "letters, digits, '-', '_' or '.'"
+
+
+def validate_part_id(part: str) -> str:
+    """The one rule for part ids (config keys, URL paths): ``ValueError`` unless it is letters, digits, ``-_.``."""
+    if not part or not all(c.isalnum() or c in "-_." for c in part):
+        raise ValueError(f"part id {part[:64]!r} must be {PART_ID_CHARS}")
+    return part
+
+
+def format_validation_errors(errors: Iterable[Mapping[str, Any]], root: str = "body") -> str:
+    """pydantic's (or FastAPI's) error list as one line: ``loc.path: message; ...``."""
+    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or root}: {err['msg']}" for err in errors)
+
+
+def read_keys(env_name: str | None) -> list[str]:
+    """The comma-separated keys held by the environment variable ``env_name`` (none if unset or unnamed)."""
+    if not env_name:
+        return []
+    return [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
 
 
 class ConfigError(ValueError):
@@ -135,6 +159,14 @@ class ServingConfig(_Strict):
     api_keys_env: str | None = Field(None, description="Env var holding comma-separated scoring API keys.")
     admin_keys_env: str | None = Field(None, description="Env var holding comma-separated admin API keys.")
 
+    def api_keys(self) -> list[str]:
+        """Scoring keys, read from the environment now."""
+        return read_keys(self.api_keys_env)
+
+    def admin_keys(self) -> list[str]:
+        """Admin keys, read from the environment now."""
+        return read_keys(self.admin_keys_env)
+
 
 class PartConfig(_Strict):
     """One exam part: its adapter, its prompt and its label scale."""
@@ -165,8 +197,7 @@ class GraderConfig(_Strict):
     @classmethod
     def _part_ids(cls, v: dict[str, PartConfig]) -> dict[str, PartConfig]:
         for part in v:
-            if not part or not all(c.isalnum() or c in "-_." for c in part):
-                raise ValueError(f"part id {part!r} must be letters, digits, '-', '_' or '.'")
+            validate_part_id(part)
         return v
 
     def part(self, part: str) -> PartConfig:
@@ -211,8 +242,7 @@ def load_config(path: str | Path) -> GraderConfig:
     try:
         cfg = GraderConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"config file {path} is invalid: {problems}") from None
+        raise ConfigError(f"config file {path} is invalid: {format_validation_errors(e.errors(), 'config')}") from None
     base_dir = path.resolve().parent
     cfg.model.base = _resolve(base_dir, cfg.model.base)
     if cfg.serving.registry_file is not None:

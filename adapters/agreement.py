@@ -67,6 +67,19 @@ def all_metrics(pred: Sequence[float], human: Sequence[float]) -> dict[str, floa
     }
 
 
+def soft_hard_metrics(answers: Sequence, scored: Sequence) -> dict[str, dict[str, float]]:
+    """Every metric of the soft and of the hard scores of scored answers against their human scores.
+
+    ``answers`` are :class:`adapters.dataset.Answer` (their human score), ``scored``
+    the :class:`serve.grading.results.ScoredAnswer` of each, in the same order.
+    """
+    human = [a.example.score for a in answers]
+    return {
+        "soft": all_metrics([s.score for s in scored], human),
+        "hard": all_metrics([s.hard_score for s in scored], human),
+    }
+
+
 def format_metrics(name: str, m: dict[str, float]) -> str:
     """One human-readable line."""
     return (

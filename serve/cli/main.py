@@ -1,4 +1,4 @@
-"""``l2grader``: the grader's command line.
+"""``l2grader``: the grader's command line (the serving commands; training and load tests add theirs).
 
 Subcommands import their heavy dependencies (vLLM, torch) only when they run,
 so ``l2grader --help`` and config errors answer at once.
@@ -14,26 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-PROG = "l2grader"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one error line and exit."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def load_config_or_exit(path: str, part: str | None = None):
-    """The validated config (and, if given, a check that ``part`` is in it); one error line and exit 2 otherwise."""
-    from serve.config import ConfigError, UnknownPartError, load_config
-
-    try:
-        cfg = load_config(path)
-        if part is not None:
-            cfg.part(part)
-    except (ConfigError, UnknownPartError) as e:
-        fail(str(e))
-    return cfg
+from serve.cli.common import PROG, fail, load_config_or_exit
 
 
 # ---------------------------------------------------------------- make-tiny-model
@@ -54,7 +35,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 def _prepared(paths: Sequence[str], audio_cfg) -> Iterator[tuple[str, object]]:
     """(path, chunks) or (path, AudioError) for each file, in order."""
-    from serve.audio import AudioError, prepare_answer
+    from serve.grading.audio import AudioError, prepare_answer
 
     for path in paths:
         try:
@@ -79,8 +60,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-    from serve.engine import BatchScorer
-    from serve.parts import LabelTokenError
+    from serve.engine.offline import OfflineEngine
+    from serve.grading.adapter_files import AdapterError
+    from serve.grading.parts import LabelTokenError
 
     scorer = None
     failed = 0
@@ -94,10 +76,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                 good = [(path, chunks) for path, chunks in batch if isinstance(chunks, list)]
                 if good and scorer is None:
                     try:
-                        scorer = BatchScorer(cfg)
-                    except (LabelTokenError, ValueError) as e:
+                        scorer = OfflineEngine(cfg)
+                    except (LabelTokenError, AdapterError, ValueError) as e:
                         fail(str(e))
-                results = iter(scorer.score_chunks([(args.part, chunks) for _, chunks in good]) if good else [])
+                results = iter(scorer.score_answers([(args.part, chunks) for _, chunks in good]) if good else [])
                 for path, chunks in batch:
                     if isinstance(chunks, list):
                         print(json.dumps({"file": path, **next(results).model_dump()}), flush=True)
@@ -115,7 +97,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     load_config_or_exit(args.config)  # fail fast, one line, on a bad config
-    from serve.server import run_server
+    from serve.service.server import run_server
 
     return run_server(args.config, args.host, args.port, args.address)
 
@@ -126,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_serve_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from serve.deploy import serve_config
+    from serve.service.options import serve_config
 
     cfg = load_config_or_exit(args.config)
     print(yaml.safe_dump(serve_config(cfg, args.config_path or str(Path(args.config).resolve())), sort_keys=False), end="")

@@ -123,7 +123,7 @@ def split(wave: np.ndarray, max_chunk_s: float = 30.0) -> list[Chunk]:
 
 
 def prepare_answer(data: bytes | str | Path, audio_cfg) -> list[Chunk]:
-    """Decode, check and chunk one answer under the config's audio rules (:class:`serve.config.AudioConfig`)."""
+    """Decode, check and chunk one answer under the config's audio rules (:class:`serve.grading.config.AudioConfig`)."""
     wave = decode(data, max_duration_s=audio_cfg.max_duration_s)
     check_speech(wave, min_speech_s=audio_cfg.min_speech_s, silence_dbfs=audio_cfg.silence_dbfs)
     return split(wave, audio_cfg.max_chunk_s)

@@ -1,0 +1,65 @@
+"""Online scoring with vLLM's ``AsyncLLM``: concurrent answers share continuous batches.
+
+A scorer replica of the service holds one :class:`OnlineEngine`; the part's
+adapter is named by its model id, loaded ahead of its first request and
+removed when the replica drops the part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from serve.engine.requests import chunk_score, configure_vllm_environment, engine_input, engine_kwargs, lora_request
+from serve.engine.requests import sampling_params
+from serve.grading.audio import Chunk
+from serve.grading.config import GraderConfig
+from serve.grading.parts import Part, PartSpec, resolve_part
+from serve.grading.results import ScoredAnswer
+from serve.grading.scoring import ChunkScore, aggregate
+
+
+class OnlineEngine:
+    """One ``AsyncLLM``; answers are scored as they come, all chunks of an answer at once."""
+
+    def __init__(self, cfg: GraderConfig):
+        configure_vllm_environment()
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.cfg = cfg
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg)))
+        self.tokenizer = self.engine.get_tokenizer()
+
+    def resolve(self, part: Part) -> PartSpec:
+        """A checked part resolved against this engine's tokenizer (raises if a label is not one token)."""
+        return resolve_part(part, self.tokenizer, base=self.cfg.model.base, untrained=self.cfg.model.untrained)
+
+    async def load_adapter(self, spec: PartSpec) -> None:
+        """Load the part's adapter into the engine now (not on the first request)."""
+        req = lora_request(spec)
+        if req is not None:
+            await self.engine.add_lora(req)
+
+    async def unload_adapter(self, spec: PartSpec) -> None:
+        """Drop the part's adapter from the engine."""
+        if spec.adapter_path is not None:
+            await self.engine.remove_lora(spec.adapter_int_id)
+
+    async def _score_chunk(self, spec: PartSpec, chunk: Chunk, request_id: str) -> ChunkScore:
+        final = None
+        async for out in self.engine.generate(
+            engine_input(spec, chunk), sampling_params(spec), request_id, lora_request=lora_request(spec)
+        ):
+            final = out
+        return chunk_score(spec, chunk, final)
+
+    async def score_answer(self, spec: PartSpec, chunks: Sequence[Chunk], request_id: str) -> ScoredAnswer:
+        """Score one answer: all its chunks are submitted at once."""
+        scores = await asyncio.gather(
+            *(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(chunks))
+        )
+        return aggregate(spec.part, spec.levels, scores, spec.model)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,92 @@
+"""vLLM requests of the grader: engine settings, one prefill per chunk, label log-probabilities out.
+
+Each chunk is one request with ``max_tokens=1``, sampling restricted to the
+part's label tokens, and the engine in ``processed_logprobs`` mode, so the
+log-probabilities returned are those of the labels after the restriction:
+exactly the label set, normalised over it. Requests carry their part's LoRA
+adapter, named by the part's model id; vLLM loads it on first use and batches
+requests of different adapters together.
+
+The offline (:mod:`serve.engine.offline`) and online
+(:mod:`serve.engine.online`) engines build their requests here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from serve.grading.audio import SAMPLE_RATE, Chunk
+from serve.grading.config import GraderConfig
+from serve.grading.parts import PartSpec
+from serve.grading.scoring import ChunkScore, label_probabilities
+
+
+def configure_vllm_environment() -> None:
+    """Process-wide vLLM settings; call before importing vllm.
+
+    Logs go to stderr so that stdout carries only results.
+    """
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def engine_kwargs(cfg: GraderConfig) -> dict[str, Any]:
+    """vLLM engine arguments for a config (shared by ``LLM`` and ``AsyncLLM``)."""
+    e = cfg.engine
+    return dict(
+        model=cfg.model.base,
+        dtype=e.dtype,
+        seed=e.seed,
+        max_model_len=e.max_model_len,
+        max_num_seqs=e.max_num_seqs,
+        gpu_memory_utilization=e.memory_share,
+        tensor_parallel_size=e.tensor_parallel_size,
+        enforce_eager=e.enforce_eager,
+        enable_lora=True,
+        max_lora_rank=e.max_lora_rank,
+        max_loras=e.max_loras,
+        max_cpu_loras=e.max_cpu_loras,
+        limit_mm_per_prompt={"audio": 1},
+        logprobs_mode="processed_logprobs",
+        enable_prefix_caching=True,
+    )
+
+
+def sampling_params(spec: PartSpec):
+    """One output position, restricted to the labels, returning every label's log-probability."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        logprobs=len(spec.label_token_ids),
+        allowed_token_ids=list(spec.label_token_ids),
+    )
+
+
+def lora_request(spec: PartSpec):
+    """The part's adapter as a vLLM ``LoRARequest`` named by its model id (None for the base model)."""
+    if spec.adapter_path is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=spec.model_id, lora_int_id=spec.adapter_int_id, lora_path=str(spec.adapter_path))
+
+
+def engine_input(spec: PartSpec, chunk: Chunk) -> dict[str, Any]:
+    """The prompt and audio of one chunk, as vLLM takes them (audio already 16 kHz mono)."""
+    return {"prompt": spec.prompt, "multi_modal_data": {"audio": (chunk.samples, SAMPLE_RATE)}}
+
+
+def chunk_score(spec: PartSpec, chunk: Chunk, output) -> ChunkScore:
+    """Read the label distribution of a finished request (a vLLM ``RequestOutput``)."""
+    completion = output.outputs[0]
+    if not completion.logprobs:
+        raise RuntimeError(f"engine returned no logprobs for a chunk of part {spec.part!r}")
+    by_id = completion.logprobs[0]  # token id -> Logprob, ordered by probability, not by label
+    missing = [tid for tid in spec.label_token_ids if tid not in by_id]
+    if missing:
+        raise RuntimeError(f"engine returned no logprob for label token ids {missing}")
+    lps = [by_id[tid].logprob for tid in spec.label_token_ids]
+    return ChunkScore(chunk.start_s, chunk.end_s, label_probabilities(lps))

@@ -1,0 +1,122 @@
+"""An exam part's identity and what scoring it needs.
+
+- :func:`model_id` is the one name of a part's version: the part and the
+  content hash of its adapter (``interview@3f2a...``, ``interview@base``
+  without one). Ray Serve routes by it, vLLM keys the adapter by it, results
+  report it.
+- :class:`Part` is a registered part: its config and its checked adapter
+  (:func:`serve.grading.adapter_files.check_adapter`, done once per adapter version).
+- :class:`PartSpec` is a part resolved against the model's tokenizer: the
+  prompt and the label token ids the engine reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.grading.adapter_files import AdapterFiles, check_adapter
+from serve.grading.config import GraderConfig, PartConfig
+from serve.grading.levels import Level
+from serve.grading.prompt import build_prompt
+from serve.grading.results import ModelInfo
+
+
+class LabelTokenError(ValueError):
+    """A label is not exactly one token of the model's tokenizer."""
+
+
+def model_id(part: str, adapter_hash: str | None) -> str:
+    """The name of a part's version: ``part@<adapter content hash>``, or ``part@base`` without an adapter."""
+    return f"{part}@{adapter_hash or 'base'}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A registered part: its config and its checked adapter (None: the base model)."""
+
+    part: str
+    config: PartConfig
+    adapter: AdapterFiles | None
+
+    @property
+    def adapter_hash(self) -> str | None:
+        return None if self.adapter is None else self.adapter.content_hash
+
+    @property
+    def model_id(self) -> str:
+        return model_id(self.part, self.adapter_hash)
+
+
+def check_part(part: str, pcfg: PartConfig, max_lora_rank: int | None = None) -> Part:
+    """A part with its adapter checked (files, rank, content hash); ``AdapterError`` otherwise."""
+    adapter = None if pcfg.adapter is None else check_adapter(pcfg.adapter, max_lora_rank)
+    return Part(part, pcfg, adapter)
+
+
+def config_parts(cfg: GraderConfig) -> dict[str, Part]:
+    """Every part of a config, checked; fails at start-up on a bad adapter."""
+    return {part: check_part(part, pcfg, cfg.engine.max_lora_rank) for part, pcfg in cfg.parts.items()}
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Everything the engine needs to score answers to one part."""
+
+    part: str
+    model_id: str
+    levels: tuple[Level, ...]
+    prompt: str
+    label_token_ids: tuple[int, ...]
+    adapter_path: Path | None
+    adapter_hash: str | None
+    model: ModelInfo
+
+    @property
+    def adapter_int_id(self) -> int:
+        """Positive integer id derived from the content hash (vLLM keys adapters by it)."""
+        return 0 if self.adapter_hash is None else int(self.adapter_hash[:7], 16) + 1
+
+
+def label_token_ids(tokenizer, levels: tuple[Level, ...]) -> tuple[int, ...]:
+    """The token id of each label; :class:`LabelTokenError` unless each label is one distinct token."""
+    ids = []
+    for lv in levels:
+        toks = tokenizer.encode(lv.label, add_special_tokens=False)
+        if len(toks) != 1:
+            raise LabelTokenError(
+                f"label {lv.label!r} ({lv.cefr}) is {len(toks)} tokens {toks} in this tokenizer; "
+                "every label must be a single token"
+            )
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise LabelTokenError(f"labels {[lv.label for lv in levels]} do not map to distinct tokens: {ids}")
+    return tuple(ids)
+
+
+def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSpec:
+    """A checked part resolved against the tokenizer (its labels must be single tokens)."""
+    pcfg = part.config
+    return PartSpec(
+        part=part.part,
+        model_id=part.model_id,
+        levels=pcfg.levels,
+        prompt=build_prompt(pcfg.task, pcfg.levels),
+        label_token_ids=label_token_ids(tokenizer, pcfg.levels),
+        adapter_path=None if part.adapter is None else part.adapter.path,
+        adapter_hash=part.adapter_hash,
+        model=ModelInfo(
+            base=base,
+            adapter=None if part.adapter is None else part.model_id,
+            adapter_hash=part.adapter_hash,
+            untrained=untrained,
+        ),
+    )
+
+
+def resolve_parts(cfg: GraderConfig, tokenizer) -> dict[str, PartSpec]:
+    """Check and resolve every configured part; fails at start-up on a bad label or adapter."""
+    return {
+        name: resolve_part(part, tokenizer, base=cfg.model.base, untrained=cfg.model.untrained)
+        for name, part in config_parts(cfg).items()
+    }
