@@ -1,20 +1,9 @@
 """Render each overlay's serve config from its grader config (one source of truth).
 
 For every overlay in :data:`OVERLAYS` this writes
-``k8s/overlays/<name>/rayservice-serve-config.yaml``, a JSON 6902 patch of the
-base RayService that sets
-
-- ``spec.serveConfigV2``: :func:`serve.deploy.serve_config` of the grader config,
-  with the config's path inside the pods (the image holds ``configs/`` at
-  ``/app/configs``), i.e. what ``l2grader serve-config`` prints;
-- each worker group's ``minReplicas``/``maxReplicas``/``replicas`` from the
-  autoscaling bounds of the deployment it hosts, and its Ray resources
-  (``rayStartParams`` ``num-cpus``/``num-gpus``) from the deployment's
-  ``num_cpus``/``num_gpus``, so a pod holds exactly one replica and Ray's
-  autoscaler adds a pod exactly when Serve adds a replica;
-- on every Ray container (head and workers), the ``RAY_*`` variables of
-  :func:`serve.deploy.ray_env`: the Ray settings ``l2grader serve`` gives a
-  local cluster.
+``k8s/overlays/<name>/rayservice-serve-config.yaml``, the patch that
+:func:`serve.service.kuberay.render_patch` makes of the overlay's grader
+config (serve config, worker-group bounds and Ray resources, Ray settings).
 
 Run it after editing a config (``--check`` exits 1 if a committed file is stale)::
 
@@ -26,19 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from serve.config import DeploymentConfig, GraderConfig, load_config  # noqa: E402
-from serve.deploy import ray_env, serve_config  # noqa: E402
-
-#: Where the image puts the repository's configs/ folder (see k8s/Dockerfile).
-IMAGE_CONFIG_DIR = "/app/configs"
+from serve.grading.config import load_config  # noqa: E402
+from serve.service.kuberay import IMAGE_CONFIG_DIR, PATCH_FILE, patch_ops, render_patch  # noqa: E402, F401
 
 #: overlay name -> the grader config (relative to the repository) it ships.
 OVERLAYS: dict[str, str] = {
@@ -46,91 +29,10 @@ OVERLAYS: dict[str, str] = {
     "cpu-demo": "configs/k8s-demo.yaml",
 }
 
-#: worker group -> (its index in the base RayService's workerGroupSpecs, the deployment it hosts).
-GROUPS: dict[str, tuple[int, str]] = {"ingress": (0, "ingress"), "scorer": (1, "scorer")}
-
-PATCH_FILE = "rayservice-serve-config.yaml"
-
-
-def overlay_dir(name: str) -> Path:
-    return REPO / "k8s" / "overlays" / name
-
-
-def in_cluster_config_path(config: str) -> str:
-    """Where the repository's config file lies inside the pods."""
-    return f"{IMAGE_CONFIG_DIR}/{Path(config).name}"
-
-
-def _whole(value: float, what: str, minimum: int) -> int:
-    if value != int(value) or value < minimum:
-        raise ValueError(
-            f"{what} is {value}: on Kubernetes it must be a whole number >= {minimum} "
-            "(a worker pod offers exactly one replica's resources to Ray)"
-        )
-    return int(value)
-
-
-def group_settings(d: DeploymentConfig, group: str) -> dict[str, Any]:
-    """A worker group's replicas and Ray resources for the deployment it hosts (one replica per pod)."""
-    a = d.autoscaling
-    params = {"num-cpus": str(_whole(d.num_cpus, f"serving.{group}.num_cpus", 1))}
-    if d.num_gpus:
-        params["num-gpus"] = str(_whole(d.num_gpus, f"serving.{group}.num_gpus", 1))
-    return {
-        "minReplicas": a.min_replicas,
-        "maxReplicas": a.max_replicas,
-        "replicas": max(a.min_replicas, 1),
-        "rayStartParams": params,
-    }
-
-
-def patch_ops(cfg: GraderConfig, config_path: str) -> list[dict[str, Any]]:
-    """The JSON 6902 operations that put the config's serve settings into the base RayService."""
-    ops: list[dict[str, Any]] = []
-    pods = ["/spec/rayClusterConfig/headGroupSpec"]
-    for group, (index, deployment) in GROUPS.items():
-        base = f"/spec/rayClusterConfig/workerGroupSpecs/{index}"
-        # Fails the build if the base's groups were reordered.
-        ops.append({"op": "test", "path": f"{base}/groupName", "value": group})
-        settings = group_settings(getattr(cfg.serving, deployment), deployment)
-        for key in ("minReplicas", "maxReplicas", "replicas"):
-            ops.append({"op": "replace", "path": f"{base}/{key}", "value": settings[key]})
-        for key, value in settings["rayStartParams"].items():
-            ops.append({"op": "add", "path": f"{base}/rayStartParams/{key}", "value": value})
-        pods.append(base)
-    for pod in pods:
-        for name, value in ray_env().items():
-            ops.append({"op": "add", "path": f"{pod}/template/spec/containers/0/env/-",
-                        "value": {"name": name, "value": value}})
-    text = yaml.safe_dump(serve_config(cfg, config_path), sort_keys=False)
-    ops.append({"op": "add", "path": "/spec/serveConfigV2", "value": text})
-    return ops
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _str)
-
 
 def render(name: str) -> str:
     """The text of an overlay's generated patch."""
-    config = OVERLAYS[name]
-    cfg = load_config(REPO / config)
-    body = yaml.dump(patch_ops(cfg, in_cluster_config_path(config)), Dumper=_Dumper, sort_keys=False, width=1000)
-    return (
-        f"# GENERATED by k8s/generate.py from {config}: do not edit; re-run\n"
-        "#   .venv/bin/python k8s/generate.py\n"
-        "# after changing the config. Sets the RayService's serveConfigV2, the\n"
-        "# worker groups' bounds and Ray resources (one replica per pod) and the\n"
-        "# Ray settings of every container.\n" + body
-    )
+    return render_patch(load_config(REPO / OVERLAYS[name]), OVERLAYS[name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stale = []
     for name in OVERLAYS:
-        path = overlay_dir(name) / PATCH_FILE
+        path = REPO / "k8s" / "overlays" / name / PATCH_FILE
         text = render(name)
         if path.exists() and path.read_text() == text:
             continue

@@ -2,7 +2,7 @@
 
 Core kinds are checked with kubernetes-validate (strict: unknown fields fail);
 the RayService with KubeRay's CRD schema from ../shared/k8s-schemas, made strict
-the same way. The serve config in each overlay must be serve.deploy.serve_config
+the same way. The serve config in each overlay must be serve.service.options.serve_config
 of the config the overlay ships, and the worker groups' bounds must be Serve's.
 """
 
@@ -21,8 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serve.config import load_config
-from serve.deploy import INGRESS, SCORER, ray_env, serve_config
+from serve.grading.config import load_config
+from serve.service.options import INGRESS, SCORER, ray_env, serve_config
 from tests.kustomize_lite import KustomizeError, apply_json6902, build
 
 REPO = Path(__file__).resolve().parent.parent

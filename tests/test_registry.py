@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from adapters.lora import AdapterError
-from serve.config import PartConfig, UnknownPartError, load_config
-from serve.registry import PartRegistry, default_registry_file
+from serve.grading.adapter_files import AdapterError
+from serve.grading.config import PartConfig, UnknownPartError, load_config
+from serve.service.registry import PartRegistry, default_registry_file
 
 
 @pytest.fixture()

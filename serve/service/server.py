@@ -8,21 +8,21 @@ import sys
 import threading
 from pathlib import Path
 
-from serve.deploy import APP_NAME, RAY_SYSTEM_CONFIG
+from serve.service.options import APP_NAME, RAY_SYSTEM_CONFIG
 
 
 def _log(msg: str) -> None:
     print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
-def run_server(config_path: str, host: str | None, port: int | None, address: str | None, wait_ready_s: float = 600) -> int:
+def run_server(config_path: str, host: str | None, port: int | None, address: str | None) -> int:
     """Deploy the application and block until SIGINT/SIGTERM."""
     import ray
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import load_config
-    from serve.engine import configure_vllm_environment
+    from serve.service.app import build_app
+    from serve.grading.config import load_config
+    from serve.engine.requests import configure_vllm_environment
 
     config_path = str(Path(config_path).resolve())
     cfg = load_config(config_path)
@@ -33,7 +33,7 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
         _log("WARNING: serving the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
 
     if address:
-        ray.init(address=address)  # its Ray settings are the cluster's (k8s: serve.deploy.ray_env() on every pod)
+        ray.init(address=address)  # its Ray settings are the cluster's (k8s: serve.service.options.ray_env() on every pod)
     else:
         # Local Ray: enough logical CPUs for every replica the config may start.
         s = cfg.serving

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.config import PartConfig
-from serve.protocol import ScoredAnswer
+from serve.grading.config import PartConfig
+from serve.grading.results import ScoredAnswer
 
 
 class ScoreRequest(BaseModel):

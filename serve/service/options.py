@@ -1,4 +1,4 @@
-"""The Ray Serve config of the application, derived from the grader's YAML config.
+"""Deployment options of the application and its Ray Serve config, derived from the grader's YAML config.
 
 One source of truth: ``l2grader serve`` applies :func:`deployment_options` to the
 deployments it runs, and :func:`serve_config` writes the same options into the
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.config import DeploymentConfig, GraderConfig
+from serve.grading.config import DeploymentConfig, GraderConfig
 
 APP_NAME = "l2grader"
-APP_IMPORT_PATH = "serve.app:build_app"
+APP_IMPORT_PATH = "serve.service.app:build_app"
 INGRESS = "Ingress"
 SCORER = "Scorer"
 

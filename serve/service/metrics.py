@@ -1,0 +1,115 @@
+"""Prometheus metrics of an ingress replica, and the middleware that records every API request.
+
+:class:`RequestMetrics` wraps the FastAPI app: it counts each API request by
+endpoint (the route's name), part and status, times the successful ones,
+counts errors by kind, tracks requests in flight, and turns an unexpected
+exception into a JSON 500 so a failure answers instead of taking the replica
+down. Routes only say which part a request was for (``request.state.part``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.service.errors import ApiError, error_response
+
+logger = logging.getLogger("ray.serve")
+
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The service's counters, histograms and gauges."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "l2grader_requests", "HTTP requests by endpoint, part and status code", ["endpoint", "part", "status"], registry=r
+        )
+        self.errors = Counter("l2grader_errors", "Refused or failed requests by kind and part", ["kind", "part"], registry=r)
+        self.latency = Histogram(
+            "l2grader_request_latency_seconds", "End-to-end latency of scoring requests", ["endpoint", "part"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.decode = Histogram(
+            "l2grader_decode_seconds", "Audio decoding, resampling and chunking time", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.audio_seconds = Counter("l2grader_audio_seconds_scored", "Seconds of audio scored", ["part"], registry=r)
+        self.answers = Counter("l2grader_answers_scored", "Answers scored", ["part"], registry=r)
+        self.chunks = Counter("l2grader_chunks_scored", "Chunks (<= 30 s) scored", ["part"], registry=r)
+        self.inflight = Gauge("l2grader_inflight_requests", "Scoring requests in this ingress replica (queue depth)", registry=r)
+        self.adapter_loads = Gauge(
+            "l2grader_adapter_loads", "Adapter loads on the scorer replica that answered (cumulative)", ["part"], registry=r
+        )
+        self.adapter_evictions = Gauge(
+            "l2grader_adapter_evictions", "Adapter evictions on the scorer replica that answered (cumulative)", ["part"], registry=r
+        )
+
+    def record_answer(self, part: str, chunks: int, duration_s: float) -> None:
+        self.answers.labels(part).inc()
+        self.chunks.labels(part).inc(chunks)
+        self.audio_seconds.labels(part).inc(duration_s)
+
+    def set_scorer_stats(self, stats: dict[str, dict[str, int]]) -> None:
+        for part, n in stats.get("adapter_loads", {}).items():
+            self.adapter_loads.labels(part).set(n)
+        for part, n in stats.get("adapter_evictions", {}).items():
+            self.adapter_evictions.labels(part).set(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+#: This replica process's metrics (Serve runs one replica per process).
+METRICS = Metrics()
+
+#: Routes whose requests are counted (by route name); health, readiness, metrics and docs are not.
+COUNTED_ROUTES = frozenset({"score", "score_batch", "parts", "put_part", "delete_part"})
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: the one place API requests are counted, timed and turned into JSON on failure."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None):
+        self.app, self.metrics = app, metrics or METRICS
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def send_and_see(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_and_see)
+        except Exception as e:  # an engine failure must answer, not take the replica down
+            logger.exception("request failed")
+            state = scope.setdefault("state", {})
+            state["error_kind"] = "internal"
+            if not status["sent"]:
+                response = error_response(ApiError(500, "internal", f"scoring failed: {type(e).__name__}: {e}"))
+                await response(scope, receive, send_and_see)
+        finally:
+            self.metrics.inflight.dec()
+        route = scope.get("route")
+        endpoint = getattr(route, "name", None)
+        if endpoint not in COUNTED_ROUTES:
+            return
+        state = Request(scope).state
+        part = getattr(state, "part", None) or "-"
+        kind = getattr(state, "error_kind", None)
+        if kind is not None:
+            self.metrics.errors.labels(kind, part).inc()
+        self.metrics.requests.labels(endpoint, part, str(status["code"])).inc()
+        if status["code"] == 200:
+            self.metrics.latency.labels(endpoint, part).observe(time.perf_counter() - started)

@@ -1,0 +1,130 @@
+"""The live set of exam parts: the config's parts plus admin changes persisted to a file.
+
+Admin calls (``PUT``/``DELETE /v1/parts/{part}``) change the registry at run
+time; the changes are written atomically to ``serving.registry_file`` (default:
+``<config>.registry.json`` beside the config) so a restart keeps them. Every
+replica, ingress and scorer alike, re-reads the file when it changes, so
+replicas agree: the ingress maps a part to its model id, a scorer replica maps
+the model id back to the part's config and adapter.
+
+Each part is served under its model id (:func:`serve.grading.parts.model_id`):
+a replaced adapter gets a new id, and scorer replicas load it on first use.
+The registry remembers the versions it has seen, so requests already in
+flight under a replaced id still resolve and finish with the old weights.
+Give each adapter version its own folder: the id names content, not a path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from serve.grading.config import GraderConfig, PartConfig, UnknownPartError
+from serve.grading.parts import Part, check_part
+
+#: Replaced part versions kept resolvable for requests still in flight.
+RETIRED_VERSIONS = 64
+
+
+class UnknownModelIdError(KeyError):
+    """A model id names no part version this registry knows (replaced before this replica saw it, or made up)."""
+
+
+def default_registry_file(config_path: str | Path) -> Path:
+    p = Path(config_path).resolve()
+    return p.with_name(p.stem + ".registry.json")
+
+
+class PartRegistry:
+    """Parts of the config overlaid with persisted admin changes (``None`` marks a removed part)."""
+
+    def __init__(self, cfg: GraderConfig, path: Path):
+        self.cfg, self.path = cfg, Path(path)
+        self._lock = threading.Lock()
+        self._mtime: int | None = None
+        self._loaded = False
+        self._overrides: dict[str, PartConfig | None] = {}
+        self._parts: dict[str, Part] = {}
+        self._versions: OrderedDict[str, Part] = OrderedDict()  # model id -> part, current and retired
+        self.refresh()
+
+    # -- reading
+
+    def refresh(self) -> None:
+        """Re-read the persisted changes if the file changed since the last read."""
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if self._loaded and mtime == self._mtime:
+            return
+        overrides: dict[str, PartConfig | None] = {}
+        if mtime is not None:
+            raw = json.loads(self.path.read_text())
+            overrides = {k: None if v is None else PartConfig.model_validate(v) for k, v in raw.items()}
+        merged: dict[str, PartConfig | None] = {**self.cfg.parts, **overrides}
+        parts = {name: self.check(name, pcfg) for name, pcfg in merged.items() if pcfg is not None}
+        with self._lock:
+            self._overrides, self._mtime, self._parts, self._loaded = overrides, mtime, parts, True
+            for part in parts.values():
+                self._remember(part)
+
+    def _remember(self, part: Part) -> None:
+        self._versions[part.model_id] = part
+        self._versions.move_to_end(part.model_id)
+        current = {p.model_id for p in self._parts.values()}
+        retired = [mid for mid in self._versions if mid not in current]
+        for mid in retired[: max(0, len(retired) - RETIRED_VERSIONS)]:
+            del self._versions[mid]
+
+    def get(self, part: str) -> Part:
+        """The part; :class:`UnknownPartError` if it is not registered."""
+        self.refresh()
+        try:
+            return self._parts[part]
+        except KeyError:
+            raise UnknownPartError(part, sorted(self._parts)) from None
+
+    def entries(self) -> dict[str, Part]:
+        self.refresh()
+        return dict(self._parts)
+
+    def by_model_id(self, model_id: str) -> Part:
+        """The part version a model id names (current or recently replaced); :class:`UnknownModelIdError` if none."""
+        if model_id not in self._versions:
+            self.refresh()
+        try:
+            return self._versions[model_id]
+        except KeyError:
+            raise UnknownModelIdError(model_id) from None
+
+    # -- admin changes
+
+    def check(self, part: str, pcfg: PartConfig) -> Part:
+        """The part with its adapter checked against the engine's rank limit (``AdapterError`` otherwise)."""
+        return check_part(part, pcfg, self.cfg.engine.max_lora_rank)
+
+    def put(self, part: str | Part, pcfg: PartConfig | None = None) -> Part:
+        """Register or replace a part and persist the change; takes a checked :class:`Part` or a name and config."""
+        checked = part if isinstance(part, Part) else self.check(part, pcfg)
+        self._write({**self._overrides, checked.part: checked.config})
+        return checked
+
+    def delete(self, part: str) -> None:
+        """Remove a part (config parts too) and persist the change."""
+        self.get(part)
+        self._write({**self._overrides, part: None})
+
+    def _write(self, overrides: dict[str, PartConfig | None]) -> None:
+        data = {k: None if v is None else v.model_dump(mode="json") for k, v in overrides.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, self.path)
+        self._loaded = False  # force a re-read
+        self.refresh()

@@ -1,0 +1,163 @@
+"""The Scorer deployment's replica: one engine, the parts it has loaded, multiplexed by model id.
+
+Requests arrive with a multiplexed model id (:func:`serve.grading.parts.model_id`);
+Ray Serve routes them to replicas that already hold that id. A replica
+resolves the id against the shared part registry (the same file the ingress
+writes), loads the adapter on first use and keeps at most
+``serving.adapters_per_replica`` parts (Serve drops the least recently used).
+
+A dropped part's adapter leaves the engine only once no request of it is
+still running (:class:`LoadedPart`). The engine comes from a factory, the real
+one :class:`serve.engine.online.OnlineEngine`; tests give a fake one to check
+multiplexing, eviction and back-pressure without vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve.grading.audio import SAMPLE_RATE, Chunk, split
+from serve.grading.config import GraderConfig, load_config
+from serve.grading.parts import Part, PartSpec
+from serve.service.registry import PartRegistry, default_registry_file
+
+logger = logging.getLogger("ray.serve")
+
+#: ``engine_factory(cfg)`` gives an object with ``resolve``, ``load_adapter``,
+#: ``unload_adapter``, ``score_answer`` and ``shutdown`` (see OnlineEngine).
+EngineFactory = Callable[[GraderConfig], Any]
+
+
+def online_engine(cfg: GraderConfig):
+    """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica)."""
+    from serve.engine.online import OnlineEngine
+
+    return OnlineEngine(cfg)
+
+
+class LoadedPart:
+    """A part resolved and its adapter loaded on this replica, with the requests using it counted.
+
+    When the replica drops it (``retire``), it is released at once if no
+    request of it is running, else when the last one finishes.
+    """
+
+    def __init__(self, spec: PartSpec, release: Callable[[PartSpec], Awaitable[None]]):
+        self.spec, self._release = spec, release
+        self.in_flight = 0
+        self.retired = False
+        self.released = False
+        # Ray Serve awaits ``model.__del__`` when it drops a model from its cache; an
+        # instance attribute, so that garbage collection does not call it too.
+        self.__del__ = self.retire
+
+    @contextlib.asynccontextmanager
+    async def in_use(self) -> AsyncIterator[PartSpec]:
+        self.in_flight += 1
+        try:
+            yield self.spec
+        finally:
+            self.in_flight -= 1
+            if self.retired and self.in_flight == 0:
+                await self._unload()
+
+    async def retire(self) -> None:
+        """The replica no longer holds this part: unload its adapter once idle."""
+        if self.retired:
+            return
+        self.retired = True
+        if self.in_flight == 0:
+            await self._unload()
+
+    async def _unload(self) -> None:
+        if not self.released:
+            self.released = True
+            await self._release(self.spec)
+
+
+class ScorerReplica:
+    """Behaviour of a scorer replica (the builder adds Serve's deployment and multiplexing around it)."""
+
+    async def __init__(self, config_path: str, engine_factory: EngineFactory = online_engine):
+        cfg = load_config(config_path)
+        self.cfg = cfg
+        self.registry = PartRegistry(cfg, Path(cfg.serving.registry_file or default_registry_file(config_path)))
+        self.engine = engine_factory(cfg)
+        self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter()}
+        self._holders: Counter = Counter()  # adapter hash -> LoadedPart objects not yet released
+        specs = [self.engine.resolve(part) for part in self.registry.entries().values()]  # label tokens checked
+        if specs:
+            await self._warm_up(specs[0])
+
+    async def _warm_up(self, spec: PartSpec) -> None:
+        """Score one full-length chunk before taking traffic, so the first caller does not pay the engine's warm-up."""
+        t = np.arange(int(self.cfg.audio.max_chunk_s * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
+        tone = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+        started = time.perf_counter()
+        await self.engine.score_answer(spec, split(tone, self.cfg.audio.max_chunk_s), "warm-up")
+        logger.info("scorer warmed up in %.1f s", time.perf_counter() - started)
+
+    async def load_part(self, model_id: str) -> LoadedPart:
+        """Resolve a model id against the registry and load its adapter (Serve calls this on a cache miss)."""
+        spec = self.engine.resolve(self.registry.by_model_id(model_id))
+        await self.engine.load_adapter(spec)
+        self.stats["adapter_loads"][spec.part] += 1
+        self._holders[spec.adapter_hash] += 1
+        return LoadedPart(spec, self._release)
+
+    async def _release(self, spec: PartSpec) -> None:
+        """A dropped part is idle: unload its adapter unless another loaded part uses the same weights."""
+        self.stats["adapter_evictions"][spec.part] += 1
+        self._holders[spec.adapter_hash] -= 1
+        if self._holders[spec.adapter_hash] > 0:
+            return
+        del self._holders[spec.adapter_hash]
+        try:
+            await self.engine.unload_adapter(spec)
+        except Exception:  # the engine may be shutting down; vLLM's own LRU still bounds memory
+            logger.warning("could not unload adapter %s", spec.model_id)
+
+    async def score_chunks(self, chunks: list[Chunk], request_id: str) -> dict:
+        """Score one answer of the part named by the request's multiplexed model id."""
+        from ray import serve
+
+        loaded = await self.get_part(serve.get_multiplexed_model_id())
+        async with loaded.in_use() as spec:
+            result = await self.engine.score_answer(spec, chunks, request_id)
+        return result.model_dump()
+
+    async def check_labels(self, part: Part) -> None:
+        """Raise unless a part's labels are single tokens of this engine's tokenizer (before it is registered)."""
+        self.engine.resolve(part)
+
+    def ready(self) -> bool:
+        return True
+
+    def get_stats(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self.stats.items()}
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def scorer_class(adapters_per_replica: int) -> type[ScorerReplica]:
+    """The replica class holding at most ``adapters_per_replica`` parts (Serve's multiplexing LRU)."""
+    from ray import serve
+
+    class Scorer(ScorerReplica):
+        @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)
+        async def get_part(self, model_id: str) -> LoadedPart:
+            return await self.load_part(model_id)
+
+    return Scorer

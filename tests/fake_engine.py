@@ -1,0 +1,57 @@
+"""An engine stand-in for the scorer replica: no vLLM, but the same interface and observable adapter use.
+
+It "scores" in ``SECONDS_PER_AUDIO_SECOND`` of wall time per second of audio,
+keeps the set of adapters loaded, and fails a request whose adapter is not
+loaded when it starts or was unloaded while it ran, which is what a real
+engine must never see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from serve.grading.parts import Part, PartSpec, resolve_part
+from serve.grading.scoring import ChunkScore, aggregate
+
+SECONDS_PER_AUDIO_SECOND = 0.1
+
+
+class LetterTokenizer:
+    """Each character is one token."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(c) for c in text]
+
+
+class FakeEngine:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.loaded: set[str] = set()  # adapter hashes, as vLLM keys adapters by an id made of the hash
+
+    def resolve(self, part: Part) -> PartSpec:
+        return resolve_part(part, LetterTokenizer(), base=self.cfg.model.base, untrained=True)
+
+    async def load_adapter(self, spec: PartSpec) -> None:
+        self.loaded.add(spec.adapter_hash)
+
+    async def unload_adapter(self, spec: PartSpec) -> None:
+        self.loaded.discard(spec.adapter_hash)
+
+    def _check_loaded(self, spec: PartSpec, when: str) -> None:
+        if spec.adapter_path is not None and spec.adapter_hash not in self.loaded:
+            raise RuntimeError(f"adapter {spec.model_id} not loaded {when}")
+
+    async def score_answer(self, spec: PartSpec, chunks, request_id: str):
+        if request_id != "warm-up":
+            self._check_loaded(spec, "when its request started")
+        await asyncio.sleep(SECONDS_PER_AUDIO_SECOND * sum(c.duration_s for c in chunks))
+        if request_id != "warm-up":
+            self._check_loaded(spec, "while its request ran")
+        n = len(spec.levels)
+        scores = [ChunkScore(c.start_s, c.end_s, np.full(n, 1.0 / n)) for c in chunks]
+        return aggregate(spec.part, spec.levels, scores, spec.model)
+
+    def shutdown(self) -> None:
+        pass
