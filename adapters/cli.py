@@ -1,4 +1,4 @@
-"""Subcommands of ``l2grader`` that make and judge adapters (registered by :mod:`serve.cli.main`).
+"""Subcommands of ``l2grader`` that make and judge adapters (an ``l2grader.commands`` entry point).
 
 Heavy imports (torch, peft, vLLM) happen inside the commands.
 """
@@ -11,6 +11,16 @@ import sys
 
 from serve.cli.common import fail as _fail
 from serve.cli.common import load_config_or_exit
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from adapters.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote tiny UNTRAINED Qwen2-Audio checkpoint to {out / 'model'}", file=sys.stderr)
+    print(f"wrote demo adapters to {out / 'adapters'}", file=sys.stderr)
+    print(f"wrote ready config {out / 'demo.yaml'}", file=sys.stderr)
+    return 0
 
 
 def cmd_synth_data(args: argparse.Namespace) -> int:
@@ -63,7 +73,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the adapter subcommands (train, evaluate, synth-data) to the ``l2grader`` parser."""
+    """Add the adapter subcommands (make-tiny-model, train, evaluate, synth-data) to the ``l2grader`` parser."""
+    p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_make_tiny_model)
+
     p = sub.add_parser("train", help="train a part's LoRA adapter on scored answers (JSON lines)")
     p.add_argument("--config", required=True, help="grader YAML config (base model, part prompt and levels)")
     p.add_argument("--part", required=True, help="exam part to train the adapter for")

@@ -1,4 +1,4 @@
-"""``l2grader loadtest`` and ``l2grader bench`` (registered by :mod:`serve.cli.main`).
+"""``l2grader loadtest`` and ``l2grader bench`` (an ``l2grader.commands`` entry point).
 
 Locust runs as its own process: gevent's monkey-patching and Ray do not live
 in one interpreter.

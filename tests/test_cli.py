@@ -73,3 +73,16 @@ def test_score_batch_with_bad_files(tiny_dir, audio_dir):
     assert other.returncode == 0
     diff = max(abs(json.loads(other.stdout)["probabilities"][k] - v) for k, v in by_name["b.flac"]["probabilities"].items())
     assert diff > 0.01
+
+
+def test_subcommands_of_packages_not_installed_are_left_out(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import serve.cli.main as cli
+
+    present = EntryPoint("adapters", "adapters.cli:add_commands", cli.COMMANDS_GROUP)
+    absent = EntryPoint("gone", "no_such_package.cli:add_commands", cli.COMMANDS_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [absent, present] if group == cli.COMMANDS_GROUP else [])
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    assert {"score", "serve", "serve-config", "make-tiny-model", "train"} <= set(commands)
+    assert "loadtest" not in commands

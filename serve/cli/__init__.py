@@ -1,1 +1,1 @@
-"""The ``l2grader`` command line: the only part of ``serve`` that may import ``adapters`` and ``loadtest``."""
+"""The ``l2grader`` command line (``adapters`` and ``loadtest`` add their subcommands through entry points)."""

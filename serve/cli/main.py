@@ -1,4 +1,9 @@
-"""``l2grader``: the grader's command line (the serving commands; training and load tests add theirs).
+"""``l2grader``: the grader's command line.
+
+This module holds the serving commands (``score``, ``serve``,
+``serve-config``). The adapter tools and the load tests add theirs through
+the entry-point group ``l2grader.commands`` (see pyproject.toml), so
+``serve`` imports neither ``adapters`` nor ``loadtest``.
 
 Subcommands import their heavy dependencies (vLLM, torch) only when they run,
 so ``l2grader --help`` and config errors answer at once.
@@ -12,22 +17,13 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from serve.cli.common import PROG, fail, load_config_or_exit
 
-
-# ---------------------------------------------------------------- make-tiny-model
-
-
-def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from adapters.tiny_model import make_tiny_model
-
-    out = make_tiny_model(args.dir, seed=args.seed)
-    print(f"wrote tiny UNTRAINED Qwen2-Audio checkpoint to {out / 'model'}", file=sys.stderr)
-    print(f"wrote demo adapters to {out / 'adapters'}", file=sys.stderr)
-    print(f"wrote ready config {out / 'demo.yaml'}", file=sys.stderr)
-    return 0
+#: Entry-point group of the subcommands other packages add: ``add_commands(subparsers)``.
+COMMANDS_GROUP = "l2grader.commands"
 
 
 # ---------------------------------------------------------------- score
@@ -122,11 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Score spoken English answers (CEFR-aligned).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml")
-    p.add_argument("dir", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.set_defaults(func=cmd_make_tiny_model)
-
     p = sub.add_parser("score", help="score audio files offline with one engine; one JSON object per file")
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--part", required=True, help="exam part the answers belong to")
@@ -147,13 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-path", help="where the config lies on the cluster (default: its path here)")
     p.set_defaults(func=cmd_serve_config)
 
-    from adapters.cli import add_commands
-
-    add_commands(sub)
-
-    from loadtest.cli import add_commands as add_loadtest_commands
-
-    add_loadtest_commands(sub)
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            add_commands = entry.load()
+        except ModuleNotFoundError as e:
+            if e.name != entry.module.split(".")[0]:
+                raise
+            continue  # that package is not installed here (the service image leaves loadtest/ out)
+        add_commands(sub)
     return parser
 
 

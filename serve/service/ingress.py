@@ -149,7 +149,7 @@ class Ingress:
 
     # ------------------------------------------------------------ parts (admin)
 
-    @app.get(f"/{API_VERSION}/parts", name="parts", response_model=PartsResponse, responses=ERRORS,
+    @app.get(f"/{API_VERSION}/parts", name="list_parts", response_model=PartsResponse, responses=ERRORS,
              dependencies=[Depends(require_user)])
     async def list_parts(self) -> PartsResponse:
         """The exam parts this service scores."""
@@ -159,7 +159,7 @@ class Ingress:
              dependencies=[Depends(require_admin)])
     async def put_part(self, request: Request, part: str = Depends(part_path)) -> PartInfo:
         """Register or replace a part's adapter (admin). Takes effect at once; persisted across restarts."""
-        body = await read_json(request, PutPartRequest)
+        body = await read_json(request, PutPartRequest, json_type_required=False)
         try:
             checked = await asyncio.to_thread(self.registry.check, part, body)  # hashing may take a while
             await self.scorer.check_labels.remote(checked)

@@ -68,8 +68,9 @@ class Metrics:
 #: This replica process's metrics (Serve runs one replica per process).
 METRICS = Metrics()
 
-#: Routes whose requests are counted (by route name); health, readiness, metrics and docs are not.
-COUNTED_ROUTES = frozenset({"score", "score_batch", "parts", "put_part", "delete_part"})
+#: Route name -> the ``endpoint`` label its requests are counted under; health, readiness, metrics and docs are not.
+ENDPOINTS = {"score": "score", "score_batch": "score_batch", "list_parts": "parts", "put_part": "put_part",
+             "delete_part": "delete_part"}
 
 
 class RequestMetrics:
@@ -101,9 +102,8 @@ class RequestMetrics:
                 await response(scope, receive, send_and_see)
         finally:
             self.metrics.inflight.dec()
-        route = scope.get("route")
-        endpoint = getattr(route, "name", None)
-        if endpoint not in COUNTED_ROUTES:
+        endpoint = ENDPOINTS.get(getattr(scope.get("route"), "name", None))
+        if endpoint is None:
             return
         state = Request(scope).state
         part = getattr(state, "part", None) or "-"

@@ -51,9 +51,9 @@ class UploadLimits:
             self.check(int(int(length) * 3 / 4) - 4096)
 
 
-async def read_json(request: Request, model: type[M]) -> M:
-    """The body as ``model``: 415 unless JSON, 422 unless it parses and validates."""
-    if content_type(request) != "application/json":
+async def read_json(request: Request, model: type[M], *, json_type_required: bool = True) -> M:
+    """The body as ``model``: 415 unless declared JSON (when required), 422 unless it parses and validates."""
+    if json_type_required and content_type(request) != "application/json":
         raise ApiError(415, "unsupported_media_type", "this call takes application/json")
     try:
         data = await request.json()
