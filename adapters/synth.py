@@ -110,19 +110,14 @@ def make_spec(score: float, rng: random.Random) -> Spec:
 
 def speak(spec: Spec) -> np.ndarray:
     """Synthesize one answer: float32 mono at 16 kHz."""
-    import io
-
-    import soundfile as sf
-
-    from serve.grading.audio import resample
+    from serve.grading.audio import decode
 
     cmd = ["espeak-ng", "-m", "-v", spec.voice, "-s", str(spec.rate_wpm), "-p", str(spec.pitch), "--stdout", spec.text]
     try:
         out = subprocess.run(cmd, check=True, capture_output=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise SynthError(f"espeak-ng failed: {e}") from None
-    wave, rate = sf.read(io.BytesIO(out), dtype="float32", always_2d=True)
-    return resample(wave.mean(axis=1), rate)
+    return decode(out)
 
 
 def _scores(n: int, rng: random.Random) -> list[float]:

@@ -12,11 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
+#: Formats libsndfile writes: the classic upload formats.
 FORMATS = {
     "wav": dict(format="WAV", subtype="PCM_16"),
     "flac": dict(format="FLAC"),
     "ogg": dict(format="OGG", subtype="OPUS"),
     "mp3": dict(format="MP3"),
+}
+
+#: Formats browsers and phones record, written with FFmpeg (PyAV): container format, codec, sample format, rate.
+RECORDED_FORMATS = {
+    "webm": ("webm", "libopus", "flt", 48000),  # Chrome, Edge, Firefox MediaRecorder
+    "m4a": ("ipod", "aac", "fltp", 44100),  # Safari / iOS voice memos
+    "mp4": ("mp4", "aac", "fltp", 44100),
+    "aac": ("adts", "aac", "fltp", 44100),  # raw AAC in ADTS frames
 }
 
 
@@ -32,11 +41,39 @@ def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
 
 
 def encode(wave: np.ndarray, rate: int, fmt: str = "wav") -> bytes:
-    """The audio as a file's bytes in ``fmt`` (wav, flac, ogg = Opus, mp3)."""
+    """The audio as a file's bytes in ``fmt``: wav, flac, ogg (Opus), mp3, webm (Opus), m4a, mp4, aac (ADTS).
+
+    The recorded formats resample to their codec's usual rate.
+    """
+    if fmt in RECORDED_FORMATS:
+        return _encode_ffmpeg(wave, rate, *RECORDED_FORMATS[fmt])
     import soundfile as sf
 
     buf = io.BytesIO()
     sf.write(buf, wave, rate, **FORMATS[fmt])
+    return buf.getvalue()
+
+
+def _encode_ffmpeg(wave: np.ndarray, rate: int, container: str, codec: str, sample_format: str, out_rate: int) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=out_rate, layout="mono")
+        resampler = av.AudioResampler(format=sample_format, layout="mono", rate=out_rate)
+        step = rate // 10
+        for start in range(0, len(wave) + 1, step):
+            samples = wave[start : start + step]
+            frames = [None]
+            if len(samples):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, :], np.float32), format="flt",
+                                                   layout="mono")
+                frame.sample_rate = rate
+                frames = [frame]
+            for f in frames:
+                for r in resampler.resample(f):
+                    out.mux(stream.encode(r))
+        out.mux(stream.encode(None))
     return buf.getvalue()
 
 

@@ -76,3 +76,112 @@ def test_prepare_answer(audio_dir):
     chunks = prepare_answer(audio_dir / "b.flac", AudioConfig())
     assert len(chunks) == 3
     assert chunks[-1].end_s == pytest.approx(75, abs=0.05)
+
+
+# ---------------------------------------------------------------- formats clients record, hostile files
+
+
+@pytest.mark.parametrize("fmt", ["webm", "m4a", "mp4", "aac", "ogg", "mp3", "flac"])
+def test_recorded_formats_decode_like_the_wav(fmt):
+    from loadtest.audio import encode
+
+    wave = speechlike(8.0, seed=5)
+    ref = decode(encode(wave, SAMPLE_RATE, "wav"))
+    got = decode(encode(wave, SAMPLE_RATE, fmt))
+    assert abs(len(got) - len(ref)) < 0.05 * SAMPLE_RATE  # AAC adds ~1024 samples of encoder delay
+    rms = lambda x: float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))  # noqa: E731
+    assert rms(got) == pytest.approx(rms(ref), rel=0.05)
+
+
+def _wav_header(rate: int, channels: int, n_frames: int, bits: int = 16, fmt_tag: int = 1) -> bytes:
+    import struct
+
+    block = channels * bits // 8
+    data_len = n_frames * block
+    return (b"RIFF" + struct.pack("<I", 36 + data_len) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, fmt_tag, channels, rate,
+            rate * block, block, bits) + b"data" + struct.pack("<I", data_len))
+
+
+def test_a_1_hz_wav_is_refused_before_decoding():
+    data = _wav_header(1, 1, 800) + b"\x10\x00" * 800  # 800 "seconds" in 1.6 KB
+    with pytest.raises(AudioError) as e:
+        decode(data, max_duration_s=900)
+    assert e.value.kind == "unsupported_audio" and "1 Hz" in str(e.value)
+
+
+def test_more_than_8_channels_are_refused_before_decoding():
+    data = _wav_header(16000, 64, 1600) + b"\x00\x01" * 64 * 1600
+    with pytest.raises(AudioError) as e:
+        decode(data)
+    assert e.value.kind == "unsupported_audio" and "64 channels" in str(e.value)
+
+
+def test_a_high_rate_many_channel_file_stops_at_the_input_budget():
+    import av
+    import io
+    import time
+    import tracemalloc
+
+    buf = io.BytesIO()  # 384 kHz, 8 channels, 12 s of a constant: compresses to almost nothing
+    with av.open(buf, mode="w", format="flac") as out:
+        stream = out.add_stream("flac", rate=384000, layout="7.1")
+        block = np.full((1, 8 * 38400), 1000, dtype=np.int16)
+        for _ in range(120):
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout="7.1")
+            frame.sample_rate = 384000
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    data = buf.getvalue()
+    assert len(data) < 200_000
+    cfg = AudioConfig(max_duration_s=30)  # budget: 96,000 x 30 = 2.9 M input samples, the file holds 36.9 M
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    with pytest.raises(AudioError) as e:
+        decode(data, max_duration_s=cfg.max_duration_s, max_input_samples=cfg.max_input_samples())
+    elapsed = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert e.value.kind == "too_large"
+    assert elapsed < 10
+    assert peak < 30 * 1024 * 1024  # bounded by the 16 kHz mono output, not the 8 x 384 kHz input
+
+
+def test_a_streaming_flac_without_total_samples_decodes():
+    from loadtest.audio import encode
+
+    data = bytearray(encode(speechlike(8.0, seed=6), SAMPLE_RATE, "flac"))
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first
+    info = 8  # STREAMINFO body: total samples are the low 4 bits of byte 13 and bytes 14-17; then the MD5
+    data[info + 13] &= 0xF0
+    data[info + 14 : info + 18] = b"\0\0\0\0"
+    data[info + 18 : info + 34] = b"\0" * 16
+    wave = decode(bytes(data), max_duration_s=900)
+    assert abs(len(wave) / SAMPLE_RATE - 8.0) < 0.01
+
+
+def test_a_header_that_overstates_the_length_is_judged_by_the_samples():
+    samples = (speechlike(3.0, seed=7) * 32767).astype("<i2").tobytes()
+    data = _wav_header(16000, 1, 16000 * 3000) + samples  # says 50 min, holds 3 s
+    wave = decode(data, max_duration_s=60)
+    assert abs(len(wave) / SAMPLE_RATE - 3.0) < 0.01
+
+
+def test_huge_float_samples_are_clipped_and_non_finite_ones_refused():
+    loud = (speechlike(2.0, seed=8) * 1e30).astype("<f4")
+    wave = decode(_wav_header(16000, 1, len(loud), bits=32, fmt_tag=3) + loud.tobytes())
+    assert np.all(np.isfinite(wave)) and np.max(np.abs(wave)) <= 1.0
+    bad = speechlike(2.0, seed=9).astype("<f4")
+    bad[100] = np.nan
+    with pytest.raises(AudioError) as e:
+        decode(_wav_header(16000, 1, len(bad), bits=32, fmt_tag=3) + bad.tobytes())
+    assert e.value.kind == "undecodable"
+
+
+def test_decoding_stops_when_cancelled():
+    from loadtest.audio import encode
+
+    data = encode(speechlike(60.0, seed=10), SAMPLE_RATE, "flac")
+    calls = []
+    with pytest.raises(AudioError) as e:
+        decode(data, cancelled=lambda: calls.append(1) or len(calls) > 3)
+    assert e.value.kind == "cancelled" and len(calls) == 4

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", required=True, help="exam part the answers belong to")
     p.add_argument("--batch-size", type=int, default=256, help="answers sent to the engine together (default 256)")
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
-    p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG/Opus, MP3, ...)")
+    p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("serve", help="run the HTTP scoring service (Ray Serve + vLLM)")

@@ -1,4 +1,4 @@
-"""Audio of an answer: decode, resample to 16 kHz mono, check it holds speech, cut it into chunks.
+"""Audio of an answer: decode (FFmpeg, through PyAV) to 16 kHz mono, check it holds speech, cut it into chunks.
 
 Qwen2-Audio's encoder hears at most 30 s; vLLM silently truncates anything
 longer, so long answers are cut here into balanced chunks (75 s -> 3 x 25 s,
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import math
-import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +39,40 @@ class Chunk:
         return self.end_s - self.start_s
 
 
-def decode(data: bytes | str | Path, *, max_duration_s: float | None = None) -> np.ndarray:
-    """Decode WAV/FLAC/OGG(Vorbis, Opus)/MP3 bytes or a file to float32 mono at 16 kHz.
+#: Input sample rates below this are refused (no speech recording is made that way; 1 Hz "audio" would
+#: count as hours of answer from a few bytes).
+MIN_INPUT_RATE = 8000
+#: More input channels than this are refused before decoding.
+MAX_INPUT_CHANNELS = 8
 
-    Raises :class:`AudioError` (kind ``empty``, ``undecodable`` or ``too_long``).
+
+def decode(
+    data: bytes | str | Path,
+    *,
+    max_duration_s: float | None = None,
+    max_input_samples: int | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Decode any audio FFmpeg reads (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...) to float32 mono at 16 kHz.
+
+    Streaming: the input is decoded block by block, each block's channels
+    averaged and the result resampled (FFmpeg's resampler), so memory is
+    bounded by the 16 kHz mono output, never by the input's rate or channel
+    count. FFmpeg (through PyAV) reads every format; WAV goes through
+    libsndfile, up to 10x faster on it, under the same checks. Limits are
+    checked while decoding, on what the file really holds (its header may
+    under- or over-state its length):
+
+    - a sample rate below :data:`MIN_INPUT_RATE` or more than
+      :data:`MAX_INPUT_CHANNELS` channels: kind ``unsupported_audio``, before decoding;
+    - decoded audio longer than ``max_duration_s``: ``too_long``, at once;
+    - more than ``max_input_samples`` input samples (rate x channels x seconds): ``too_large``;
+    - non-finite samples: ``undecodable``; samples beyond full scale are clipped to [-1, 1];
+    - ``cancelled()`` true (the client left): ``cancelled``.
+
+    Raises :class:`AudioError` (kinds above, ``empty``, ``undecodable``, ``unreadable``).
     """
-    import soundfile as sf
+    import av
 
     if isinstance(data, (str, Path)):
         try:
@@ -53,34 +81,140 @@ def decode(data: bytes | str | Path, *, max_duration_s: float | None = None) -> 
             raise AudioError("unreadable", f"cannot read {data}: {e.strerror or e}") from None
     if len(data) == 0:
         raise AudioError("empty", "the audio is empty (0 bytes)")
+    max_out = None if max_duration_s is None else int(max_duration_s * SAMPLE_RATE)
+    pieces: list[np.ndarray] = []
+    n_out = n_in = 0
+    to_16k = _Resampler()
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            rate = f.samplerate
-            if max_duration_s is not None and f.frames > 0 and f.frames / rate > max_duration_s:
-                raise AudioError(
-                    "too_long", f"the audio lasts {f.frames / rate:.1f} s, more than the {max_duration_s:g} s allowed"
-                )
-            wave = f.read(dtype="float32", always_2d=True)
+        for mono, rate, channels in _blocks(data):
+            n_in += mono.size * channels
+            if max_input_samples is not None and n_in > max_input_samples:
+                raise AudioError("too_large", f"the audio holds more than {max_input_samples} input samples "
+                                 "(rate x channels x seconds) allowed for one answer")
+            for out in to_16k.push(mono, rate):
+                pieces.append(out)
+                n_out += out.size
+            if max_out is not None and n_out > max_out:
+                raise AudioError("too_long", f"the audio lasts more than the {max_duration_s:g} s allowed")
+            if cancelled is not None and cancelled():
+                raise AudioError("cancelled", "decoding stopped: the request was cancelled")
+        pieces.extend(to_16k.flush())
     except AudioError:
         raise
-    except Exception as e:  # libsndfile reports every format problem as a generic error
-        detail = re.sub(r"^Error opening <[^>]*>: ", "", str(e).strip()) or type(e).__name__
+    except (av.FFmpegError, ValueError, EOFError, OverflowError, RuntimeError) as e:
+        detail = str(e).split(";")[0].strip()[:200] or type(e).__name__
         raise AudioError("undecodable", f"the audio cannot be decoded (not a supported audio format): {detail}") from None
-    if wave.shape[0] == 0:
+    wave = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    if wave.size == 0:
         raise AudioError("empty", "the audio holds no samples")
-    mono = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
-    if not np.all(np.isfinite(mono)):
+    if max_out is not None and wave.size > max_out:
+        raise AudioError("too_long", f"the audio lasts more than the {max_duration_s:g} s allowed")
+    if not np.all(np.isfinite(wave)):
         raise AudioError("undecodable", "the audio holds non-finite samples")
-    return resample(mono, rate)
+    return np.clip(wave, -1.0, 1.0, out=wave)
 
 
-def resample(wave: np.ndarray, rate: int) -> np.ndarray:
-    """Resample mono float32 audio to 16 kHz (no-op when already there)."""
-    if rate == SAMPLE_RATE:
-        return np.ascontiguousarray(wave, dtype=np.float32)
-    import librosa
+#: Frames libsndfile reads at a time.
+_SNDFILE_BLOCK = 65536
 
-    return librosa.resample(wave, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq").astype(np.float32)
+
+def _blocks(data: bytes) -> Iterator[tuple[np.ndarray, int, int]]:
+    """(mono float32 block, its sample rate, the input's channels), checked before any sample is read."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        import soundfile as sf
+
+        try:
+            f = sf.SoundFile(io.BytesIO(data))
+        except (sf.LibsndfileError, RuntimeError, ValueError):
+            f = None  # a WAV codec libsndfile lacks: FFmpeg may have it
+        if f is not None:
+            with f:
+                _check_input(f.samplerate, f.channels)
+                for block in f.blocks(_SNDFILE_BLOCK, dtype="float32", always_2d=True):
+                    yield (block.mean(axis=1, dtype=np.float32) if f.channels > 1 else block[:, 0]), f.samplerate, f.channels
+            return
+    import av
+
+    with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+        if not container.streams.audio:
+            raise AudioError("undecodable", "the file holds no audio stream")
+        stream = container.streams.audio[0]
+        _check_input(stream.codec_context.sample_rate, stream.codec_context.channels)
+        for frame in container.decode(stream):
+            channels = frame.layout.nb_channels
+            _check_input(frame.sample_rate, channels)
+            yield _mono(frame), frame.sample_rate, channels
+
+
+def _check_input(rate: int | None, channels: int | None) -> None:
+    if rate and rate < MIN_INPUT_RATE:
+        raise AudioError("unsupported_audio", f"sample rate {rate} Hz is below the {MIN_INPUT_RATE} Hz accepted")
+    if channels and channels > MAX_INPUT_CHANNELS:
+        raise AudioError("unsupported_audio", f"{channels} channels: at most {MAX_INPUT_CHANNELS} are accepted")
+
+
+#: Full scale of the integer sample formats (FFmpeg's names, planar or not).
+_FULL_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0**31, "s64": 2.0**63}
+
+
+def _mono(frame) -> np.ndarray:
+    """The mean of a decoded frame's channels, float32 at full scale 1.
+
+    Done here rather than by FFmpeg's resampler: its channel rematrixing does
+    not average (and PyAV's resampler crashed on some many-channel layouts).
+    """
+    channels = frame.layout.nb_channels
+    samples = frame.to_ndarray()
+    samples = samples.reshape(channels, -1) if frame.format.is_planar else samples.reshape(-1, channels).T
+    name = frame.format.name.rstrip("p")
+    if channels == 1 and name == "flt":
+        return samples[0]
+    mono = samples.mean(axis=0, dtype=np.float64) if channels > 1 else samples[0].astype(np.float64)
+    if name == "u8":
+        mono -= 128.0
+    return (mono / _FULL_SCALE.get(name, 1.0)).astype(np.float32)
+
+
+class _Resampler:
+    """FFmpeg's resampler to 16 kHz mono, fed in blocks of at least :attr:`BLOCK` samples (fewer calls)."""
+
+    BLOCK = 16384
+
+    def __init__(self) -> None:
+        import av
+
+        self._av = av
+        self._resampler = None
+        self._rate: int | None = None
+        self._pending: list[np.ndarray] = []
+        self._n = 0
+
+    def push(self, mono: np.ndarray, rate: int) -> list[np.ndarray]:
+        if self._rate is not None and rate != self._rate:
+            raise ValueError(f"the sample rate changes within the stream ({self._rate} -> {rate} Hz)")
+        self._rate = rate
+        self._pending.append(mono)
+        self._n += mono.size
+        return self._drain() if self._n >= self.BLOCK else []
+
+    def flush(self) -> list[np.ndarray]:
+        out = self._drain()
+        if self._resampler is not None:
+            out += [f.to_ndarray().reshape(-1) for f in self._resampler.resample(None)]
+        return out
+
+    def _drain(self) -> list[np.ndarray]:
+        if not self._pending:
+            return []
+        block = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._n = [], 0
+        if self._rate == SAMPLE_RATE:
+            return [np.array(block, dtype=np.float32)]
+        if self._resampler is None:
+            self._resampler = self._av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        frame = self._av.AudioFrame.from_ndarray(np.ascontiguousarray(block[None, :]), format="flt", layout="mono")
+        frame.sample_rate = self._rate
+        return [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
 
 
 def voiced_seconds(wave: np.ndarray, silence_dbfs: float, frame_s: float = 0.025) -> float:
@@ -122,8 +256,9 @@ def split(wave: np.ndarray, max_chunk_s: float = 30.0) -> list[Chunk]:
     ]
 
 
-def prepare_answer(data: bytes | str | Path, audio_cfg) -> list[Chunk]:
+def prepare_answer(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] | None = None) -> list[Chunk]:
     """Decode, check and chunk one answer under the config's audio rules (:class:`serve.grading.config.AudioConfig`)."""
-    wave = decode(data, max_duration_s=audio_cfg.max_duration_s)
+    wave = decode(data, max_duration_s=audio_cfg.max_duration_s, max_input_samples=audio_cfg.max_input_samples(),
+                  cancelled=cancelled)
     check_speech(wave, min_speech_s=audio_cfg.min_speech_s, silence_dbfs=audio_cfg.silence_dbfs)
     return split(wave, audio_cfg.max_chunk_s)
