@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.audio_fixtures import write
+
+L2GRADER = str(Path(sys.executable).parent / "l2grader")
+USER_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
+USER = {"Authorization": f"Bearer {USER_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +59,53 @@ def audio_dir(tmp_path_factory) -> Path:
     (d / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 8)
     (d / "empty.wav").write_bytes(b"")
     return d
+
+
+@contextmanager
+def running_service(config: Path, port: int, log_path: Path, ready_timeout_s: float = 400) -> Iterator[str]:
+    """``l2grader serve --config CONFIG`` with the test API keys, until ``/readyz``; its process group ends after."""
+    import httpx
+
+    env = dict(os.environ, L2G_TEST_API_KEYS=USER_KEY, L2G_TEST_ADMIN_KEYS=ADMIN_KEY)
+    log = open(log_path, "w+")
+    proc = subprocess.Popen([L2GRADER, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + ready_timeout_s
+    try:
+        while True:
+            assert proc.poll() is None, "service exited during start-up"
+            log.seek(0)
+            announced = f"listening on http://127.0.0.1:{port}" in log.read()
+            try:
+                if announced and httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "service not ready in time"
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+
+
+def keyed_service_config(raw: dict, d: Path) -> Path:
+    """Write ``raw`` (a tiny config) with the test API keys, a free port and a registry file into ``d``."""
+    import yaml
+
+    from loadtest.service import free_port
+
+    raw["serving"] = {
+        "port": free_port(),
+        "api_keys_env": "L2G_TEST_API_KEYS",
+        "admin_keys_env": "L2G_TEST_ADMIN_KEYS",
+        "registry_file": str(d / "registry.json"),
+    }
+    (d / "service.yaml").write_text(yaml.safe_dump(raw))
+    return d / "service.yaml"

@@ -42,6 +42,7 @@ def cfg_path(tiny_config, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("scorer")
     raw = tiny_config()
     raw["parts"]["opinion"] = {"adapter": raw["parts"]["interview"]["adapter"], "task": "Opinion."}
+    raw["audio"] = {"max_upload_mb": 2, "max_batch_answers": 4, "max_batch_audio_s": 60}
     raw["serving"] = {
         "registry_file": str(d / "registry.json"),
         "adapters_per_replica": 1,
@@ -159,3 +160,146 @@ def test_back_pressure_answers_503_with_retry_after(url):
             assert r.headers["retry-after"] == "2"
             assert r.json()["error"]["kind"] == "overloaded"
     assert post(url, "interview", 2).status_code == 200  # and it recovers
+
+
+# ---------------------------------------------------------------- bad and hostile requests: a JSON 4xx each
+
+
+def assert_error(r: httpx.Response, status: int, kind: str) -> dict:
+    assert r.status_code == status, r.text[:500]
+    body = r.json()
+    assert body["error"]["kind"] == kind and body["request_id"], body
+    assert "Traceback" not in r.text and "/work/" not in r.text and "pid=" not in r.text
+    return body
+
+
+@pytest.mark.parametrize("fmt", ["webm", "m4a", "mp4", "aac", "mp3", "ogg", "flac"])
+def test_formats_browsers_and_phones_record_are_scored(url, fmt):
+    from loadtest.audio import encode
+
+    audio = encode(speechlike(6.0, seed=40), 16000, fmt)
+    r = httpx.post(f"{url}/v1/score", data={"part": "interview"}, files={"audio": (f"a.{fmt}", audio)}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert abs(r.json()["duration_s"] - 6.0) < 0.1
+
+
+def test_malformed_bodies(url):
+    assert_error(httpx.post(f"{url}/v1/score", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+                 422, "invalid_request")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert_error(httpx.post(f"{url}/v1/score", content=deep, headers={"content-type": "application/json"}),
+                 422, "invalid_request")
+    assert_error(httpx.post(f"{url}/v1/score", content=b"{}", headers={"content-type": "application/json;;; =x; charset"}),
+                 422, "invalid_request")
+    assert_error(httpx.post(f"{url}/v1/score", content=b"x", headers={"content-type": "text/plain"}),
+                 415, "unsupported_media_type")
+    assert_error(httpx.get(f"{url}/no/such/path"), 404, "not_found")
+    assert_error(httpx.delete(f"{url}/v1/score"), 405, "method_not_allowed")
+
+
+def test_mime_base64_with_line_breaks_is_accepted(url):
+    import base64
+
+    b64 = base64.encodebytes(wav(3.0, seed=41)).decode()  # 76-character lines
+    assert "\n" in b64
+    r = httpx.post(f"{url}/v1/score", json={"part": "interview", "audio_base64": b64}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_hostile_audio(url):
+    from tests.test_audio import _wav_header
+
+    def post_bytes(data: bytes) -> httpx.Response:
+        return httpx.post(f"{url}/v1/score", data={"part": "interview"}, files={"audio": ("x.wav", data)}, timeout=60)
+
+    assert_error(post_bytes(_wav_header(1, 1, 800) + b"\x10\x00" * 800), 422, "unsupported_audio")
+    assert_error(post_bytes(_wav_header(16000, 64, 1600) + b"\x00\x01" * 64 * 1600), 422, "unsupported_audio")
+    loud = (speechlike(2.0, seed=42) * 1e30).astype("<f4")
+    r = post_bytes(_wav_header(16000, 1, len(loud), bits=32, fmt_tag=3) + loud.tobytes())
+    assert r.status_code == 200, r.text  # clipped to full scale
+
+
+def test_a_chunked_body_past_the_limit_is_refused_while_it_streams(url):
+    import select
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    piece = b"a" * (1024 * 1024)
+    sent_mb, response = 0, b""
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        deadline = time.time() + 60
+        while sent_mb < 600 and time.time() < deadline:  # up to 600 MB, 1 MB at a time, no Content-Length
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server has answered
+            try:
+                sock.sendall(b"100000\r\n" + piece + b"\r\n")
+            except OSError:
+                break  # or closed the connection
+            sent_mb += 1
+        sock.settimeout(30)
+        try:
+            while not response.endswith(b"}"):  # the JSON error body ends the response
+                got = sock.recv(65536)
+                if not got:
+                    break
+                response += got
+        except OSError:
+            pass
+    assert response.startswith(b"HTTP/1.1 413"), response[:300]
+    assert b'"too_large"' in response
+    assert sent_mb < 100, sent_mb  # answered near the 2 MB (+ base64) limit, not after 600 MB
+
+
+def test_batch_limits(url):
+    import base64
+
+    one = base64.b64encode(wav(20.0, seed=43)).decode()
+    too_many = {"answers": [{"part": "interview", "audio_base64": one}] * 5}
+    body = assert_error(httpx.post(f"{url}/v1/score/batch", json=too_many, timeout=60), 413, "too_large")
+    assert "at most 4" in body["error"]["message"]
+    too_long = {"answers": [{"part": "interview", "audio_base64": one}] * 4}  # 80 s > 60 s
+    body = assert_error(httpx.post(f"{url}/v1/score/batch", json=too_long, timeout=60), 413, "too_long")
+    assert "at most 60 s" in body["error"]["message"]
+    ok = {"answers": [{"part": "interview", "audio_base64": one}] * 2}
+    assert httpx.post(f"{url}/v1/score/batch", json=ok, timeout=60).status_code == 200
+
+
+# ---------------------------------------------------------------- the OpenAPI document, held against the service
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import status_code_conformance  # noqa: E402
+
+
+def test_the_document_declares_both_score_bodies(url):
+    doc = httpx.get(f"{url}/openapi.json").json()
+    score = doc["paths"]["/v1/score"]["post"]
+    assert set(score["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert {"401", "404", "413", "415", "422", "503"} <= set(score["responses"])
+    assert "application/json" in doc["paths"]["/v1/score/batch"]["post"]["requestBody"]["content"]
+
+
+def test_generated_requests_get_no_5xx_and_only_documented_statuses(url):
+    """Requests generated from the document itself (schemathesis): no 5xx, no status the document leaves out.
+
+    Admin routes are left out: generated PUT/DELETE calls would change the parts the other tests score.
+    """
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    tested = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        if operation.method.upper() in ("PUT", "DELETE"):
+            continue
+
+        @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy())
+        def check(case):
+            case.call_and_validate(base_url=url, checks=[not_a_server_error, status_code_conformance], timeout=60)
+
+        check()
+        tested.append(operation.label)
+    assert {"POST /v1/score", "POST /v1/score/batch", "GET /v1/parts"} <= set(tested)

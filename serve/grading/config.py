@@ -97,6 +97,24 @@ class AudioConfig(_Strict):
     silence_dbfs: float = Field(-50.0, description="Frames quieter than this (RMS, dBFS) count as silence.")
     max_duration_s: float = Field(900.0, gt=0.0, description="Longest answer accepted.")
     max_upload_mb: float = Field(50.0, gt=0.0, description="Largest upload accepted.")
+    max_input_samples_per_s: float = Field(
+        96000.0, gt=0.0,
+        description="Input samples (rate x channels) decoded per second of max_duration_s at most: bounds the "
+        "decoding work of one answer (default: 48 kHz stereo).",
+    )
+
+    max_unsized_body_mb: float = Field(
+        8.0, gt=0.0,
+        description="Largest request body sent without a Content-Length (chunked): Ray Serve's proxy streams such a "
+        "body to the ingress faster than it is read, so the limit that bounds the ingress's memory must be small.",
+    )
+    max_batch_answers: int = Field(64, ge=1, description="Answers one POST /v1/score/batch may carry.")
+    max_batch_audio_s: float = Field(3600.0, gt=0.0, description="Seconds of audio one batch request may carry in all.")
+    max_batch_upload_mb: float = Field(200.0, gt=0.0, description="Largest batch request body.")
+
+    def max_input_samples(self) -> int:
+        """The input samples one answer may hold: :attr:`max_input_samples_per_s` x :attr:`max_duration_s`."""
+        return int(self.max_input_samples_per_s * self.max_duration_s)
 
 
 class AutoscalingConfig(_Strict):
@@ -153,6 +171,9 @@ class ServingConfig(_Strict):
     ingress: DeploymentConfig = Field(default_factory=_ingress_default)
     scorer: DeploymentConfig = Field(default_factory=_scorer_default)
     adapters_per_replica: int = Field(8, ge=1, description="Adapters a scorer replica keeps loaded (LRU).")
+    decode_workers: int | None = Field(
+        None, ge=1, description="Answers an ingress replica decodes at once (default: its num_cpus, at least 1)."
+    )
     registry_file: Path | None = Field(
         None, description="Where admin changes to the part registry persist (default: beside the config)."
     )

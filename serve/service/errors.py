@@ -13,6 +13,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from serve.grading.config import format_validation_errors
 from serve.service.protocol import ErrorResponse
@@ -57,7 +58,22 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return await _api_error(request, invalid_request(exc.errors()))
 
 
+#: Kinds of the errors the framework raises itself (unknown path, wrong method, ...).
+HTTP_KINDS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    kind = HTTP_KINDS.get(exc.status_code, "http_error")
+    return await _api_error(request, ApiError(exc.status_code, kind, str(exc.detail)[:500], dict(exc.headers or {})))
+
+
+def internal_error() -> ApiError:
+    """The 500 of an unexpected failure: no exception text, traceback, address or path (the log has them)."""
+    return ApiError(500, "internal", f"internal error while scoring; quote request id {request_id()} when reporting it")
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer :class:`ApiError` and request validation errors in the API's JSON shape."""
+    """Answer :class:`ApiError`, validation and framework errors in the API's JSON shape."""
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)

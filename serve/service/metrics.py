@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.service.errors import ApiError, error_response
+from serve.service.errors import error_response, internal_error
 
 logger = logging.getLogger("ray.serve")
 
@@ -93,13 +93,11 @@ class RequestMetrics:
         self.metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_and_see)
-        except Exception as e:  # an engine failure must answer, not take the replica down
+        except Exception:  # an engine failure must answer, not take the replica down
             logger.exception("request failed")
-            state = scope.setdefault("state", {})
-            state["error_kind"] = "internal"
+            scope.setdefault("state", {})["error_kind"] = "internal"
             if not status["sent"]:
-                response = error_response(ApiError(500, "internal", f"scoring failed: {type(e).__name__}: {e}"))
-                await response(scope, receive, send_and_see)
+                await error_response(internal_error())(scope, receive, send_and_see)
         finally:
             self.metrics.inflight.dec()
         endpoint = ENDPOINTS.get(getattr(scope.get("route"), "name", None))

@@ -13,7 +13,7 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     part: str
-    audio_base64: str = Field(description="The answer's audio file (WAV, FLAC, OGG/Opus, MP3), base64-encoded.")
+    audio_base64: str = Field(description="The answer's audio file (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...), base64-encoded.")
     response_id: str | None = Field(None, description="Caller's id of the answer, echoed back.")
 
 
@@ -29,7 +29,7 @@ class BatchRequest(BaseModel):
     """Several answers of one candidate, each to its part."""
 
     model_config = ConfigDict(extra="forbid")
-    answers: list[ScoreRequest] = Field(min_length=1, max_length=64)
+    answers: list[ScoreRequest] = Field(min_length=1, description="At most audio.max_batch_answers (64 by default).")
     candidate_id: str | None = None
 
 

@@ -14,7 +14,6 @@ multiplexing, eviction and back-pressure without vLLM.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time

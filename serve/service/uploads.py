@@ -1,23 +1,34 @@
-"""Request bodies of the scoring routes: multipart uploads and JSON with base64 audio, size-checked.
+"""Request bodies of the scoring routes: multipart uploads and JSON with base64 audio, read within limits.
 
-A body is parsed into a :class:`ScoreUpload` (part, audio bytes, response
-id); the audio is decoded later, in a worker thread.
+A body is read with a size limit that holds whether or not it declares a
+Content-Length (413 as soon as the limit is passed), then parsed into
+:class:`ScoreUpload` (part, audio bytes, response id); the audio is decoded
+later, in the ingress's bounded decoding pool. Every malformed body is a JSON
+4xx: bad JSON or JSON nested too deep, multipart without a boundary or with
+too many parts, bad base64 (MIME-style line breaks are accepted).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
+from serve.grading.config import AudioConfig
 from serve.service.errors import ApiError, invalid_request
 from serve.service.protocol import BatchRequest, ScoreRequest
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Room for a body's framing around the audio (multipart headers, JSON keys).
+FRAMING_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -34,45 +45,76 @@ def content_type(request: Request) -> str:
 
 
 class UploadLimits:
-    """The largest audio a request may carry."""
+    """How large an answer's audio, a score request's body and a batch's body may be."""
 
-    def __init__(self, max_upload_mb: float):
-        self.max_upload_mb = max_upload_mb
-        self.max_bytes = int(max_upload_mb * 1024 * 1024)
+    def __init__(self, audio: AudioConfig):
+        self.max_upload_mb = audio.max_upload_mb
+        self.max_bytes = int(audio.max_upload_mb * 1024 * 1024)
+        # base64 inflates by 4/3
+        self.max_score_body = self.max_bytes * 4 // 3 + FRAMING_BYTES
+        self.max_batch_body = int(audio.max_batch_upload_mb * 1024 * 1024)
+        self.max_unsized_body = int(audio.max_unsized_body_mb * 1024 * 1024)
+        self.max_batch_answers = audio.max_batch_answers
 
     def check(self, n: int) -> None:
         if n > self.max_bytes:
             raise ApiError(413, "too_large", f"upload of {n} bytes exceeds the {self.max_upload_mb:g} MB limit")
 
-    def check_declared_length(self, request: Request) -> None:
-        """Refuse at once a body whose Content-Length is over the limit (base64 inflates by 4/3, multipart frames)."""
-        length = request.headers.get("content-length")
-        if length and length.isdigit():
-            self.check(int(int(length) * 3 / 4) - 4096)
+
+async def read_body(request: Request, limit: int, what: str, unsized_limit: int | None = None) -> bytearray:
+    """The whole body, refused with 413 as soon as it passes its limit (declared or streamed).
+
+    ``limit`` holds for a body with a Content-Length (refused before reading
+    when it declares more); one without (chunked) may hold at most
+    ``unsized_limit``: Ray Serve's proxy pushes it into the replica as fast as
+    the client sends, whatever is read, so only a small limit bounds memory.
+    Kept as the buffer it was read into (no second copy of a large upload).
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"{what} of {int(declared)} bytes exceeds the {limit} bytes accepted")
+    if not declared.isdigit() and unsized_limit is not None and unsized_limit < limit:
+        limit, what = unsized_limit, f"{what} without Content-Length (send one for larger bodies)"
+    buf = bytearray()
+    async for piece in request.stream():
+        buf += piece
+        if len(buf) > limit:
+            raise ApiError(413, "too_large", f"{what} exceeds the {limit} bytes accepted")
+    request._body = buf  # Starlette's form parser and request.json() read it from here
+    return buf
 
 
-async def read_json(request: Request, model: type[M], *, json_type_required: bool = True) -> M:
-    """The body as ``model``: 415 unless declared JSON (when required), 422 unless it parses and validates."""
-    if json_type_required and content_type(request) != "application/json":
-        raise ApiError(415, "unsupported_media_type", "this call takes application/json")
+def parse_json(body: bytes | bytearray, model: type[M]) -> M:
+    """``body`` as ``model``: 422 unless it parses (bounded nesting) and validates."""
     try:
-        data = await request.json()
-    except ValueError:
-        raise ApiError(422, "invalid_request", "body is not valid JSON") from None
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(422, "invalid_request", "body is not valid JSON (or is nested too deeply)") from None
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise invalid_request(e.errors()) from None
 
 
+async def read_json(request: Request, model: type[M], limit: int, *, json_type_required: bool = True,
+                    unsized_limit: int | None = None) -> M:
+    """The body as ``model``: 415 unless declared JSON (when required), 413 past its limit, 422 unless valid."""
+    if json_type_required and content_type(request) != "application/json":
+        raise ApiError(415, "unsupported_media_type", "this call takes application/json")
+    return parse_json(await read_body(request, limit, "body", unsized_limit), model)
+
+
 def b64decode(data: str) -> bytes:
+    """Standard base64, with or without MIME line breaks; 422 otherwise."""
     try:
-        return base64.b64decode(data, validate=True)
+        return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "undecodable", "audio_base64 is not valid base64") from None
 
 
 def json_answer(req: ScoreRequest, limits: UploadLimits) -> ScoreUpload:
+    if len(req.audio_base64) > limits.max_bytes * 4 // 3 + 4096:
+        raise ApiError(413, "too_large", f"upload exceeds the {limits.max_upload_mb:g} MB limit")
     audio = b64decode(req.audio_base64)
     limits.check(len(audio))
     return ScoreUpload(req.part, audio, req.response_id)
@@ -80,27 +122,34 @@ def json_answer(req: ScoreRequest, limits: UploadLimits) -> ScoreUpload:
 
 async def read_score_upload(request: Request, limits: UploadLimits) -> ScoreUpload:
     """One answer from a multipart (``part``, ``audio`` file, ``response_id``) or JSON body."""
-    limits.check_declared_length(request)
     ctype = content_type(request)
+    if ctype not in ("application/json", "multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type {ctype[:100] or '(none)'!r} not accepted: use multipart/form-data or "
+                       "application/json")
+    body = await read_body(request, limits.max_score_body, "upload", limits.max_unsized_body)
     if ctype == "application/json":
-        return json_answer(await read_json(request, ScoreRequest), limits)
-    if ctype == "multipart/form-data":
-        form = await request.form()
-        missing = [f for f in ("part", "audio") if f not in form]
-        if missing:
-            raise ApiError(422, "invalid_request", f"missing form field(s): {', '.join(missing)}")
-        upload = form["audio"]
-        if isinstance(upload, str):
-            raise ApiError(422, "invalid_request", "form field 'audio' must be a file")
-        audio = await upload.read()
-        limits.check(len(audio))
-        rid = form.get("response_id")
-        return ScoreUpload(str(form["part"]), audio, None if rid is None else str(rid))
-    raise ApiError(415, "unsupported_media_type",
-                   f"content type {ctype or '(none)'!r} not accepted: use multipart/form-data or application/json")
+        return json_answer(parse_json(body, ScoreRequest), limits)
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except (HTTPException, MultiPartException, ValueError) as e:
+        detail = getattr(e, "detail", None) or getattr(e, "message", None) or "malformed"
+        raise ApiError(422, "invalid_request", f"the multipart body cannot be parsed: {detail}") from None
+    missing = [f for f in ("part", "audio") if f not in form]
+    if missing:
+        raise ApiError(422, "invalid_request", f"missing form field(s): {', '.join(missing)}")
+    upload = form["audio"]
+    if isinstance(upload, str):
+        raise ApiError(422, "invalid_request", "form field 'audio' must be a file")
+    audio = await upload.read()
+    limits.check(len(audio))
+    rid = form.get("response_id")
+    return ScoreUpload(str(form["part"]), audio, None if rid is None or not isinstance(rid, str) else rid)
 
 
 async def read_batch_upload(request: Request, limits: UploadLimits) -> tuple[BatchRequest, list[ScoreUpload]]:
-    """A candidate's answers from a JSON batch body (each answer within the upload limit)."""
-    batch = await read_json(request, BatchRequest)
+    """A candidate's answers from a JSON batch body: at most ``max_batch_answers``, each within the upload limit."""
+    batch = await read_json(request, BatchRequest, limits.max_batch_body, unsized_limit=limits.max_unsized_body)
+    if len(batch.answers) > limits.max_batch_answers:
+        raise ApiError(413, "too_large", f"{len(batch.answers)} answers in one batch: at most {limits.max_batch_answers}")
     return batch, [json_answer(a, limits) for a in batch.answers]
