@@ -41,8 +41,19 @@ fi
 if ! command -v espeak-ng >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "==> espeak-ng (synthetic training data)"
-    apt-get update -qq && apt-get install -y -qq espeak-ng
+    apt-get update -qq && APT_UPDATED=1 && apt-get install -y -qq espeak-ng
   else
     echo "==> note: espeak-ng is missing; install it for \`l2grader synth-data\` and tests/test_training.py" >&2
+  fi
+fi
+
+# Chromium and ChromeDriver run the page at / in a real (headless) browser in
+# tests/test_page.py. Install them when they are missing and we can.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "==> chromium, chromium-driver (browser test of the page)"
+    { [ -n "${APT_UPDATED:-}" ] || apt-get update -qq; } && apt-get install -y -qq chromium chromium-driver
+  else
+    echo "==> note: chromium or chromedriver is missing; install chromium and chromium-driver for tests/test_page.py" >&2
   fi
 fi
