@@ -52,7 +52,7 @@ fi
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "==> chromium, chromium-driver (browser test of the page)"
-    { [ -n "${APT_UPDATED:-}" ] || apt-get update -qq; } && apt-get install -y -qq chromium chromium-driver
+    { [ -n "${APT_UPDATED:-}" ] || apt-get update -qq; } && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
   else
     echo "==> note: chromium or chromedriver is missing; install chromium and chromium-driver for tests/test_page.py" >&2
   fi

@@ -116,6 +116,7 @@ class Ingress:
             chunks = await job
         except asyncio.CancelledError:  # the client went away: free the decoder
             stop.set()
+            logger.info("request %s cancelled: its decoding stops", request_id())
             raise
         except AudioError as e:
             raise ApiError(AUDIO_STATUS.get(e.kind, 422), e.kind, str(e)) from None
