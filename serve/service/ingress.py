@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -43,7 +42,7 @@ from serve.service.protocol import (
     PutPartRequest,
     ScoreResponse,
 )
-from serve.service.registry import PartRegistry, default_registry_file
+from serve.service.registry import PartRegistry
 from serve.service.uploads import ScoreUpload, UploadLimits, read_batch_upload, read_json, read_score_upload
 
 logger = logging.getLogger("ray.serve")
@@ -93,7 +92,7 @@ class Ingress:
     def __init__(self, scorer: DeploymentHandle, config_path: str):
         self.cfg = load_config(config_path)
         self.scorer = scorer
-        self.registry = PartRegistry(self.cfg, Path(self.cfg.serving.registry_file or default_registry_file(config_path)))
+        self.registry = PartRegistry.of_config(self.cfg, config_path)
         self.limits = UploadLimits(self.cfg.audio)
         self.metrics = METRICS
         s = self.cfg.serving

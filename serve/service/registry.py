@@ -52,6 +52,11 @@ class PartRegistry:
         self._versions: OrderedDict[str, Part] = OrderedDict()  # model id -> part, current and retired
         self.refresh()
 
+    @classmethod
+    def of_config(cls, cfg: GraderConfig, config_path: str | Path) -> PartRegistry:
+        """The registry a config names (``serving.registry_file``, else beside the config file)."""
+        return cls(cfg, Path(cfg.serving.registry_file or default_registry_file(config_path)))
+
     # -- reading
 
     def refresh(self) -> None:

@@ -19,7 +19,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 from serve.grading.audio import SAMPLE_RATE, Chunk, split
 from serve.grading.config import GraderConfig, load_config
 from serve.grading.parts import Part, PartSpec
-from serve.service.registry import PartRegistry, default_registry_file
+from serve.service.registry import PartRegistry
 
 logger = logging.getLogger("ray.serve")
 
@@ -89,7 +88,7 @@ class ScorerReplica:
     async def __init__(self, config_path: str, engine_factory: EngineFactory = online_engine):
         cfg = load_config(config_path)
         self.cfg = cfg
-        self.registry = PartRegistry(cfg, Path(cfg.serving.registry_file or default_registry_file(config_path)))
+        self.registry = PartRegistry.of_config(cfg, config_path)
         self.engine = engine_factory(cfg)
         self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter()}
         self._holders: Counter = Counter()  # adapter hash -> LoadedPart objects not yet released
