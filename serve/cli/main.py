@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     load_config_or_exit(args.config)  # fail fast, one line, on a bad config
     from serve.service.server import run_server
 
-    return run_server(args.config, args.host, args.port, args.address)
+    return run_server(args.config, args.host, args.port, args.address, args.allow_unauthenticated)
 
 
 # ---------------------------------------------------------------- serve-config
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default: serving.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serving.port, 8000)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="without API keys in the config, still accept clients beyond this machine")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("serve-config", help="print the Ray Serve config (serveConfigV2) the service runs with")

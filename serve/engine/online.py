@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from serve.engine.requests import chunk_score, configure_vllm_environment, engine_input, engine_kwargs, lora_request
-from serve.engine.requests import sampling_params
+from serve.engine.requests import check_prompt_fits, chunk_score, configure_vllm_environment, engine_input
+from serve.engine.requests import engine_kwargs, lora_request, model_dims, sampling_params
+from serve.grading.adapter_files import check_lora_dims
 from serve.grading.audio import Chunk
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part, PartSpec, resolve_part
@@ -34,6 +35,14 @@ class OnlineEngine:
     def resolve(self, part: Part) -> PartSpec:
         """A checked part resolved against this engine's tokenizer (raises if a label is not one token)."""
         return resolve_part(part, self.tokenizer, base=self.cfg.model.base, untrained=self.cfg.model.untrained)
+
+    def check(self, part: Part) -> PartSpec:
+        """``resolve``, and ``ValueError`` unless the prompt fits the context and the LoRA matrices fit the model."""
+        spec = self.resolve(part)
+        check_prompt_fits(spec, self.tokenizer, self.cfg)
+        if part.adapter is not None:
+            check_lora_dims(part.adapter, model_dims(self.engine.model_config.hf_config))
+        return spec
 
     async def load_adapter(self, spec: PartSpec) -> None:
         """Load the part's adapter into the engine now (not on the first request)."""

@@ -90,3 +90,25 @@ def chunk_score(spec: PartSpec, chunk: Chunk, output) -> ChunkScore:
         raise RuntimeError(f"engine returned no logprob for label token ids {missing}")
     lps = [by_id[tid].logprob for tid in spec.label_token_ids]
     return ChunkScore(chunk.start_s, chunk.end_s, label_probabilities(lps))
+
+
+#: Audio tokens Qwen2-Audio makes of 30 s (16 kHz -> 3000 mel frames -> 1500 encoder frames -> 750 after pooling).
+AUDIO_TOKENS_PER_30_S = 750
+
+
+def check_prompt_fits(spec: PartSpec, tokenizer, cfg: GraderConfig) -> None:
+    """``ValueError`` unless the part's prompt with its longest chunk's audio and one label fits ``max_model_len``."""
+    audio_tokens = -(-AUDIO_TOKENS_PER_30_S * cfg.audio.max_chunk_s // 30)
+    need = len(tokenizer.encode(spec.prompt, add_special_tokens=False)) - 1 + int(audio_tokens) + 1
+    if need > cfg.engine.max_model_len:
+        raise ValueError(f"part {spec.part!r}: the prompt with {cfg.audio.max_chunk_s:g} s of audio needs {need} tokens, "
+                         f"more than engine.max_model_len {cfg.engine.max_model_len} (shorten the task text)")
+
+
+def model_dims(hf_config) -> dict[str, int]:
+    """The language model's feature sizes LoRA matrices must match (hidden, q, kv, ffn)."""
+    text = getattr(hf_config, "text_config", hf_config)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return {"hidden": text.hidden_size, "q": heads * head_dim, "kv": kv_heads * head_dim, "ffn": text.intermediate_size}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate
 METADATA_FILE = "grader_adapter.json"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _HASH_BLOCK = 1 << 20
+#: Largest adapter_config.json / safetensors header read (real ones are a few KB).
+MAX_METADATA_BYTES = 1 << 20
 
 
 class AdapterError(ValueError):
@@ -66,10 +70,7 @@ def check_adapter(path: str | Path, max_rank: int | None = None) -> AdapterFiles
 
 @functools.lru_cache(maxsize=256)
 def _inspect(path: Path, stamp: tuple) -> AdapterFiles:
-    try:
-        cfg = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"adapter {path}: adapter_config.json is not readable JSON ({e})") from None
+    cfg = _read_json(path / "adapter_config.json", path)
     if not isinstance(cfg, dict):
         raise AdapterError(f"adapter {path}: adapter_config.json must hold a JSON object")
     if cfg.get("use_dora"):
@@ -79,8 +80,14 @@ def _inspect(path: Path, stamp: tuple) -> AdapterFiles:
     if cfg.get("modules_to_save"):
         raise AdapterError(f"adapter {path}: modules_to_save is not supported by vLLM")
     rank = cfg.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterError(f"adapter {path}: adapter_config.json needs a positive integer rank 'r', not {rank!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 4096:
+        raise AdapterError(f"adapter {path}: adapter_config.json needs a positive integer rank 'r', not {str(rank)[:20]!r}")
+    for name, shape in weight_shapes(path / PEFT_FILES[1]).items():
+        which = "lora_A" if ".lora_A." in name else "lora_B" if ".lora_B." in name else None
+        if which is None:
+            raise AdapterError(f"adapter {path}: tensor {name[:200]!r} is not a LoRA A or B matrix")
+        if len(shape) != 2 or shape[0 if which == "lora_A" else 1] != rank:
+            raise AdapterError(f"adapter {path}: {name[:200]} has shape {shape[:4]}, which does not match rank {rank}")
     h = hashlib.sha256()
     for name in PEFT_FILES:
         h.update(name.encode())
@@ -88,6 +95,53 @@ def _inspect(path: Path, stamp: tuple) -> AdapterFiles:
             while block := f.read(_HASH_BLOCK):
                 h.update(block)
     return AdapterFiles(path=path, rank=rank, content_hash=h.hexdigest()[:16])
+
+
+def _read_json(file: Path, path: Path) -> dict[str, Any]:
+    """A small JSON object file of the adapter; :class:`AdapterError` for anything else."""
+    try:
+        if file.stat().st_size > MAX_METADATA_BYTES:
+            raise AdapterError(f"adapter {path}: {file.name} is larger than {MAX_METADATA_BYTES} bytes")
+        data = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:
+        raise AdapterError(f"adapter {path}: {file.name} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise AdapterError(f"adapter {path}: {file.name} must hold a JSON object")
+    return data
+
+
+def weight_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors file's header (the weights are not read)."""
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_METADATA_BYTES:
+                raise AdapterError(f"{file.name}: header of {n} bytes is not a LoRA adapter's")
+            header = json.loads(f.read(n))
+        shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, RecursionError, struct.error, TypeError, KeyError, AttributeError):
+        raise AdapterError(f"{file.name} is not a readable safetensors file") from None
+    if not shapes or not all(isinstance(s, list) and all(isinstance(d, int) for d in s) for s in shapes.values()):
+        raise AdapterError(f"{file.name} holds no tensors with valid shapes")
+    return shapes
+
+
+#: LoRA target module -> which model dimensions are its (in, out) features.
+MODULE_FEATURES = {"q_proj": ("hidden", "q"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
+                   "o_proj": ("q", "hidden"), "gate_proj": ("hidden", "ffn"), "up_proj": ("hidden", "ffn"),
+                   "down_proj": ("ffn", "hidden")}
+
+
+def check_lora_dims(files: AdapterFiles, dims: dict[str, int]) -> None:
+    """:class:`AdapterError` unless every LoRA matrix fits the base model's module (``dims``: hidden, q, kv, ffn)."""
+    for name, shape in weight_shapes(files.path / PEFT_FILES[1]).items():
+        m = re.search(r"\.(\w+_proj)\.lora_([AB])\.", name)
+        if m is None or m.group(1) not in MODULE_FEATURES:
+            raise AdapterError(f"adapter {files.path}: {name[:200]} targets no language-model projection the engine has")
+        fin, fout = (dims[d] for d in MODULE_FEATURES[m.group(1)])
+        want = [files.rank, fin] if m.group(2) == "A" else [fout, files.rank]
+        if shape != want:
+            raise AdapterError(f"adapter {files.path}: {name[:200]} has shape {shape}, the base model needs {want}")
 
 
 def write_adapter_metadata(path: Path, *, part: str, levels: Sequence[Level], training: dict[str, Any]) -> None:

@@ -22,13 +22,23 @@ from serve.grading.prompt import DEFAULT_TASK
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-PART_ID_CHARS = "letters, digits, '-', '_' or '.'"
+#: Longest part id: ids are metric labels, log fields and URL segments.
+MAX_PART_ID = 64
+PART_ID_CHARS = f"1-{MAX_PART_ID} letters, digits, '-', '_' or '.'"
+#: Most levels a part may have: the engine reads the label tokens' log-probabilities, and vLLM returns at most 20.
+MAX_LEVELS = 20
+
+
+def clip(text: object, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (with a mark), for logs and messages that echo what a client sent."""
+    s = str(text)
+    return s if len(s) <= limit else f"{s[:limit]}...[{len(s)} chars]"
 
 
 def validate_part_id(part: str) -> str:
-    """The one rule for part ids (config keys, URL paths): ``ValueError`` unless it is letters, digits, ``-_.``."""
-    if not part or not all(c.isalnum() or c in "-_." for c in part):
-        raise ValueError(f"part id {part[:64]!r} must be {PART_ID_CHARS}")
+    """The one rule for part ids (config keys, URL paths): ``ValueError`` unless it is 1-64 letters, digits, ``-_.``."""
+    if not part or len(part) > MAX_PART_ID or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in part):
+        raise ValueError(f"part id {clip(part, MAX_PART_ID)!r} must be {PART_ID_CHARS}")
     return part
 
 
@@ -37,15 +47,26 @@ def format_validation_errors(errors: Iterable[Mapping[str, Any]], root: str = "b
     return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or root}: {err['msg']}" for err in errors)
 
 
-def read_keys(env_name: str | None) -> list[str]:
-    """The comma-separated keys held by the environment variable ``env_name`` (none if unset or unnamed)."""
-    if not env_name:
-        return []
-    return [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
-
-
 class ConfigError(ValueError):
     """The config file is missing, not YAML, or does not validate (message says where and why)."""
+
+
+def read_keys(env_name: str | None, required: bool = True) -> list[str]:
+    """The comma-separated keys held by the environment variable ``env_name`` (none if unnamed).
+
+    Fails closed: :class:`ConfigError` when the config names a variable that is
+    unset or holds no key (unless not ``required``), so a deployment whose
+    secret did not arrive refuses to start instead of serving without
+    authentication.
+    """
+    if not env_name:
+        return []
+    keys = [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
+    if not keys and required:
+        state = "empty" if env_name in os.environ else "not set"
+        raise ConfigError(f"the config names API key variable {env_name}, but it is {state}: refusing to start "
+                          "without the keys (set it, or remove it from the config to run without keys)")
+    return keys
 
 
 class _Strict(BaseModel):
@@ -179,14 +200,28 @@ class ServingConfig(_Strict):
     )
     api_keys_env: str | None = Field(None, description="Env var holding comma-separated scoring API keys.")
     admin_keys_env: str | None = Field(None, description="Env var holding comma-separated admin API keys.")
+    allow_unauthenticated: bool = Field(
+        False, description="Without any API key, accept clients beyond this machine (loopback only otherwise).")
+    adapter_roots: list[Path] | None = Field(
+        None, description="Folders PUT /v1/parts may take adapters from (default: the folders of the config's adapters).")
+    body_timeout_s: float = Field(
+        60.0, gt=0, description="Time a client has to send a whole request body; slower ones get 408 and are closed.")
+    max_requests_per_client: int = Field(
+        200, ge=1, description="Requests one client address may hold open at once (429 beyond).")
+    max_buffered_mb: float = Field(
+        1024.0, gt=0, description="Request bodies a proxy holds in memory at once, all clients together (503 beyond).")
 
     def api_keys(self) -> list[str]:
-        """Scoring keys, read from the environment now."""
+        """Scoring keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""
         return read_keys(self.api_keys_env)
 
     def admin_keys(self) -> list[str]:
-        """Admin keys, read from the environment now."""
+        """Admin keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""
         return read_keys(self.admin_keys_env)
+
+    def keyed(self) -> bool:
+        """Whether the config asks for API keys at all."""
+        return bool(self.api_keys_env or self.admin_keys_env)
 
 
 class PartConfig(_Strict):
@@ -194,7 +229,7 @@ class PartConfig(_Strict):
 
     adapter: Path | None = Field(None, description="peft LoRA adapter folder; null scores with the base model.")
     task: str = Field(DEFAULT_TASK, min_length=1, description="What the part asks of the candidate (goes in the prompt).")
-    levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2)
+    levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2, max_length=MAX_LEVELS)
 
     @field_validator("levels")
     @classmethod
@@ -269,6 +304,9 @@ def load_config(path: str | Path) -> GraderConfig:
     if cfg.serving.registry_file is not None:
         reg = cfg.serving.registry_file.expanduser()
         cfg.serving.registry_file = reg if reg.is_absolute() else (base_dir / reg).resolve()
+    if cfg.serving.adapter_roots is not None:
+        cfg.serving.adapter_roots = [r.expanduser() if r.expanduser().is_absolute() else (base_dir / r.expanduser()).resolve()
+                                     for r in cfg.serving.adapter_roots]
     for part in cfg.parts.values():
         if part.adapter is not None:
             adapter = part.adapter.expanduser()

@@ -2,13 +2,18 @@
 
 Keys come from the environment variables the config names
 (``serving.api_keys_env``, ``serving.admin_keys_env``), read when the replica
-starts, one set per replica process. With no key configured at all, every
-route is open.
+starts, one set per replica process. It fails closed: a named variable that is
+unset or empty stops the replica from starting; scoring keys without admin
+keys leave the admin routes shut (403). With no key configured at all, routes
+are open to clients on this machine only, unless the config says
+``serving.allow_unauthenticated``.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import os
 
 from fastapi import Request
 
@@ -16,6 +21,13 @@ from serve.grading.config import ServingConfig
 from serve.service.errors import ApiError
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
+#: Set by ``l2grader serve --allow-unauthenticated`` for every process of the service.
+ALLOW_UNAUTHENTICATED_ENV = "L2GRADER_ALLOW_UNAUTHENTICATED"
+
+
+def allow_unauthenticated(serving: ServingConfig) -> bool:
+    """Whether a service without API keys may answer clients beyond its own machine."""
+    return serving.allow_unauthenticated or os.environ.get(ALLOW_UNAUTHENTICATED_ENV) == "1"
 
 
 class ApiKeys:
@@ -24,12 +36,19 @@ class ApiKeys:
     def __init__(self, serving: ServingConfig):
         self.user = serving.api_keys()
         self.admin = serving.admin_keys()
+        self.open_to_all = allow_unauthenticated(serving)
 
-    def check(self, authorization: str, admin: bool) -> None:
+    @property
+    def keyless(self) -> bool:
+        return not self.user and not self.admin
+
+    def check(self, authorization: str, admin: bool, client_host: str | None = None) -> None:
         """Raise 401 (no or unknown key) or 403 (scoring key on an admin route) unless the header is good enough."""
-        if not self.user and not self.admin:
+        if self.keyless:
+            if not (self.open_to_all or is_loopback(client_host)):
+                raise ApiError(403, "forbidden", "this service has no API keys and accepts clients on its own machine only")
             return
-        token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        token = _token(authorization)
         if not token:
             raise ApiError(401, "unauthorized", "missing 'Authorization: Bearer <key>' header", _BEARER)
         is_admin = _matches(token, self.admin)
@@ -39,7 +58,27 @@ class ApiKeys:
             raise ApiError(403, "forbidden", "this call needs an admin key")
 
 
+    def is_admin(self, authorization: str, client_host: str | None = None) -> bool:
+        """Whether the caller may see admin details (paths): an admin key, or a local caller of a keyless service."""
+        if self.keyless:
+            return is_loopback(client_host)
+        return _matches(_token(authorization), self.admin)
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _token(authorization: str) -> str:
+    return authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+
+
 def _matches(token: str, keys: list[str]) -> bool:
+    if not token:
+        return False
     given = token.encode("utf-8", "surrogateescape")
     return any(hmac.compare_digest(given, k.encode("utf-8", "surrogateescape")) for k in keys)
 
@@ -56,8 +95,17 @@ def use_keys(keys: ApiKeys) -> None:
 
 def _check(request: Request, admin: bool) -> None:
     if _keys is None:
-        raise ApiError(503, "not_ready", "the service is starting")
-    _keys.check(request.headers.get("authorization", ""), admin=admin)
+        raise ApiError(503, "not_ready", "the service is starting", {"Retry-After": "5"})
+    _keys.check(request.headers.get("authorization", ""), admin=admin, client_host=client_host(request))
+
+
+def client_host(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def is_admin(request: Request) -> bool:
+    """Whether this request may see admin-only details (filesystem paths, failure reasons)."""
+    return _keys is not None and _keys.is_admin(request.headers.get("authorization", ""), client_host(request))
 
 
 async def require_user(request: Request) -> None:

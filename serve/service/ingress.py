@@ -22,14 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve.grading.audio import AudioError, Chunk, prepare_answer
-from serve.grading.config import PART_ID_CHARS, UnknownPartError, load_config, validate_part_id
+from serve.grading.adapter_files import AdapterError
+from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, load_config, validate_part_id
 from serve.grading.levels import nearest_level
 from serve.grading.parts import Part
-from serve.service.auth import ApiKeys, require_admin, require_user, use_keys
+from serve.service.admission import ScoringSlots
+from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, use_keys
 from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import METRICS, RequestMetrics
 from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_BODY, errors
@@ -43,15 +44,14 @@ from serve.service.protocol import (
     ScoreResponse,
 )
 from serve.service.registry import PartRegistry
-from serve.service.uploads import ScoreUpload, UploadLimits, read_batch_upload, read_json, read_score_upload
+from serve.service.scorer_client import ScorerClient
+from serve.service.uploads import MAX_PART_BODY, ScoreUpload, UploadLimits, read_batch_upload, read_json, read_score_upload
 
 logger = logging.getLogger("ray.serve")
 
 API_VERSION = "v1"
 AUDIO_STATUS = {"empty": 422, "undecodable": 422, "unreadable": 422, "unsupported_audio": 422, "silence": 422,
                 "too_long": 413, "too_large": 413, "cancelled": 499}
-#: Largest body of PUT /v1/parts/{part} (a path, a task text and levels).
-MAX_PART_BODY = 1024 * 1024
 
 app = FastAPI(
     title="l2-oral-grader",
@@ -64,7 +64,7 @@ app.include_router(page_router)
 
 
 def part_path(request: Request, part: str) -> str:
-    """Dependency: the ``{part}`` of the URL, under the one part-id rule."""
+    """Dependency: the ``{part}`` of the URL, under the one part-id rule (metrics count it only if registered)."""
     try:
         validate_part_id(part)
     except ValueError:
@@ -77,10 +77,11 @@ def elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
 
-def part_info(part: Part) -> PartInfo:
+def part_info(part: Part, show_path: bool) -> PartInfo:
+    """What callers see of a part; the adapter's path only for admins."""
     return PartInfo(
         part=part.part, model_id=part.model_id,
-        adapter=None if part.config.adapter is None else str(part.config.adapter),
+        adapter=None if part.config.adapter is None or not show_path else str(part.config.adapter),
         adapter_hash=part.adapter_hash, task=part.config.task,
         labels={lv.label: lv.score for lv in part.config.levels},
     )
@@ -91,19 +92,22 @@ class Ingress:
 
     def __init__(self, scorer: DeploymentHandle, config_path: str):
         self.cfg = load_config(config_path)
-        self.scorer = scorer
+        s = self.cfg.serving
+        use_keys(ApiKeys(s))  # first: a named key variable that is unset stops the replica here
+        self.scorer = ScorerClient(scorer, s.scorer.retry_after_s)
         self.registry = PartRegistry.of_config(self.cfg, config_path)
         self.limits = UploadLimits(self.cfg.audio)
+        self.slots = ScoringSlots(s.ingress.max_ongoing_requests, s.ingress.max_queued_requests, s.ingress.retry_after_s)
         self.metrics = METRICS
-        s = self.cfg.serving
+        self.metrics.known_parts = self.registry.names
         self.decoder = ThreadPoolExecutor(s.decode_workers or max(1, int(s.ingress.num_cpus)), "decode")
-        use_keys(ApiKeys(s))
 
-    def _part(self, name: str) -> Part:
+    async def _part(self, name: str) -> Part:
+        """The registered part (re-reading a changed registry, which may hash adapters, off the event loop)."""
         try:
-            return self.registry.get(name)
+            return await asyncio.to_thread(self.registry.get, name)
         except UnknownPartError as e:
-            raise ApiError(404, "unknown_part", str(e)) from None
+            raise ApiError(404, "unknown_part", clip(e, 300)) from None
 
     async def _prepare(self, upload: ScoreUpload) -> list[Chunk]:
         """Decode, check and chunk one answer in the bounded decoding pool; stops if the request is cancelled."""
@@ -124,15 +128,10 @@ class Ingress:
 
     async def _score(self, upload: ScoreUpload, started: float, chunks: list[Chunk] | None = None) -> ScoreResponse:
         """Have the scorer replica that holds the answer's part score it (decoding it first unless done)."""
-        part = self._part(upload.part)
+        part = await self._part(upload.part)
         if chunks is None:
             chunks = await self._prepare(upload)
-        handle = self.scorer.options(multiplexed_model_id=part.model_id)
-        try:
-            result = await handle.score_chunks.remote(chunks, request_id())
-        except BackPressureError as e:
-            retry = str(int(self.cfg.serving.scorer.retry_after_s + 0.999))
-            raise ApiError(503, "overloaded", f"scorer overloaded, retry later ({e})", {"Retry-After": retry}) from None
+        result = await self.scorer.call("score_chunks", chunks, request_id(), model_id=part.model_id)
         self.metrics.record_answer(upload.part, len(chunks), result["duration_s"])
         return ScoreResponse(**result, response_id=upload.response_id, request_id=request_id(),
                              latency_ms=elapsed_ms(started))
@@ -145,8 +144,9 @@ class Ingress:
         """Score one answer: multipart (`part`, `audio` file, `response_id`) or JSON (`part`, `audio_base64`, `response_id`)."""
         started = time.perf_counter()
         upload = await read_score_upload(request, self.limits)
-        request.state.part = upload.part if upload.part in self.registry.entries() else "unknown"
-        return await self._score(upload, started)
+        request.state.part = upload.part
+        async with self.slots.slot():
+            return await self._score(upload, started)
 
     @app.post(f"/{API_VERSION}/score/batch", name="score_batch", response_model=BatchResponse, openapi_extra=BATCH_BODY,
               responses=errors(401, 404, 413, 415, 422, 500, 503), dependencies=[Depends(require_user)])
@@ -155,16 +155,20 @@ class Ingress:
         started = time.perf_counter()
         batch, uploads = await read_batch_upload(request, self.limits)
         request.state.part = "batch"
+        async with self.slots.slot():
+            return await self._score_batch(batch, uploads, started)
+
+    async def _score_batch(self, batch, uploads: list[ScoreUpload], started: float) -> BatchResponse:
         audio = self.cfg.audio
 
         async def each(i: int, upload: ScoreUpload, step):
             try:
                 return await step(upload)
             except ApiError as e:
-                raise ApiError(e.status, e.kind, f"answers[{i}] ({upload.part[:64]}): {e.message}", e.headers) from None
+                raise ApiError(e.status, e.kind, f"answers[{i}] ({clip(upload.part, 64)}): {e.message}", e.headers) from None
 
         async def known(upload: ScoreUpload) -> Part:
-            return self._part(upload.part)
+            return await self._part(upload.part)
 
         for i, upload in enumerate(uploads):  # an unknown part is refused before any decoding
             await each(i, upload, known)
@@ -177,7 +181,7 @@ class Ingress:
             each(i, u, functools.partial(self._score, started=started, chunks=c))
             for i, (u, c) in enumerate(zip(uploads, chunks))))
         mean = sum(r.score for r in results) / len(results)
-        levels = self.registry.get(results[0].part).config.levels
+        levels = (await self._part(results[0].part)).config.levels
         return BatchResponse(
             candidate_id=batch.candidate_id, results=results,
             overall=Overall(score=mean, cefr=nearest_level(levels, mean).cefr),
@@ -188,9 +192,10 @@ class Ingress:
 
     @app.get(f"/{API_VERSION}/parts", name="list_parts", response_model=PartsResponse, responses=errors(401, 500),
              dependencies=[Depends(require_user)])
-    async def list_parts(self) -> PartsResponse:
-        """The exam parts this service scores."""
-        return PartsResponse(parts=[part_info(p) for p in self.registry.entries().values()])
+    async def list_parts(self, request: Request) -> PartsResponse:
+        """The exam parts this service scores (adapter paths shown to admins only)."""
+        parts = await asyncio.to_thread(self.registry.entries)
+        return PartsResponse(parts=[part_info(p, is_admin(request)) for p in parts.values()])
 
     @app.put(f"/{API_VERSION}/parts/{{part}}", name="put_part", response_model=PartInfo,
              responses=errors(401, 403, 413, 415, 422, 500), openapi_extra=PUT_PART_BODY,
@@ -199,22 +204,25 @@ class Ingress:
         """Register or replace a part's adapter (admin). Takes effect at once; persisted across restarts."""
         body = await read_json(request, PutPartRequest, MAX_PART_BODY, json_type_required=False)
         try:
-            checked = await asyncio.to_thread(self.registry.check, part, body)  # hashing may take a while
-            await self.scorer.check_labels.remote(checked)
-        except ValueError as e:
-            raise ApiError(422, "invalid_adapter", str(e)) from None
-        self.registry.put(checked)
+            checked = await asyncio.to_thread(self.registry.admit, part, body)  # hashing may take a while
+        except AdapterError as e:
+            raise ApiError(422, "invalid_adapter", clip(e, 500)) from None
+        try:
+            await self.scorer.call("check_part", checked)  # loads it and scores a canary chunk
+        except ValueError as e:  # RayTaskError(ValueError) is a ValueError too
+            raise ApiError(422, "invalid_adapter", clip(getattr(e, "cause", None) or e, 500)) from None
+        await asyncio.to_thread(self.registry.put, checked)
         logger.info("request %s: part %s registered as %s", request_id(), part, checked.model_id)
-        return part_info(checked)
+        return part_info(checked, show_path=True)
 
     @app.delete(f"/{API_VERSION}/parts/{{part}}", name="delete_part", responses=errors(401, 403, 404, 422, 500),
                 dependencies=[Depends(require_admin)])
     async def delete_part(self, part: str = Depends(part_path)) -> dict:
         """Remove a part (admin). Requests already in flight finish; new ones get 404."""
         try:
-            self.registry.delete(part)
+            await asyncio.to_thread(self.registry.delete, part)
         except UnknownPartError as e:
-            raise ApiError(404, "unknown_part", str(e)) from None
+            raise ApiError(404, "unknown_part", clip(e, 300)) from None
         logger.info("request %s: part %s removed", request_id(), part)
         return {"deleted": part}
 
@@ -226,19 +234,21 @@ class Ingress:
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"description": "The scorer is not ready (yet)."}})
-    async def readyz(self) -> Response:
-        """The scorer's engine is loaded and its label tokens checked."""
-        try:
-            await asyncio.wait_for(self.scorer.ready.remote(), timeout=5)
-        except Exception as e:
-            return JSONResponse({"ready": False, "reason": f"{type(e).__name__}: {e}"}, status_code=503)
-        return JSONResponse({"ready": True, "untrained": self.cfg.model.untrained, "base_model": self.cfg.model.base})
+    async def readyz(self, request: Request) -> Response:
+        """The scorer's engine is loaded and answers (the base model's location for admins only)."""
+        ready, why = await self.scorer.ready()
+        if not ready:
+            return JSONResponse({"ready": False, "reason": why}, status_code=503, headers=self.scorer.retry)
+        body = {"ready": True, "untrained": self.cfg.model.untrained}
+        if is_admin(request):
+            body["base_model"] = self.cfg.model.base
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
         """Prometheus metrics of this ingress replica, plus adapter loads/evictions of a scorer replica."""
         try:
-            self.metrics.set_scorer_stats(await asyncio.wait_for(self.scorer.get_stats.remote(), timeout=5))
+            self.metrics.set_scorer_stats(await asyncio.wait_for(self.scorer.call("get_stats"), timeout=2))
         except Exception:
             pass
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")

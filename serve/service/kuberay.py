@@ -12,8 +12,9 @@ base RayService (``k8s/base/rayservice.yaml``) that sets
   ``num_cpus``/``num_gpus``, so a pod holds exactly one replica and Ray's
   autoscaler adds a pod exactly when Serve adds a replica;
 - on every Ray container (head and workers), the ``RAY_*`` variables of
-  :func:`serve.service.options.ray_env`: the Ray settings ``l2grader serve``
-  gives a local cluster.
+  :func:`serve.service.options.ray_env` and
+  :func:`serve.service.proxy_guard.proxy_env`: the Ray settings and the proxy
+  guard ``l2grader serve`` gives a local cluster.
 
 ``k8s/generate.py`` writes one such patch per overlay.
 """
@@ -27,6 +28,7 @@ import yaml
 
 from serve.grading.config import DeploymentConfig, GraderConfig
 from serve.service.options import ray_env, serve_config
+from serve.service.proxy_guard import proxy_env
 
 #: Where the image puts the repository's configs/ folder (see k8s/Dockerfile).
 IMAGE_CONFIG_DIR = "/app/configs"
@@ -79,8 +81,11 @@ def patch_ops(cfg: GraderConfig, config_path: str) -> list[dict[str, Any]]:
         for key, value in settings["rayStartParams"].items():
             ops.append({"op": "add", "path": f"{base}/rayStartParams/{key}", "value": value})
         pods.append(base)
+    if not cfg.serving.keyed() and not cfg.serving.allow_unauthenticated:
+        raise ValueError("the config names no API key variables (serving.api_keys_env, admin_keys_env): a cluster "
+                         "would refuse every client beyond its pods; add keys or set serving.allow_unauthenticated")
     for pod in pods:
-        for name, value in ray_env().items():
+        for name, value in {**ray_env(), **proxy_env(config_path)}.items():
             ops.append({"op": "add", "path": f"{pod}/template/spec/containers/0/env/-",
                         "value": {"name": name, "value": value}})
     text = yaml.safe_dump(serve_config(cfg, config_path), sort_keys=False)

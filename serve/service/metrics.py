@@ -5,12 +5,17 @@ endpoint (the route's name), part and status, times the successful ones,
 counts errors by kind, tracks requests in flight, and turns an unexpected
 exception into a JSON 500 so a failure answers instead of taking the replica
 down. Routes only say which part a request was for (``request.state.part``).
+
+Label values are bounded: a part label is a registered part id (or ``batch``);
+anything else a client names is counted as ``unknown``, so no caller can grow
+the metrics page by inventing ids.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
@@ -27,6 +32,8 @@ class Metrics:
     """The service's counters, histograms and gauges."""
 
     def __init__(self) -> None:
+        #: The registered part ids (the ingress sets it to its registry's); other ids count as ``unknown``.
+        self.known_parts: Callable[[], Collection[str]] = frozenset
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "l2grader_requests", "HTTP requests by endpoint, part and status code", ["endpoint", "part", "status"], registry=r
@@ -50,6 +57,12 @@ class Metrics:
             "l2grader_adapter_evictions", "Adapter evictions on the scorer replica that answered (cumulative)", ["part"], registry=r
         )
 
+    def part_label(self, part: str | None) -> str:
+        """The label value for a request's part: a registered id, ``batch``, ``-`` (none) or ``unknown``."""
+        if part is None:
+            return "-"
+        return part if part in FIXED_PART_LABELS or part in self.known_parts() else "unknown"
+
     def record_answer(self, part: str, chunks: int, duration_s: float) -> None:
         self.answers.labels(part).inc()
         self.chunks.labels(part).inc(chunks)
@@ -57,13 +70,16 @@ class Metrics:
 
     def set_scorer_stats(self, stats: dict[str, dict[str, int]]) -> None:
         for part, n in stats.get("adapter_loads", {}).items():
-            self.adapter_loads.labels(part).set(n)
+            self.adapter_loads.labels(self.part_label(part)).set(n)
         for part, n in stats.get("adapter_evictions", {}).items():
-            self.adapter_evictions.labels(part).set(n)
+            self.adapter_evictions.labels(self.part_label(part)).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+
+#: Part label values that are not part ids.
+FIXED_PART_LABELS = frozenset({"batch", "-"})
 
 #: This replica process's metrics (Serve runs one replica per process).
 METRICS = Metrics()
@@ -104,7 +120,7 @@ class RequestMetrics:
         if endpoint is None:
             return
         state = Request(scope).state
-        part = getattr(state, "part", None) or "-"
+        part = self.metrics.part_label(getattr(state, "part", None))
         kind = getattr(state, "error_kind", None)
         if kind is not None:
             self.metrics.errors.labels(kind, part).inc()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from serve.grading.config import DeploymentConfig, GraderConfig
+from serve.service.admission import CONTROL_SLOTS
 
 APP_NAME = "l2grader"
 APP_IMPORT_PATH = "serve.service.app:build_app"
@@ -27,13 +28,13 @@ SCORER = "Scorer"
 RAY_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 8 * 1024 * 1024}
 
 
-def _options(d: DeploymentConfig) -> dict[str, Any]:
+def _options(d: DeploymentConfig, extra_slots: int = 0) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": d.num_cpus}
     if d.num_gpus:
         actor["num_gpus"] = d.num_gpus
     a = d.autoscaling
     return {
-        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_ongoing_requests": d.max_ongoing_requests + extra_slots,
         "max_queued_requests": d.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
         "autoscaling_config": {
@@ -47,8 +48,13 @@ def _options(d: DeploymentConfig) -> dict[str, Any]:
 
 
 def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
-    """Ray Serve options of each deployment, by deployment name."""
-    return {INGRESS: _options(cfg.serving.ingress), SCORER: _options(cfg.serving.scorer)}
+    """Ray Serve options of each deployment, by deployment name.
+
+    The ingress bounds its scoring requests itself (:mod:`serve.service.admission`),
+    so Serve admits its queued answers and room for health and admin calls too.
+    """
+    ingress = cfg.serving.ingress
+    return {INGRESS: _options(ingress, ingress.max_queued_requests + CONTROL_SLOTS), SCORER: _options(cfg.serving.scorer)}
 
 
 def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:

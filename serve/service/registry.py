@@ -23,6 +23,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from serve.grading.adapter_files import AdapterError
 from serve.grading.config import GraderConfig, PartConfig, UnknownPartError
 from serve.grading.parts import Part, check_part
 
@@ -98,6 +99,10 @@ class PartRegistry:
         self.refresh()
         return dict(self._parts)
 
+    def names(self) -> frozenset[str]:
+        """The parts registered at the last read (no re-read: cheap enough for every metric label)."""
+        return frozenset(self._parts)
+
     def by_model_id(self, model_id: str) -> Part:
         """The part version a model id names (current or recently replaced); :class:`UnknownModelIdError` if none."""
         if model_id not in self._versions:
@@ -112,6 +117,30 @@ class PartRegistry:
     def check(self, part: str, pcfg: PartConfig) -> Part:
         """The part with its adapter checked against the engine's rank limit (``AdapterError`` otherwise)."""
         return check_part(part, pcfg, self.cfg.engine.max_lora_rank)
+
+    def adapter_roots(self) -> list[Path]:
+        """Folders admin calls may take adapters from (``serving.adapter_roots``, else the config's adapters' folders)."""
+        roots = self.cfg.serving.adapter_roots
+        if roots is None:
+            roots = sorted({p.adapter.parent for p in self.cfg.parts.values() if p.adapter is not None})
+        return [Path(os.path.realpath(r)) for r in roots]
+
+    def admit(self, part: str, pcfg: PartConfig) -> Part:
+        """An admin's new part, checked: its adapter must lie inside an adapter root once symlinks are resolved.
+
+        The answer for a path outside the roots is the same whether or not it
+        exists; the part keeps the resolved path, so a symlink changed later
+        cannot point it elsewhere.
+        """
+        if pcfg.adapter is not None:
+            if not pcfg.adapter.is_absolute():
+                raise AdapterError("the adapter must be an absolute path (as the service's machines see it)")
+            real = Path(os.path.realpath(pcfg.adapter))
+            if not any(real.is_relative_to(root) for root in self.adapter_roots()):
+                raise AdapterError("the adapter path is outside the folders adapters may come from "
+                                   "(serving.adapter_roots)")
+            pcfg = pcfg.model_copy(update={"adapter": real})
+        return self.check(part, pcfg)
 
     def put(self, part: str | Part, pcfg: PartConfig | None = None) -> Part:
         """Register or replace a part and persist the change; takes a checked :class:`Part` or a name and config."""

@@ -14,6 +14,7 @@ multiplexing, eviction and back-pressure without vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -98,15 +99,14 @@ class ScorerReplica:
 
     async def _warm_up(self, spec: PartSpec) -> None:
         """Score one full-length chunk before taking traffic, so the first caller does not pay the engine's warm-up."""
-        t = np.arange(int(self.cfg.audio.max_chunk_s * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
-        tone = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
         started = time.perf_counter()
-        await self.engine.score_answer(spec, split(tone, self.cfg.audio.max_chunk_s), "warm-up")
+        await self.engine.score_answer(spec, split(_tone(self.cfg.audio.max_chunk_s), self.cfg.audio.max_chunk_s), "warm-up")
         logger.info("scorer warmed up in %.1f s", time.perf_counter() - started)
 
     async def load_part(self, model_id: str) -> LoadedPart:
         """Resolve a model id against the registry and load its adapter (Serve calls this on a cache miss)."""
-        spec = self.engine.resolve(self.registry.by_model_id(model_id))
+        part = await asyncio.to_thread(self.registry.by_model_id, model_id)  # a re-read may hash: off the event loop
+        spec = self.engine.resolve(part)
         await self.engine.load_adapter(spec)
         self.stats["adapter_loads"][spec.part] += 1
         self._holders[spec.adapter_hash] += 1
@@ -133,9 +133,29 @@ class ScorerReplica:
             result = await self.engine.score_answer(spec, chunks, request_id)
         return result.model_dump()
 
-    async def check_labels(self, part: Part) -> None:
-        """Raise unless a part's labels are single tokens of this engine's tokenizer (before it is registered)."""
-        self.engine.resolve(part)
+    async def check_part(self, part: Part) -> None:
+        """A part before it is registered: ``ValueError`` unless it resolves, fits and scores a canary chunk.
+
+        Checks its labels (single tokens), its prompt against ``max_model_len``
+        and its LoRA matrices against the model, then loads the adapter and
+        scores one short chunk with it; the adapter is unloaded again unless a
+        loaded part shares its weights.
+        """
+        spec = self.engine.check(part)
+        canary = split(_tone(1.0), self.cfg.audio.max_chunk_s)
+        try:
+            await self.engine.load_adapter(spec)
+            result = await self.engine.score_answer(spec, canary, f"canary-{spec.model_id}")
+        except Exception as e:
+            logger.warning("canary of part %s failed: %s", spec.model_id, e)
+            raise ValueError(f"the adapter of part {part.part!r} did not score a test chunk ({type(e).__name__})") from None
+        finally:
+            if spec.adapter_hash not in self._holders:
+                with contextlib.suppress(Exception):
+                    await self.engine.unload_adapter(spec)
+        scale = [lv.score for lv in spec.levels]
+        if not min(scale) - 1e-6 <= result.score <= max(scale) + 1e-6:
+            raise ValueError(f"the adapter of part {part.part!r} gave an impossible test score {result.score}")
 
     def ready(self) -> bool:
         return True
@@ -147,6 +167,11 @@ class ScorerReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _tone(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
+    return (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 
 
 def scorer_class(adapters_per_replica: int) -> type[ScorerReplica]:

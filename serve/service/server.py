@@ -8,37 +8,66 @@ import sys
 import threading
 from pathlib import Path
 
+from serve.grading.config import ConfigError, GraderConfig, load_config
+from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
 from serve.service.options import APP_NAME, RAY_SYSTEM_CONFIG
+from serve.service.proxy_guard import proxy_env
 
 
 def _log(msg: str) -> None:
     print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
-def run_server(config_path: str, host: str | None, port: int | None, address: str | None) -> int:
-    """Deploy the application and block until SIGINT/SIGTERM."""
+def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool) -> str:
+    """Where to listen: keys first (:class:`ConfigError` if a named key variable is unset), loopback without any key."""
+    host = host or cfg.serving.host
+    keys = cfg.serving.api_keys() + cfg.serving.admin_keys()
+    if keys or allow_unauthenticated or cfg.serving.allow_unauthenticated:
+        if not keys:
+            _log("WARNING: no API keys configured and unauthenticated access allowed: anyone who reaches "
+                 f"{host} can score and change parts")
+        return host
+    if not is_loopback(host):
+        _log(f"no API keys configured: listening on 127.0.0.1 only, not {host} "
+             "(configure serving.api_keys_env/admin_keys_env, or pass --allow-unauthenticated)")
+    else:
+        _log("no API keys configured: accepting clients on this machine only")
+    return host if is_loopback(host) else "127.0.0.1"
+
+
+def run_server(config_path: str, host: str | None, port: int | None, address: str | None,
+               allow_unauthenticated: bool = False) -> int:
+    """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset."""
     import ray
     from ray import serve
 
-    from serve.service.app import build_app
-    from serve.grading.config import load_config
     from serve.engine.requests import configure_vllm_environment
+    from serve.service.app import build_app
 
     config_path = str(Path(config_path).resolve())
     cfg = load_config(config_path)
-    host = host or cfg.serving.host
+    try:
+        host = listen_host(cfg, host, allow_unauthenticated)
+    except ConfigError as e:
+        _log(f"error: {e}")
+        return 2
     port = port or cfg.serving.port
     configure_vllm_environment()
+    # Every process of the service (proxies included) sees these: the proxy guard and the keyless rule.
+    os.environ.update(proxy_env(config_path))
+    if allow_unauthenticated:
+        os.environ[ALLOW_UNAUTHENTICATED_ENV] = "1"
     if cfg.model.untrained:
         _log("WARNING: serving the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
 
     if address:
-        ray.init(address=address)  # its Ray settings are the cluster's (k8s: serve.service.options.ray_env() on every pod)
+        # Its Ray settings are the cluster's (k8s: serve.service.options.ray_env() and proxy_env() on every pod).
+        ray.init(address=address)
     else:
         # Local Ray: enough logical CPUs for every replica the config may start.
         s = cfg.serving
         need = s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas
-        env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_"))}
+        env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_", "RAY_SERVE_"))}
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 1)), include_dashboard=False,
                  runtime_env={"env_vars": env} if env else None, _system_config=RAY_SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port})

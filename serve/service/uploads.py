@@ -29,6 +29,10 @@ M = TypeVar("M", bound=BaseModel)
 
 #: Room for a body's framing around the audio (multipart headers, JSON keys).
 FRAMING_BYTES = 64 * 1024
+#: Largest body of PUT /v1/parts/{part} (a path, a task text and levels).
+MAX_PART_BODY = 1024 * 1024
+#: Largest body of any other route.
+MAX_OTHER_BODY = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,16 @@ class UploadLimits:
         self.max_batch_body = int(audio.max_batch_upload_mb * 1024 * 1024)
         self.max_unsized_body = int(audio.max_unsized_body_mb * 1024 * 1024)
         self.max_batch_answers = audio.max_batch_answers
+
+    def body_limit(self, path: str) -> int:
+        """The largest body a request to ``path`` may carry (what a proxy buffers at most for it)."""
+        if path.rstrip("/").endswith("/score/batch"):
+            return self.max_batch_body
+        if path.rstrip("/").endswith("/score"):
+            return self.max_score_body
+        if "/parts/" in path:
+            return MAX_PART_BODY
+        return MAX_OTHER_BODY
 
     def check(self, n: int) -> None:
         if n > self.max_bytes:

@@ -1,0 +1,265 @@
+"""What each Ray Serve proxy does before a request reaches the ingress: hold slow clients, bound them, speak JSON.
+
+Ray Serve's proxy hands a request to an ingress replica as soon as its headers
+arrive, and the replica then waits for the body: a client that sends its body
+slowly holds an ingress slot for as long as it likes, and enough of them fill
+every slot, health probes included. :class:`ProxyGuard` runs inside every
+proxy (Ray Serve's proxy callback, ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)
+and, per request:
+
+- refuses a client address that already holds ``serving.max_requests_per_client``
+  requests (429);
+- reads the whole body within ``serving.body_timeout_s`` (408 and the
+  connection closed otherwise) and within the route's size limit (413), so
+  the ingress only ever sees complete requests;
+- holds at most ``serving.max_buffered_mb`` of bodies for all clients together
+  (503 beyond);
+- without any API key configured, refuses clients beyond this machine unless
+  the service was started with ``--allow-unauthenticated`` (403);
+- turns the errors the proxy makes itself (back-pressure 503, timeouts, and
+  the empty answer it gives when the ingress replica died mid-request) into
+  the API's JSON error body, with ``Retry-After`` on every 503.
+
+The proxy reads the grader config named by ``L2GRADER_CONFIG``;
+:func:`proxy_env` gives the variables a Ray node needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.grading.config import GraderConfig, clip, load_config
+from serve.service.auth import allow_unauthenticated, is_loopback
+from serve.service.uploads import UploadLimits
+
+logger = logging.getLogger("ray.serve")
+
+CONFIG_ENV = "L2GRADER_CONFIG"
+PROXY_CALLBACK = "serve.service.proxy_guard:middlewares"
+#: Methods whose requests carry no body the guard waits for.
+BODYLESS = {"GET", "HEAD", "OPTIONS", "DELETE"}
+#: Words in the proxy's own 500 text that mean a replica died or cannot be reached: retryable, so 503.
+REPLICA_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "DeploymentUnavailableError",
+                "unavailable", "died")
+
+
+def proxy_env(config_path: str) -> dict[str, str]:
+    """The environment a Ray node's proxy needs to run the guard for the config at ``config_path``."""
+    return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK, CONFIG_ENV: config_path}
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """The guard's limits, from the grader config."""
+
+    uploads: UploadLimits
+    body_timeout_s: float
+    max_per_client: int
+    max_buffered: int
+    retry_after_s: int
+    local_only: bool
+
+    @classmethod
+    def of_config(cls, cfg: GraderConfig) -> GuardLimits:
+        s = cfg.serving
+        return cls(UploadLimits(cfg.audio), s.body_timeout_s, s.max_requests_per_client,
+                   int(s.max_buffered_mb * 1024 * 1024), max(1, math.ceil(s.ingress.retry_after_s)),
+                   local_only=not s.keyed() and not allow_unauthenticated(s))
+
+
+def middlewares() -> list[Middleware]:
+    """Ray Serve's proxy callback: the guard, configured from ``$L2GRADER_CONFIG`` (start fails without it)."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise RuntimeError(f"{CONFIG_ENV} must name the grader config for the proxy guard")
+    return [Middleware(ProxyGuard, limits=GuardLimits.of_config(load_config(path)))]
+
+
+class BodyError(Exception):
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+def error_messages(status: int, kind: str, message: str, request_id: str = "",
+                   headers: dict[str, str] | None = None) -> list[Message]:
+    """The ASGI messages of a JSON error in the API's shape (see :mod:`serve.service.errors`)."""
+    request_id = request_id or uuid.uuid4().hex
+    body = json.dumps({"error": {"kind": kind, "message": message}, "request_id": request_id}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"x-request-id", request_id.encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return [{"type": "http.response.start", "status": status, "headers": raw},
+            {"type": "http.response.body", "body": body, "more_body": False}]
+
+
+class ProxyGuard:
+    """Pure ASGI middleware around a Ray Serve proxy (see the module docstring)."""
+
+    def __init__(self, app: ASGIApp, limits: GuardLimits):
+        self.app, self.limits = app, limits
+        self.held: Counter[str] = Counter()  # client address -> requests open
+        self.buffered = 0  # body bytes held, all requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = scope["client"][0] if scope.get("client") else "-"
+        retry = {"Retry-After": str(self.limits.retry_after_s)}
+        if self.limits.local_only and not is_loopback(client):
+            return await _send_all(send, error_messages(
+                403, "forbidden", "this service has no API keys and accepts clients on its own machine only"))
+        if self.held[client] >= self.limits.max_per_client:
+            return await _send_all(send, error_messages(
+                429, "too_many_requests",
+                f"this client already holds {self.held[client]} requests: at most {self.limits.max_per_client} at once",
+                headers=retry))
+        self.held[client] += 1
+        body: bytes | None = None
+        try:
+            if scope["method"] not in BODYLESS or _declares_body(scope):
+                try:
+                    body = await self._read_body(scope, receive)
+                except BodyError as e:
+                    headers = {"Connection": "close", **(retry if e.status == 503 else {})}
+                    return await _send_all(send, error_messages(e.status, e.kind, e.message, headers=headers))
+                if body is None:  # the client went away
+                    return
+            answer = JsonErrors(send, retry)
+            await self.app(scope, receive if body is None else _replay(body, receive), answer)
+            if not answer.started:  # the proxy answers nothing when the replica died mid-request (its "500")
+                logger.info("no answer from the ingress for %s %s: 503", scope["method"], clip(scope["path"], 100))
+                with contextlib.suppress(Exception):  # the client may be gone too
+                    await _send_all(send, error_messages(
+                        503, "unavailable", "the service lost this request (a replica stopped); retry after the "
+                        "Retry-After delay", headers=retry))
+        finally:
+            if body is not None:
+                self.buffered -= len(body)
+            self.held[client] -= 1
+            if not self.held[client]:
+                del self.held[client]
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body within the time and size limits; None if the client disconnected."""
+        limit = self.limits.uploads.body_limit(scope["path"])
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            raise BodyError(413, "too_large", f"body of {declared} bytes exceeds the {limit} bytes accepted here")
+        deadline = time.monotonic() + self.limits.body_timeout_s
+        buf = bytearray()
+        counted = 0
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise BodyError(408, "body_timeout", f"the request body did not arrive within "
+                                    f"{self.limits.body_timeout_s:g} s") from None
+                if message["type"] == "http.disconnect":
+                    return None
+                buf += message.get("body", b"")
+                if len(buf) > limit:
+                    raise BodyError(413, "too_large", f"body exceeds the {limit} bytes accepted here")
+                self.buffered += len(buf) - counted
+                counted = len(buf)
+                if self.buffered > self.limits.max_buffered:
+                    raise BodyError(503, "overloaded", "the service holds too many request bodies now; retry later")
+                if not message.get("more_body", False):
+                    break
+        finally:
+            self.buffered -= counted
+        self.buffered += len(buf)
+        return bytes(buf)
+
+
+class JsonErrors:
+    """A ``send`` that turns an error the proxy made itself (plain text) into the API's JSON error."""
+
+    def __init__(self, send: Send, retry: dict[str, str]):
+        self.send, self.retry = send, retry
+        self.started = False
+        self.start: Message | None = None
+        self.text = bytearray()
+
+    async def __call__(self, message: Message) -> None:
+        self.started = True
+        if message["type"] == "http.response.start" and message["status"] >= 400 and not _is_json(message):
+            self.start = message
+            return
+        if self.start is None:
+            return await self.send(message)
+        self.text += message.get("body", b"")[:4096 - len(self.text)]
+        if message.get("more_body", False):
+            return
+        status, kind, text = self.start["status"], "http_error", self.text.decode("utf-8", "replace")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.start.get("headers", [])
+                   if k.lower() in (b"retry-after", b"x-request-id")}
+        rid = headers.pop("x-request-id", "")
+        if status == 503:
+            kind = "overloaded" if "back" in text.lower() or "queue" in text.lower() else "unavailable"
+        elif status == 500 and any(w in text for w in REPLICA_GONE):
+            status, kind = 503, "unavailable"
+        elif status == 500:
+            kind, text = "internal", f"internal error; quote request id {rid} when reporting it"
+        elif status == 408:
+            kind = "timeout"
+        elif status == 404:
+            kind = "not_found"
+        if status == 503:
+            headers = {**self.retry, **headers}
+            text = "the service cannot take this request now; retry after the Retry-After delay"
+            logger.info("proxy answered %s for request %s: %s", kind, rid, clip(self.text.decode("utf-8", "replace"), 300))
+        await _send_all(self.send, error_messages(status, kind, clip(text, 300), rid, headers))
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the buffered body first, then the client's later messages (its disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_all(send: Send, messages: list[Message]) -> None:
+    for m in messages:
+        await send(m)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == name:
+            return v
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    v = _header(scope, b"content-length")
+    return int(v) if v is not None and v.isdigit() else None
+
+
+def _declares_body(scope: Scope) -> bool:
+    return bool(_content_length(scope)) or _header(scope, b"transfer-encoding") is not None
+
+
+def _is_json(start: Message) -> bool:
+    ctype = next((v for k, v in start.get("headers", []) if k.lower() == b"content-type"), b"")
+    return b"json" in ctype

@@ -1,0 +1,113 @@
+"""The ingress's side of the Scorer deployment: its calls, with every failure of the scorer a retryable API error.
+
+- The scorer's queue is full (Serve's back-pressure): 503 ``overloaded``.
+- The scorer replica died or cannot be reached while answering: 503
+  ``unavailable``, never a 500. Until a scorer answers again, new requests get
+  the same 503 at once instead of waiting, for as long as Serve needs to start
+  a replacement, on a replica that is gone; calls already waiting for a
+  replica then get it too after :data:`GRACE_S`. A probe in the background
+  finds out when a scorer is back.
+- Readiness: a scorer that answered anything in the last few seconds is
+  ready, so ``/readyz`` answers at once under load instead of queueing behind
+  answers; otherwise it pings the scorer with a short timeout.
+
+Every 503 carries ``Retry-After``; clients retry with the same ``response_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from serve.service.errors import ApiError
+
+logger = logging.getLogger("ray.serve")
+
+#: A scorer that answered within this many seconds counts as ready without a ping.
+FRESH_S = 5.0
+PING_TIMEOUT_S = 2.0
+PROBE_EVERY_S = 1.0
+#: A call still unanswered this long after a scorer replica was lost is given up (503): it waits for a replica
+#: that may take minutes to replace.
+GRACE_S = 5.0
+#: Failures that mean the replica is gone, not that the request was bad.
+REPLICA_GONE = (RayActorError, DeploymentUnavailableError)
+
+
+class ScorerClient:
+    """Calls into the Scorer deployment from one ingress replica."""
+
+    def __init__(self, handle: DeploymentHandle, retry_after_s: float):
+        self.handle = handle
+        self.retry = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+        self.last_answer = 0.0  # monotonic time a scorer last answered
+        self.down_since: float | None = None
+        self._probe: asyncio.Task | None = None
+
+    def _unavailable(self, why: str) -> ApiError:
+        return ApiError(503, "unavailable", f"the scorer is not available ({why}); retry after the Retry-After delay",
+                        self.retry)
+
+    async def call(self, method: str, *args: Any, model_id: str | None = None) -> Any:
+        """``Scorer.<method>(*args)`` on a replica (one that holds ``model_id`` if given)."""
+        if self.down_since is not None:
+            raise self._unavailable("a scorer replica stopped and its replacement is starting")
+        handle = self.handle if model_id is None else self.handle.options(multiplexed_model_id=model_id)
+        started = time.monotonic()
+        response = getattr(handle, method).remote(*args)
+        call = asyncio.ensure_future(response)
+        try:
+            while not (await asyncio.wait({call}, timeout=PROBE_EVERY_S))[0]:
+                if self.down_since is not None and time.monotonic() - max(started, self.down_since) > GRACE_S:
+                    response.cancel()
+                    raise self._unavailable("a scorer replica stopped; this request waited for its replacement")
+            result = call.result()
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except BackPressureError:
+            raise ApiError(503, "overloaded", "the scorer is at capacity; retry after the Retry-After delay",
+                           self.retry) from None
+        except REPLICA_GONE as e:
+            self._went_down(e)
+            raise self._unavailable("the scorer replica stopped while answering") from None
+        self.last_answer = time.monotonic()
+        return result
+
+    def _went_down(self, error: BaseException) -> None:
+        if self.down_since is None:
+            logger.warning("scorer replica lost (%s); answering 503 until a scorer answers again", type(error).__name__)
+            self.down_since = time.monotonic()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
+
+    async def _wait_until_back(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.handle.ready.remote(), PING_TIMEOUT_S)
+                break
+            except Exception:
+                await asyncio.sleep(PROBE_EVERY_S)
+        logger.info("a scorer answers again after %.1f s", time.monotonic() - (self.down_since or time.monotonic()))
+        self.down_since = None
+        self.last_answer = time.monotonic()
+
+    async def ready(self) -> tuple[bool, str]:
+        """Whether a scorer answers, and why not; cheap under load."""
+        if self.down_since is not None:
+            return False, "scorer replica lost; a replacement is starting"
+        if time.monotonic() - self.last_answer < FRESH_S:
+            return True, ""
+        try:
+            await asyncio.wait_for(self.handle.ready.remote(), PING_TIMEOUT_S)
+        except Exception as e:
+            return False, type(e).__name__
+        self.last_answer = time.monotonic()
+        return True, ""
