@@ -32,11 +32,13 @@ import os
 import random
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest.multipart import multipart_answer
+from loadtest.retry import RETRYABLE, retry_delay
 
 # Published shapes of Qwen2-Audio-7B(-Instruct).
 QWEN2_AUDIO_7B_AUDIO = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
@@ -88,19 +90,26 @@ def summary(name: str, latencies_s: list[float], wall_s: float, answers: int, au
 # ---------------------------------------------------------------- (a) the service over HTTP
 
 
-def _post(port: int, answer: Answer, headers: dict[str, str]) -> tuple[int, float, dict]:
+def _post(port: int, answer: Answer, headers: dict[str, str], retries: int = 3) -> tuple[int, float, dict]:
+    """Score one answer; a 503/429 or a broken connection is sent again (same response_id) after Retry-After."""
     form = multipart_answer(answer.part, answer.wav, "a.wav")
+    body = form.with_response_id(uuid.uuid4().hex)
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        conn.request("POST", "/v1/score", body=form.body, headers={**headers, "Content-Type": form.content_type})
-        r = conn.getresponse()
-        data = r.read()
-        status = r.status
-    except OSError:
-        status, data = 0, b""
-    finally:
-        conn.close()
+    for attempt in range(retries + 1):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        retry_after = None
+        try:
+            conn.request("POST", "/v1/score", body=body, headers={**headers, "Content-Type": form.content_type})
+            r = conn.getresponse()
+            data = r.read()
+            status, retry_after = r.status, r.getheader("Retry-After")
+        except OSError:
+            status, data = 0, b""
+        finally:
+            conn.close()
+        if (status not in RETRYABLE and status != 0) or attempt == retries:
+            break
+        time.sleep(retry_delay(attempt, retry_after))
     elapsed = time.perf_counter() - t0
     try:
         got = json.loads(data) if status == 200 else {}

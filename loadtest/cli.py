@@ -39,6 +39,8 @@ def summarise(record: dict, wall_s: float, service_cpu_s: float | None = None) -
         "p95_ms": round(percentile(lat, 95), 1),
         "p99_ms": round(percentile(lat, 99), 1),
         "errors": errors,
+        "retries": record.get("retries", 0),
+        "answers_given_up": record.get("given_up", 0),
     }
     if service_cpu_s is not None and answers:
         out["service_cpu_ms_per_answer"] = round(service_cpu_s * 1000 / answers, 2)
@@ -74,6 +76,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             "L2GRADER_POOL": str(args.pool), "L2GRADER_SHAPE": args.shape, "L2GRADER_USERS": str(args.users),
             "L2GRADER_DURATION_S": str(args.duration), "L2GRADER_STEPS": str(args.steps),
             "L2GRADER_STATS": str(out / "answers.json"), "L2GRADER_UNIQUE": "0" if args.repeat_files else "1",
+            "L2GRADER_RETRIES": str(args.retries),
         }
         if key:
             env["L2GRADER_API_KEY"] = key
@@ -113,14 +116,15 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     print(f"latency p50 {s['p50_ms']:.0f} ms   p95 {s['p95_ms']:.0f} ms   p99 {s['p99_ms']:.0f} ms")
     if "service_cpu_ms_per_answer" in s:
         print(f"service CPU per answer {s['service_cpu_ms_per_answer']:.1f} ms (whole process tree)")
-    print(f"errors by status: {errors}   files: {out}/locust_stats.csv, {out}/report.html")
+    print(f"refused or failed attempts by status: {errors}   retried {s['retries']}, given up after retries "
+          f"{s['answers_given_up']}   files: {out}/locust_stats.csv, {out}/report.html")
     print(json.dumps(s))
-    bad = {k: v for k, v in s["errors"].items() if k != "503"}
+    bad = {k: v for k, v in s["errors"].items() if k not in ("503", "429")}  # "not now": retried, intended
     return 1 if bad or s["answers"] == 0 else 0
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``loadtest`` and ``bench`` to the ``l2grader`` parser."""
+    """Add ``loadtest``, ``bench`` and ``soak`` to the ``l2grader`` parser."""
     p = sub.add_parser("loadtest", help="load-test the service with Locust (starts it unless --url is given)")
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--users", type=int, default=16, help="simulated upload workers (the step shape's peak) (default 16)")
@@ -138,6 +142,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="send the pool's files byte for byte (the engine's caches then see repeats; default: "
                         "every WAV upload differs in one inaudible sample)")
     p.add_argument("--pool", type=int, default=8, help="answers generated per length class (default 8)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="times an answer refused with 503/429 is sent again after Retry-After, same response_id "
+                        "(default 3)")
     p.add_argument("--wait", type=float, default=0.5, help="think time between a user's answers, uniform 0..WAIT s")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
     p.add_argument("--stop-timeout", type=int, default=120, help="seconds in-flight answers may finish at the end")
@@ -145,5 +152,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_loadtest)
 
     from loadtest.bench import add_bench_command
+    from loadtest.soak import add_soak_command
 
     add_bench_command(sub)
+    add_soak_command(sub)

@@ -28,6 +28,8 @@ Settings (environment):
 ``L2GRADER_SHAPE``         ``step``: step ramp up to ``L2GRADER_USERS`` users over ``L2GRADER_DURATION_S``
 ``L2GRADER_STEPS``         number of steps of the step ramp (default 5)
 ``L2GRADER_STATS``         where to write this run's exact per-answer record (JSON) at the end
+``L2GRADER_RETRIES``       times an answer refused with 503/429 (or a broken connection) is sent again, after
+                           Retry-After with backoff and the same response_id (default 3; 0: never)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import os
 import random
 import threading
 import time
+import uuid
 
 from locust import LoadTestShape, between, events, task
 from locust.contrib.fasthttp import FastHttpUser
@@ -44,6 +47,7 @@ from locust.contrib.fasthttp import FastHttpUser
 from loadtest.audio import answer_bytes
 from loadtest.mix import DEFAULT_MIX, LENGTHS, parse_mix
 from loadtest.multipart import MultipartAnswer, multipart_answer
+from loadtest.retry import RETRYABLE, retry_delay
 
 RATES = {"wav": 16000, "flac": 16000, "ogg": 48000, "mp3": 22050}
 CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
@@ -73,8 +77,9 @@ class AnswerPool:
         cls = rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
         return cls, rng.randrange(len(self.answers[cls]))
 
-    def body(self, part: str, cls: str, i: int, rng: random.Random | None = None) -> tuple[bytes, str, float]:
-        """Multipart body, its content type and the answer's length in seconds.
+    def body(self, part: str, cls: str, i: int, rng: random.Random | None = None,
+             response_id: str | None = None) -> tuple[bytes, str, float]:
+        """Multipart body (with ``response_id`` when given), its content type and the answer's length in seconds.
 
         With ``rng``, a WAV answer gets one 16-bit sample set to a random quiet value
         (at most -54 dBFS): a new file for every request, the same answer to a listener.
@@ -92,6 +97,8 @@ class AnswerPool:
             body = bytearray(body)
             body[pos:pos + 2] = rng.randrange(-64, 65).to_bytes(2, "little", signed=True)
             body = bytes(body)
+        if response_id is not None:
+            body = form.with_response_id(response_id, body)
         return body, ctype, seconds
 
 
@@ -103,6 +110,8 @@ class Record:
         self.audio_s = 0.0
         self.chunks = 0
         self.statuses: dict[str, int] = {}
+        self.retries = 0  # attempts sent again after a retryable refusal
+        self.given_up = 0  # answers still refused after every retry
         self.first_start: float | None = None
         self.last_end: float | None = None
 
@@ -117,10 +126,11 @@ class Record:
 
     def dump(self) -> dict:
         return {"latencies_ms": self.latencies_ms, "audio_s": self.audio_s, "chunks": self.chunks,
-                "statuses": self.statuses, "first_start": self.first_start, "last_end": self.last_end}
+                "statuses": self.statuses, "retries": self.retries, "given_up": self.given_up, "first_start": self.first_start, "last_end": self.last_end}
 
 
 UNIQUE = os.environ.get("L2GRADER_UNIQUE", "1") != "0"
+RETRIES = int(os.environ.get("L2GRADER_RETRIES", "3"))
 POOL: AnswerPool | None = None
 PARTS: list[str] = []
 RECORD = Record()
@@ -177,9 +187,21 @@ class ExamPlatform(FastHttpUser):
 
     @task
     def score_answer(self):
+        """Upload one answer; a 503/429 or a broken connection is sent again (same response_id) up to RETRIES times."""
         part = self.rng.choice(PARTS)
         cls, i = POOL.pick(self.rng)
-        body, ctype, seconds = POOL.body(part, cls, i, self.rng if UNIQUE else None)
+        body, ctype, seconds = POOL.body(part, cls, i, self.rng if UNIQUE else None, response_id=uuid.uuid4().hex)
+        for attempt in range(RETRIES + 1):
+            status, retry_after = self._post(part, body, ctype, seconds)
+            if status not in RETRYABLE and status != 0:
+                return
+            if attempt == RETRIES:
+                RECORD.given_up += 1
+                return
+            RECORD.retries += 1
+            time.sleep(retry_delay(attempt, retry_after, rng=self.rng))
+
+    def _post(self, part: str, body: bytes, ctype: str, seconds: float) -> tuple[int, str | None]:
         started = time.time()
         t0 = time.perf_counter()
         with self.client.post("/v1/score", data=body, headers={**self.auth, "Content-Type": ctype},
@@ -195,11 +217,12 @@ class ExamPlatform(FastHttpUser):
                 except (ValueError, KeyError, TypeError) as e:
                     status = -1
                     r.failure(f"unreadable score: {e}")
-            elif status == 503:
-                r.failure(f"503 overloaded (Retry-After {r.headers.get('Retry-After')})")
+            elif status in RETRYABLE:
+                r.failure(f"{status} retryable (Retry-After {r.headers.get('Retry-After')})")
             else:
                 r.failure(f"{status}: {(r.text or '')[:200]}")
             RECORD.add(status, started, time.time(), latency_ms, audio_s, chunks)
+            return status, r.headers.get("Retry-After") if status else None
 
 
 if os.environ.get("L2GRADER_SHAPE", "constant") == "step":

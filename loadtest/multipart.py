@@ -14,6 +14,12 @@ class MultipartAnswer:
     content_type: str
     audio_offset: int
 
+    def with_response_id(self, response_id: str, body: bytes | None = None) -> bytes:
+        """``body`` (default: this one) with a ``response_id`` field in front, under the same boundary."""
+        boundary = self.content_type.split("boundary=", 1)[1]
+        field = f"--{boundary}\r\nContent-Disposition: form-data; name=\"response_id\"\r\n\r\n{response_id}\r\n"
+        return field.encode() + (self.body if body is None else body)
+
 
 def multipart_answer(part: str, audio: bytes, filename: str, audio_type: str = "audio/wav") -> MultipartAnswer:
     """Form fields ``part`` and ``audio`` (the file) under a fresh boundary."""

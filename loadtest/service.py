@@ -41,20 +41,22 @@ def client_key(cfg, given: str | None) -> tuple[str | None, dict[str, str]]:
     """The key a load client sends, and the environment a service it starts needs so that it accepts that key.
 
     ``given`` wins; else the first key of the config's ``api_keys_env`` variable;
-    else, when the config names such a variable, a fresh key for the run.
+    else, when the config names such a variable, a fresh key for the run. A key
+    variable the config names but the environment lacks gets a fresh key too
+    (the service refuses to start without it).
     """
-    name = cfg.serving.api_keys_env
-    if given:
-        return given, ({name: given} if name and not cfg.serving.api_keys() else {})
-    if not name:
-        return None, {}
-    keys = cfg.serving.api_keys()
-    if keys:
-        return keys[0], {}
     import secrets
 
-    key = secrets.token_hex(16)
-    return key, {name: key}
+    from serve.grading.config import read_keys
+
+    s = cfg.serving
+    env = {name: secrets.token_hex(16) for name in (s.api_keys_env, s.admin_keys_env)
+           if name and not read_keys(name, required=False)}
+    if given and s.api_keys_env in env:
+        env[s.api_keys_env] = given
+    if given or not s.api_keys_env:
+        return given, env
+    return (env.get(s.api_keys_env) or read_keys(s.api_keys_env)[0]), env
 
 
 def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict]:
