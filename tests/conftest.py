@@ -95,8 +95,8 @@ def running_service(config: Path, port: int, log_path: Path, ready_timeout_s: fl
         log.close()
 
 
-def keyed_service_config(raw: dict, d: Path) -> Path:
-    """Write ``raw`` (a tiny config) with the test API keys, a free port and a registry file into ``d``."""
+def keyed_service_config(raw: dict, d: Path, **serving) -> Path:
+    """Write ``raw`` (a tiny config) with the test API keys, a free port, a registry file and ``serving`` into ``d``."""
     import yaml
 
     from loadtest.service import free_port
@@ -106,6 +106,7 @@ def keyed_service_config(raw: dict, d: Path) -> Path:
         "api_keys_env": "L2G_TEST_API_KEYS",
         "admin_keys_env": "L2G_TEST_ADMIN_KEYS",
         "registry_file": str(d / "registry.json"),
+        **serving,
     }
     (d / "service.yaml").write_text(yaml.safe_dump(raw))
     return d / "service.yaml"

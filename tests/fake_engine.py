@@ -33,6 +33,9 @@ class FakeEngine:
     def resolve(self, part: Part) -> PartSpec:
         return resolve_part(part, LetterTokenizer(), base=self.cfg.model.base, untrained=True)
 
+    def check(self, part: Part) -> PartSpec:
+        return self.resolve(part)
+
     async def load_adapter(self, spec: PartSpec) -> None:
         self.loaded.add(spec.adapter_hash)
 

@@ -23,11 +23,21 @@ from tests.conftest import ADMIN, L2GRADER, USER, keyed_service_config, running_
 
 pytestmark = pytest.mark.engine
 
+BODY_TIMEOUT_S = 5
+
+
 @pytest.fixture(scope="module")
-def service_cfg(tiny_config, tmp_path_factory) -> Path:
+def adapter_root(tmp_path_factory) -> Path:
+    """Where this module's admin calls may take adapters from, beside the tiny checkpoint's."""
+    return tmp_path_factory.mktemp("uploaded_adapters")
+
+
+@pytest.fixture(scope="module")
+def service_cfg(tiny_config, tiny_dir, adapter_root, tmp_path_factory) -> Path:
     raw = tiny_config()
     raw["audio"] = {"max_upload_mb": 24, "max_duration_s": 660}
-    return keyed_service_config(raw, tmp_path_factory.mktemp("service"))
+    return keyed_service_config(raw, tmp_path_factory.mktemp("service"), body_timeout_s=BODY_TIMEOUT_S,
+                                adapter_roots=[str(tiny_dir / "adapters"), str(adapter_root)])
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +123,13 @@ def test_64_concurrent_requests_across_two_parts(base_url, tmp_path):
     assert {r.json()["part"] for r in responses} == {"interview", "long_turn"}
 
 
-def test_register_score_and_delete_a_part(base_url, tiny_dir, tmp_path, audio_dir, service_cfg):
+def test_register_score_and_delete_a_part(base_url, tiny_dir, adapter_root, audio_dir, service_cfg):
     from transformers import Qwen2AudioForConditionalGeneration
 
     from adapters.tiny_model import make_demo_adapter
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_dir / "model")
-    adapter = make_demo_adapter(model, tmp_path / "opinion_v1", "opinion", seed=777)
+    adapter = make_demo_adapter(model, adapter_root / "opinion_v1", "opinion", seed=777)
     body = {"adapter": str(adapter), "task": "Part 5, opinion: the candidate gives opinions."}
     assert httpx.put(f"{base_url}/v1/parts/opinion", json=body, headers=USER).status_code == 403
     r = httpx.put(f"{base_url}/v1/parts/opinion", json=body, headers=ADMIN, timeout=60)
@@ -136,7 +146,7 @@ def test_register_score_and_delete_a_part(base_url, tiny_dir, tmp_path, audio_di
     interview = post_file(base_url, audio_dir / "a.wav", part="interview").json()
     assert scored.json()["probabilities"] != pytest.approx(interview["probabilities"], abs=1e-3)
 
-    bad = httpx.put(f"{base_url}/v1/parts/broken", json={"adapter": str(tmp_path / "nowhere")}, headers=ADMIN)
+    bad = httpx.put(f"{base_url}/v1/parts/broken", json={"adapter": str(adapter_root / "nowhere")}, headers=ADMIN)
     assert bad.status_code == 422 and "does not exist" in bad.json()["error"]["message"]
 
     assert httpx.delete(f"{base_url}/v1/parts/opinion", headers=ADMIN).status_code == 200
@@ -216,3 +226,202 @@ def test_malformed_authorization_headers_are_401(base_url, audio_dir):
         r = httpx.get(f"{base_url}/v1/parts", headers={"Authorization": value.encode("utf-8")})
         assert r.status_code == 401, (value[:20], r.text)
         assert r.json()["error"]["kind"] == "unauthorized"
+
+
+# ---------------------------------------------------------------- failing closed, slow clients, replica death
+
+
+def test_callers_without_an_admin_key_see_no_paths(base_url, tiny_dir):
+    for path in ("/readyz", "/metrics", "/v1/parts"):
+        text = httpx.get(f"{base_url}{path}", headers=USER).text
+        assert str(tiny_dir) not in text and "/adapters/" not in text, path
+    assert str(tiny_dir) in httpx.get(f"{base_url}/v1/parts", headers=ADMIN).text
+    assert str(tiny_dir) in httpx.get(f"{base_url}/readyz", headers=ADMIN).text
+
+
+def test_admin_calls_without_an_admin_key_are_refused(base_url, tiny_dir):
+    body = {"adapter": str(tiny_dir / "adapters" / "interview")}
+    assert httpx.put(f"{base_url}/v1/parts/x", json=body).status_code == 401
+    assert httpx.put(f"{base_url}/v1/parts/x", json=body, headers=USER).status_code == 403
+    assert httpx.delete(f"{base_url}/v1/parts/interview").status_code == 401
+
+
+async def _hold_slow_upload(port: int, results: list, stop_s: float) -> None:
+    """Send a score request's headers, then its body one byte a second: a client on a very bad line."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nAuthorization: " + USER["Authorization"].encode()
+                 + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n")
+    await writer.drain()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + stop_s
+    try:
+        while loop.time() < deadline:
+            try:
+                status = await asyncio.wait_for(reader.readline(), 1.0)
+                try:
+                    rest = await asyncio.wait_for(reader.read(), 5)  # read() ends when the server closes
+                except ConnectionResetError:  # closed with our unread bytes in its buffer: the kernel resets
+                    rest = b""
+                results.append((status.decode().split(" ")[1] if status else "closed", rest))
+                return
+            except asyncio.TimeoutError:
+                writer.write(b"x")
+                await writer.drain()
+        results.append(("held", b""))
+    finally:
+        writer.close()
+
+
+def test_150_slow_uploads_do_not_starve_health_or_scoring(base_url, audio_dir):
+    import asyncio
+    import time
+
+    port = int(base_url.rsplit(":", 1)[1])
+
+    async def run():
+        results: list = []
+        slow = [asyncio.create_task(_hold_slow_upload(port, results, BODY_TIMEOUT_S + 20)) for _ in range(150)]
+        await asyncio.sleep(2)
+        async with httpx.AsyncClient(timeout=30) as client:
+            t0 = time.perf_counter()
+            health = await client.get(f"{base_url}/healthz")
+            health_s = time.perf_counter() - t0
+            with open(audio_dir / "c.ogg", "rb") as f:  # an 8 s answer
+                t0 = time.perf_counter()
+                scored = await client.post(f"{base_url}/v1/score", data={"part": "interview"},
+                                           files={"audio": ("c.ogg", f)}, headers=USER)
+            score_s = time.perf_counter() - t0
+        await asyncio.gather(*slow)
+        return health, health_s, scored, score_s, results
+
+    health, health_s, scored, score_s, results = asyncio.run(run())
+    assert health.status_code == 200 and health_s < 1.0, health_s
+    assert scored.status_code == 200 and score_s < 2.0, (scored.text[:300], score_s)
+    statuses = [s for s, _ in results]
+    assert statuses == ["408"] * 150, statuses  # each slow upload was cut off at the deadline, with a JSON body
+    read = [body for _, body in results if body]
+    assert read and all(b'"body_timeout"' in body and b"connection: close" in body.lower() for body in read)
+
+
+def test_refused_admin_calls_with_invented_ids_do_not_grow_the_metrics(base_url):
+    import asyncio
+    import random
+    import string
+
+    rng = random.Random(15)
+    ids = ["".join(rng.choices(string.ascii_letters, k=2000)) for _ in range(3000)]
+
+    async def run():
+        limit = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def refused(i: int, part: str):
+                async with limit:
+                    if i % 2:
+                        return (await client.put(f"{base_url}/v1/parts/{part}", json={})).status_code
+                    return (await client.delete(f"{base_url}/v1/parts/{part}")).status_code
+
+            return await asyncio.gather(*(refused(i, p) for i, p in enumerate(ids)))
+
+    assert set(asyncio.run(run())) == {401}
+    text = httpx.get(f"{base_url}/metrics").text
+    assert len(text.encode()) < 200_000 and ids[0][:64] not in text
+    assert metric(text, "l2grader_requests_total", endpoint="put_part", part="-", status="401") >= 1500
+
+
+def _lora_with_wrong_input_size(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose LoRA A matrices take 96 inputs where the model has 128 (rank and files intact)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    save_file({k: (v[:, :96].copy() if ".lora_A." in k else v) for k, v in weights.items()},
+              str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+def test_adapters_that_cannot_score_are_refused_before_registration(base_url, tiny_dir, adapter_root, audio_dir):
+    source = tiny_dir / "adapters" / "interview"
+    wrong_rank = adapter_root / "wrong_rank"
+    import shutil
+
+    shutil.copytree(source, wrong_rank)
+    config = json.loads((wrong_rank / "adapter_config.json").read_text())
+    (wrong_rank / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    levels = [{"label": f"L{i}", "cefr": "A1", "score": i, "descriptor": "d"} for i in range(25)]
+    cases = {
+        "rank": ({"adapter": str(wrong_rank)}, "does not match rank 8"),
+        "dims": ({"adapter": str(_lora_with_wrong_input_size(source, adapter_root / "wrong_dims"))}, "base model needs"),
+        "levels": ({"adapter": str(source), "levels": levels}, "at most 20"),
+        "outside": ({"adapter": "/etc"}, "outside"),
+        "missing": ({"adapter": "/no/such/adapter"}, "outside"),
+        "prompt": ({"adapter": str(source), "task": "describe " * 3000}, "max_model_len"),
+    }
+    for name, (body, message) in cases.items():
+        r = httpx.put(f"{base_url}/v1/parts/bad-{name}", json=body, headers=ADMIN, timeout=120)
+        assert r.status_code == 422 and message in r.text, (name, r.text[:500])
+    parts = {p["part"] for p in httpx.get(f"{base_url}/v1/parts", headers=USER).json()["parts"]}
+    assert not any(p.startswith("bad-") for p in parts)
+    assert post_file(base_url, audio_dir / "c.ogg").status_code == 200
+
+
+def _service_pids(name: str, config: Path) -> list[int]:
+    """The pids of this module's service processes whose command line holds ``name`` (its own tree only)."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if str(config) in " ".join(p.info["cmdline"] or [])]
+    found = []
+    for root in roots:
+        for child in root.children(recursive=True):
+            try:
+                if name in " ".join(child.cmdline()):
+                    found.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+    return found
+
+
+def test_a_scorer_replica_killed_under_load_gives_retryable_503s_never_500(base_url, service_cfg, audio_dir):
+    """Last in this module: it kills the scorer replica and waits for its replacement."""
+    import os
+    import signal
+    import threading
+    import time
+    from collections import Counter
+
+    answer = (audio_dir / "c.ogg").read_bytes()
+    seen: Counter = Counter()
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        while not stop.is_set():
+            r = httpx.post(f"{base_url}/v1/score", data={"part": "interview", "response_id": f"r{i}"},
+                           files={"audio": ("c.ogg", answer)}, headers=USER, timeout=120)
+            seen[r.status_code] += 1
+            if r.status_code != 200 and not (r.status_code == 503 and r.headers.get("retry-after")
+                                             and r.json()["error"]["kind"] in ("unavailable", "overloaded")):
+                bad.append(f"{r.status_code} {r.headers.get('retry-after')} {r.text[:200]}")
+            if r.status_code == 503:
+                time.sleep(0.5)
+
+    (scorer,) = _service_pids("ServeReplica:l2grader:Scorer", service_cfg)
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    os.kill(scorer, signal.SIGKILL)
+    time.sleep(15)
+    stop.set()
+    for t in threads:
+        t.join(timeout=180)
+    assert not bad and seen[503] > 0 and seen[200] > 0 and set(seen) <= {200, 503}, (seen, bad[:3])
+
+    deadline = time.time() + 400
+    while httpx.get(f"{base_url}/readyz", timeout=10).status_code != 200:
+        assert time.time() < deadline, "no scorer replica came back"
+        time.sleep(3)
+    assert post_file(base_url, audio_dir / "c.ogg", response_id="r0").json()["response_id"] == "r0"
