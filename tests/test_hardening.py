@@ -323,3 +323,15 @@ def test_more_levels_than_the_engine_reads_are_refused():
     levels = [{"label": f"L{i}", "cefr": "A1", "score": i, "descriptor": "d"} for i in range(25)]
     with pytest.raises(ValueError, match="at most 20"):
         PartConfig.model_validate({"levels": levels})
+
+
+def test_caller_ids_are_bounded():
+    from pydantic import ValidationError
+
+    from serve.service.protocol import BatchRequest, ScoreRequest
+
+    ScoreRequest(part="p", audio_base64="", response_id="r" * 256)
+    with pytest.raises(ValidationError):
+        ScoreRequest(part="p", audio_base64="", response_id="r" * 257)
+    with pytest.raises(ValidationError):
+        BatchRequest(answers=[{"part": "p", "audio_base64": ""}], candidate_id="c" * 257)

@@ -7,6 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.grading.config import PartConfig
 from serve.grading.results import ScoredAnswer
 
+#: Longest id a caller may give an answer or a candidate (they are echoed back and logged).
+MAX_CLIENT_ID = 256
+
 
 class ScoreRequest(BaseModel):
     """JSON body of ``POST /v1/score`` (multipart takes the same fields, with ``audio`` as a file)."""
@@ -14,7 +17,7 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     part: str
     audio_base64: str = Field(description="The answer's audio file (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...), base64-encoded.")
-    response_id: str | None = Field(None, description="Caller's id of the answer, echoed back.")
+    response_id: str | None = Field(None, max_length=MAX_CLIENT_ID, description="Caller's id of the answer, echoed back.")
 
 
 class ScoreResponse(ScoredAnswer):
@@ -30,7 +33,7 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     answers: list[ScoreRequest] = Field(min_length=1, description="At most audio.max_batch_answers (64 by default).")
-    candidate_id: str | None = None
+    candidate_id: str | None = Field(None, max_length=MAX_CLIENT_ID)
 
 
 class Overall(BaseModel):

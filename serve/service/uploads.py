@@ -23,7 +23,7 @@ from starlette.formparsers import MultiPartException
 
 from serve.grading.config import AudioConfig
 from serve.service.errors import ApiError, invalid_request
-from serve.service.protocol import BatchRequest, ScoreRequest
+from serve.service.protocol import MAX_CLIENT_ID, BatchRequest, ScoreRequest
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -158,6 +158,8 @@ async def read_score_upload(request: Request, limits: UploadLimits) -> ScoreUplo
     audio = await upload.read()
     limits.check(len(audio))
     rid = form.get("response_id")
+    if isinstance(rid, str) and len(rid) > MAX_CLIENT_ID:
+        raise ApiError(422, "invalid_request", f"response_id is longer than {MAX_CLIENT_ID} characters")
     return ScoreUpload(str(form["part"]), audio, None if rid is None or not isinstance(rid, str) else rid)
 
 
