@@ -189,12 +189,32 @@ class ServingConfig(_Strict):
         return read_keys(self.admin_keys_env)
 
 
+class ReviewConfig(_Strict):
+    """When an answer's score goes to a human examiner: one threshold per reason code; null turns a check off.
+
+    Defaults come from ``l2grader evaluate`` on the degraded synthetic test (README, "Which scores to trust").
+    """
+
+    min_snr_db: float | None = Field(15.0, description="low_snr: estimated SNR below this (dB).")
+    max_clipped_fraction: float | None = Field(
+        0.001, ge=0.0, le=1.0, description="clipping: more than this share of samples at full scale.")
+    min_speech_ratio: float | None = Field(
+        0.3, ge=0.0, le=1.0, description="low_speech_ratio: less than this share of the answer is speech.")
+    max_score_sd: float | None = Field(
+        1.0, ge=0.0, description="uncertain: the score's standard deviation under the label distribution above this.")
+    min_label_mass: float | None = Field(
+        0.5, ge=0.0, le=1.0, description="low_label_mass: less probability than this on the label set at all.")
+    max_chunk_spread: float | None = Field(
+        1.5, ge=0.0, description="chunks_disagree: highest minus lowest chunk score above this.")
+
+
 class PartConfig(_Strict):
-    """One exam part: its adapter, its prompt and its label scale."""
+    """One exam part: its adapter, its prompt, its label scale and its review thresholds."""
 
     adapter: Path | None = Field(None, description="peft LoRA adapter folder; null scores with the base model.")
     task: str = Field(DEFAULT_TASK, min_length=1, description="What the part asks of the candidate (goes in the prompt).")
     levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2)
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="When its scores go to a human examiner.")
 
     @field_validator("levels")
     @classmethod

@@ -25,10 +25,12 @@ from fastapi.responses import JSONResponse, Response
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serve.grading.audio import AudioError, Chunk, prepare_answer
+from serve.grading.audio import AudioError, PreparedAnswer, prepare
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, load_config, validate_part_id
 from serve.grading.levels import nearest_level
 from serve.grading.parts import Part
+from serve.grading.results import REVIEW_REASONS, Review, ScoredAnswer
+from serve.grading.review import assess
 from serve.service.auth import ApiKeys, require_admin, require_user, use_keys
 from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import METRICS, RequestMetrics
@@ -36,6 +38,8 @@ from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_BODY, errors
 from serve.service.page import router as page_router
 from serve.service.protocol import (
     BatchResponse,
+    NotScorable,
+    NotScorableReason,
     Overall,
     PartInfo,
     PartsResponse,
@@ -50,6 +54,8 @@ logger = logging.getLogger("ray.serve")
 API_VERSION = "v1"
 AUDIO_STATUS = {"empty": 422, "undecodable": 422, "unreadable": 422, "unsupported_audio": 422, "silence": 422,
                 "too_long": 413, "too_large": 413, "cancelled": 499}
+#: Audio refusals that make one answer of a batch ``not_scorable`` instead of failing the batch.
+NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "silence"})
 #: Largest body of PUT /v1/parts/{part} (a path, a task text and levels).
 MAX_PART_BODY = 1024 * 1024
 
@@ -105,14 +111,14 @@ class Ingress:
         except UnknownPartError as e:
             raise ApiError(404, "unknown_part", str(e)) from None
 
-    async def _prepare(self, upload: ScoreUpload) -> list[Chunk]:
-        """Decode, check and chunk one answer in the bounded decoding pool; stops if the request is cancelled."""
+    async def _prepare(self, upload: ScoreUpload) -> PreparedAnswer:
+        """Decode, check, measure and chunk one answer in the bounded decoding pool; stops if the request is cancelled."""
         stop = threading.Event()
         t0 = time.perf_counter()
         job = asyncio.get_running_loop().run_in_executor(
-            self.decoder, functools.partial(prepare_answer, upload.audio, self.cfg.audio, stop.is_set))
+            self.decoder, functools.partial(prepare, upload.audio, self.cfg.audio, stop.is_set))
         try:
-            chunks = await job
+            prepared = await job
         except asyncio.CancelledError:  # the client went away: free the decoder
             stop.set()
             logger.info("request %s cancelled: its decoding stops", request_id())
@@ -120,13 +126,15 @@ class Ingress:
         except AudioError as e:
             raise ApiError(AUDIO_STATUS.get(e.kind, 422), e.kind, str(e)) from None
         self.metrics.decode.observe(time.perf_counter() - t0)
-        return chunks
+        return prepared
 
-    async def _score(self, upload: ScoreUpload, started: float, chunks: list[Chunk] | None = None) -> ScoreResponse:
-        """Have the scorer replica that holds the answer's part score it (decoding it first unless done)."""
+    async def _score(self, upload: ScoreUpload, started: float, prepared: PreparedAnswer | None = None) -> ScoreResponse:
+        """Have the scorer replica that holds the answer's part score it (decoding it first unless done),
+        then judge it against the part's review thresholds."""
         part = self._part(upload.part)
-        if chunks is None:
-            chunks = await self._prepare(upload)
+        if prepared is None:
+            prepared = await self._prepare(upload)
+        chunks = prepared.chunks
         handle = self.scorer.options(multiplexed_model_id=part.model_id)
         try:
             result = await handle.score_chunks.remote(chunks, request_id())
@@ -134,7 +142,9 @@ class Ingress:
             retry = str(int(self.cfg.serving.scorer.retry_after_s + 0.999))
             raise ApiError(503, "overloaded", f"scorer overloaded, retry later ({e})", {"Retry-After": retry}) from None
         self.metrics.record_answer(upload.part, len(chunks), result["duration_s"])
-        return ScoreResponse(**result, response_id=upload.response_id, request_id=request_id(),
+        answer = assess(ScoredAnswer.model_validate(result), prepared.quality, part.config.review)
+        self.metrics.record_review(part.part, answer.review.reasons)
+        return ScoreResponse(**answer.model_dump(), response_id=upload.response_id, request_id=request_id(),
                              latency_ms=elapsed_ms(started))
 
     # ------------------------------------------------------------ scoring
@@ -151,7 +161,9 @@ class Ingress:
     @app.post(f"/{API_VERSION}/score/batch", name="score_batch", response_model=BatchResponse, openapi_extra=BATCH_BODY,
               responses=errors(401, 404, 413, 415, 422, 500, 503), dependencies=[Depends(require_user)])
     async def post_score_batch(self, request: Request) -> BatchResponse:
-        """Score several answers of one candidate (JSON); the overall score is the mean of the answers' scores."""
+        """Score several answers of one candidate (JSON). An answer that cannot be scored (silence, too little
+        speech, undecodable) gets a `not_scorable` result and the others are scored; the overall score is the
+        mean of the scored answers'."""
         started = time.perf_counter()
         batch, uploads = await read_batch_upload(request, self.limits)
         request.state.part = "batch"
@@ -168,21 +180,44 @@ class Ingress:
 
         for i, upload in enumerate(uploads):  # an unknown part is refused before any decoding
             await each(i, upload, known)
-        chunks = await asyncio.gather(*(each(i, u, self._prepare) for i, u in enumerate(uploads)))
-        total_s = sum(c[-1].end_s for c in chunks)
+
+        async def prepared_or_refusal(upload: ScoreUpload) -> PreparedAnswer | NotScorable:
+            try:
+                return await self._prepare(upload)
+            except ApiError as e:
+                if e.kind not in NOT_SCORABLE_KINDS:
+                    raise
+                self.metrics.record_review(upload.part, ["not_scorable"])
+                return NotScorable(part=upload.part, response_id=upload.response_id,
+                                   reason=NotScorableReason(kind=e.kind, message=e.message))
+
+        prepared = await asyncio.gather(*(each(i, u, prepared_or_refusal) for i, u in enumerate(uploads)))
+        total_s = sum(p.chunks[-1].end_s for p in prepared if isinstance(p, PreparedAnswer))
         if total_s > audio.max_batch_audio_s:
             raise ApiError(413, "too_long",
                            f"the batch holds {total_s:.0f} s of audio: at most {audio.max_batch_audio_s:g} s in one batch")
-        results = await asyncio.gather(*(
-            each(i, u, functools.partial(self._score, started=started, chunks=c))
-            for i, (u, c) in enumerate(zip(uploads, chunks))))
-        mean = sum(r.score for r in results) / len(results)
-        levels = self.registry.get(results[0].part).config.levels
-        return BatchResponse(
-            candidate_id=batch.candidate_id, results=results,
-            overall=Overall(score=mean, cefr=nearest_level(levels, mean).cefr),
-            request_id=request_id(), latency_ms=elapsed_ms(started),
-        )
+
+        async def result(i: int, upload: ScoreUpload, p: PreparedAnswer | NotScorable):
+            if isinstance(p, NotScorable):
+                return p
+            return await each(i, upload, functools.partial(self._score, started=started, prepared=p))
+
+        results = await asyncio.gather(*(result(i, u, p) for i, (u, p) in enumerate(zip(uploads, prepared))))
+        return BatchResponse(candidate_id=batch.candidate_id, results=results, overall=self._overall(results),
+                             request_id=request_id(), latency_ms=elapsed_ms(started))
+
+    def _overall(self, results: list[ScoreResponse | NotScorable]) -> Overall:
+        """Mean over the scored answers; for review when any answer needs it or could not be scored."""
+        scored = [r for r in results if isinstance(r, ScoreResponse)]
+        n_bad = len(results) - len(scored)
+        hit = {reason for r in scored for reason in r.review.reasons}
+        reasons = [code for code in REVIEW_REASONS if code in hit] + (["not_scorable"] if n_bad else [])
+        mean = cefr = None
+        if scored:
+            mean = sum(r.score for r in scored) / len(scored)
+            cefr = nearest_level(self.registry.get(scored[0].part).config.levels, mean).cefr
+        return Overall(score=mean, cefr=cefr, scored=len(scored), not_scorable=n_bad,
+                       review=Review(needed=bool(reasons), reasons=reasons))
 
     # ------------------------------------------------------------ parts (admin)
 
