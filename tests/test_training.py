@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from serve.grading.adapter_files import check_adapter, read_adapter_metadata
+from tests.conftest import require_espeak
 
 TRAIN_FLAGS = ["--lr", "1e-3", "--epochs", "3", "--batch-size", "16", "--dropout", "0", "--rank", "16"]
 N_TRAIN, N_DEV, N_TEST = 300, 40, 100
@@ -41,14 +41,6 @@ def l2grader(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
-
-
-def require_espeak() -> None:
-    if shutil.which("espeak-ng") is None:
-        msg = "espeak-ng is not installed (scripts/install.sh installs it as root; apt-get install espeak-ng)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 @pytest.fixture(scope="module")
