@@ -54,7 +54,7 @@ def test_prepare_measures_quality_once_and_refuses_silence_from_it():
     (CLEAN.model_copy(update={"clipped_fraction": 0.02}), SURE, ["clipping"]),
     (CLEAN.model_copy(update={"speech_ratio": 0.1}), SURE, ["low_speech_ratio"]),
     (CLEAN, SURE.model_copy(update={"score_sd": 1.4}), ["uncertain"]),
-    (CLEAN, SURE.model_copy(update={"label_mass": 0.1}), ["low_label_mass"]),
+    (CLEAN, SURE.model_copy(update={"label_mass": 0.005}), ["low_label_mass"]),
     (CLEAN, SURE.model_copy(update={"chunk_spread": 2.0}), ["chunks_disagree"]),
     (CLEAN.model_copy(update={"snr_db": 3.0, "clipped_fraction": 0.5}), SURE.model_copy(update={"score_sd": 2.0}),
      ["low_snr", "clipping", "uncertain"]),
@@ -68,3 +68,13 @@ def test_a_null_threshold_turns_its_check_off():
     noisy = CLEAN.model_copy(update={"snr_db": -5.0})
     assert review_reasons(SURE, noisy, ReviewConfig(min_snr_db=None)) == []
     assert review_reasons(SURE, noisy, ReviewConfig(min_snr_db=-10)) == []
+
+
+def test_overall_review_of_a_candidate():
+    from serve.grading.results import Review
+    from serve.grading.review import overall_review
+
+    fine, clipped = Review(needed=False, reasons=[]), Review(needed=True, reasons=["uncertain", "clipping"])
+    assert overall_review([fine, fine], 0) == Review(needed=False, reasons=[])
+    assert overall_review([fine, clipped], 0).reasons == ["clipping", "uncertain"]
+    assert overall_review([fine], 2) == Review(needed=True, reasons=["not_scorable"])

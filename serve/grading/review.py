@@ -5,7 +5,7 @@ thresholds (:class:`serve.grading.config.ReviewConfig`), each named by a fixed r
 from __future__ import annotations
 
 from serve.grading.config import ReviewConfig
-from serve.grading.results import Quality, Review, ScoredAnswer, Uncertainty
+from serve.grading.results import REVIEW_REASONS, Quality, Review, ScoredAnswer, Uncertainty
 
 
 def review_reasons(uncertainty: Uncertainty, quality: Quality, thresholds: ReviewConfig) -> list[str]:
@@ -26,3 +26,14 @@ def assess(answer: ScoredAnswer, quality: Quality, thresholds: ReviewConfig) -> 
     """The answer with its audio quality and its review verdict."""
     reasons = review_reasons(answer.uncertainty, quality, thresholds)
     return answer.model_copy(update={"quality": quality, "review": Review(needed=bool(reasons), reasons=reasons)})
+
+
+#: Reason of a candidate's overall review when one of their answers could not be scored.
+NOT_SCORABLE = "not_scorable"
+
+
+def overall_review(reviews: list[Review], not_scorable: int) -> Review:
+    """A candidate's verdict: every reason of their scored answers, and ``not_scorable`` when any answer was."""
+    hit = {reason for r in reviews for reason in r.reasons}
+    reasons = [code for code in REVIEW_REASONS if code in hit] + ([NOT_SCORABLE] if not_scorable else [])
+    return Review(needed=bool(reasons), reasons=reasons)

@@ -29,8 +29,8 @@ from serve.grading.audio import AudioError, PreparedAnswer, prepare
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, load_config, validate_part_id
 from serve.grading.levels import nearest_level
 from serve.grading.parts import Part
-from serve.grading.results import REVIEW_REASONS, Review, ScoredAnswer
-from serve.grading.review import assess
+from serve.grading.results import ScoredAnswer
+from serve.grading.review import NOT_SCORABLE, assess, overall_review
 from serve.service.auth import ApiKeys, require_admin, require_user, use_keys
 from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import METRICS, RequestMetrics
@@ -187,7 +187,7 @@ class Ingress:
             except ApiError as e:
                 if e.kind not in NOT_SCORABLE_KINDS:
                     raise
-                self.metrics.record_review(upload.part, ["not_scorable"])
+                self.metrics.record_review(upload.part, [NOT_SCORABLE])
                 return NotScorable(part=upload.part, response_id=upload.response_id,
                                    reason=NotScorableReason(kind=e.kind, message=e.message))
 
@@ -210,14 +210,12 @@ class Ingress:
         """Mean over the scored answers; for review when any answer needs it or could not be scored."""
         scored = [r for r in results if isinstance(r, ScoreResponse)]
         n_bad = len(results) - len(scored)
-        hit = {reason for r in scored for reason in r.review.reasons}
-        reasons = [code for code in REVIEW_REASONS if code in hit] + (["not_scorable"] if n_bad else [])
         mean = cefr = None
         if scored:
             mean = sum(r.score for r in scored) / len(scored)
             cefr = nearest_level(self.registry.get(scored[0].part).config.levels, mean).cefr
         return Overall(score=mean, cefr=cefr, scored=len(scored), not_scorable=n_bad,
-                       review=Review(needed=bool(reasons), reasons=reasons))
+                       review=overall_review([r.review for r in scored], n_bad))
 
     # ------------------------------------------------------------ parts (admin)
 
