@@ -28,7 +28,8 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
     try:
         paths = synth_dataset(args.dir, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test,
-                              seed=args.seed, part=args.part)
+                              seed=args.seed, part=args.part, degrade_share=args.degrade,
+                              bias_voice=args.bias_voice, bias=args.bias)
     except SynthError as e:
         _fail(str(e), 1)
     for name, path in paths.items():
@@ -66,7 +67,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from serve.grading.adapter_files import AdapterError
 
     try:
-        evaluate(cfg, args.part, args.data, adapter=args.adapter, plot=args.plot, predictions=args.predictions)
+        group_by = [g.strip() for g in (args.group_by or "").split(",") if g.strip()]
+        evaluate(cfg, args.part, args.data, adapter=args.adapter, plot=args.plot, predictions=args.predictions,
+                 group_by=group_by, report=args.report, selective_signal=args.selective_signal)
     except (DataError, AdapterError, ValueError) as e:
         _fail(str(e), 1)
     return 0
@@ -106,13 +109,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="progress lines instead of a progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a test set through vLLM; PCC, Spearman, RMSE, within 0.5/1.0, plot")
+    p = sub.add_parser("evaluate", help="score a test set through vLLM; agreement, selective scoring, fairness, plot and report")
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--part", required=True, help="exam part of the test set")
     p.add_argument("--data", required=True, help='test answers: JSON lines {"audio": path, "score": number}')
     p.add_argument("--adapter", help="adapter folder to evaluate instead of the part's configured one")
     p.add_argument("--plot", help="calibration plot PNG (default: DATA.PART.calibration.png beside the data)")
     p.add_argument("--predictions", help="also write each answer's scores to this JSON-lines file")
+    p.add_argument("--group-by", metavar="FIELDS",
+                   help="comma-separated fields of the data to compare groups by (fairness table), e.g. l1,gender")
+    p.add_argument("--report", metavar="DIR", help="write DIR/report.html (self-contained) and DIR/report.json")
+    p.add_argument("--selective-signal", default="score_sd",
+                   help="signal whose selective-scoring list is the JSON's `selective` (default score_sd)")
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_evaluate)
 
@@ -123,4 +131,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-test", type=int, default=100, help="test answers (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--part", default="interview", help="part id written into the data (default interview)")
+    p.add_argument("--degrade", type=float, default=0.0, metavar="SHARE",
+                   help="share of dev and test answers degraded: noise at -5..5 dB SNR, clipping, long silent gaps "
+                        "or truncation (default 0)")
+    p.add_argument("--bias-voice", help="voice whose dev and test human scores get --bias added (a planted bias)")
+    p.add_argument("--bias", type=float, default=0.0, help="shift of --bias-voice's human scores (default 0)")
     p.set_defaults(func=cmd_synth_data)

@@ -1,20 +1,22 @@
 """Scored answers for training and evaluation: JSON lines in, chunks with their human score out.
 
 One line per answer: ``{"audio": path, "score": float}`` with optional
-``part`` and ``speaker``. Relative audio paths resolve against the file's own
+``part`` and ``speaker``; any other fields (a group such as ``l1`` or
+``voice``) are kept in :attr:`Example.fields` for fairness tables. Relative audio paths resolve against the file's own
 folder. Rows of another part than the one asked for are skipped. Answers are
 decoded, checked and chunked exactly as serving does
-(:func:`serve.grading.audio.prepare_answer`): an answer longer than 30 s gives several
+(:func:`serve.grading.audio.prepare`): an answer longer than 30 s gives several
 chunks, each trained on the answer's score.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.grading.audio import Chunk, prepare_answer
+from serve.grading.audio import Chunk, prepare
+from serve.grading.results import Quality
 
 
 class DataError(ValueError):
@@ -29,6 +31,7 @@ class Example:
     score: float
     part: str | None = None
     speaker: str | None = None
+    fields: dict = field(default_factory=dict, compare=False)  # the row's other fields (groups)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Answer:
 
     example: Example
     chunks: tuple[Chunk, ...]
+    quality: Quality | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ def read_jsonl(path: str | Path, part: str | None = None) -> list[Example]:
         if not audio_path.is_absolute():
             audio_path = path.resolve().parent / audio_path
         speaker = row.get("speaker")
-        out.append(Example(audio_path, score, row.get("part"), None if speaker is None else str(speaker)))
+        others = {k: v for k, v in row.items() if k not in ("audio", "score", "part", "speaker")}
+        out.append(Example(audio_path, score, row.get("part"), None if speaker is None else str(speaker), others))
     return out
 
 
@@ -81,7 +86,8 @@ def load_answers(examples: list[Example], audio_cfg) -> tuple[list[Answer], list
     good, bad = [], []
     for ex in examples:
         try:
-            good.append(Answer(ex, tuple(prepare_answer(ex.audio, audio_cfg))))
+            prepared = prepare(ex.audio, audio_cfg)
+            good.append(Answer(ex, tuple(prepared.chunks), prepared.quality))
         except AudioError as e:
             bad.append((ex, str(e)))
     return good, bad

@@ -3,7 +3,11 @@
 Every answer of the set is decoded and chunked as in serving and sent to one
 :class:`serve.engine.offline.OfflineEngine` in one batch; the soft and hard scores are
 compared with the human scores (:mod:`adapters.agreement`), and a calibration
-plot of predicted against human scores is drawn.
+plot of predicted against human scores is drawn. Each answer is judged as
+serving judges it (audio quality, uncertainty, review verdict against the
+part's thresholds), and :mod:`adapters.trust` measures how well those signals
+pick the answers to route to humans and how fair the scores are across
+groups; ``--report DIR`` puts it all in one HTML page (:mod:`adapters.report`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from typing import Any
 
 from adapters.dataset import Answer, load_answers, read_jsonl
 from adapters.agreement import format_metrics, soft_hard_metrics
+from adapters.trust import SIGNALS, trust_report
 from serve.grading.adapter_files import check_adapter
 from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
 from serve.grading.results import ScoredAnswer
+from serve.grading.review import assess
 
 
 def config_for(cfg: GraderConfig, part: str, adapter: str | Path | None = None) -> GraderConfig:
@@ -97,34 +103,77 @@ def _finite(m: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
 
 
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_trust(trust: dict) -> list[str]:
+    """Human-readable lines: selective scoring per signal, the verdict, the group table."""
+    rates = [r["review_rate"] for r in trust["selective"]]
+    lines = ["selective scoring, PCC of the answers kept when the most doubtful are routed to review:",
+             f"  {'signal':<17}" + "".join(f"{100 * r:>7.0f}%" for r in rates) + "   Spearman(|error|)"]
+    for name, rows in trust["selective_by_signal"].items():
+        lines.append(f"  {name:<17}" + "".join(f"{_fmt(r['pcc']):>8}" for r in rows)
+                     + f"   {_fmt(trust['error_spearman'][name]):>8}")
+    v = trust["review_verdict"]
+    lines.append(f"review verdict: {100 * v['review_rate']:.1f}% routed, kept PCC {_fmt(v['pcc'])}, RMSE "
+                 f"{_fmt(v['rmse'])}, within 0.5 {_fmt(None if v['within_0_5'] is None else 100 * v['within_0_5'], '.1f')}%;"
+                 f" reasons {v['reasons']}")
+    lines.append(f"  {'group':<28}{'n':>5}{'PCC':>8}{'RMSE':>8}{'mean err':>10}{'SMD':>8}{'review':>8}")
+    for g in trust["groups"]:
+        name = "all" if g["field"] == "all" else f"{g['field']}={g['group']}"
+        flag = f"  FLAG |SMD| > {g['smd_limit']}" if g["flagged"] else ""
+        lines.append(f"  {name[:28]:<28}{g['n']:>5}{_fmt(g['pcc']):>8}{_fmt(g['rmse']):>8}{g['mean_error']:>+10.3f}"
+                     f"{_fmt(g['smd'], '+.3f'):>8}{100 * g['review_rate']:>7.0f}%{flag}")
+    return lines
+
+
 def evaluate(cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | Path | None = None,
-             plot: str | Path | None = None, predictions: str | Path | None = None) -> dict[str, Any]:
+             plot: str | Path | None = None, predictions: str | Path | None = None, group_by: Sequence[str] = (),
+             report: str | Path | None = None, selective_signal: str = "score_sd") -> dict[str, Any]:
     """Score ``data`` through vLLM and print the metrics; the last stdout line is their JSON."""
+    if selective_signal not in SIGNALS:
+        raise ValueError(f"unknown signal {selective_signal!r} (signals: {', '.join(SIGNALS)})")
     cfg = config_for(cfg, part, adapter)
     answers, bad = load_answers(read_jsonl(data, part), cfg.audio)
     for ex, why in bad:
-        print(f"skipping {ex.audio}: {why}", file=sys.stderr)
+        print(f"not scorable, left out: {ex.audio}: {why}", file=sys.stderr)
     if len(answers) < 2:
         raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 2 are needed")
-    scored = score_with_engine(cfg, part, answers)
-    result = soft_hard_metrics(answers, scored)
     pcfg = cfg.parts[part]
+    scored = [assess(s, a.quality, pcfg.review) for a, s in zip(answers, score_with_engine(cfg, part, answers))]
+    result = soft_hard_metrics(answers, scored)
+    human = [a.example.score for a in answers]
+    trust = trust_report(scored, human, [a.example.fields for a in answers], group_by, selective_signal)
     if predictions is not None:
         with open(predictions, "w") as f:
             for a, s in zip(answers, scored):
                 f.write(json.dumps({"audio": str(a.example.audio), "human": a.example.score, "score": s.score,
-                                    "hard_score": s.hard_score, "probabilities": s.probabilities}) + "\n")
+                                    "hard_score": s.hard_score, "probabilities": s.probabilities,
+                                    "label_mass": s.label_mass, "uncertainty": s.uncertainty.model_dump(),
+                                    "quality": s.quality.model_dump(), "review": s.review.model_dump(),
+                                    **{k: a.example.fields.get(k) for k in group_by}}) + "\n")
     plot_path = calibration_plot(
         plot or default_plot_path(data, part),
-        [a.example.score for a in answers], [s.score for s in scored], [s.hard_score for s in scored],
+        human, [s.score for s in scored], [s.hard_score for s in scored],
         f"{part}: {len(answers)} answers, soft PCC {result['soft']['pcc']:.3f}\n"
         f"adapter: {pcfg.adapter.name if pcfg.adapter else 'none (base model)'}",
         [lv.score for lv in pcfg.levels],
     )
     adapter_desc = scored[0].model.adapter or "none (base model)"
-    print(f"{part}: {len(answers)} answers from {data} (skipped {len(bad)}), adapter {adapter_desc}")
+    summary = {"soft": _finite(result["soft"]), "hard": _finite(result["hard"]), "answers": len(answers),
+               "not_scorable": len(bad), **trust}
+    print(f"{part}: {len(answers)} answers from {data} ({len(bad)} not scorable, left out), adapter {adapter_desc}")
     print(format_metrics("soft", result["soft"]))
     print(format_metrics("hard", result["hard"]))
+    for line in format_trust(trust):
+        print(line)
     print(f"calibration plot: {plot_path}")
-    print(json.dumps({"soft": _finite(result["soft"]), "hard": _finite(result["hard"])}), flush=True)
-    return result
+    if report is not None:
+        from adapters.report import write_report
+
+        html = write_report(report, summary, human, scored, [lv.score for lv in pcfg.levels],
+                            title=f"{part}: {data}, adapter {adapter_desc}", calibration_png=plot_path)
+        print(f"report: {html}")
+    print(json.dumps(summary), flush=True)
+    return summary

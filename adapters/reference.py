@@ -18,7 +18,7 @@ from serve.grading.audio import SAMPLE_RATE, Chunk
 from serve.grading.config import GraderConfig
 from serve.grading.parts import PartSpec, resolve_parts
 from serve.grading.results import ScoredAnswer
-from serve.grading.scoring import ChunkScore, aggregate, label_probabilities
+from serve.grading.scoring import ChunkScore, aggregate, label_distribution
 
 #: Names of the dtypes in configs and on the command line.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -82,11 +82,9 @@ class ReferenceScorer:
         return torch.log_softmax(logits, dim=-1)[list(spec.label_token_ids)].cpu().numpy()
 
     def score_answer(self, part: str, chunks: Sequence[Chunk]) -> ScoredAnswer:
-        """Score one answer, chunk by chunk."""
+        """Score one answer, chunk by chunk (label mass included, as the engine reports it)."""
         spec = self.parts[part]
-        scores = [
-            ChunkScore(c.start_s, c.end_s, label_probabilities(self.label_logprobs(spec, c))) for c in chunks
-        ]
+        scores = [ChunkScore(c.start_s, c.end_s, *label_distribution(self.label_logprobs(spec, c))) for c in chunks]
         return aggregate(part, spec.levels, scores, spec.model)
 
 

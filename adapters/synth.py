@@ -13,6 +13,12 @@ Voice, pitch and sentence vary at random and carry no information about the
 score. Answers last about 2-6 s (drawn independently of the score, so length
 is no cue) and a CPU trains on them quickly. The score
 is continuous, so the data exercises the fair-average targets.
+
+Every row names its ``voice`` (a group field for fairness tables). For the
+checks of which scores to trust, a share of the held-out answers (dev and
+test; training stays clean) can be degraded the ways real recordings go
+wrong (:data:`DEGRADATIONS`), and a bias can be planted in one voice's human
+scores.
 """
 
 from __future__ import annotations
@@ -48,6 +54,53 @@ SENTENCES = (
     "I think music helps me relax",
     "Our house has a garden with flowers",
 )
+
+
+#: Ways a recording goes wrong, each applied by :func:`degrade`.
+DEGRADATIONS = ("noise", "clipping", "gaps", "truncation")
+
+
+def speech_power(wave: np.ndarray) -> float:
+    """Mean square of the non-silent samples (synthesized speech has true silence between words)."""
+    voiced = wave[np.abs(wave) > 1e-4]
+    return float(np.mean(voiced.astype(np.float64) ** 2)) if voiced.size else 0.0
+
+
+def add_noise(wave: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """White noise at ``snr_db`` below the speech's power, over the whole answer."""
+    scale = np.sqrt(speech_power(wave) / 10 ** (snr_db / 10))
+    return np.clip(wave + rng.normal(scale=scale, size=wave.size), -1, 1).astype(np.float32)
+
+
+def clip(wave: np.ndarray, gain: float) -> np.ndarray:
+    """The answer amplified by ``gain`` and clipped at full scale (an input level set far too high)."""
+    return np.clip(wave * gain, -1, 1).astype(np.float32)
+
+
+def insert_gaps(wave: np.ndarray, gap_s: float, n_gaps: int, rng: np.random.Generator, rate: int = 16000) -> np.ndarray:
+    """``n_gaps`` silences of ``gap_s`` seconds at random points (a candidate who stops talking)."""
+    cuts = sorted(rng.integers(1, max(2, wave.size - 1), size=n_gaps))
+    gap = np.zeros(int(gap_s * rate), np.float32)
+    pieces = [p for a, b in zip([0, *cuts], [*cuts, wave.size]) for p in (wave[a:b], gap)][:-1]
+    return np.concatenate(pieces).astype(np.float32)
+
+
+def truncate(wave: np.ndarray, keep: float, min_s: float = 1.6, rate: int = 16000) -> np.ndarray:
+    """The first ``keep`` share of the answer (a recording cut off), at least ``min_s`` seconds."""
+    return wave[: max(int(keep * wave.size), int(min_s * rate))]
+
+
+def degrade(wave: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """One of :data:`DEGRADATIONS`, at a strength drawn from ``rng``."""
+    if kind == "noise":
+        return add_noise(wave, rng.uniform(-5.0, 5.0), rng)
+    if kind == "clipping":
+        return clip(wave, rng.uniform(6.0, 15.0))
+    if kind == "gaps":
+        return insert_gaps(wave, rng.uniform(3.0, 6.0), int(rng.integers(1, 3)), rng)
+    if kind == "truncation":
+        return truncate(wave, rng.uniform(0.3, 0.5))
+    raise ValueError(f"unknown degradation {kind!r} (known: {', '.join(DEGRADATIONS)})")
 
 
 class SynthError(RuntimeError):
@@ -136,32 +189,57 @@ def synth_dataset(
     seed: int = 0,
     part: str = "interview",
     workers: int = 2,
+    degrade_share: float = 0.0,
+    bias_voice: str | None = None,
+    bias: float = 0.0,
 ) -> dict[str, Path]:
-    """Write ``audio/<split>/*.wav`` and ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` under ``out_dir``."""
+    """Write ``audio/<split>/*.wav`` and ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` under ``out_dir``.
+
+    ``degrade_share`` of the dev and test answers are degraded (one of
+    :data:`DEGRADATIONS` each, named in the row's ``degradation``); the dev and
+    test human scores of ``bias_voice`` are shifted by ``bias`` (clipped to the
+    scale; the row keeps the unbiased ``true_score``).
+    """
     import soundfile as sf
 
     from serve.grading.audio import SAMPLE_RATE
 
     if shutil.which("espeak-ng") is None:
         raise SynthError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
+    if not 0.0 <= degrade_share <= 1.0:
+        raise SynthError(f"the degraded share must be within [0, 1], got {degrade_share}")
+    if bias_voice is not None and bias_voice not in VOICES:
+        raise SynthError(f"unknown voice {bias_voice!r} (voices: {', '.join(VOICES)})")
     out = Path(out_dir)
     rng = random.Random(seed)
     jobs = []
     for split_name, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
         (out / "audio" / split_name).mkdir(parents=True, exist_ok=True)
+        held_out = split_name != "train"
         for i, score in enumerate(_scores(n, rng)):
             speaker = f"{split_name}-{i:04d}"
-            jobs.append((split_name, speaker, Path("audio") / split_name / f"{speaker}.wav", make_spec(score, rng)))
+            spec = make_spec(score, rng)
+            kind = rng.choice(DEGRADATIONS) if held_out and rng.random() < degrade_share else None
+            jobs.append((split_name, speaker, Path("audio") / split_name / f"{speaker}.wav", spec, kind,
+                         rng.randrange(2**32)))
 
     def render(job):
-        _, _, rel, spec = job
-        sf.write(out / rel, speak(spec), SAMPLE_RATE, subtype="PCM_16")
+        _, _, rel, spec, kind, job_seed = job
+        wave = speak(spec)
+        if kind is not None:
+            wave = degrade(wave, kind, np.random.default_rng(job_seed))
+        sf.write(out / rel, wave, SAMPLE_RATE, subtype="PCM_16")
         return job
 
     rows: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for split_name, speaker, rel, spec in pool.map(render, jobs):
-            row = {"audio": str(rel), "score": spec.score, "part": part, "speaker": speaker}
+        for split_name, speaker, rel, spec, kind, _ in pool.map(render, jobs):
+            row = {"audio": str(rel), "score": spec.score, "part": part, "speaker": speaker, "voice": spec.voice}
+            if split_name != "train":
+                row["degradation"] = kind
+                if bias and spec.voice == bias_voice:
+                    row["true_score"] = spec.score
+                    row["score"] = round(min(SCORE_MAX, max(SCORE_MIN, spec.score + bias)), 3)
             row["synth"] = {k: v for k, v in asdict(spec).items() if k != "score"}
             rows[split_name].append(json.dumps(row))
     paths = {}

@@ -49,7 +49,7 @@ from adapters.agreement import format_metrics, soft_hard_metrics
 from serve.grading.config import GraderConfig, UnknownPartError
 from serve.grading.parts import PartSpec, check_part, resolve_part
 from serve.grading.results import ScoredAnswer
-from serve.grading.scoring import ChunkScore, aggregate, label_probabilities
+from serve.grading.scoring import ChunkScore, aggregate, label_distribution
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -125,11 +125,22 @@ def label_logits(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
     head to the one position that matters: the same numbers as the full
     logits, without a ``[batch, tokens, vocabulary]`` tensor.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(**batch.inputs, use_cache=False).last_hidden_state
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_pos]
+    base, h = _first_output_hidden(model, batch)
     w = base.lm_head.weight[list(label_ids)]
     return (h @ w.T).float()
+
+
+def _first_output_hidden(model, batch: Batch):
+    """(the base model, the last hidden state at each chunk's first output position)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(**batch.inputs, use_cache=False).last_hidden_state
+    return base, hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_pos]
+
+
+def label_logprobs(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
+    """Full-vocabulary log-probabilities of the label tokens at the first output position (what serving reads)."""
+    base, h = _first_output_hidden(model, batch)
+    return torch.log_softmax((h @ base.lm_head.weight.T).float(), dim=-1)[:, list(label_ids)]
 
 
 @torch.no_grad()
@@ -140,16 +151,16 @@ def score_answers(
     was_training = model.training
     model.eval()
     items = train_items(list(answers))
-    probs: list[np.ndarray] = []
+    dists: list[tuple[np.ndarray, float]] = []
     for i in range(0, len(items), batch_size):
         batch = make_batch(processor, spec, items[i : i + batch_size], device, dtype)
-        lp = torch.log_softmax(label_logits(model, batch, spec.label_token_ids), dim=-1).cpu().numpy()
-        probs.extend(label_probabilities(row) for row in lp)
+        lp = label_logprobs(model, batch, spec.label_token_ids).cpu().numpy()
+        dists.extend(label_distribution(row) for row in lp)
     if was_training:
         model.train()
     results, k = [], 0
     for ans in answers:
-        chunks = [ChunkScore(c.start_s, c.end_s, probs[k + j]) for j, c in enumerate(ans.chunks)]
+        chunks = [ChunkScore(c.start_s, c.end_s, *dists[k + j]) for j, c in enumerate(ans.chunks)]
         k += len(ans.chunks)
         results.append(aggregate(spec.part, spec.levels, chunks, spec.model))
     return results

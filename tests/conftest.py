@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,15 @@ L2GRADER = str(Path(sys.executable).parent / "l2grader")
 USER_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
 USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def require_espeak() -> None:
+    """Skip (fail on CI) where espeak-ng, which makes the synthetic speech, is missing."""
+    if shutil.which("espeak-ng") is None:
+        msg = "espeak-ng is not installed (scripts/install.sh installs it as root; apt-get install espeak-ng)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 @pytest.fixture(scope="session")

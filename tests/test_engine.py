@@ -1,7 +1,7 @@
 """The real vLLM engine on the tiny checkpoint, checked against the transformers + peft reference.
 
-Tolerance: float32 on both sides; label probabilities and scores agree to 1e-4
-(observed differences are around 1e-6, from kernel summation order).
+Tolerance: float32 on both sides; label probabilities, label mass and scores
+agree to 1e-4 (observed differences are around 1e-6, from kernel summation order).
 """
 
 from __future__ import annotations
@@ -77,8 +77,14 @@ def test_vllm_equals_transformers_reference(vllm_scorer, reference, part):
         assert answer.score == pytest.approx(ref.score, abs=TOL)
         for label, p in ref.probabilities.items():
             assert answer.probabilities[label] == pytest.approx(p, abs=TOL)
+        assert 0 < answer.label_mass < 1  # full-vocabulary probabilities: the rest of the vocabulary holds some
+        assert answer.label_mass == pytest.approx(ref.label_mass, abs=TOL)
+        assert answer.uncertainty.label_mass == answer.label_mass
+        for key in ("score_sd", "entropy", "chunk_spread"):
+            assert getattr(answer.uncertainty, key) == pytest.approx(getattr(ref.uncertainty, key), abs=TOL)
         for a, b in zip(answer.chunks, ref.chunks):
             assert a.score == pytest.approx(b.score, abs=TOL)
+            assert a.label_mass == pytest.approx(b.label_mass, abs=TOL)
 
 
 def test_adapters_change_the_distribution(vllm_scorer):

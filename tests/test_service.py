@@ -19,7 +19,7 @@ import soundfile as sf
 import yaml
 
 from tests.audio_fixtures import speechlike, write
-from tests.conftest import ADMIN, L2GRADER, USER, keyed_service_config, running_service
+from tests.conftest import ADMIN, L2GRADER, USER, keyed_service_config, require_espeak, running_service
 
 pytestmark = pytest.mark.engine
 
@@ -54,6 +54,33 @@ def long_files(tmp_path_factory) -> list[Path]:
             write(d / "two.mp3", 130, 22050, seed=23), write(d / "ten.flac", 600, 16000, seed=24)]
 
 
+@pytest.fixture(scope="module")
+def trust_files(tmp_path_factory) -> dict[str, Path]:
+    """One synthesized answer (espeak-ng) clean, clipped, and under white noise at 0 dB SNR."""
+    import random
+
+    from adapters.synth import add_noise, clip, make_spec, speak
+
+    require_espeak()
+    d = tmp_path_factory.mktemp("trust")
+    clean = np.concatenate([speak(make_spec(4.0, random.Random(seed))) for seed in (1, 2)])
+    waves = {"clean": clean, "clipped": clip(clean, 10.0), "noisy": add_noise(clean, 0.0, np.random.default_rng(0))}
+    for name, wave in waves.items():
+        sf.write(d / f"{name}.wav", wave, 16000, subtype="PCM_16")
+    return {name: d / f"{name}.wav" for name in waves}
+
+
+@pytest.fixture(scope="module")
+def offline(service_cfg, audio_dir, long_files, trust_files) -> dict[str, dict]:
+    """``l2grader score`` (one engine) of every file the service's results are compared with, by file name."""
+    files = [audio_dir / "a.wav", audio_dir / "b.flac", audio_dir / "c.ogg", audio_dir / "d.mp3", *long_files,
+             *trust_files.values()]
+    cli = subprocess.run([L2GRADER, "score", "--config", str(service_cfg), "--part", "interview", *map(str, files)],
+                         capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    return {Path(x["file"]).name: x for x in map(json.loads, cli.stdout.splitlines())}
+
+
 def post_file(url, path: Path, part="interview", headers=USER, **form):
     with open(path, "rb") as f:
         return httpx.post(f"{url}/v1/score", data={"part": part, **form}, files={"audio": (path.name, f)},
@@ -77,12 +104,8 @@ def test_health_ready_docs(base_url):
     assert {"/v1/score", "/v1/score/batch", "/v1/parts", "/v1/parts/{part}"} <= set(paths)
 
 
-def test_scores_equal_the_offline_cli(base_url, service_cfg, audio_dir, long_files):
+def test_scores_equal_the_offline_cli(base_url, offline, audio_dir, long_files):
     files = [audio_dir / "a.wav", audio_dir / "b.flac", audio_dir / "c.ogg", audio_dir / "d.mp3", *long_files]
-    cli = subprocess.run([L2GRADER, "score", "--config", str(service_cfg), "--part", "interview", *map(str, files)],
-                         capture_output=True, text=True, timeout=600)
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    offline = {Path(x["file"]).name: x for x in map(json.loads, cli.stdout.splitlines())}
     for path in files:
         r = post_file(base_url, path, response_id=f"resp-{path.stem}")
         assert r.status_code == 200, r.text
@@ -92,8 +115,71 @@ def test_scores_equal_the_offline_cli(base_url, service_cfg, audio_dir, long_fil
         want = offline[path.name]
         assert got["score"] == pytest.approx(want["score"], abs=1e-5)
         assert got["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+        assert got["label_mass"] == pytest.approx(want["label_mass"], abs=1e-5)
         assert len(got["chunks"]) == len(want["chunks"])
     assert len(offline["ten.flac"]["chunks"]) == 20
+
+
+def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_files):
+    """`l2grader score` and POST /v1/score: uncertainty, quality, label mass and review on every answer;
+    clipping and low SNR are caught, clean speech has neither."""
+    before = httpx.get(f"{base_url}/metrics").text
+    for name, path in trust_files.items():
+        r = post_file(base_url, path)
+        assert r.status_code == 200, r.text
+        for got in (r.json(), offline[path.name]):
+            assert 0 < got["label_mass"] <= 1 and got["uncertainty"]["label_mass"] == got["label_mass"]
+            assert set(got["uncertainty"]) == {"score_sd", "entropy", "label_mass", "chunk_spread"}
+            assert 0 <= got["uncertainty"]["entropy"] <= 1 and got["uncertainty"]["score_sd"] >= 0
+            assert set(got["quality"]) == {"speech_s", "speech_ratio", "snr_db", "clipped_fraction", "speech_dbfs"}
+            assert all(0 < c["label_mass"] <= 1 for c in got["chunks"])
+            reasons = got["review"]["reasons"]
+            assert got["review"]["needed"] == bool(reasons)
+            assert ("clipping" in reasons) == (name == "clipped"), (name, got["quality"], reasons)
+            assert ("low_snr" in reasons) == (name == "noisy"), (name, got["quality"], reasons)
+        assert r.json()["review"] == offline[path.name]["review"]
+        assert r.json()["quality"] == offline[path.name]["quality"]
+    after = httpx.get(f"{base_url}/metrics").text
+    for reason in ("clipping", "low_snr"):
+        grown = (metric(after, "l2grader_review_reasons_total", part="interview", reason=reason)
+                 - metric(before, "l2grader_review_reasons_total", part="interview", reason=reason))
+        assert grown == 1, reason
+    verdicts = sum(metric(after, "l2grader_review_verdicts_total", part="interview", needed=v)
+                   - metric(before, "l2grader_review_verdicts_total", part="interview", needed=v) for v in ("true", "false"))
+    assert verdicts == 3
+
+
+def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
+    """One silent answer of three: 200, two scored, one not_scorable, the overall over the two, for review."""
+    b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
+    before = httpx.get(f"{base_url}/metrics").text
+    batch = {"candidate_id": "cand-2", "answers": [
+        {"part": "interview", "audio_base64": b64(trust_files["clean"]), "response_id": "q1"},
+        {"part": "long_turn", "audio_base64": b64(audio_dir / "silent.wav"), "response_id": "q2"},
+        {"part": "long_turn", "audio_base64": b64(audio_dir / "a.wav"), "response_id": "q3"}]}
+    r = httpx.post(f"{base_url}/v1/score/batch", json=batch, headers=USER, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["status"] for x in body["results"]] == ["scored", "not_scorable", "scored"]
+    silent = body["results"][1]
+    assert silent["response_id"] == "q2" and silent["part"] == "long_turn"
+    assert silent["reason"]["kind"] == "silence" and "silent" in silent["reason"]["message"]
+    overall = body["overall"]
+    assert overall["scored"] == 2 and overall["not_scorable"] == 1
+    assert overall["score"] == pytest.approx(np.mean([body["results"][0]["score"], body["results"][2]["score"]]))
+    assert overall["review"]["needed"] and "not_scorable" in overall["review"]["reasons"]
+    after = httpx.get(f"{base_url}/metrics").text
+    grown = (metric(after, "l2grader_review_reasons_total", part="long_turn", reason="not_scorable")
+             - metric(before, "l2grader_review_reasons_total", part="long_turn", reason="not_scorable"))
+    assert grown == 1
+    # the single-answer endpoint keeps its 422, and a batch of only bad audio still answers
+    assert post_file(base_url, audio_dir / "silent.wav").status_code == 422
+    only_bad = {"answers": [{"part": "interview", "audio_base64": b64(audio_dir / "corrupt.wav")}]}
+    r = httpx.post(f"{base_url}/v1/score/batch", json=only_bad, headers=USER, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["overall"] == {"score": None, "cefr": None, "scored": 0, "not_scorable": 1,
+                                   "review": {"needed": True, "reasons": ["not_scorable"]}}
+    assert r.json()["results"][0]["reason"]["kind"] == "undecodable"
 
 
 def test_json_base64_and_batch(base_url, audio_dir):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.synth import VOICES
 from serve.grading.adapter_files import check_adapter, read_adapter_metadata
+from tests.conftest import require_espeak
 
 TRAIN_FLAGS = ["--lr", "1e-3", "--epochs", "3", "--batch-size", "16", "--dropout", "0", "--rank", "16"]
 N_TRAIN, N_DEV, N_TEST = 300, 40, 100
@@ -43,19 +44,24 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def require_espeak() -> None:
-    if shutil.which("espeak-ng") is None:
-        msg = "espeak-ng is not installed (scripts/install.sh installs it as root; apt-get install espeak-ng)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     require_espeak()
     d = tmp_path_factory.mktemp("synth")
     l2grader("synth-data", str(d), "--n-train", str(N_TRAIN), "--n-dev", str(N_DEV), "--n-test", str(N_TEST), "--seed", "0")
+    return d
+
+
+BIAS_VOICE = "en-gb-scotland"
+
+
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory) -> Path:
+    """A held-out set with 30 % degraded answers and a +0.8 bias in one voice's human scores."""
+    require_espeak()
+    d = tmp_path_factory.mktemp("degraded")
+    l2grader("synth-data", str(d), "--n-train", "0", "--n-dev", "0", "--n-test", "150", "--seed", "1",
+             "--degrade", "0.3", "--bias-voice", BIAS_VOICE, "--bias", "0.8")
     return d
 
 
@@ -89,6 +95,31 @@ def run(synth, tiny_dir, tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.engine
+def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
+    """On degraded held-out answers: routing the most uncertain 10 % raises the PCC of the rest, degraded
+    answers go to review far more often than clean ones, and the planted bias is flagged."""
+    proc = l2grader("evaluate", "--config", run["cfg"], "--part", "interview", "--data", str(degraded / "test.jsonl"),
+                    "--adapter", str(run["adapter"]), "--group-by", "voice,degradation", "--report", str(tmp_path / "r"),
+                    "--plot", str(tmp_path / "cal.png"))
+    out = last_json(proc.stdout)
+    print("\n" + "\n".join(proc.stdout.splitlines()[-30:-1]), file=sys.stderr)
+    selective = out["selective"]
+    assert [r["review_rate"] for r in selective] == [0, 0.05, 0.10, 0.20, 0.30]
+    assert all({"review_rate", "pcc", "rmse", "within_0_5"} <= set(r) for r in selective)
+    assert selective[2]["pcc"] > selective[0]["pcc"]
+    assert set(out["error_spearman"]) >= {"score_sd", "entropy", "label_mass", "chunk_spread", "snr_db"}
+    groups = {(g["field"], g["group"]): g for g in out["groups"]}
+    clean = groups[("degradation", "(none)")]
+    for kind in ("noise", "clipping", "gaps"):
+        assert groups[("degradation", kind)]["review_rate"] >= 0.8, kind
+    assert clean["review_rate"] <= 0.3
+    assert groups[("voice", BIAS_VOICE)]["flagged"] and groups[("voice", BIAS_VOICE)]["smd"] < 0
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and BIAS_VOICE in html
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == out["groups"]
+
+
 def test_synth_data_is_a_scored_speaking_test(synth):
     import soundfile as sf
 
@@ -100,7 +131,17 @@ def test_synth_data_is_a_scored_speaking_test(synth):
         for r in rows[:10]:
             info = sf.info(synth / r["audio"])
             assert info.samplerate == 16000 and 1.5 <= info.duration <= 7.0
-            assert r["part"] == "interview"
+            assert r["part"] == "interview" and r["voice"] in VOICES and r.get("degradation") is None
+
+
+def test_synth_data_degrades_and_biases_held_out_answers(degraded):
+    rows = [json.loads(line) for line in (degraded / "test.jsonl").read_text().splitlines()]
+    kinds = [r["degradation"] for r in rows]
+    assert 0.2 < sum(k is not None for k in kinds) / len(rows) < 0.4
+    assert set(kinds) - {None} == {"noise", "clipping", "gaps", "truncation"}
+    biased = [r for r in rows if r["voice"] == BIAS_VOICE]
+    assert biased and all(r["score"] == min(6.0, round(r["true_score"] + 0.8, 3)) for r in biased)
+    assert not any("true_score" in r for r in rows if r["voice"] != BIAS_VOICE)
 
 
 @pytest.mark.engine

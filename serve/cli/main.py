@@ -30,12 +30,12 @@ COMMANDS_GROUP = "l2grader.commands"
 
 
 def _prepared(paths: Sequence[str], audio_cfg) -> Iterator[tuple[str, object]]:
-    """(path, chunks) or (path, AudioError) for each file, in order."""
-    from serve.grading.audio import AudioError, prepare_answer
+    """(path, PreparedAnswer) or (path, AudioError) for each file, in order."""
+    from serve.grading.audio import AudioError, prepare
 
     for path in paths:
         try:
-            yield path, prepare_answer(path, audio_cfg)
+            yield path, prepare(path, audio_cfg)
         except AudioError as e:
             yield path, e
 
@@ -58,8 +58,11 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from serve.engine.offline import OfflineEngine
     from serve.grading.adapter_files import AdapterError
+    from serve.grading.audio import PreparedAnswer
     from serve.grading.parts import LabelTokenError
+    from serve.grading.review import assess
 
+    thresholds = cfg.part(args.part).review
     scorer = None
     failed = 0
     try:
@@ -69,19 +72,20 @@ def cmd_score(args: argparse.Namespace) -> int:
             pending = pool.submit(next, batches, None)
             while (batch := pending.result()) is not None:
                 pending = pool.submit(next, batches, None)
-                good = [(path, chunks) for path, chunks in batch if isinstance(chunks, list)]
+                good = [prepared for _, prepared in batch if isinstance(prepared, PreparedAnswer)]
                 if good and scorer is None:
                     try:
                         scorer = OfflineEngine(cfg)
                     except (LabelTokenError, AdapterError, ValueError) as e:
                         fail(str(e))
-                results = iter(scorer.score_answers([(args.part, chunks) for _, chunks in good]) if good else [])
-                for path, chunks in batch:
-                    if isinstance(chunks, list):
-                        print(json.dumps({"file": path, **next(results).model_dump()}), flush=True)
+                results = iter(scorer.score_answers([(args.part, p.chunks) for p in good]) if good else [])
+                for path, prepared in batch:
+                    if isinstance(prepared, PreparedAnswer):
+                        answer = assess(next(results), prepared.quality, thresholds)
+                        print(json.dumps({"file": path, **answer.model_dump()}), flush=True)
                     else:
                         failed += 1
-                        print(f"{PROG}: error: {path}: {chunks}", file=sys.stderr, flush=True)
+                        print(f"{PROG}: error: {path}: {prepared}", file=sys.stderr, flush=True)
     finally:
         if scorer is not None:
             scorer.close()  # otherwise the engine's processes can hold the interpreter at exit

@@ -1,9 +1,11 @@
 """vLLM requests of the grader: engine settings, one prefill per chunk, label log-probabilities out.
 
-Each chunk is one request with ``max_tokens=1``, sampling restricted to the
-part's label tokens, and the engine in ``processed_logprobs`` mode, so the
-log-probabilities returned are those of the labels after the restriction:
-exactly the label set, normalised over it. Requests carry their part's LoRA
+Each chunk is one request with ``max_tokens=1`` that asks for the
+log-probabilities of exactly the part's label tokens (vLLM's
+``logprob_token_ids``, raw mode: over the whole vocabulary, before any
+sampling restriction). They are renormalised over the labels here
+(:func:`serve.grading.scoring.label_distribution`), which also gives the label
+mass: the probability the model puts on the label set at all. Requests carry their part's LoRA
 adapter, named by the part's model id; vLLM loads it on first use and batches
 requests of different adapters together.
 
@@ -19,7 +21,7 @@ from typing import Any
 from serve.grading.audio import SAMPLE_RATE, Chunk
 from serve.grading.config import GraderConfig
 from serve.grading.parts import PartSpec
-from serve.grading.scoring import ChunkScore, label_probabilities
+from serve.grading.scoring import ChunkScore, label_distribution
 
 
 def configure_vllm_environment() -> None:
@@ -48,20 +50,20 @@ def engine_kwargs(cfg: GraderConfig) -> dict[str, Any]:
         max_loras=e.max_loras,
         max_cpu_loras=e.max_cpu_loras,
         limit_mm_per_prompt={"audio": 1},
-        logprobs_mode="processed_logprobs",
+        logprobs_mode="raw_logprobs",
         enable_prefix_caching=True,
     )
 
 
 def sampling_params(spec: PartSpec):
-    """One output position, restricted to the labels, returning every label's log-probability."""
+    """One output position, returning every label's full-vocabulary log-probability."""
     from vllm import SamplingParams
 
     return SamplingParams(
         max_tokens=1,
         temperature=0.0,
         logprobs=len(spec.label_token_ids),
-        allowed_token_ids=list(spec.label_token_ids),
+        logprob_token_ids=list(spec.label_token_ids),
     )
 
 
@@ -80,16 +82,17 @@ def engine_input(spec: PartSpec, chunk: Chunk) -> dict[str, Any]:
 
 
 def chunk_score(spec: PartSpec, chunk: Chunk, output) -> ChunkScore:
-    """Read the label distribution of a finished request (a vLLM ``RequestOutput``)."""
+    """Read the label distribution and label mass of a finished request (a vLLM ``RequestOutput``)."""
     completion = output.outputs[0]
     if not completion.logprobs:
         raise RuntimeError(f"engine returned no logprobs for a chunk of part {spec.part!r}")
-    by_id = completion.logprobs[0]  # token id -> Logprob, ordered by probability, not by label
+    by_id = completion.logprobs[0]  # token id -> Logprob (the labels and the sampled token), not in label order
     missing = [tid for tid in spec.label_token_ids if tid not in by_id]
     if missing:
         raise RuntimeError(f"engine returned no logprob for label token ids {missing}")
     lps = [by_id[tid].logprob for tid in spec.label_token_ids]
-    return ChunkScore(chunk.start_s, chunk.end_s, label_probabilities(lps))
+    probabilities, mass = label_distribution(lps)
+    return ChunkScore(chunk.start_s, chunk.end_s, probabilities, mass)
 
 
 #: Audio tokens Qwen2-Audio makes of 30 s (16 kHz -> 3000 mel frames -> 1500 encoder frames -> 750 after pooling).

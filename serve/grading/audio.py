@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.grading import quality
+from serve.grading.results import Quality
+
 SAMPLE_RATE = 16000
 
 
@@ -217,21 +220,19 @@ class _Resampler:
         return [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
 
 
-def voiced_seconds(wave: np.ndarray, silence_dbfs: float, frame_s: float = 0.025) -> float:
+def voiced_seconds(wave: np.ndarray, silence_dbfs: float, frame_s: float = quality.FRAME_S) -> float:
     """Seconds of audio whose frame RMS is above ``silence_dbfs``."""
-    frame = int(SAMPLE_RATE * frame_s)
-    n = len(wave) // frame
-    if n == 0:
-        return 0.0
-    rms = np.sqrt(np.mean(wave[: n * frame].reshape(n, frame).astype(np.float64) ** 2, axis=1))
-    return float(np.count_nonzero(rms > 10 ** (silence_dbfs / 20)) * frame_s)
+    powers = quality.frame_powers(wave, SAMPLE_RATE, frame_s)
+    return float(np.count_nonzero(quality.voiced_mask(powers, silence_dbfs)) * frame_s)
 
 
 def check_speech(wave: np.ndarray, *, min_speech_s: float, silence_dbfs: float) -> None:
     """Refuse silence and answers with too little sound to score (kind ``silence``)."""
-    voiced = voiced_seconds(wave, silence_dbfs)
+    _refuse_too_little_speech(voiced_seconds(wave, silence_dbfs), len(wave) / SAMPLE_RATE, min_speech_s, silence_dbfs)
+
+
+def _refuse_too_little_speech(voiced: float, total: float, min_speech_s: float, silence_dbfs: float) -> None:
     if voiced < min_speech_s:
-        total = len(wave) / SAMPLE_RATE
         what = "silent" if voiced == 0 else "too short to score"
         raise AudioError(
             "silence",
@@ -256,9 +257,24 @@ def split(wave: np.ndarray, max_chunk_s: float = 30.0) -> list[Chunk]:
     ]
 
 
-def prepare_answer(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] | None = None) -> list[Chunk]:
-    """Decode, check and chunk one answer under the config's audio rules (:class:`serve.grading.config.AudioConfig`)."""
+@dataclass(frozen=True)
+class PreparedAnswer:
+    """An answer ready for the engine: its chunks, and its audio quality measured on the whole answer."""
+
+    chunks: list[Chunk]
+    quality: Quality
+
+
+def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] | None = None) -> PreparedAnswer:
+    """Decode, check, measure and chunk one answer under the config's audio rules
+    (:class:`serve.grading.config.AudioConfig`)."""
     wave = decode(data, max_duration_s=audio_cfg.max_duration_s, max_input_samples=audio_cfg.max_input_samples(),
                   cancelled=cancelled)
-    check_speech(wave, min_speech_s=audio_cfg.min_speech_s, silence_dbfs=audio_cfg.silence_dbfs)
-    return split(wave, audio_cfg.max_chunk_s)
+    measured = quality.measure(wave, SAMPLE_RATE, audio_cfg.silence_dbfs)  # its speech_s is the speech check's
+    _refuse_too_little_speech(measured.speech_s, len(wave) / SAMPLE_RATE, audio_cfg.min_speech_s, audio_cfg.silence_dbfs)
+    return PreparedAnswer(split(wave, audio_cfg.max_chunk_s), measured)
+
+
+def prepare_answer(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] | None = None) -> list[Chunk]:
+    """The chunks of :func:`prepare` (for callers that need no quality: training, benchmarks)."""
+    return prepare(data, audio_cfg, cancelled).chunks

@@ -224,12 +224,34 @@ class ServingConfig(_Strict):
         return bool(self.api_keys_env or self.admin_keys_env)
 
 
+class ReviewConfig(_Strict):
+    """When an answer's score goes to a human examiner: one threshold per reason code; null turns a check off.
+
+    Defaults come from ``l2grader evaluate`` on the degraded synthetic test (README, "Which scores to trust"):
+    they send every noisy, clipped and gapped answer there to review and 6 % of the clean ones.
+    """
+
+    min_snr_db: float | None = Field(15.0, description="low_snr: estimated SNR below this (dB).")
+    max_clipped_fraction: float | None = Field(
+        0.001, ge=0.0, le=1.0, description="clipping: more than this share of samples at full scale.")
+    min_speech_ratio: float | None = Field(
+        0.4, ge=0.0, le=1.0, description="low_speech_ratio: less than this share of the answer is speech.")
+    max_score_sd: float | None = Field(
+        1.1, ge=0.0, description="uncertain: the score's standard deviation under the label distribution above this.")
+    min_label_mass: float | None = Field(
+        0.01, ge=0.0, le=1.0, description="low_label_mass: less probability than this on the label set at all "
+        "(the scale depends on the model: raise it per part after evaluating).")
+    max_chunk_spread: float | None = Field(
+        1.5, ge=0.0, description="chunks_disagree: highest minus lowest chunk score above this (answers over 30 s).")
+
+
 class PartConfig(_Strict):
-    """One exam part: its adapter, its prompt and its label scale."""
+    """One exam part: its adapter, its prompt, its label scale and its review thresholds."""
 
     adapter: Path | None = Field(None, description="peft LoRA adapter folder; null scores with the base model.")
     task: str = Field(DEFAULT_TASK, min_length=1, description="What the part asks of the candidate (goes in the prompt).")
     levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2, max_length=MAX_LEVELS)
+    review: ReviewConfig = Field(default_factory=ReviewConfig, description="When its scores go to a human examiner.")
 
     @field_validator("levels")
     @classmethod

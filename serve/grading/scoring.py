@@ -12,17 +12,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve.grading.levels import Level, nearest_level
-from serve.grading.results import ChunkResult, ModelInfo, ScoredAnswer
+from serve.grading.results import ChunkResult, ModelInfo, ScoredAnswer, Uncertainty
 
 
 def label_probabilities(label_logprobs: Sequence[float]) -> np.ndarray:
     """Renormalise log-probabilities of the labels over the label set (log-sum-exp)."""
+    return label_distribution(label_logprobs)[0]
+
+
+def label_distribution(label_logprobs: Sequence[float]) -> tuple[np.ndarray, float]:
+    """The labels' probabilities renormalised over the label set, and the label mass.
+
+    ``label_logprobs`` are the labels' log-probabilities over the whole
+    vocabulary; the mass is the total probability they hold (1 when they were
+    already normalised over the labels).
+    """
     lp = np.asarray(label_logprobs, dtype=np.float64)
-    if not np.all(np.isfinite(lp)) and not np.any(np.isfinite(lp)):
+    if not np.any(np.isfinite(lp)):
         raise ValueError("no label has a finite log-probability")
-    lp = lp - lp.max()
-    p = np.exp(lp)
-    return p / p.sum()
+    top = lp.max()
+    p = np.exp(lp - top)
+    total = p.sum()
+    return p / total, float(min(1.0, np.exp(top) * total))
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class ChunkScore:
     start_s: float
     end_s: float
     probabilities: np.ndarray  # over the part's levels, in level order
+    label_mass: float = 1.0  # probability on the label set before renormalising
 
     @property
     def duration_s(self) -> float:
@@ -43,12 +55,28 @@ def soft_score(levels: Sequence[Level], probabilities: np.ndarray) -> float:
     return float(np.dot(probabilities, [lv.score for lv in levels]))
 
 
+def score_sd(levels: Sequence[Level], probabilities: np.ndarray) -> float:
+    """Standard deviation of the level score under the distribution."""
+    scores = np.array([lv.score for lv in levels], dtype=np.float64)
+    mean = float(np.dot(probabilities, scores))
+    return float(np.sqrt(max(0.0, float(np.dot(probabilities, (scores - mean) ** 2)))))
+
+
+def normalised_entropy(probabilities: np.ndarray) -> float:
+    """Entropy of a distribution over K labels divided by log K: 0 for certainty, 1 for uniform."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    nz = p[p > 0]
+    return float(min(1.0, max(0.0, -np.sum(nz * np.log(nz)) / np.log(len(p)))))
+
+
 def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], model: ModelInfo) -> ScoredAnswer:
     """Combine chunk distributions into the answer's score.
 
     The answer's distribution is the duration-weighted mean of the chunks';
     its soft score therefore equals the duration-weighted mean of the chunk
-    soft scores. The hard score is the most probable label of that mean.
+    soft scores. The hard score is the most probable label of that mean. The
+    uncertainty (score SD and entropy of that distribution, label mass
+    weighted like the scores, spread of the chunk scores) comes with it.
     """
     if not chunks:
         raise ValueError("an answer needs at least one chunk")
@@ -58,15 +86,22 @@ def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], 
     probs = np.average(np.stack([c.probabilities for c in chunks]), axis=0, weights=weights)
     probs = probs / probs.sum()
     score = soft_score(levels, probs)
+    chunk_scores = [soft_score(levels, c.probabilities) for c in chunks]
+    mass = float(np.average([c.label_mass for c in chunks], weights=weights))
     return ScoredAnswer(
         part=part,
         score=score,
         hard_score=levels[int(np.argmax(probs))].score,
         cefr=nearest_level(levels, score).cefr,
         probabilities={lv.label: float(p) for lv, p in zip(levels, probs)},
+        label_mass=mass,
+        uncertainty=Uncertainty(
+            score_sd=score_sd(levels, probs), entropy=normalised_entropy(probs), label_mass=mass,
+            chunk_spread=float(max(chunk_scores) - min(chunk_scores)),
+        ),
         chunks=[
-            ChunkResult(start_s=round(c.start_s, 3), end_s=round(c.end_s, 3), score=soft_score(levels, c.probabilities))
-            for c in chunks
+            ChunkResult(start_s=round(c.start_s, 3), end_s=round(c.end_s, 3), score=s, label_mass=c.label_mass)
+            for c, s in zip(chunks, chunk_scores)
         ],
         duration_s=round(float(chunks[-1].end_s - chunks[0].start_s), 3),
         model=model,

@@ -24,11 +24,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray.serve.handle import DeploymentHandle
 
-from serve.grading.audio import AudioError, Chunk, prepare_answer
 from serve.grading.adapter_files import AdapterError
+from serve.grading.audio import AudioError, PreparedAnswer, prepare
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, load_config, validate_part_id
 from serve.grading.levels import nearest_level
 from serve.grading.parts import Part
+from serve.grading.results import ScoredAnswer
+from serve.grading.review import NOT_SCORABLE, assess, overall_review
 from serve.service.admission import ScoringSlots
 from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, use_keys
 from serve.service.errors import ApiError, install_error_handlers, request_id
@@ -37,6 +39,8 @@ from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_BODY, errors
 from serve.service.page import router as page_router
 from serve.service.protocol import (
     BatchResponse,
+    NotScorable,
+    NotScorableReason,
     Overall,
     PartInfo,
     PartsResponse,
@@ -52,6 +56,8 @@ logger = logging.getLogger("ray.serve")
 API_VERSION = "v1"
 AUDIO_STATUS = {"empty": 422, "undecodable": 422, "unreadable": 422, "unsupported_audio": 422, "silence": 422,
                 "too_long": 413, "too_large": 413, "cancelled": 499}
+#: Audio refusals that make one answer of a batch ``not_scorable`` instead of failing the batch.
+NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "silence"})
 
 app = FastAPI(
     title="l2-oral-grader",
@@ -109,14 +115,14 @@ class Ingress:
         except UnknownPartError as e:
             raise ApiError(404, "unknown_part", clip(e, 300)) from None
 
-    async def _prepare(self, upload: ScoreUpload) -> list[Chunk]:
-        """Decode, check and chunk one answer in the bounded decoding pool; stops if the request is cancelled."""
+    async def _prepare(self, upload: ScoreUpload) -> PreparedAnswer:
+        """Decode, check, measure and chunk one answer in the bounded decoding pool; stops if the request is cancelled."""
         stop = threading.Event()
         t0 = time.perf_counter()
         job = asyncio.get_running_loop().run_in_executor(
-            self.decoder, functools.partial(prepare_answer, upload.audio, self.cfg.audio, stop.is_set))
+            self.decoder, functools.partial(prepare, upload.audio, self.cfg.audio, stop.is_set))
         try:
-            chunks = await job
+            prepared = await job
         except asyncio.CancelledError:  # the client went away: free the decoder
             stop.set()
             logger.info("request %s cancelled: its decoding stops", request_id())
@@ -124,16 +130,20 @@ class Ingress:
         except AudioError as e:
             raise ApiError(AUDIO_STATUS.get(e.kind, 422), e.kind, str(e)) from None
         self.metrics.decode.observe(time.perf_counter() - t0)
-        return chunks
+        return prepared
 
-    async def _score(self, upload: ScoreUpload, started: float, chunks: list[Chunk] | None = None) -> ScoreResponse:
-        """Have the scorer replica that holds the answer's part score it (decoding it first unless done)."""
+    async def _score(self, upload: ScoreUpload, started: float, prepared: PreparedAnswer | None = None) -> ScoreResponse:
+        """Have the scorer replica that holds the answer's part score it (decoding it first unless done),
+        then judge it against the part's review thresholds."""
         part = await self._part(upload.part)
-        if chunks is None:
-            chunks = await self._prepare(upload)
+        if prepared is None:
+            prepared = await self._prepare(upload)
+        chunks = prepared.chunks
         result = await self.scorer.call("score_chunks", chunks, request_id(), model_id=part.model_id)
         self.metrics.record_answer(upload.part, len(chunks), result["duration_s"])
-        return ScoreResponse(**result, response_id=upload.response_id, request_id=request_id(),
+        answer = assess(ScoredAnswer.model_validate(result), prepared.quality, part.config.review)
+        self.metrics.record_review(part.part, answer.review.reasons)
+        return ScoreResponse(**answer.model_dump(), response_id=upload.response_id, request_id=request_id(),
                              latency_ms=elapsed_ms(started))
 
     # ------------------------------------------------------------ scoring
@@ -151,7 +161,9 @@ class Ingress:
     @app.post(f"/{API_VERSION}/score/batch", name="score_batch", response_model=BatchResponse, openapi_extra=BATCH_BODY,
               responses=errors(401, 404, 413, 415, 422, 500, 503), dependencies=[Depends(require_user)])
     async def post_score_batch(self, request: Request) -> BatchResponse:
-        """Score several answers of one candidate (JSON); the overall score is the mean of the answers' scores."""
+        """Score several answers of one candidate (JSON). An answer that cannot be scored (silence, too little
+        speech, undecodable) gets a `not_scorable` result and the others are scored; the overall score is the
+        mean of the scored answers'."""
         started = time.perf_counter()
         batch, uploads = await read_batch_upload(request, self.limits)
         request.state.part = "batch"
@@ -172,21 +184,42 @@ class Ingress:
 
         for i, upload in enumerate(uploads):  # an unknown part is refused before any decoding
             await each(i, upload, known)
-        chunks = await asyncio.gather(*(each(i, u, self._prepare) for i, u in enumerate(uploads)))
-        total_s = sum(c[-1].end_s for c in chunks)
+
+        async def prepared_or_refusal(upload: ScoreUpload) -> PreparedAnswer | NotScorable:
+            try:
+                return await self._prepare(upload)
+            except ApiError as e:
+                if e.kind not in NOT_SCORABLE_KINDS:
+                    raise
+                self.metrics.record_review(upload.part, [NOT_SCORABLE])
+                return NotScorable(part=upload.part, response_id=upload.response_id,
+                                   reason=NotScorableReason(kind=e.kind, message=e.message))
+
+        prepared = await asyncio.gather(*(each(i, u, prepared_or_refusal) for i, u in enumerate(uploads)))
+        total_s = sum(p.chunks[-1].end_s for p in prepared if isinstance(p, PreparedAnswer))
         if total_s > audio.max_batch_audio_s:
             raise ApiError(413, "too_long",
                            f"the batch holds {total_s:.0f} s of audio: at most {audio.max_batch_audio_s:g} s in one batch")
-        results = await asyncio.gather(*(
-            each(i, u, functools.partial(self._score, started=started, chunks=c))
-            for i, (u, c) in enumerate(zip(uploads, chunks))))
-        mean = sum(r.score for r in results) / len(results)
-        levels = (await self._part(results[0].part)).config.levels
-        return BatchResponse(
-            candidate_id=batch.candidate_id, results=results,
-            overall=Overall(score=mean, cefr=nearest_level(levels, mean).cefr),
-            request_id=request_id(), latency_ms=elapsed_ms(started),
-        )
+
+        async def result(i: int, upload: ScoreUpload, p: PreparedAnswer | NotScorable):
+            if isinstance(p, NotScorable):
+                return p
+            return await each(i, upload, functools.partial(self._score, started=started, prepared=p))
+
+        results = await asyncio.gather(*(result(i, u, p) for i, (u, p) in enumerate(zip(uploads, prepared))))
+        return BatchResponse(candidate_id=batch.candidate_id, results=results, overall=await self._overall(results),
+                             request_id=request_id(), latency_ms=elapsed_ms(started))
+
+    async def _overall(self, results: list[ScoreResponse | NotScorable]) -> Overall:
+        """Mean over the scored answers; for review when any answer needs it or could not be scored."""
+        scored = [r for r in results if isinstance(r, ScoreResponse)]
+        n_bad = len(results) - len(scored)
+        mean = cefr = None
+        if scored:
+            mean = sum(r.score for r in scored) / len(scored)
+            cefr = nearest_level((await self._part(scored[0].part)).config.levels, mean).cefr
+        return Overall(score=mean, cefr=cefr, scored=len(scored), not_scorable=n_bad,
+                       review=overall_review([r.review for r in scored], n_bad))
 
     # ------------------------------------------------------------ parts (admin)
 

@@ -49,6 +49,14 @@ class Metrics:
         self.audio_seconds = Counter("l2grader_audio_seconds_scored", "Seconds of audio scored", ["part"], registry=r)
         self.answers = Counter("l2grader_answers_scored", "Answers scored", ["part"], registry=r)
         self.chunks = Counter("l2grader_chunks_scored", "Chunks (<= 30 s) scored", ["part"], registry=r)
+        self.reviews = Counter(
+            "l2grader_review_verdicts", "Answers by part and review verdict (needed: true or false)", ["part", "needed"],
+            registry=r,
+        )
+        self.review_reasons = Counter(
+            "l2grader_review_reasons", "Answers sent to review by part and reason code (REVIEW_REASONS, not_scorable)",
+            ["part", "reason"], registry=r,
+        )
         self.inflight = Gauge("l2grader_inflight_requests", "Scoring requests in this ingress replica (queue depth)", registry=r)
         self.adapter_loads = Gauge(
             "l2grader_adapter_loads", "Adapter loads on the scorer replica that answered (cumulative)", ["part"], registry=r
@@ -67,6 +75,13 @@ class Metrics:
         self.answers.labels(part).inc()
         self.chunks.labels(part).inc(chunks)
         self.audio_seconds.labels(part).inc(duration_s)
+
+    def record_review(self, part: str, reasons: list[str]) -> None:
+        """One answer's review verdict; ``part`` is a registered part, ``reasons`` fixed codes."""
+        part = self.part_label(part)
+        self.reviews.labels(part, "true" if reasons else "false").inc()
+        for reason in reasons:
+            self.review_reasons.labels(part, reason).inc()
 
     def set_scorer_stats(self, stats: dict[str, dict[str, int]]) -> None:
         for part, n in stats.get("adapter_loads", {}).items():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.grading.config import PartConfig
-from serve.grading.results import ScoredAnswer
+from serve.grading.results import Quality, Review, ScoredAnswer
 
 #: Longest id a caller may give an answer or a candidate (they are echoed back and logged).
 MAX_CLIENT_ID = 256
@@ -21,11 +23,28 @@ class ScoreRequest(BaseModel):
 
 
 class ScoreResponse(ScoredAnswer):
-    """A scored answer with the ids of the call."""
+    """A scored answer with its audio quality, review verdict and the ids of the call."""
 
+    status: Literal["scored"] = "scored"
+    quality: Quality
+    review: Review
     response_id: str | None
     request_id: str
     latency_ms: float
+
+
+class NotScorableReason(BaseModel):
+    kind: str = Field(description="silence, empty, undecodable or unsupported_audio (as the single-answer 422).")
+    message: str
+
+
+class NotScorable(BaseModel):
+    """An answer of a batch that cannot be scored; the batch's other answers are scored."""
+
+    status: Literal["not_scorable"] = "not_scorable"
+    part: str
+    response_id: str | None
+    reason: NotScorableReason
 
 
 class BatchRequest(BaseModel):
@@ -37,13 +56,17 @@ class BatchRequest(BaseModel):
 
 
 class Overall(BaseModel):
-    score: float = Field(description="Mean of the answers' scores.")
-    cefr: str
+    score: float | None = Field(description="Mean of the scored answers' scores (null when none was scorable).")
+    cefr: str | None
+    scored: int = Field(description="Answers scored.")
+    not_scorable: int = Field(description="Answers that could not be scored.")
+    review: Review = Field(description="Needed when any answer needs review or was not scorable (reason "
+                                       "`not_scorable`); the reasons of all answers.")
 
 
 class BatchResponse(BaseModel):
     candidate_id: str | None
-    results: list[ScoreResponse]
+    results: list[Annotated[ScoreResponse | NotScorable, Field(discriminator="status")]]
     overall: Overall
     request_id: str
     latency_ms: float

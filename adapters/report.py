@@ -1,0 +1,151 @@
+"""The evaluation as one self-contained HTML page (figures inlined as base64 PNG) beside its JSON.
+
+Figures: predicted against human scores coloured by the review verdict, the
+calibration plot, the confusion matrix of levels (human score rounded against
+the hard score), and the selective-scoring curves; then the selective-scoring,
+error-correlation and group tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from serve.grading.results import ScoredAnswer
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _figures(summary: dict, human: Sequence[float], scored: Sequence[ScoredAnswer], level_scores: Sequence[float]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = np.asarray(human, float)
+    p = np.array([a.score for a in scored])
+    hard = np.array([a.hard_score for a in scored])
+    review = np.array([a.review.needed for a in scored])
+    lo, hi = min(level_scores), max(level_scores)
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
+    ax.scatter(h[~review], p[~review], s=14, color="tab:blue", label=f"kept ({(~review).sum()})")
+    ax.scatter(h[review], p[review], s=18, color="tab:red", marker="x", label=f"for review ({review.sum()})")
+    ax.set(xlabel="human score", ylabel="predicted (soft) score", xlim=(lo - 0.3, hi + 0.3), ylim=(lo - 0.3, hi + 0.3))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    scatter = _png(fig)
+
+    levels = list(level_scores)
+    idx = {s: i for i, s in enumerate(levels)}
+    nearest = lambda x: levels[int(np.argmin([abs(x - s) for s in levels]))]  # noqa: E731
+    cm = np.zeros((len(levels), len(levels)), int)
+    for a, b in zip(h, hard):
+        cm[idx[nearest(a)], idx[nearest(b)]] += 1
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(levels)):
+        for j in range(len(levels)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(levels)), [f"{s:g}" for s in levels])
+    ax.set_yticks(range(len(levels)), [f"{s:g}" for s in levels])
+    ax.set(xlabel="hard score (most probable level)", ylabel="human score, nearest level")
+    confusion = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    for name, rows in summary["selective_by_signal"].items():
+        ax.plot([100 * r["review_rate"] for r in rows], [np.nan if r["pcc"] is None else r["pcc"] for r in rows],
+                "o-", lw=2.5 if name == summary["selective_signal"] else 1, label=name)
+    v = summary["review_verdict"]
+    if v["pcc"] is not None:
+        ax.plot([100 * v["review_rate"]], [v["pcc"]], "k*", ms=14, label="review verdict")
+    ax.set(xlabel="answers routed to review (%)", ylabel="PCC of the answers kept")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    curve = _png(fig)
+    return scatter, confusion, curve
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], flagged: Sequence[bool] | None = None) -> str:
+    def cell(x):
+        if x is None:
+            return "-"
+        if isinstance(x, float):
+            return f"{x:.3f}"
+        return html.escape(str(x))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        f'<tr{" class=flag" if flagged and flagged[i] else ""}>' + "".join(f"<td>{cell(x)}</td>" for x in row) + "</tr>"
+        for i, row in enumerate(rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(out_dir: str | Path, summary: dict, human: Sequence[float], scored: Sequence[ScoredAnswer],
+                 level_scores: Sequence[float], *, title: str, calibration_png: str | Path | None = None) -> Path:
+    """Write ``out_dir/report.html`` and ``out_dir/report.json``; returns the HTML's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    scatter, confusion, curve = _figures(summary, human, scored, level_scores)
+    figs = [_img(scatter, "Predicted against human scores; crosses: sent to review")]
+    if calibration_png is not None and Path(calibration_png).exists():
+        figs.append(_img(base64.b64encode(Path(calibration_png).read_bytes()).decode(), "Calibration"))
+    figs += [_img(confusion, "Confusion matrix of levels"), _img(curve, "Selective scoring")]
+    soft, hard = summary["soft"], summary["hard"]
+    agreement = _table(["decoding", "PCC", "Spearman", "RMSE", "within 0.5", "within 1.0"],
+                       [[k, m["pcc"], m["spearman"], m["rmse"], m["within_0_5"], m["within_1_0"]]
+                        for k, m in (("soft", soft), ("hard", hard))])
+    rates = [r["review_rate"] for r in summary["selective"]]
+    selective = _table(["signal", *[f"PCC at {100 * r:.0f}%" for r in rates], "Spearman with |error|"],
+                       [[name, *[r["pcc"] for r in rows], summary["error_spearman"][name]]
+                        for name, rows in summary["selective_by_signal"].items()])
+    v = summary["review_verdict"]
+    verdict = _table(["review rate", "kept", "PCC kept", "RMSE kept", "within 0.5 kept", "reasons"],
+                     [[v["review_rate"], v["n_kept"], v["pcc"], v["rmse"], v["within_0_5"],
+                       ", ".join(f"{k}: {n}" for k, n in v["reasons"].items()) or "none"]])
+    groups = summary["groups"]
+    group_table = _table(["field", "group", "n", "PCC", "RMSE", "mean error", "SMD", "review rate", "flagged"],
+                         [[g["field"], g["group"], g["n"], g["pcc"], g["rmse"], g["mean_error"], g["smd"],
+                           g["review_rate"], f"|SMD| > {g['smd_limit']}" if g["flagged"] else ""] for g in groups],
+                         [g["flagged"] for g in groups])
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1200px}}figure{{display:inline-block;margin:0 1em 1em 0}}
+figcaption{{font-size:12px;color:#555}}table{{border-collapse:collapse;margin:0.5em 0 1.5em}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f3f3f3}}tr.flag td{{background:#fde2e2}}</style>
+</head><body>
+<h1>{html.escape(title)}</h1>
+<p>{summary["answers"]} answers scored, {summary["not_scorable"]} not scorable (left out).</p>
+<h2>Agreement with the human scores</h2>{agreement}
+{"".join(figs)}
+<h2>Selective scoring</h2>
+<p>The most doubtful answers by each signal are routed to human review; PCC of the answers kept.</p>{selective}
+<h3>Review verdict (the part's thresholds)</h3>{verdict}
+<h2>Groups</h2>
+<p>SMD: machine minus human mean over the pooled SD; flagged above 0.15 for the whole set and 0.10 for a
+subgroup (Williamson, Xi &amp; Breyer 2012, "A framework for evaluation and use of automated scoring").</p>{group_table}
+</body></html>
+"""
+    (out / "report.html").write_text(page)
+    return out / "report.html"

@@ -1,0 +1,39 @@
+"""The review verdict of a scored answer: which of its audio-quality and uncertainty signals cross the part's
+thresholds (:class:`serve.grading.config.ReviewConfig`), each named by a fixed reason code
+(:data:`serve.grading.results.REVIEW_REASONS`)."""
+
+from __future__ import annotations
+
+from serve.grading.config import ReviewConfig
+from serve.grading.results import REVIEW_REASONS, Quality, Review, ScoredAnswer, Uncertainty
+
+
+def review_reasons(uncertainty: Uncertainty, quality: Quality, thresholds: ReviewConfig) -> list[str]:
+    """The reason codes that apply, in the order of :data:`REVIEW_REASONS`."""
+    t = thresholds
+    checks = (
+        ("low_snr", t.min_snr_db is not None and quality.snr_db < t.min_snr_db),
+        ("clipping", t.max_clipped_fraction is not None and quality.clipped_fraction > t.max_clipped_fraction),
+        ("low_speech_ratio", t.min_speech_ratio is not None and quality.speech_ratio < t.min_speech_ratio),
+        ("uncertain", t.max_score_sd is not None and uncertainty.score_sd > t.max_score_sd),
+        ("low_label_mass", t.min_label_mass is not None and uncertainty.label_mass < t.min_label_mass),
+        ("chunks_disagree", t.max_chunk_spread is not None and uncertainty.chunk_spread > t.max_chunk_spread),
+    )
+    return [code for code, hit in checks if hit]
+
+
+def assess(answer: ScoredAnswer, quality: Quality, thresholds: ReviewConfig) -> ScoredAnswer:
+    """The answer with its audio quality and its review verdict."""
+    reasons = review_reasons(answer.uncertainty, quality, thresholds)
+    return answer.model_copy(update={"quality": quality, "review": Review(needed=bool(reasons), reasons=reasons)})
+
+
+#: Reason of a candidate's overall review when one of their answers could not be scored.
+NOT_SCORABLE = "not_scorable"
+
+
+def overall_review(reviews: list[Review], not_scorable: int) -> Review:
+    """A candidate's verdict: every reason of their scored answers, and ``not_scorable`` when any answer was."""
+    hit = {reason for r in reviews for reason in r.reasons}
+    reasons = [code for code in REVIEW_REASONS if code in hit] + ([NOT_SCORABLE] if not_scorable else [])
+    return Review(needed=bool(reasons), reasons=reasons)
