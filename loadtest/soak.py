@@ -111,17 +111,35 @@ def bad_user(url: str, headers: dict, stop: threading.Event, tally: Tally) -> No
                          files={"audio": ("a.wav", silent)}),
         lambda c: c.put(f"{url}/v1/parts/{rng.randbytes(1000).hex()}", json={}),
         lambda c: c.delete(f"{url}/v1/parts/{rng.randbytes(30).hex()}"),
-        lambda c: c.post(f"{url}/v1/score", headers={**headers, "Content-Type": "multipart/form-data; boundary=b",
-                                                      "Content-Length": str(900 * 1024 * 1024)}, content=b"x" * 1000),
+        lambda c: c.post(f"{url}/v1/score", headers=headers, data={"part": "interview", "response_id": "r" * 5000},
+                         files={"audio": ("a.wav", silent)}),
+        lambda c: c.post(f"{url}/v1/score", headers={**headers, "Content-Type": "multipart/form-data"},
+                         content=rng.randbytes(3_000_000)),
     ]
+    port = int(url.rsplit(":", 1)[1])
     with httpx.Client(timeout=60) as client:
         while not stop.is_set():
+            if rng.random() < 0.1:
+                tally.status(*_declared_too_large(port))
+                continue
             try:
                 r = rng.choice(cases)(client)
                 tally.status(r.status_code, r.text)
-            except httpx.HTTPError:
-                pass
+            except Exception as e:  # a refused connection or a protocol error on our side: not the service's answer
+                tally.status(0, type(e).__name__)
             time.sleep(0.05)
+
+
+def _declared_too_large(port: int) -> tuple[int, str]:
+    """A body that declares 900 MB and sends 1 KB: refused before it is read."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      + f"Content-Length: {900 * 1024 * 1024}\r\n\r\n".encode() + b"x" * 1024)
+            head = s.recv(4096).decode(errors="replace")
+        return (int(head[9:12]), head) if head.startswith("HTTP/1.1 ") else (0, head)
+    except OSError as e:
+        return 0, type(e).__name__
 
 
 def slow_user(port: int, stop: threading.Event, tally: Tally) -> None:
