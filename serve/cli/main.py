@@ -88,6 +88,39 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------- score-session
+
+
+def cmd_score_session(args: argparse.Namespace) -> int:
+    cfg = load_config_or_exit(args.config)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    for name in ("engines", "batch_size", "rows_per_part"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    from serve.engine.requests import configure_vllm_environment
+    from serve.grading.adapter_files import AdapterError
+    from serve.session.run import SessionOptions, print_summary, run_session
+    from serve.session.sources import ManifestError
+    from serve.session.store import OutputError
+
+    configure_vllm_environment()
+    if cfg.model.untrained:
+        print(f"{PROG}: WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing",
+              file=sys.stderr, flush=True)
+    opts = SessionOptions(manifest=args.manifest, out=args.out, address=args.address, engines=args.engines,
+                          batch_size=args.batch_size, rows_per_part=args.rows_per_part)
+    try:
+        s = run_session(cfg, opts)
+    except (ManifestError, OutputError, AdapterError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+    print_summary(s)
+    complete = s["answers"] == s["manifest_rows"] and not s["duplicates"]
+    return 0 if complete else 1
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -125,6 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("score-session", help="score a whole session's manifest in bulk on Ray Data (resumable)")
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--manifest", required=True,
+                   help="CSV, JSON Lines or Parquet with response_id, candidate_id, part, audio (path or URI)")
+    p.add_argument("--out", required=True, help="output folder or URI (run again with the same --out to go on)")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--engines", type=int, help="engine actors, one GPU each on GPU hosts "
+                   "(default: serving.scorer.autoscaling.max_replicas)")
+    p.add_argument("--batch-size", type=int, default=64, help="answers per engine call and per CPU task (default 64)")
+    p.add_argument("--rows-per-part", type=int, default=1024, help="answers per output part at most (default 1024)")
+    p.add_argument("--verbose", action="store_true", help="show the engine's own log")
+    p.set_defaults(func=cmd_score_session)
 
     p = sub.add_parser("serve", help="run the HTTP scoring service (Ray Serve + vLLM)")
     p.add_argument("--config", required=True, help="grader YAML config")

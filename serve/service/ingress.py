@@ -27,8 +27,8 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.grading.audio import AudioError, Chunk, prepare_answer
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, load_config, validate_part_id
-from serve.grading.levels import nearest_level
 from serve.grading.parts import Part
+from serve.grading.scoring import overall
 from serve.service.auth import ApiKeys, require_admin, require_user, use_keys
 from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import METRICS, RequestMetrics
@@ -176,11 +176,10 @@ class Ingress:
         results = await asyncio.gather(*(
             each(i, u, functools.partial(self._score, started=started, chunks=c))
             for i, (u, c) in enumerate(zip(uploads, chunks))))
-        mean = sum(r.score for r in results) / len(results)
-        levels = self.registry.get(results[0].part).config.levels
+        mean, cefr = overall([r.score for r in results], self.registry.get(results[0].part).config.levels)
         return BatchResponse(
             candidate_id=batch.candidate_id, results=results,
-            overall=Overall(score=mean, cefr=nearest_level(levels, mean).cefr),
+            overall=Overall(score=mean, cefr=cefr),
             request_id=request_id(), latency_ms=elapsed_ms(started),
         )
 
