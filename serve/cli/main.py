@@ -121,6 +121,30 @@ def cmd_score_session(args: argparse.Namespace) -> int:
     return 0 if complete else 1
 
 
+# ---------------------------------------------------------------- session-job
+
+
+def cmd_session_job(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serve.service.kuberay import session_rayjob
+
+    cfg = load_config_or_exit(args.config)
+    try:
+        docs = [d for d in yaml.safe_load_all(sys.stdin if args.rayservice == "-" else open(args.rayservice)) if d]
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"cannot read the rendered RayService: {e}")
+    services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "RayService"]
+    if len(services) != 1:
+        fail(f"expected one RayService in {args.rayservice} (kubectl kustomize k8s/overlays/NAME), found {len(services)}")
+    try:
+        job = session_rayjob(services[0], cfg, args.config, args.manifest, args.out, args.engines, args.name)
+    except (KeyError, ValueError) as e:
+        fail(f"the RayService does not have the expected groups: {e}")
+    print(yaml.safe_dump(job, sort_keys=False), end="")
+    return 0
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -171,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-part", type=int, default=1024, help="answers per output part at most (default 1024)")
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_score_session)
+
+    p = sub.add_parser("session-job", help="print a KubeRay RayJob that runs score-session on the service's cluster spec")
+    p.add_argument("--config", required=True, help="the overlay's grader config (configs/FILE, as in the image)")
+    p.add_argument("--manifest", required=True, help="the manifest's URI as the pods see it (s3://..., /var/lib/...)")
+    p.add_argument("--out", required=True, help="the output URI as the pods see it (shared by all pods)")
+    p.add_argument("--engines", type=int, help="engine pods (default: serving.scorer.autoscaling.max_replicas)")
+    p.add_argument("--name", default="l2grader-session", help="the RayJob's name (default l2grader-session)")
+    p.add_argument("--rayservice", default="-",
+                   help="the rendered overlay holding the RayService (default: stdin, `kubectl kustomize k8s/overlays/gpu`)")
+    p.set_defaults(func=cmd_session_job)
 
     p = sub.add_parser("serve", help="run the HTTP scoring service (Ray Serve + vLLM)")
     p.add_argument("--config", required=True, help="grader YAML config")

@@ -53,12 +53,22 @@ def _start_ray(cfg: GraderConfig, opts: SessionOptions, engines: int) -> None:
 
 
 def _manifest_ids(ds) -> list[str]:
-    """The manifest's response ids; :class:`ManifestError` for an empty or repeated one (the id is the output's key)."""
-    import pyarrow as pa
+    """The manifest's response ids; :class:`ManifestError` for an empty or repeated id (the output's key), or for
+    a column with no value at all (a JSON manifest without it)."""
     import ray
 
-    refs = ds.select_columns(["response_id"]).to_arrow_refs()
-    ids = pa.concat_tables(ray.get(refs)).column("response_id").to_pylist() if refs else []
+    from serve.session.sources import COLUMNS
+
+    ids: list[str] = []
+    filled = dict.fromkeys(COLUMNS, 0)
+    for ref in ds.to_arrow_refs():
+        block = ray.get(ref)
+        ids += block.column("response_id").to_pylist()
+        for c in COLUMNS:
+            filled[c] += block.num_rows - block.column(c).null_count
+    absent = [c for c, n in filled.items() if ids and n == 0]
+    if absent:
+        raise ManifestError(f"the manifest lacks the column(s) {', '.join(absent)} (it needs {', '.join(COLUMNS)})")
     empty = sum(1 for rid in ids if not rid)
     if empty:
         raise ManifestError(f"{empty} row(s) of the manifest have no response_id (every answer needs a unique one)")
