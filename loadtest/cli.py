@@ -1,4 +1,4 @@
-"""``l2grader loadtest`` and ``l2grader bench`` (an ``l2grader.commands`` entry point).
+"""``l2grader loadtest``, ``l2grader bench`` and ``l2grader bench-session`` (an ``l2grader.commands`` entry point).
 
 Locust runs as its own process: gevent's monkey-patching and Ray do not live
 in one interpreter.
@@ -145,5 +145,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_loadtest)
 
     from loadtest.bench import add_bench_command
+    from loadtest.session_bench import add_bench_session_command
 
     add_bench_command(sub)
+    add_bench_session_command(sub)

@@ -30,7 +30,7 @@ from serve.session.sources import manifest_format, read_audio, resolve_audio
 from tests.audio_fixtures import write
 
 L2GRADER = str(Path(sys.executable).parent / "l2grader")
-N_GOOD = 240
+N_GOOD = 160
 BAD = {  # response id -> (part, file, the kind its row must carry)
     "bad-corrupt": ("interview", "corrupt.wav", "undecodable"),
     "bad-empty": ("long_turn", "empty.wav", "empty"),
@@ -109,7 +109,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
     total = len(session["rows"])
 
     # 1. Stopped with SIGINT once some parts are committed.
-    proc = score_session(config, manifest, out, "--batch-size", 8, "--rows-per-part", 16, wait=False)
+    proc = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, wait=False)
     deadline = time.time() + 400
     while not (out / "answers").is_dir() or committed_rows(out) < 16:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -124,7 +124,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
     assert not [p for p in (out / "answers").iterdir() if not p.name.startswith("part-")]  # only whole parts
 
     # 2. The same command again: only what is missing is scored.
-    r = score_session(config, manifest, out, "--batch-size", 8, "--rows-per-part", 16)
+    r = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout.splitlines()[-1])
     assert s["this_run"]["skipped"] == first and s["this_run"]["answers"] == total - first
