@@ -82,6 +82,9 @@ def prepare(batch, cfg: GraderConfig, base: str):
                 chunks = prepare_answer(read_audio(resolve_audio(row["audio"], base), max_bytes), cfg.audio)
             except AudioError as e:
                 err = e
+            except Exception as e:  # noqa: BLE001 - one odd file must not stop the session (nor every re-run)
+                logger.exception("answer %s: unexpected error while preparing %s", row["response_id"], row["audio"])
+                err = AudioError("internal_error", f"unexpected error while preparing the audio: {type(e).__name__}")
         kinds.append(None if err is None else err.kind)
         messages.append(None if err is None else str(err))
         samples.append(np.concatenate([c.samples for c in chunks]).tobytes() if chunks else None)
