@@ -118,14 +118,15 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
     os.kill(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert "run the same command again to go on" in err
+    assert "run the same command again to go on" in err and "decoding in the engine actors" in err
     first = committed_rows(out)
     assert 16 <= first < total, "the run was not stopped part-way"
     assert not [p for p in (out / "answers").iterdir() if not p.name.startswith("part-")]  # only whole parts
 
-    # 2. The same command again: only what is missing is scored.
-    r = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16)
+    # 2. Again: only what is missing is scored (decoding in CPU tasks of their own this time, as on a cluster).
+    r = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, "--decode", "tasks")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "decoding in CPU tasks" in r.stderr
     s = json.loads(r.stdout.splitlines()[-1])
     assert s["this_run"]["skipped"] == first and s["this_run"]["answers"] == total - first
     assert (s["answers"], s["manifest_rows"], s["duplicates"]) == (total, total, 0)

@@ -95,7 +95,7 @@ def cmd_score_session(args: argparse.Namespace) -> int:
     cfg = load_config_or_exit(args.config)
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    for name in ("engines", "batch_size", "rows_per_part"):
+    for name in ("engines", "batch_size", "rows_per_part", "object_store_mb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
     from serve.engine.requests import configure_vllm_environment
@@ -109,7 +109,8 @@ def cmd_score_session(args: argparse.Namespace) -> int:
         print(f"{PROG}: WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing",
               file=sys.stderr, flush=True)
     opts = SessionOptions(manifest=args.manifest, out=args.out, address=args.address, engines=args.engines,
-                          batch_size=args.batch_size, rows_per_part=args.rows_per_part)
+                          batch_size=args.batch_size, rows_per_part=args.rows_per_part,
+                          decode=args.decode, object_store_mb=args.object_store_mb)
     try:
         s = run_session(cfg, opts)
     except (ManifestError, OutputError, AdapterError) as e:
@@ -193,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: serving.scorer.autoscaling.max_replicas)")
     p.add_argument("--batch-size", type=int, default=64, help="answers per engine call and per CPU task (default 64)")
     p.add_argument("--rows-per-part", type=int, default=1024, help="answers per output part at most (default 1024)")
+    p.add_argument("--decode", choices=["auto", "tasks", "engines"], default="auto",
+                   help="decode audio in CPU tasks of their own or in the engine actors before each batch "
+                   "(default auto: tasks with --address, engines on one machine)")
+    p.add_argument("--object-store-mb", type=int, default=1024,
+                   help="local Ray's object store: bounds the decoded audio waiting for an engine (default 1024)")
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_score_session)
 
