@@ -110,7 +110,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
 
     # 1. Stopped with SIGINT once some parts are committed.
     proc = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, wait=False)
-    deadline = time.time() + 400
+    deadline = time.time() + 600
     while not (out / "answers").is_dir() or committed_rows(out) < 16:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "no part committed in time"
@@ -179,8 +179,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
 # ---------------------------------------------------------------- manifest errors (Ray, no engine)
 
 
-def test_bad_manifests_fail_at_once_with_one_line(session, tiny_dir, tmp_path):
-    d = session["dir"]
+def test_bad_manifests_fail_at_once_with_one_line(tiny_dir, tmp_path):
     (tmp_path / "dup.csv").write_text("response_id,candidate_id,part,audio\n7,c,interview,a.wav\n7,c,interview,b.wav\n")
     (tmp_path / "cols.jsonl").write_text('{"response_id": "1", "candidate_id": "c", "audio": "a.wav"}\n')
     (tmp_path / "m.txt").write_text("x")
@@ -194,7 +193,6 @@ def test_bad_manifests_fail_at_once_with_one_line(session, tiny_dir, tmp_path):
         r = score_session(tiny_dir / "demo.yaml", tmp_path / name, tmp_path / f"out-{name}", timeout=300)
         lines = [x for x in r.stderr.splitlines() if x.startswith("l2grader: error:")]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (name, r.stderr[-2000:])
-    assert d.is_dir()
 
 
 # ---------------------------------------------------------------- sources (no Ray)

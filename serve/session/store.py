@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from serve.grading.config import GraderConfig
 from serve.grading.scoring import overall
-from serve.session.sources import is_uri, local_path
+from serve.session.sources import local_path
 from serve.session.stages import ANSWER_SCHEMA, SCORED
 
 ANSWERS_DIR = "answers"
@@ -159,10 +159,6 @@ class OutputDir:
         pq.write_table(pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA), sink)
         self._write_atomic(CANDIDATES_FILE, sink.getvalue().to_pybytes())
         return len(rows)
-
-    @property
-    def is_remote(self) -> bool:
-        return is_uri(self.location) and local_path(self.location) is None
 
 
 class PartWriter:
