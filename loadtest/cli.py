@@ -1,4 +1,4 @@
-"""``l2grader loadtest`` and ``l2grader bench`` (an ``l2grader.commands`` entry point).
+"""``l2grader loadtest``, ``l2grader bench`` and ``l2grader bench-session`` (an ``l2grader.commands`` entry point).
 
 Locust runs as its own process: gevent's monkey-patching and Ray do not live
 in one interpreter.
@@ -124,7 +124,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``loadtest``, ``bench`` and ``soak`` to the ``l2grader`` parser."""
+    """Add ``loadtest``, ``bench``, ``bench-session`` and ``soak`` to the ``l2grader`` parser."""
     p = sub.add_parser("loadtest", help="load-test the service with Locust (starts it unless --url is given)")
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--users", type=int, default=16, help="simulated upload workers (the step shape's peak) (default 16)")
@@ -152,7 +152,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_loadtest)
 
     from loadtest.bench import add_bench_command
+    from loadtest.session_bench import add_bench_session_command
     from loadtest.soak import add_soak_command
 
     add_bench_command(sub)
+    add_bench_session_command(sub)
     add_soak_command(sub)

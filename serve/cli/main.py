@@ -92,6 +92,64 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------- score-session
+
+
+def cmd_score_session(args: argparse.Namespace) -> int:
+    cfg = load_config_or_exit(args.config)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    for name in ("engines", "batch_size", "rows_per_part", "object_store_mb"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1")
+    from serve.engine.requests import configure_vllm_environment
+    from serve.grading.adapter_files import AdapterError
+    from serve.session.run import SessionOptions, print_summary, run_session
+    from serve.session.sources import ManifestError
+    from serve.session.store import OutputError
+
+    configure_vllm_environment()
+    if cfg.model.untrained:
+        print(f"{PROG}: WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing",
+              file=sys.stderr, flush=True)
+    opts = SessionOptions(manifest=args.manifest, out=args.out, address=args.address, engines=args.engines,
+                          batch_size=args.batch_size, rows_per_part=args.rows_per_part,
+                          decode=args.decode, object_store_mb=args.object_store_mb)
+    try:
+        s = run_session(cfg, opts)
+    except (ManifestError, OutputError, AdapterError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+    print_summary(s)
+    complete = s["answers"] == s["manifest_rows"] and not s["duplicates"]
+    return 0 if complete else 1
+
+
+# ---------------------------------------------------------------- session-job
+
+
+def cmd_session_job(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serve.service.kuberay import session_rayjob
+
+    cfg = load_config_or_exit(args.config)
+    try:
+        docs = [d for d in yaml.safe_load_all(sys.stdin if args.rayservice == "-" else open(args.rayservice)) if d]
+    except (OSError, yaml.YAMLError) as e:
+        fail(f"cannot read the rendered RayService: {e}")
+    services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "RayService"]
+    if len(services) != 1:
+        fail(f"expected one RayService in {args.rayservice} (kubectl kustomize k8s/overlays/NAME), found {len(services)}")
+    try:
+        job = session_rayjob(services[0], cfg, args.config, args.manifest, args.out, args.engines, args.name)
+    except (KeyError, ValueError) as e:
+        fail(f"the RayService does not have the expected groups: {e}")
+    print(yaml.safe_dump(job, sort_keys=False), end="")
+    return 0
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -129,6 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("score-session", help="score a whole session's manifest in bulk on Ray Data (resumable)")
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--manifest", required=True,
+                   help="CSV, JSON Lines or Parquet with response_id, candidate_id, part, audio (path or URI)")
+    p.add_argument("--out", required=True, help="output folder or URI (run again with the same --out to go on)")
+    p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--engines", type=int, help="engine actors, one GPU each on GPU hosts "
+                   "(default: serving.scorer.autoscaling.max_replicas)")
+    p.add_argument("--batch-size", type=int, default=64, help="answers per engine call and per CPU task (default 64)")
+    p.add_argument("--rows-per-part", type=int, default=1024, help="answers per output part at most (default 1024)")
+    p.add_argument("--decode", choices=["auto", "tasks", "engines"], default="auto",
+                   help="decode audio in CPU tasks of their own or in the engine actors before each batch "
+                   "(default auto: tasks with --address, engines on one machine)")
+    p.add_argument("--object-store-mb", type=int, default=1024,
+                   help="local Ray's object store: bounds the decoded audio waiting for an engine (default 1024)")
+    p.add_argument("--verbose", action="store_true", help="show the engine's own log")
+    p.set_defaults(func=cmd_score_session)
+
+    p = sub.add_parser("session-job", help="print a KubeRay RayJob that runs score-session on the service's cluster spec")
+    p.add_argument("--config", required=True, help="the overlay's grader config (configs/FILE, as in the image)")
+    p.add_argument("--manifest", required=True, help="the manifest's URI as the pods see it (s3://..., /var/lib/...)")
+    p.add_argument("--out", required=True, help="the output URI as the pods see it (shared by all pods)")
+    p.add_argument("--engines", type=int, help="engine pods (default: serving.scorer.autoscaling.max_replicas)")
+    p.add_argument("--name", default="l2grader-session", help="the RayJob's name (default l2grader-session)")
+    p.add_argument("--rayservice", default="-",
+                   help="the rendered overlay holding the RayService (default: stdin, `kubectl kustomize k8s/overlays/gpu`)")
+    p.set_defaults(func=cmd_session_job)
 
     p = sub.add_parser("serve", help="run the HTTP scoring service (Ray Serve + vLLM)")
     p.add_argument("--config", required=True, help="grader YAML config")

@@ -106,3 +106,11 @@ def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], 
         duration_s=round(float(chunks[-1].end_s - chunks[0].start_s), 3),
         model=model,
     )
+
+
+def overall(scores: Sequence[float], levels: Sequence[Level]) -> tuple[float, str]:
+    """A candidate's overall score (the mean of the answers' scores) and its CEFR level on ``levels``."""
+    if not scores:
+        raise ValueError("an overall score needs at least one scored answer")
+    mean = float(sum(scores) / len(scores))
+    return mean, nearest_level(levels, mean).cefr

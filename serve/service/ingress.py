@@ -27,10 +27,10 @@ from ray.serve.handle import DeploymentHandle
 from serve.grading.adapter_files import AdapterError
 from serve.grading.audio import AudioError, PreparedAnswer, prepare
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, load_config, validate_part_id
-from serve.grading.levels import nearest_level
 from serve.grading.parts import Part
 from serve.grading.results import ScoredAnswer
 from serve.grading.review import NOT_SCORABLE, assess, overall_review
+from serve.grading.scoring import overall
 from serve.service.admission import ScoringSlots
 from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, use_keys
 from serve.service.errors import ApiError, install_error_handlers, request_id
@@ -216,8 +216,7 @@ class Ingress:
         n_bad = len(results) - len(scored)
         mean = cefr = None
         if scored:
-            mean = sum(r.score for r in scored) / len(scored)
-            cefr = nearest_level((await self._part(scored[0].part)).config.levels, mean).cefr
+            mean, cefr = overall([r.score for r in scored], (await self._part(scored[0].part)).config.levels)
         return Overall(score=mean, cefr=cefr, scored=len(scored), not_scorable=n_bad,
                        review=overall_review([r.review for r in scored], n_bad))
 

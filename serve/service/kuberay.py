@@ -115,3 +115,61 @@ def render_patch(cfg: GraderConfig, config: str) -> str:
         "# worker groups' bounds and Ray resources (one replica per pod) and the\n"
         "# Ray settings of every container.\n" + body
     )
+
+
+# ---------------------------------------------------------------- a session as a RayJob
+
+#: Labels of a session's pods (not the service's: its PodDisruptionBudgets and probes do not concern them).
+SESSION_POD_NAME = "l2grader-session"
+#: Pod environment that only the HTTP service reads.
+SERVICE_ONLY_ENV = ("L2GRADER_API_KEYS", "L2GRADER_ADMIN_KEYS")
+
+
+def session_entrypoint(config: str, manifest: str, out: str, engines: int) -> str:
+    """The RayJob's entrypoint: ``l2grader score-session`` on the in-cluster config, joining the job's cluster."""
+    import shlex
+
+    return shlex.join(["l2grader", "score-session", "--config", in_cluster_config_path(config), "--manifest", manifest,
+                       "--out", out, "--address", "auto", "--engines", str(engines)])
+
+
+def session_rayjob(rayservice: dict[str, Any], cfg: GraderConfig, config: str, manifest: str, out: str,
+                   engines: int | None = None, name: str = "l2grader-session") -> dict[str, Any]:
+    """A KubeRay ``RayJob`` that scores a session on its own Ray cluster, made from the service's rendered RayService.
+
+    The cluster is the service's (same image, volumes, Ray settings, groups and
+    resources, from the same grader config): the ``ingress`` group's CPU pods
+    decode, the ``scorer`` group holds ``engines`` engine actors (default: the
+    scorer's ``max_replicas``; one GPU each on GPU overlays). Serve's probes and
+    the API keys are left out (no HTTP in a job). ``out`` must be shared by the
+    pods: an object-store URI or a path on a ReadWriteMany volume. A failed job
+    is retried and goes on where it stopped (``score-session`` is resumable).
+    """
+    import copy
+
+    engines = engines or cfg.serving.scorer.autoscaling.max_replicas
+    cluster = copy.deepcopy(rayservice["spec"]["rayClusterConfig"])
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    scorer = groups["scorer"]
+    scorer["replicas"] = scorer["minReplicas"] = scorer["maxReplicas"] = engines
+    for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in groups.values())]:
+        template.get("metadata", {}).get("labels", {})["app.kubernetes.io/name"] = SESSION_POD_NAME
+        template.get("metadata", {}).pop("annotations", None)
+        for container in template["spec"]["containers"]:
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                container.pop(probe, None)
+            container["env"] = [e for e in container.get("env", []) if e["name"] not in SERVICE_ONLY_ENV]
+    meta = rayservice["metadata"]
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, **({"namespace": meta["namespace"]} if "namespace" in meta else {}),
+                     "labels": {**meta.get("labels", {}), "app.kubernetes.io/name": SESSION_POD_NAME}},
+        "spec": {
+            "entrypoint": session_entrypoint(config, manifest, out, engines),
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 86400,
+            "backoffLimit": 3,
+            "rayClusterSpec": cluster,
+        },
+    }

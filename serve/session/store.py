@@ -1,0 +1,192 @@
+"""The output folder of a session: answer parts committed whole, what is done, the candidates table.
+
+Layout under ``--out`` (a local folder or any URI ``pyarrow.fs`` opens)::
+
+    session.json           what the folder scores: the manifest and its ids' hash, the parts' model ids
+    answers/part-*.parquet one row per answer (serve.session.stages.ANSWER_SCHEMA), written in parts
+    candidates.parquet     one row per candidate, made from the answers at the end of a run
+
+A part is written under a name starting with ``.`` and renamed once complete
+(an object store's upload appears whole on close), so a stopped run leaves
+only complete parts; a new run reads their ``response_id`` column (the done
+set), skips those answers and deletes leftovers. Every answer is in exactly
+one committed part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterable
+
+from serve.grading.config import GraderConfig
+from serve.grading.scoring import overall
+from serve.session.sources import local_path
+from serve.session.stages import ANSWER_SCHEMA, SCORED
+
+ANSWERS_DIR = "answers"
+CANDIDATES_FILE = "candidates.parquet"
+SESSION_FILE = "session.json"
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used for this session (it holds another one, or a part is unreadable)."""
+
+
+def _candidates_schema():
+    import pyarrow as pa
+
+    return pa.schema([("candidate_id", pa.string()), ("answers", pa.int64()), ("scored", pa.int64()),
+                      ("not_scorable", pa.int64()), ("score", pa.float64()), ("cefr", pa.string()),
+                      ("parts", pa.list_(pa.string()))])
+
+
+#: One row per candidate: answers, how many were scored and not scorable, the overall score (mean of the scored answers).
+CANDIDATES_SCHEMA = _candidates_schema()
+
+
+def ids_digest(ids: Iterable[str]) -> str:
+    """A digest of a set of response ids (order does not matter)."""
+    h = hashlib.sha256()
+    for rid in sorted(ids):
+        h.update(rid.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class OutputDir:
+    """The output folder on its filesystem."""
+
+    def __init__(self, location: str):
+        import pyarrow.fs
+
+        path = local_path(location)
+        if path is not None:
+            self.fs, self.root = pyarrow.fs.LocalFileSystem(), str(path.resolve())
+        else:
+            self.fs, self.root = pyarrow.fs.FileSystem.from_uri(location)
+        self.location = location
+        self.fs.create_dir(f"{self.root}/{ANSWERS_DIR}", recursive=True)
+
+    def _path(self, *names: str) -> str:
+        return "/".join([self.root.rstrip("/"), *names])
+
+    def _write_atomic(self, name: str, data: bytes) -> None:
+        tmp = self._path(f".{uuid.uuid4().hex}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self._path(name))
+
+    # ------------------------------------------------------------ what the folder scores
+
+    def check_session(self, identity: dict) -> None:
+        """Record what this folder scores on the first run; refuse a later run of another manifest or model."""
+        import pyarrow.fs
+
+        path = self._path(SESSION_FILE)
+        if self.fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            self._write_atomic(SESSION_FILE, json.dumps(identity, indent=2, sort_keys=True).encode())
+            return
+        with self.fs.open_input_stream(path) as f:
+            before = json.loads(f.read())
+        changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+        if changed:
+            raise OutputError(f"{self.location} holds the results of another session (changed: {', '.join(changed)}); "
+                              "give a new --out, or delete it to start again")
+
+    # ------------------------------------------------------------ parts
+
+    def part_paths(self) -> list[str]:
+        """Committed answer parts (leftovers of a stopped run are deleted)."""
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(ANSWERS_DIR)))
+        parts = []
+        for info in infos:
+            if info.base_name.startswith("."):
+                self.fs.delete_file(info.path)
+            elif info.base_name.endswith(".parquet"):
+                parts.append(info.path)
+        for info in self.fs.get_file_info(pyarrow.fs.FileSelector(self.root)):
+            if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                self.fs.delete_file(info.path)
+        return sorted(parts)
+
+    def read_parts(self, columns: list[str]):
+        """The committed answers (the given columns) as one ``pyarrow.Table``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for path in self.part_paths():
+            try:
+                tables.append(pq.read_table(path, columns=columns, filesystem=self.fs))
+            except (OSError, pa.ArrowInvalid) as e:
+                raise OutputError(f"answer part {path} is unreadable ({e}); delete it and run again") from None
+        return pa.concat_tables(tables) if tables else ANSWER_SCHEMA.empty_table().select(columns)
+
+    def done_ids(self) -> set[str]:
+        """Response ids already written."""
+        return set(self.read_parts(["response_id"]).column("response_id").to_pylist())
+
+    def part_writer(self, rows_per_part: int, max_wait_s: float) -> PartWriter:
+        return PartWriter(self, rows_per_part, max_wait_s)
+
+    # ------------------------------------------------------------ candidates
+
+    def write_candidates(self, cfg: GraderConfig) -> int:
+        """Make ``candidates.parquet`` from all committed answers; the number of candidates."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        answers = self.read_parts(["candidate_id", "part", "status", "score"]).to_pylist()
+        by_candidate: dict[str, list[dict]] = {}
+        for a in answers:
+            by_candidate.setdefault(a["candidate_id"], []).append(a)
+        rows = []
+        for cid in sorted(by_candidate, key=lambda c: (c is None, c or "")):
+            group = by_candidate[cid]
+            scored = [a for a in group if a["status"] == SCORED]
+            score = cefr = None
+            if scored:
+                score, cefr = overall([a["score"] for a in scored], cfg.parts[scored[0]["part"]].levels)
+            rows.append({"candidate_id": cid, "answers": len(group), "scored": len(scored),
+                         "not_scorable": len(group) - len(scored), "score": score, "cefr": cefr,
+                         "parts": sorted({a["part"] for a in scored})})
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA), sink)
+        self._write_atomic(CANDIDATES_FILE, sink.getvalue().to_pybytes())
+        return len(rows)
+
+
+class PartWriter:
+    """Collects answer rows and commits them as a part every ``rows_per_part`` rows or ``max_wait_s`` seconds."""
+
+    def __init__(self, out: OutputDir, rows_per_part: int, max_wait_s: float):
+        self.out, self.rows_per_part, self.max_wait_s = out, rows_per_part, max_wait_s
+        self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.pending: list = []
+        self.pending_rows = 0
+        self.parts = 0
+        self.since = time.monotonic()
+
+    def add(self, table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.rows_per_part or time.monotonic() - self.since >= self.max_wait_s:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.since = time.monotonic()
+        if not self.pending_rows:
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.concat_tables(self.pending).cast(ANSWER_SCHEMA), sink)
+        self.out._write_atomic(f"{ANSWERS_DIR}/part-{self.run_id}-{self.parts:05d}.parquet", sink.getvalue().to_pybytes())
+        self.parts += 1
+        self.pending, self.pending_rows = [], 0

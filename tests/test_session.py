@@ -1,0 +1,215 @@
+"""``l2grader score-session``: a whole session on Ray Data, as a user runs it (real Ray, real engine, real files).
+
+One session of a few hundred short answers of two parts over two candidates,
+with corrupt, empty, silent and missing files, an unknown part and an empty
+field: the run is stopped with SIGINT once some parts are written, then run
+again; the output holds every manifest row exactly once, the bad ones with
+their kind, and the scores of ``l2grader score``'s engine on the same files
+(within 1e-5). Manifest and output-folder errors are checked without an engine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from serve.grading.audio import AudioError
+from serve.session.sources import manifest_format, read_audio, resolve_audio
+from tests.audio_fixtures import write
+
+L2GRADER = str(Path(sys.executable).parent / "l2grader")
+N_GOOD = 160
+BAD = {  # response id -> (part, file, the kind its row must carry)
+    "bad-corrupt": ("interview", "corrupt.wav", "undecodable"),
+    "bad-empty": ("long_turn", "empty.wav", "empty"),
+    "bad-silent": ("interview", "silent.wav", "silence"),
+    "bad-missing": ("long_turn", "missing.flac", "unreadable"),
+    "bad-part": ("no_such_part", "g0000.wav", "unknown_part"),
+    "bad-no-candidate": ("interview", "g0001.wav", "invalid_row"),
+}
+
+
+# ---------------------------------------------------------------- the session's files
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> dict:
+    """Audio files, the manifest rows (relative paths), and the same manifest as CSV and Parquet."""
+    d = tmp_path_factory.mktemp("session")
+    audio = d / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N_GOOD):
+        name = f"g{i:04d}.{('wav', 'flac', 'ogg')[i % 3]}"
+        write(audio / name, float(rng.uniform(1.5, 3.5)) if i % 40 else 35.0, 16000, seed=i)  # a few of 2 chunks
+        rows.append({"response_id": f"{i:05d}", "candidate_id": f"cand-{i % 2}", "part": ("interview", "long_turn")[i % 2],
+                     "audio": f"audio/{name}"})
+    (audio / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 8)
+    (audio / "empty.wav").write_bytes(b"")
+    sf.write(audio / "silent.wav", np.zeros(16000 * 3, dtype=np.float32), 16000)
+    for rid, (part, name, _) in BAD.items():
+        rows.append({"response_id": rid, "candidate_id": "" if rid == "bad-no-candidate" else "cand-1", "part": part,
+                     "audio": f"audio/{name}"})
+    rows.insert(17, rows.pop())  # bad rows among the good ones, not all at the end
+    with open(d / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["response_id", "candidate_id", "part", "audio", "note"])
+        w.writeheader()
+        w.writerows({**r, "note": "extra columns are ignored"} for r in rows)
+    pq.write_table(pa.Table.from_pylist(rows), d / "manifest.parquet")
+    return {"dir": d, "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def reference(session, tiny_dir) -> dict:
+    """What ``l2grader score`` gives for each good answer: its engine (OfflineEngine) on the same files."""
+    from serve.engine.offline import OfflineEngine
+    from serve.grading.audio import prepare_answer
+    from serve.grading.config import load_config
+
+    cfg = load_config(tiny_dir / "demo.yaml")
+    good = [r for r in session["rows"] if not r["response_id"].startswith("bad-")]
+    engine = OfflineEngine(cfg)
+    try:
+        results = engine.score_answers([(r["part"], prepare_answer(session["dir"] / r["audio"], cfg.audio)) for r in good])
+    finally:
+        engine.close()
+    return {r["response_id"]: res.model_dump() for r, res in zip(good, results)}
+
+
+def score_session(config, manifest, out, *extra, timeout=600, wait=True):
+    cmd = [L2GRADER, "score-session", "--config", str(config), "--manifest", str(manifest), "--out", str(out), *map(str, extra)]
+    if wait:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def committed_rows(out: Path) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in (out / "answers").glob("part-*.parquet"))
+
+
+# ---------------------------------------------------------------- the session, stopped and resumed
+
+
+@pytest.mark.engine
+def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(session, reference, tiny_dir, tmp_path):
+    config, manifest, out = tiny_dir / "demo.yaml", session["dir"] / "manifest.parquet", tmp_path / "out"
+    total = len(session["rows"])
+
+    # 1. Stopped with SIGINT once some parts are committed.
+    proc = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, wait=False)
+    deadline = time.time() + 600
+    while not (out / "answers").is_dir() or committed_rows(out) < 16:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no part committed in time"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "run the same command again to go on" in err and "decoding in the engine actors" in err
+    first = committed_rows(out)
+    assert 16 <= first < total, "the run was not stopped part-way"
+    assert not [p for p in (out / "answers").iterdir() if not p.name.startswith("part-")]  # only whole parts
+
+    # 2. Again: only what is missing is scored (decoding in CPU tasks of their own this time, as on a cluster).
+    r = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, "--decode", "tasks")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "decoding in CPU tasks" in r.stderr
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert s["this_run"]["skipped"] == first and s["this_run"]["answers"] == total - first
+    assert (s["answers"], s["manifest_rows"], s["duplicates"]) == (total, total, 0)
+    assert s["not_scorable"] == {kind: 1 for _, _, kind in BAD.values()}
+    assert s["scored"] == N_GOOD and s["candidates"] == 3  # cand-0, cand-1 and the empty id
+    assert s["this_run"]["answers_per_s"] > 0 and s["this_run"]["audio_s_per_s"] > 0 and s["wall_s"] > 0
+
+    answers = pq.read_table(out / "answers").to_pylist()
+    ids = [a["response_id"] for a in answers]
+    assert len(ids) == len(set(ids)) == total and set(ids) == {row["response_id"] for row in session["rows"]}
+    by_id = {a["response_id"]: a for a in answers}
+    for rid, (part, name, kind) in BAD.items():
+        a = by_id[rid]
+        assert (a["status"], a["error_kind"], a["part"]) == ("not_scorable", kind, part), a
+        assert a["error_message"] and a["score"] is None
+    assert "no such file" in by_id["bad-missing"]["error_message"]
+    diffs = []
+    for rid, want in reference.items():
+        got = by_id[rid]
+        assert got["status"] == "scored" and got["error_kind"] is None
+        assert got["cefr"] == want["cefr"] and got["hard_score"] == want["hard_score"]
+        assert [c["end_s"] for c in got["chunks"]] == [c["end_s"] for c in want["chunks"]]
+        assert dict(got["probabilities"]) == pytest.approx(want["probabilities"], abs=1e-5)
+        assert got["model"] == want["model"] and got["duration_s"] == want["duration_s"]
+        diffs.append(abs(got["score"] - want["score"]))
+    assert max(diffs) < 1e-5
+    assert any(len(by_id[rid]["chunks"]) == 2 for rid in reference)  # the 35 s answers: two chunks, reassembled
+
+    candidates = {c["candidate_id"]: c for c in pq.read_table(out / "candidates.parquet").to_pylist()}
+    for cid, c in candidates.items():
+        mine = [a for a in answers if a["candidate_id"] == cid]
+        scored = [a["score"] for a in mine if a["status"] == "scored"]
+        assert (c["answers"], c["scored"], c["not_scorable"]) == (len(mine), len(scored), len(mine) - len(scored))
+        assert c["score"] == (pytest.approx(sum(scored) / len(scored), abs=1e-12) if scored else None)
+    assert candidates["cand-1"]["not_scorable"] == len(BAD) - 1
+
+    # 3. Once more: nothing to do (no engine started), same output.
+    again = score_session(config, manifest, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    s2 = json.loads(again.stdout.splitlines()[-1])
+    assert s2["this_run"]["answers"] == 0 and s2["answers"] == total and s2["duplicates"] == 0
+    assert sorted(pq.read_table(out / "answers").column("response_id").to_pylist()) == sorted(ids)
+
+    # 4. The folder refuses another session's manifest.
+    (session["dir"] / "other.csv").write_text("response_id,candidate_id,part,audio\nx1,c,interview,audio/g0000.wav\n")
+    other = score_session(config, session["dir"] / "other.csv", out)
+    assert other.returncode == 2 and "holds the results of another session" in other.stderr
+
+
+# ---------------------------------------------------------------- manifest errors (Ray, no engine)
+
+
+def test_bad_manifests_fail_at_once_with_one_line(tiny_dir, tmp_path):
+    (tmp_path / "dup.csv").write_text("response_id,candidate_id,part,audio\n7,c,interview,a.wav\n7,c,interview,b.wav\n")
+    (tmp_path / "cols.jsonl").write_text('{"response_id": "1", "candidate_id": "c", "audio": "a.wav"}\n')
+    (tmp_path / "m.txt").write_text("x")
+    cases = {
+        "dup.csv": "appear more than once in the manifest, e.g. '7'",
+        "cols.jsonl": "lacks the column(s) part",
+        "m.txt": "unknown format '.txt'",
+        "absent.csv": "not found",
+    }
+    for name, message in cases.items():
+        r = score_session(tiny_dir / "demo.yaml", tmp_path / name, tmp_path / f"out-{name}", timeout=300)
+        lines = [x for x in r.stderr.splitlines() if x.startswith("l2grader: error:")]
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (name, r.stderr[-2000:])
+
+
+# ---------------------------------------------------------------- sources (no Ray)
+
+
+def test_manifest_formats_and_audio_locations(tmp_path):
+    assert [manifest_format(x) for x in ("m.csv", "m.jsonl", "s3://b/m.parquet", "s3://b/manifest/")] == \
+        ["csv", "json", "parquet", "parquet"]
+    assert resolve_audio("a/b.wav", str(tmp_path)) == str(tmp_path / "a" / "b.wav")
+    assert resolve_audio("a/b.wav", "s3://bucket/session") == "s3://bucket/session/a/b.wav"
+    assert resolve_audio("/abs/b.wav", "s3://bucket") == "/abs/b.wav"
+    assert resolve_audio("gs://x/y.wav", str(tmp_path)) == "gs://x/y.wav"
+
+    f = write(tmp_path / "a.wav", 1.0)
+    assert read_audio(str(f), 10**6) == f.read_bytes() == read_audio(f"file://{f}", 10**6)
+    for location, max_bytes, kind in ((str(tmp_path / "none.wav"), 10**6, "unreadable"), (str(tmp_path), 10**6, "unreadable"),
+                                      (str(f), 100, "too_large"), (f"file://{tmp_path}/none.wav", 10**6, "unreadable")):
+        with pytest.raises(AudioError) as e:
+            read_audio(location, max_bytes)
+        assert e.value.kind == kind, location
