@@ -79,6 +79,11 @@ PUT_PART_BODY: dict[str, Any] = {
 }
 
 
+#: What the proxy guard may answer on any route: body too slow (408), too many requests from one client (429),
+#: the service cannot take it now (503: bodies held, back-pressure, a replica lost).
+GUARD_STATUSES = (408, 429, 503)
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The error statuses a route answers, each with the API's error body."""
-    return {code: {"model": ErrorResponse} for code in statuses}
+    """The error statuses a route answers (those of the proxy guard too), each with the API's error body."""
+    return {code: {"model": ErrorResponse} for code in sorted({*statuses, *GUARD_STATUSES})}
