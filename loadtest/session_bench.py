@@ -41,6 +41,7 @@ class TreeMemory:
         self.pid, self.every_s = pid, every_s
         self.peak_pss = self.peak_rss = 0
         self.processes = 0
+        self.at_peak: dict[str, int] = {}  # process -> PSS (bytes) in the sample with the highest sum
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -53,13 +54,18 @@ class TreeMemory:
         except psutil.NoSuchProcess:
             return
         pss = rss = 0
+        by_process: dict[str, int] = {}
         for p in procs:
             try:
                 m = p.memory_full_info()
+                name = " ".join(p.cmdline())[:40] or p.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             pss += m.pss
             rss += m.rss
+            by_process[f"{name} [{p.pid}]"] = m.pss
+        if pss > self.peak_pss:
+            self.at_peak = by_process
         self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
         self.processes = max(self.processes, len(procs))
 
@@ -120,6 +126,7 @@ def session_phase(config: str, manifest: Path, out: Path, batch_size: int, sampl
         "whole_run_answers_per_s": run["answers_per_s"], "not_scorable": s["not_scorable"],
         "peak_pss_mb": round(mem.peak_pss / 2**20), "peak_rss_sum_mb": round(mem.peak_rss / 2**20),
         "processes": mem.processes,
+        "peak_by_process_mb": {k: round(v / 2**20) for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])[:8]},
     }
 
 

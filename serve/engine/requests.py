@@ -52,6 +52,7 @@ def engine_kwargs(cfg: GraderConfig) -> dict[str, Any]:
         limit_mm_per_prompt={"audio": 1},
         logprobs_mode="raw_logprobs",
         enable_prefix_caching=True,
+        mm_processor_cache_gb=e.audio_cache_gb,
     )
 
 

@@ -93,6 +93,10 @@ class EngineConfig(_Strict):
     max_num_seqs: int = Field(64, ge=1, description="Most sequences (audio chunks) batched together.")
     max_model_len: int = Field(2048, ge=256, description="Prompt tokens per chunk: rubric + up to 750 audio tokens.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start, slower steps).")
+    audio_cache_gb: float = Field(
+        0.0, ge=0, description="vLLM's cache of processed audio inputs (mm_processor_cache_gb), in the engine's "
+        "front and core processes each. Answers are all different, so a cache only grows (vLLM's default of 4 GiB "
+        "made the engine core grow by 2.6 GB over a 5,000-answer session); raise it only for repeated audio.")
     tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0
 
