@@ -156,7 +156,8 @@ def test_training_lifts_held_out_pcc(run):
 @pytest.mark.engine
 def test_evaluate_reports_every_metric_and_draws_the_plot(run):
     for key in ("before", "after"):
-        assert set(run[key]) == {"soft", "hard"}
+        assert set(run[key]) == {"soft", "hard", "answers", "not_scorable", "selective", "selective_signal",
+                                 "selective_by_signal", "error_spearman", "review_verdict", "groups"}
         for kind in ("soft", "hard"):
             assert set(run[key][kind]) == {"pcc", "spearman", "rmse", "within_0_5", "within_1_0"}
     assert "PCC" in run["eval_stdout"] and "within 0.5" in run["eval_stdout"]
