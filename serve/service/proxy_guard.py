@@ -160,9 +160,9 @@ class ProxyGuard:
             raise BodyError(413, "too_large", f"body of {declared} bytes exceeds the {limit} bytes accepted here")
         deadline = time.monotonic() + self.limits.body_timeout_s
         buf = bytearray()
-        counted = 0
+        whole = False
         try:
-            while True:
+            while not whole:
                 try:
                     message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
@@ -170,18 +170,17 @@ class ProxyGuard:
                                     f"{self.limits.body_timeout_s:g} s") from None
                 if message["type"] == "http.disconnect":
                     return None
-                buf += message.get("body", b"")
+                piece = message.get("body", b"")
+                buf += piece
+                self.buffered += len(piece)
                 if len(buf) > limit:
                     raise BodyError(413, "too_large", f"body exceeds the {limit} bytes accepted here")
-                self.buffered += len(buf) - counted
-                counted = len(buf)
                 if self.buffered > self.limits.max_buffered:
                     raise BodyError(503, "overloaded", "the service holds too many request bodies now; retry later")
-                if not message.get("more_body", False):
-                    break
+                whole = not message.get("more_body", False)
         finally:
-            self.buffered -= counted
-        self.buffered += len(buf)
+            if not whole:  # refused or abandoned: its bytes are no longer held (a whole body's are, until answered)
+                self.buffered -= len(buf)
         return bytes(buf)
 
 
