@@ -205,6 +205,23 @@ def test_serve_config_is_the_one_derived_from_the_shipped_config(overlay):
     assert embedded["applications"][0]["args"] == {"config": in_cluster}
 
 
+def test_both_deployments_log_in_the_configured_encoding(overlay):
+    """serving.log_encoding (default JSON) reaches both deployments of the RayService, in a form Ray Serve accepts."""
+    from ray.serve.schema import ServeDeploySchema
+
+    name, docs = overlay
+    embedded = yaml.safe_load(_one(docs, "RayService")["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    deployments = {d["name"]: d for d in embedded["applications"][0]["deployments"]}
+    assert {n: d["logging_config"] for n, d in deployments.items()} == {n: {"encoding": "JSON"} for n in (INGRESS, SCORER)}
+    cfg = _config(name)
+    cfg.serving.log_encoding = "TEXT"
+    text = serve_config(cfg, "/c.yaml")["applications"][0]["deployments"]
+    assert [d["logging_config"] for d in text] == [{"encoding": "TEXT"}] * 2
+    with pytest.raises(ValueError, match="log_encoding"):
+        type(cfg.serving).model_validate({"log_encoding": "XML"})
+
+
 def test_worker_groups_match_serve_autoscaling(overlay):
     name, docs = overlay
     cfg = _config(name)

@@ -214,6 +214,8 @@ class ServingConfig(_Strict):
         200, ge=1, description="Requests one client address may hold open at once (429 beyond).")
     max_buffered_mb: float = Field(
         1024.0, gt=0, description="Request bodies a proxy holds in memory at once, all clients together (503 beyond).")
+    log_encoding: Literal["JSON", "TEXT"] = Field(
+        "JSON", description="Ray Serve's log lines of both deployments: one JSON object per line, or plain text.")
 
     def api_keys(self) -> list[str]:
         """Scoring keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""

@@ -28,7 +28,7 @@ SCORER = "Scorer"
 RAY_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 8 * 1024 * 1024}
 
 
-def _options(d: DeploymentConfig, extra_slots: int = 0) -> dict[str, Any]:
+def _options(d: DeploymentConfig, log_encoding: str, extra_slots: int = 0) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": d.num_cpus}
     if d.num_gpus:
         actor["num_gpus"] = d.num_gpus
@@ -44,6 +44,7 @@ def _options(d: DeploymentConfig, extra_slots: int = 0) -> dict[str, Any]:
             "target_ongoing_requests": a.target_ongoing_requests,
         },
         "ray_actor_options": actor,
+        "logging_config": {"encoding": log_encoding},
     }
 
 
@@ -52,9 +53,11 @@ def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
 
     The ingress bounds its scoring requests itself (:mod:`serve.service.admission`),
     so Serve admits its queued answers and room for health and admin calls too.
+    Both log in ``serving.log_encoding`` (Ray Serve's ``logging_config``).
     """
-    ingress = cfg.serving.ingress
-    return {INGRESS: _options(ingress, ingress.max_queued_requests + CONTROL_SLOTS), SCORER: _options(cfg.serving.scorer)}
+    s = cfg.serving
+    return {INGRESS: _options(s.ingress, s.log_encoding, s.ingress.max_queued_requests + CONTROL_SLOTS),
+            SCORER: _options(s.scorer, s.log_encoding)}
 
 
 def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:
