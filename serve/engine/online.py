@@ -2,7 +2,9 @@
 
 A scorer replica of the service holds one :class:`OnlineEngine`; the part's
 adapter is named by its model id, loaded ahead of its first request and
-removed when the replica drops the part.
+removed when the replica drops the part. The engine's own statistics (queue,
+running requests, KV-cache use, time to first token, ...) go to the stat
+loggers the caller gives (the service passes vLLM's Ray metrics logger).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from serve.grading.scoring import ChunkScore, aggregate
 class OnlineEngine:
     """One ``AsyncLLM``; answers are scored as they come, all chunks of an answer at once."""
 
-    def __init__(self, cfg: GraderConfig):
+    def __init__(self, cfg: GraderConfig, stat_loggers: Sequence | None = None):
+        """``stat_loggers``: vLLM stat logger factories (classes) fed with the engine's statistics."""
         configure_vllm_environment()
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg = cfg
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg)))
+        args = AsyncEngineArgs(**engine_kwargs(cfg), disable_log_stats=False)
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=list(stat_loggers or []))
         self.tokenizer = self.engine.get_tokenizer()
 
     def resolve(self, part: Part) -> PartSpec:
