@@ -35,6 +35,18 @@ def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool
     return host if is_loopback(host) else "127.0.0.1"
 
 
+def node_observability() -> tuple[str | None, str | None]:
+    """This Ray node's log folder and the address of its metrics export (what Prometheus scrapes), where known."""
+    import ray
+
+    node = ray._private.worker._global_node  # the driver's view of the node it runs on
+    logs = node.get_logs_dir_path() if node is not None else None
+    me = ray.get_runtime_context().get_node_id()
+    ports = [(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n["NodeID"] == me]
+    export = f"http://{ports[0][0]}:{ports[0][1]}/metrics" if ports and ports[0][1] else None
+    return logs, export
+
+
 def run_server(config_path: str, host: str | None, port: int | None, address: str | None,
                allow_unauthenticated: bool = False) -> int:
     """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset."""
@@ -75,6 +87,9 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
     serve.start(http_options={"host": host, "port": port})
     _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
+    logs, export = node_observability()
+    _log(f"replica logs (serving.log_encoding {cfg.serving.log_encoding}): {logs}/serve; "
+         f"this node's metrics export: {export}")
     _log(f"listening on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
 
     stop = threading.Event()
