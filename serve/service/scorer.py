@@ -38,10 +38,13 @@ EngineFactory = Callable[[GraderConfig], Any]
 
 
 def online_engine(cfg: GraderConfig):
-    """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica)."""
+    """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica), its engine metrics exported through Ray
+    (``ray_vllm_*`` series, tagged with the replica) like the service's own."""
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
     from serve.engine.online import OnlineEngine
 
-    return OnlineEngine(cfg)
+    return OnlineEngine(cfg, stat_loggers=[RayPrometheusStatLogger])
 
 
 class LoadedPart:
