@@ -10,6 +10,7 @@ scrapes it. Totals are therefore right with any number of replicas and nodes;
 
 :class:`RequestMetrics` wraps the FastAPI app: it counts each API request by
 endpoint (the route's name), part and status, times the successful ones,
+logs it (one line with its request id, part, status and latency as fields),
 counts errors by kind, tracks requests in flight, and turns an unexpected
 exception into a JSON 500 so a failure answers instead of taking the replica
 down. Routes only say which part a request was for (``request.state.part``).
@@ -30,7 +31,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.service.errors import error_response, internal_error
+from serve.service.errors import error_response, internal_error, request_id
 
 logger = logging.getLogger("ray.serve")
 
@@ -149,6 +150,7 @@ class RequestMetrics:
         endpoint = ENDPOINTS.get(getattr(scope.get("route"), "name", None))
         if endpoint is None:
             return
+        latency_s = time.perf_counter() - started
         state = Request(scope).state
         part = self.metrics.part_label(getattr(state, "part", None))
         kind = getattr(state, "error_kind", None)
@@ -156,4 +158,13 @@ class RequestMetrics:
             self.metrics.errors.inc(1, {"kind": kind, "part": part})
         self.metrics.requests.inc(1, {"endpoint": endpoint, "part": part, "status": str(status["code"])})
         if status["code"] == 200:
-            self.metrics.latency.observe(time.perf_counter() - started, {"endpoint": endpoint, "part": part})
+            self.metrics.latency.observe(latency_s, {"endpoint": endpoint, "part": part})
+        log_request(endpoint, part, status["code"], latency_s, kind)
+
+
+def log_request(endpoint: str, part: str, status: int, latency_s: float, error_kind: str | None) -> None:
+    """One log line per API request; its fields become JSON fields with ``serving.log_encoding: JSON``."""
+    latency_ms = round(latency_s * 1000, 1)
+    logger.info("%s %s %d %.1fms", endpoint, part, status, latency_ms, extra={
+        "request_id": request_id(), "endpoint": endpoint, "part": part, "status": status, "latency_ms": latency_ms,
+        "error_kind": error_kind})
