@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 from serve.engine.requests import check_prompt_fits, chunk_score, configure_vllm_environment, engine_input
 from serve.engine.requests import engine_kwargs, lora_request, model_dims, sampling_params
@@ -20,6 +21,11 @@ from serve.grading.config import GraderConfig
 from serve.grading.parts import Part, PartSpec, resolve_part
 from serve.grading.results import ScoredAnswer
 from serve.grading.scoring import ChunkScore, aggregate
+
+
+def served_model_name(cfg: GraderConfig) -> str:
+    """The name the engine reports its model under: the last part of the hub id or folder (``Qwen2-Audio-7B-Instruct``)."""
+    return Path(cfg.model.base).name or str(cfg.model.base)
 
 
 class OnlineEngine:
@@ -32,7 +38,8 @@ class OnlineEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg = cfg
-        args = AsyncEngineArgs(**engine_kwargs(cfg), disable_log_stats=False)
+        # The metrics' model_name label: the model's name, not where it lies (callers without an admin key see metrics).
+        args = AsyncEngineArgs(**engine_kwargs(cfg), disable_log_stats=False, served_model_name=served_model_name(cfg))
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=list(stat_loggers or []))
         self.tokenizer = self.engine.get_tokenizer()
 
