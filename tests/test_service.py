@@ -37,14 +37,21 @@ def adapter_root(tmp_path_factory) -> Path:
 def service_cfg(tiny_config, tiny_dir, adapter_root, tmp_path_factory) -> Path:
     raw = tiny_config()
     raw["audio"] = {"max_upload_mb": 24, "max_duration_s": 660}
+    # Two adapter slots for the demo's two parts: a third part evicts one, as in production with many parts.
     return keyed_service_config(raw, tmp_path_factory.mktemp("service"), body_timeout_s=BODY_TIMEOUT_S,
-                                adapter_roots=[str(tiny_dir / "adapters"), str(adapter_root)])
+                                adapters_per_replica=2, adapter_roots=[str(tiny_dir / "adapters"), str(adapter_root)])
 
 
 @pytest.fixture(scope="module")
-def base_url(service_cfg, tmp_path_factory):
+def service_log(tmp_path_factory) -> Path:
+    """What ``l2grader serve`` printed (Ray's own lines and the service's start-up lines)."""
+    return tmp_path_factory.mktemp("log") / "serve.log"
+
+
+@pytest.fixture(scope="module")
+def base_url(service_cfg, service_log):
     port = yaml.safe_load(service_cfg.read_text())["serving"]["port"]
-    with running_service(service_cfg, port, tmp_path_factory.mktemp("log") / "serve.log") as url:
+    with running_service(service_cfg, port, service_log) as url:
         yield url
 
 
@@ -472,6 +479,74 @@ def test_adapters_that_cannot_score_are_refused_before_registration(base_url, ti
     parts = {p["part"] for p in httpx.get(f"{base_url}/v1/parts", headers=USER).json()["parts"]}
     assert not any(p.startswith("bad-") for p in parts)
     assert post_file(base_url, audio_dir / "c.ogg").status_code == 200
+
+
+def _node_export_and_logs(service_log: Path) -> tuple[str, Path]:
+    """This service's Ray node metrics export URL and its replicas' log folder (``logs/serve`` of the Ray session),
+    as ``l2grader serve`` announced them."""
+    import re
+
+    found = re.search(r"replica logs \(serving.log_encoding \w+\): (\S+); this node's metrics export: (\S+)",
+                      service_log.read_text())
+    assert found, "l2grader serve did not announce its logs and metrics export"
+    return found[2], Path(found[1])
+
+
+def _vllm_total(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"ray_vllm_{name}{{"))
+
+
+def test_engine_metrics_dashboard_and_json_request_logs(base_url, service_log, audio_dir, tiny_dir):
+    """After scoring, the node's Ray metrics export holds vLLM's engine series (grown by the chunks scored) and
+    every series and label the Grafana dashboard queries; the ingress logs each API request as one JSON line
+    with its request id, part, status and latency, and every replica log line is JSON."""
+    from tests.dashboard_check import exported_series, load_dashboard, problems
+
+    export_url, serve_logs = _node_export_and_logs(service_log)
+    before = httpx.get(export_url, timeout=30).text
+    # Every event a dashboard panel shows: answers of three parts with two adapter slots (loads and an eviction),
+    # an error, a batch with an answer that cannot be scored (review reasons).
+    body = {"adapter": str(tiny_dir / "adapters" / "interview"), "task": "Part 6: the candidate describes a photo."}
+    assert httpx.put(f"{base_url}/v1/parts/photo", json=body, headers=ADMIN, timeout=120).status_code == 200
+    scored = [post_file(base_url, audio_dir / "c.ogg", part=part) for part in ("photo", "interview", "long_turn")]
+    assert [r.status_code for r in scored] == [200] * 3, [r.text[:200] for r in scored]
+    assert post_file(base_url, audio_dir / "silent.wav").status_code == 422
+    b64 = base64.b64encode((audio_dir / "silent.wav").read_bytes()).decode()
+    batch = httpx.post(f"{base_url}/v1/score/batch", headers=USER, timeout=120,
+                       json={"candidate_id": "c", "answers": [{"part": "interview", "audio_base64": b64}]})
+    assert batch.status_code == 200 and batch.json()["overall"]["not_scorable"] == 1
+    assert httpx.delete(f"{base_url}/v1/parts/photo", headers=ADMIN).status_code == 200
+    chunks = sum(len(r.json()["chunks"]) for r in scored)
+
+    dashboard = load_dashboard()
+    deadline = time.monotonic() + 60  # replicas hand their metrics to the node's agent every 2 s
+    while True:
+        after = httpx.get(export_url, timeout=30).text
+        grown = _vllm_total(after, "request_success_total") - _vllm_total(before, "request_success_total")
+        missing = problems(dashboard, exported_series(after))
+        if (grown >= chunks and not missing) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert grown >= chunks and not missing, (grown, chunks, missing)
+    for name in ("prompt_tokens_total", "time_to_first_token_seconds_count", "request_queue_time_seconds_count"):
+        assert _vllm_total(after, name) > _vllm_total(before, name), name
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "lora_requests_info"):
+        assert f"ray_vllm_{gauge}{{" in after, gauge
+    assert 'max_lora="2"' in after  # the engine's max_loras, as vLLM reports it
+
+    rid = scored[1].json()["request_id"]
+    ingress_logs = sorted(serve_logs.glob("replica_l2grader_Ingress_*.log"))
+    assert ingress_logs, f"no ingress replica log in {serve_logs}"
+    ingress_lines = [json.loads(line) for f in ingress_logs for line in f.read_text().splitlines()]  # all JSON
+    mine = [r for r in ingress_lines if r.get("request_id") == rid and "latency_ms" in r]
+    assert len(mine) == 1, mine
+    assert mine[0]["part"] == "interview" and mine[0]["status"] == 200 and mine[0]["endpoint"] == "score"
+    assert 0 < mine[0]["latency_ms"] < 300_000 and mine[0]["deployment"].endswith("Ingress")
+    refused = [r for r in ingress_lines if r.get("status") == 422 and r.get("part") == "interview"]
+    assert refused, "refused requests are logged too"
+    scorer_lines = [json.loads(line) for f in sorted(serve_logs.glob("replica_l2grader_Scorer_*.log"))
+                    for line in f.read_text().splitlines()]
+    assert scorer_lines and all(r["deployment"].endswith("Scorer") for r in scorer_lines)
 
 
 def _service_pids(name: str, config: Path) -> list[int]:
