@@ -33,18 +33,27 @@ def _options(d: DeploymentConfig, extra_slots: int = 0) -> dict[str, Any]:
     if d.num_gpus:
         actor["num_gpus"] = d.num_gpus
     a = d.autoscaling
+    autoscaling = {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": max(a.min_replicas, 1),
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+    }
+    # Settings left unset keep Serve's defaults (and the generated KubeRay configs stay as they were).
+    autoscaling.update(_set(upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
+                            look_back_period_s=a.look_back_period_s))
     return {
         "max_ongoing_requests": d.max_ongoing_requests + extra_slots,
         "max_queued_requests": d.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
-        "autoscaling_config": {
-            "min_replicas": a.min_replicas,
-            "initial_replicas": max(a.min_replicas, 1),
-            "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-        },
+        "autoscaling_config": autoscaling,
+        **_set(graceful_shutdown_timeout_s=d.graceful_shutdown_timeout_s, max_replicas_per_node=d.max_replicas_per_node),
         "ray_actor_options": actor,
     }
+
+
+def _set(**options: Any) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
