@@ -91,7 +91,7 @@ class ScorerReplica:
         self.cfg = cfg
         self.registry = PartRegistry.of_config(cfg, config_path)
         self.engine = engine_factory(cfg)
-        self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter()}
+        self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter(), "answers": Counter()}
         self._holders: Counter = Counter()  # adapter hash -> LoadedPart objects not yet released
         specs = [self.engine.resolve(part) for part in self.registry.entries().values()]  # label tokens checked
         if specs:
@@ -131,6 +131,7 @@ class ScorerReplica:
         loaded = await self.get_part(serve.get_multiplexed_model_id())
         async with loaded.in_use() as spec:
             result = await self.engine.score_answer(spec, chunks, request_id)
+        self.stats["answers"][spec.part] += 1
         return result.model_dump()
 
     async def check_part(self, part: Part) -> None:
@@ -161,7 +162,16 @@ class ScorerReplica:
         return True
 
     def get_stats(self) -> dict[str, dict[str, int]]:
+        """Adapter loads, adapter evictions and answers of this replica since it started, by part."""
         return {k: dict(v) for k, v in self.stats.items()}
+
+    def replica_stats(self) -> dict[str, Any]:
+        """:meth:`get_stats` with the id of this replica and of its Ray node (for benchmarks across replicas)."""
+        import ray
+        from ray import serve
+
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "node": ray.get_runtime_context().get_node_id(), **self.get_stats()}
 
     def __del__(self):
         engine = getattr(self, "engine", None)
