@@ -206,6 +206,11 @@ class ServingConfig(_Strict):
     ingress: DeploymentConfig = Field(default_factory=_ingress_default)
     scorer: DeploymentConfig = Field(default_factory=_scorer_default)
     adapters_per_replica: int = Field(8, ge=1, description="Adapters a scorer replica keeps loaded (LRU).")
+    spread_part_at: int | None = Field(
+        4, ge=1, description="A part's answers go to other scorer replicas too once the replicas holding its adapter "
+        "have this many more in flight than the least busy one (null: Ray Serve's routing, which keeps a part on "
+        "its replicas until they are full).",
+    )
     decode_workers: int | None = Field(
         None, ge=1, description="Answers an ingress replica decodes at once (default: its num_cpus, at least 1)."
     )

@@ -13,6 +13,9 @@ from typing import Any
 from serve.grading.config import DeploymentConfig, GraderConfig
 from serve.service.admission import CONTROL_SLOTS
 
+#: The scorer's request router (:mod:`serve.service.routing`), by import path: options stay plain data.
+ROUTER_CLASS = "serve.service.routing:PartAffinityRouter"
+
 APP_NAME = "l2grader"
 APP_IMPORT_PATH = "serve.service.app:build_app"
 INGRESS = "Ingress"
@@ -61,9 +64,15 @@ def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
 
     The ingress bounds its scoring requests itself (:mod:`serve.service.admission`),
     so Serve admits its queued answers and room for health and admin calls too.
+    The scorer's requests are routed by :mod:`serve.service.routing` unless
+    ``serving.spread_part_at`` is null.
     """
     ingress = cfg.serving.ingress
-    return {INGRESS: _options(ingress, ingress.max_queued_requests + CONTROL_SLOTS), SCORER: _options(cfg.serving.scorer)}
+    scorer = _options(cfg.serving.scorer)
+    if cfg.serving.spread_part_at is not None:
+        scorer["request_router_config"] = {"request_router_class": ROUTER_CLASS,
+                                           "request_router_kwargs": {"spread_at": cfg.serving.spread_part_at}}
+    return {INGRESS: _options(ingress, ingress.max_queued_requests + CONTROL_SLOTS), SCORER: scorer}
 
 
 def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:
