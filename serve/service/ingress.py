@@ -34,7 +34,8 @@ from serve.grading.scoring import overall
 from serve.service.admission import ScoringSlots
 from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, use_keys
 from serve.service.errors import ApiError, install_error_handlers, request_id
-from serve.service.metrics import METRICS, RequestMetrics
+from serve.service.cluster_metrics import ClusterMetrics
+from serve.service.metrics import RequestMetrics, ingress_metrics
 from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_BODY, errors
 from serve.service.page import router as page_router
 from serve.service.protocol import (
@@ -104,7 +105,8 @@ class Ingress:
         self.registry = PartRegistry.of_config(self.cfg, config_path)
         self.limits = UploadLimits(self.cfg.audio)
         self.slots = ScoringSlots(s.ingress.max_ongoing_requests, s.ingress.max_queued_requests, s.ingress.retry_after_s)
-        self.metrics = METRICS
+        self.metrics = ingress_metrics()
+        self.cluster_metrics = ClusterMetrics()
         self.metrics.known_parts = self.registry.names
         self.decoder = ThreadPoolExecutor(s.decode_workers or max(1, int(s.ingress.num_cpus)), "decode")
 
@@ -278,9 +280,6 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        """Prometheus metrics of this ingress replica, plus adapter loads/evictions of a scorer replica."""
-        try:
-            self.metrics.set_scorer_stats(await asyncio.wait_for(self.scorer.call("get_stats"), timeout=2))
-        except Exception:
-            pass
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        """Prometheus metrics of the whole deployment: every Ray node's export of the service's, vLLM's and
+        Ray Serve's metrics, merged (refreshed every few seconds)."""
+        return Response(await self.cluster_metrics.page(), media_type="text/plain; version=0.0.4")

@@ -1,4 +1,12 @@
-"""Prometheus metrics of an ingress replica, and the middleware that records every API request.
+"""The service's metrics, recorded through Ray's metrics API, and the middleware that records every API request.
+
+Every replica records into Ray Serve's metrics (:mod:`ray.serve.metrics`, which
+tags each series with its deployment, replica and application); each node's
+Ray metrics agent exports what its replicas recorded, with the prefix ``ray_``
+(``ray_l2grader_requests_total``), where Prometheus or KubeRay's PodMonitor
+scrapes it. Totals are therefore right with any number of replicas and nodes;
+``GET /metrics`` answers the whole cluster's export
+(:mod:`serve.service.cluster_metrics`).
 
 :class:`RequestMetrics` wraps the FastAPI app: it counts each API request by
 endpoint (the route's name), part and status, times the successful ones,
@@ -8,16 +16,17 @@ down. Routes only say which part a request was for (``request.state.part``).
 
 Label values are bounded: a part label is a registered part id (or ``batch``);
 anything else a client names is counted as ``unknown``, so no caller can grow
-the metrics page by inventing ids.
+the metrics by inventing ids.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,45 +34,33 @@ from serve.service.errors import error_response, internal_error
 
 logger = logging.getLogger("ray.serve")
 
-LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+LATENCY_BUCKETS = [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
 class Metrics:
-    """The service's counters, histograms and gauges."""
+    """An ingress replica's counters, histograms and gauges."""
 
     def __init__(self) -> None:
         #: The registered part ids (the ingress sets it to its registry's); other ids count as ``unknown``.
         self.known_parts: Callable[[], Collection[str]] = frozenset
-        r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "l2grader_requests", "HTTP requests by endpoint, part and status code", ["endpoint", "part", "status"], registry=r
-        )
-        self.errors = Counter("l2grader_errors", "Refused or failed requests by kind and part", ["kind", "part"], registry=r)
+            "l2grader_requests", "HTTP requests by endpoint, part and status code", ("endpoint", "part", "status"))
+        self.errors = Counter("l2grader_errors", "Refused or failed requests by kind and part", ("kind", "part"))
         self.latency = Histogram(
-            "l2grader_request_latency_seconds", "End-to-end latency of scoring requests", ["endpoint", "part"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.decode = Histogram(
-            "l2grader_decode_seconds", "Audio decoding, resampling and chunking time", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.audio_seconds = Counter("l2grader_audio_seconds_scored", "Seconds of audio scored", ["part"], registry=r)
-        self.answers = Counter("l2grader_answers_scored", "Answers scored", ["part"], registry=r)
-        self.chunks = Counter("l2grader_chunks_scored", "Chunks (<= 30 s) scored", ["part"], registry=r)
+            "l2grader_request_latency_seconds", "End-to-end latency of successful API requests", LATENCY_BUCKETS,
+            ("endpoint", "part"))
+        self.decode = Histogram("l2grader_decode_seconds", "Audio decoding, resampling and chunking time", LATENCY_BUCKETS)
+        self.audio_seconds = Counter("l2grader_audio_seconds_scored", "Seconds of audio scored", ("part",))
+        self.answers = Counter("l2grader_answers_scored", "Answers scored", ("part",))
+        self.chunks = Counter("l2grader_chunks_scored", "Chunks (<= 30 s) scored", ("part",))
         self.reviews = Counter(
-            "l2grader_review_verdicts", "Answers by part and review verdict (needed: true or false)", ["part", "needed"],
-            registry=r,
-        )
+            "l2grader_review_verdicts", "Answers by part and review verdict (needed: true or false)", ("part", "needed"))
         self.review_reasons = Counter(
             "l2grader_review_reasons", "Answers sent to review by part and reason code (REVIEW_REASONS, not_scorable)",
-            ["part", "reason"], registry=r,
-        )
-        self.inflight = Gauge("l2grader_inflight_requests", "Scoring requests in this ingress replica (queue depth)", registry=r)
-        self.adapter_loads = Gauge(
-            "l2grader_adapter_loads", "Adapter loads on the scorer replica that answered (cumulative)", ["part"], registry=r
-        )
-        self.adapter_evictions = Gauge(
-            "l2grader_adapter_evictions", "Adapter evictions on the scorer replica that answered (cumulative)", ["part"], registry=r
-        )
+            ("part", "reason"))
+        self._inflight = 0
+        self.inflight = Gauge("l2grader_inflight_requests", "API requests in this ingress replica (queue depth)")
+        self.inflight.set(0)
 
     def part_label(self, part: str | None) -> str:
         """The label value for a request's part: a registered id, ``batch``, ``-`` (none) or ``unknown``."""
@@ -72,32 +69,46 @@ class Metrics:
         return part if part in FIXED_PART_LABELS or part in self.known_parts() else "unknown"
 
     def record_answer(self, part: str, chunks: int, duration_s: float) -> None:
-        self.answers.labels(part).inc()
-        self.chunks.labels(part).inc(chunks)
-        self.audio_seconds.labels(part).inc(duration_s)
+        tags = {"part": self.part_label(part)}
+        self.answers.inc(1, tags)
+        self.chunks.inc(chunks, tags)
+        self.audio_seconds.inc(duration_s, tags)
 
     def record_review(self, part: str, reasons: list[str]) -> None:
         """One answer's review verdict; ``part`` is a registered part, ``reasons`` fixed codes."""
         part = self.part_label(part)
-        self.reviews.labels(part, "true" if reasons else "false").inc()
+        self.reviews.inc(1, {"part": part, "needed": "true" if reasons else "false"})
         for reason in reasons:
-            self.review_reasons.labels(part, reason).inc()
+            self.review_reasons.inc(1, {"part": part, "reason": reason})
 
-    def set_scorer_stats(self, stats: dict[str, dict[str, int]]) -> None:
-        for part, n in stats.get("adapter_loads", {}).items():
-            self.adapter_loads.labels(self.part_label(part)).set(n)
-        for part, n in stats.get("adapter_evictions", {}).items():
-            self.adapter_evictions.labels(self.part_label(part)).set(n)
+    def add_inflight(self, n: int) -> None:
+        self._inflight += n
+        self.inflight.set(self._inflight)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+
+class ScorerMetrics:
+    """A scorer replica's counters: what it scored and which adapters it loaded and dropped, by part."""
+
+    def __init__(self) -> None:
+        self.answers = Counter("l2grader_scorer_answers", "Answers scored by this scorer replica", ("part",))
+        self.chunks = Counter("l2grader_scorer_chunks", "Chunks scored by this scorer replica", ("part",))
+        self.adapter_loads = Counter(
+            "l2grader_scorer_adapter_loads", "Adapter loads on a scorer replica (a part's first request there, or "
+            "after its eviction)", ("part",))
+        self.adapter_evictions = Counter(
+            "l2grader_scorer_adapter_evictions", "Parts a scorer replica dropped to make room (least recently used)",
+            ("part",))
 
 
 #: Part label values that are not part ids.
 FIXED_PART_LABELS = frozenset({"batch", "-"})
 
-#: This replica process's metrics (Serve runs one replica per process).
-METRICS = Metrics()
+
+@functools.cache
+def ingress_metrics() -> Metrics:
+    """This replica process's metrics (Serve runs one replica per process), made on first use inside the replica,
+    where Ray Serve's context gives them their deployment, replica and application tags."""
+    return Metrics()
 
 #: Route name -> the ``endpoint`` label its requests are counted under; health, readiness, metrics and docs are not.
 ENDPOINTS = {"score": "score", "score_batch": "score_batch", "list_parts": "parts", "put_part": "put_part",
@@ -108,7 +119,11 @@ class RequestMetrics:
     """Pure ASGI middleware: the one place API requests are counted, timed and turned into JSON on failure."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics | None = None):
-        self.app, self.metrics = app, metrics or METRICS
+        self.app, self._metrics = app, metrics
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics or ingress_metrics()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -121,7 +136,7 @@ class RequestMetrics:
                 status["code"], status["sent"] = message["status"], True
             await send(message)
 
-        self.metrics.inflight.inc()
+        self.metrics.add_inflight(1)
         try:
             await self.app(scope, receive, send_and_see)
         except Exception:  # an engine failure must answer, not take the replica down
@@ -130,7 +145,7 @@ class RequestMetrics:
             if not status["sent"]:
                 await error_response(internal_error())(scope, receive, send_and_see)
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.add_inflight(-1)
         endpoint = ENDPOINTS.get(getattr(scope.get("route"), "name", None))
         if endpoint is None:
             return
@@ -138,7 +153,7 @@ class RequestMetrics:
         part = self.metrics.part_label(getattr(state, "part", None))
         kind = getattr(state, "error_kind", None)
         if kind is not None:
-            self.metrics.errors.labels(kind, part).inc()
-        self.metrics.requests.labels(endpoint, part, str(status["code"])).inc()
+            self.metrics.errors.inc(1, {"kind": kind, "part": part})
+        self.metrics.requests.inc(1, {"endpoint": endpoint, "part": part, "status": str(status["code"])})
         if status["code"] == 200:
-            self.metrics.latency.labels(endpoint, part).observe(time.perf_counter() - started)
+            self.metrics.latency.observe(time.perf_counter() - started, {"endpoint": endpoint, "part": part})

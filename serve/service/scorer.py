@@ -27,6 +27,7 @@ import numpy as np
 from serve.grading.audio import SAMPLE_RATE, Chunk, split
 from serve.grading.config import GraderConfig, load_config
 from serve.grading.parts import Part, PartSpec
+from serve.service.metrics import ScorerMetrics
 from serve.service.registry import PartRegistry
 
 logger = logging.getLogger("ray.serve")
@@ -91,7 +92,8 @@ class ScorerReplica:
         self.cfg = cfg
         self.registry = PartRegistry.of_config(cfg, config_path)
         self.engine = engine_factory(cfg)
-        self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter(), "answers": Counter()}
+        self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter()}
+        self.metrics = ScorerMetrics()
         self._holders: Counter = Counter()  # adapter hash -> LoadedPart objects not yet released
         specs = [self.engine.resolve(part) for part in self.registry.entries().values()]  # label tokens checked
         if specs:
@@ -109,12 +111,14 @@ class ScorerReplica:
         spec = self.engine.resolve(part)
         await self.engine.load_adapter(spec)
         self.stats["adapter_loads"][spec.part] += 1
+        self.metrics.adapter_loads.inc(1, {"part": spec.part})
         self._holders[spec.adapter_hash] += 1
         return LoadedPart(spec, self._release)
 
     async def _release(self, spec: PartSpec) -> None:
         """A dropped part is idle: unload its adapter unless another loaded part uses the same weights."""
         self.stats["adapter_evictions"][spec.part] += 1
+        self.metrics.adapter_evictions.inc(1, {"part": spec.part})
         self._holders[spec.adapter_hash] -= 1
         if self._holders[spec.adapter_hash] > 0:
             return
@@ -131,7 +135,8 @@ class ScorerReplica:
         loaded = await self.get_part(serve.get_multiplexed_model_id())
         async with loaded.in_use() as spec:
             result = await self.engine.score_answer(spec, chunks, request_id)
-        self.stats["answers"][spec.part] += 1
+        self.metrics.answers.inc(1, {"part": spec.part})
+        self.metrics.chunks.inc(len(chunks), {"part": spec.part})
         return result.model_dump()
 
     async def check_part(self, part: Part) -> None:
@@ -162,16 +167,7 @@ class ScorerReplica:
         return True
 
     def get_stats(self) -> dict[str, dict[str, int]]:
-        """Adapter loads, adapter evictions and answers of this replica since it started, by part."""
         return {k: dict(v) for k, v in self.stats.items()}
-
-    def replica_stats(self) -> dict[str, Any]:
-        """:meth:`get_stats` with the id of this replica and of its Ray node (for benchmarks across replicas)."""
-        import ray
-        from ray import serve
-
-        return {"replica": serve.get_replica_context().replica_id.unique_id,
-                "node": ray.get_runtime_context().get_node_id(), **self.get_stats()}
 
     def __del__(self):
         engine = getattr(self, "engine", None)

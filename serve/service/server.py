@@ -64,11 +64,12 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
         # Its Ray settings are the cluster's (k8s: serve.service.options.ray_env() and proxy_env() on every pod).
         ray.init(address=address)
     else:
-        # Local Ray: enough logical CPUs for every replica the config may start.
+        # A Ray of its own (never a cluster that `ray start` left running here), with enough logical CPUs
+        # for every replica the config may start.
         s = cfg.serving
         need = s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas
         env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_", "RAY_SERVE_"))}
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 1)), include_dashboard=False,
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 1)), include_dashboard=False,
                  runtime_env={"env_vars": env} if env else None, _system_config=RAY_SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port})
     _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")

@@ -51,8 +51,10 @@ def _start_ray(cfg: GraderConfig, opts: SessionOptions, engines: int) -> None:
         return
     scorer = cfg.serving.scorer
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_"))}
-    # Local Ray: room for the engines plus one CPU task decoding at a time.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(engines * scorer.num_cpus + 1)), include_dashboard=False,
+    # A Ray of its own (never a cluster that `ray start` left running here): room for the engines plus one CPU
+    # task decoding at a time.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(engines * scorer.num_cpus + 1)),
+             include_dashboard=False,
              object_store_memory=opts.object_store_mb * 2**20,
              runtime_env={"env_vars": env} if env else None, _system_config=RAY_SYSTEM_CONFIG)
 
