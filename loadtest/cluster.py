@@ -150,23 +150,31 @@ def wait_for_replicas(deployment: str, n: int, timeout_s: float, app: str = "l2g
     return time.monotonic() - started
 
 
-def scorer_stats(app: str = "l2grader", deployment: str = "Scorer", tries: int = 200) -> dict[str, dict]:
-    """Replica id -> that replica's counters (``ScorerReplica.replica_stats``), for every running replica.
+#: Each scorer replica's counters in the service's ``GET /metrics`` (the whole cluster's, merged), by key.
+SCORER_SERIES = {"answers": "ray_l2grader_scorer_answers_total",
+                 "adapter_loads": "ray_l2grader_scorer_adapter_loads_total",
+                 "adapter_evictions": "ray_l2grader_scorer_adapter_evictions_total"}
 
-    Asks through Serve until each running replica has answered once (Serve
-    routes each call to one of them); needs ``ray.init`` to the cluster.
-    """
-    from ray import serve
 
-    handle = serve.get_deployment_handle(deployment, app)
-    want = replica_counts(app).get(deployment, 0)
-    seen: dict[str, dict] = {}
-    for _ in range(tries):
-        stats = handle.replica_stats.remote().result(timeout_s=30)
-        seen[stats["replica"]] = stats
-        if len(seen) >= want:
-            break
-    return seen
+def scorer_counts(url: str, headers: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Replica -> key of :data:`SCORER_SERIES` -> part -> count, read from the service's ``GET /metrics``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers or {}), timeout=30) as r:
+        text = r.read().decode()
+    names = {name: key for key, name in SCORER_SERIES.items()}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = names.get(sample.name)
+            if key is None:
+                continue
+            row = out.setdefault(sample.labels.get("replica", ""), {k: {} for k in SCORER_SERIES})
+            part = sample.labels.get("part", "")
+            row[key][part] = row[key].get(part, 0) + sample.value
+    return out
 
 
 def serve_on(cluster: LocalCluster, config: str | Path, log_path: Path, env: dict[str, str] | None = None) -> Service:

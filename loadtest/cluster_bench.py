@@ -9,10 +9,10 @@ loadtest --url``) running against the service:
    replica than parts, a skewed part mix; then ``one_part``, the same load on
    one part. Answers, adapter loads and evictions per replica (from each
    replica's counters), loads per 1,000 answers, p95 latency per part.
-2. ``failover``: ``kill -9`` of a scorer replica under load, then the worker
-   node stopped at once and a new one added: attempts by status, answers
-   lost after retries (same ``response_id``), seconds until two scorers run
-   again.
+2. ``failover``: ``kill -9`` of a scorer replica under load; then, under
+   load again, the worker node stopped at once and a new one added: for each,
+   attempts by status, answers lost after retries (same ``response_id``),
+   seconds until two scorers run again.
 3. ``deploy``: ``l2grader deploy`` of a config with one more adapter slot
    per replica under load: attempts by status; then the locality load again
    with those slots.
@@ -118,14 +118,26 @@ class ReplicaTimeline(threading.Thread):
         return self.changes
 
 
+#: Seconds for every replica's counters to reach ``GET /metrics`` (Ray's 2 s report interval, the page's 1 s cache).
+METRICS_DELAY_S = 5.0
+
+
+def counts_now(url: str) -> dict[str, dict]:
+    """Each scorer replica's counters, once what was scored so far has reached ``GET /metrics``."""
+    from loadtest.cluster import scorer_counts
+
+    time.sleep(METRICS_DELAY_S)
+    return scorer_counts(url)
+
+
 def stats_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
-    """Per replica: answers, adapter loads and evictions during a phase (by part and in total)."""
+    """Per replica: answers, adapter loads and evictions during a phase (by part and in total); idle replicas left out."""
     out = {}
     for rid, now in after.items():
         was = before.get(rid, {})
-        row = {"node": now["node"][:8]}
+        row = {}
         for key in ("answers", "adapter_loads", "adapter_evictions"):
-            by_part = {p: n - was.get(key, {}).get(p, 0) for p, n in now.get(key, {}).items()}
+            by_part = {p: int(n - was.get(key, {}).get(p, 0)) for p, n in now.get(key, {}).items()}
             by_part = {p: n for p, n in by_part.items() if n}
             row[key] = sum(by_part.values())
             row[f"{key}_by_part"] = by_part
@@ -160,7 +172,7 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
     import ray
 
     from adapters.tiny_model import make_tiny_model
-    from loadtest.cluster import LocalCluster, scorer_stats, serve_on, wait_for_replicas
+    from loadtest.cluster import LocalCluster, serve_on, wait_for_replicas
 
     tiny = out / "tiny"
     if not (tiny / "demo.yaml").exists():
@@ -184,40 +196,39 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         try:
             results["start_s"] = round(time.monotonic() - t0, 1)
-            nodes = {s["node"] for s in scorer_stats().values()}
+            nodes = set(cluster.replica_pids("Scorer").values())
             _log(f"service ready at {service.url} ({results['start_s']:.0f} s), scorer replicas on {len(nodes)} nodes")
             results["scorer_nodes"] = len(nodes)
 
             for phase, parts in (("locality", PARTS_MIX), ("one_part", "interview")):
                 _log(f"phase {phase}: {args.users} users for {d:g} s, parts {parts}")
-                before = scorer_stats()
+                before = counts_now(service.url)
                 load = Load(fixed, service.url, out / phase, args.users, d, parts).result()
-                results[phase] = routing_figures(load, stats_delta(before, scorer_stats()))
+                results[phase] = routing_figures(load, stats_delta(before, counts_now(service.url)))
                 _print_routing(phase, results[phase])
 
-            _log("phase failover: kill -9 of a scorer replica under load, then the worker node stopped")
-            load = Load(fixed, service.url, out / "failover", args.users, args.failover_s, PARTS_MIX)
-            time.sleep(15)
             worker = cluster.workers[0]
-            pid = cluster.kill_replica("Scorer", node=worker)
-            killed = time.monotonic()
-            _log(f"killed scorer replica pid {pid} on the worker node")
-            back_after_kill = wait_for_replicas_after_loss(killed, 2)
-            time.sleep(10)
-            cluster.remove_worker(worker)
-            lost = time.monotonic()
-            _log("stopped the worker node; adding a new one")
-            cluster.add_worker()
-            back_after_node = wait_for_replicas_after_loss(lost, 2)
-            failover = load.result()
-            results["failover"] = {
-                "killed_replica_pid": pid, "s_to_two_scorers_after_kill": back_after_kill,
-                "s_to_two_scorers_after_node_loss": back_after_node,
-                "attempts_by_status": {**failover["errors"], "200": failover["answers"]},
-                "retries": failover["retries"], "answers_lost": failover["answers_given_up"],
-                "answers": failover["answers"],
-            }
-            _log(f"failover: {results['failover']}")
+            results["failover"] = {}
+            for event in ("replica_killed", "node_lost"):
+                _log(f"phase failover, {event.replace('_', ' ')}: {args.users} users for {args.failover_s:g} s")
+                load = Load(fixed, service.url, out / event, args.users, args.failover_s, PARTS_MIX)
+                time.sleep(15)
+                if event == "replica_killed":
+                    pid = cluster.kill_replica("Scorer", node=worker)
+                    _log(f"killed scorer replica pid {pid} on the worker node")
+                else:
+                    cluster.remove_worker(worker)
+                    _log("stopped the worker node and all its processes; adding a new one")
+                lost = time.monotonic()
+                if event == "node_lost":
+                    cluster.add_worker()
+                back_s = wait_for_replicas_after_loss(lost, 2)
+                r = load.result()
+                results["failover"][event] = {
+                    "s_to_two_scorers": back_s, "attempts_by_status": {**r["errors"], "200": r["answers"]},
+                    "retries": r["retries"], "answers": r["answers"], "answers_lost": r["answers_given_up"],
+                    "load_s": args.failover_s}
+                _log(f"failover, {event}: {results['failover'][event]}")
 
             _log(f"phase deploy: adapters_per_replica {args.adapters} -> {args.adapters + 1} under load")
             load = Load(changed, service.url, out / "deploy", args.users, args.deploy_s, PARTS_MIX)
@@ -229,9 +240,9 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
             _log(f"deploy: {results['deploy']}")
             phase = f"locality_{args.adapters + 1}_slots"
             _log(f"phase {phase}: the locality load again, {args.adapters + 1} adapter slots per replica")
-            before = scorer_stats()
+            before = counts_now(service.url)
             load = Load(changed, service.url, out / phase, args.users, d, PARTS_MIX).result()
-            results[phase] = routing_figures(load, stats_delta(before, scorer_stats()))
+            results[phase] = routing_figures(load, stats_delta(before, counts_now(service.url)))
             _print_routing(phase, results[phase])
 
             _log("phase autoscale: scorer 1..2 replicas, step ramp of load, then idle")
@@ -268,7 +279,7 @@ def _print_routing(phase: str, r: dict) -> None:
     print(f"{phase}: {r['answers']} answers ({r['answers_per_s']:.2f}/s), p95 {r['p95_ms']:.0f} ms, "
           f"adapter loads per 1,000 answers {r['adapter_loads_per_1000_answers']}, errors {r['errors'] or 'none'}")
     for rid, row in r["replicas"].items():
-        print(f"  replica {rid} (node {row['node']}): {row['answers']} answers {row['answers_by_part']}, "
+        print(f"  replica {rid}: {row['answers']} answers {row['answers_by_part']}, "
               f"{row['adapter_loads']} adapter loads, {row['adapter_evictions']} evictions")
     if len(r["p95_ms_by_part"]) > 1:
         print("  p95 ms by part: " + ", ".join(f"{p} {v:.0f}" for p, v in r["p95_ms_by_part"].items()))
@@ -295,7 +306,8 @@ def add_bench_cluster_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapters", type=int, default=2, help="serving.adapters_per_replica (default 2; 6 parts)")
     p.add_argument("--spread-part-at", type=int, default=4,
                    help="serving.spread_part_at (default 4; 0: Ray Serve's own multiplexed routing)")
-    p.add_argument("--failover-s", type=float, default=240, help="seconds of load in the failover phase (default 240)")
+    p.add_argument("--failover-s", type=float, default=240,
+                   help="seconds of load around each failure of the failover phase (default 240)")
     p.add_argument("--deploy-s", type=float, default=240, help="seconds of load in the deploy phase (default 240)")
     p.add_argument("--ramp-s", type=float, default=90, help="seconds of the autoscale phase's step ramp (default 90)")
     p.set_defaults(func=cmd_bench_cluster)
