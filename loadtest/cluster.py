@@ -129,23 +129,23 @@ class LocalCluster:
         self.shutdown()
 
 
-def replica_counts(app: str = "l2grader") -> dict[str, int]:
-    """RUNNING replicas of each deployment of ``app`` (needs ``ray.init`` to the cluster)."""
+def replica_counts(state: str = "RUNNING", app: str = "l2grader") -> dict[str, int]:
+    """Replicas in ``state`` (RUNNING, STARTING, STOPPING, ...) of each deployment of ``app`` (needs ``ray.init``)."""
     from ray import serve
 
     status = serve.status().applications.get(app)
     if status is None:
         return {}
-    return {name: d.replica_states.get("RUNNING", 0) for name, d in status.deployments.items()}
+    return {name: d.replica_states.get(state, 0) for name, d in status.deployments.items()}
 
 
 def wait_for_replicas(deployment: str, n: int, timeout_s: float, app: str = "l2grader") -> float:
     """Seconds until ``deployment`` has ``n`` RUNNING replicas; ``TimeoutError`` after ``timeout_s``."""
     started = time.monotonic()
-    while replica_counts(app).get(deployment, 0) != n:
+    while replica_counts(app=app).get(deployment, 0) != n:
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"{deployment} did not reach {n} running replicas within {timeout_s:.0f} s "
-                               f"(now {replica_counts(app)})")
+                               f"(now {replica_counts(app=app)})")
         time.sleep(0.5)
     return time.monotonic() - started
 

@@ -90,13 +90,13 @@ class Load:
 
 
 class ReplicaTimeline(threading.Thread):
-    """Polls the running replicas of a deployment every ``every_s``; keeps each change with its time."""
+    """Polls a deployment's replicas every ``every_s``; keeps each change as (seconds, running, starting)."""
 
     def __init__(self, deployment: str = "Scorer", every_s: float = 1.0):
         super().__init__(daemon=True)
         self.deployment, self.every_s = deployment, every_s
         self.started = time.monotonic()
-        self.changes: list[tuple[float, int]] = []
+        self.changes: list[tuple[float, int, int]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -105,14 +105,15 @@ class ReplicaTimeline(threading.Thread):
         while not self._stop_event.is_set():
             try:
                 n = replica_counts().get(self.deployment, 0)
+                starting = replica_counts("STARTING").get(self.deployment, 0)
             except Exception:  # the controller is busy or restarting: try again
                 n = None
-            if n is not None and (not self.changes or self.changes[-1][1] != n):
-                self.changes.append((round(time.monotonic() - self.started, 1), n))
-                _log(f"{self.deployment} replicas running: {n} (t={self.changes[-1][0]:.0f} s)")
+            if n is not None and (not self.changes or self.changes[-1][1:] != (n, starting)):
+                self.changes.append((round(time.monotonic() - self.started, 1), n, starting))
+                _log(f"{self.deployment} replicas running: {n}, starting: {starting} (t={self.changes[-1][0]:.0f} s)")
             self._stop_event.wait(self.every_s)
 
-    def stop(self) -> list[tuple[float, int]]:
+    def stop(self) -> list[tuple[float, int, int]]:
         self._stop_event.set()
         self.join()
         return self.changes
@@ -141,7 +142,8 @@ def stats_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, di
             by_part = {p: n for p, n in by_part.items() if n}
             row[key] = sum(by_part.values())
             row[f"{key}_by_part"] = by_part
-        out[rid] = row
+        if row["answers"] or row["adapter_loads"] or row["adapter_evictions"]:
+            out[rid] = row
     return out
 
 
@@ -254,7 +256,7 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
                         shape="step", steps=3).result()
             wait_for_replicas("Scorer", 1, 180)
             changes = timeline.stop()
-            results["autoscale"] = {"replicas_over_time": changes, "max_replicas_seen": max(n for _, n in changes),
+            results["autoscale"] = {"replicas_over_time": changes, "max_replicas_seen": max(n for _, n, _ in changes),
                                     "attempts_by_status": {**load["errors"], "200": load["answers"]},
                                     "retries": load["retries"], "answers_lost": load["answers_given_up"]}
             _log(f"autoscale: {results['autoscale']}")
@@ -309,5 +311,7 @@ def add_bench_cluster_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--failover-s", type=float, default=240,
                    help="seconds of load around each failure of the failover phase (default 240)")
     p.add_argument("--deploy-s", type=float, default=240, help="seconds of load in the deploy phase (default 240)")
-    p.add_argument("--ramp-s", type=float, default=90, help="seconds of the autoscale phase's step ramp (default 90)")
+    p.add_argument("--ramp-s", type=float, default=240,
+                   help="seconds of the autoscale phase's step ramp; a scorer replica takes 1-3 minutes to start on "
+                        "a small CPU machine (default 240)")
     p.set_defaults(func=cmd_bench_cluster)
