@@ -41,7 +41,7 @@ def _log(msg: str) -> None:
 
 
 def write_config(base: Path, name: str, *, scorer_min: int, scorer_max: int, adapters: int,
-                 target_ongoing: float = 4, upscale_delay_s: float = 3, downscale_delay_s: float = 10,
+                 target_ongoing: float = 4, upscale_delay_s: float = 3, downscale_delay_s: float = 60,
                  spread_part_at: int | None = 4) -> Path:
     """A cluster config beside the tiny checkpoint's ``demo.yaml``: scorer replicas one per node, the given bounds."""
     import yaml
@@ -53,7 +53,7 @@ def write_config(base: Path, name: str, *, scorer_min: int, scorer_max: int, ada
     cfg["serving"]["scorer"] = {
         "autoscaling": {"min_replicas": scorer_min, "max_replicas": scorer_max, "target_ongoing_requests": target_ongoing,
                         "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
-                        "look_back_period_s": 5},
+                        "look_back_period_s": 15},  # Serve wants it above its 10 s metrics interval
         "max_ongoing_requests": 32, "max_queued_requests": 64, "num_cpus": 1,
         "max_replicas_per_node": 1, "graceful_shutdown_timeout_s": 120,
     }
@@ -78,6 +78,12 @@ class Load:
              "--duration", str(duration_s), "--mix", "short:1", "--parts", parts, "--shape", shape, "--steps", str(steps),
              "--retries", str(retries), "--wait", "0.2"],
             stdout=self._log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        """End the run now (its summary is then incomplete)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
 
     def result(self) -> dict:
         self.proc.wait()
@@ -115,7 +121,8 @@ class ReplicaTimeline(threading.Thread):
 
     def stop(self) -> list[tuple[float, int, int]]:
         self._stop_event.set()
-        self.join()
+        if self.is_alive():
+            self.join()
         return self.changes
 
 
