@@ -48,7 +48,7 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
 
     raw = tiny_config()
     raw["serving"]["scorer"] = {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 3,
-                                                "downscale_delay_s": 10, "look_back_period_s": 5},
+                                                "downscale_delay_s": 10, "look_back_period_s": 15},
                                 "graceful_shutdown_timeout_s": 120, "max_replicas_per_node": 1}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -56,7 +56,7 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
     scorer = deployment_options(cfg)[SCORER]
     assert scorer["graceful_shutdown_timeout_s"] == 120 and scorer["max_replicas_per_node"] == 1
     assert {k: scorer["autoscaling_config"][k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")} == \
-        {"upscale_delay_s": 3, "downscale_delay_s": 10, "look_back_period_s": 5}
+        {"upscale_delay_s": 3, "downscale_delay_s": 10, "look_back_period_s": 15}
     deployments = {d.name: d for d in ServeDeploySchema.model_validate(serve_config(cfg, str(path))).applications[0].deployments}
     assert deployments[SCORER].max_replicas_per_node == 1
     # The scorer's requests go through the project's router (spread_part_at 4 by default), importable by that path.
@@ -157,14 +157,20 @@ def _scale_route_and_kill(cluster, service, load, before, timeline):
             back_s = time.monotonic() - killed
         time.sleep(0.5)
     result = load.result()
+    load_ended = time.monotonic() - timeline.started
     print(f"killed scorer pid {pid}; two scorers again after {back_s} s; load: {result}")
     assert result["answers"] > 100
     assert result["answers_given_up"] == 0, result  # every answer scored, retried with its response_id
     assert set(result["errors"]) <= {"503", "0"}, result["errors"]  # refusals were retryable, nothing else failed
 
-    # Idle: back to one replica.
-    wait_for_replicas("Scorer", 1, 120)
+    # Idle: the autoscaler goes back to one replica (stops the second, or the replacement it was starting).
+    deadline = time.monotonic() + 240
+    while replica_counts().get("Scorer", 0) != 1 or replica_counts("STARTING").get("Scorer", 0) != 0:
+        assert time.monotonic() < deadline, f"no scale-down to one replica: {timeline.changes}"
+        time.sleep(1)
+    time.sleep(2)  # the timeline sees the last change
     changes = timeline.stop()
-    counts = [n for _, n, _ in changes]
-    print(f"scale-up after {scale_up_s:.1f} s; scorer replicas over time: {changes}")
-    assert counts[0] == 1 and 2 in counts and counts[-1] == 1
+    print(f"scale-up after {scale_up_s:.1f} s; load ended at {load_ended:.0f} s; "
+          f"scorer replicas over time (s, running, starting): {changes}")
+    assert changes[0][1] == 1 and any(running == 2 for _, running, _ in changes)
+    assert changes[-1][1:] == (1, 0) and changes[-1][0] > load_ended  # scaled down after the load
