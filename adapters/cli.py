@@ -16,7 +16,9 @@ from serve.cli.common import load_config_or_exit
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from adapters.tiny_model import make_tiny_model
 
-    out = make_tiny_model(args.dir, seed=args.seed)
+    if args.parts < 1:
+        _fail(f"--parts must be at least 1, not {args.parts}")
+    out = make_tiny_model(args.dir, seed=args.seed, parts=args.parts)
     print(f"wrote tiny UNTRAINED Qwen2-Audio checkpoint to {out / 'model'}", file=sys.stderr)
     print(f"wrote demo adapters to {out / 'adapters'}", file=sys.stderr)
     print(f"wrote ready config {out / 'demo.yaml'}", file=sys.stderr)
@@ -80,6 +82,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml")
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--parts", type=int, default=2,
+                   help="demo parts, each with its own adapter: interview, long_turn, then part_3, part_4, ... (default 2)")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("train", help="train a part's LoRA adapter on scored answers (JSON lines)")

@@ -148,8 +148,18 @@ def make_demo_adapter(model, out: Path, part: str, seed: int, rank: int = 16) ->
     return out
 
 
-def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str]) -> dict:
-    """The serving config for the tiny checkpoint and its demo parts (paths as given)."""
+def demo_parts(n: int = len(DEMO_PARTS)) -> dict[str, str]:
+    """``n`` demo parts, part id -> task: the :data:`DEMO_PARTS` first, then ``part_3``, ``part_4``, ..."""
+    if n < 1:
+        raise ValueError(f"at least one demo part is needed, not {n}")
+    parts = dict(list(DEMO_PARTS.items())[:n])
+    for i in range(len(parts) + 1, n + 1):
+        parts[f"part_{i}"] = f"Demo part {i}: the candidate speaks for about a minute on a given topic."
+    return parts
+
+
+def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str], parts: dict[str, str] | None = None) -> dict:
+    """The serving config for the tiny checkpoint and its demo parts (paths as given; default :data:`DEMO_PARTS`)."""
     return {
         "model": {
             "base": model_dir,
@@ -174,15 +184,16 @@ def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str]) -> dict:
             },
         },
         "parts": {
-            part: {"adapter": adapter_dirs[part], "task": task} for part, task in DEMO_PARTS.items()
+            part: {"adapter": adapter_dirs[part], "task": task} for part, task in (parts or DEMO_PARTS).items()
         },
     }
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny checkpoint, one demo adapter per demo part, and ``demo.yaml`` into ``out_dir``."""
+def make_tiny_model(out_dir: str | Path, seed: int = 0, parts: int = len(DEMO_PARTS)) -> Path:
+    """Write the tiny checkpoint, one demo adapter for each of ``parts`` demo parts, and ``demo.yaml`` into ``out_dir``."""
     import yaml
 
+    part_tasks = demo_parts(parts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
@@ -194,10 +205,10 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         f"Random weights (seed {seed}) made by `l2grader make-tiny-model`. Scores from this model mean nothing.\n"
     )
     adapter_dirs = {}
-    for i, part in enumerate(DEMO_PARTS):
+    for i, part in enumerate(part_tasks):
         make_demo_adapter(model, out / "adapters" / part, part, seed=seed * 1000 + i + 1)
         adapter_dirs[part] = f"adapters/{part}"
-    cfg = demo_config_dict("model", adapter_dirs)
+    cfg = demo_config_dict("model", adapter_dirs, part_tasks)
     header = "# Demo config for the tiny UNTRAINED checkpoint (random weights): scores mean nothing.\n"
     (out / "demo.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))
     return out

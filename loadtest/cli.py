@@ -47,13 +47,26 @@ def summarise(record: dict, wall_s: float, service_cpu_s: float | None = None) -
     return out
 
 
+def per_part(record: dict) -> dict[str, dict]:
+    """Answers, p50/p95 latency and refused or failed attempts of each part, from the locustfile's record."""
+    from loadtest.service import percentile
+
+    out = {}
+    for part, r in sorted(record.get("by_part", {}).items()):
+        lat = r["latencies_ms"]
+        out[part] = {"answers": len(lat), "p50_ms": round(percentile(lat, 50), 1), "p95_ms": round(percentile(lat, 95), 1),
+                     "errors": {k: v for k, v in r["statuses"].items() if k != "200"}}
+    return out
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from loadtest.mix import parse_mix
+    from loadtest.mix import parse_mix, parse_parts
     from loadtest.service import Service, TreeCpu, client_key, ensure_tiny_model
 
     cfg = load_config_or_exit(args.config)
     try:
         parse_mix(args.mix)
+        parse_parts(args.parts or "")
     except ValueError as e:
         fail(str(e))
     out = Path(args.out or f"runs/loadtest-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -109,11 +122,14 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     wall = (record["last_end"] - record["first_start"]) if record["first_start"] else 0.0
     s = summarise(record, wall, service_cpu_s)
     s["parts"] = record["parts"]
+    s["by_part"] = per_part(record)
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
     print(f"requests/s {s['requests_per_s']:.2f}   answers/s {s['answers_per_s']:.2f}   "
           f"audio s scored per wall s {s['audio_s_per_s']:.1f}   ({s['answers']} answers, {s['chunks']} chunks "
           f"in {s['wall_s']:.1f} s, parts {', '.join(s['parts'])})")
     print(f"latency p50 {s['p50_ms']:.0f} ms   p95 {s['p95_ms']:.0f} ms   p99 {s['p99_ms']:.0f} ms")
+    if len(s["by_part"]) > 1:
+        print("per part: " + "   ".join(f"{p} {v['answers']} answers p95 {v['p95_ms']:.0f} ms" for p, v in s["by_part"].items()))
     if "service_cpu_ms_per_answer" in s:
         print(f"service CPU per answer {s['service_cpu_ms_per_answer']:.1f} ms (whole process tree)")
     print(f"refused or failed attempts by status: {errors}   retried {s['retries']}, given up after retries "
@@ -124,7 +140,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``loadtest``, ``bench``, ``bench-session`` and ``soak`` to the ``l2grader`` parser."""
+    """Add ``loadtest``, ``bench``, ``bench-cluster``, ``bench-session`` and ``soak`` to the ``l2grader`` parser."""
     p = sub.add_parser("loadtest", help="load-test the service with Locust (starts it unless --url is given)")
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--users", type=int, default=16, help="simulated upload workers (the step shape's peak) (default 16)")
@@ -137,7 +153,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mix", default="short:80,medium:17,long:3",
                    help="answer lengths: short 10-20 s, medium 30-60 s, long 3-5 min (default short:80,medium:17,long:3)")
     p.add_argument("--formats", default="wav", help="upload formats, rotated: wav,flac,ogg,mp3 (default wav)")
-    p.add_argument("--parts", help="comma-separated parts (default: the service's GET /v1/parts)")
+    p.add_argument("--parts", help="comma-separated parts, each with an optional weight, e.g. interview:40,long_turn:20,part_3 "
+                                   "(default: every part of the service's GET /v1/parts, equally)")
     p.add_argument("--repeat-files", action="store_true",
                    help="send the pool's files byte for byte (the engine's caches then see repeats; default: "
                         "every WAV upload differs in one inaudible sample)")
@@ -152,9 +169,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_loadtest)
 
     from loadtest.bench import add_bench_command
+    from loadtest.cluster_bench import add_bench_cluster_command
     from loadtest.session_bench import add_bench_session_command
     from loadtest.soak import add_soak_command
 
     add_bench_command(sub)
+    add_bench_cluster_command(sub)
     add_bench_session_command(sub)
     add_soak_command(sub)

@@ -17,7 +17,8 @@ headless and summarises), or by hand::
 Settings (environment):
 
 ``L2GRADER_API_KEY``       bearer key sent with every request (none by default)
-``L2GRADER_PARTS``         comma-separated parts; default: ``GET /v1/parts``
+``L2GRADER_PARTS``         comma-separated parts, each with an optional weight (``a:40,b:20,c``; default 1);
+                           default: every part of ``GET /v1/parts``, equally
 ``L2GRADER_MIX``           length mix, e.g. ``short:80,medium:17,long:3`` (the default)
 ``L2GRADER_FORMATS``       comma-separated upload formats, rotated: wav, flac, ogg, mp3 (default wav)
 ``L2GRADER_POOL``          answers generated per length class (default 8)
@@ -45,7 +46,7 @@ from locust import LoadTestShape, between, events, task
 from locust.contrib.fasthttp import FastHttpUser
 
 from loadtest.audio import answer_bytes
-from loadtest.mix import DEFAULT_MIX, LENGTHS, parse_mix
+from loadtest.mix import DEFAULT_MIX, LENGTHS, parse_mix, parse_parts
 from loadtest.multipart import MultipartAnswer, multipart_answer
 from loadtest.retry import RETRYABLE, retry_delay
 
@@ -110,29 +111,35 @@ class Record:
         self.audio_s = 0.0
         self.chunks = 0
         self.statuses: dict[str, int] = {}
+        self.parts: dict[str, dict] = {}  # part -> its latencies (answers) and statuses (attempts)
         self.retries = 0  # attempts sent again after a retryable refusal
         self.given_up = 0  # answers still refused after every retry
         self.first_start: float | None = None
         self.last_end: float | None = None
 
-    def add(self, status: int, started: float, ended: float, latency_ms: float, audio_s: float, chunks: int) -> None:
+    def add(self, status: int, started: float, ended: float, latency_ms: float, audio_s: float, chunks: int,
+            part: str = "") -> None:
         self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+        by_part = self.parts.setdefault(part, {"latencies_ms": [], "statuses": {}})
+        by_part["statuses"][str(status)] = by_part["statuses"].get(str(status), 0) + 1
         self.first_start = started if self.first_start is None else min(self.first_start, started)
         self.last_end = ended if self.last_end is None else max(self.last_end, ended)
         if status == 200:
             self.latencies_ms.append(latency_ms)
+            by_part["latencies_ms"].append(latency_ms)
             self.audio_s += audio_s
             self.chunks += chunks
 
     def dump(self) -> dict:
         return {"latencies_ms": self.latencies_ms, "audio_s": self.audio_s, "chunks": self.chunks,
-                "statuses": self.statuses, "retries": self.retries, "given_up": self.given_up, "first_start": self.first_start, "last_end": self.last_end}
+                "statuses": self.statuses, "by_part": self.parts, "retries": self.retries, "given_up": self.given_up, "first_start": self.first_start, "last_end": self.last_end}
 
 
 UNIQUE = os.environ.get("L2GRADER_UNIQUE", "1") != "0"
 RETRIES = int(os.environ.get("L2GRADER_RETRIES", "3"))
 POOL: AnswerPool | None = None
 PARTS: list[str] = []
+PART_WEIGHTS: list[float] = []
 RECORD = Record()
 
 
@@ -151,7 +158,7 @@ def _fetch_parts(host: str) -> list[str]:
 
 @events.test_start.add_listener
 def _prepare(environment, **_):
-    global POOL, PARTS
+    global POOL, PARTS, PART_WEIGHTS
     if POOL is None:
         formats = [f.strip() for f in os.environ.get("L2GRADER_FORMATS", "wav").split(",") if f.strip()]
         unknown = [f for f in formats if f not in RATES]
@@ -160,10 +167,11 @@ def _prepare(environment, **_):
         POOL = AnswerPool(parse_mix(os.environ.get("L2GRADER_MIX", DEFAULT_MIX)),
                           int(os.environ.get("L2GRADER_POOL", "8")), formats)
     if not PARTS:
-        given = [p.strip() for p in os.environ.get("L2GRADER_PARTS", "").split(",") if p.strip()]
-        PARTS = given or _fetch_parts(environment.host)
+        given = parse_parts(os.environ.get("L2GRADER_PARTS", ""))
+        PARTS = list(given) or _fetch_parts(environment.host)
         if not PARTS:
             raise RuntimeError("the service lists no parts to score")
+        PART_WEIGHTS = [given.get(p, 1.0) for p in PARTS]
 
 
 @events.quitting.add_listener
@@ -188,7 +196,7 @@ class ExamPlatform(FastHttpUser):
     @task
     def score_answer(self):
         """Upload one answer; a 503/429 or a broken connection is sent again (same response_id) up to RETRIES times."""
-        part = self.rng.choice(PARTS)
+        part = self.rng.choices(PARTS, weights=PART_WEIGHTS)[0]
         cls, i = POOL.pick(self.rng)
         body, ctype, seconds = POOL.body(part, cls, i, self.rng if UNIQUE else None, response_id=uuid.uuid4().hex)
         for attempt in range(RETRIES + 1):
@@ -221,7 +229,7 @@ class ExamPlatform(FastHttpUser):
                 r.failure(f"{status} retryable (Retry-After {r.headers.get('Retry-After')})")
             else:
                 r.failure(f"{status}: {(r.text or '')[:200]}")
-            RECORD.add(status, started, time.time(), latency_ms, audio_s, chunks)
+            RECORD.add(status, started, time.time(), latency_ms, audio_s, chunks, part)
             return status, r.headers.get("Retry-After") if status else None
 
 

@@ -1,4 +1,4 @@
-"""Answer lengths of an exam platform's traffic and how they are mixed."""
+"""Answer lengths and exam parts of an exam platform's traffic and how they are mixed."""
 
 from __future__ import annotations
 
@@ -17,3 +17,21 @@ def parse_mix(text: str) -> dict[str, float]:
     if not mix or sum(mix.values()) <= 0:
         raise ValueError(f"mix {text!r} has no positive weight")
     return mix
+
+
+def parse_parts(text: str) -> dict[str, float]:
+    """``a:40,b:20,c`` -> weights by part (a missing weight is 1); ``""`` -> ``{}`` (every part, equally)."""
+    parts: dict[str, float] = {}
+    for item in text.split(","):
+        name, _, weight = item.strip().partition(":")
+        if not name:
+            continue
+        try:
+            parts[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"part {name!r} has a weight that is not a number: {weight!r}") from None
+        if parts[name] < 0:
+            raise ValueError(f"part {name!r} has a negative weight")
+    if parts and sum(parts.values()) <= 0:
+        raise ValueError(f"parts {text!r} have no positive weight")
+    return parts

@@ -72,15 +72,20 @@ def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 1
 
 
 class Service:
-    """``l2grader serve --config FILE`` as a subprocess (its own process group) on a free loopback port."""
+    """``l2grader serve --config FILE`` as a subprocess (its own process group) on a free loopback port.
 
-    def __init__(self, config: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 600):
+    With ``address`` it deploys into that Ray cluster instead of starting Ray.
+    """
+
+    def __init__(self, config: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 600,
+                 address: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
-            [*l2grader_cmd(), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)],
+            [*l2grader_cmd(), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port),
+             *(["--address", address] if address else [])],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
         )
         try:

@@ -34,6 +34,9 @@ def test_loadtest_short_run(demo_cfg, tmp_path):
     assert summary["errors"] == {} and summary["answers_per_s"] > 0 and summary["audio_s_per_s"] > 0
     assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
     assert set(summary["parts"]) == {"interview", "long_turn"}  # fetched from GET /v1/parts, with the API key
+    by_part = summary["by_part"]  # each part's answers and latency, adding up to the whole run's
+    assert set(by_part) == {"interview", "long_turn"} and sum(p["answers"] for p in by_part.values()) == summary["answers"]
+    assert all(p["answers"] > 0 and p["p95_ms"] > 0 for p in by_part.values())
     for name in ("locust_stats.csv", "locust_failures.csv", "locust_stats_history.csv", "report.html"):
         assert (out / name).stat().st_size > 0, name
     stats = (out / "locust_stats.csv").read_text()

@@ -160,6 +160,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args.config, args.host, args.port, args.address, args.allow_unauthenticated)
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    load_config_or_exit(args.config)
+    from serve.service.server import deploy_config
+
+    return deploy_config(args.config, args.address)
+
+
 # ---------------------------------------------------------------- serve-config
 
 
@@ -224,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="without API keys in the config, still accept clients beyond this machine")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deploy", help="update the service running on a Ray cluster to a new config, in place")
+    p.add_argument("--config", required=True, help="the new grader YAML config (at the same path on every node)")
+    p.add_argument("--address", required=True, help="the Ray cluster's address (where `l2grader serve --address` runs)")
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("serve-config", help="print the Ray Serve config (serveConfigV2) the service runs with")
     p.add_argument("--config", required=True, help="grader YAML config")

@@ -148,6 +148,10 @@ class AutoscalingConfig(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica the autoscaler aims at.")
+    # None: Ray Serve's default (upscale 30 s, downscale 600 s, look-back 30 s).
+    upscale_delay_s: float | None = Field(None, ge=0, description="Load above target this long before a replica is added.")
+    downscale_delay_s: float | None = Field(None, ge=0, description="Load below target this long before a replica is removed.")
+    look_back_period_s: float | None = Field(None, gt=0, description="Window the autoscaler averages the load over.")
 
     @model_validator(mode="after")
     def _bounds(self) -> AutoscalingConfig:
@@ -169,6 +173,12 @@ class DeploymentConfig(_Strict):
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503 under overload.")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        None, ge=0, description="A stopping replica finishes its requests for at most this long (None: Serve's 20 s)."
+    )
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many replicas on one Ray node (None: no limit)."
+    )
 
 
 def _ingress_default() -> DeploymentConfig:
@@ -196,6 +206,11 @@ class ServingConfig(_Strict):
     ingress: DeploymentConfig = Field(default_factory=_ingress_default)
     scorer: DeploymentConfig = Field(default_factory=_scorer_default)
     adapters_per_replica: int = Field(8, ge=1, description="Adapters a scorer replica keeps loaded (LRU).")
+    spread_part_at: int | None = Field(
+        4, ge=1, description="A part's answers go to other scorer replicas too once the replicas holding its adapter "
+        "have this many more in flight than the least busy one (null: Ray Serve's routing, which keeps a part on "
+        "its replicas until they are full).",
+    )
     decode_workers: int | None = Field(
         None, ge=1, description="Answers an ingress replica decodes at once (default: its num_cpus, at least 1)."
     )

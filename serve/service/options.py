@@ -13,6 +13,9 @@ from typing import Any
 from serve.grading.config import DeploymentConfig, GraderConfig
 from serve.service.admission import CONTROL_SLOTS
 
+#: The scorer's request router (:mod:`serve.service.routing`), by import path: options stay plain data.
+ROUTER_CLASS = "serve.service.routing:PartAffinityRouter"
+
 APP_NAME = "l2grader"
 APP_IMPORT_PATH = "serve.service.app:build_app"
 INGRESS = "Ingress"
@@ -35,19 +38,28 @@ def _options(d: DeploymentConfig, log_encoding: str, extra_slots: int = 0) -> di
     if d.num_gpus:
         actor["num_gpus"] = d.num_gpus
     a = d.autoscaling
+    autoscaling = {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": max(a.min_replicas, 1),
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+    }
+    # Settings left unset keep Serve's defaults (and the generated KubeRay configs stay as they were).
+    autoscaling.update(_set(upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
+                            look_back_period_s=a.look_back_period_s))
     return {
         "max_ongoing_requests": d.max_ongoing_requests + extra_slots,
         "max_queued_requests": d.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
-        "autoscaling_config": {
-            "min_replicas": a.min_replicas,
-            "initial_replicas": max(a.min_replicas, 1),
-            "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-        },
+        "autoscaling_config": autoscaling,
+        **_set(graceful_shutdown_timeout_s=d.graceful_shutdown_timeout_s, max_replicas_per_node=d.max_replicas_per_node),
         "ray_actor_options": actor,
         "logging_config": {"encoding": log_encoding},
     }
+
+
+def _set(**options: Any) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
@@ -55,11 +67,15 @@ def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
 
     The ingress bounds its scoring requests itself (:mod:`serve.service.admission`),
     so Serve admits its queued answers and room for health and admin calls too.
-    Both log in ``serving.log_encoding`` (Ray Serve's ``logging_config``).
+    Both log in ``serving.log_encoding`` (Ray Serve's ``logging_config``). The scorer's requests are
+    routed by :mod:`serve.service.routing` unless ``serving.spread_part_at`` is null.
     """
     s = cfg.serving
-    return {INGRESS: _options(s.ingress, s.log_encoding, s.ingress.max_queued_requests + CONTROL_SLOTS),
-            SCORER: _options(s.scorer, s.log_encoding)}
+    scorer = _options(s.scorer, s.log_encoding)
+    if s.spread_part_at is not None:
+        scorer["request_router_config"] = {"request_router_class": ROUTER_CLASS,
+                                           "request_router_kwargs": {"spread_at": s.spread_part_at}}
+    return {INGRESS: _options(s.ingress, s.log_encoding, s.ingress.max_queued_requests + CONTROL_SLOTS), SCORER: scorer}
 
 
 def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:

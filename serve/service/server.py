@@ -1,4 +1,4 @@
-"""``l2grader serve``: start Ray (locally unless an address is given) and run the application."""
+"""``l2grader serve``: start Ray (locally unless an address is given) and run the application; ``l2grader deploy``: change it."""
 
 from __future__ import annotations
 
@@ -100,3 +100,38 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def deploy_config(config_path: str, address: str) -> int:
+    """Update the running application on the cluster at ``address`` to the config at ``config_path``, in place.
+
+    The same ``serve.run`` under the same application name, without a
+    shutdown: Serve replaces the replicas of each changed deployment a few at
+    a time (an old replica stops only after its requests are done, within
+    ``graceful_shutdown_timeout_s``) and leaves unchanged deployments alone.
+    The config must lie at ``config_path`` on every node. Returns once the
+    application runs the new config (0), 1 when no application runs there.
+    """
+    import time
+
+    import ray
+    from ray import serve
+
+    from serve.engine.requests import configure_vllm_environment
+    from serve.service.app import build_app
+
+    config_path = str(Path(config_path).resolve())
+    load_config(config_path)
+    configure_vllm_environment()
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        if APP_NAME not in serve.status().applications:
+            _log(f"no application {APP_NAME!r} runs on {address}: start it with `l2grader serve --address`")
+            return 1
+        _log(f"updating {APP_NAME} on {address} to {config_path}")
+        started = time.monotonic()
+        serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
+        _log(f"{APP_NAME} runs the new config ({time.monotonic() - started:.1f} s)")
+        return 0
+    finally:
+        ray.shutdown()
