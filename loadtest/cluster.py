@@ -156,17 +156,21 @@ SCORER_SERIES = {"answers": "ray_l2grader_scorer_answers_total",
                  "adapter_evictions": "ray_l2grader_scorer_adapter_evictions_total"}
 
 
-def scorer_counts(url: str, headers: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Replica -> key of :data:`SCORER_SERIES` -> part -> count, read from the service's ``GET /metrics``."""
+def metrics_page(url: str, headers: dict[str, str] | None = None) -> list:
+    """The metric families of the service's ``GET /metrics`` (the whole cluster's, merged)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers or {}), timeout=30) as r:
-        text = r.read().decode()
+        return list(text_string_to_metric_families(r.read().decode()))
+
+
+def scorer_counts(url: str, headers: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Replica -> key of :data:`SCORER_SERIES` -> part -> count, read from the service's ``GET /metrics``."""
     names = {name: key for key, name in SCORER_SERIES.items()}
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in metrics_page(url, headers):
         for sample in family.samples:
             key = names.get(sample.name)
             if key is None:
@@ -175,6 +179,12 @@ def scorer_counts(url: str, headers: dict[str, str] | None = None) -> dict[str, 
             part = sample.labels.get("part", "")
             row[key][part] = row[key].get(part, 0) + sample.value
     return out
+
+
+def answers_counted(url: str, headers: dict[str, str] | None = None) -> float:
+    """Answers the ingress replicas counted as scored (``ray_l2grader_answers_scored_total``, all replicas and parts)."""
+    return sum(s.value for family in metrics_page(url, headers) for s in family.samples
+               if s.name == "ray_l2grader_answers_scored_total")
 
 
 def serve_on(cluster: LocalCluster, config: str | Path, log_path: Path, env: dict[str, str] | None = None) -> Service:

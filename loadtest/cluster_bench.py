@@ -42,11 +42,15 @@ def _log(msg: str) -> None:
 
 def write_config(base: Path, name: str, *, scorer_min: int, scorer_max: int, adapters: int,
                  target_ongoing: float = 4, upscale_delay_s: float = 3, downscale_delay_s: float = 60,
-                 spread_part_at: int | None = 4) -> Path:
-    """A cluster config beside the tiny checkpoint's ``demo.yaml``: scorer replicas one per node, the given bounds."""
+                 spread_part_at: int | None = 4, ingress_replicas: int = 1) -> Path:
+    """A cluster config beside the tiny checkpoint's ``demo.yaml``: scorer replicas one per node, the given bounds;
+    ``ingress_replicas`` fixed ingress replicas, one per node."""
     import yaml
 
     cfg = yaml.safe_load(base.read_text())
+    ingress = cfg["serving"].setdefault("ingress", {})
+    ingress.setdefault("autoscaling", {}).update(min_replicas=ingress_replicas, max_replicas=ingress_replicas)
+    ingress["max_replicas_per_node"] = 1
     cfg["engine"]["max_loras"] = adapters
     cfg["serving"]["adapters_per_replica"] = adapters
     cfg["serving"]["spread_part_at"] = spread_part_at

@@ -1,8 +1,9 @@
 """The service on a real 2-node Ray cluster (head + worker node on this machine): routing, scaling, failover.
 
 One cluster for the module (``loadtest.cluster.LocalCluster``), the tiny
-checkpoint with six demo parts, two adapter slots per scorer replica, and the
-scorer autoscaling from 1 to 2 replicas (at most one per node). One Locust
+checkpoint with six demo parts, two ingress replicas and two adapter slots per
+scorer replica, and the scorer autoscaling from 1 to 2 replicas (at most one
+of each per node). One Locust
 run with a step ramp over six parts, skewed, drives it; during it the scorer
 scales up, both replicas take answers, and one replica is killed with
 ``kill -9``; after it the scorer scales down. Longer runs (node loss,
@@ -96,12 +97,12 @@ def cluster_service(tmp_path_factory):
     # A replica takes 1-3 minutes to start here: the downscale delay must outlast a dip in load during that,
     # or the autoscaler cancels the replica it is starting (seen with 8 s).
     config = write_config(tiny / "demo.yaml", "cluster", scorer_min=1, scorer_max=2, adapters=2, target_ongoing=1,
-                          upscale_delay_s=2, downscale_delay_s=30)
+                          upscale_delay_s=2, downscale_delay_s=30, ingress_replicas=2)
     with LocalCluster(config, workers=1) as cluster:
         service = serve_on(cluster, config, d / "serve.log")
         try:
             ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-            assert replica_counts()["Scorer"] == 1
+            assert replica_counts()["Scorer"] == 1 and replica_counts()["Ingress"] == 2
             yield cluster, service, config, d
         finally:
             service.stop()
@@ -109,6 +110,7 @@ def cluster_service(tmp_path_factory):
 
 @pytest.mark.engine
 def test_two_nodes_scale_route_and_survive_a_killed_replica(cluster_service):
+    from loadtest.cluster import answers_counted
     from loadtest.cluster_bench import PARTS_MIX, Load, ReplicaTimeline, counts_now
 
     cluster, service, config, d = cluster_service
@@ -116,19 +118,20 @@ def test_two_nodes_scale_route_and_survive_a_killed_replica(cluster_service):
     timeline = ReplicaTimeline()
     timeline.start()
     before = counts_now(service.url)
+    counted_before = answers_counted(service.url)
     # Step ramp 4 -> 8 -> 12 users over six parts; the scorer should reach 2 replicas in the first steps.
     load = Load(config, service.url, d / "load", users=12, duration_s=240, parts=PARTS_MIX, shape="step", steps=3,
                 retries=10)
     try:
-        _scale_route_and_kill(cluster, service, load, before, timeline)
+        _scale_route_and_kill(cluster, service, load, before, counted_before, timeline)
     finally:
         load.stop()
         timeline.stop()
 
 
-def _scale_route_and_kill(cluster, service, load, before, timeline):
-    from loadtest.cluster import replica_counts, wait_for_replicas
-    from loadtest.cluster_bench import counts_now, stats_delta
+def _scale_route_and_kill(cluster, service, load, before, counted_before, timeline):
+    from loadtest.cluster import answers_counted, replica_counts, wait_for_replicas
+    from loadtest.cluster_bench import METRICS_DELAY_S, counts_now, stats_delta
 
     scale_up_s = wait_for_replicas("Scorer", 2, 240)
 
@@ -162,6 +165,12 @@ def _scale_route_and_kill(cluster, service, load, before, timeline):
     assert result["answers"] > 100
     assert result["answers_given_up"] == 0, result  # every answer scored, retried with its response_id
     assert set(result["errors"]) <= {"503", "0"}, result["errors"]  # refusals were retryable, nothing else failed
+
+    # The cluster-wide GET /metrics counts what the load generator got, whichever of the two ingress replicas answered.
+    time.sleep(METRICS_DELAY_S)
+    counted = answers_counted(service.url) - counted_before
+    print(f"answers: {result['answers']} by the load generator, {counted:.0f} in GET /metrics")
+    assert abs(counted - result["answers"]) <= 0.01 * result["answers"], (counted, result["answers"])
 
     # Idle: the autoscaler goes back to one replica (stops the second, or the replacement it was starting).
     deadline = time.monotonic() + 240
