@@ -38,13 +38,10 @@ EngineFactory = Callable[[GraderConfig], Any]
 
 
 def online_engine(cfg: GraderConfig):
-    """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica), its engine metrics exported through Ray
-    (``ray_vllm_*`` series, tagged with the replica) like the service's own."""
-    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
-
+    """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica)."""
     from serve.engine.online import OnlineEngine
 
-    return OnlineEngine(cfg, stat_loggers=[RayPrometheusStatLogger])
+    return OnlineEngine(cfg)
 
 
 class LoadedPart:
