@@ -5,8 +5,11 @@
   ``unavailable``, never a 500. Until a scorer answers again, new requests get
   the same 503 at once instead of waiting, for as long as Serve needs to start
   a replacement, on a replica that is gone; calls already waiting for a
-  replica then get it too after :data:`GRACE_S`. A probe in the background
-  finds out when a scorer is back.
+  replica then get it too after :data:`GRACE_S`. A call that the dying
+  replica had not yet taken does not fail (Serve holds it for another
+  replica), so a call waiting longer than :data:`GRACE_S` also asks Serve
+  whether any scorer replica runs; none running counts as lost. A probe in
+  the background finds out when a scorer is back.
 - Readiness: a scorer that answered anything in the last few seconds is
   ready, so ``/readyz`` answers at once under load instead of queueing behind
   answers; otherwise it pings the scorer with a short timeout.
@@ -41,6 +44,18 @@ GRACE_S = 5.0
 REPLICA_GONE = (RayActorError, DeploymentUnavailableError)
 
 
+#: How often a call waiting longer than :data:`GRACE_S` may ask Serve how many scorer replicas run.
+RUNNING_CHECK_EVERY_S = 1.0
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    """The deployment's RUNNING replicas by Serve's controller (a blocking call)."""
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return int(states.get("RUNNING", 0))
+
+
 class ScorerClient:
     """Calls into the Scorer deployment from one ingress replica."""
 
@@ -50,6 +65,7 @@ class ScorerClient:
         self.last_answer = 0.0  # monotonic time a scorer last answered
         self.down_since: float | None = None
         self._probe: asyncio.Task | None = None
+        self._running, self._running_at = 1, float("-inf")
 
     def _unavailable(self, why: str) -> ApiError:
         return ApiError(503, "unavailable", f"the scorer is not available ({why}); retry after the Retry-After delay",
@@ -65,6 +81,9 @@ class ScorerClient:
         call = asyncio.ensure_future(response)
         try:
             while not (await asyncio.wait({call}, timeout=PROBE_EVERY_S))[0]:
+                if (self.down_since is None and time.monotonic() - started > GRACE_S
+                        and await self._running_replicas() == 0):
+                    self._went_down(None)  # the only replica died before taking this call: Serve waits for another
                 if self.down_since is not None and time.monotonic() - max(started, self.down_since) > GRACE_S:
                     response.cancel()
                     raise self._unavailable("a scorer replica stopped; this request waited for its replacement")
@@ -81,9 +100,21 @@ class ScorerClient:
         self.last_answer = time.monotonic()
         return result
 
-    def _went_down(self, error: BaseException) -> None:
+    async def _running_replicas(self) -> int:
+        """Scorer replicas Serve reports RUNNING (asked at most once a second; unknown counts as running)."""
+        now = time.monotonic()
+        if now - self._running_at >= RUNNING_CHECK_EVERY_S:
+            self._running_at = now
+            try:
+                self._running = await asyncio.to_thread(running_replicas, self.handle.app_name, self.handle.deployment_name)
+            except Exception:  # the controller is busy or restarting: no verdict
+                self._running = 1
+        return self._running
+
+    def _went_down(self, error: BaseException | None) -> None:
         if self.down_since is None:
-            logger.warning("scorer replica lost (%s); answering 503 until a scorer answers again", type(error).__name__)
+            why = type(error).__name__ if error is not None else "no scorer replica running"
+            logger.warning("scorer replica lost (%s); answering 503 until a scorer answers again", why)
             self.down_since = time.monotonic()
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())

@@ -1,0 +1,94 @@
+"""The ingress's scorer client with a fake deployment handle: when no scorer replica runs, waiting calls get a 503.
+
+A call that a dying replica had not yet taken does not fail in Ray Serve: it
+waits for a replacement (a minute or more). The client asks Serve how many
+scorer replicas run once a call has waited :data:`GRACE_S`; none running
+counts as lost. (The real service's kill test covers the other path, a call
+that fails with the replica.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve.service import scorer_client
+from serve.service.errors import ApiError
+from serve.service.scorer_client import ScorerClient
+
+
+class NeverAnswering:
+    """A deployment handle whose calls wait forever (no replica takes them)."""
+
+    app_name, deployment_name = "l2grader", "Scorer"
+
+    def __init__(self):
+        self.calls = 0
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, method):
+        handle = self
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                handle.calls += 1
+                return asyncio.get_running_loop().create_future()
+
+        return Method()
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(scorer_client, "GRACE_S", 0.3)
+    monkeypatch.setattr(scorer_client, "PROBE_EVERY_S", 0.05)
+    monkeypatch.setattr(scorer_client, "RUNNING_CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(scorer_client, "PING_TIMEOUT_S", 0.05)
+
+
+def test_a_call_waiting_while_no_scorer_replica_runs_gets_503(fast, monkeypatch):
+    monkeypatch.setattr(scorer_client, "running_replicas", lambda app, deployment: 0)
+
+    async def run():
+        client = ScorerClient(NeverAnswering(), retry_after_s=2)
+        with pytest.raises(ApiError) as first:
+            await asyncio.wait_for(client.call("score_chunks", [], "r1", model_id="m"), timeout=10)
+        with pytest.raises(ApiError) as second:  # at once, without waiting: the scorer is known to be down
+            await asyncio.wait_for(client.call("score_chunks", [], "r2", model_id="m"), timeout=0.5)
+        return first.value, second.value, await client.ready()
+
+    first, second, ready = asyncio.run(run())
+    for err in (first, second):
+        assert err.status == 503 and err.kind == "unavailable" and err.headers == {"Retry-After": "2"}
+    assert ready[0] is False
+
+
+def test_a_long_call_while_scorer_replicas_run_keeps_waiting(fast, monkeypatch):
+    """A long answer on a running replica is not given up: only 'no replica running' counts as lost."""
+    monkeypatch.setattr(scorer_client, "running_replicas", lambda app, deployment: 1)
+
+    async def run():
+        client = ScorerClient(NeverAnswering(), retry_after_s=2)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.call("score_chunks", [], "r1", model_id="m"), timeout=1.5)
+        return client.down_since
+
+    assert asyncio.run(run()) is None
+
+
+def test_an_unanswered_status_question_is_no_verdict(fast, monkeypatch):
+    def controller_busy(app, deployment):
+        raise TimeoutError("controller busy")
+
+    monkeypatch.setattr(scorer_client, "running_replicas", controller_busy)
+
+    async def run():
+        client = ScorerClient(NeverAnswering(), retry_after_s=2)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.call("score_chunks", [], "r1", model_id="m"), timeout=1.0)
+        return client.down_since
+
+    assert asyncio.run(run()) is None
