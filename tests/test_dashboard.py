@@ -24,8 +24,8 @@ def test_dashboard_is_a_grafana_dashboard_with_queries():
     for want in ("ray_l2grader_answers_scored_total", "ray_l2grader_request_latency_seconds_bucket",
                  "ray_l2grader_errors_total", "ray_l2grader_review_verdicts_total",
                  "ray_serve_deployment_replica_healthy", "ray_l2grader_scorer_adapter_loads_total",
-                 "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc",
-                 "ray_vllm_time_to_first_token_seconds_bucket"):
+                 "ray_l2grader_engine_requests_waiting", "ray_l2grader_engine_kv_cache_usage",
+                 "ray_l2grader_engine_time_to_first_token_seconds_bucket"):
         assert want in names, want
 
 

@@ -1,7 +1,7 @@
 """The whole deployment's metrics: every live Ray node's metrics export, merged into one Prometheus page.
 
 Each node's Ray metrics agent exports what the replicas on that node recorded
-(:mod:`serve.service.metrics`, vLLM's engine metrics, Ray Serve's own). A
+(:mod:`serve.service.metrics`, :mod:`serve.service.engine_metrics`, Ray Serve's own). A
 Prometheus that scrapes every node (KubeRay's PodMonitor) needs none of this;
 ``GET /metrics`` uses it so that one scrape of the service, or a person with
 curl, sees the totals of all replicas on all nodes, not one replica's share.
@@ -24,8 +24,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 from prometheus_client.parser import text_string_to_metric_families
 
-#: Metric families the page keeps: the service's, vLLM's engine metrics and Ray Serve's (replicas, queues).
-EXPORTED_PREFIXES = ("ray_l2grader_", "ray_vllm", "ray_serve_")
+#: Metric families the page keeps: the service's (its engine's among them) and Ray Serve's (replicas, queues).
+EXPORTED_PREFIXES = ("ray_l2grader_", "ray_serve_")
 #: Labels that are the same on every series of Ray's export.
 DROPPED_LABELS = frozenset({"otel_scope_name", "otel_scope_schema_url", "otel_scope_version"})
 CACHE_S = 1.0

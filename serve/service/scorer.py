@@ -27,6 +27,7 @@ import numpy as np
 from serve.grading.audio import SAMPLE_RATE, Chunk, split
 from serve.grading.config import GraderConfig, load_config
 from serve.grading.parts import Part, PartSpec
+from serve.service.engine_metrics import engine_stats
 from serve.service.metrics import ScorerMetrics
 from serve.service.registry import PartRegistry
 
@@ -38,10 +39,11 @@ EngineFactory = Callable[[GraderConfig], Any]
 
 
 def online_engine(cfg: GraderConfig):
-    """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica)."""
+    """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica), its statistics kept for export
+    (:mod:`serve.service.engine_metrics`)."""
     from serve.engine.online import OnlineEngine
 
-    return OnlineEngine(cfg)
+    return OnlineEngine(cfg, stat_loggers=[engine_stats().factory])
 
 
 class LoadedPart:
@@ -94,6 +96,7 @@ class ScorerReplica:
         self.engine = engine_factory(cfg)
         self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter()}
         self.metrics = ScorerMetrics()
+        self._engine_metrics = asyncio.get_running_loop().create_task(engine_stats().publish())
         self._holders: Counter = Counter()  # adapter hash -> LoadedPart objects not yet released
         specs = [self.engine.resolve(part) for part in self.registry.entries().values()]  # label tokens checked
         if specs:
