@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection
 
@@ -35,6 +36,8 @@ from serve.service.errors import error_response, internal_error, request_id
 
 logger = logging.getLogger("ray.serve")
 
+#: How often gauges are set again when nothing changes them (Ray's report interval is 2 s).
+GAUGE_REFRESH_S = 1.0
 LATENCY_BUCKETS = [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
@@ -62,6 +65,8 @@ class Metrics:
         self._inflight = 0
         self.inflight = Gauge("l2grader_inflight_requests", "API requests in this ingress replica (queue depth)")
         self.inflight.set(0)
+        # Ray's exporter drops a gauge that was not set for two report intervals: re-set it while idle too.
+        threading.Thread(target=self._refresh_gauges, name="metrics-refresh", daemon=True).start()
 
     def part_label(self, part: str | None) -> str:
         """The label value for a request's part: a registered id, ``batch``, ``-`` (none) or ``unknown``."""
@@ -85,6 +90,11 @@ class Metrics:
     def add_inflight(self, n: int) -> None:
         self._inflight += n
         self.inflight.set(self._inflight)
+
+    def _refresh_gauges(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            self.inflight.set(self._inflight)
 
 
 class ScorerMetrics:
