@@ -66,29 +66,20 @@ def test_a_call_waiting_while_no_scorer_replica_runs_gets_503(fast, monkeypatch)
     assert ready[0] is False
 
 
-def test_a_long_call_while_scorer_replicas_run_keeps_waiting(fast, monkeypatch):
-    """A long answer on a running replica is not given up: only 'no replica running' counts as lost."""
-    monkeypatch.setattr(scorer_client, "running_replicas", lambda app, deployment: 1)
+def _controller_busy(app, deployment):
+    raise TimeoutError("controller busy")
+
+
+@pytest.mark.parametrize("running", [lambda app, deployment: 1, _controller_busy], ids=["replica_running", "no_answer"])
+def test_a_long_call_keeps_waiting_unless_no_replica_runs(fast, monkeypatch, running):
+    """A long answer on a running replica is not given up, nor when the controller gives no verdict: only
+    'no replica running' counts as lost."""
+    monkeypatch.setattr(scorer_client, "running_replicas", running)
 
     async def run():
         client = ScorerClient(NeverAnswering(), retry_after_s=2)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(client.call("score_chunks", [], "r1", model_id="m"), timeout=1.5)
-        return client.down_since
-
-    assert asyncio.run(run()) is None
-
-
-def test_an_unanswered_status_question_is_no_verdict(fast, monkeypatch):
-    def controller_busy(app, deployment):
-        raise TimeoutError("controller busy")
-
-    monkeypatch.setattr(scorer_client, "running_replicas", controller_busy)
-
-    async def run():
-        client = ScorerClient(NeverAnswering(), retry_after_s=2)
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(client.call("score_chunks", [], "r1", model_id="m"), timeout=1.0)
         return client.down_since
 
     assert asyncio.run(run()) is None

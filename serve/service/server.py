@@ -47,6 +47,15 @@ def node_observability() -> tuple[str | None, str | None]:
     return logs, export
 
 
+def run_app(config_path: str) -> None:
+    """Deploy the application from the grader config at ``config_path`` (new, or in place of the running one)."""
+    from ray import serve
+
+    from serve.service.app import build_app
+
+    serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
+
+
 def run_server(config_path: str, host: str | None, port: int | None, address: str | None,
                allow_unauthenticated: bool = False) -> int:
     """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset."""
@@ -54,7 +63,6 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
     from ray import serve
 
     from serve.engine.requests import configure_vllm_environment
-    from serve.service.app import build_app
 
     config_path = str(Path(config_path).resolve())
     cfg = load_config(config_path)
@@ -85,7 +93,7 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
                  runtime_env={"env_vars": env} if env else None, _system_config=RAY_SYSTEM_CONFIG)
     serve.start(http_options={"host": host, "port": port})
     _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
-    serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
+    run_app(config_path)
     logs, export = node_observability()
     _log(f"replica logs (serving.log_encoding {cfg.serving.log_encoding}): {logs}/serve; "
          f"this node's metrics export: {export}")
@@ -118,7 +126,6 @@ def deploy_config(config_path: str, address: str) -> int:
     from ray import serve
 
     from serve.engine.requests import configure_vllm_environment
-    from serve.service.app import build_app
 
     config_path = str(Path(config_path).resolve())
     load_config(config_path)
@@ -130,7 +137,7 @@ def deploy_config(config_path: str, address: str) -> int:
             return 1
         _log(f"updating {APP_NAME} on {address} to {config_path}")
         started = time.monotonic()
-        serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
+        run_app(config_path)
         _log(f"{APP_NAME} runs the new config ({time.monotonic() - started:.1f} s)")
         return 0
     finally:
