@@ -29,9 +29,17 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
     from adapters.synth import SynthError, synth_dataset
 
     try:
-        paths = synth_dataset(args.dir, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test,
-                              seed=args.seed, part=args.part, degrade_share=args.degrade,
-                              bias_voice=args.bias_voice, bias=args.bias)
+        paths = synth_dataset(
+            args.dir,
+            n_train=args.n_train,
+            n_dev=args.n_dev,
+            n_test=args.n_test,
+            seed=args.seed,
+            part=args.part,
+            degrade_share=args.degrade,
+            bias_voice=args.bias_voice,
+            bias=args.bias,
+        )
     except SynthError as e:
         _fail(str(e), 1)
     for name, path in paths.items():
@@ -46,10 +54,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from adapters.train import TrainError, TrainOptions, format_summary, train
 
     opts = TrainOptions(
-        part=args.part, data=args.data, out=args.out, dev=args.dev, loss=args.loss, epochs=args.epochs,
-        lr=args.lr, rank=args.rank, alpha=args.alpha, dropout=args.dropout, batch_size=args.batch_size,
-        warmup_ratio=args.warmup_ratio, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-        device=args.device, dtype=args.dtype, resume=args.resume, stop_after=args.stop_after,
+        part=args.part,
+        data=args.data,
+        out=args.out,
+        dev=args.dev,
+        loss=args.loss,
+        epochs=args.epochs,
+        lr=args.lr,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        batch_size=args.batch_size,
+        warmup_ratio=args.warmup_ratio,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        resume=args.resume,
+        stop_after=args.stop_after,
         progress=not args.no_progress,
     )
     try:
@@ -70,8 +93,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         group_by = [g.strip() for g in (args.group_by or "").split(",") if g.strip()]
-        evaluate(cfg, args.part, args.data, adapter=args.adapter, plot=args.plot, predictions=args.predictions,
-                 group_by=group_by, report=args.report, selective_signal=args.selective_signal)
+        evaluate(
+            cfg,
+            args.part,
+            args.data,
+            adapter=args.adapter,
+            plot=args.plot,
+            predictions=args.predictions,
+            group_by=group_by,
+            report=args.report,
+            selective_signal=args.selective_signal,
+        )
     except (DataError, AdapterError, ValueError) as e:
         _fail(str(e), 1)
     return 0
@@ -79,11 +111,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add the adapter subcommands (make-tiny-model, train, evaluate, synth-data) to the ``l2grader`` parser."""
-    p = sub.add_parser("make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml")
+    p = sub.add_parser(
+        "make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml"
+    )
     p.add_argument("dir", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--parts", type=int, default=2,
-                   help="demo parts, each with its own adapter: interview, long_turn, then part_3, part_4, ... (default 2)")
+    p.add_argument(
+        "--parts",
+        type=int,
+        default=2,
+        help="demo parts, each with its own adapter: interview, long_turn, then part_3, part_4, ... (default 2)",
+    )
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("train", help="train a part's LoRA adapter on scored answers (JSON lines)")
@@ -92,8 +130,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help='training answers: JSON lines {"audio": path, "score": number}')
     p.add_argument("--out", required=True, help="adapter output folder (checkpoints go to OUT/checkpoints)")
     p.add_argument("--dev", help="development answers, evaluated periodically and at the end")
-    p.add_argument("--loss", choices=["fa", "ce"], default="fa",
-                   help="fa: fair-average soft targets (default); ce: cross-entropy on the rounded score")
+    p.add_argument(
+        "--loss",
+        choices=["fa", "ce"],
+        default="fa",
+        help="fa: fair-average soft targets (default); ce: cross-entropy on the rounded score",
+    )
     p.add_argument("--epochs", type=float, default=2.0, help="passes over the data (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, cosine schedule (default 1e-4)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
@@ -105,26 +147,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (default: each epoch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="base model weights (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="base model weights (default: bfloat16 on cuda, float32 on cpu)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    p.add_argument("--stop-after", type=int, default=0, metavar="N",
-                   help="stop after N steps of this invocation, checkpointed (for time-boxed jobs; then --resume)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N steps of this invocation, checkpointed (for time-boxed jobs; then --resume)",
+    )
     p.add_argument("--no-progress", action="store_true", help="progress lines instead of a progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a test set through vLLM; agreement, selective scoring, fairness, plot and report")
+    p = sub.add_parser(
+        "evaluate", help="score a test set through vLLM; agreement, selective scoring, fairness, plot and report"
+    )
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--part", required=True, help="exam part of the test set")
     p.add_argument("--data", required=True, help='test answers: JSON lines {"audio": path, "score": number}')
     p.add_argument("--adapter", help="adapter folder to evaluate instead of the part's configured one")
     p.add_argument("--plot", help="calibration plot PNG (default: DATA.PART.calibration.png beside the data)")
     p.add_argument("--predictions", help="also write each answer's scores to this JSON-lines file")
-    p.add_argument("--group-by", metavar="FIELDS",
-                   help="comma-separated fields of the data to compare groups by (fairness table), e.g. l1,gender")
+    p.add_argument(
+        "--group-by",
+        metavar="FIELDS",
+        help="comma-separated fields of the data to compare groups by (fairness table), e.g. l1,gender",
+    )
     p.add_argument("--report", metavar="DIR", help="write DIR/report.html (self-contained) and DIR/report.json")
-    p.add_argument("--selective-signal", default="score_sd",
-                   help="signal whose selective-scoring list is the JSON's `selective` (default score_sd)")
+    p.add_argument(
+        "--selective-signal",
+        default="score_sd",
+        help="signal whose selective-scoring list is the JSON's `selective` (default score_sd)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_evaluate)
 
@@ -135,9 +193,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-test", type=int, default=100, help="test answers (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--part", default="interview", help="part id written into the data (default interview)")
-    p.add_argument("--degrade", type=float, default=0.0, metavar="SHARE",
-                   help="share of dev and test answers degraded: noise at -5..5 dB SNR, clipping, long silent gaps "
-                        "or truncation (default 0)")
+    p.add_argument(
+        "--degrade",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of dev and test answers degraded: noise at -5..5 dB SNR, clipping, long silent gaps "
+        "or truncation (default 0)",
+    )
     p.add_argument("--bias-voice", help="voice whose dev and test human scores get --bias added (a planted bias)")
     p.add_argument("--bias", type=float, default=0.0, help="shift of --bias-voice's human scores (default 0)")
     p.set_defaults(func=cmd_synth_data)

@@ -67,7 +67,7 @@ def read_jsonl(path: str | Path, part: str | None = None) -> list[Example]:
             row = json.loads(line)
             audio, score = row["audio"], float(row["score"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}:{n}: expected {{\"audio\": path, \"score\": number}}: {e}") from None
+            raise DataError(f'{path}:{n}: expected {{"audio": path, "score": number}}: {e}') from None
         if part is not None and row.get("part") not in (None, part):
             continue
         audio_path = Path(audio).expanduser()

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.dataset import Answer, load_answers, read_jsonl
 from adapters.agreement import format_metrics, soft_hard_metrics
+from adapters.dataset import Answer, load_answers, read_jsonl
 from adapters.trust import SIGNALS, trust_report
 from serve.grading.adapter_files import check_adapter
 from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
@@ -57,8 +57,14 @@ def score_with_engine(cfg: GraderConfig, part: str, answers: Sequence[Answer]) -
         scorer.close()
 
 
-def calibration_plot(path: str | Path, human: Sequence[float], soft: Sequence[float], hard: Sequence[float],
-                     title: str, level_scores: Sequence[float]) -> Path:
+def calibration_plot(
+    path: str | Path,
+    human: Sequence[float],
+    soft: Sequence[float],
+    hard: Sequence[float],
+    title: str,
+    level_scores: Sequence[float],
+) -> Path:
     """Predicted against human scores: every answer (soft and hard), the mean per human-score bin, the diagonal."""
     import matplotlib
 
@@ -110,27 +116,45 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def format_trust(trust: dict) -> list[str]:
     """Human-readable lines: selective scoring per signal, the verdict, the group table."""
     rates = [r["review_rate"] for r in trust["selective"]]
-    lines = ["selective scoring, PCC of the answers kept when the most doubtful are routed to review:",
-             f"  {'signal':<17}" + "".join(f"{100 * r:>7.0f}%" for r in rates) + "   Spearman(|error|)"]
+    lines = [
+        "selective scoring, PCC of the answers kept when the most doubtful are routed to review:",
+        f"  {'signal':<17}" + "".join(f"{100 * r:>7.0f}%" for r in rates) + "   Spearman(|error|)",
+    ]
     for name, rows in trust["selective_by_signal"].items():
-        lines.append(f"  {name:<17}" + "".join(f"{_fmt(r['pcc']):>8}" for r in rows)
-                     + f"   {_fmt(trust['error_spearman'][name]):>8}")
+        lines.append(
+            f"  {name:<17}"
+            + "".join(f"{_fmt(r['pcc']):>8}" for r in rows)
+            + f"   {_fmt(trust['error_spearman'][name]):>8}"
+        )
     v = trust["review_verdict"]
-    lines.append(f"review verdict: {100 * v['review_rate']:.1f}% routed, kept PCC {_fmt(v['pcc'])}, RMSE "
-                 f"{_fmt(v['rmse'])}, within 0.5 {_fmt(None if v['within_0_5'] is None else 100 * v['within_0_5'], '.1f')}%;"
-                 f" reasons {v['reasons']}")
+    lines.append(
+        f"review verdict: {100 * v['review_rate']:.1f}% routed, kept PCC {_fmt(v['pcc'])}, RMSE "
+        f"{_fmt(v['rmse'])}, within 0.5 {_fmt(None if v['within_0_5'] is None else 100 * v['within_0_5'], '.1f')}%;"
+        f" reasons {v['reasons']}"
+    )
     lines.append(f"  {'group':<28}{'n':>5}{'PCC':>8}{'RMSE':>8}{'mean err':>10}{'SMD':>8}{'review':>8}")
     for g in trust["groups"]:
         name = "all" if g["field"] == "all" else f"{g['field']}={g['group']}"
         flag = f"  FLAG |SMD| > {g['smd_limit']}" if g["flagged"] else ""
-        lines.append(f"  {name[:28]:<28}{g['n']:>5}{_fmt(g['pcc']):>8}{_fmt(g['rmse']):>8}{g['mean_error']:>+10.3f}"
-                     f"{_fmt(g['smd'], '+.3f'):>8}{100 * g['review_rate']:>7.0f}%{flag}")
+        lines.append(
+            f"  {name[:28]:<28}{g['n']:>5}{_fmt(g['pcc']):>8}{_fmt(g['rmse']):>8}{g['mean_error']:>+10.3f}"
+            f"{_fmt(g['smd'], '+.3f'):>8}{100 * g['review_rate']:>7.0f}%{flag}"
+        )
     return lines
 
 
-def evaluate(cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | Path | None = None,
-             plot: str | Path | None = None, predictions: str | Path | None = None, group_by: Sequence[str] = (),
-             report: str | Path | None = None, selective_signal: str = "score_sd") -> dict[str, Any]:
+def evaluate(
+    cfg: GraderConfig,
+    part: str,
+    data: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    plot: str | Path | None = None,
+    predictions: str | Path | None = None,
+    group_by: Sequence[str] = (),
+    report: str | Path | None = None,
+    selective_signal: str = "score_sd",
+) -> dict[str, Any]:
     """Score ``data`` through vLLM and print the metrics; the last stdout line is their JSON."""
     if selective_signal not in SIGNALS:
         raise ValueError(f"unknown signal {selective_signal!r} (signals: {', '.join(SIGNALS)})")
@@ -148,21 +172,40 @@ def evaluate(cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | P
     if predictions is not None:
         with open(predictions, "w") as f:
             for a, s in zip(answers, scored):
-                f.write(json.dumps({"audio": str(a.example.audio), "human": a.example.score, "score": s.score,
-                                    "hard_score": s.hard_score, "probabilities": s.probabilities,
-                                    "label_mass": s.label_mass, "uncertainty": s.uncertainty.model_dump(),
-                                    "quality": s.quality.model_dump(), "review": s.review.model_dump(),
-                                    **{k: a.example.fields.get(k) for k in group_by}}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "audio": str(a.example.audio),
+                            "human": a.example.score,
+                            "score": s.score,
+                            "hard_score": s.hard_score,
+                            "probabilities": s.probabilities,
+                            "label_mass": s.label_mass,
+                            "uncertainty": s.uncertainty.model_dump(),
+                            "quality": s.quality.model_dump(),
+                            "review": s.review.model_dump(),
+                            **{k: a.example.fields.get(k) for k in group_by},
+                        }
+                    )
+                    + "\n"
+                )
     plot_path = calibration_plot(
         plot or default_plot_path(data, part),
-        human, [s.score for s in scored], [s.hard_score for s in scored],
+        human,
+        [s.score for s in scored],
+        [s.hard_score for s in scored],
         f"{part}: {len(answers)} answers, soft PCC {result['soft']['pcc']:.3f}\n"
         f"adapter: {pcfg.adapter.name if pcfg.adapter else 'none (base model)'}",
         [lv.score for lv in pcfg.levels],
     )
     adapter_desc = scored[0].model.adapter or "none (base model)"
-    summary = {"soft": _finite(result["soft"]), "hard": _finite(result["hard"]), "answers": len(answers),
-               "not_scorable": len(bad), **trust}
+    summary = {
+        "soft": _finite(result["soft"]),
+        "hard": _finite(result["hard"]),
+        "answers": len(answers),
+        "not_scorable": len(bad),
+        **trust,
+    }
     print(f"{part}: {len(answers)} answers from {data} ({len(bad)} not scorable, left out), adapter {adapter_desc}")
     print(format_metrics("soft", result["soft"]))
     print(format_metrics("hard", result["hard"]))
@@ -172,8 +215,15 @@ def evaluate(cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | P
     if report is not None:
         from adapters.report import write_report
 
-        html = write_report(report, summary, human, scored, [lv.score for lv in pcfg.levels],
-                            title=f"{part}: {data}, adapter {adapter_desc}", calibration_png=plot_path)
+        html = write_report(
+            report,
+            summary,
+            human,
+            scored,
+            [lv.score for lv in pcfg.levels],
+            title=f"{part}: {data}, adapter {adapter_desc}",
+            calibration_png=plot_path,
+        )
         print(f"report: {html}")
     print(json.dumps(summary), flush=True)
     return summary

@@ -24,14 +24,21 @@ from serve.grading.scoring import ChunkScore, aggregate, label_distribution
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def processor_inputs(processor, prompt: str, audios: Sequence[np.ndarray], device: str = "cpu",
-                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def processor_inputs(
+    processor, prompt: str, audios: Sequence[np.ndarray], device: str = "cpu", dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """Model inputs for chunks of one prompt (right-padded), the processor called as vLLM calls it.
 
     Floating-point inputs (the audio features) are cast to ``dtype`` when given.
     """
-    inputs = processor(text=[prompt] * len(audios), audio=list(audios), sampling_rate=SAMPLE_RATE, truncation=True,
-                       padding=True, return_tensors="pt")
+    inputs = processor(
+        text=[prompt] * len(audios),
+        audio=list(audios),
+        sampling_rate=SAMPLE_RATE,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )
     out = {}
     for k, v in inputs.items():
         v = v.to(device)
@@ -86,6 +93,3 @@ class ReferenceScorer:
         spec = self.parts[part]
         scores = [ChunkScore(c.start_s, c.end_s, *label_distribution(self.label_logprobs(spec, c))) for c in chunks]
         return aggregate(part, spec.levels, scores, spec.model)
-
-
-

@@ -31,7 +31,8 @@ def _png(fig) -> str:
 
 
 def _img(b64: str, alt: str) -> str:
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+    alt = html.escape(alt)
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{b64}"><figcaption>{alt}</figcaption></figure>'
 
 
 def _figures(summary: dict, human: Sequence[float], scored: Sequence[ScoredAnswer], level_scores: Sequence[float]):
@@ -65,8 +66,15 @@ def _figures(summary: dict, human: Sequence[float], scored: Sequence[ScoredAnswe
     ax.imshow(cm, cmap="Blues")
     for i in range(len(levels)):
         for j in range(len(levels)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+            )
     ax.set_xticks(range(len(levels)), [f"{s:g}" for s in levels])
     ax.set_yticks(range(len(levels)), [f"{s:g}" for s in levels])
     ax.set(xlabel="hard score (most probable level)", ylabel="human score, nearest level")
@@ -74,8 +82,13 @@ def _figures(summary: dict, human: Sequence[float], scored: Sequence[ScoredAnswe
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     for name, rows in summary["selective_by_signal"].items():
-        ax.plot([100 * r["review_rate"] for r in rows], [np.nan if r["pcc"] is None else r["pcc"] for r in rows],
-                "o-", lw=2.5 if name == summary["selective_signal"] else 1, label=name)
+        ax.plot(
+            [100 * r["review_rate"] for r in rows],
+            [np.nan if r["pcc"] is None else r["pcc"] for r in rows],
+            "o-",
+            lw=2.5 if name == summary["selective_signal"] else 1,
+            label=name,
+        )
     v = summary["review_verdict"]
     if v["pcc"] is not None:
         ax.plot([100 * v["review_rate"]], [v["pcc"]], "k*", ms=14, label="review verdict")
@@ -96,13 +109,22 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], flagged: Se
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join(
-        f'<tr{" class=flag" if flagged and flagged[i] else ""}>' + "".join(f"<td>{cell(x)}</td>" for x in row) + "</tr>"
-        for i, row in enumerate(rows))
+        f"<tr{' class=flag' if flagged and flagged[i] else ''}>" + "".join(f"<td>{cell(x)}</td>" for x in row) + "</tr>"
+        for i, row in enumerate(rows)
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_report(out_dir: str | Path, summary: dict, human: Sequence[float], scored: Sequence[ScoredAnswer],
-                 level_scores: Sequence[float], *, title: str, calibration_png: str | Path | None = None) -> Path:
+def write_report(
+    out_dir: str | Path,
+    summary: dict,
+    human: Sequence[float],
+    scored: Sequence[ScoredAnswer],
+    level_scores: Sequence[float],
+    *,
+    title: str,
+    calibration_png: str | Path | None = None,
+) -> Path:
     """Write ``out_dir/report.html`` and ``out_dir/report.json``; returns the HTML's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,27 +135,61 @@ def write_report(out_dir: str | Path, summary: dict, human: Sequence[float], sco
         figs.append(_img(base64.b64encode(Path(calibration_png).read_bytes()).decode(), "Calibration"))
     figs += [_img(confusion, "Confusion matrix of levels"), _img(curve, "Selective scoring")]
     soft, hard = summary["soft"], summary["hard"]
-    agreement = _table(["decoding", "PCC", "Spearman", "RMSE", "within 0.5", "within 1.0"],
-                       [[k, m["pcc"], m["spearman"], m["rmse"], m["within_0_5"], m["within_1_0"]]
-                        for k, m in (("soft", soft), ("hard", hard))])
+    agreement = _table(
+        ["decoding", "PCC", "Spearman", "RMSE", "within 0.5", "within 1.0"],
+        [
+            [k, m["pcc"], m["spearman"], m["rmse"], m["within_0_5"], m["within_1_0"]]
+            for k, m in (("soft", soft), ("hard", hard))
+        ],
+    )
     rates = [r["review_rate"] for r in summary["selective"]]
-    selective = _table(["signal", *[f"PCC at {100 * r:.0f}%" for r in rates], "Spearman with |error|"],
-                       [[name, *[r["pcc"] for r in rows], summary["error_spearman"][name]]
-                        for name, rows in summary["selective_by_signal"].items()])
+    selective = _table(
+        ["signal", *[f"PCC at {100 * r:.0f}%" for r in rates], "Spearman with |error|"],
+        [
+            [name, *[r["pcc"] for r in rows], summary["error_spearman"][name]]
+            for name, rows in summary["selective_by_signal"].items()
+        ],
+    )
     v = summary["review_verdict"]
-    verdict = _table(["review rate", "kept", "PCC kept", "RMSE kept", "within 0.5 kept", "reasons"],
-                     [[v["review_rate"], v["n_kept"], v["pcc"], v["rmse"], v["within_0_5"],
-                       ", ".join(f"{k}: {n}" for k, n in v["reasons"].items()) or "none"]])
+    verdict = _table(
+        ["review rate", "kept", "PCC kept", "RMSE kept", "within 0.5 kept", "reasons"],
+        [
+            [
+                v["review_rate"],
+                v["n_kept"],
+                v["pcc"],
+                v["rmse"],
+                v["within_0_5"],
+                ", ".join(f"{k}: {n}" for k, n in v["reasons"].items()) or "none",
+            ]
+        ],
+    )
     groups = summary["groups"]
-    group_table = _table(["field", "group", "n", "PCC", "RMSE", "mean error", "SMD", "review rate", "flagged"],
-                         [[g["field"], g["group"], g["n"], g["pcc"], g["rmse"], g["mean_error"], g["smd"],
-                           g["review_rate"], f"|SMD| > {g['smd_limit']}" if g["flagged"] else ""] for g in groups],
-                         [g["flagged"] for g in groups])
+    group_table = _table(
+        ["field", "group", "n", "PCC", "RMSE", "mean error", "SMD", "review rate", "flagged"],
+        [
+            [
+                g["field"],
+                g["group"],
+                g["n"],
+                g["pcc"],
+                g["rmse"],
+                g["mean_error"],
+                g["smd"],
+                g["review_rate"],
+                f"|SMD| > {g['smd_limit']}" if g["flagged"] else "",
+            ]
+            for g in groups
+        ],
+        [g["flagged"] for g in groups],
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1200px}}figure{{display:inline-block;margin:0 1em 1em 0}}
+<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1200px}}
+figure{{display:inline-block;margin:0 1em 1em 0}}
 figcaption{{font-size:12px;color:#555}}table{{border-collapse:collapse;margin:0.5em 0 1.5em}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f3f3f3}}tr.flag td{{background:#fde2e2}}</style>
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f3f3f3}}
+tr.flag td{{background:#fde2e2}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
 <p>{summary["answers"]} answers scored, {summary["not_scorable"]} not scorable (left out).</p>

@@ -220,8 +220,9 @@ def synth_dataset(
             speaker = f"{split_name}-{i:04d}"
             spec = make_spec(score, rng)
             kind = rng.choice(DEGRADATIONS) if held_out and rng.random() < degrade_share else None
-            jobs.append((split_name, speaker, Path("audio") / split_name / f"{speaker}.wav", spec, kind,
-                         rng.randrange(2**32)))
+            jobs.append(
+                (split_name, speaker, Path("audio") / split_name / f"{speaker}.wav", spec, kind, rng.randrange(2**32))
+            )
 
     def render(job):
         _, _, rel, spec, kind, job_seed = job

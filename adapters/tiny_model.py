@@ -183,14 +183,12 @@ def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str], parts: dict[s
                 "num_cpus": 1,
             },
         },
-        "parts": {
-            part: {"adapter": adapter_dirs[part], "task": task} for part, task in (parts or DEMO_PARTS).items()
-        },
+        "parts": {part: {"adapter": adapter_dirs[part], "task": task} for part, task in (parts or DEMO_PARTS).items()},
     }
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0, parts: int = len(DEMO_PARTS)) -> Path:
-    """Write the tiny checkpoint, one demo adapter for each of ``parts`` demo parts, and ``demo.yaml`` into ``out_dir``."""
+    """Write the tiny checkpoint, a demo adapter for each of ``parts`` demo parts and ``demo.yaml`` into ``out_dir``."""
     import yaml
 
     part_tasks = demo_parts(parts)

@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.dataset import Answer, TrainItem, load_answers, read_jsonl, train_items
-from adapters.reference import TORCH_DTYPES, load_base_model, processor_inputs
-from adapters.losses import LOSSES, loss_fn
-from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, write_adapter_metadata
 from adapters.agreement import format_metrics, soft_hard_metrics
+from adapters.dataset import Answer, TrainItem, load_answers, read_jsonl, train_items
+from adapters.losses import LOSSES, loss_fn
+from adapters.reference import TORCH_DTYPES, load_base_model, processor_inputs
+from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, write_adapter_metadata
 from serve.grading.config import GraderConfig, UnknownPartError
 from serve.grading.parts import PartSpec, check_part, resolve_part
 from serve.grading.results import ScoredAnswer
@@ -191,7 +191,12 @@ def save_checkpoint(out: Path, model, optimizer, scheduler, state: dict[str, Any
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **state},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            **state,
+        },
         tmp / STATE_FILE,
     )
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -239,7 +244,9 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     out = Path(opts.out)
     existing = _checkpoints(out)
     if existing and not opts.resume:
-        raise TrainError(f"{out} already holds checkpoints of a run; pass --resume to continue it or pick another --out")
+        raise TrainError(
+            f"{out} already holds checkpoints of a run; pass --resume to continue it or pick another --out"
+        )
     t_start = time.time()
     torch.manual_seed(opts.seed)
     device, dtype = pick_device(opts)
@@ -287,7 +294,9 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     if opts.resume and existing:
         state = load_checkpoint(existing[-1], model, optimizer, scheduler)
         saved = state["options"]
-        diff = {k: (saved.get(k), getattr(opts, k)) for k in TrainOptions.RESUME_KEYS if saved.get(k) != getattr(opts, k)}
+        diff = {
+            k: (saved.get(k), getattr(opts, k)) for k in TrainOptions.RESUME_KEYS if saved.get(k) != getattr(opts, k)
+        }
         if diff:
             raise TrainError(f"--resume: options differ from the checkpointed run: {diff}")
         if state["n_items"] != len(items):
@@ -306,7 +315,9 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     def evaluate_dev() -> dict[str, Any] | None:
         if not dev_answers:
             return None
-        scored = score_answers(model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype)
+        scored = score_answers(
+            model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype
+        )
         return {"step": step, **soft_hard_metrics(dev_answers, scored)}
 
     def state_dict() -> dict[str, Any]:
@@ -316,7 +327,9 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     if opts.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc=f"train {opts.part}", unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=total_steps, initial=step, desc=f"train {opts.part}", unit="step", file=sys.stderr, dynamic_ncols=True
+        )
     t_train = time.time()
     steps_this_run = 0
     while step < total_steps:
@@ -353,8 +366,14 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     train_s = time.time() - t_train
     if step < total_steps:
         _log(f"stopped after step {step} of {total_steps}; continue with --resume")
-        return {"part": opts.part, "finished": False, "steps": step, "total_steps": total_steps,
-                "train_seconds": round(train_s, 2), "adapter": None}
+        return {
+            "part": opts.part,
+            "finished": False,
+            "steps": step,
+            "total_steps": total_steps,
+            "train_seconds": round(train_s, 2),
+            "adapter": None,
+        }
 
     # the adapter itself, at the top of the output folder
     model.save_pretrained(out)
@@ -376,13 +395,24 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
 
     final = None
     if dev_answers:
-        scored = score_answers(model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype)
+        scored = score_answers(
+            model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype
+        )
         final = {"step": step, **soft_hard_metrics(dev_answers, scored)}
         history.append(final)
         with open(out / "dev_predictions.jsonl", "w") as f:
             for a, s in zip(dev_answers, scored):
-                f.write(json.dumps({"audio": str(a.example.audio), "human": a.example.score, "score": s.score,
-                                    "hard_score": s.hard_score}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "audio": str(a.example.audio),
+                            "human": a.example.score,
+                            "score": s.score,
+                            "hard_score": s.hard_score,
+                        }
+                    )
+                    + "\n"
+                )
     summary = {
         "part": opts.part,
         "finished": True,
@@ -398,7 +428,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "steps_this_run": steps_this_run,
         "first_loss": losses[0] if losses else None,
-        "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])) if losses else None,
+        "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4) :])) if losses else None,
         "losses": losses,
         "dev_history": history,
         "dev_final": final,

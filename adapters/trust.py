@@ -50,12 +50,16 @@ def kept_metrics(pred: np.ndarray, human: np.ndarray) -> dict[str, float | None]
     """PCC, RMSE and within-0.5 of the answers kept (PCC None when undefined)."""
     if len(pred) == 0:
         return {"pcc": None, "rmse": None, "within_0_5": None}
-    return {"pcc": _nan_to_none(pearson(pred, human) if len(pred) > 1 else float("nan")),
-            "rmse": rmse(pred, human), "within_0_5": within(pred, human, 0.5)}
+    return {
+        "pcc": _nan_to_none(pearson(pred, human) if len(pred) > 1 else float("nan")),
+        "rmse": rmse(pred, human),
+        "within_0_5": within(pred, human, 0.5),
+    }
 
 
-def selective(pred: Sequence[float], human: Sequence[float], doubt: Sequence[float],
-              rates: Sequence[float] = REVIEW_RATES) -> list[dict]:
+def selective(
+    pred: Sequence[float], human: Sequence[float], doubt: Sequence[float], rates: Sequence[float] = REVIEW_RATES
+) -> list[dict]:
     """For each review rate, the agreement of the answers kept once the most doubtful share is routed away."""
     p, h, d = (np.asarray(x, dtype=np.float64) for x in (pred, human, doubt))
     order = np.argsort(-d, kind="stable")  # most doubtful first
@@ -107,16 +111,22 @@ def group_of(fields: Mapping[str, object], field: str) -> str:
 
 def group_table(rows: Sequence[Row], group_by: Sequence[str]) -> list[dict]:
     """The fairness table: the whole set, then every group of every field in ``group_by``."""
+
     def stats(field: str, group: str, members: Sequence[Row], limit: float) -> dict:
         p = np.array([r.pred for r in members])
         h = np.array([r.human for r in members])
         d = smd(p, h)
         return {
-            "field": field, "group": group, "n": len(members),
+            "field": field,
+            "group": group,
+            "n": len(members),
             "pcc": _nan_to_none(pearson(p, h)) if len(members) > 1 else None,
-            "rmse": rmse(p, h), "mean_error": float((p - h).mean()), "smd": d,
+            "rmse": rmse(p, h),
+            "mean_error": float((p - h).mean()),
+            "smd": d,
             "review_rate": float(np.mean([r.review for r in members])),
-            "smd_limit": limit, "flagged": d is not None and abs(d) > limit,
+            "smd_limit": limit,
+            "flagged": d is not None and abs(d) > limit,
         }
 
     table = [stats("all", "all", rows, SMD_LIMIT_OVERALL)]
@@ -127,8 +137,13 @@ def group_table(rows: Sequence[Row], group_by: Sequence[str]) -> list[dict]:
     return table
 
 
-def trust_report(scored: Sequence[ScoredAnswer], human: Sequence[float], fields: Sequence[Mapping[str, object]],
-                 group_by: Sequence[str] = (), primary: str = "score_sd") -> dict:
+def trust_report(
+    scored: Sequence[ScoredAnswer],
+    human: Sequence[float],
+    fields: Sequence[Mapping[str, object]],
+    group_by: Sequence[str] = (),
+    primary: str = "score_sd",
+) -> dict:
     """Selective scoring for every signal (``primary``'s list as ``selective``), the verdict's operating point,
     each signal's Spearman with |error|, and the group table."""
     if primary not in SIGNALS:
@@ -147,8 +162,9 @@ def trust_report(scored: Sequence[ScoredAnswer], human: Sequence[float], fields:
             reasons[r] = reasons.get(r, 0) + 1
     return {
         "selective_signal": primary,
-        "selective": [{k: x[k] for k in ("review_rate", "pcc", "rmse", "within_0_5", "n_kept")}
-                      for x in by_signal[primary]],
+        "selective": [
+            {k: x[k] for k in ("review_rate", "pcc", "rmse", "within_0_5", "n_kept")} for x in by_signal[primary]
+        ],
         "selective_by_signal": by_signal,
         "review_verdict": {**verdict_point(pred, human, needed), "reasons": reasons},
         "error_spearman": rho,

@@ -66,8 +66,9 @@ def _encode_ffmpeg(wave: np.ndarray, rate: int, container: str, codec: str, samp
             samples = wave[start : start + step]
             frames = [None]
             if len(samples):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, :], np.float32), format="flt",
-                                                   layout="mono")
+                frame = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(samples[None, :], np.float32), format="flt", layout="mono"
+                )
                 frame.sample_rate = rate
                 frames = [frame]
             for f in frames:

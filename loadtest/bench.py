@@ -41,10 +41,23 @@ from loadtest.multipart import multipart_answer
 from loadtest.retry import RETRYABLE, retry_delay
 
 # Published shapes of Qwen2-Audio-7B(-Instruct).
-QWEN2_AUDIO_7B_AUDIO = dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
-                            num_mel_bins=128, max_source_positions=1500)
-QWEN2_AUDIO_7B_TEXT = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                           intermediate_size=11008, vocab_size=156032, max_position_embeddings=8192)
+QWEN2_AUDIO_7B_AUDIO = dict(
+    d_model=1280,
+    encoder_layers=32,
+    encoder_attention_heads=20,
+    encoder_ffn_dim=5120,
+    num_mel_bins=128,
+    max_source_positions=1500,
+)
+QWEN2_AUDIO_7B_TEXT = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    intermediate_size=11008,
+    vocab_size=156032,
+    max_position_embeddings=8192,
+)
 # Dense bf16 peak of the GPU (FLOP/s), by name; L2GRADER_PEAK_TFLOPS overrides.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
@@ -72,16 +85,26 @@ def make_answers(parts: list[str], n: int, min_s: float, max_s: float, seed: int
     return out
 
 
-def summary(name: str, latencies_s: list[float], wall_s: float, answers: int, audio_s: float,
-            cpu_s: float | None, errors: dict[str, int] | None = None) -> dict:
+def summary(
+    name: str,
+    latencies_s: list[float],
+    wall_s: float,
+    answers: int,
+    audio_s: float,
+    cpu_s: float | None,
+    errors: dict[str, int] | None = None,
+) -> dict:
     from loadtest.service import percentile
 
     ms = [x * 1000 for x in latencies_s]
     return {
-        "path": name, "answers": answers, "wall_s": round(wall_s, 3),
+        "path": name,
+        "answers": answers,
+        "wall_s": round(wall_s, 3),
         "answers_per_s": round(answers / wall_s, 3) if wall_s else 0.0,
         "audio_s_per_s": round(audio_s / wall_s, 2) if wall_s else 0.0,
-        "p50_ms": round(percentile(ms, 50), 1), "p95_ms": round(percentile(ms, 95), 1),
+        "p50_ms": round(percentile(ms, 50), 1),
+        "p95_ms": round(percentile(ms, 95), 1),
         "cpu_ms_per_answer": None if cpu_s is None else round(cpu_s * 1000 / max(answers, 1), 2),
         "errors": errors or {},
     }
@@ -123,8 +146,9 @@ def _post_all(port: int, answers: list[Answer], concurrency: int, headers: dict[
         return list(pool.map(lambda a: _post(port, a, headers), answers))
 
 
-def service_phase(config: str, cfg, answers: list[Answer], warmup: list[Answer], concurrency: int, out: Path,
-                  idle_s: float = 3.0) -> dict:
+def service_phase(
+    config: str, cfg, answers: list[Answer], warmup: list[Answer], concurrency: int, out: Path, idle_s: float = 3.0
+) -> dict:
     from loadtest.service import Service, TreeCpu, client_key
 
     key, env = client_key(cfg, None)
@@ -161,8 +185,8 @@ def service_phase(config: str, cfg, answers: list[Answer], warmup: list[Answer],
 
 def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     from loadtest.service import TreeCpu
-    from serve.grading.audio import prepare_answer
     from serve.engine.offline import OfflineEngine
+    from serve.grading.audio import prepare_answer
 
     _log("(b) offline: starting the engine (vllm.LLM)")
     scorer = OfflineEngine(cfg)
@@ -241,8 +265,9 @@ def build_7b_shaped_model(processor, parts: list[str], device: str = "cuda", ran
                 p.normal_(0.0, 0.01)
     model.eval()
     audio_params = sum(p.numel() for n, p in model.named_parameters() if "audio_tower" in n)
-    lm_params = sum(p.numel() for n, p in model.named_parameters()
-                    if "audio_tower" not in n and "embed_tokens" not in n)
+    lm_params = sum(
+        p.numel() for n, p in model.named_parameters() if "audio_tower" not in n and "embed_tokens" not in n
+    )
     return model, audio_params, lm_params
 
 
@@ -279,8 +304,10 @@ def gpu_reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dic
     parts = sorted(specs)
     model, audio_params, lm_params = build_7b_shaped_model(processor, parts)
     name = torch.cuda.get_device_name()
-    _log(f"(c) reference on {name}: Qwen2-Audio-7B-shaped random bf16 model "
-         f"({(audio_params + lm_params) / 1e9:.2f} B parameters without embeddings)")
+    _log(
+        f"(c) reference on {name}: Qwen2-Audio-7B-shaped random bf16 model "
+        f"({(audio_params + lm_params) / 1e9:.2f} B parameters without embeddings)"
+    )
 
     @torch.inference_mode()
     def one(a: Answer) -> float:
@@ -306,8 +333,12 @@ def gpu_reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dic
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
     s = summary("reference", lat, wall, len(answers), sum(a.seconds for a in answers), None)
-    s.update(device=name, model="Qwen2-Audio-7B-shaped, random bf16",
-             tflops=round(flops / wall / 1e12, 2), mfu=mfu(flops, wall, peak_flops(name)))
+    s.update(
+        device=name,
+        model="Qwen2-Audio-7B-shaped, random bf16",
+        tflops=round(flops / wall / 1e12, 2),
+        mfu=mfu(flops, wall, peak_flops(name)),
+    )
     return s
 
 
@@ -330,7 +361,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed)
     warmup = make_answers(parts, min(args.warmup, args.answers), args.min_s, args.max_s, seed=args.seed + 1)
     audio_total = sum(a.seconds for a in answers)
-    _log(f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({audio_total:.0f} s of audio), parts {', '.join(parts)}")
+    _log(
+        f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({audio_total:.0f} s of audio), "
+        f"parts {', '.join(parts)}"
+    )
 
     import torch
 
@@ -346,8 +380,11 @@ def run_bench(args: argparse.Namespace) -> dict:
 
     sv, off, ref = paths.get("service"), paths.get("offline"), paths.get("reference")
     result = {
-        "answers": len(answers), "answer_s": [args.min_s, args.max_s], "concurrency": args.concurrency,
-        "device": torch.cuda.get_device_name() if gpu else "cpu", "cpu_count": os.cpu_count(),
+        "answers": len(answers),
+        "answer_s": [args.min_s, args.max_s],
+        "concurrency": args.concurrency,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "cpu_count": os.cpu_count(),
         "paths": {k: {x: y for x, y in v.items() if x != "scores"} for k, v in paths.items()},
         "ratios": {
             "service_over_offline_answers_per_s": _ratio(sv and sv["answers_per_s"], off and off["answers_per_s"]),
@@ -366,19 +403,28 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 def print_report(result: dict) -> None:
     rows = result["paths"]
-    print(f"{result['answers']} answers of {result['answer_s'][0]:g}-{result['answer_s'][1]:g} s on {result['device']} "
-          f"({result['cpu_count']} CPUs); service with {result['concurrency']} concurrent clients")
-    print(f"{'path':<10} {'answers/s':>10} {'audio s/s':>10} {'p50 ms':>9} {'p95 ms':>9} {'CPU ms/answer':>14} {'errors':>7}")
+    print(
+        f"{result['answers']} answers of {result['answer_s'][0]:g}-{result['answer_s'][1]:g} s on {result['device']} "
+        f"({result['cpu_count']} CPUs); service with {result['concurrency']} concurrent clients"
+    )
+    print(
+        f"{'path':<10} {'answers/s':>10} {'audio s/s':>10} {'p50 ms':>9} {'p95 ms':>9} "
+        f"{'CPU ms/answer':>14} {'errors':>7}"
+    )
     for name, r in rows.items():
         cpu = "-" if r["cpu_ms_per_answer"] is None else f"{r['cpu_ms_per_answer']:.1f}"
-        print(f"{name:<10} {r['answers_per_s']:>10.2f} {r['audio_s_per_s']:>10.1f} {r['p50_ms']:>9.0f} "
-              f"{r['p95_ms']:>9.0f} {cpu:>14} {sum(r['errors'].values()):>7}")
+        print(
+            f"{name:<10} {r['answers_per_s']:>10.2f} {r['audio_s_per_s']:>10.1f} {r['p50_ms']:>9.0f} "
+            f"{r['p95_ms']:>9.0f} {cpu:>14} {sum(r['errors'].values()):>7}"
+        )
     for k, v in result["ratios"].items():
         if v is not None:
             print(f"{k.replace('_', ' ')}: {v:.2f}x")
     if "service_extra_cpu_ms_per_answer" in result:
-        print(f"service CPU over offline per answer: {result['service_extra_cpu_ms_per_answer']:+.1f} ms "
-              f"(service idle background: {rows['service']['idle_cpu_ms_per_s']:.0f} CPU ms/s)")
+        print(
+            f"service CPU over offline per answer: {result['service_extra_cpu_ms_per_answer']:+.1f} ms "
+            f"(service idle background: {rows['service']['idle_cpu_ms_per_s']:.0f} CPU ms/s)"
+        )
     print(json.dumps(result))
 
 
@@ -389,18 +435,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="score the same answers through the service, the offline path and plain transformers")
+    p = sub.add_parser(
+        "bench", help="score the same answers through the service, the offline path and plain transformers"
+    )
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--answers", type=int, default=256, help="answers scored by each path (default 256)")
     p.add_argument("--min-s", type=float, default=8.0, help="shortest answer, seconds (default 8)")
     p.add_argument("--max-s", type=float, default=20.0, help="longest answer, seconds (default 20)")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients of the service (default 32)")
-    p.add_argument("--reference-answers", type=int, default=64,
-                   help="answers for the one-at-a-time reference path (0: all; default 64)")
+    p.add_argument(
+        "--reference-answers",
+        type=int,
+        default=64,
+        help="answers for the one-at-a-time reference path (0: all; default 64)",
+    )
     p.add_argument("--warmup", type=int, default=16, help="warm-up answers per path, not counted (default 16)")
     p.add_argument("--parts", help="comma-separated parts (default: all of the config's)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["service", "offline", "reference"], help="paths to leave out")
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["service", "offline", "reference"], help="paths to leave out"
+    )
     p.add_argument("--seed", type=int, default=7, help="seed of the generated answers (default 7)")
     p.add_argument("--out", help="folder for the service's log (default runs/bench)")
-    p.add_argument("--no-gpu", action="store_true", help="on a GPU host, run the reference on the config's model instead")
+    p.add_argument(
+        "--no-gpu", action="store_true", help="on a GPU host, run the reference on the config's model instead"
+    )
     p.set_defaults(func=cmd_bench)

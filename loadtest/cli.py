@@ -54,8 +54,12 @@ def per_part(record: dict) -> dict[str, dict]:
     out = {}
     for part, r in sorted(record.get("by_part", {}).items()):
         lat = r["latencies_ms"]
-        out[part] = {"answers": len(lat), "p50_ms": round(percentile(lat, 50), 1), "p95_ms": round(percentile(lat, 95), 1),
-                     "errors": {k: v for k, v in r["statuses"].items() if k != "200"}}
+        out[part] = {
+            "answers": len(lat),
+            "p50_ms": round(percentile(lat, 50), 1),
+            "p95_ms": round(percentile(lat, 95), 1),
+            "errors": {k: v for k, v in r["statuses"].items() if k != "200"},
+        }
     return out
 
 
@@ -76,8 +80,11 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     service = None
     if not args.url:
         ensure_tiny_model(cfg)
-        print(f"l2grader: starting the service (log: {out / 'serve.log'}); engine start-up takes a minute",
-              file=sys.stderr, flush=True)
+        print(
+            f"l2grader: starting the service (log: {out / 'serve.log'}); engine start-up takes a minute",
+            file=sys.stderr,
+            flush=True,
+        )
         service = Service(args.config, out / "serve.log", env=service_env)
         url = service.url
     else:
@@ -85,10 +92,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     try:
         env = {
             **os.environ,
-            "L2GRADER_MIX": args.mix, "L2GRADER_FORMATS": args.formats, "L2GRADER_WAIT_S": str(args.wait),
-            "L2GRADER_POOL": str(args.pool), "L2GRADER_SHAPE": args.shape, "L2GRADER_USERS": str(args.users),
-            "L2GRADER_DURATION_S": str(args.duration), "L2GRADER_STEPS": str(args.steps),
-            "L2GRADER_STATS": str(out / "answers.json"), "L2GRADER_UNIQUE": "0" if args.repeat_files else "1",
+            "L2GRADER_MIX": args.mix,
+            "L2GRADER_FORMATS": args.formats,
+            "L2GRADER_WAIT_S": str(args.wait),
+            "L2GRADER_POOL": str(args.pool),
+            "L2GRADER_SHAPE": args.shape,
+            "L2GRADER_USERS": str(args.users),
+            "L2GRADER_DURATION_S": str(args.duration),
+            "L2GRADER_STEPS": str(args.steps),
+            "L2GRADER_STATS": str(out / "answers.json"),
+            "L2GRADER_UNIQUE": "0" if args.repeat_files else "1",
             "L2GRADER_RETRIES": str(args.retries),
         }
         if key:
@@ -98,15 +111,40 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         # Locust imports loadtest.audio: make the package importable whatever the working directory.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
-               "-u", str(args.users), "-r", str(args.spawn_rate or args.users), "-t", f"{int(args.duration)}s",
-               "--stop-timeout", str(args.stop_timeout), "--csv", str(out / "locust"), "--csv-full-history",
-               "--html", str(out / "report.html"), "--only-summary", "--loglevel", "WARNING"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--host",
+            url,
+            "-u",
+            str(args.users),
+            "-r",
+            str(args.spawn_rate or args.users),
+            "-t",
+            f"{int(args.duration)}s",
+            "--stop-timeout",
+            str(args.stop_timeout),
+            "--csv",
+            str(out / "locust"),
+            "--csv-full-history",
+            "--html",
+            str(out / "report.html"),
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
+        ]
         cpu = TreeCpu(service.pids()) if service else None
         if cpu:
             cpu.start()
-        print(f"l2grader: {args.users} users for {args.duration:g} s ({args.shape}) against {url}",
-              file=sys.stderr, flush=True)
+        print(
+            f"l2grader: {args.users} users for {args.duration:g} s ({args.shape}) against {url}",
+            file=sys.stderr,
+            flush=True,
+        )
         with open(out / "locust.log", "w") as log:
             locust = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         service_cpu_s = cpu.stop() if cpu else None
@@ -124,16 +162,23 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     s["parts"] = record["parts"]
     s["by_part"] = per_part(record)
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
-    print(f"requests/s {s['requests_per_s']:.2f}   answers/s {s['answers_per_s']:.2f}   "
-          f"audio s scored per wall s {s['audio_s_per_s']:.1f}   ({s['answers']} answers, {s['chunks']} chunks "
-          f"in {s['wall_s']:.1f} s, parts {', '.join(s['parts'])})")
+    print(
+        f"requests/s {s['requests_per_s']:.2f}   answers/s {s['answers_per_s']:.2f}   "
+        f"audio s scored per wall s {s['audio_s_per_s']:.1f}   ({s['answers']} answers, {s['chunks']} chunks "
+        f"in {s['wall_s']:.1f} s, parts {', '.join(s['parts'])})"
+    )
     print(f"latency p50 {s['p50_ms']:.0f} ms   p95 {s['p95_ms']:.0f} ms   p99 {s['p99_ms']:.0f} ms")
     if len(s["by_part"]) > 1:
-        print("per part: " + "   ".join(f"{p} {v['answers']} answers p95 {v['p95_ms']:.0f} ms" for p, v in s["by_part"].items()))
+        print(
+            "per part: "
+            + "   ".join(f"{p} {v['answers']} answers p95 {v['p95_ms']:.0f} ms" for p, v in s["by_part"].items())
+        )
     if "service_cpu_ms_per_answer" in s:
         print(f"service CPU per answer {s['service_cpu_ms_per_answer']:.1f} ms (whole process tree)")
-    print(f"refused or failed attempts by status: {errors}   retried {s['retries']}, given up after retries "
-          f"{s['answers_given_up']}   files: {out}/locust_stats.csv, {out}/report.html")
+    print(
+        f"refused or failed attempts by status: {errors}   retried {s['retries']}, given up after retries "
+        f"{s['answers_given_up']}   files: {out}/locust_stats.csv, {out}/report.html"
+    )
     print(json.dumps(s))
     bad = {k: v for k, v in s["errors"].items() if k not in ("503", "429")}  # "not now": retried, intended
     return 1 if bad or s["answers"] == 0 else 0
@@ -143,25 +188,43 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``loadtest``, ``bench``, ``bench-cluster``, ``bench-session`` and ``soak`` to the ``l2grader`` parser."""
     p = sub.add_parser("loadtest", help="load-test the service with Locust (starts it unless --url is given)")
     p.add_argument("--config", required=True, help="grader YAML config")
-    p.add_argument("--users", type=int, default=16, help="simulated upload workers (the step shape's peak) (default 16)")
+    p.add_argument(
+        "--users", type=int, default=16, help="simulated upload workers (the step shape's peak) (default 16)"
+    )
     p.add_argument("--duration", type=float, default=60, help="seconds of load (default 60)")
     p.add_argument("--url", help="service to test (default: start `l2grader serve --config FILE` on a free port)")
     p.add_argument("--out", help="folder for Locust's CSVs, the HTML report and logs (default runs/loadtest-TIME)")
-    p.add_argument("--shape", choices=["constant", "step"], default="constant",
-                   help="constant user count, or a step ramp up to --users (default constant)")
+    p.add_argument(
+        "--shape",
+        choices=["constant", "step"],
+        default="constant",
+        help="constant user count, or a step ramp up to --users (default constant)",
+    )
     p.add_argument("--steps", type=int, default=5, help="steps of the step ramp (default 5)")
-    p.add_argument("--mix", default="short:80,medium:17,long:3",
-                   help="answer lengths: short 10-20 s, medium 30-60 s, long 3-5 min (default short:80,medium:17,long:3)")
+    p.add_argument(
+        "--mix",
+        default="short:80,medium:17,long:3",
+        help="answer lengths: short 10-20 s, medium 30-60 s, long 3-5 min (default short:80,medium:17,long:3)",
+    )
     p.add_argument("--formats", default="wav", help="upload formats, rotated: wav,flac,ogg,mp3 (default wav)")
-    p.add_argument("--parts", help="comma-separated parts, each with an optional weight, e.g. interview:40,long_turn:20,part_3 "
-                                   "(default: every part of the service's GET /v1/parts, equally)")
-    p.add_argument("--repeat-files", action="store_true",
-                   help="send the pool's files byte for byte (the engine's caches then see repeats; default: "
-                        "every WAV upload differs in one inaudible sample)")
+    p.add_argument(
+        "--parts",
+        help="comma-separated parts, each with an optional weight, e.g. interview:40,long_turn:20,part_3 "
+        "(default: every part of the service's GET /v1/parts, equally)",
+    )
+    p.add_argument(
+        "--repeat-files",
+        action="store_true",
+        help="send the pool's files byte for byte (the engine's caches then see repeats; default: "
+        "every WAV upload differs in one inaudible sample)",
+    )
     p.add_argument("--pool", type=int, default=8, help="answers generated per length class (default 8)")
-    p.add_argument("--retries", type=int, default=3,
-                   help="times an answer refused with 503/429 is sent again after Retry-After, same response_id "
-                        "(default 3)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="times an answer refused with 503/429 is sent again after Retry-After, same response_id (default 3)",
+    )
     p.add_argument("--wait", type=float, default=0.5, help="think time between a user's answers, uniform 0..WAIT s")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: all at once)")
     p.add_argument("--stop-timeout", type=int, default=120, help="seconds in-flight answers may finish at the end")

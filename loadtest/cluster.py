@@ -84,7 +84,7 @@ class LocalCluster:
         import psutil
 
         out = []
-        for proc_type, infos in node.all_processes.items():
+        for infos in node.all_processes.values():
             for info in infos:
                 try:
                     root = psutil.Process(info.process.pid)
@@ -144,16 +144,20 @@ def wait_for_replicas(deployment: str, n: int, timeout_s: float, app: str = "l2g
     started = time.monotonic()
     while replica_counts(app=app).get(deployment, 0) != n:
         if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"{deployment} did not reach {n} running replicas within {timeout_s:.0f} s "
-                               f"(now {replica_counts(app=app)})")
+            raise TimeoutError(
+                f"{deployment} did not reach {n} running replicas within {timeout_s:.0f} s "
+                f"(now {replica_counts(app=app)})"
+            )
         time.sleep(0.5)
     return time.monotonic() - started
 
 
 #: Each scorer replica's counters in the service's ``GET /metrics`` (the whole cluster's, merged), by key.
-SCORER_SERIES = {"answers": "ray_l2grader_scorer_answers_total",
-                 "adapter_loads": "ray_l2grader_scorer_adapter_loads_total",
-                 "adapter_evictions": "ray_l2grader_scorer_adapter_evictions_total"}
+SCORER_SERIES = {
+    "answers": "ray_l2grader_scorer_answers_total",
+    "adapter_loads": "ray_l2grader_scorer_adapter_loads_total",
+    "adapter_evictions": "ray_l2grader_scorer_adapter_evictions_total",
+}
 
 
 def metrics_page(url: str, headers: dict[str, str] | None = None) -> list:
@@ -162,7 +166,7 @@ def metrics_page(url: str, headers: dict[str, str] | None = None) -> list:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers or {}), timeout=30) as r:
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/metrics", headers=headers or {}), timeout=30) as r:  # noqa: S310 - loopback http URLs built here
         return list(text_string_to_metric_families(r.read().decode()))
 
 
@@ -182,9 +186,13 @@ def scorer_counts(url: str, headers: dict[str, str] | None = None) -> dict[str, 
 
 
 def answers_counted(url: str, headers: dict[str, str] | None = None) -> float:
-    """Answers the ingress replicas counted as scored (``ray_l2grader_answers_scored_total``, all replicas and parts)."""
-    return sum(s.value for family in metrics_page(url, headers) for s in family.samples
-               if s.name == "ray_l2grader_answers_scored_total")
+    """Answers the ingress replicas counted as scored (``ray_l2grader_answers_scored_total``, all replicas, parts)."""
+    return sum(
+        s.value
+        for family in metrics_page(url, headers)
+        for s in family.samples
+        if s.name == "ray_l2grader_answers_scored_total"
+    )
 
 
 def serve_on(cluster: LocalCluster, config: str | Path, log_path: Path, env: dict[str, str] | None = None) -> Service:

@@ -1,4 +1,4 @@
-"""``l2grader bench-cluster``: the service on a 2-node Ray cluster, under load, through routing, scaling, failures, updates.
+"""``l2grader bench-cluster``: the service on a 2-node Ray cluster under load: routing, scaling, failures, updates.
 
 One :class:`loadtest.cluster.LocalCluster` (head + worker node on this
 machine), the tiny checkpoint with six demo parts, ``l2grader serve
@@ -40,9 +40,19 @@ def _log(msg: str) -> None:
     print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
-def write_config(base: Path, name: str, *, scorer_min: int, scorer_max: int, adapters: int,
-                 target_ongoing: float = 4, upscale_delay_s: float = 3, downscale_delay_s: float = 60,
-                 spread_part_at: int | None = 4, ingress_replicas: int = 1) -> Path:
+def write_config(
+    base: Path,
+    name: str,
+    *,
+    scorer_min: int,
+    scorer_max: int,
+    adapters: int,
+    target_ongoing: float = 4,
+    upscale_delay_s: float = 3,
+    downscale_delay_s: float = 60,
+    spread_part_at: int | None = 4,
+    ingress_replicas: int = 1,
+) -> Path:
     """A cluster config beside the tiny checkpoint's ``demo.yaml``: scorer replicas one per node, the given bounds;
     ``ingress_replicas`` fixed ingress replicas, one per node."""
     import yaml
@@ -55,11 +65,19 @@ def write_config(base: Path, name: str, *, scorer_min: int, scorer_max: int, ada
     cfg["serving"]["adapters_per_replica"] = adapters
     cfg["serving"]["spread_part_at"] = spread_part_at
     cfg["serving"]["scorer"] = {
-        "autoscaling": {"min_replicas": scorer_min, "max_replicas": scorer_max, "target_ongoing_requests": target_ongoing,
-                        "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s,
-                        "look_back_period_s": 15},  # Serve wants it above its 10 s metrics interval
-        "max_ongoing_requests": 32, "max_queued_requests": 64, "num_cpus": 1,
-        "max_replicas_per_node": 1, "graceful_shutdown_timeout_s": 120,
+        "autoscaling": {
+            "min_replicas": scorer_min,
+            "max_replicas": scorer_max,
+            "target_ongoing_requests": target_ongoing,
+            "upscale_delay_s": upscale_delay_s,
+            "downscale_delay_s": downscale_delay_s,
+            "look_back_period_s": 15,
+        },  # Serve wants it above its 10 s metrics interval
+        "max_ongoing_requests": 32,
+        "max_queued_requests": 64,
+        "num_cpus": 1,
+        "max_replicas_per_node": 1,
+        "graceful_shutdown_timeout_s": 120,
     }
     path = base.with_name(f"{name}.yaml")
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -69,8 +87,18 @@ def write_config(base: Path, name: str, *, scorer_min: int, scorer_max: int, ada
 class Load:
     """``l2grader loadtest --url`` in the background; :meth:`result` waits for its summary."""
 
-    def __init__(self, config: Path, url: str, out: Path, users: int, duration_s: float, parts: str,
-                 shape: str = "constant", steps: int = 3, retries: int = 8):
+    def __init__(
+        self,
+        config: Path,
+        url: str,
+        out: Path,
+        users: int,
+        duration_s: float,
+        parts: str,
+        shape: str = "constant",
+        steps: int = 3,
+        retries: int = 8,
+    ):
         from loadtest.service import l2grader_cmd
 
         self.out = out
@@ -78,10 +106,35 @@ class Load:
         self.started = time.monotonic()
         self._log = open(out / "loadtest.out", "w")
         self.proc = subprocess.Popen(
-            [*l2grader_cmd(), "loadtest", "--config", str(config), "--url", url, "--out", str(out), "--users", str(users),
-             "--duration", str(duration_s), "--mix", "short:1", "--parts", parts, "--shape", shape, "--steps", str(steps),
-             "--retries", str(retries), "--wait", "0.2"],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                *l2grader_cmd(),
+                "loadtest",
+                "--config",
+                str(config),
+                "--url",
+                url,
+                "--out",
+                str(out),
+                "--users",
+                str(users),
+                "--duration",
+                str(duration_s),
+                "--mix",
+                "short:1",
+                "--parts",
+                parts,
+                "--shape",
+                shape,
+                "--steps",
+                str(steps),
+                "--retries",
+                str(retries),
+                "--wait",
+                "0.2",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def stop(self) -> None:
         """End the run now (its summary is then incomplete)."""
@@ -116,7 +169,7 @@ class ReplicaTimeline(threading.Thread):
             try:
                 n = replica_counts().get(self.deployment, 0)
                 starting = replica_counts("STARTING").get(self.deployment, 0)
-            except Exception:  # the controller is busy or restarting: try again
+            except Exception:  # noqa: BLE001 - the controller is busy or restarting: try again
                 n = None
             if n is not None and (not self.changes or self.changes[-1][1:] != (n, starting)):
                 self.changes.append((round(time.monotonic() - self.started, 1), n, starting))
@@ -143,7 +196,7 @@ def counts_now(url: str) -> dict[str, dict]:
 
 
 def stats_delta(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
-    """Per replica: answers, adapter loads and evictions during a phase (by part and in total); idle replicas left out."""
+    """Per replica: answers, adapter loads and evictions in a phase (by part and in total); idle replicas left out."""
     out = {}
     for rid, now in after.items():
         was = before.get(rid, {})
@@ -163,8 +216,11 @@ def routing_figures(load: dict, delta: dict[str, dict]) -> dict:
     answers = sum(r["answers"] for r in delta.values())
     loads = sum(r["adapter_loads"] for r in delta.values())
     return {
-        "answers": load["answers"], "answers_per_s": load["answers_per_s"], "p95_ms": load["p95_ms"],
-        "errors": load["errors"], "answers_given_up": load["answers_given_up"],
+        "answers": load["answers"],
+        "answers_per_s": load["answers_per_s"],
+        "p95_ms": load["p95_ms"],
+        "errors": load["errors"],
+        "answers_given_up": load["answers_given_up"],
         "answers_scored_by_replicas": answers,
         "adapter_loads_per_1000_answers": round(1000 * loads / answers, 1) if answers else None,
         "replicas": delta,
@@ -193,13 +249,25 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
         make_tiny_model(tiny, parts=DEMO_PART_COUNT)
     base = tiny / "demo.yaml"
     spread = args.spread_part_at or None
-    fixed = write_config(base, "cluster-fixed", scorer_min=2, scorer_max=2, adapters=args.adapters, spread_part_at=spread)
-    changed = write_config(base, "cluster-changed", scorer_min=2, scorer_max=2, adapters=args.adapters + 1,
-                           spread_part_at=spread)
-    scaling = write_config(base, "cluster-autoscale", scorer_min=1, scorer_max=2, adapters=args.adapters + 1,
-                           spread_part_at=spread)
-    results: dict = {"config": {"parts": DEMO_PART_COUNT, "adapters_per_replica": args.adapters, "users": args.users,
-                                "phase_s": args.duration, "mix": PARTS_MIX, "spread_part_at": spread}}
+    fixed = write_config(
+        base, "cluster-fixed", scorer_min=2, scorer_max=2, adapters=args.adapters, spread_part_at=spread
+    )
+    changed = write_config(
+        base, "cluster-changed", scorer_min=2, scorer_max=2, adapters=args.adapters + 1, spread_part_at=spread
+    )
+    scaling = write_config(
+        base, "cluster-autoscale", scorer_min=1, scorer_max=2, adapters=args.adapters + 1, spread_part_at=spread
+    )
+    results: dict = {
+        "config": {
+            "parts": DEMO_PART_COUNT,
+            "adapters_per_replica": args.adapters,
+            "users": args.users,
+            "phase_s": args.duration,
+            "mix": PARTS_MIX,
+            "spread_part_at": spread,
+        }
+    }
     d = args.duration
 
     t0 = time.monotonic()
@@ -238,9 +306,13 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
                 back_s = wait_for_replicas_after_loss(lost, 2)
                 r = load.result()
                 results["failover"][event] = {
-                    "s_to_two_scorers": back_s, "attempts_by_status": {**r["errors"], "200": r["answers"]},
-                    "retries": r["retries"], "answers": r["answers"], "answers_lost": r["answers_given_up"],
-                    "load_s": args.failover_s}
+                    "s_to_two_scorers": back_s,
+                    "attempts_by_status": {**r["errors"], "200": r["answers"]},
+                    "retries": r["retries"],
+                    "answers": r["answers"],
+                    "answers_lost": r["answers_given_up"],
+                    "load_s": args.failover_s,
+                }
                 _log(f"failover, {event}: {results['failover'][event]}")
 
             _log(f"phase deploy: adapters_per_replica {args.adapters} -> {args.adapters + 1} under load")
@@ -248,8 +320,12 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
             time.sleep(10)
             deploy_s = _deploy(cluster, changed)
             deployed = load.result()
-            results["deploy"] = {"deploy_s": deploy_s, "attempts_by_status": {**deployed["errors"], "200": deployed["answers"]},
-                                 "retries": deployed["retries"], "answers_lost": deployed["answers_given_up"]}
+            results["deploy"] = {
+                "deploy_s": deploy_s,
+                "attempts_by_status": {**deployed["errors"], "200": deployed["answers"]},
+                "retries": deployed["retries"],
+                "answers_lost": deployed["answers_given_up"],
+            }
             _log(f"deploy: {results['deploy']}")
             phase = f"locality_{args.adapters + 1}_slots"
             _log(f"phase {phase}: the locality load again, {args.adapters + 1} adapter slots per replica")
@@ -263,13 +339,18 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
             wait_for_replicas("Scorer", 1, 180)
             timeline = ReplicaTimeline()
             timeline.start()
-            load = Load(scaling, service.url, out / "autoscale", args.users * 2, args.ramp_s, PARTS_MIX,
-                        shape="step", steps=3).result()
+            load = Load(
+                scaling, service.url, out / "autoscale", args.users * 2, args.ramp_s, PARTS_MIX, shape="step", steps=3
+            ).result()
             wait_for_replicas("Scorer", 1, 180)
             changes = timeline.stop()
-            results["autoscale"] = {"replicas_over_time": changes, "max_replicas_seen": max(n for _, n, _ in changes),
-                                    "attempts_by_status": {**load["errors"], "200": load["answers"]},
-                                    "retries": load["retries"], "answers_lost": load["answers_given_up"]}
+            results["autoscale"] = {
+                "replicas_over_time": changes,
+                "max_replicas_seen": max(n for _, n, _ in changes),
+                "attempts_by_status": {**load["errors"], "200": load["answers"]},
+                "retries": load["retries"],
+                "answers_lost": load["answers_given_up"],
+            }
             _log(f"autoscale: {results['autoscale']}")
         finally:
             service.stop()
@@ -289,11 +370,15 @@ def wait_for_replicas_after_loss(since: float, n: int, timeout_s: float = 300) -
 
 
 def _print_routing(phase: str, r: dict) -> None:
-    print(f"{phase}: {r['answers']} answers ({r['answers_per_s']:.2f}/s), p95 {r['p95_ms']:.0f} ms, "
-          f"adapter loads per 1,000 answers {r['adapter_loads_per_1000_answers']}, errors {r['errors'] or 'none'}")
+    print(
+        f"{phase}: {r['answers']} answers ({r['answers_per_s']:.2f}/s), p95 {r['p95_ms']:.0f} ms, "
+        f"adapter loads per 1,000 answers {r['adapter_loads_per_1000_answers']}, errors {r['errors'] or 'none'}"
+    )
     for rid, row in r["replicas"].items():
-        print(f"  replica {rid}: {row['answers']} answers {row['answers_by_part']}, "
-              f"{row['adapter_loads']} adapter loads, {row['adapter_evictions']} evictions")
+        print(
+            f"  replica {rid}: {row['answers']} answers {row['answers_by_part']}, "
+            f"{row['adapter_loads']} adapter loads, {row['adapter_evictions']} evictions"
+        )
     if len(r["p95_ms_by_part"]) > 1:
         print("  p95 ms by part: " + ", ".join(f"{p} {v:.0f}" for p, v in r["p95_ms_by_part"].items()))
 
@@ -310,19 +395,34 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
 
 
 def add_bench_cluster_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench-cluster", help="the service on a 2-node local Ray cluster: routing, failover, "
-                                             "zero-downtime deploy, autoscaling")
-    p.add_argument("--out", help="folder for the tiny checkpoint, configs, logs and summary.json "
-                                 "(default runs/bench-cluster-TIME)")
+    p = sub.add_parser(
+        "bench-cluster",
+        help="the service on a 2-node local Ray cluster: routing, failover, zero-downtime deploy, autoscaling",
+    )
+    p.add_argument(
+        "--out", help="folder for the tiny checkpoint, configs, logs and summary.json (default runs/bench-cluster-TIME)"
+    )
     p.add_argument("--users", type=int, default=8, help="Locust users of the locality phases (default 8)")
     p.add_argument("--duration", type=float, default=60, help="seconds of each locality phase (default 60)")
     p.add_argument("--adapters", type=int, default=2, help="serving.adapters_per_replica (default 2; 6 parts)")
-    p.add_argument("--spread-part-at", type=int, default=4,
-                   help="serving.spread_part_at (default 4; 0: Ray Serve's own multiplexed routing)")
-    p.add_argument("--failover-s", type=float, default=240,
-                   help="seconds of load around each failure of the failover phase (default 240)")
+    p.add_argument(
+        "--spread-part-at",
+        type=int,
+        default=4,
+        help="serving.spread_part_at (default 4; 0: Ray Serve's own multiplexed routing)",
+    )
+    p.add_argument(
+        "--failover-s",
+        type=float,
+        default=240,
+        help="seconds of load around each failure of the failover phase (default 240)",
+    )
     p.add_argument("--deploy-s", type=float, default=240, help="seconds of load in the deploy phase (default 240)")
-    p.add_argument("--ramp-s", type=float, default=240,
-                   help="seconds of the autoscale phase's step ramp; a scorer replica takes 1-3 minutes to start on "
-                        "a small CPU machine (default 240)")
+    p.add_argument(
+        "--ramp-s",
+        type=float,
+        default=240,
+        help="seconds of the autoscale phase's step ramp; a scorer replica takes 1-3 minutes to start on "
+        "a small CPU machine (default 240)",
+    )
     p.set_defaults(func=cmd_bench_cluster)

@@ -65,7 +65,7 @@ class AnswerPool:
         for cls in mix:
             lo, hi = LENGTHS[cls]
             items = []
-            for i in range(per_class):
+            for _ in range(per_class):
                 fmt = formats[n % len(formats)]
                 seconds = round(rng.uniform(lo, hi), 2)
                 items.append((fmt, seconds, answer_bytes(seconds, seed + n, fmt, RATES[fmt])))
@@ -78,8 +78,9 @@ class AnswerPool:
         cls = rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
         return cls, rng.randrange(len(self.answers[cls]))
 
-    def body(self, part: str, cls: str, i: int, rng: random.Random | None = None,
-             response_id: str | None = None) -> tuple[bytes, str, float]:
+    def body(
+        self, part: str, cls: str, i: int, rng: random.Random | None = None, response_id: str | None = None
+    ) -> tuple[bytes, str, float]:
         """Multipart body (with ``response_id`` when given), its content type and the answer's length in seconds.
 
         With ``rng``, a WAV answer gets one 16-bit sample set to a random quiet value
@@ -96,7 +97,7 @@ class AnswerPool:
             start = form.audio_offset + 44  # after the 44-byte WAV header
             pos = start + 2 * rng.randrange((len(audio) - 44) // 2)
             body = bytearray(body)
-            body[pos:pos + 2] = rng.randrange(-64, 65).to_bytes(2, "little", signed=True)
+            body[pos : pos + 2] = rng.randrange(-64, 65).to_bytes(2, "little", signed=True)
             body = bytes(body)
         if response_id is not None:
             body = form.with_response_id(response_id, body)
@@ -117,8 +118,9 @@ class Record:
         self.first_start: float | None = None
         self.last_end: float | None = None
 
-    def add(self, status: int, started: float, ended: float, latency_ms: float, audio_s: float, chunks: int,
-            part: str = "") -> None:
+    def add(
+        self, status: int, started: float, ended: float, latency_ms: float, audio_s: float, chunks: int, part: str = ""
+    ) -> None:
         self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
         by_part = self.parts.setdefault(part, {"latencies_ms": [], "statuses": {}})
         by_part["statuses"][str(status)] = by_part["statuses"].get(str(status), 0) + 1
@@ -131,8 +133,17 @@ class Record:
             self.chunks += chunks
 
     def dump(self) -> dict:
-        return {"latencies_ms": self.latencies_ms, "audio_s": self.audio_s, "chunks": self.chunks,
-                "statuses": self.statuses, "by_part": self.parts, "retries": self.retries, "given_up": self.given_up, "first_start": self.first_start, "last_end": self.last_end}
+        return {
+            "latencies_ms": self.latencies_ms,
+            "audio_s": self.audio_s,
+            "chunks": self.chunks,
+            "statuses": self.statuses,
+            "by_part": self.parts,
+            "retries": self.retries,
+            "given_up": self.given_up,
+            "first_start": self.first_start,
+            "last_end": self.last_end,
+        }
 
 
 UNIQUE = os.environ.get("L2GRADER_UNIQUE", "1") != "0"
@@ -151,8 +162,8 @@ def _auth() -> dict[str, str]:
 def _fetch_parts(host: str) -> list[str]:
     import urllib.request
 
-    req = urllib.request.Request(f"{host.rstrip('/')}/v1/parts", headers=_auth())
-    with urllib.request.urlopen(req, timeout=30) as r:
+    req = urllib.request.Request(f"{host.rstrip('/')}/v1/parts", headers=_auth())  # noqa: S310 - loopback http URLs built here
+    with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback http URLs built here
         return sorted(p["part"] for p in json.load(r)["parts"])
 
 
@@ -164,8 +175,9 @@ def _prepare(environment, **_):
         unknown = [f for f in formats if f not in RATES]
         if unknown:
             raise ValueError(f"unknown upload format(s) {unknown} (known: {', '.join(RATES)})")
-        POOL = AnswerPool(parse_mix(os.environ.get("L2GRADER_MIX", DEFAULT_MIX)),
-                          int(os.environ.get("L2GRADER_POOL", "8")), formats)
+        POOL = AnswerPool(
+            parse_mix(os.environ.get("L2GRADER_MIX", DEFAULT_MIX)), int(os.environ.get("L2GRADER_POOL", "8")), formats
+        )
     if not PARTS:
         given = parse_parts(os.environ.get("L2GRADER_PARTS", ""))
         PARTS = list(given) or _fetch_parts(environment.host)
@@ -212,8 +224,13 @@ class ExamPlatform(FastHttpUser):
     def _post(self, part: str, body: bytes, ctype: str, seconds: float) -> tuple[int, str | None]:
         started = time.time()
         t0 = time.perf_counter()
-        with self.client.post("/v1/score", data=body, headers={**self.auth, "Content-Type": ctype},
-                              name=f"/v1/score [{part}]", catch_response=True) as r:
+        with self.client.post(
+            "/v1/score",
+            data=body,
+            headers={**self.auth, "Content-Type": ctype},
+            name=f"/v1/score [{part}]",
+            catch_response=True,
+        ) as r:
             latency_ms = (time.perf_counter() - t0) * 1000
             status = r.status_code or 0
             chunks, audio_s = 0, 0.0

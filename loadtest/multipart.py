@@ -17,15 +17,17 @@ class MultipartAnswer:
     def with_response_id(self, response_id: str, body: bytes | None = None) -> bytes:
         """``body`` (default: this one) with a ``response_id`` field in front, under the same boundary."""
         boundary = self.content_type.split("boundary=", 1)[1]
-        field = f"--{boundary}\r\nContent-Disposition: form-data; name=\"response_id\"\r\n\r\n{response_id}\r\n"
+        field = f'--{boundary}\r\nContent-Disposition: form-data; name="response_id"\r\n\r\n{response_id}\r\n'
         return field.encode() + (self.body if body is None else body)
 
 
 def multipart_answer(part: str, audio: bytes, filename: str, audio_type: str = "audio/wav") -> MultipartAnswer:
     """Form fields ``part`` and ``audio`` (the file) under a fresh boundary."""
     boundary = uuid.uuid4().hex
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"part\"\r\n\r\n{part}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"audio\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: {audio_type}\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="part"\r\n\r\n{part}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename="{filename}"\r\n'
+        f"Content-Type: {audio_type}\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     return MultipartAnswer(head + audio + tail, f"multipart/form-data; boundary={boundary}", len(head))

@@ -16,10 +16,11 @@ import random
 RETRYABLE = frozenset({429, 503})
 
 
-def retry_delay(attempt: int, retry_after: str | None, base_s: float = 0.5, cap_s: float = 30.0,
-                rng: random.Random | None = None) -> float:
-    """Seconds to wait before try ``attempt + 1`` (``attempt`` from 0): the larger of ``Retry-After`` and the backoff."""
-    backoff = min(cap_s, base_s * 2 ** attempt) * (0.5 + (rng or random).random() / 2)
+def retry_delay(
+    attempt: int, retry_after: str | None, base_s: float = 0.5, cap_s: float = 30.0, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before try ``attempt + 1`` (from 0): the larger of ``Retry-After`` and the backoff."""
+    backoff = min(cap_s, base_s * 2**attempt) * (0.5 + (rng or random).random() / 2)
     try:
         asked = float(retry_after) if retry_after is not None else 0.0
     except ValueError:

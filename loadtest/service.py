@@ -50,8 +50,11 @@ def client_key(cfg, given: str | None) -> tuple[str | None, dict[str, str]]:
     from serve.grading.config import read_keys
 
     s = cfg.serving
-    env = {name: secrets.token_hex(16) for name in (s.api_keys_env, s.admin_keys_env)
-           if name and not read_keys(name, required=False)}
+    env = {
+        name: secrets.token_hex(16)
+        for name in (s.api_keys_env, s.admin_keys_env)
+        if name and not read_keys(name, required=False)
+    }
     if given and s.api_keys_env in env:
         env[s.api_keys_env] = given
     if given or not s.api_keys_env:
@@ -60,9 +63,9 @@ def client_key(cfg, given: str | None) -> tuple[str | None, dict[str, str]]:
 
 
 def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict]:
-    req = urllib.request.Request(url, headers=headers or {})
+    req = urllib.request.Request(url, headers=headers or {})  # noqa: S310 - loopback http URLs built here
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback http URLs built here
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         try:
@@ -77,16 +80,34 @@ class Service:
     With ``address`` it deploys into that Ray cluster instead of starting Ray.
     """
 
-    def __init__(self, config: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 600,
-                 address: str | None = None):
+    def __init__(
+        self,
+        config: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        ready_timeout_s: float = 600,
+        address: str | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
-            [*l2grader_cmd(), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(self.port),
-             *(["--address", address] if address else [])],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+            [
+                *l2grader_cmd(),
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *(["--address", address] if address else []),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
         try:
             self._wait_ready(ready_timeout_s)
@@ -98,8 +119,10 @@ class Service:
         deadline = time.time() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited during start-up (code {self.proc.returncode}); log: {self.log_path}\n"
-                                   + self.log_tail())
+                raise RuntimeError(
+                    f"the service exited during start-up (code {self.proc.returncode}); log: {self.log_path}\n"
+                    + self.log_tail()
+                )
             try:
                 status, body = get_json(f"{self.url}/readyz", timeout=5)
                 if status == 200 and body.get("ready"):

@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 
@@ -104,8 +103,18 @@ def session_phase(config: str, manifest: Path, out: Path, batch_size: int, sampl
         import shutil
 
         shutil.rmtree(result_dir)
-    cmd = [*l2grader_cmd(), "score-session", "--config", config, "--manifest", str(manifest), "--out", str(result_dir),
-           "--batch-size", str(batch_size)]
+    cmd = [
+        *l2grader_cmd(),
+        "score-session",
+        "--config",
+        config,
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(result_dir),
+        "--batch-size",
+        str(batch_size),
+    ]
     _log(f"(a) session: {' '.join(cmd[1:])} (log {out / 'session.log'})")
     with open(out / "session.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
@@ -121,10 +130,15 @@ def session_phase(config: str, manifest: Path, out: Path, batch_size: int, sampl
     s = json.loads(stdout.splitlines()[-1])
     run = s["this_run"]
     return {
-        "path": "session", "answers": run["answers"], "wall_s": s["wall_s"],
-        "answers_per_s": run["steady_answers_per_s"], "audio_s_per_s": run["steady_audio_s_per_s"],
-        "whole_run_answers_per_s": run["answers_per_s"], "not_scorable": s["not_scorable"],
-        "peak_pss_mb": round(mem.peak_pss / 2**20), "peak_rss_sum_mb": round(mem.peak_rss / 2**20),
+        "path": "session",
+        "answers": run["answers"],
+        "wall_s": s["wall_s"],
+        "answers_per_s": run["steady_answers_per_s"],
+        "audio_s_per_s": run["steady_audio_s_per_s"],
+        "whole_run_answers_per_s": run["answers_per_s"],
+        "not_scorable": s["not_scorable"],
+        "peak_pss_mb": round(mem.peak_pss / 2**20),
+        "peak_rss_sum_mb": round(mem.peak_rss / 2**20),
         "processes": mem.processes,
         "peak_by_process_mb": {k: round(v / 2**20) for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])[:8]},
     }
@@ -142,8 +156,10 @@ def run(args: argparse.Namespace) -> dict:
     parts = sorted(cfg.parts)
     answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed)
     manifest = write_session(answers, out)
-    _log(f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({sum(a.seconds for a in answers):.0f} s of audio) "
-         f"in {manifest}")
+    _log(
+        f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({sum(a.seconds for a in answers):.0f} s of audio) "
+        f"in {manifest}"
+    )
     paths = {"session": session_phase(args.config, manifest, out, args.batch_size, args.sample_s)}
     if not args.skip_offline:
         warmup = make_answers(parts, min(16, args.answers), args.min_s, args.max_s, seed=args.seed + 1)
@@ -152,22 +168,34 @@ def run(args: argparse.Namespace) -> dict:
     ratio = None
     if "offline" in paths and paths["session"]["answers_per_s"]:
         ratio = round(paths["session"]["answers_per_s"] / paths["offline"]["answers_per_s"], 3)
-    return {"answers": len(answers), "answer_s": [args.min_s, args.max_s], "batch_size": args.batch_size,
-            "cpu_count": os.cpu_count(), "paths": paths, "session_over_offline_answers_per_s": ratio}
+    return {
+        "answers": len(answers),
+        "answer_s": [args.min_s, args.max_s],
+        "batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "paths": paths,
+        "session_over_offline_answers_per_s": ratio,
+    }
 
 
 def cmd_bench_session(args: argparse.Namespace) -> int:
     result = run(args)
     s = result["paths"]["session"]
-    print(f"{result['answers']} answers of {result['answer_s'][0]:g}-{result['answer_s'][1]:g} s, "
-          f"{result['cpu_count']} CPUs, batch {result['batch_size']}")
-    print(f"session: {s['answers_per_s']:.2f} answers/s ({s['audio_s_per_s']:.0f} audio s/s) after start-up, "
-          f"{s['whole_run_answers_per_s']:.2f} answers/s over the whole run ({s['wall_s']:.0f} s); "
-          f"peak memory of {s['processes']} processes: {s['peak_pss_mb']} MB PSS ({s['peak_rss_sum_mb']} MB RSS summed)")
+    print(
+        f"{result['answers']} answers of {result['answer_s'][0]:g}-{result['answer_s'][1]:g} s, "
+        f"{result['cpu_count']} CPUs, batch {result['batch_size']}"
+    )
+    print(
+        f"session: {s['answers_per_s']:.2f} answers/s ({s['audio_s_per_s']:.0f} audio s/s) after start-up, "
+        f"{s['whole_run_answers_per_s']:.2f} answers/s over the whole run ({s['wall_s']:.0f} s); "
+        f"peak memory of {s['processes']} processes: {s['peak_pss_mb']} MB PSS ({s['peak_rss_sum_mb']} MB RSS summed)"
+    )
     if "offline" in result["paths"]:
         o = result["paths"]["offline"]
-        print(f"offline: {o['answers_per_s']:.2f} answers/s ({o['audio_s_per_s']:.0f} audio s/s); "
-              f"session / offline: {result['session_over_offline_answers_per_s']:.2f}x")
+        print(
+            f"offline: {o['answers_per_s']:.2f} answers/s ({o['audio_s_per_s']:.0f} audio s/s); "
+            f"session / offline: {result['session_over_offline_answers_per_s']:.2f}x"
+        )
     print(json.dumps(result))
     return 0
 
@@ -182,5 +210,7 @@ def add_bench_session_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-offline", action="store_true", help="only the session (e.g. for memory alone)")
     p.add_argument("--sample-s", type=float, default=0.5, help="memory sampling period (default 0.5 s)")
     p.add_argument("--seed", type=int, default=7, help="seed of the generated answers (default 7)")
-    p.add_argument("--out", help="folder for the answers, the manifest, the result and the log (default runs/bench-session)")
+    p.add_argument(
+        "--out", help="folder for the answers, the manifest, the result and the log (default runs/bench-session)"
+    )
     p.set_defaults(func=cmd_bench_session)

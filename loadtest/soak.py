@@ -33,7 +33,6 @@ from collections import Counter
 from pathlib import Path
 
 from loadtest.audio import answer_bytes
-from loadtest.multipart import multipart_answer
 from loadtest.retry import RETRYABLE, retry_delay
 
 
@@ -80,7 +79,9 @@ def normal_user(url: str, headers: dict, stop: threading.Event, tally: Tally, pa
             with tally.lock:
                 tally.sent += 1
             for attempt in range(6):
-                r = _post(client, f"{url}/v1/score", headers, data=form, files={"audio": ("a.wav", rng.choice(answers))})
+                r = _post(
+                    client, f"{url}/v1/score", headers, data=form, files={"audio": ("a.wav", rng.choice(answers))}
+                )
                 code = 0 if r is None else r.status_code
                 tally.status(code, "" if r is None else r.text)
                 if code == 200 and r.json().get("response_id") == rid:
@@ -103,18 +104,37 @@ def bad_user(url: str, headers: dict, stop: threading.Event, tally: Tally) -> No
     rng = random.Random(7)
     silent = answer_bytes(3.0, 1)[:44] + b"\0" * 96000
     cases = [
-        lambda c: c.post(f"{url}/v1/score", headers=headers, data={"part": "interview"},
-                         files={"audio": ("x.wav", b"RIFF" + rng.randbytes(5000))}),
-        lambda c: c.post(f"{url}/v1/score", headers=headers, data={"part": "interview"}, files={"audio": ("s.wav", silent)}),
-        lambda c: c.post(f"{url}/v1/score", headers={**headers, "Content-Type": "application/json"}, content=b"{" * 5000),
-        lambda c: c.post(f"{url}/v1/score", headers=headers, data={"part": rng.randbytes(20).hex()},
-                         files={"audio": ("a.wav", silent)}),
+        lambda c: c.post(
+            f"{url}/v1/score",
+            headers=headers,
+            data={"part": "interview"},
+            files={"audio": ("x.wav", b"RIFF" + rng.randbytes(5000))},
+        ),
+        lambda c: c.post(
+            f"{url}/v1/score", headers=headers, data={"part": "interview"}, files={"audio": ("s.wav", silent)}
+        ),
+        lambda c: c.post(
+            f"{url}/v1/score", headers={**headers, "Content-Type": "application/json"}, content=b"{" * 5000
+        ),
+        lambda c: c.post(
+            f"{url}/v1/score",
+            headers=headers,
+            data={"part": rng.randbytes(20).hex()},
+            files={"audio": ("a.wav", silent)},
+        ),
         lambda c: c.put(f"{url}/v1/parts/{rng.randbytes(1000).hex()}", json={}),
         lambda c: c.delete(f"{url}/v1/parts/{rng.randbytes(30).hex()}"),
-        lambda c: c.post(f"{url}/v1/score", headers=headers, data={"part": "interview", "response_id": "r" * 5000},
-                         files={"audio": ("a.wav", silent)}),
-        lambda c: c.post(f"{url}/v1/score", headers={**headers, "Content-Type": "multipart/form-data"},
-                         content=rng.randbytes(3_000_000)),
+        lambda c: c.post(
+            f"{url}/v1/score",
+            headers=headers,
+            data={"part": "interview", "response_id": "r" * 5000},
+            files={"audio": ("a.wav", silent)},
+        ),
+        lambda c: c.post(
+            f"{url}/v1/score",
+            headers={**headers, "Content-Type": "multipart/form-data"},
+            content=rng.randbytes(3_000_000),
+        ),
     ]
     port = int(url.rsplit(":", 1)[1])
     with httpx.Client(timeout=60) as client:
@@ -125,7 +145,7 @@ def bad_user(url: str, headers: dict, stop: threading.Event, tally: Tally) -> No
             try:
                 r = rng.choice(cases)(client)
                 tally.status(r.status_code, r.text)
-            except Exception as e:  # a refused connection or a protocol error on our side: not the service's answer
+            except Exception as e:  # noqa: BLE001 - a refused connection or a protocol error on our side: not the service's answer
                 tally.status(0, type(e).__name__)
             time.sleep(0.05)
 
@@ -134,8 +154,11 @@ def _declared_too_large(port: int) -> tuple[int, str]:
     """A body that declares 900 MB and sends 1 KB: refused before it is read."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-            s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                      + f"Content-Length: {900 * 1024 * 1024}\r\n\r\n".encode() + b"x" * 1024)
+            s.sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                + f"Content-Length: {900 * 1024 * 1024}\r\n\r\n".encode()
+                + b"x" * 1024
+            )
             head = s.recv(4096).decode(errors="replace")
         return (int(head[9:12]), head) if head.startswith("HTTP/1.1 ") else (0, head)
     except OSError as e:
@@ -146,8 +169,10 @@ def slow_user(port: int, stop: threading.Event, tally: Tally) -> None:
     while not stop.is_set():
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Length: 100000\r\n"
-                          b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+                s.sendall(
+                    b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Length: 100000\r\n"
+                    b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+                )
                 s.settimeout(1.0)
                 while not stop.is_set():
                     try:
@@ -155,7 +180,7 @@ def slow_user(port: int, stop: threading.Event, tally: Tally) -> None:
                         if head.startswith(b"HTTP/1.1 "):
                             tally.status(int(head[9:12]), head.decode(errors="replace"))
                         break
-                    except socket.timeout:
+                    except TimeoutError:
                         s.sendall(b"x")
         except OSError:
             time.sleep(1)
@@ -167,8 +192,9 @@ def swapper(url: str, admin: dict, stop: threading.Event, tally: Tally, adapters
     i = 0
     while not stop.wait(every_s):
         i += 1
-        r = httpx.put(f"{url}/v1/parts/interview", headers=admin, json={"adapter": adapters[i % len(adapters)]},
-                      timeout=120)
+        r = httpx.put(
+            f"{url}/v1/parts/interview", headers=admin, json={"adapter": adapters[i % len(adapters)]}, timeout=120
+        )
         tally.status(r.status_code, r.text)
         _log(f"adapter swap {i}: {r.status_code}")
 
@@ -206,34 +232,47 @@ def run_soak(args: argparse.Namespace) -> dict:
     raw["model"]["base"] = cfg.model.base
     for name, part in cfg.parts.items():
         raw["parts"][name]["adapter"] = None if part.adapter is None else str(part.adapter)
-    raw.setdefault("serving", {}).update({"api_keys_env": "L2GRADER_SOAK_KEYS", "admin_keys_env": "L2GRADER_SOAK_ADMIN",
-                                          "body_timeout_s": args.body_timeout, "registry_file": str(out / "registry.json")})
+    raw.setdefault("serving", {}).update(
+        {
+            "api_keys_env": "L2GRADER_SOAK_KEYS",
+            "admin_keys_env": "L2GRADER_SOAK_ADMIN",
+            "body_timeout_s": args.body_timeout,
+            "registry_file": str(out / "registry.json"),
+        }
+    )
     config = out / "soak.yaml"
     config.write_text(yaml.safe_dump(raw))
     user_key, admin_key = uuid.uuid4().hex, uuid.uuid4().hex
     headers, admin = {"Authorization": f"Bearer {user_key}"}, {"Authorization": f"Bearer {admin_key}"}
     adapters = [str(p.adapter) for p in cfg.parts.values() if p.adapter is not None]
     _log(f"starting the service (log {out / 'serve.log'})")
-    service = Service(str(config), out / "serve.log", env={"L2GRADER_SOAK_KEYS": user_key, "L2GRADER_SOAK_ADMIN": admin_key})
+    service = Service(
+        str(config), out / "serve.log", env={"L2GRADER_SOAK_KEYS": user_key, "L2GRADER_SOAK_ADMIN": admin_key}
+    )
     tally, stop = Tally(), threading.Event()
     samples: list[tuple[float, dict[str, int]]] = []
     try:
         parts = sorted(p["part"] for p in get_json(f"{service.url}/v1/parts", headers)[1]["parts"])
-        threads = [threading.Thread(target=normal_user, args=(service.url, headers, stop, tally, parts, i))
-                   for i in range(args.users)]
+        threads = [
+            threading.Thread(target=normal_user, args=(service.url, headers, stop, tally, parts, i))
+            for i in range(args.users)
+        ]
         threads.append(threading.Thread(target=bad_user, args=(service.url, headers, stop, tally)))
         threads += [threading.Thread(target=slow_user, args=(service.port, stop, tally)) for _ in range(args.slow)]
         if len(adapters) > 1:
-            threads.append(threading.Thread(target=swapper, args=(service.url, admin, stop, tally, adapters,
-                                                                  args.swap_every)))
+            threads.append(
+                threading.Thread(target=swapper, args=(service.url, admin, stop, tally, adapters, args.swap_every))
+            )
         for t in threads:
             t.start()
         t0 = time.time()
         while time.time() - t0 < args.duration:
             time.sleep(10)
             samples.append((time.time() - t0, rss_by_process(service.pids())))
-            _log(f"{time.time() - t0:5.0f} s: answered {tally.answered}/{tally.sent}, statuses {dict(tally.statuses)}, "
-                 f"RSS {sum(samples[-1][1].values())} MB")
+            _log(
+                f"{time.time() - t0:5.0f} s: answered {tally.answered}/{tally.sent}, statuses {dict(tally.statuses)}, "
+                f"RSS {sum(samples[-1][1].values())} MB"
+            )
         stop.set()
         for t in threads:
             t.join(timeout=180)
@@ -243,11 +282,20 @@ def run_soak(args: argparse.Namespace) -> dict:
     first, last = after[0][1], after[-1][1]
     growth = {k: round((last[k] - first[k]) / first[k], 3) for k in first if k in last and first[k] >= 50}
     return {
-        "duration_s": args.duration, "users": args.users, "slow_connections": args.slow,
-        "statuses": dict(tally.statuses), "answers_sent": tally.sent, "answers_answered": tally.answered,
-        "answers_lost": tally.lost, "retries": tally.retries, "server_errors": tally.server_errors[:20],
-        "rss_mb_first": first, "rss_mb_last": last, "rss_growth": growth,
-        "rss_total_mb_first": sum(first.values()), "rss_total_mb_last": sum(last.values()),
+        "duration_s": args.duration,
+        "users": args.users,
+        "slow_connections": args.slow,
+        "statuses": dict(tally.statuses),
+        "answers_sent": tally.sent,
+        "answers_answered": tally.answered,
+        "answers_lost": tally.lost,
+        "retries": tally.retries,
+        "server_errors": tally.server_errors[:20],
+        "rss_mb_first": first,
+        "rss_mb_last": last,
+        "rss_growth": growth,
+        "rss_total_mb_first": sum(first.values()),
+        "rss_total_mb_last": sum(last.values()),
     }
 
 
@@ -255,8 +303,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
     result = run_soak(args)
     for name in result["rss_mb_first"]:
         print(f"{result['rss_mb_first'][name]:6d} MB -> {result['rss_mb_last'].get(name, 0):6d} MB  {name}")
-    print(f"answers sent {result['answers_sent']}, answered {result['answers_answered']}, lost {result['answers_lost']}, "
-          f"retries {result['retries']}; statuses {result['statuses']}")
+    print(
+        f"answers sent {result['answers_sent']}, answered {result['answers_answered']}, lost {result['answers_lost']}, "
+        f"retries {result['retries']}; statuses {result['statuses']}"
+    )
     print(json.dumps(result))
     # in flight at the stop: the last answer of each user may be unanswered when the clients stop
     lost = result["answers_sent"] - result["answers_answered"] - args.users

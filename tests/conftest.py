@@ -78,8 +78,13 @@ def running_service(config: Path, port: int, log_path: Path, ready_timeout_s: fl
 
     env = dict(os.environ, L2G_TEST_API_KEYS=USER_KEY, L2G_TEST_ADMIN_KEYS=ADMIN_KEY)
     log = open(log_path, "w+")
-    proc = subprocess.Popen([L2GRADER, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [L2GRADER, "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + ready_timeout_s
     try:

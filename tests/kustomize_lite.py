@@ -38,7 +38,14 @@ SUPPORTED = {
     "generatorOptions",
     "images",
 }
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume", "StorageClass"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+}
 
 
 class KustomizeError(ValueError):
@@ -161,7 +168,9 @@ def _patch(docs: list[dict[str, Any]], folder: Path, entry: dict[str, Any]) -> l
     unknown = set(entry) - {"path", "patch", "target"}
     if unknown:
         raise KustomizeError(f"unsupported patch fields {sorted(unknown)}")
-    bodies = [b for b in yaml.safe_load_all((folder / entry["path"]).read_text() if "path" in entry else entry["patch"]) if b]
+    bodies = [
+        b for b in yaml.safe_load_all((folder / entry["path"]).read_text() if "path" in entry else entry["patch"]) if b
+    ]
     if len(bodies) == 1 and isinstance(bodies[0], list):  # JSON 6902
         body = bodies[0]
         if "target" not in entry:
@@ -258,7 +267,11 @@ def build(folder: str | Path) -> list[dict[str, Any]]:
             if d["kind"] not in CLUSTER_SCOPED:
                 d.setdefault("metadata", {})["namespace"] = k["namespace"]
     for spec in k.get("labels", []):
-        if spec.get("includeSelectors") or spec.get("includeTemplates") or set(spec) - {"pairs", "includeSelectors", "includeTemplates"}:
+        if (
+            spec.get("includeSelectors")
+            or spec.get("includeTemplates")
+            or set(spec) - {"pairs", "includeSelectors", "includeTemplates"}
+        ):
             raise KustomizeError("only labels with includeSelectors/includeTemplates false are supported")
         for d in docs:
             d.setdefault("metadata", {}).setdefault("labels", {}).update(spec["pairs"])

@@ -98,8 +98,14 @@ def _wav_header(rate: int, channels: int, n_frames: int, bits: int = 16, fmt_tag
 
     block = channels * bits // 8
     data_len = n_frames * block
-    return (b"RIFF" + struct.pack("<I", 36 + data_len) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, fmt_tag, channels, rate,
-            rate * block, block, bits) + b"data" + struct.pack("<I", data_len))
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_len)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, fmt_tag, channels, rate, rate * block, block, bits)
+        + b"data"
+        + struct.pack("<I", data_len)
+    )
 
 
 def test_a_1_hz_wav_is_refused_before_decoding():
@@ -117,10 +123,11 @@ def test_more_than_8_channels_are_refused_before_decoding():
 
 
 def test_a_high_rate_many_channel_file_stops_at_the_input_budget():
-    import av
     import io
     import time
     import tracemalloc
+
+    import av
 
     buf = io.BytesIO()  # 384 kHz, 8 channels, 12 s of a constant: compresses to almost nothing
     with av.open(buf, mode="w", format="flac") as out:

@@ -32,15 +32,17 @@ def padded_encoder(tower, features, mel_lengths) -> list[torch.Tensor]:
 def features_of(extractor, seconds: list[float], seed: int = 0):
     rng = np.random.default_rng(seed)
     waves = [(0.1 * rng.standard_normal(int(s * 16000))).astype(np.float32) for s in seconds]
-    got = extractor(waves, sampling_rate=16000, return_attention_mask=True, padding="max_length",
-                    return_tensors="pt")
+    got = extractor(waves, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
     return got["input_features"], got["attention_mask"].sum(-1)
 
 
-@pytest.mark.parametrize("seconds", [
-    [8.0, 20.0, 8.0, 13.37, 30.0],  # two of one length, a full 30 s chunk, odd frame counts
-    [0.05, 29.99, 1.0],  # shortest and longest
-])
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        [8.0, 20.0, 8.0, 13.37, 30.0],  # two of one length, a full 30 s chunk, odd frame counts
+        [0.05, 29.99, 1.0],  # shortest and longest
+    ],
+)
 def test_equals_padded_encoder(tower_and_extractor, seconds):
     tower, extractor = tower_and_extractor
     features, mel_lengths = features_of(extractor, seconds)

@@ -30,9 +30,7 @@ def test_make_tiny_model_writes_a_ready_config(tmp_path):
 def test_unknown_part_fails_fast_with_one_line(tiny_dir, audio_dir):
     r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "nope", audio_dir / "a.wav", timeout=60)
     assert r.returncode == 2
-    assert error_lines(r.stderr) == [
-        "l2grader: error: unknown part 'nope' (known parts: interview, long_turn)"
-    ]
+    assert error_lines(r.stderr) == ["l2grader: error: unknown part 'nope' (known parts: interview, long_turn)"]
 
 
 def test_bad_config_fails_with_one_line(tmp_path, audio_dir):
@@ -71,7 +69,9 @@ def test_score_batch_with_bad_files(tiny_dir, audio_dir):
     assert json.loads(again.stdout)["probabilities"] == pytest.approx(by_name["b.flac"]["probabilities"], abs=1e-6)
     other = run("score", "--config", tiny_dir / "demo.yaml", "--part", "long_turn", audio_dir / "b.flac")
     assert other.returncode == 0
-    diff = max(abs(json.loads(other.stdout)["probabilities"][k] - v) for k, v in by_name["b.flac"]["probabilities"].items())
+    diff = max(
+        abs(json.loads(other.stdout)["probabilities"][k] - v) for k, v in by_name["b.flac"]["probabilities"].items()
+    )
     assert diff > 0.01
 
 

@@ -48,17 +48,28 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
     from serve.service.options import SCORER, deployment_options, serve_config
 
     raw = tiny_config()
-    raw["serving"]["scorer"] = {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 3,
-                                                "downscale_delay_s": 10, "look_back_period_s": 15},
-                                "graceful_shutdown_timeout_s": 120, "max_replicas_per_node": 1}
+    raw["serving"]["scorer"] = {
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "upscale_delay_s": 3,
+            "downscale_delay_s": 10,
+            "look_back_period_s": 15,
+        },
+        "graceful_shutdown_timeout_s": 120,
+        "max_replicas_per_node": 1,
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config(path)
     scorer = deployment_options(cfg)[SCORER]
     assert scorer["graceful_shutdown_timeout_s"] == 120 and scorer["max_replicas_per_node"] == 1
-    assert {k: scorer["autoscaling_config"][k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")} == \
-        {"upscale_delay_s": 3, "downscale_delay_s": 10, "look_back_period_s": 15}
-    deployments = {d.name: d for d in ServeDeploySchema.model_validate(serve_config(cfg, str(path))).applications[0].deployments}
+    assert {
+        k: scorer["autoscaling_config"][k] for k in ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")
+    } == {"upscale_delay_s": 3, "downscale_delay_s": 10, "look_back_period_s": 15}
+    deployments = {
+        d.name: d for d in ServeDeploySchema.model_validate(serve_config(cfg, str(path))).applications[0].deployments
+    }
     assert deployments[SCORER].max_replicas_per_node == 1
     # The scorer's requests go through the project's router (spread_part_at 4 by default), importable by that path.
     router = deployments[SCORER].request_router_config
@@ -96,8 +107,17 @@ def cluster_service(tmp_path_factory):
     tiny = make_tiny_model(d / "tiny", parts=6)
     # A replica takes 1-3 minutes to start here: the downscale delay must outlast a dip in load during that,
     # or the autoscaler cancels the replica it is starting (seen with 8 s).
-    config = write_config(tiny / "demo.yaml", "cluster", scorer_min=1, scorer_max=2, adapters=2, target_ongoing=1,
-                          upscale_delay_s=2, downscale_delay_s=30, ingress_replicas=2)
+    config = write_config(
+        tiny / "demo.yaml",
+        "cluster",
+        scorer_min=1,
+        scorer_max=2,
+        adapters=2,
+        target_ongoing=1,
+        upscale_delay_s=2,
+        downscale_delay_s=30,
+        ingress_replicas=2,
+    )
     with LocalCluster(config, workers=1) as cluster:
         service = serve_on(cluster, config, d / "serve.log")
         try:
@@ -120,8 +140,9 @@ def test_two_nodes_scale_route_and_survive_a_killed_replica(cluster_service):
     before = counts_now(service.url)
     counted_before = answers_counted(service.url)
     # Step ramp 4 -> 8 -> 12 users over six parts; the scorer should reach 2 replicas in the first steps.
-    load = Load(config, service.url, d / "load", users=12, duration_s=240, parts=PARTS_MIX, shape="step", steps=3,
-                retries=10)
+    load = Load(
+        config, service.url, d / "load", users=12, duration_s=240, parts=PARTS_MIX, shape="step", steps=3, retries=10
+    )
     try:
         _scale_route_and_kill(cluster, service, load, before, counted_before, timeline)
     finally:
@@ -179,7 +200,9 @@ def _scale_route_and_kill(cluster, service, load, before, counted_before, timeli
         time.sleep(1)
     time.sleep(2)  # the timeline sees the last change
     changes = timeline.stop()
-    print(f"scale-up after {scale_up_s:.1f} s; load ended at {load_ended:.0f} s; "
-          f"scorer replicas over time (s, running, starting): {changes}")
+    print(
+        f"scale-up after {scale_up_s:.1f} s; load ended at {load_ended:.0f} s; "
+        f"scorer replicas over time (s, running, starting): {changes}"
+    )
     assert changes[0][1] == 1 and any(running == 2 for _, running, _ in changes)
     assert changes[-1][1:] == (1, 0) and changes[-1][0] > load_ended  # scaled down after the load

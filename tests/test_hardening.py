@@ -47,8 +47,9 @@ def test_serve_with_an_unset_key_variable_exits_2_with_one_line(tiny_config, tmp
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith("L2G_NOT_SET")}
-    run = subprocess.run([L2GRADER, "serve", "--config", str(cfg)], capture_output=True, text=True, env=env,
-                         timeout=120)
+    run = subprocess.run(
+        [L2GRADER, "serve", "--config", str(cfg)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert run.returncode == 2, run.stderr[-2000:]
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("l2grader:")]
     assert len(lines) == 1 and "L2G_NOT_SET_USER" in lines[0] and "not set" in lines[0], run.stderr[-2000:]
@@ -82,8 +83,13 @@ def test_part_ids_and_echoed_strings_are_bounded():
 class FakeProxy:
     """Stands in for Ray Serve's proxy app: reads the body, then answers what the test tells it to."""
 
-    def __init__(self, status: int = 200, text: bytes = b'{"ok": true}', ctype: bytes = b"application/json",
-                 headers: list | None = None):
+    def __init__(
+        self,
+        status: int = 200,
+        text: bytes = b'{"ok": true}',
+        ctype: bytes = b"application/json",
+        headers: list | None = None,
+    ):
         self.status, self.text, self.ctype, self.headers = status, text, ctype, headers or []
         self.bodies: list[bytes] = []
         self.release = asyncio.Event()
@@ -98,21 +104,40 @@ class FakeProxy:
                 break
         self.bodies.append(body)
         await self.release.wait()
-        await send({"type": "http.response.start", "status": self.status,
-                    "headers": [(b"content-type", self.ctype), *self.headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [(b"content-type", self.ctype), *self.headers],
+            }
+        )
         await send({"type": "http.response.body", "body": self.text})
 
 
 def _limits(**kw) -> GuardLimits:
     cfg = GraderConfig.model_validate({"model": {"base": "m"}, "parts": {"p": {}}})
-    base = dict(uploads=UploadLimits(cfg.audio), body_timeout_s=0.3, max_per_client=3, max_buffered=10 << 20,
-                retry_after_s=2, local_only=False)
+    base = dict(
+        uploads=UploadLimits(cfg.audio),
+        body_timeout_s=0.3,
+        max_per_client=3,
+        max_buffered=10 << 20,
+        retry_after_s=2,
+        local_only=False,
+    )
     return GuardLimits(**{**base, **kw})
 
 
-async def _request(guard, body_parts: list[bytes], *, method="POST", path="/v1/score", client="10.0.0.1",
-                   gap_s: float = 0.0, headers: list | None = None):
-    """Run one request through ``guard``; the client sends ``body_parts`` ``gap_s`` apart. Returns (status, headers, body)."""
+async def _request(
+    guard,
+    body_parts: list[bytes],
+    *,
+    method="POST",
+    path="/v1/score",
+    client="10.0.0.1",
+    gap_s: float = 0.0,
+    headers: list | None = None,
+):
+    """One request through ``guard``; the client sends ``body_parts`` ``gap_s`` apart. Returns status, headers, body."""
     queue = list(body_parts)
     sent: list[dict] = []
 
@@ -127,8 +152,13 @@ async def _request(guard, body_parts: list[bytes], *, method="POST", path="/v1/s
         sent.append(m)
 
     size = sum(len(p) for p in body_parts)
-    scope = {"type": "http", "method": method, "path": path, "client": (client, 1234),
-             "headers": headers if headers is not None else [(b"content-length", str(size).encode())]}
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "client": (client, 1234),
+        "headers": headers if headers is not None else [(b"content-length", str(size).encode())],
+    }
     await guard(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     hdrs = {k.decode(): v.decode() for k, v in start["headers"]}
@@ -156,8 +186,9 @@ def test_a_body_slower_than_the_deadline_gets_408_json_and_the_connection_closed
 def test_bodies_past_the_route_limit_get_413_before_or_while_reading():
     guard = ProxyGuard(FakeProxy(), _limits())
     big = UploadLimits(_cfg().audio).body_limit("/v1/parts/x") + 1
-    status, _, body = asyncio.run(_request(guard, [b"x"], path="/v1/parts/x",
-                                           headers=[(b"content-length", str(big).encode())]))
+    status, _, body = asyncio.run(
+        _request(guard, [b"x"], path="/v1/parts/x", headers=[(b"content-length", str(big).encode())])
+    )
     assert status == 413 and json.loads(body)["error"]["kind"] == "too_large"
     chunked = [(b"transfer-encoding", b"chunked")]
     status, _, _ = asyncio.run(_request(guard, [b"x" * 40_000, b"x" * 40_000], path="/healthz", headers=chunked))
@@ -190,12 +221,20 @@ def test_bodies_held_by_all_clients_together_are_bounded():
     assert guard.buffered == 0
 
 
-@pytest.mark.parametrize("status,text,want_status,want_kind", [
-    (503, b"Request dropped due to backpressure (num_queued_requests=5, max_queued_requests=5).", 503, "overloaded"),
-    (500, b"ActorDiedError: The actor died unexpectedly before finishing this task.", 503, "unavailable"),
-    (500, b"Traceback ... /secret/path/file.py line 3", 500, "internal"),
-    (408, b"Request abc timed out after 10s.", 408, "timeout"),
-])
+@pytest.mark.parametrize(
+    "status,text,want_status,want_kind",
+    [
+        (
+            503,
+            b"Request dropped due to backpressure (num_queued_requests=5, max_queued_requests=5).",
+            503,
+            "overloaded",
+        ),
+        (500, b"ActorDiedError: The actor died unexpectedly before finishing this task.", 503, "unavailable"),
+        (500, b"Traceback ... /secret/path/file.py line 3", 500, "internal"),
+        (408, b"Request abc timed out after 10s.", 408, "timeout"),
+    ],
+)
 def test_errors_the_proxy_makes_itself_become_the_json_error(status, text, want_status, want_kind):
     app = FakeProxy(status, text, b"text/plain; charset=utf-8", [(b"x-request-id", b"rid-1")])
     status_out, headers, body = asyncio.run(_request(ProxyGuard(app, _limits()), [b"x"]))
@@ -292,8 +331,9 @@ def test_weights_that_do_not_match_the_rank_or_the_model_are_refused(tmp_path):
         check_adapter(garbage)
 
 
-@pytest.mark.parametrize("config", [b"[1, 2]", b"[" * 100_000 + b"]" * 100_000, b'{"r": ' + b"9" * 5000 + b"}",
-                                    b'{"r": 1e400}', b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "config", [b"[1, 2]", b"[" * 100_000 + b"]" * 100_000, b'{"r": ' + b"9" * 5000 + b"}", b'{"r": 1e400}', b"\xff\xfe"]
+)
 def test_hostile_adapter_configs_are_refused_cleanly(tmp_path, config):
     d = _adapter(tmp_path / "a", 8, {KEY.format("A"): [8, 128], KEY.format("B"): [128, 8]}, config)
     with pytest.raises(AdapterError):

@@ -83,7 +83,11 @@ def _strict(schema: Any) -> Any:
     """The schema with additionalProperties: false wherever properties are listed and unknown fields are not kept."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -95,7 +99,9 @@ def _strict(schema: Any) -> Any:
 def rayservice_validator() -> jsonschema.protocols.Validator:
     path = SCHEMAS / "ray.io_rayservices.yaml"
     if not path.is_file():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS} (CI keeps them in ../shared/k8s-schemas beside the clone)")
+        pytest.skip(
+            f"KubeRay CRD schemas not found at {SCHEMAS} (CI keeps them in ../shared/k8s-schemas beside the clone)"
+        )
     crd = yaml.safe_load(path.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(version["schema"]["openAPIV3Schema"])
@@ -213,7 +219,9 @@ def test_both_deployments_log_in_the_configured_encoding(overlay):
     embedded = yaml.safe_load(_one(docs, "RayService")["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(embedded)
     deployments = {d["name"]: d for d in embedded["applications"][0]["deployments"]}
-    assert {n: d["logging_config"] for n, d in deployments.items()} == {n: {"encoding": "JSON"} for n in (INGRESS, SCORER)}
+    assert {n: d["logging_config"] for n, d in deployments.items()} == {
+        n: {"encoding": "JSON"} for n in (INGRESS, SCORER)
+    }
     cfg = _config(name)
     cfg.serving.log_encoding = "TEXT"
     text = serve_config(cfg, "/c.yaml")["applications"][0]["deployments"]
@@ -232,7 +240,10 @@ def test_worker_groups_match_serve_autoscaling(overlay):
     deployments = {d["name"]: d for d in embedded["applications"][0]["deployments"]}
     groups = _groups(docs)
     assert list(groups) == ["ingress", "scorer"]
-    for group_name, deployment, dcfg in (("ingress", INGRESS, cfg.serving.ingress), ("scorer", SCORER, cfg.serving.scorer)):
+    for group_name, deployment, dcfg in (
+        ("ingress", INGRESS, cfg.serving.ingress),
+        ("scorer", SCORER, cfg.serving.scorer),
+    ):
         g, auto = groups[group_name], deployments[deployment]["autoscaling_config"]
         assert (g["minReplicas"], g["maxReplicas"]) == (auto["min_replicas"], auto["max_replicas"]), group_name
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
@@ -244,7 +255,10 @@ def test_worker_groups_match_serve_autoscaling(overlay):
         gpus = container["resources"]["limits"].get("nvidia.com/gpu", "0")
         assert float(gpus) == dcfg.num_gpus, f"{group_name}: GPU limit {gpus} != num_gpus {dcfg.num_gpus}"
     if name == "gpu":
-        assert cfg.serving.scorer.num_gpus == 1 and groups["scorer"]["maxReplicas"] == cfg.serving.scorer.autoscaling.max_replicas
+        assert (
+            cfg.serving.scorer.num_gpus == 1
+            and groups["scorer"]["maxReplicas"] == cfg.serving.scorer.autoscaling.max_replicas
+        )
 
 
 def test_pods_use_config_paths_keys_and_port(overlay):
@@ -257,7 +271,7 @@ def test_pods_use_config_paths_keys_and_port(overlay):
         (container,) = spec["containers"]
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
 
-        def mount_of(path: Path) -> dict:
+        def mount_of(path: Path, mounts=mounts, volumes=volumes, group=group) -> dict:
             hits = [m for p, m in mounts.items() if path == Path(p) or Path(p) in path.parents]
             assert hits, f"{group}: {path} is on no volume"
             m = max(hits, key=lambda m: len(m["mountPath"]))
@@ -359,7 +373,7 @@ def test_cpu_demo_makes_the_tiny_model_its_config_expects():
     docs = build(K8S / "overlays" / "cpu-demo")
     cfg = _config("cpu-demo")
     assert cfg.model.untrained and cfg.model.base == "/models/tiny/model"
-    for group, spec in _pod_specs(docs).items():
+    for spec in _pod_specs(docs).values():
         (init,) = spec["initContainers"]
         script = " ".join(init["command"] + init["args"])
         assert "l2grader make-tiny-model" in script and "/models/tiny" in script

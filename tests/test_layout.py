@@ -88,13 +88,19 @@ def test_serve_has_subpackages_and_no_loose_modules():
     loose = sorted(p.name for p in (REPO / "serve").glob("*.py") if p.name != "__init__.py")
     assert loose == []
     assert {p.name for p in (REPO / "serve").iterdir() if (p / "__init__.py").is_file()} >= {
-        "grading", "engine", "service", "cli"}
+        "grading",
+        "engine",
+        "service",
+        "cli",
+    }
 
 
 def test_the_vllm_model_module_loads_without_ray_serve():
-    code = ("import sys, serve.engine.plugin as p, importlib; "
-            "importlib.import_module(p.MODEL_CLASS.split(':')[0]); "
-            "print(sorted(m for m in sys.modules if m == 'ray.serve' or m.startswith('ray.serve.')))")
+    code = (
+        "import sys, serve.engine.plugin as p, importlib; "
+        "importlib.import_module(p.MODEL_CLASS.split(':')[0]); "
+        "print(sorted(m for m in sys.modules if m == 'ray.serve' or m.startswith('ray.serve.')))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -23,8 +23,9 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
 
 
 def features(extractor, waves):
-    return extractor(waves, sampling_rate=16000, return_attention_mask=True, padding="max_length",
-                     return_tensors="np")["input_features"]
+    return extractor(waves, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="np")[
+        "input_features"
+    ]
 
 
 @pytest.mark.parametrize("seconds", [0.02, 0.05, 1.0, 8.0, 13.37, 29.99, 30.0, 45.0])

@@ -67,11 +67,21 @@ def driver(browser_bins, base_url, tmp_path_factory):
     mic = write(d / "mic.wav", 6, 16000, seed=31)
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser_bins[0]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={mic}", f"--user-data-dir={d / 'profile'}",
-                "--window-size=1000,1350"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={mic}",
+        f"--user-data-dir={d / 'profile'}",
+        "--window-size=1000,1350",
+    ):
         opts.add_argument(arg)
     service = Service(executable_path=browser_bins[1], log_output=str(d / "chromedriver.log"))
     drv = webdriver.Chrome(options=opts, service=service)
@@ -100,8 +110,10 @@ def wait_for(drv, condition, timeout: float, what: str):
     try:
         return WebDriverWait(drv, timeout, poll_frequency=0.25).until(condition)
     except TimeoutException:
-        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; status: {text(drv, 'status')!r}, "
-                             f"error: {text(drv, 'error')!r}") from None
+        raise AssertionError(
+            f"timed out after {timeout:g} s waiting for {what}; status: {text(drv, 'status')!r}, "
+            f"error: {text(drv, 'error')!r}"
+        ) from None
 
 
 def text(drv, element_id: str) -> str:
@@ -126,8 +138,12 @@ def open_page(drv, url: str) -> None:
 def submit_and_wait(drv) -> dict:
     """Click submit, wait (bounded) for a score, return the service's answer as the page holds it."""
     drv.find_element("id", "submit").click()
-    wait_for(drv, lambda d: re.fullmatch(r"\d+\.\d\d", text(d, "score")) or d.find_element("id", "error").is_displayed(),
-             SCORE_WAIT_S, "a score")
+    wait_for(
+        drv,
+        lambda d: re.fullmatch(r"\d+\.\d\d", text(d, "score")) or d.find_element("id", "error").is_displayed(),
+        SCORE_WAIT_S,
+        "a score",
+    )
     assert not drv.find_element("id", "error").is_displayed(), text(drv, "error")
     return drv.execute_script("return window.lastResult")
 
@@ -151,8 +167,20 @@ def check_result(drv, url: str, result: dict) -> None:
 def test_get_root_serves_the_page(base_url):
     r = httpx.get(f"{base_url}/", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    for element_id in ("part", "api-key", "record", "stop", "file", "submit", "score", "cefr", "bars", "chunks",
-                       "error", "status"):
+    for element_id in (
+        "part",
+        "api-key",
+        "record",
+        "stop",
+        "file",
+        "submit",
+        "score",
+        "cefr",
+        "bars",
+        "chunks",
+        "error",
+        "status",
+    ):
         assert f'id="{element_id}"' in r.text
     assert "http://" not in r.text.replace("http://127.0.0.1", "") and "https://" not in r.text  # nothing external
     assert "/" not in httpx.get(f"{base_url}/openapi.json", timeout=30).json()["paths"]

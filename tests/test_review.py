@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from loadtest.audio import encode
 from serve.grading.audio import SAMPLE_RATE, prepare
 from serve.grading.config import AudioConfig, ReviewConfig
 from serve.grading.quality import MAX_SNR_DB, measure
 from serve.grading.results import REVIEW_REASONS, Quality, Uncertainty
 from serve.grading.review import review_reasons
 from tests.audio_fixtures import speechlike
-from loadtest.audio import encode
 
 CLEAN = Quality(speech_s=8, speech_ratio=0.8, snr_db=40, clipped_fraction=0, speech_dbfs=-20)
 SURE = Uncertainty(score_sd=0.3, entropy=0.2, label_mass=0.95, chunk_spread=0.0)
@@ -48,17 +48,23 @@ def test_prepare_measures_quality_once_and_refuses_silence_from_it():
     assert sum(c.duration_s for c in p.chunks) == pytest.approx(9.5)
 
 
-@pytest.mark.parametrize(("quality", "uncertainty", "reasons"), [
-    (CLEAN, SURE, []),
-    (CLEAN.model_copy(update={"snr_db": 3.0}), SURE, ["low_snr"]),
-    (CLEAN.model_copy(update={"clipped_fraction": 0.02}), SURE, ["clipping"]),
-    (CLEAN.model_copy(update={"speech_ratio": 0.1}), SURE, ["low_speech_ratio"]),
-    (CLEAN, SURE.model_copy(update={"score_sd": 1.4}), ["uncertain"]),
-    (CLEAN, SURE.model_copy(update={"label_mass": 0.005}), ["low_label_mass"]),
-    (CLEAN, SURE.model_copy(update={"chunk_spread": 2.0}), ["chunks_disagree"]),
-    (CLEAN.model_copy(update={"snr_db": 3.0, "clipped_fraction": 0.5}), SURE.model_copy(update={"score_sd": 2.0}),
-     ["low_snr", "clipping", "uncertain"]),
-])
+@pytest.mark.parametrize(
+    ("quality", "uncertainty", "reasons"),
+    [
+        (CLEAN, SURE, []),
+        (CLEAN.model_copy(update={"snr_db": 3.0}), SURE, ["low_snr"]),
+        (CLEAN.model_copy(update={"clipped_fraction": 0.02}), SURE, ["clipping"]),
+        (CLEAN.model_copy(update={"speech_ratio": 0.1}), SURE, ["low_speech_ratio"]),
+        (CLEAN, SURE.model_copy(update={"score_sd": 1.4}), ["uncertain"]),
+        (CLEAN, SURE.model_copy(update={"label_mass": 0.005}), ["low_label_mass"]),
+        (CLEAN, SURE.model_copy(update={"chunk_spread": 2.0}), ["chunks_disagree"]),
+        (
+            CLEAN.model_copy(update={"snr_db": 3.0, "clipped_fraction": 0.5}),
+            SURE.model_copy(update={"score_sd": 2.0}),
+            ["low_snr", "clipping", "uncertain"],
+        ),
+    ],
+)
 def test_review_reasons(quality, uncertainty, reasons):
     assert review_reasons(uncertainty, quality, ReviewConfig()) == reasons
     assert set(reasons) <= set(REVIEW_REASONS)

@@ -47,8 +47,13 @@ def cfg_path(tiny_config, tmp_path_factory) -> Path:
         "registry_file": str(d / "registry.json"),
         "adapters_per_replica": 1,
         "ingress": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0},
-        "scorer": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0,
-                   "max_ongoing_requests": 3, "max_queued_requests": 2, "retry_after_s": 2},
+        "scorer": {
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+            "num_cpus": 0,
+            "max_ongoing_requests": 3,
+            "max_queued_requests": 2,
+            "retry_after_s": 2,
+        },
     }
     (d / "c.yaml").write_text(yaml.safe_dump(raw))
     return d / "c.yaml"
@@ -105,8 +110,9 @@ def url(cfg_path):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"config": str(cfg_path), "engine": "tests.fake_engine:FakeEngine"}), name=APP,
-                  route_prefix="/")
+        serve.run(
+            build_app({"config": str(cfg_path), "engine": "tests.fake_engine:FakeEngine"}), name=APP, route_prefix="/"
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -114,8 +120,9 @@ def url(cfg_path):
 
 
 def post(url: str, part: str, seconds: float, seed: int = 0) -> httpx.Response:
-    return httpx.post(f"{url}/v1/score", data={"part": part}, files={"audio": ("a.wav", wav(seconds, seed))},
-                      timeout=120)
+    return httpx.post(
+        f"{url}/v1/score", data={"part": part}, files={"audio": ("a.wav", wav(seconds, seed))}, timeout=120
+    )
 
 
 def scorer_stats() -> dict:
@@ -131,9 +138,14 @@ def test_parts_are_multiplexed_with_an_lru_of_one_adapter(url):
         assert r.status_code == 200, r.text
         assert r.json()["model"]["adapter"].startswith(f"{part}@")
     after = scorer_stats()
-    loads = {p: after["adapter_loads"].get(p, 0) - before.get("adapter_loads", {}).get(p, 0) for p in ("interview", "long_turn")}
-    evictions = {p: after["adapter_evictions"].get(p, 0) - before.get("adapter_evictions", {}).get(p, 0)
-                 for p in ("interview", "long_turn")}
+    loads = {
+        p: after["adapter_loads"].get(p, 0) - before.get("adapter_loads", {}).get(p, 0)
+        for p in ("interview", "long_turn")
+    }
+    evictions = {
+        p: after["adapter_evictions"].get(p, 0) - before.get("adapter_evictions", {}).get(p, 0)
+        for p in ("interview", "long_turn")
+    }
     # One slot: interview stays for its second answer, long_turn evicts it, interview evicts long_turn.
     assert loads["long_turn"] == 1 and loads["interview"] in (1, 2)
     assert evictions["long_turn"] == 1
@@ -184,15 +196,27 @@ def test_formats_browsers_and_phones_record_are_scored(url, fmt):
 
 
 def test_malformed_bodies(url):
-    assert_error(httpx.post(f"{url}/v1/score", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
-                 422, "invalid_request")
+    assert_error(
+        httpx.post(f"{url}/v1/score", content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+        422,
+        "invalid_request",
+    )
     deep = b"[" * 100_000 + b"]" * 100_000
-    assert_error(httpx.post(f"{url}/v1/score", content=deep, headers={"content-type": "application/json"}),
-                 422, "invalid_request")
-    assert_error(httpx.post(f"{url}/v1/score", content=b"{}", headers={"content-type": "application/json;;; =x; charset"}),
-                 422, "invalid_request")
-    assert_error(httpx.post(f"{url}/v1/score", content=b"x", headers={"content-type": "text/plain"}),
-                 415, "unsupported_media_type")
+    assert_error(
+        httpx.post(f"{url}/v1/score", content=deep, headers={"content-type": "application/json"}),
+        422,
+        "invalid_request",
+    )
+    assert_error(
+        httpx.post(f"{url}/v1/score", content=b"{}", headers={"content-type": "application/json;;; =x; charset"}),
+        422,
+        "invalid_request",
+    )
+    assert_error(
+        httpx.post(f"{url}/v1/score", content=b"x", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
     assert_error(httpx.get(f"{url}/no/such/path"), 404, "not_found")
     assert_error(httpx.delete(f"{url}/v1/score"), 405, "method_not_allowed")
 
@@ -228,8 +252,10 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_streams(url):
     piece = b"a" * (1024 * 1024)
     sent_mb, response = 0, b""
     with socket.create_connection((host, port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         deadline = time.time() + 60
         while sent_mb < 600 and time.time() < deadline:  # up to 600 MB, 1 MB at a time, no Content-Length
             if select.select([sock], [], [], 0)[0]:

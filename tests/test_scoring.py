@@ -59,7 +59,9 @@ def test_uncertainty_of_an_answer():
     assert uniform.uncertainty.score_sd == pytest.approx(np.std([1, 2, 3, 4, 5, 6]))
 
     # two chunks that disagree: the mixture is split between levels 2 and 6, weighted 3:1 by duration
-    split = aggregate("p", DEFAULT_LEVELS, [ChunkScore(0, 30, one_hot[1], 0.8), ChunkScore(30, 40, one_hot[5], 0.4)], MODEL)
+    split = aggregate(
+        "p", DEFAULT_LEVELS, [ChunkScore(0, 30, one_hot[1], 0.8), ChunkScore(30, 40, one_hot[5], 0.4)], MODEL
+    )
     assert split.uncertainty.chunk_spread == pytest.approx(4.0)
     assert split.uncertainty.score_sd == pytest.approx(np.sqrt(0.75 * 0.25) * 4)
     assert split.label_mass == pytest.approx((30 * 0.8 + 10 * 0.4) / 40)

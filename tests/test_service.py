@@ -38,8 +38,13 @@ def service_cfg(tiny_config, tiny_dir, adapter_root, tmp_path_factory) -> Path:
     raw = tiny_config()
     raw["audio"] = {"max_upload_mb": 24, "max_duration_s": 660}
     # Two adapter slots for the demo's two parts: a third part evicts one, as in production with many parts.
-    return keyed_service_config(raw, tmp_path_factory.mktemp("service"), body_timeout_s=BODY_TIMEOUT_S,
-                                adapters_per_replica=2, adapter_roots=[str(tiny_dir / "adapters"), str(adapter_root)])
+    return keyed_service_config(
+        raw,
+        tmp_path_factory.mktemp("service"),
+        body_timeout_s=BODY_TIMEOUT_S,
+        adapters_per_replica=2,
+        adapter_roots=[str(tiny_dir / "adapters"), str(adapter_root)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +63,12 @@ def base_url(service_cfg, service_log):
 @pytest.fixture(scope="module")
 def long_files(tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("long")
-    return [write(d / "five.wav", 5, 16000, seed=21), write(d / "minute.ogg", 61, 48000, seed=22),
-            write(d / "two.mp3", 130, 22050, seed=23), write(d / "ten.flac", 600, 16000, seed=24)]
+    return [
+        write(d / "five.wav", 5, 16000, seed=21),
+        write(d / "minute.ogg", 61, 48000, seed=22),
+        write(d / "two.mp3", 130, 22050, seed=23),
+        write(d / "ten.flac", 600, 16000, seed=24),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +90,33 @@ def trust_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def offline(service_cfg, audio_dir, long_files, trust_files) -> dict[str, dict]:
     """``l2grader score`` (one engine) of every file the service's results are compared with, by file name."""
-    files = [audio_dir / "a.wav", audio_dir / "b.flac", audio_dir / "c.ogg", audio_dir / "d.mp3", *long_files,
-             *trust_files.values()]
-    cli = subprocess.run([L2GRADER, "score", "--config", str(service_cfg), "--part", "interview", *map(str, files)],
-                         capture_output=True, text=True, timeout=600)
+    files = [
+        audio_dir / "a.wav",
+        audio_dir / "b.flac",
+        audio_dir / "c.ogg",
+        audio_dir / "d.mp3",
+        *long_files,
+        *trust_files.values(),
+    ]
+    cli = subprocess.run(
+        [L2GRADER, "score", "--config", str(service_cfg), "--part", "interview", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     return {Path(x["file"]).name: x for x in map(json.loads, cli.stdout.splitlines())}
 
 
 def post_file(url, path: Path, part="interview", headers=USER, **form):
     with open(path, "rb") as f:
-        return httpx.post(f"{url}/v1/score", data={"part": part, **form}, files={"audio": (path.name, f)},
-                          headers=headers, timeout=300)
+        return httpx.post(
+            f"{url}/v1/score",
+            data={"part": part, **form},
+            files={"audio": (path.name, f)},
+            headers=headers,
+            timeout=300,
+        )
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -106,6 +130,7 @@ def metric(text: str, name: str, **labels) -> float:
 
 def settled_metrics(url: str, timeout_s: float = 60) -> str:
     """/metrics once the service's counters stopped moving (replicas report to Ray every 2 s)."""
+
     def counters(text):
         return sorted(line for line in text.splitlines() if line.startswith("ray_l2grader_") and "_total{" in line)
 
@@ -165,11 +190,15 @@ def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_fi
         assert r.json()["quality"] == offline[path.name]["quality"]
     after = settled_metrics(base_url)
     for reason in ("clipping", "low_snr"):
-        grown = (metric(after, "l2grader_review_reasons_total", part="interview", reason=reason)
-                 - metric(before, "l2grader_review_reasons_total", part="interview", reason=reason))
+        grown = metric(after, "l2grader_review_reasons_total", part="interview", reason=reason) - metric(
+            before, "l2grader_review_reasons_total", part="interview", reason=reason
+        )
         assert grown == 1, reason
-    verdicts = sum(metric(after, "l2grader_review_verdicts_total", part="interview", needed=v)
-                   - metric(before, "l2grader_review_verdicts_total", part="interview", needed=v) for v in ("true", "false"))
+    verdicts = sum(
+        metric(after, "l2grader_review_verdicts_total", part="interview", needed=v)
+        - metric(before, "l2grader_review_verdicts_total", part="interview", needed=v)
+        for v in ("true", "false")
+    )
     assert verdicts == 3
 
 
@@ -177,10 +206,14 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
     """One silent answer of three: 200, two scored, one not_scorable, the overall over the two, for review."""
     b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
     before = settled_metrics(base_url)
-    batch = {"candidate_id": "cand-2", "answers": [
-        {"part": "interview", "audio_base64": b64(trust_files["clean"]), "response_id": "q1"},
-        {"part": "long_turn", "audio_base64": b64(audio_dir / "silent.wav"), "response_id": "q2"},
-        {"part": "long_turn", "audio_base64": b64(audio_dir / "a.wav"), "response_id": "q3"}]}
+    batch = {
+        "candidate_id": "cand-2",
+        "answers": [
+            {"part": "interview", "audio_base64": b64(trust_files["clean"]), "response_id": "q1"},
+            {"part": "long_turn", "audio_base64": b64(audio_dir / "silent.wav"), "response_id": "q2"},
+            {"part": "long_turn", "audio_base64": b64(audio_dir / "a.wav"), "response_id": "q3"},
+        ],
+    }
     r = httpx.post(f"{base_url}/v1/score/batch", json=batch, headers=USER, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -193,16 +226,22 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
     assert overall["score"] == pytest.approx(np.mean([body["results"][0]["score"], body["results"][2]["score"]]))
     assert overall["review"]["needed"] and "not_scorable" in overall["review"]["reasons"]
     after = settled_metrics(base_url)
-    grown = (metric(after, "l2grader_review_reasons_total", part="long_turn", reason="not_scorable")
-             - metric(before, "l2grader_review_reasons_total", part="long_turn", reason="not_scorable"))
+    grown = metric(after, "l2grader_review_reasons_total", part="long_turn", reason="not_scorable") - metric(
+        before, "l2grader_review_reasons_total", part="long_turn", reason="not_scorable"
+    )
     assert grown == 1
     # the single-answer endpoint keeps its 422, and a batch of only bad audio still answers
     assert post_file(base_url, audio_dir / "silent.wav").status_code == 422
     only_bad = {"answers": [{"part": "interview", "audio_base64": b64(audio_dir / "corrupt.wav")}]}
     r = httpx.post(f"{base_url}/v1/score/batch", json=only_bad, headers=USER, timeout=120)
     assert r.status_code == 200, r.text
-    assert r.json()["overall"] == {"score": None, "cefr": None, "scored": 0, "not_scorable": 1,
-                                   "review": {"needed": True, "reasons": ["not_scorable"]}}
+    assert r.json()["overall"] == {
+        "score": None,
+        "cefr": None,
+        "scored": 0,
+        "not_scorable": 1,
+        "review": {"needed": True, "reasons": ["not_scorable"]},
+    }
     assert r.json()["results"][0]["reason"]["kind"] == "undecodable"
 
 
@@ -212,9 +251,13 @@ def test_json_base64_and_batch(base_url, audio_dir):
     assert r.status_code == 200, r.text
     single = r.json()
     assert single["part"] == "long_turn" and single["response_id"] is None
-    batch = {"candidate_id": "cand-1", "answers": [
-        {"part": "interview", "audio_base64": audio, "response_id": "q1"},
-        {"part": "long_turn", "audio_base64": audio, "response_id": "q2"}]}
+    batch = {
+        "candidate_id": "cand-1",
+        "answers": [
+            {"part": "interview", "audio_base64": audio, "response_id": "q1"},
+            {"part": "long_turn", "audio_base64": audio, "response_id": "q2"},
+        ],
+    }
     r = httpx.post(f"{base_url}/v1/score/batch", json=batch, headers=USER, timeout=120)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -275,7 +318,11 @@ def test_bad_inputs_get_their_status_and_are_counted(base_url, audio_dir, tmp_pa
     long = write(tmp_path / "long.flac", 700, 8000, seed=5)
     cases = [
         (post_file(base_url, audio_dir / "a.wav", part="no_such_part"), 404, "unknown_part"),
-        (httpx.post(f"{base_url}/v1/score", data={"part": "interview"}, files={"x": ("a", b"1")}, headers=USER), 422, "invalid_request"),
+        (
+            httpx.post(f"{base_url}/v1/score", data={"part": "interview"}, files={"x": ("a", b"1")}, headers=USER),
+            422,
+            "invalid_request",
+        ),
         (httpx.post(f"{base_url}/v1/score", json={"audio_base64": "AAAA"}, headers=USER), 422, "invalid_request"),
         (post_file(base_url, audio_dir / "corrupt.wav"), 422, "undecodable"),
         (post_file(base_url, audio_dir / "empty.wav"), 422, "empty"),
@@ -283,7 +330,11 @@ def test_bad_inputs_get_their_status_and_are_counted(base_url, audio_dir, tmp_pa
         (post_file(base_url, tmp_path / "blip.wav"), 422, "silence"),
         (post_file(base_url, huge), 413, "too_large"),
         (post_file(base_url, long), 413, "too_long"),
-        (httpx.post(f"{base_url}/v1/score", content=b"hello", headers={**USER, "content-type": "text/plain"}), 415, "unsupported_media_type"),
+        (
+            httpx.post(f"{base_url}/v1/score", content=b"hello", headers={**USER, "content-type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+        ),
     ]
     for response, status, kind in cases:
         assert response.status_code == status, (kind, response.text)
@@ -293,9 +344,19 @@ def test_bad_inputs_get_their_status_and_are_counted(base_url, audio_dir, tmp_pa
 
     assert post_file(base_url, audio_dir / "c.ogg").status_code == 200  # the replica is still alive
     after = settled_metrics(base_url)
-    for kind, n in [("unknown_part", 1), ("invalid_request", 2), ("undecodable", 1), ("empty", 1), ("silence", 2),
-                    ("too_large", 1), ("too_long", 1), ("unsupported_media_type", 1)]:
-        assert metric(after, "l2grader_errors_total", kind=kind) - metric(before, "l2grader_errors_total", kind=kind) == n, kind
+    for kind, n in [
+        ("unknown_part", 1),
+        ("invalid_request", 2),
+        ("undecodable", 1),
+        ("empty", 1),
+        ("silence", 2),
+        ("too_large", 1),
+        ("too_long", 1),
+        ("unsupported_media_type", 1),
+    ]:
+        assert (
+            metric(after, "l2grader_errors_total", kind=kind) - metric(before, "l2grader_errors_total", kind=kind) == n
+        ), kind
     assert metric(after, "l2grader_audio_seconds_scored_total", part="interview") > 0
     assert metric(after, "l2grader_scorer_adapter_loads_total", part="interview") >= 1
     assert "ray_l2grader_request_latency_seconds_bucket" in after  # gauges: the dashboard test, which polls
@@ -323,8 +384,20 @@ def test_recorded_formats_score_like_the_wav(base_url, service_cfg, tmp_path):
         r = post_file(base_url, path)
         assert r.status_code == 200, (fmt, r.text)
         scores[fmt] = r.json()["score"]
-    cli = subprocess.run([L2GRADER, "score", "--config", str(service_cfg), "--part", "interview",
-                          *(str(tmp_path / f"answer.{f}") for f in scores)], capture_output=True, text=True, timeout=600)
+    cli = subprocess.run(
+        [
+            L2GRADER,
+            "score",
+            "--config",
+            str(service_cfg),
+            "--part",
+            "interview",
+            *(str(tmp_path / f"answer.{f}") for f in scores),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     offline = {Path(x["file"]).suffix[1:]: x["score"] for x in map(json.loads, cli.stdout.splitlines())}
     for fmt, score in scores.items():
@@ -362,8 +435,11 @@ async def _hold_slow_upload(port: int, results: list, stop_s: float) -> None:
     import asyncio
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nAuthorization: " + USER["Authorization"].encode()
-                 + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n")
+    writer.write(
+        b"POST /v1/score HTTP/1.1\r\nHost: t\r\nAuthorization: "
+        + USER["Authorization"].encode()
+        + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+    )
     await writer.drain()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + stop_s
@@ -401,8 +477,9 @@ def test_150_slow_uploads_do_not_starve_health_or_scoring(base_url, audio_dir):
             health_s = time.perf_counter() - t0
             with open(audio_dir / "c.ogg", "rb") as f:  # an 8 s answer
                 t0 = time.perf_counter()
-                scored = await client.post(f"{base_url}/v1/score", data={"part": "interview"},
-                                           files={"audio": ("c.ogg", f)}, headers=USER)
+                scored = await client.post(
+                    f"{base_url}/v1/score", data={"part": "interview"}, files={"audio": ("c.ogg", f)}, headers=USER
+                )
             score_s = time.perf_counter() - t0
         await asyncio.gather(*slow)
         return health, health_s, scored, score_s, results
@@ -427,6 +504,7 @@ def test_refused_admin_calls_with_invented_ids_do_not_grow_the_metrics(base_url)
     async def run():
         limit = asyncio.Semaphore(32)
         async with httpx.AsyncClient(timeout=60) as client:
+
             async def refused(i: int, part: str):
                 async with limit:
                     if i % 2:
@@ -451,8 +529,10 @@ def _lora_with_wrong_input_size(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     weights = load_file(str(src / "adapter_model.safetensors"))
-    save_file({k: (v[:, :96].copy() if ".lora_A." in k else v) for k, v in weights.items()},
-              str(dst / "adapter_model.safetensors"))
+    save_file(
+        {k: (v[:, :96].copy() if ".lora_A." in k else v) for k, v in weights.items()},
+        str(dst / "adapter_model.safetensors"),
+    )
     return dst
 
 
@@ -467,7 +547,10 @@ def test_adapters_that_cannot_score_are_refused_before_registration(base_url, ti
     levels = [{"label": f"L{i}", "cefr": "A1", "score": i, "descriptor": "d"} for i in range(25)]
     cases = {
         "rank": ({"adapter": str(wrong_rank)}, "does not match rank 8"),
-        "dims": ({"adapter": str(_lora_with_wrong_input_size(source, adapter_root / "wrong_dims"))}, "base model needs"),
+        "dims": (
+            {"adapter": str(_lora_with_wrong_input_size(source, adapter_root / "wrong_dims"))},
+            "base model needs",
+        ),
         "levels": ({"adapter": str(source), "levels": levels}, "at most 20"),
         "outside": ({"adapter": "/etc"}, "outside"),
         "missing": ({"adapter": "/no/such/adapter"}, "outside"),
@@ -486,8 +569,9 @@ def _node_export_and_logs(service_log: Path) -> tuple[str, Path]:
     as ``l2grader serve`` announced them."""
     import re
 
-    found = re.search(r"replica logs \(serving.log_encoding \w+\): (\S+); this node's metrics export: (\S+)",
-                      service_log.read_text())
+    found = re.search(
+        r"replica logs \(serving.log_encoding \w+\): (\S+); this node's metrics export: (\S+)", service_log.read_text()
+    )
     assert found, "l2grader serve did not announce its logs and metrics export"
     return found[2], Path(found[1])
 
@@ -512,8 +596,12 @@ def test_dashboard_metrics_and_json_request_logs(base_url, service_log, audio_di
     assert [r.status_code for r in scored] == [200] * 3, [r.text[:200] for r in scored]
     assert post_file(base_url, audio_dir / "silent.wav").status_code == 422
     b64 = base64.b64encode((audio_dir / "silent.wav").read_bytes()).decode()
-    batch = httpx.post(f"{base_url}/v1/score/batch", headers=USER, timeout=120,
-                       json={"candidate_id": "c", "answers": [{"part": "interview", "audio_base64": b64}]})
+    batch = httpx.post(
+        f"{base_url}/v1/score/batch",
+        headers=USER,
+        timeout=120,
+        json={"candidate_id": "c", "answers": [{"part": "interview", "audio_base64": b64}]},
+    )
     assert batch.status_code == 200 and batch.json()["overall"]["not_scorable"] == 1
     assert httpx.delete(f"{base_url}/v1/parts/photo", headers=ADMIN).status_code == 200
     chunks = sum(len(r.json()["chunks"]) for r in scored)
@@ -527,7 +615,8 @@ def test_dashboard_metrics_and_json_request_logs(base_url, service_log, audio_di
             seen[name] = seen.get(name, set()) | labels
         missing = problems(dashboard, seen)
         finished = _total(after, "ray_l2grader_engine_requests_finished_total") - _total(
-            before, "ray_l2grader_engine_requests_finished_total")
+            before, "ray_l2grader_engine_requests_finished_total"
+        )
         if (not missing and finished >= chunks) or time.monotonic() > deadline:
             break
         time.sleep(2)
@@ -549,8 +638,11 @@ def test_dashboard_metrics_and_json_request_logs(base_url, service_log, audio_di
     assert 0 < mine[0]["latency_ms"] < 300_000 and mine[0]["deployment"].endswith("Ingress")
     refused = [r for r in ingress_lines if r.get("status") == 422 and r.get("part") == "interview"]
     assert refused, "refused requests are logged too"
-    scorer_lines = [json.loads(line) for f in sorted(serve_logs.glob("replica_l2grader_Scorer_*.log"))
-                    for line in f.read_text().splitlines()]
+    scorer_lines = [
+        json.loads(line)
+        for f in sorted(serve_logs.glob("replica_l2grader_Scorer_*.log"))
+        for line in f.read_text().splitlines()
+    ]
     assert scorer_lines and all(r["deployment"].endswith("Scorer") for r in scorer_lines)
 
 
@@ -585,11 +677,19 @@ def test_a_scorer_replica_killed_under_load_gives_retryable_503s_never_500(base_
 
     def client(i: int) -> None:
         while not stop.is_set():
-            r = httpx.post(f"{base_url}/v1/score", data={"part": "interview", "response_id": f"r{i}"},
-                           files={"audio": ("c.ogg", answer)}, headers=USER, timeout=120)
+            r = httpx.post(
+                f"{base_url}/v1/score",
+                data={"part": "interview", "response_id": f"r{i}"},
+                files={"audio": ("c.ogg", answer)},
+                headers=USER,
+                timeout=120,
+            )
             seen[r.status_code] += 1
-            if r.status_code != 200 and not (r.status_code == 503 and r.headers.get("retry-after")
-                                             and r.json()["error"]["kind"] in ("unavailable", "overloaded")):
+            if r.status_code != 200 and not (
+                r.status_code == 503
+                and r.headers.get("retry-after")
+                and r.json()["error"]["kind"] in ("unavailable", "overloaded")
+            ):
                 bad.append(f"{r.status_code} {r.headers.get('retry-after')} {r.text[:200]}")
             if r.status_code == 503:
                 time.sleep(0.5)

@@ -55,14 +55,26 @@ def session(tmp_path_factory) -> dict:
     for i in range(N_GOOD):
         name = f"g{i:04d}.{('wav', 'flac', 'ogg')[i % 3]}"
         write(audio / name, float(rng.uniform(1.5, 3.5)) if i % 40 else 35.0, 16000, seed=i)  # a few of 2 chunks
-        rows.append({"response_id": f"{i:05d}", "candidate_id": f"cand-{i % 2}", "part": ("interview", "long_turn")[i % 2],
-                     "audio": f"audio/{name}"})
+        rows.append(
+            {
+                "response_id": f"{i:05d}",
+                "candidate_id": f"cand-{i % 2}",
+                "part": ("interview", "long_turn")[i % 2],
+                "audio": f"audio/{name}",
+            }
+        )
     (audio / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 8)
     (audio / "empty.wav").write_bytes(b"")
     sf.write(audio / "silent.wav", np.zeros(16000 * 3, dtype=np.float32), 16000)
     for rid, (part, name, _) in BAD.items():
-        rows.append({"response_id": rid, "candidate_id": "" if rid == "bad-no-candidate" else "cand-1", "part": part,
-                     "audio": f"audio/{name}"})
+        rows.append(
+            {
+                "response_id": rid,
+                "candidate_id": "" if rid == "bad-no-candidate" else "cand-1",
+                "part": part,
+                "audio": f"audio/{name}",
+            }
+        )
     rows.insert(17, rows.pop())  # bad rows among the good ones, not all at the end
     with open(d / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["response_id", "candidate_id", "part", "audio", "note"])
@@ -83,14 +95,26 @@ def reference(session, tiny_dir) -> dict:
     good = [r for r in session["rows"] if not r["response_id"].startswith("bad-")]
     engine = OfflineEngine(cfg)
     try:
-        results = engine.score_answers([(r["part"], prepare_answer(session["dir"] / r["audio"], cfg.audio)) for r in good])
+        results = engine.score_answers(
+            [(r["part"], prepare_answer(session["dir"] / r["audio"], cfg.audio)) for r in good]
+        )
     finally:
         engine.close()
     return {r["response_id"]: res.model_dump() for r, res in zip(good, results)}
 
 
 def score_session(config, manifest, out, *extra, timeout=600, wait=True):
-    cmd = [L2GRADER, "score-session", "--config", str(config), "--manifest", str(manifest), "--out", str(out), *map(str, extra)]
+    cmd = [
+        L2GRADER,
+        "score-session",
+        "--config",
+        str(config),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        *map(str, extra),
+    ]
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -138,7 +162,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
     ids = [a["response_id"] for a in answers]
     assert len(ids) == len(set(ids)) == total and set(ids) == {row["response_id"] for row in session["rows"]}
     by_id = {a["response_id"]: a for a in answers}
-    for rid, (part, name, kind) in BAD.items():
+    for rid, (part, _name, kind) in BAD.items():
         a = by_id[rid]
         assert (a["status"], a["error_kind"], a["part"]) == ("not_scorable", kind, part), a
         assert a["error_message"] and a["score"] is None
@@ -199,8 +223,12 @@ def test_bad_manifests_fail_at_once_with_one_line(tiny_dir, tmp_path):
 
 
 def test_manifest_formats_and_audio_locations(tmp_path):
-    assert [manifest_format(x) for x in ("m.csv", "m.jsonl", "s3://b/m.parquet", "s3://b/manifest/")] == \
-        ["csv", "json", "parquet", "parquet"]
+    assert [manifest_format(x) for x in ("m.csv", "m.jsonl", "s3://b/m.parquet", "s3://b/manifest/")] == [
+        "csv",
+        "json",
+        "parquet",
+        "parquet",
+    ]
     assert resolve_audio("a/b.wav", str(tmp_path)) == str(tmp_path / "a" / "b.wav")
     assert resolve_audio("a/b.wav", "s3://bucket/session") == "s3://bucket/session/a/b.wav"
     assert resolve_audio("/abs/b.wav", "s3://bucket") == "/abs/b.wav"
@@ -208,8 +236,12 @@ def test_manifest_formats_and_audio_locations(tmp_path):
 
     f = write(tmp_path / "a.wav", 1.0)
     assert read_audio(str(f), 10**6) == f.read_bytes() == read_audio(f"file://{f}", 10**6)
-    for location, max_bytes, kind in ((str(tmp_path / "none.wav"), 10**6, "unreadable"), (str(tmp_path), 10**6, "unreadable"),
-                                      (str(f), 100, "too_large"), (f"file://{tmp_path}/none.wav", 10**6, "unreadable")):
+    for location, max_bytes, kind in (
+        (str(tmp_path / "none.wav"), 10**6, "unreadable"),
+        (str(tmp_path), 10**6, "unreadable"),
+        (str(f), 100, "too_large"),
+        (f"file://{tmp_path}/none.wav", 10**6, "unreadable"),
+    ):
         with pytest.raises(AudioError) as e:
             read_audio(location, max_bytes)
         assert e.value.kind == kind, location

@@ -33,10 +33,14 @@ def rayjob_validator() -> jsonschema.protocols.Validator:
     (version,) = [v for v in yaml.safe_load(path.read_text())["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(version["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {
-        "type": "object", "required": ["name"], "additionalProperties": False,
-        "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                       "namespace": {"type": "string"},
-                       "labels": {"type": "object", "additionalProperties": {"type": "string"}}},
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+            "namespace": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
     }
     schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"})
     return jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)(schema)
@@ -59,7 +63,12 @@ def test_session_rayjob_validates_and_runs_the_service_cluster(overlay, rayjob_v
     # The entrypoint is `l2grader score-session` on the in-cluster config, the given URIs, the job's own cluster.
     args = build_parser().parse_args(shlex.split(job["spec"]["entrypoint"])[1:])
     assert args.func is cmd_score_session
-    assert (args.config, args.manifest, args.out, args.address) == (in_cluster_config_path(config), MANIFEST, OUT, "auto")
+    assert (args.config, args.manifest, args.out, args.address) == (
+        in_cluster_config_path(config),
+        MANIFEST,
+        OUT,
+        "auto",
+    )
     assert args.engines == cfg.serving.scorer.autoscaling.max_replicas
 
     # The service's cluster: image, volumes, mounts, Ray settings and resources; no Serve probes, no API keys.
@@ -82,10 +91,13 @@ def test_session_rayjob_validates_and_runs_the_service_cluster(overlay, rayjob_v
     assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["backoffLimit"] >= 1
 
     # Unknown or misspelt fields are refused.
-    for mutate in (lambda j: j["spec"].__setitem__("entrypointt", "x"),
-                   lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][1].__setitem__("maxReplica", 2),
-                   lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-                   .__setitem__("volumeMount", [])):
+    for mutate in (
+        lambda j: j["spec"].__setitem__("entrypointt", "x"),
+        lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][1].__setitem__("maxReplica", 2),
+        lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].__setitem__(
+            "volumeMount", []
+        ),
+    ):
         bad = copy.deepcopy(job)
         mutate(bad)
         with pytest.raises(jsonschema.ValidationError):
@@ -94,14 +106,38 @@ def test_session_rayjob_validates_and_runs_the_service_cluster(overlay, rayjob_v
 
 def test_session_job_command_reads_the_rendered_overlay(rayjob_validator):
     rendered = yaml.safe_dump_all(build(K8S / "overlays" / "gpu"))
-    r = subprocess.run([L2GRADER, "session-job", "--config", str(REPO / gen.OVERLAYS["gpu"]), "--manifest", MANIFEST,
-                        "--out", OUT, "--engines", "2", "--name", "june-2026"], input=rendered, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [
+            L2GRADER,
+            "session-job",
+            "--config",
+            str(REPO / gen.OVERLAYS["gpu"]),
+            "--manifest",
+            MANIFEST,
+            "--out",
+            OUT,
+            "--engines",
+            "2",
+            "--name",
+            "june-2026",
+        ],
+        input=rendered,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     job = yaml.safe_load(r.stdout)
     rayjob_validator.validate(job)
     assert job["metadata"]["name"] == "june-2026"
-    assert "--engines 2" in job["spec"]["entrypoint"] and "/app/configs/qwen2-audio-7b.yaml" in job["spec"]["entrypoint"]
-    bad = subprocess.run([L2GRADER, "session-job", "--config", str(REPO / gen.OVERLAYS["gpu"]), "--manifest", MANIFEST,
-                          "--out", OUT], input="kind: Service\n", capture_output=True, text=True, timeout=120)
+    assert (
+        "--engines 2" in job["spec"]["entrypoint"] and "/app/configs/qwen2-audio-7b.yaml" in job["spec"]["entrypoint"]
+    )
+    bad = subprocess.run(
+        [L2GRADER, "session-job", "--config", str(REPO / gen.OVERLAYS["gpu"]), "--manifest", MANIFEST, "--out", OUT],
+        input="kind: Service\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "expected one RayService" in bad.stderr

@@ -6,8 +6,8 @@ import json
 import pytest
 from safetensors import safe_open
 
-from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, read_adapter_metadata
 from adapters.tiny_model import DEMO_PARTS, make_tiny_model
+from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, read_adapter_metadata
 from serve.grading.config import load_config
 from serve.grading.levels import DEFAULT_LEVELS
 from serve.grading.parts import LabelTokenError, label_token_ids, resolve_parts

@@ -33,7 +33,10 @@ N_TRAIN, N_DEV, N_TEST = 300, 40, 100
 
 def l2grader(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli.main", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "serve.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert proc.returncode == 0, f"l2grader {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -48,7 +51,9 @@ def last_json(stdout: str) -> dict:
 def synth(tmp_path_factory) -> Path:
     require_espeak()
     d = tmp_path_factory.mktemp("synth")
-    l2grader("synth-data", str(d), "--n-train", str(N_TRAIN), "--n-dev", str(N_DEV), "--n-test", str(N_TEST), "--seed", "0")
+    l2grader(
+        "synth-data", str(d), "--n-train", str(N_TRAIN), "--n-dev", str(N_DEV), "--n-test", str(N_TEST), "--seed", "0"
+    )
     return d
 
 
@@ -60,8 +65,24 @@ def degraded(tmp_path_factory) -> Path:
     """A held-out set with 30 % degraded answers and a +0.8 bias in one voice's human scores."""
     require_espeak()
     d = tmp_path_factory.mktemp("degraded")
-    l2grader("synth-data", str(d), "--n-train", "0", "--n-dev", "0", "--n-test", "150", "--seed", "1",
-             "--degrade", "0.3", "--bias-voice", BIAS_VOICE, "--bias", "0.8")
+    l2grader(
+        "synth-data",
+        str(d),
+        "--n-train",
+        "0",
+        "--n-dev",
+        "0",
+        "--n-test",
+        "150",
+        "--seed",
+        "1",
+        "--degrade",
+        "0.3",
+        "--bias-voice",
+        BIAS_VOICE,
+        "--bias",
+        "0.8",
+    )
     return d
 
 
@@ -74,24 +95,67 @@ def run(synth, tiny_dir, tmp_path_factory) -> dict:
     timings = {}
 
     t = time.time()
-    before = l2grader("evaluate", "--config", cfg, "--part", "interview", "--data", test,
-                      "--plot", str(d / "untrained.png"), "--predictions", str(d / "untrained.jsonl"))
+    before = l2grader(
+        "evaluate",
+        "--config",
+        cfg,
+        "--part",
+        "interview",
+        "--data",
+        test,
+        "--plot",
+        str(d / "untrained.png"),
+        "--predictions",
+        str(d / "untrained.jsonl"),
+    )
     timings["evaluate_untrained_s"] = time.time() - t
 
     t = time.time()
-    trained = l2grader("train", "--config", cfg, "--part", "interview", "--data", str(synth / "train.jsonl"),
-                       "--dev", str(synth / "dev.jsonl"), "--out", str(d / "adapter"), "--no-progress", *TRAIN_FLAGS)
+    trained = l2grader(
+        "train",
+        "--config",
+        cfg,
+        "--part",
+        "interview",
+        "--data",
+        str(synth / "train.jsonl"),
+        "--dev",
+        str(synth / "dev.jsonl"),
+        "--out",
+        str(d / "adapter"),
+        "--no-progress",
+        *TRAIN_FLAGS,
+    )
     timings["train_s"] = time.time() - t
 
     t = time.time()
-    after = l2grader("evaluate", "--config", cfg, "--part", "interview", "--data", test, "--adapter", str(d / "adapter"),
-                     "--plot", str(d / "trained.png"), "--predictions", str(d / "trained.jsonl"))
+    after = l2grader(
+        "evaluate",
+        "--config",
+        cfg,
+        "--part",
+        "interview",
+        "--data",
+        test,
+        "--adapter",
+        str(d / "adapter"),
+        "--plot",
+        str(d / "trained.png"),
+        "--predictions",
+        str(d / "trained.jsonl"),
+    )
     timings["evaluate_trained_s"] = time.time() - t
     print(f"\ntraining test timings: {timings}", file=sys.stderr)
     return {
-        "dir": d, "cfg": cfg, "test": test, "adapter": d / "adapter", "timings": timings,
-        "before": last_json(before.stdout), "after": last_json(after.stdout),
-        "train_stdout": trained.stdout, "eval_stdout": after.stdout,
+        "dir": d,
+        "cfg": cfg,
+        "test": test,
+        "adapter": d / "adapter",
+        "timings": timings,
+        "before": last_json(before.stdout),
+        "after": last_json(after.stdout),
+        "train_stdout": trained.stdout,
+        "eval_stdout": after.stdout,
     }
 
 
@@ -99,9 +163,23 @@ def run(synth, tiny_dir, tmp_path_factory) -> dict:
 def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     """On degraded held-out answers: routing the most uncertain 10 % raises the PCC of the rest, degraded
     answers go to review far more often than clean ones, and the planted bias is flagged."""
-    proc = l2grader("evaluate", "--config", run["cfg"], "--part", "interview", "--data", str(degraded / "test.jsonl"),
-                    "--adapter", str(run["adapter"]), "--group-by", "voice,degradation", "--report", str(tmp_path / "r"),
-                    "--plot", str(tmp_path / "cal.png"))
+    proc = l2grader(
+        "evaluate",
+        "--config",
+        run["cfg"],
+        "--part",
+        "interview",
+        "--data",
+        str(degraded / "test.jsonl"),
+        "--adapter",
+        str(run["adapter"]),
+        "--group-by",
+        "voice,degradation",
+        "--report",
+        str(tmp_path / "r"),
+        "--plot",
+        str(tmp_path / "cal.png"),
+    )
     out = last_json(proc.stdout)
     print("\n" + "\n".join(proc.stdout.splitlines()[-30:-1]), file=sys.stderr)
     selective = out["selective"]
@@ -156,8 +234,18 @@ def test_training_lifts_held_out_pcc(run):
 @pytest.mark.engine
 def test_evaluate_reports_every_metric_and_draws_the_plot(run):
     for key in ("before", "after"):
-        assert set(run[key]) == {"soft", "hard", "answers", "not_scorable", "selective", "selective_signal",
-                                 "selective_by_signal", "error_spearman", "review_verdict", "groups"}
+        assert set(run[key]) == {
+            "soft",
+            "hard",
+            "answers",
+            "not_scorable",
+            "selective",
+            "selective_signal",
+            "selective_by_signal",
+            "error_spearman",
+            "review_verdict",
+            "groups",
+        }
         for kind in ("soft", "hard"):
             assert set(run[key][kind]) == {"pcc", "spearman", "rmse", "within_0_5", "within_1_0"}
     assert "PCC" in run["eval_stdout"] and "within 0.5" in run["eval_stdout"]
@@ -183,7 +271,10 @@ def test_vllm_serves_what_the_trainer_learned(run):
     for a, s, o in zip(answers, served, own):
         assert s["audio"] == str(a.example.audio)
         assert s["score"] == pytest.approx(o.score, abs=1e-3)
-        assert s["hard_score"] == o.hard_score or max(o.probabilities.values()) - sorted(o.probabilities.values())[-2] < 1e-3
+        assert (
+            s["hard_score"] == o.hard_score
+            or max(o.probabilities.values()) - sorted(o.probabilities.values())[-2] < 1e-3
+        )
 
 
 @pytest.mark.engine
@@ -219,8 +310,17 @@ def test_interrupted_training_resumes_to_the_same_adapter(synth, tiny_dir, tmp_p
     subset = tmp_path / "small.jsonl"
     rows = [json.loads(line) for line in (synth / "train.jsonl").read_text().splitlines()[:24]]
     subset.write_text("".join(json.dumps({**r, "audio": str(synth / r["audio"])}) + "\n" for r in rows))
-    base = dict(part="interview", data=str(subset), loss="ce", epochs=2, lr=1e-3, batch_size=8, dropout=0.0,
-                save_every=2, progress=False)
+    base = dict(
+        part="interview",
+        data=str(subset),
+        loss="ce",
+        epochs=2,
+        lr=1e-3,
+        batch_size=8,
+        dropout=0.0,
+        save_every=2,
+        progress=False,
+    )
     whole = train(cfg, TrainOptions(out=str(tmp_path / "whole"), **base))
     first = train(cfg, TrainOptions(out=str(tmp_path / "split"), stop_after=4, **base))
     assert not first["finished"] and first["steps"] == 4

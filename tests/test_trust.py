@@ -18,10 +18,18 @@ MODEL = ModelInfo(base="m", adapter=None, adapter_hash=None)
 def answer(score: float, sd: float, mass: float = 0.9, snr: float = 40.0) -> ScoredAnswer:
     reasons = ["uncertain"] if sd > 1.0 else []
     return ScoredAnswer(
-        part="p", score=score, hard_score=float(round(score)), cefr="B1", probabilities={}, label_mass=mass,
+        part="p",
+        score=score,
+        hard_score=float(round(score)),
+        cefr="B1",
+        probabilities={},
+        label_mass=mass,
         uncertainty=Uncertainty(score_sd=sd, entropy=sd / 2, label_mass=mass, chunk_spread=0.0),
         quality=Quality(speech_s=3, speech_ratio=0.6, snr_db=snr, clipped_fraction=0, speech_dbfs=-20),
-        review=Review(needed=bool(reasons), reasons=reasons), chunks=[], duration_s=4, model=MODEL,
+        review=Review(needed=bool(reasons), reasons=reasons),
+        chunks=[],
+        duration_s=4,
+        model=MODEL,
     )
 
 
@@ -79,11 +87,17 @@ def test_trust_report_and_html(tmp_path):
     with pytest.raises(ValueError, match="unknown signal"):
         trust_report(scored, list(human), fields, primary="nope")
 
-    summary = {"soft": {"pcc": 0.9, "spearman": 0.9, "rmse": 0.5, "within_0_5": 0.6, "within_1_0": 0.9},
-               "hard": {"pcc": 0.8, "spearman": 0.8, "rmse": 0.6, "within_0_5": 0.5, "within_1_0": 0.8},
-               "answers": 60, "not_scorable": 2, **rep}
-    page = write_report(tmp_path / "r", summary, list(human), scored, [lv.score for lv in DEFAULT_LEVELS], title="t <x>")
+    summary = {
+        "soft": {"pcc": 0.9, "spearman": 0.9, "rmse": 0.5, "within_0_5": 0.6, "within_1_0": 0.9},
+        "hard": {"pcc": 0.8, "spearman": 0.8, "rmse": 0.6, "within_0_5": 0.5, "within_1_0": 0.8},
+        "answers": 60,
+        "not_scorable": 2,
+        **rep,
+    }
+    page = write_report(
+        tmp_path / "r", summary, list(human), scored, [lv.score for lv in DEFAULT_LEVELS], title="t <x>"
+    )
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3 and "t &lt;x&gt;" in text
-    assert "Williamson" in text and "v2" in text and "src=\"http" not in text
+    assert "Williamson" in text and "v2" in text and 'src="http' not in text
     assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == rep["groups"]

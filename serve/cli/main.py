@@ -110,11 +110,21 @@ def cmd_score_session(args: argparse.Namespace) -> int:
 
     configure_vllm_environment()
     if cfg.model.untrained:
-        print(f"{PROG}: WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing",
-              file=sys.stderr, flush=True)
-    opts = SessionOptions(manifest=args.manifest, out=args.out, address=args.address, engines=args.engines,
-                          batch_size=args.batch_size, rows_per_part=args.rows_per_part,
-                          decode=args.decode, object_store_mb=args.object_store_mb)
+        print(
+            f"{PROG}: WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing",
+            file=sys.stderr,
+            flush=True,
+        )
+    opts = SessionOptions(
+        manifest=args.manifest,
+        out=args.out,
+        address=args.address,
+        engines=args.engines,
+        batch_size=args.batch_size,
+        rows_per_part=args.rows_per_part,
+        decode=args.decode,
+        object_store_mb=args.object_store_mb,
+    )
     try:
         s = run_session(cfg, opts)
     except (ManifestError, OutputError, AdapterError) as e:
@@ -141,7 +151,9 @@ def cmd_session_job(args: argparse.Namespace) -> int:
         fail(f"cannot read the rendered RayService: {e}")
     services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "RayService"]
     if len(services) != 1:
-        fail(f"expected one RayService in {args.rayservice} (kubectl kustomize k8s/overlays/NAME), found {len(services)}")
+        fail(
+            f"expected one RayService in {args.rayservice} (kubectl kustomize k8s/overlays/NAME), found {len(services)}"
+        )
     try:
         job = session_rayjob(services[0], cfg, args.config, args.manifest, args.out, args.engines, args.name)
     except (KeyError, ValueError) as e:
@@ -176,7 +188,9 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     from serve.service.options import serve_config
 
     cfg = load_config_or_exit(args.config)
-    print(yaml.safe_dump(serve_config(cfg, args.config_path or str(Path(args.config).resolve())), sort_keys=False), end="")
+    print(
+        yaml.safe_dump(serve_config(cfg, args.config_path or str(Path(args.config).resolve())), sort_keys=False), end=""
+    )
     return 0
 
 
@@ -197,30 +211,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score-session", help="score a whole session's manifest in bulk on Ray Data (resumable)")
     p.add_argument("--config", required=True, help="grader YAML config")
-    p.add_argument("--manifest", required=True,
-                   help="CSV, JSON Lines or Parquet with response_id, candidate_id, part, audio (path or URI)")
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="CSV, JSON Lines or Parquet with response_id, candidate_id, part, audio (path or URI)",
+    )
     p.add_argument("--out", required=True, help="output folder or URI (run again with the same --out to go on)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
-    p.add_argument("--engines", type=int, help="engine actors, one GPU each on GPU hosts "
-                   "(default: serving.scorer.autoscaling.max_replicas)")
+    p.add_argument(
+        "--engines",
+        type=int,
+        help="engine actors, one GPU each on GPU hosts (default: serving.scorer.autoscaling.max_replicas)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="answers per engine call and per CPU task (default 64)")
     p.add_argument("--rows-per-part", type=int, default=1024, help="answers per output part at most (default 1024)")
-    p.add_argument("--decode", choices=["auto", "tasks", "engines"], default="auto",
-                   help="decode audio in CPU tasks of their own or in the engine actors before each batch "
-                   "(default auto: tasks with --address, engines on one machine)")
-    p.add_argument("--object-store-mb", type=int, default=1024,
-                   help="local Ray's object store: bounds the decoded audio waiting for an engine (default 1024)")
+    p.add_argument(
+        "--decode",
+        choices=["auto", "tasks", "engines"],
+        default="auto",
+        help="decode audio in CPU tasks of their own or in the engine actors before each batch "
+        "(default auto: tasks with --address, engines on one machine)",
+    )
+    p.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=1024,
+        help="local Ray's object store: bounds the decoded audio waiting for an engine (default 1024)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_score_session)
 
-    p = sub.add_parser("session-job", help="print a KubeRay RayJob that runs score-session on the service's cluster spec")
+    p = sub.add_parser(
+        "session-job", help="print a KubeRay RayJob that runs score-session on the service's cluster spec"
+    )
     p.add_argument("--config", required=True, help="the overlay's grader config (configs/FILE, as in the image)")
     p.add_argument("--manifest", required=True, help="the manifest's URI as the pods see it (s3://..., /var/lib/...)")
     p.add_argument("--out", required=True, help="the output URI as the pods see it (shared by all pods)")
     p.add_argument("--engines", type=int, help="engine pods (default: serving.scorer.autoscaling.max_replicas)")
     p.add_argument("--name", default="l2grader-session", help="the RayJob's name (default l2grader-session)")
-    p.add_argument("--rayservice", default="-",
-                   help="the rendered overlay holding the RayService (default: stdin, `kubectl kustomize k8s/overlays/gpu`)")
+    p.add_argument(
+        "--rayservice",
+        default="-",
+        help="the rendered overlay holding the RayService (default: stdin, `kubectl kustomize k8s/overlays/gpu`)",
+    )
     p.set_defaults(func=cmd_session_job)
 
     p = sub.add_parser("serve", help="run the HTTP scoring service (Ray Serve + vLLM)")
@@ -228,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to listen on (default: serving.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serving.port, 8000)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
-    p.add_argument("--allow-unauthenticated", action="store_true",
-                   help="without API keys in the config, still accept clients beyond this machine")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="without API keys in the config, still accept clients beyond this machine",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", help="update the service running on a Ray cluster to a new config, in place")

@@ -118,8 +118,9 @@ def _bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, sca
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
 
-def _bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size,
-                       add_inputs=True):
+def _bgmv_expand_slice(
+    inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset, slice_size, add_inputs=True
+):
     outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]

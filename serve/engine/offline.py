@@ -10,8 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from serve.engine.requests import chunk_score, configure_vllm_environment, engine_input, engine_kwargs, lora_request
-from serve.engine.requests import sampling_params
+from serve.engine.requests import (
+    chunk_score,
+    configure_vllm_environment,
+    engine_input,
+    engine_kwargs,
+    lora_request,
+    sampling_params,
+)
 from serve.grading.audio import Chunk
 from serve.grading.config import GraderConfig
 from serve.grading.parts import PartSpec, resolve_parts

@@ -13,8 +13,16 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
-from serve.engine.requests import check_prompt_fits, chunk_score, configure_vllm_environment, engine_input
-from serve.engine.requests import engine_kwargs, lora_request, model_dims, sampling_params
+from serve.engine.requests import (
+    check_prompt_fits,
+    chunk_score,
+    configure_vllm_environment,
+    engine_input,
+    engine_kwargs,
+    lora_request,
+    model_dims,
+    sampling_params,
+)
 from serve.grading.adapter_files import check_lora_dims
 from serve.grading.audio import Chunk
 from serve.grading.config import GraderConfig
@@ -24,7 +32,7 @@ from serve.grading.scoring import ChunkScore, aggregate
 
 
 def served_model_name(cfg: GraderConfig) -> str:
-    """The name the engine reports its model under: the last part of the hub id or folder (``Qwen2-Audio-7B-Instruct``)."""
+    """The name the engine reports its model under: the hub id's or folder's last part (``Qwen2-Audio-7B-Instruct``)."""
     return Path(cfg.model.base).name or str(cfg.model.base)
 
 
@@ -76,9 +84,7 @@ class OnlineEngine:
 
     async def score_answer(self, spec: PartSpec, chunks: Sequence[Chunk], request_id: str) -> ScoredAnswer:
         """Score one answer: all its chunks are submitted at once."""
-        scores = await asyncio.gather(
-            *(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(chunks))
-        )
+        scores = await asyncio.gather(*(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(chunks)))
         return aggregate(spec.part, spec.levels, scores, spec.model)
 
     def shutdown(self) -> None:

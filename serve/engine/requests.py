@@ -105,8 +105,10 @@ def check_prompt_fits(spec: PartSpec, tokenizer, cfg: GraderConfig) -> None:
     audio_tokens = -(-AUDIO_TOKENS_PER_30_S * cfg.audio.max_chunk_s // 30)
     need = len(tokenizer.encode(spec.prompt, add_special_tokens=False)) - 1 + int(audio_tokens) + 1
     if need > cfg.engine.max_model_len:
-        raise ValueError(f"part {spec.part!r}: the prompt with {cfg.audio.max_chunk_s:g} s of audio needs {need} tokens, "
-                         f"more than engine.max_model_len {cfg.engine.max_model_len} (shorten the task text)")
+        raise ValueError(
+            f"part {spec.part!r}: the prompt with {cfg.audio.max_chunk_s:g} s of audio needs {need} tokens, "
+            f"more than engine.max_model_len {cfg.engine.max_model_len} (shorten the task text)"
+        )
 
 
 def model_dims(hf_config) -> dict[str, int]:

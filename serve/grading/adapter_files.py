@@ -81,7 +81,9 @@ def _inspect(path: Path, stamp: tuple) -> AdapterFiles:
         raise AdapterError(f"adapter {path}: modules_to_save is not supported by vLLM")
     rank = cfg.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 4096:
-        raise AdapterError(f"adapter {path}: adapter_config.json needs a positive integer rank 'r', not {str(rank)[:20]!r}")
+        raise AdapterError(
+            f"adapter {path}: adapter_config.json needs a positive integer rank 'r', not {str(rank)[:20]!r}"
+        )
     for name, shape in weight_shapes(path / PEFT_FILES[1]).items():
         which = "lora_A" if ".lora_A." in name else "lora_B" if ".lora_B." in name else None
         if which is None:
@@ -127,9 +129,15 @@ def weight_shapes(file: Path) -> dict[str, list[int]]:
 
 
 #: LoRA target module -> which model dimensions are its (in, out) features.
-MODULE_FEATURES = {"q_proj": ("hidden", "q"), "k_proj": ("hidden", "kv"), "v_proj": ("hidden", "kv"),
-                   "o_proj": ("q", "hidden"), "gate_proj": ("hidden", "ffn"), "up_proj": ("hidden", "ffn"),
-                   "down_proj": ("ffn", "hidden")}
+MODULE_FEATURES = {
+    "q_proj": ("hidden", "q"),
+    "k_proj": ("hidden", "kv"),
+    "v_proj": ("hidden", "kv"),
+    "o_proj": ("q", "hidden"),
+    "gate_proj": ("hidden", "ffn"),
+    "up_proj": ("hidden", "ffn"),
+    "down_proj": ("ffn", "hidden"),
+}
 
 
 def check_lora_dims(files: AdapterFiles, dims: dict[str, int]) -> None:
@@ -137,7 +145,9 @@ def check_lora_dims(files: AdapterFiles, dims: dict[str, int]) -> None:
     for name, shape in weight_shapes(files.path / PEFT_FILES[1]).items():
         m = re.search(r"\.(\w+_proj)\.lora_([AB])\.", name)
         if m is None or m.group(1) not in MODULE_FEATURES:
-            raise AdapterError(f"adapter {files.path}: {name[:200]} targets no language-model projection the engine has")
+            raise AdapterError(
+                f"adapter {files.path}: {name[:200]} targets no language-model projection the engine has"
+            )
         fin, fout = (dims[d] for d in MODULE_FEATURES[m.group(1)])
         want = [files.rank, fin] if m.group(2) == "A" else [fout, files.rank]
         if shape != want:

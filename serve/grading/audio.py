@@ -92,8 +92,11 @@ def decode(
         for mono, rate, channels in _blocks(data):
             n_in += mono.size * channels
             if max_input_samples is not None and n_in > max_input_samples:
-                raise AudioError("too_large", f"the audio holds more than {max_input_samples} input samples "
-                                 "(rate x channels x seconds) allowed for one answer")
+                raise AudioError(
+                    "too_large",
+                    f"the audio holds more than {max_input_samples} input samples "
+                    "(rate x channels x seconds) allowed for one answer",
+                )
             for out in to_16k.push(mono, rate):
                 pieces.append(out)
                 n_out += out.size
@@ -106,7 +109,9 @@ def decode(
         raise
     except (av.FFmpegError, ValueError, EOFError, OverflowError, RuntimeError) as e:
         detail = str(e).split(";")[0].strip()[:200] or type(e).__name__
-        raise AudioError("undecodable", f"the audio cannot be decoded (not a supported audio format): {detail}") from None
+        raise AudioError(
+            "undecodable", f"the audio cannot be decoded (not a supported audio format): {detail}"
+        ) from None
     wave = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     if wave.size == 0:
         raise AudioError("empty", "the audio holds no samples")
@@ -134,7 +139,11 @@ def _blocks(data: bytes) -> Iterator[tuple[np.ndarray, int, int]]:
             with f:
                 _check_input(f.samplerate, f.channels)
                 for block in f.blocks(_SNDFILE_BLOCK, dtype="float32", always_2d=True):
-                    yield (block.mean(axis=1, dtype=np.float32) if f.channels > 1 else block[:, 0]), f.samplerate, f.channels
+                    yield (
+                        (block.mean(axis=1, dtype=np.float32) if f.channels > 1 else block[:, 0]),
+                        f.samplerate,
+                        f.channels,
+                    )
             return
     import av
 
@@ -268,10 +277,16 @@ class PreparedAnswer:
 def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] | None = None) -> PreparedAnswer:
     """Decode, check, measure and chunk one answer under the config's audio rules
     (:class:`serve.grading.config.AudioConfig`)."""
-    wave = decode(data, max_duration_s=audio_cfg.max_duration_s, max_input_samples=audio_cfg.max_input_samples(),
-                  cancelled=cancelled)
+    wave = decode(
+        data,
+        max_duration_s=audio_cfg.max_duration_s,
+        max_input_samples=audio_cfg.max_input_samples(),
+        cancelled=cancelled,
+    )
     measured = quality.measure(wave, SAMPLE_RATE, audio_cfg.silence_dbfs)  # its speech_s is the speech check's
-    _refuse_too_little_speech(measured.speech_s, len(wave) / SAMPLE_RATE, audio_cfg.min_speech_s, audio_cfg.silence_dbfs)
+    _refuse_too_little_speech(
+        measured.speech_s, len(wave) / SAMPLE_RATE, audio_cfg.min_speech_s, audio_cfg.silence_dbfs
+    )
     return PreparedAnswer(split(wave, audio_cfg.max_chunk_s), measured)
 
 

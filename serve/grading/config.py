@@ -64,8 +64,10 @@ def read_keys(env_name: str | None, required: bool = True) -> list[str]:
     keys = [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
     if not keys and required:
         state = "empty" if env_name in os.environ else "not set"
-        raise ConfigError(f"the config names API key variable {env_name}, but it is {state}: refusing to start "
-                          "without the keys (set it, or remove it from the config to run without keys)")
+        raise ConfigError(
+            f"the config names API key variable {env_name}, but it is {state}: refusing to start "
+            "without the keys (set it, or remove it from the config to run without keys)"
+        )
     return keys
 
 
@@ -77,7 +79,9 @@ class ModelConfig(_Strict):
     """The base model."""
 
     base: str = Field(description="Hub id (e.g. Qwen/Qwen2-Audio-7B-Instruct) or a local checkpoint folder.")
-    untrained: bool = Field(False, description="True for the generated tiny checkpoint: results are flagged as meaningless.")
+    untrained: bool = Field(
+        False, description="True for the generated tiny checkpoint: results are flagged as meaningless."
+    )
 
 
 class EngineConfig(_Strict):
@@ -88,15 +92,21 @@ class EngineConfig(_Strict):
     max_loras: int = Field(4, ge=1, description="Adapters resident on the device at once (in one batch).")
     max_cpu_loras: int = Field(16, ge=1, description="Adapters cached in host memory.")
     memory_share: float = Field(
-        0.9, gt=0.0, le=1.0, description="Share of device memory vLLM may use (on CPU: share reserved for the KV cache)."
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Share of device memory vLLM may use (on CPU: share reserved for the KV cache).",
     )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences (audio chunks) batched together.")
     max_model_len: int = Field(2048, ge=256, description="Prompt tokens per chunk: rubric + up to 750 audio tokens.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start, slower steps).")
     audio_cache_gb: float = Field(
-        0.0, ge=0, description="vLLM's cache of processed audio inputs (mm_processor_cache_gb), in the engine's "
+        0.0,
+        ge=0,
+        description="vLLM's cache of processed audio inputs (mm_processor_cache_gb), in the engine's "
         "front and core processes each. Answers are all different, so a cache only grows (vLLM's default of 4 GiB "
-        "made the engine core grow by 2.6 GB over a 5,000-answer session); raise it only for repeated audio.")
+        "made the engine core grow by 2.6 GB over a 5,000-answer session); raise it only for repeated audio.",
+    )
     tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0
 
@@ -117,19 +127,23 @@ class EngineConfig(_Strict):
 class AudioConfig(_Strict):
     """Limits and rules for the audio of an answer."""
 
-    max_chunk_s: float = Field(30.0, gt=0.0, le=30.0, description="Longest chunk sent to the encoder (its window is 30 s).")
+    max_chunk_s: float = Field(
+        30.0, gt=0.0, le=30.0, description="Longest chunk sent to the encoder (its window is 30 s)."
+    )
     min_speech_s: float = Field(1.0, ge=0.0, description="Less voiced audio than this is refused as silence/too short.")
     silence_dbfs: float = Field(-50.0, description="Frames quieter than this (RMS, dBFS) count as silence.")
     max_duration_s: float = Field(900.0, gt=0.0, description="Longest answer accepted.")
     max_upload_mb: float = Field(50.0, gt=0.0, description="Largest upload accepted.")
     max_input_samples_per_s: float = Field(
-        96000.0, gt=0.0,
+        96000.0,
+        gt=0.0,
         description="Input samples (rate x channels) decoded per second of max_duration_s at most: bounds the "
         "decoding work of one answer (default: 48 kHz stereo).",
     )
 
     max_unsized_body_mb: float = Field(
-        8.0, gt=0.0,
+        8.0,
+        gt=0.0,
         description="Largest request body sent without a Content-Length (chunked): Ray Serve's proxy streams such a "
         "body to the ingress faster than it is read, so the limit that bounds the ingress's memory must be small.",
     )
@@ -147,10 +161,16 @@ class AutoscalingConfig(_Strict):
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica the autoscaler aims at.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Requests in flight per replica the autoscaler aims at."
+    )
     # None: Ray Serve's default (upscale 30 s, downscale 600 s, look-back 30 s).
-    upscale_delay_s: float | None = Field(None, ge=0, description="Load above target this long before a replica is added.")
-    downscale_delay_s: float | None = Field(None, ge=0, description="Load below target this long before a replica is removed.")
+    upscale_delay_s: float | None = Field(
+        None, ge=0, description="Load above target this long before a replica is added."
+    )
+    downscale_delay_s: float | None = Field(
+        None, ge=0, description="Load below target this long before a replica is removed."
+    )
     look_back_period_s: float | None = Field(None, gt=0, description="Window the autoscaler averages the load over.")
 
     @model_validator(mode="after")
@@ -207,7 +227,9 @@ class ServingConfig(_Strict):
     scorer: DeploymentConfig = Field(default_factory=_scorer_default)
     adapters_per_replica: int = Field(8, ge=1, description="Adapters a scorer replica keeps loaded (LRU).")
     spread_part_at: int | None = Field(
-        4, ge=1, description="A part's answers go to other scorer replicas too once the replicas holding its adapter "
+        4,
+        ge=1,
+        description="A part's answers go to other scorer replicas too once the replicas holding its adapter "
         "have this many more in flight than the least busy one (null: Ray Serve's routing, which keeps a part on "
         "its replicas until they are full).",
     )
@@ -220,17 +242,24 @@ class ServingConfig(_Strict):
     api_keys_env: str | None = Field(None, description="Env var holding comma-separated scoring API keys.")
     admin_keys_env: str | None = Field(None, description="Env var holding comma-separated admin API keys.")
     allow_unauthenticated: bool = Field(
-        False, description="Without any API key, accept clients beyond this machine (loopback only otherwise).")
+        False, description="Without any API key, accept clients beyond this machine (loopback only otherwise)."
+    )
     adapter_roots: list[Path] | None = Field(
-        None, description="Folders PUT /v1/parts may take adapters from (default: the folders of the config's adapters).")
+        None,
+        description="Folders PUT /v1/parts may take adapters from (default: the folders of the config's adapters).",
+    )
     body_timeout_s: float = Field(
-        60.0, gt=0, description="Time a client has to send a whole request body; slower ones get 408 and are closed.")
+        60.0, gt=0, description="Time a client has to send a whole request body; slower ones get 408 and are closed."
+    )
     max_requests_per_client: int = Field(
-        200, ge=1, description="Requests one client address may hold open at once (429 beyond).")
+        200, ge=1, description="Requests one client address may hold open at once (429 beyond)."
+    )
     max_buffered_mb: float = Field(
-        1024.0, gt=0, description="Request bodies a proxy holds in memory at once, all clients together (503 beyond).")
+        1024.0, gt=0, description="Request bodies a proxy holds in memory at once, all clients together (503 beyond)."
+    )
     log_encoding: Literal["JSON", "TEXT"] = Field(
-        "JSON", description="Ray Serve's log lines of both deployments: one JSON object per line, or plain text.")
+        "JSON", description="Ray Serve's log lines of both deployments: one JSON object per line, or plain text."
+    )
 
     def api_keys(self) -> list[str]:
         """Scoring keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""
@@ -254,23 +283,33 @@ class ReviewConfig(_Strict):
 
     min_snr_db: float | None = Field(15.0, description="low_snr: estimated SNR below this (dB).")
     max_clipped_fraction: float | None = Field(
-        0.001, ge=0.0, le=1.0, description="clipping: more than this share of samples at full scale.")
+        0.001, ge=0.0, le=1.0, description="clipping: more than this share of samples at full scale."
+    )
     min_speech_ratio: float | None = Field(
-        0.4, ge=0.0, le=1.0, description="low_speech_ratio: less than this share of the answer is speech.")
+        0.4, ge=0.0, le=1.0, description="low_speech_ratio: less than this share of the answer is speech."
+    )
     max_score_sd: float | None = Field(
-        1.1, ge=0.0, description="uncertain: the score's standard deviation under the label distribution above this.")
+        1.1, ge=0.0, description="uncertain: the score's standard deviation under the label distribution above this."
+    )
     min_label_mass: float | None = Field(
-        0.01, ge=0.0, le=1.0, description="low_label_mass: less probability than this on the label set at all "
-        "(the scale depends on the model: raise it per part after evaluating).")
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="low_label_mass: less probability than this on the label set at all "
+        "(the scale depends on the model: raise it per part after evaluating).",
+    )
     max_chunk_spread: float | None = Field(
-        1.5, ge=0.0, description="chunks_disagree: highest minus lowest chunk score above this (answers over 30 s).")
+        1.5, ge=0.0, description="chunks_disagree: highest minus lowest chunk score above this (answers over 30 s)."
+    )
 
 
 class PartConfig(_Strict):
     """One exam part: its adapter, its prompt, its label scale and its review thresholds."""
 
     adapter: Path | None = Field(None, description="peft LoRA adapter folder; null scores with the base model.")
-    task: str = Field(DEFAULT_TASK, min_length=1, description="What the part asks of the candidate (goes in the prompt).")
+    task: str = Field(
+        DEFAULT_TASK, min_length=1, description="What the part asks of the candidate (goes in the prompt)."
+    )
     levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2, max_length=MAX_LEVELS)
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="When its scores go to a human examiner.")
 
@@ -348,8 +387,10 @@ def load_config(path: str | Path) -> GraderConfig:
         reg = cfg.serving.registry_file.expanduser()
         cfg.serving.registry_file = reg if reg.is_absolute() else (base_dir / reg).resolve()
     if cfg.serving.adapter_roots is not None:
-        cfg.serving.adapter_roots = [r.expanduser() if r.expanduser().is_absolute() else (base_dir / r.expanduser()).resolve()
-                                     for r in cfg.serving.adapter_roots]
+        cfg.serving.adapter_roots = [
+            r.expanduser() if r.expanduser().is_absolute() else (base_dir / r.expanduser()).resolve()
+            for r in cfg.serving.adapter_roots
+        ]
     for part in cfg.parts.values():
         if part.adapter is not None:
             adapter = part.adapter.expanduser()

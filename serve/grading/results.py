@@ -31,8 +31,9 @@ class Uncertainty(BaseModel):
 
     score_sd: float = Field(description="Standard deviation of the score under the answer's label distribution.")
     entropy: float = Field(description="Entropy of the label distribution, normalised to [0, 1] (1: uniform).")
-    label_mass: float = Field(description="Duration-weighted mean of the chunks' label mass (low: prompt or adapter "
-                                          "does not fit the answer).")
+    label_mass: float = Field(
+        description="Duration-weighted mean of the chunks' label mass (low: prompt or adapter does not fit the answer)."
+    )
     chunk_spread: float = Field(description="Highest minus lowest chunk score (0 for one chunk).")
 
 
@@ -41,8 +42,9 @@ class Quality(BaseModel):
 
     speech_s: float = Field(description="Seconds of frames louder than audio.silence_dbfs.")
     speech_ratio: float = Field(description="speech_s over the answer's duration.")
-    snr_db: float = Field(description="Estimated signal-to-noise ratio: loudest against quietest frames, in dB "
-                                      "(capped at 100).")
+    snr_db: float = Field(
+        description="Estimated signal-to-noise ratio: loudest against quietest frames, in dB (capped at 100)."
+    )
     clipped_fraction: float = Field(description="Share of samples at full scale (|x| >= 0.99).")
     speech_dbfs: float = Field(description="RMS level of the speech frames, dBFS.")
 
@@ -62,7 +64,9 @@ class ScoredAnswer(BaseModel):
     hard_score: float = Field(description="Score of the most probable label.")
     cefr: str = Field(description="CEFR level nearest the soft score.")
     probabilities: dict[str, float] = Field(description="Label -> probability (duration-weighted over chunks).")
-    label_mass: float = Field(description="Probability the model puts on the label set (same as uncertainty.label_mass).")
+    label_mass: float = Field(
+        description="Probability the model puts on the label set (same as uncertainty.label_mass)."
+    )
     uncertainty: Uncertainty
     quality: Quality | None = Field(None, description="Audio quality (set once the answer's audio is measured).")
     review: Review | None = Field(None, description="Review verdict (set with the quality).")

@@ -96,7 +96,9 @@ def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], 
         probabilities={lv.label: float(p) for lv, p in zip(levels, probs)},
         label_mass=mass,
         uncertainty=Uncertainty(
-            score_sd=score_sd(levels, probs), entropy=normalised_entropy(probs), label_mass=mass,
+            score_sd=score_sd(levels, probs),
+            entropy=normalised_entropy(probs),
+            label_mass=mass,
             chunk_spread=float(max(chunk_scores) - min(chunk_scores)),
         ),
         chunks=[

@@ -35,8 +35,12 @@ class ScoringSlots:
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         if self.busy >= self.running and self.waiting >= self.queued:
-            raise ApiError(503, "overloaded", f"{self.busy} answers are being scored and {self.waiting} wait; "
-                           "retry after the Retry-After delay", self.retry)
+            raise ApiError(
+                503,
+                "overloaded",
+                f"{self.busy} answers are being scored and {self.waiting} wait; retry after the Retry-After delay",
+                self.retry,
+            )
         async with self._free:
             self.waiting += 1
             try:

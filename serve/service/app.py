@@ -44,4 +44,6 @@ def build_app(args: dict[str, Any]) -> Application:
     scorer_args = (_import(args["engine"]),) if args.get("engine") else ()
     scorer = serve.deployment(scorer_class(cfg.serving.adapters_per_replica), name=SCORER)
     ingress = serve.deployment(ingress_class(), name=INGRESS)
-    return ingress.options(**opts[INGRESS]).bind(scorer.options(**opts[SCORER]).bind(config_path, *scorer_args), config_path)
+    return ingress.options(**opts[INGRESS]).bind(
+        scorer.options(**opts[SCORER]).bind(config_path, *scorer_args), config_path
+    )

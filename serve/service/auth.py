@@ -46,7 +46,9 @@ class ApiKeys:
         """Raise 401 (no or unknown key) or 403 (scoring key on an admin route) unless the header is good enough."""
         if self.keyless:
             if not (self.open_to_all or is_loopback(client_host)):
-                raise ApiError(403, "forbidden", "this service has no API keys and accepts clients on its own machine only")
+                raise ApiError(
+                    403, "forbidden", "this service has no API keys and accepts clients on its own machine only"
+                )
             return
         token = _token(authorization)
         if not token:
@@ -56,7 +58,6 @@ class ApiKeys:
             raise ApiError(401, "unauthorized", "invalid API key", _BEARER)
         if admin and not is_admin:
             raise ApiError(403, "forbidden", "this call needs an admin key")
-
 
     def is_admin(self, authorization: str, client_host: str | None = None) -> bool:
         """Whether the caller may see admin details (paths): an admin key, or a local caller of a keyless service."""

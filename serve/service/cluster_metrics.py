@@ -21,8 +21,8 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.samples import Sample
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 #: Metric families the page keeps: the service's (its engine's among them) and Ray Serve's (replicas, queues).
 EXPORTED_PREFIXES = ("ray_l2grader_", "ray_serve_")
@@ -38,8 +38,11 @@ def node_export_urls() -> list[str]:
     """The metrics export of every live node of the Ray cluster this process belongs to."""
     import ray
 
-    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
-            for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")]
+    return [
+        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+        for n in ray.nodes()
+        if n.get("Alive") and n.get("MetricsExportPort")
+    ]
 
 
 def fetch(url: str) -> str:
@@ -111,8 +114,12 @@ class ClusterMetrics:
         results = await asyncio.gather(*(asyncio.to_thread(fetch, url) for url in urls), return_exceptions=True)
         exports = [r for r in results if isinstance(r, str)]
         families = await asyncio.to_thread(merge, exports)
-        nodes = GaugeMetricFamily("l2grader_metrics_nodes", "Ray nodes whose metrics export this page holds, or "
-                                  "that did not answer in time (their replicas' numbers are missing)", labels=["state"])
+        nodes = GaugeMetricFamily(
+            "l2grader_metrics_nodes",
+            "Ray nodes whose metrics export this page holds, or "
+            "that did not answer in time (their replicas' numbers are missing)",
+            labels=["state"],
+        )
         nodes.add_metric(["answered"], len(exports))
         nodes.add_metric(["unreachable"], len(urls) - len(exports))
         return await asyncio.to_thread(render, [nodes, *families])

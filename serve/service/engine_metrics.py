@@ -55,7 +55,7 @@ class EngineStats:
             self.adapters_waiting = len(scheduler_stats.waiting_lora_adapters)
         if iteration_stats is not None:
             room = MAX_PENDING_OBSERVATIONS - len(self.ttft)
-            self.ttft.extend(iteration_stats.time_to_first_tokens_iter[:max(room, 0)])
+            self.ttft.extend(iteration_stats.time_to_first_tokens_iter[: max(room, 0)])
             self.prompt_tokens += iteration_stats.num_prompt_tokens
             self.finished += len(iteration_stats.finished_requests)
 
@@ -103,8 +103,11 @@ def _instruments() -> dict:
         "kv_cache": Gauge("l2grader_engine_kv_cache_usage", "Share of the engine's KV cache in use (0-1)"),
         "adapters_running": Gauge("l2grader_engine_lora_adapters_running", "LoRA adapters of the running chunks"),
         "adapters_waiting": Gauge("l2grader_engine_lora_adapters_waiting", "LoRA adapters of the waiting chunks"),
-        "ttft": Histogram("l2grader_engine_time_to_first_token_seconds",
-                          "Time from a chunk's arrival in the engine to its score (first output position)", TTFT_BUCKETS),
+        "ttft": Histogram(
+            "l2grader_engine_time_to_first_token_seconds",
+            "Time from a chunk's arrival in the engine to its score (first output position)",
+            TTFT_BUCKETS,
+        ),
         "prompt_tokens": Counter("l2grader_engine_prompt_tokens", "Prompt tokens (rubric and audio) the engine read"),
         "finished": Counter("l2grader_engine_requests_finished", "Chunks the engine finished"),
     }

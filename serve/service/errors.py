@@ -33,7 +33,7 @@ def request_id() -> str:
         from ray import serve
 
         rid = serve.context._get_serve_request_context().request_id
-    except Exception:
+    except Exception:  # noqa: BLE001 - outside a Serve request there is no context
         rid = ""
     return rid or uuid.uuid4().hex
 

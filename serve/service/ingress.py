@@ -33,8 +33,8 @@ from serve.grading.review import NOT_SCORABLE, assess, overall_review
 from serve.grading.scoring import overall
 from serve.service.admission import ScoringSlots
 from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, use_keys
-from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.cluster_metrics import ClusterMetrics
+from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import RequestMetrics, ingress_metrics
 from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_BODY, errors
 from serve.service.page import router as page_router
@@ -50,13 +50,28 @@ from serve.service.protocol import (
 )
 from serve.service.registry import PartRegistry
 from serve.service.scorer_client import ScorerClient
-from serve.service.uploads import MAX_PART_BODY, ScoreUpload, UploadLimits, read_batch_upload, read_json, read_score_upload
+from serve.service.uploads import (
+    MAX_PART_BODY,
+    ScoreUpload,
+    UploadLimits,
+    read_batch_upload,
+    read_json,
+    read_score_upload,
+)
 
 logger = logging.getLogger("ray.serve")
 
 API_VERSION = "v1"
-AUDIO_STATUS = {"empty": 422, "undecodable": 422, "unreadable": 422, "unsupported_audio": 422, "silence": 422,
-                "too_long": 413, "too_large": 413, "cancelled": 499}
+AUDIO_STATUS = {
+    "empty": 422,
+    "undecodable": 422,
+    "unreadable": 422,
+    "unsupported_audio": 422,
+    "silence": 422,
+    "too_long": 413,
+    "too_large": 413,
+    "cancelled": 499,
+}
 #: Audio refusals that make one answer of a batch ``not_scorable`` instead of failing the batch.
 NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "silence"})
 
@@ -87,9 +102,11 @@ def elapsed_ms(started: float) -> float:
 def part_info(part: Part, show_path: bool) -> PartInfo:
     """What callers see of a part; the adapter's path only for admins."""
     return PartInfo(
-        part=part.part, model_id=part.model_id,
+        part=part.part,
+        model_id=part.model_id,
         adapter=None if part.config.adapter is None or not show_path else str(part.config.adapter),
-        adapter_hash=part.adapter_hash, task=part.config.task,
+        adapter_hash=part.adapter_hash,
+        task=part.config.task,
         labels={lv.label: lv.score for lv in part.config.levels},
     )
 
@@ -104,7 +121,9 @@ class Ingress:
         self.scorer = ScorerClient(scorer, s.scorer.retry_after_s)
         self.registry = PartRegistry.of_config(self.cfg, config_path)
         self.limits = UploadLimits(self.cfg.audio)
-        self.slots = ScoringSlots(s.ingress.max_ongoing_requests, s.ingress.max_queued_requests, s.ingress.retry_after_s)
+        self.slots = ScoringSlots(
+            s.ingress.max_ongoing_requests, s.ingress.max_queued_requests, s.ingress.retry_after_s
+        )
         self.metrics = ingress_metrics()
         self.cluster_metrics = ClusterMetrics()
         self.metrics.known_parts = self.registry.names
@@ -118,11 +137,12 @@ class Ingress:
             raise ApiError(404, "unknown_part", clip(e, 300)) from None
 
     async def _prepare(self, upload: ScoreUpload) -> PreparedAnswer:
-        """Decode, check, measure and chunk one answer in the bounded decoding pool; stops if the request is cancelled."""
+        """Decode, check, measure and chunk one answer in the bounded decoding pool (stops if the client leaves)."""
         stop = threading.Event()
         t0 = time.perf_counter()
         job = asyncio.get_running_loop().run_in_executor(
-            self.decoder, functools.partial(prepare, upload.audio, self.cfg.audio, stop.is_set))
+            self.decoder, functools.partial(prepare, upload.audio, self.cfg.audio, stop.is_set)
+        )
         try:
             prepared = await job
         except asyncio.CancelledError:  # the client went away: free the decoder
@@ -134,7 +154,9 @@ class Ingress:
         self.metrics.decode.observe(time.perf_counter() - t0)
         return prepared
 
-    async def _score(self, upload: ScoreUpload, started: float, prepared: PreparedAnswer | None = None) -> ScoreResponse:
+    async def _score(
+        self, upload: ScoreUpload, started: float, prepared: PreparedAnswer | None = None
+    ) -> ScoreResponse:
         """Have the scorer replica that holds the answer's part score it (decoding it first unless done),
         then judge it against the part's review thresholds."""
         part = await self._part(upload.part)
@@ -145,23 +167,39 @@ class Ingress:
         self.metrics.record_answer(upload.part, len(chunks), result["duration_s"])
         answer = assess(ScoredAnswer.model_validate(result), prepared.quality, part.config.review)
         self.metrics.record_review(part.part, answer.review.reasons)
-        return ScoreResponse(**answer.model_dump(), response_id=upload.response_id, request_id=request_id(),
-                             latency_ms=elapsed_ms(started))
+        return ScoreResponse(
+            **answer.model_dump(),
+            response_id=upload.response_id,
+            request_id=request_id(),
+            latency_ms=elapsed_ms(started),
+        )
 
     # ------------------------------------------------------------ scoring
 
-    @app.post(f"/{API_VERSION}/score", name="score", response_model=ScoreResponse, openapi_extra=SCORE_BODY,
-              responses=errors(401, 404, 413, 415, 422, 500, 503), dependencies=[Depends(require_user)])
+    @app.post(
+        f"/{API_VERSION}/score",
+        name="score",
+        response_model=ScoreResponse,
+        openapi_extra=SCORE_BODY,
+        responses=errors(401, 404, 413, 415, 422, 500, 503),
+        dependencies=[Depends(require_user)],
+    )
     async def post_score(self, request: Request) -> ScoreResponse:
-        """Score one answer: multipart (`part`, `audio` file, `response_id`) or JSON (`part`, `audio_base64`, `response_id`)."""
+        """Score one answer: multipart (`part`, `audio` file, `response_id`) or JSON (`audio_base64` for the file)."""
         started = time.perf_counter()
         upload = await read_score_upload(request, self.limits)
         request.state.part = upload.part
         async with self.slots.slot():
             return await self._score(upload, started)
 
-    @app.post(f"/{API_VERSION}/score/batch", name="score_batch", response_model=BatchResponse, openapi_extra=BATCH_BODY,
-              responses=errors(401, 404, 413, 415, 422, 500, 503), dependencies=[Depends(require_user)])
+    @app.post(
+        f"/{API_VERSION}/score/batch",
+        name="score_batch",
+        response_model=BatchResponse,
+        openapi_extra=BATCH_BODY,
+        responses=errors(401, 404, 413, 415, 422, 500, 503),
+        dependencies=[Depends(require_user)],
+    )
     async def post_score_batch(self, request: Request) -> BatchResponse:
         """Score several answers of one candidate (JSON). An answer that cannot be scored (silence, too little
         speech, undecodable) gets a `not_scorable` result and the others are scored; the overall score is the
@@ -179,7 +217,9 @@ class Ingress:
             try:
                 return await step(upload)
             except ApiError as e:
-                raise ApiError(e.status, e.kind, f"answers[{i}] ({clip(upload.part, 64)}): {e.message}", e.headers) from None
+                raise ApiError(
+                    e.status, e.kind, f"answers[{i}] ({clip(upload.part, 64)}): {e.message}", e.headers
+                ) from None
 
         async def known(upload: ScoreUpload) -> Part:
             return await self._part(upload.part)
@@ -194,14 +234,20 @@ class Ingress:
                 if e.kind not in NOT_SCORABLE_KINDS:
                     raise
                 self.metrics.record_review(upload.part, [NOT_SCORABLE])
-                return NotScorable(part=upload.part, response_id=upload.response_id,
-                                   reason=NotScorableReason(kind=e.kind, message=e.message))
+                return NotScorable(
+                    part=upload.part,
+                    response_id=upload.response_id,
+                    reason=NotScorableReason(kind=e.kind, message=e.message),
+                )
 
         prepared = await asyncio.gather(*(each(i, u, prepared_or_refusal) for i, u in enumerate(uploads)))
         total_s = sum(p.chunks[-1].end_s for p in prepared if isinstance(p, PreparedAnswer))
         if total_s > audio.max_batch_audio_s:
-            raise ApiError(413, "too_long",
-                           f"the batch holds {total_s:.0f} s of audio: at most {audio.max_batch_audio_s:g} s in one batch")
+            raise ApiError(
+                413,
+                "too_long",
+                f"the batch holds {total_s:.0f} s of audio: at most {audio.max_batch_audio_s:g} s in one batch",
+            )
 
         async def result(i: int, upload: ScoreUpload, p: PreparedAnswer | NotScorable):
             if isinstance(p, NotScorable):
@@ -209,8 +255,13 @@ class Ingress:
             return await each(i, upload, functools.partial(self._score, started=started, prepared=p))
 
         results = await asyncio.gather(*(result(i, u, p) for i, (u, p) in enumerate(zip(uploads, prepared))))
-        return BatchResponse(candidate_id=batch.candidate_id, results=results, overall=await self._overall(results),
-                             request_id=request_id(), latency_ms=elapsed_ms(started))
+        return BatchResponse(
+            candidate_id=batch.candidate_id,
+            results=results,
+            overall=await self._overall(results),
+            request_id=request_id(),
+            latency_ms=elapsed_ms(started),
+        )
 
     async def _overall(self, results: list[ScoreResponse | NotScorable]) -> Overall:
         """Mean over the scored answers; for review when any answer needs it or could not be scored."""
@@ -219,21 +270,36 @@ class Ingress:
         mean = cefr = None
         if scored:
             mean, cefr = overall([r.score for r in scored], (await self._part(scored[0].part)).config.levels)
-        return Overall(score=mean, cefr=cefr, scored=len(scored), not_scorable=n_bad,
-                       review=overall_review([r.review for r in scored], n_bad))
+        return Overall(
+            score=mean,
+            cefr=cefr,
+            scored=len(scored),
+            not_scorable=n_bad,
+            review=overall_review([r.review for r in scored], n_bad),
+        )
 
     # ------------------------------------------------------------ parts (admin)
 
-    @app.get(f"/{API_VERSION}/parts", name="list_parts", response_model=PartsResponse, responses=errors(401, 500),
-             dependencies=[Depends(require_user)])
+    @app.get(
+        f"/{API_VERSION}/parts",
+        name="list_parts",
+        response_model=PartsResponse,
+        responses=errors(401, 500),
+        dependencies=[Depends(require_user)],
+    )
     async def list_parts(self, request: Request) -> PartsResponse:
         """The exam parts this service scores (adapter paths shown to admins only)."""
         parts = await asyncio.to_thread(self.registry.entries)
         return PartsResponse(parts=[part_info(p, is_admin(request)) for p in parts.values()])
 
-    @app.put(f"/{API_VERSION}/parts/{{part}}", name="put_part", response_model=PartInfo,
-             responses=errors(401, 403, 413, 415, 422, 500), openapi_extra=PUT_PART_BODY,
-             dependencies=[Depends(require_admin)])
+    @app.put(
+        f"/{API_VERSION}/parts/{{part}}",
+        name="put_part",
+        response_model=PartInfo,
+        responses=errors(401, 403, 413, 415, 422, 500),
+        openapi_extra=PUT_PART_BODY,
+        dependencies=[Depends(require_admin)],
+    )
     async def put_part(self, request: Request, part: str = Depends(part_path)) -> PartInfo:
         """Register or replace a part's adapter (admin). Takes effect at once; persisted across restarts."""
         body = await read_json(request, PutPartRequest, MAX_PART_BODY, json_type_required=False)
@@ -249,8 +315,12 @@ class Ingress:
         logger.info("request %s: part %s registered as %s", request_id(), part, checked.model_id)
         return part_info(checked, show_path=True)
 
-    @app.delete(f"/{API_VERSION}/parts/{{part}}", name="delete_part", responses=errors(401, 403, 404, 422, 500),
-                dependencies=[Depends(require_admin)])
+    @app.delete(
+        f"/{API_VERSION}/parts/{{part}}",
+        name="delete_part",
+        responses=errors(401, 403, 404, 422, 500),
+        dependencies=[Depends(require_admin)],
+    )
     async def delete_part(self, part: str = Depends(part_path)) -> dict:
         """Remove a part (admin). Requests already in flight finish; new ones get 404."""
         try:

@@ -82,12 +82,19 @@ def patch_ops(cfg: GraderConfig, config_path: str) -> list[dict[str, Any]]:
             ops.append({"op": "add", "path": f"{base}/rayStartParams/{key}", "value": value})
         pods.append(base)
     if not cfg.serving.keyed() and not cfg.serving.allow_unauthenticated:
-        raise ValueError("the config names no API key variables (serving.api_keys_env, admin_keys_env): a cluster "
-                         "would refuse every client beyond its pods; add keys or set serving.allow_unauthenticated")
+        raise ValueError(
+            "the config names no API key variables (serving.api_keys_env, admin_keys_env): a cluster "
+            "would refuse every client beyond its pods; add keys or set serving.allow_unauthenticated"
+        )
     for pod in pods:
         for name, value in {**ray_env(), **proxy_env(config_path)}.items():
-            ops.append({"op": "add", "path": f"{pod}/template/spec/containers/0/env/-",
-                        "value": {"name": name, "value": value}})
+            ops.append(
+                {
+                    "op": "add",
+                    "path": f"{pod}/template/spec/containers/0/env/-",
+                    "value": {"name": name, "value": value},
+                }
+            )
     text = yaml.safe_dump(serve_config(cfg, config_path), sort_keys=False)
     ops.append({"op": "add", "path": "/spec/serveConfigV2", "value": text})
     return ops
@@ -129,12 +136,33 @@ def session_entrypoint(config: str, manifest: str, out: str, engines: int) -> st
     """The RayJob's entrypoint: ``l2grader score-session`` on the in-cluster config, joining the job's cluster."""
     import shlex
 
-    return shlex.join(["l2grader", "score-session", "--config", in_cluster_config_path(config), "--manifest", manifest,
-                       "--out", out, "--address", "auto", "--engines", str(engines)])
+    return shlex.join(
+        [
+            "l2grader",
+            "score-session",
+            "--config",
+            in_cluster_config_path(config),
+            "--manifest",
+            manifest,
+            "--out",
+            out,
+            "--address",
+            "auto",
+            "--engines",
+            str(engines),
+        ]
+    )
 
 
-def session_rayjob(rayservice: dict[str, Any], cfg: GraderConfig, config: str, manifest: str, out: str,
-                   engines: int | None = None, name: str = "l2grader-session") -> dict[str, Any]:
+def session_rayjob(
+    rayservice: dict[str, Any],
+    cfg: GraderConfig,
+    config: str,
+    manifest: str,
+    out: str,
+    engines: int | None = None,
+    name: str = "l2grader-session",
+) -> dict[str, Any]:
     """A KubeRay ``RayJob`` that scores a session on its own Ray cluster, made from the service's rendered RayService.
 
     The cluster is the service's (same image, volumes, Ray settings, groups and
@@ -163,8 +191,11 @@ def session_rayjob(rayservice: dict[str, Any], cfg: GraderConfig, config: str, m
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": name, **({"namespace": meta["namespace"]} if "namespace" in meta else {}),
-                     "labels": {**meta.get("labels", {}), "app.kubernetes.io/name": SESSION_POD_NAME}},
+        "metadata": {
+            "name": name,
+            **({"namespace": meta["namespace"]} if "namespace" in meta else {}),
+            "labels": {**meta.get("labels", {}), "app.kubernetes.io/name": SESSION_POD_NAME},
+        },
         "spec": {
             "entrypoint": session_entrypoint(config, manifest, out, engines),
             "shutdownAfterJobFinishes": True,

@@ -48,20 +48,29 @@ class Metrics:
         #: The registered part ids (the ingress sets it to its registry's); other ids count as ``unknown``.
         self.known_parts: Callable[[], Collection[str]] = frozenset
         self.requests = Counter(
-            "l2grader_requests", "HTTP requests by endpoint, part and status code", ("endpoint", "part", "status"))
+            "l2grader_requests", "HTTP requests by endpoint, part and status code", ("endpoint", "part", "status")
+        )
         self.errors = Counter("l2grader_errors", "Refused or failed requests by kind and part", ("kind", "part"))
         self.latency = Histogram(
-            "l2grader_request_latency_seconds", "End-to-end latency of successful API requests", LATENCY_BUCKETS,
-            ("endpoint", "part"))
-        self.decode = Histogram("l2grader_decode_seconds", "Audio decoding, resampling and chunking time", LATENCY_BUCKETS)
+            "l2grader_request_latency_seconds",
+            "End-to-end latency of successful API requests",
+            LATENCY_BUCKETS,
+            ("endpoint", "part"),
+        )
+        self.decode = Histogram(
+            "l2grader_decode_seconds", "Audio decoding, resampling and chunking time", LATENCY_BUCKETS
+        )
         self.audio_seconds = Counter("l2grader_audio_seconds_scored", "Seconds of audio scored", ("part",))
         self.answers = Counter("l2grader_answers_scored", "Answers scored", ("part",))
         self.chunks = Counter("l2grader_chunks_scored", "Chunks (<= 30 s) scored", ("part",))
         self.reviews = Counter(
-            "l2grader_review_verdicts", "Answers by part and review verdict (needed: true or false)", ("part", "needed"))
+            "l2grader_review_verdicts", "Answers by part and review verdict (needed: true or false)", ("part", "needed")
+        )
         self.review_reasons = Counter(
-            "l2grader_review_reasons", "Answers sent to review by part and reason code (REVIEW_REASONS, not_scorable)",
-            ("part", "reason"))
+            "l2grader_review_reasons",
+            "Answers sent to review by part and reason code (REVIEW_REASONS, not_scorable)",
+            ("part", "reason"),
+        )
         self._inflight = 0
         self.inflight = Gauge("l2grader_inflight_requests", "API requests in this ingress replica (queue depth)")
         self.inflight.set(0)
@@ -104,11 +113,15 @@ class ScorerMetrics:
         self.answers = Counter("l2grader_scorer_answers", "Answers scored by this scorer replica", ("part",))
         self.chunks = Counter("l2grader_scorer_chunks", "Chunks scored by this scorer replica", ("part",))
         self.adapter_loads = Counter(
-            "l2grader_scorer_adapter_loads", "Adapter loads on a scorer replica (a part's first request there, or "
-            "after its eviction)", ("part",))
+            "l2grader_scorer_adapter_loads",
+            "Adapter loads on a scorer replica (a part's first request there, or after its eviction)",
+            ("part",),
+        )
         self.adapter_evictions = Counter(
-            "l2grader_scorer_adapter_evictions", "Parts a scorer replica dropped to make room (least recently used)",
-            ("part",))
+            "l2grader_scorer_adapter_evictions",
+            "Parts a scorer replica dropped to make room (least recently used)",
+            ("part",),
+        )
 
 
 #: Part label values that are not part ids.
@@ -121,9 +134,15 @@ def ingress_metrics() -> Metrics:
     where Ray Serve's context gives them their deployment, replica and application tags."""
     return Metrics()
 
+
 #: Route name -> the ``endpoint`` label its requests are counted under; health, readiness, metrics and docs are not.
-ENDPOINTS = {"score": "score", "score_batch": "score_batch", "list_parts": "parts", "put_part": "put_part",
-             "delete_part": "delete_part"}
+ENDPOINTS = {
+    "score": "score",
+    "score_batch": "score_batch",
+    "list_parts": "parts",
+    "put_part": "put_part",
+    "delete_part": "delete_part",
+}
 
 
 class RequestMetrics:
@@ -175,6 +194,18 @@ class RequestMetrics:
 def log_request(endpoint: str, part: str, status: int, latency_s: float, error_kind: str | None) -> None:
     """One log line per API request; its fields become JSON fields with ``serving.log_encoding: JSON``."""
     latency_ms = round(latency_s * 1000, 1)
-    logger.info("%s %s %d %.1fms", endpoint, part, status, latency_ms, extra={
-        "request_id": request_id(), "endpoint": endpoint, "part": part, "status": status, "latency_ms": latency_ms,
-        "error_kind": error_kind})
+    logger.info(
+        "%s %s %d %.1fms",
+        endpoint,
+        part,
+        status,
+        latency_ms,
+        extra={
+            "request_id": request_id(),
+            "endpoint": endpoint,
+            "part": part,
+            "status": status,
+            "latency_ms": latency_ms,
+            "error_kind": error_kind,
+        },
+    )

@@ -44,9 +44,16 @@ SCORE_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["part", "audio"],
                     "properties": {
-                        "part": {"type": "string", "description": "Exam part id (GET /v1/parts).", "example": "interview"},
-                        "audio": {"type": "string", "format": "binary",
-                                  "description": "The answer's audio file: WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ..."},
+                        "part": {
+                            "type": "string",
+                            "description": "Exam part id (GET /v1/parts).",
+                            "example": "interview",
+                        },
+                        "audio": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The answer's audio file: WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...",
+                        },
                         "response_id": {"type": "string", "description": "Caller's id of the answer, echoed back."},
                     },
                 },
@@ -66,9 +73,13 @@ BATCH_BODY: dict[str, Any] = {
         "content": {
             "application/json": {
                 "schema": inline_schema(BatchRequest),
-                "example": {"candidate_id": "cand-17", "answers": [
-                    {"part": "interview", "audio_base64": _AUDIO_B64, "response_id": "cand-17/part-1"},
-                    {"part": "long_turn", "audio_base64": _AUDIO_B64, "response_id": "cand-17/part-3"}]},
+                "example": {
+                    "candidate_id": "cand-17",
+                    "answers": [
+                        {"part": "interview", "audio_base64": _AUDIO_B64, "response_id": "cand-17/part-1"},
+                        {"part": "long_turn", "audio_base64": _AUDIO_B64, "response_id": "cand-17/part-3"},
+                    ],
+                },
             }
         },
     }

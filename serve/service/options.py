@@ -45,14 +45,21 @@ def _options(d: DeploymentConfig, log_encoding: str, extra_slots: int = 0) -> di
         "target_ongoing_requests": a.target_ongoing_requests,
     }
     # Settings left unset keep Serve's defaults (and the generated KubeRay configs stay as they were).
-    autoscaling.update(_set(upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
-                            look_back_period_s=a.look_back_period_s))
+    autoscaling.update(
+        _set(
+            upscale_delay_s=a.upscale_delay_s,
+            downscale_delay_s=a.downscale_delay_s,
+            look_back_period_s=a.look_back_period_s,
+        )
+    )
     return {
         "max_ongoing_requests": d.max_ongoing_requests + extra_slots,
         "max_queued_requests": d.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
         "autoscaling_config": autoscaling,
-        **_set(graceful_shutdown_timeout_s=d.graceful_shutdown_timeout_s, max_replicas_per_node=d.max_replicas_per_node),
+        **_set(
+            graceful_shutdown_timeout_s=d.graceful_shutdown_timeout_s, max_replicas_per_node=d.max_replicas_per_node
+        ),
         "ray_actor_options": actor,
         "logging_config": {"encoding": log_encoding},
     }
@@ -73,8 +80,10 @@ def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
     s = cfg.serving
     scorer = _options(s.scorer, s.log_encoding)
     if s.spread_part_at is not None:
-        scorer["request_router_config"] = {"request_router_class": ROUTER_CLASS,
-                                           "request_router_kwargs": {"spread_at": s.spread_part_at}}
+        scorer["request_router_config"] = {
+            "request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": {"spread_at": s.spread_part_at},
+        }
     return {INGRESS: _options(s.ingress, s.log_encoding, s.ingress.max_queued_requests + CONTROL_SLOTS), SCORER: scorer}
 
 

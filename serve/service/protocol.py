@@ -18,8 +18,12 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     part: str
-    audio_base64: str = Field(description="The answer's audio file (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...), base64-encoded.")
-    response_id: str | None = Field(None, max_length=MAX_CLIENT_ID, description="Caller's id of the answer, echoed back.")
+    audio_base64: str = Field(
+        description="The answer's audio file (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...), base64-encoded."
+    )
+    response_id: str | None = Field(
+        None, max_length=MAX_CLIENT_ID, description="Caller's id of the answer, echoed back."
+    )
 
 
 class ScoreResponse(ScoredAnswer):
@@ -60,8 +64,10 @@ class Overall(BaseModel):
     cefr: str | None
     scored: int = Field(description="Answers scored.")
     not_scorable: int = Field(description="Answers that could not be scored.")
-    review: Review = Field(description="Needed when any answer needs review or was not scorable (reason "
-                                       "`not_scorable`); the reasons of all answers.")
+    review: Review = Field(
+        description="Needed when any answer needs review or was not scorable (reason "
+        "`not_scorable`); the reasons of all answers."
+    )
 
 
 class BatchResponse(BaseModel):

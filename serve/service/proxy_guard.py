@@ -51,8 +51,14 @@ PROXY_CALLBACK = "serve.service.proxy_guard:middlewares"
 #: Methods whose requests carry no body the guard waits for.
 BODYLESS = {"GET", "HEAD", "OPTIONS", "DELETE"}
 #: Words in the proxy's own 500 text that mean a replica died or cannot be reached: retryable, so 503.
-REPLICA_GONE = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "DeploymentUnavailableError",
-                "unavailable", "died")
+REPLICA_GONE = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "RayActorError",
+    "DeploymentUnavailableError",
+    "unavailable",
+    "died",
+)
 
 
 def proxy_env(config_path: str) -> dict[str, str]:
@@ -74,9 +80,14 @@ class GuardLimits:
     @classmethod
     def of_config(cls, cfg: GraderConfig) -> GuardLimits:
         s = cfg.serving
-        return cls(UploadLimits(cfg.audio), s.body_timeout_s, s.max_requests_per_client,
-                   int(s.max_buffered_mb * 1024 * 1024), max(1, math.ceil(s.ingress.retry_after_s)),
-                   local_only=not s.keyed() and not allow_unauthenticated(s))
+        return cls(
+            UploadLimits(cfg.audio),
+            s.body_timeout_s,
+            s.max_requests_per_client,
+            int(s.max_buffered_mb * 1024 * 1024),
+            max(1, math.ceil(s.ingress.retry_after_s)),
+            local_only=not s.keyed() and not allow_unauthenticated(s),
+        )
 
 
 def middlewares() -> list[Middleware]:
@@ -93,16 +104,22 @@ class BodyError(Exception):
         self.status, self.kind, self.message = status, kind, message
 
 
-def error_messages(status: int, kind: str, message: str, request_id: str = "",
-                   headers: dict[str, str] | None = None) -> list[Message]:
+def error_messages(
+    status: int, kind: str, message: str, request_id: str = "", headers: dict[str, str] | None = None
+) -> list[Message]:
     """The ASGI messages of a JSON error in the API's shape (see :mod:`serve.service.errors`)."""
     request_id = request_id or uuid.uuid4().hex
     body = json.dumps({"error": {"kind": kind, "message": message}, "request_id": request_id}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-           (b"x-request-id", request_id.encode())]
+    raw = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return [{"type": "http.response.start", "status": status, "headers": raw},
-            {"type": "http.response.body", "body": body, "more_body": False}]
+    return [
+        {"type": "http.response.start", "status": status, "headers": raw},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
 
 
 class ProxyGuard:
@@ -119,13 +136,23 @@ class ProxyGuard:
         client = scope["client"][0] if scope.get("client") else "-"
         retry = {"Retry-After": str(self.limits.retry_after_s)}
         if self.limits.local_only and not is_loopback(client):
-            return await _send_all(send, error_messages(
-                403, "forbidden", "this service has no API keys and accepts clients on its own machine only"))
+            return await _send_all(
+                send,
+                error_messages(
+                    403, "forbidden", "this service has no API keys and accepts clients on its own machine only"
+                ),
+            )
         if self.held[client] >= self.limits.max_per_client:
-            return await _send_all(send, error_messages(
-                429, "too_many_requests",
-                f"this client already holds {self.held[client]} requests: at most {self.limits.max_per_client} at once",
-                headers=retry))
+            return await _send_all(
+                send,
+                error_messages(
+                    429,
+                    "too_many_requests",
+                    f"this client already holds {self.held[client]} requests: "
+                    f"at most {self.limits.max_per_client} at once",
+                    headers=retry,
+                ),
+            )
         self.held[client] += 1
         body: bytes | None = None
         try:
@@ -142,9 +169,15 @@ class ProxyGuard:
             if not answer.started:  # the proxy answers nothing when the replica died mid-request (its "500")
                 logger.info("no answer from the ingress for %s %s: 503", scope["method"], clip(scope["path"], 100))
                 with contextlib.suppress(Exception):  # the client may be gone too
-                    await _send_all(send, error_messages(
-                        503, "unavailable", "the service lost this request (a replica stopped); retry after the "
-                        "Retry-After delay", headers=retry))
+                    await _send_all(
+                        send,
+                        error_messages(
+                            503,
+                            "unavailable",
+                            "the service lost this request (a replica stopped); retry after the Retry-After delay",
+                            headers=retry,
+                        ),
+                    )
         finally:
             if body is not None:
                 self.buffered -= len(body)
@@ -166,8 +199,9 @@ class ProxyGuard:
                 try:
                     message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    raise BodyError(408, "body_timeout", f"the request body did not arrive within "
-                                    f"{self.limits.body_timeout_s:g} s") from None
+                    raise BodyError(
+                        408, "body_timeout", f"the request body did not arrive within {self.limits.body_timeout_s:g} s"
+                    ) from None
                 if message["type"] == "http.disconnect":
                     return None
                 piece = message.get("body", b"")
@@ -200,12 +234,15 @@ class JsonErrors:
             return
         if self.start is None:
             return await self.send(message)
-        self.text += message.get("body", b"")[:4096 - len(self.text)]
+        self.text += message.get("body", b"")[: 4096 - len(self.text)]
         if message.get("more_body", False):
             return
         status, kind, text = self.start["status"], "http_error", self.text.decode("utf-8", "replace")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.start.get("headers", [])
-                   if k.lower() in (b"retry-after", b"x-request-id")}
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in self.start.get("headers", [])
+            if k.lower() in (b"retry-after", b"x-request-id")
+        }
         rid = headers.pop("x-request-id", "")
         if status == 503:
             kind = "overloaded" if "back" in text.lower() or "queue" in text.lower() else "unavailable"
@@ -220,7 +257,9 @@ class JsonErrors:
         if status == 503:
             headers = {**self.retry, **headers}
             text = "the service cannot take this request now; retry after the Retry-After delay"
-            logger.info("proxy answered %s for request %s: %s", kind, rid, clip(self.text.decode("utf-8", "replace"), 300))
+            logger.info(
+                "proxy answered %s for request %s: %s", kind, rid, clip(self.text.decode("utf-8", "replace"), 300)
+            )
         await _send_all(self.send, error_messages(status, kind, clip(text, 300), rid, headers))
 
 

@@ -119,7 +119,7 @@ class PartRegistry:
         return check_part(part, pcfg, self.cfg.engine.max_lora_rank)
 
     def adapter_roots(self) -> list[Path]:
-        """Folders admin calls may take adapters from (``serving.adapter_roots``, else the config's adapters' folders)."""
+        """Folders admin calls take adapters from (``serving.adapter_roots``, else those of the config's adapters)."""
         roots = self.cfg.serving.adapter_roots
         if roots is None:
             roots = sorted({p.adapter.parent for p in self.cfg.parts.values() if p.adapter is not None})
@@ -137,8 +137,9 @@ class PartRegistry:
                 raise AdapterError("the adapter must be an absolute path (as the service's machines see it)")
             real = Path(os.path.realpath(pcfg.adapter))
             if not any(real.is_relative_to(root) for root in self.adapter_roots()):
-                raise AdapterError("the adapter path is outside the folders adapters may come from "
-                                   "(serving.adapter_roots)")
+                raise AdapterError(
+                    "the adapter path is outside the folders adapters may come from (serving.adapter_roots)"
+                )
             pcfg = pcfg.model_copy(update={"adapter": real})
         return self.check(part, pcfg)
 

@@ -21,7 +21,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica
 
 
 class PartAffinityRouter(PowerOfTwoChoicesRequestRouter):
-    """Serve's power-of-two-choices router with multiplexing, spreading a part whose replicas are busier by ``spread_at``."""
+    """Serve's power-of-two-choices router with multiplexing; spreads a part whose replicas are ``spread_at`` busier."""
 
     def initialize_state(self, spread_at: int = 4, **kwargs) -> None:
         self.spread_at = spread_at
@@ -30,8 +30,9 @@ class PartAffinityRouter(PowerOfTwoChoicesRequestRouter):
         """Requests in flight on a replica as this router last knew it (0 when it has not asked lately)."""
         return self.replica_queue_len_cache.get(replica.replica_id) or 0
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
         if model_id and len(candidate_replicas) > 1:
             holders = [r for r in candidate_replicas if model_id in r.multiplexed_model_ids]

@@ -105,7 +105,9 @@ class ScorerReplica:
     async def _warm_up(self, spec: PartSpec) -> None:
         """Score one full-length chunk before taking traffic, so the first caller does not pay the engine's warm-up."""
         started = time.perf_counter()
-        await self.engine.score_answer(spec, split(_tone(self.cfg.audio.max_chunk_s), self.cfg.audio.max_chunk_s), "warm-up")
+        await self.engine.score_answer(
+            spec, split(_tone(self.cfg.audio.max_chunk_s), self.cfg.audio.max_chunk_s), "warm-up"
+        )
         logger.info("scorer warmed up in %.1f s", time.perf_counter() - started)
 
     async def load_part(self, model_id: str) -> LoadedPart:
@@ -128,7 +130,7 @@ class ScorerReplica:
         del self._holders[spec.adapter_hash]
         try:
             await self.engine.unload_adapter(spec)
-        except Exception:  # the engine may be shutting down; vLLM's own LRU still bounds memory
+        except Exception:  # noqa: BLE001 - the engine may be shutting down; vLLM's own LRU still bounds memory
             logger.warning("could not unload adapter %s", spec.model_id)
 
     async def score_chunks(self, chunks: list[Chunk], request_id: str) -> dict:
@@ -155,9 +157,11 @@ class ScorerReplica:
         try:
             await self.engine.load_adapter(spec)
             result = await self.engine.score_answer(spec, canary, f"canary-{spec.model_id}")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever fails, the canary refuses the adapter
             logger.warning("canary of part %s failed: %s", spec.model_id, e)
-            raise ValueError(f"the adapter of part {part.part!r} did not score a test chunk ({type(e).__name__})") from None
+            raise ValueError(
+                f"the adapter of part {part.part!r} did not score a test chunk ({type(e).__name__})"
+            ) from None
         finally:
             if spec.adapter_hash not in self._holders:
                 with contextlib.suppress(Exception):

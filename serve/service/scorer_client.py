@@ -68,8 +68,9 @@ class ScorerClient:
         self._running, self._running_at = 1, float("-inf")
 
     def _unavailable(self, why: str) -> ApiError:
-        return ApiError(503, "unavailable", f"the scorer is not available ({why}); retry after the Retry-After delay",
-                        self.retry)
+        return ApiError(
+            503, "unavailable", f"the scorer is not available ({why}); retry after the Retry-After delay", self.retry
+        )
 
     async def call(self, method: str, *args: Any, model_id: str | None = None) -> Any:
         """``Scorer.<method>(*args)`` on a replica (one that holds ``model_id`` if given)."""
@@ -81,8 +82,11 @@ class ScorerClient:
         call = asyncio.ensure_future(response)
         try:
             while not (await asyncio.wait({call}, timeout=PROBE_EVERY_S))[0]:
-                if (self.down_since is None and time.monotonic() - started > GRACE_S
-                        and await self._running_replicas() == 0):
+                if (
+                    self.down_since is None
+                    and time.monotonic() - started > GRACE_S
+                    and await self._running_replicas() == 0
+                ):
                     self._went_down(None)  # the only replica died before taking this call: Serve waits for another
                 if self.down_since is not None and time.monotonic() - max(started, self.down_since) > GRACE_S:
                     response.cancel()
@@ -92,8 +96,9 @@ class ScorerClient:
             response.cancel()
             raise
         except BackPressureError:
-            raise ApiError(503, "overloaded", "the scorer is at capacity; retry after the Retry-After delay",
-                           self.retry) from None
+            raise ApiError(
+                503, "overloaded", "the scorer is at capacity; retry after the Retry-After delay", self.retry
+            ) from None
         except REPLICA_GONE as e:
             self._went_down(e)
             raise self._unavailable("the scorer replica stopped while answering") from None
@@ -106,8 +111,10 @@ class ScorerClient:
         if now - self._running_at >= RUNNING_CHECK_EVERY_S:
             self._running_at = now
             try:
-                self._running = await asyncio.to_thread(running_replicas, self.handle.app_name, self.handle.deployment_name)
-            except Exception:  # the controller is busy or restarting: no verdict
+                self._running = await asyncio.to_thread(
+                    running_replicas, self.handle.app_name, self.handle.deployment_name
+                )
+            except Exception:  # noqa: BLE001 - the controller is busy or restarting: no verdict
                 self._running = 1
         return self._running
 
@@ -124,7 +131,7 @@ class ScorerClient:
             try:
                 await asyncio.wait_for(self.handle.ready.remote(), PING_TIMEOUT_S)
                 break
-            except Exception:
+            except Exception:  # noqa: BLE001 - no scorer answers yet, whatever the cause
                 await asyncio.sleep(PROBE_EVERY_S)
         logger.info("a scorer answers again after %.1f s", time.monotonic() - (self.down_since or time.monotonic()))
         self.down_since = None
@@ -138,7 +145,7 @@ class ScorerClient:
             return True, ""
         try:
             await asyncio.wait_for(self.handle.ready.remote(), PING_TIMEOUT_S)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever the failure, the scorer is not ready
             return False, type(e).__name__
         self.last_answer = time.monotonic()
         return True, ""

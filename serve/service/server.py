@@ -1,4 +1,4 @@
-"""``l2grader serve``: start Ray (locally unless an address is given) and run the application; ``l2grader deploy``: change it."""
+"""``l2grader serve``: start Ray (locally unless given an address) and run the application; ``deploy``: change it."""
 
 from __future__ import annotations
 
@@ -24,12 +24,16 @@ def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool
     keys = cfg.serving.api_keys() + cfg.serving.admin_keys()
     if keys or allow_unauthenticated or cfg.serving.allow_unauthenticated:
         if not keys:
-            _log("WARNING: no API keys configured and unauthenticated access allowed: anyone who reaches "
-                 f"{host} can score and change parts")
+            _log(
+                "WARNING: no API keys configured and unauthenticated access allowed: anyone who reaches "
+                f"{host} can score and change parts"
+            )
         return host
     if not is_loopback(host):
-        _log(f"no API keys configured: listening on 127.0.0.1 only, not {host} "
-             "(configure serving.api_keys_env/admin_keys_env, or pass --allow-unauthenticated)")
+        _log(
+            f"no API keys configured: listening on 127.0.0.1 only, not {host} "
+            "(configure serving.api_keys_env/admin_keys_env, or pass --allow-unauthenticated)"
+        )
     else:
         _log("no API keys configured: accepting clients on this machine only")
     return host if is_loopback(host) else "127.0.0.1"
@@ -56,8 +60,9 @@ def run_app(config_path: str) -> None:
     serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
 
 
-def run_server(config_path: str, host: str | None, port: int | None, address: str | None,
-               allow_unauthenticated: bool = False) -> int:
+def run_server(
+    config_path: str, host: str | None, port: int | None, address: str | None, allow_unauthenticated: bool = False
+) -> int:
     """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset."""
     import ray
     from ray import serve
@@ -87,16 +92,26 @@ def run_server(config_path: str, host: str | None, port: int | None, address: st
         # A Ray of its own (never a cluster that `ray start` left running here), with enough logical CPUs
         # for every replica the config may start.
         s = cfg.serving
-        need = s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas
+        need = (
+            s.ingress.num_cpus * s.ingress.autoscaling.max_replicas
+            + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas
+        )
         env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_", "RAY_SERVE_"))}
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 1)), include_dashboard=False,
-                 runtime_env={"env_vars": env} if env else None, _system_config=RAY_SYSTEM_CONFIG)
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, int(need + 1)),
+            include_dashboard=False,
+            runtime_env={"env_vars": env} if env else None,
+            _system_config=RAY_SYSTEM_CONFIG,
+        )
     serve.start(http_options={"host": host, "port": port})
     _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     run_app(config_path)
     logs, export = node_observability()
-    _log(f"replica logs (serving.log_encoding {cfg.serving.log_encoding}): {logs}/serve; "
-         f"this node's metrics export: {export}")
+    _log(
+        f"replica logs (serving.log_encoding {cfg.serving.log_encoding}): {logs}/serve; "
+        f"this node's metrics export: {export}"
+    )
     _log(f"listening on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
 
     stop = threading.Event()

@@ -110,8 +110,9 @@ def parse_json(body: bytes | bytearray, model: type[M]) -> M:
         raise invalid_request(e.errors()) from None
 
 
-async def read_json(request: Request, model: type[M], limit: int, *, json_type_required: bool = True,
-                    unsized_limit: int | None = None) -> M:
+async def read_json(
+    request: Request, model: type[M], limit: int, *, json_type_required: bool = True, unsized_limit: int | None = None
+) -> M:
     """The body as ``model``: 415 unless declared JSON (when required), 413 past its limit, 422 unless valid."""
     if json_type_required and content_type(request) != "application/json":
         raise ApiError(415, "unsupported_media_type", "this call takes application/json")
@@ -138,9 +139,11 @@ async def read_score_upload(request: Request, limits: UploadLimits) -> ScoreUplo
     """One answer from a multipart (``part``, ``audio`` file, ``response_id``) or JSON body."""
     ctype = content_type(request)
     if ctype not in ("application/json", "multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"content type {ctype[:100] or '(none)'!r} not accepted: use multipart/form-data or "
-                       "application/json")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {ctype[:100] or '(none)'!r} not accepted: use multipart/form-data or application/json",
+        )
     body = await read_body(request, limits.max_score_body, "upload", limits.max_unsized_body)
     if ctype == "application/json":
         return json_answer(parse_json(body, ScoreRequest), limits)
@@ -167,5 +170,7 @@ async def read_batch_upload(request: Request, limits: UploadLimits) -> tuple[Bat
     """A candidate's answers from a JSON batch body: at most ``max_batch_answers``, each within the upload limit."""
     batch = await read_json(request, BatchRequest, limits.max_batch_body, unsized_limit=limits.max_unsized_body)
     if len(batch.answers) > limits.max_batch_answers:
-        raise ApiError(413, "too_large", f"{len(batch.answers)} answers in one batch: at most {limits.max_batch_answers}")
+        raise ApiError(
+            413, "too_large", f"{len(batch.answers)} answers in one batch: at most {limits.max_batch_answers}"
+        )
     return batch, [json_answer(a, limits) for a in batch.answers]

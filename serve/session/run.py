@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from serve.grading.config import GraderConfig
 from serve.grading.parts import config_parts
 from serve.service.options import RAY_SYSTEM_CONFIG
-from serve.session.sources import ManifestError, first_line, audio_base, read_manifest
+from serve.session.sources import ManifestError, audio_base, first_line, read_manifest
 from serve.session.stages import SCORED, Scorer, prepare
 from serve.session.store import OutputDir, ids_digest
 
@@ -40,7 +40,9 @@ class SessionOptions:
     part_wait_s: float = 30.0  # a part is committed at least this often while results come
     progress_s: float = 10.0
     decode: str = "auto"  # "tasks": CPU tasks of their own; "engines": in the engine actors; auto: tasks with --address
-    object_store_mb: int = 1024  # local Ray only: the object store, which bounds the decoded audio waiting for an engine
+    object_store_mb: int = (
+        1024  # local Ray only: the object store, which bounds the decoded audio waiting for an engine
+    )
 
 
 def _start_ray(cfg: GraderConfig, opts: SessionOptions, engines: int) -> None:
@@ -53,10 +55,14 @@ def _start_ray(cfg: GraderConfig, opts: SessionOptions, engines: int) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_"))}
     # A Ray of its own (never a cluster that `ray start` left running here): room for the engines plus one CPU
     # task decoding at a time.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(engines * scorer.num_cpus + 1)),
-             include_dashboard=False,
-             object_store_memory=opts.object_store_mb * 2**20,
-             runtime_env={"env_vars": env} if env else None, _system_config=RAY_SYSTEM_CONFIG)
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, int(engines * scorer.num_cpus + 1)),
+        include_dashboard=False,
+        object_store_memory=opts.object_store_mb * 2**20,
+        runtime_env={"env_vars": env} if env else None,
+        _system_config=RAY_SYSTEM_CONFIG,
+    )
 
 
 def _manifest_ids(ds) -> list[str]:
@@ -108,20 +114,32 @@ def pipeline(ds, cfg: GraderConfig, opts: SessionOptions, engines: int, done: se
     import ray.data
 
     if done:
-        ds = ds.map_batches(_drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())},
-                            batch_format="pyarrow", batch_size=None)
+        ds = ds.map_batches(
+            _drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())}, batch_format="pyarrow", batch_size=None
+        )
     scorer = cfg.serving.scorer
     # Ray Data fuses a task stage into the next actor stage when their remote arguments are equal (then the engine
     # actors decode each batch before scoring it); a task-only argument (retries on a lost node) keeps them apart.
     own_tasks = {"max_retries": 3} if decode_in_tasks(opts) else {"num_gpus": scorer.num_gpus or None}
     return (
         ds.repartition(target_num_rows_per_block=opts.batch_size)
-        .map_batches(prepare, fn_kwargs={"cfg": cfg, "base": audio_base(opts.manifest)}, batch_format="pyarrow",
-                     batch_size=opts.batch_size, num_cpus=scorer.num_cpus if not decode_in_tasks(opts) else 1,
-                     **own_tasks)
-        .map_batches(Scorer, fn_constructor_kwargs={"cfg": cfg}, compute=ray.data.ActorPoolStrategy(size=engines),
-                     batch_format="pyarrow", batch_size=opts.batch_size, num_cpus=scorer.num_cpus,
-                     num_gpus=scorer.num_gpus or None)
+        .map_batches(
+            prepare,
+            fn_kwargs={"cfg": cfg, "base": audio_base(opts.manifest)},
+            batch_format="pyarrow",
+            batch_size=opts.batch_size,
+            num_cpus=scorer.num_cpus if not decode_in_tasks(opts) else 1,
+            **own_tasks,
+        )
+        .map_batches(
+            Scorer,
+            fn_constructor_kwargs={"cfg": cfg},
+            compute=ray.data.ActorPoolStrategy(size=engines),
+            batch_format="pyarrow",
+            batch_size=opts.batch_size,
+            num_cpus=scorer.num_cpus,
+            num_gpus=scorer.num_gpus or None,
+        )
     )
 
 
@@ -144,7 +162,9 @@ class Progress:
             self.first_t, self.first_rows = now, table.num_rows
         self.last_t = now
         self.rows += table.num_rows
-        for status, kind, duration in zip(*(table.column(c).to_pylist() for c in ("status", "error_kind", "duration_s"))):
+        for status, kind, duration in zip(
+            *(table.column(c).to_pylist() for c in ("status", "error_kind", "duration_s"))
+        ):
             if status == SCORED:
                 self.scored += 1
                 self.audio_s += duration
@@ -154,8 +174,10 @@ class Progress:
             self.last_print = now
             rate = self.rows / (now - self.start)
             eta = (self.todo - self.rows) / rate if rate else float("nan")
-            log(f"{self.rows}/{self.todo} answers ({100 * self.rows / max(self.todo, 1):.0f} %), "
-                f"{sum(self.errors.values())} not scorable, {rate:.1f} answers/s, ~{eta:.0f} s to go")
+            log(
+                f"{self.rows}/{self.todo} answers ({100 * self.rows / max(self.todo, 1):.0f} %), "
+                f"{sum(self.errors.values())} not scorable, {rate:.1f} answers/s, ~{eta:.0f} s to go"
+            )
 
     def steady(self) -> tuple[float | None, float]:
         """Answers per second from the first result to the last (engine start-up and the first batch left out)."""
@@ -189,18 +211,28 @@ def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
         except Exception as e:  # noqa: BLE001 - a reader's error inside Ray: one line
             raise ManifestError(f"cannot read the manifest {opts.manifest}: {first_line(e)}") from None
         ids = _manifest_ids(manifest)
-        out.check_session({"manifest": opts.manifest, "answers": len(ids), "response_ids_sha256": ids_digest(ids),
-                           "models": models, "base": cfg.model.base})
+        out.check_session(
+            {
+                "manifest": opts.manifest,
+                "answers": len(ids),
+                "response_ids_sha256": ids_digest(ids),
+                "models": models,
+                "base": cfg.model.base,
+            }
+        )
         done = out.done_ids()
         todo = len(ids) - len(done)
-        log(f"{len(ids)} answers in the manifest, {len(done)} already in {opts.out}, {todo} to score "
-            f"with {engines} engine(s), decoding in {'CPU tasks' if decode_in_tasks(opts) else 'the engine actors'}")
+        log(
+            f"{len(ids)} answers in the manifest, {len(done)} already in {opts.out}, {todo} to score "
+            f"with {engines} engine(s), decoding in {'CPU tasks' if decode_in_tasks(opts) else 'the engine actors'}"
+        )
         progress = Progress(todo, opts.progress_s)
         writer = out.part_writer(opts.rows_per_part, opts.part_wait_s)
         if todo:
             try:
-                for table in pipeline(manifest, cfg, opts, engines, done).iter_batches(batch_format="pyarrow",
-                                                                                      batch_size=None):
+                for table in pipeline(manifest, cfg, opts, engines, done).iter_batches(
+                    batch_format="pyarrow", batch_size=None
+                ):
                     progress.add(table)
                     writer.add(table)
             except KeyboardInterrupt:
@@ -216,7 +248,9 @@ def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
     return summary(cfg, out, progress, len(done), len(ids), wall)
 
 
-def summary(cfg: GraderConfig, out: OutputDir, progress: Progress, skipped: int, manifest_rows: int, wall: float) -> dict:
+def summary(
+    cfg: GraderConfig, out: OutputDir, progress: Progress, skipped: int, manifest_rows: int, wall: float
+) -> dict:
     """The session's figures: this run's throughput, the whole output's counts."""
     candidates = out.write_candidates(cfg)
     written = out.read_parts(["response_id", "status", "error_kind"])
@@ -232,11 +266,15 @@ def summary(cfg: GraderConfig, out: OutputDir, progress: Progress, skipped: int,
         "not_scorable": dict(sorted(kinds.items())),
         "candidates": candidates,
         "this_run": {
-            "answers": progress.rows, "skipped": skipped, "not_scorable": dict(sorted(progress.errors.items())),
+            "answers": progress.rows,
+            "skipped": skipped,
+            "not_scorable": dict(sorted(progress.errors.items())),
             "answers_per_s": round(progress.rows / wall, 3) if wall else 0.0,
             "audio_s_per_s": round(progress.audio_s / wall, 2) if wall else 0.0,
             "steady_answers_per_s": None if steady is None else round(steady, 3),
-            "steady_audio_s_per_s": None if steady is None else round(progress.audio_s * steady / max(progress.rows, 1), 2),
+            "steady_audio_s_per_s": None
+            if steady is None
+            else round(progress.audio_s * steady / max(progress.rows, 1), 2),
             "steady_s": round(span, 3),
         },
         "wall_s": round(wall, 3),
@@ -247,11 +285,16 @@ def summary(cfg: GraderConfig, out: OutputDir, progress: Progress, skipped: int,
 def print_summary(s: dict) -> None:
     r = s["this_run"]
     kinds = ", ".join(f"{k} {v}" for k, v in s["not_scorable"].items()) or "none"
-    print(f"answers: {s['answers']} of {s['manifest_rows']} in the manifest ({s['scored']} scored; not scorable: {kinds}); "
-          f"{s['candidates']} candidates")
-    print(f"this run: {r['answers']} answers ({r['skipped']} already done) in {s['wall_s']:.1f} s: "
-          f"{r['answers_per_s']:.2f} answers/s, {r['audio_s_per_s']:.1f} audio s/s"
-          + (f" (after start-up: {r['steady_answers_per_s']:.2f} answers/s)" if r["steady_answers_per_s"] else ""))
+    print(
+        f"answers: {s['answers']} of {s['manifest_rows']} in the manifest "
+        f"({s['scored']} scored; not scorable: {kinds}); "
+        f"{s['candidates']} candidates"
+    )
+    print(
+        f"this run: {r['answers']} answers ({r['skipped']} already done) in {s['wall_s']:.1f} s: "
+        f"{r['answers_per_s']:.2f} answers/s, {r['audio_s_per_s']:.1f} audio s/s"
+        + (f" (after start-up: {r['steady_answers_per_s']:.2f} answers/s)" if r["steady_answers_per_s"] else "")
+    )
     print(f"output: {s['out']}/answers/, {s['out']}/candidates.parquet")
     import json
 

@@ -60,7 +60,11 @@ def audio_base(manifest: str) -> str:
         path = path.resolve()
         return str(path if path.is_dir() else path.parent)
     parsed = manifest.rstrip("/")
-    return parsed if manifest_format(manifest) == "parquet" and not parsed.endswith(".parquet") else posixpath.dirname(parsed)
+    return (
+        parsed
+        if manifest_format(manifest) == "parquet" and not parsed.endswith(".parquet")
+        else posixpath.dirname(parsed)
+    )
 
 
 def resolve_audio(audio: str, base: str) -> str:
@@ -96,10 +100,14 @@ def read_audio(location: str, max_bytes: int) -> bytes:
     try:
         if path is not None:
             if not path.is_file():
-                raise AudioError("unreadable", f"cannot read {location}: " + ("not a file" if path.exists() else "no such file"))
+                raise AudioError(
+                    "unreadable", f"cannot read {location}: " + ("not a file" if path.exists() else "no such file")
+                )
             size = path.stat().st_size
             if size > max_bytes:
-                raise AudioError("too_large", f"{location} holds {size} bytes: more than the {max_bytes} bytes accepted")
+                raise AudioError(
+                    "too_large", f"{location} holds {size} bytes: more than the {max_bytes} bytes accepted"
+                )
             return path.read_bytes()
         import pyarrow.fs
 
@@ -109,7 +117,9 @@ def read_audio(location: str, max_bytes: int) -> bytes:
             missing = info.type == pyarrow.fs.FileType.NotFound
             raise AudioError("unreadable", f"cannot read {location}: " + ("no such file" if missing else "not a file"))
         if info.size is not None and info.size > max_bytes:
-            raise AudioError("too_large", f"{location} holds {info.size} bytes: more than the {max_bytes} bytes accepted")
+            raise AudioError(
+                "too_large", f"{location} holds {info.size} bytes: more than the {max_bytes} bytes accepted"
+            )
         with fs.open_input_stream(fs_path) as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
@@ -144,12 +154,21 @@ def read_manifest(location: str):
     if path is not None and not path.exists():
         raise ManifestError(f"manifest {location} not found")
     if fmt == "csv":
-        ds = ray.data.read_csv(where, convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False))
+        ds = ray.data.read_csv(
+            where,
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False
+            ),
+        )
     elif fmt == "json":
         # pyarrow's reader with every column as text ("0042" stays "0042"; pandas' lines=True reader would make it 42)
-        ds = ray.data.read_json(where, file_extensions=None, parse_options=pajson.ParseOptions(
-            explicit_schema=pa.schema([(c, pa.string()) for c in COLUMNS]), unexpected_field_behavior="ignore"))
+        ds = ray.data.read_json(
+            where,
+            file_extensions=None,
+            parse_options=pajson.ParseOptions(
+                explicit_schema=pa.schema([(c, pa.string()) for c in COLUMNS]), unexpected_field_behavior="ignore"
+            ),
+        )
     else:
         ds = ray.data.read_parquet(where)
     try:

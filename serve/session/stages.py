@@ -30,20 +30,34 @@ SCORED, NOT_SCORABLE = "scored", "not_scorable"
 def _answer_schema():
     import pyarrow as pa
 
-    return pa.schema([
-        *((c, pa.string()) for c in COLUMNS),
-        ("status", pa.string()),  # scored | not_scorable
-        ("error_kind", pa.string()),
-        ("error_message", pa.string()),
-        ("score", pa.float64()),
-        ("hard_score", pa.float64()),
-        ("cefr", pa.string()),
-        ("probabilities", pa.map_(pa.string(), pa.float64())),
-        ("chunks", pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("score", pa.float64())]))),
-        ("duration_s", pa.float64()),
-        ("model", pa.struct([("base", pa.string()), ("adapter", pa.string()), ("adapter_hash", pa.string()),
-                             ("untrained", pa.bool_())])),
-    ])
+    return pa.schema(
+        [
+            *((c, pa.string()) for c in COLUMNS),
+            ("status", pa.string()),  # scored | not_scorable
+            ("error_kind", pa.string()),
+            ("error_message", pa.string()),
+            ("score", pa.float64()),
+            ("hard_score", pa.float64()),
+            ("cefr", pa.string()),
+            ("probabilities", pa.map_(pa.string(), pa.float64())),
+            (
+                "chunks",
+                pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("score", pa.float64())])),
+            ),
+            ("duration_s", pa.float64()),
+            (
+                "model",
+                pa.struct(
+                    [
+                        ("base", pa.string()),
+                        ("adapter", pa.string()),
+                        ("adapter_hash", pa.string()),
+                        ("untrained", pa.bool_()),
+                    ]
+                ),
+            ),
+        ]
+    )
 
 
 #: One row per answer: the manifest's columns, the status, the error (if any) and the service's answer fields.
@@ -59,7 +73,9 @@ def _row_error(row: dict, parts: set[str]) -> AudioError | None:
     if empty:
         return AudioError("invalid_row", f"empty {', '.join(empty)}")
     if row["part"] not in parts:
-        return AudioError("unknown_part", f"unknown part {row['part'][:64]!r} (known parts: {', '.join(sorted(parts))})")
+        return AudioError(
+            "unknown_part", f"unknown part {row['part'][:64]!r} (known parts: {', '.join(sorted(parts))})"
+        )
     return None
 
 
@@ -82,30 +98,40 @@ def prepare(batch, cfg: GraderConfig, base: str):
                 chunks = prepare_answer(read_audio(resolve_audio(row["audio"], base), max_bytes), cfg.audio)
             except AudioError as e:
                 err = e
-            except Exception as e:  # noqa: BLE001 - one odd file must not stop the session (nor every re-run)
+            except Exception as e:
                 logger.exception("answer %s: unexpected error while preparing %s", row["response_id"], row["audio"])
                 err = AudioError("internal_error", f"unexpected error while preparing the audio: {type(e).__name__}")
         kinds.append(None if err is None else err.kind)
         messages.append(None if err is None else str(err))
         samples.append(np.concatenate([c.samples for c in chunks]).tobytes() if chunks else None)
-        edges.append([round(c.start_s * SAMPLE_RATE) for c in chunks] + [round(c.end_s * SAMPLE_RATE)
-                                                                         for c in chunks[-1:]] if chunks else None)
-    return batch.select(list(COLUMNS)).append_column("error_kind", pa.array(kinds, pa.string())) \
-        .append_column("error_message", pa.array(messages, pa.string())) \
-        .append_column("samples", pa.array(samples, pa.large_binary())) \
+        edges.append(
+            [round(c.start_s * SAMPLE_RATE) for c in chunks] + [round(c.end_s * SAMPLE_RATE) for c in chunks[-1:]]
+            if chunks
+            else None
+        )
+    return (
+        batch.select(list(COLUMNS))
+        .append_column("error_kind", pa.array(kinds, pa.string()))
+        .append_column("error_message", pa.array(messages, pa.string()))
+        .append_column("samples", pa.array(samples, pa.large_binary()))
         .append_column("chunk_edges", pa.array(edges, pa.list_(pa.int64())))
+    )
 
 
 def unpack_chunks(samples: bytes, edges: list[int]) -> list[Chunk]:
     """The chunks :func:`prepare` packed (the same bounds :func:`serve.grading.audio.split` made)."""
     wave = np.frombuffer(samples, dtype=np.float32)
-    return [Chunk(start_s=a / SAMPLE_RATE, end_s=b / SAMPLE_RATE, samples=wave[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return [
+        Chunk(start_s=a / SAMPLE_RATE, end_s=b / SAMPLE_RATE, samples=wave[a:b]) for a, b in zip(edges[:-1], edges[1:])
+    ]
 
 
 # ---------------------------------------------------------------- engine stage
 
 
-def answer_row(row: dict, result: ScoredAnswer | None = None, kind: str | None = None, message: str | None = None) -> dict:
+def answer_row(
+    row: dict, result: ScoredAnswer | None = None, kind: str | None = None, message: str | None = None
+) -> dict:
     """The output row of a manifest row: its score, or why it has none."""
     out = {c: row[c] for c in COLUMNS}
     if result is None:

@@ -38,12 +38,20 @@ class OutputError(ValueError):
 def _candidates_schema():
     import pyarrow as pa
 
-    return pa.schema([("candidate_id", pa.string()), ("answers", pa.int64()), ("scored", pa.int64()),
-                      ("not_scorable", pa.int64()), ("score", pa.float64()), ("cefr", pa.string()),
-                      ("parts", pa.list_(pa.string()))])
+    return pa.schema(
+        [
+            ("candidate_id", pa.string()),
+            ("answers", pa.int64()),
+            ("scored", pa.int64()),
+            ("not_scorable", pa.int64()),
+            ("score", pa.float64()),
+            ("cefr", pa.string()),
+            ("parts", pa.list_(pa.string())),
+        ]
+    )
 
 
-#: One row per candidate: answers, how many were scored and not scorable, the overall score (mean of the scored answers).
+#: One row per candidate: answers, how many were scored and not scorable, the overall score (mean of scored answers).
 CANDIDATES_SCHEMA = _candidates_schema()
 
 
@@ -93,8 +101,10 @@ class OutputDir:
             before = json.loads(f.read())
         changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
         if changed:
-            raise OutputError(f"{self.location} holds the results of another session (changed: {', '.join(changed)}); "
-                              "give a new --out, or delete it to start again")
+            raise OutputError(
+                f"{self.location} holds the results of another session (changed: {', '.join(changed)}); "
+                "give a new --out, or delete it to start again"
+            )
 
     # ------------------------------------------------------------ parts
 
@@ -152,9 +162,17 @@ class OutputDir:
             score = cefr = None
             if scored:
                 score, cefr = overall([a["score"] for a in scored], cfg.parts[scored[0]["part"]].levels)
-            rows.append({"candidate_id": cid, "answers": len(group), "scored": len(scored),
-                         "not_scorable": len(group) - len(scored), "score": score, "cefr": cefr,
-                         "parts": sorted({a["part"] for a in scored})})
+            rows.append(
+                {
+                    "candidate_id": cid,
+                    "answers": len(group),
+                    "scored": len(scored),
+                    "not_scorable": len(group) - len(scored),
+                    "score": score,
+                    "cefr": cefr,
+                    "parts": sorted({a["part"] for a in scored}),
+                }
+            )
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA), sink)
         self._write_atomic(CANDIDATES_FILE, sink.getvalue().to_pybytes())
@@ -187,6 +205,8 @@ class PartWriter:
             return
         sink = pa.BufferOutputStream()
         pq.write_table(pa.concat_tables(self.pending).cast(ANSWER_SCHEMA), sink)
-        self.out._write_atomic(f"{ANSWERS_DIR}/part-{self.run_id}-{self.parts:05d}.parquet", sink.getvalue().to_pybytes())
+        self.out._write_atomic(
+            f"{ANSWERS_DIR}/part-{self.run_id}-{self.parts:05d}.parquet", sink.getvalue().to_pybytes()
+        )
         self.parts += 1
         self.pending, self.pending_rows = [], 0
