@@ -64,6 +64,7 @@ class ScoredAnswer(BaseModel):
     hard_score: float = Field(description="Score of the most probable label.")
     cefr: str = Field(description="CEFR level nearest the soft score.")
     probabilities: dict[str, float] = Field(description="Label -> probability (duration-weighted over chunks).")
+    label_cefr: dict[str, str] = Field(description="Label -> the CEFR level it stands for (A1 ... C2).")
     label_mass: float = Field(
         description="Probability the model puts on the label set (same as uncertainty.label_mass)."
     )

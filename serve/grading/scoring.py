@@ -94,6 +94,7 @@ def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], 
         hard_score=levels[int(np.argmax(probs))].score,
         cefr=nearest_level(levels, score).cefr,
         probabilities={lv.label: float(p) for lv, p in zip(levels, probs)},
+        label_cefr={lv.label: lv.cefr for lv in levels},
         label_mass=mass,
         uncertainty=Uncertainty(
             score_sd=score_sd(levels, probs),
