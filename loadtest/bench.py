@@ -245,6 +245,7 @@ def build_7b_shaped_model(processor, parts: list[str], device: str = "cuda", ran
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
+    from serve.engine.transformers_private import model_from_config
     from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS
 
     config = Qwen2AudioConfig(
@@ -254,7 +255,7 @@ def build_7b_shaped_model(processor, parts: list[str], device: str = "cuda", ran
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+        model = model_from_config(Qwen2AudioForConditionalGeneration, config, torch.bfloat16).eval()
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LANGUAGE_MODEL_TARGETS, bias="none")
     model = get_peft_model(model, lora, adapter_name=parts[0])
     for part in parts[1:]:

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 
 from serve.grading.config import format_validation_errors
 from serve.service.protocol import ErrorResponse
+from serve.service.ray_private import serve_request_id
 
 
 class ApiError(Exception):
@@ -30,9 +31,7 @@ class ApiError(Exception):
 def request_id() -> str:
     """Ray Serve's id of the current request (also in Serve's access logs and X-Request-ID), or a fresh one."""
     try:
-        from ray import serve
-
-        rid = serve.context._get_serve_request_context().request_id
+        rid = serve_request_id()
     except Exception:  # noqa: BLE001 - outside a Serve request there is no context
         rid = ""
     return rid or uuid.uuid4().hex

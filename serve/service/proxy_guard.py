@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.grading.config import GraderConfig, clip, load_config
 from serve.service.auth import allow_unauthenticated, is_loopback
+from serve.service.ray_private import is_backpressure_text, is_replica_gone_text
 from serve.service.uploads import UploadLimits
 
 logger = logging.getLogger("ray.serve")
@@ -50,15 +51,6 @@ CONFIG_ENV = "L2GRADER_CONFIG"
 PROXY_CALLBACK = "serve.service.proxy_guard:middlewares"
 #: Methods whose requests carry no body the guard waits for.
 BODYLESS = {"GET", "HEAD", "OPTIONS", "DELETE"}
-#: Words in the proxy's own 500 text that mean a replica died or cannot be reached: retryable, so 503.
-REPLICA_GONE = (
-    "ActorDiedError",
-    "ActorUnavailableError",
-    "RayActorError",
-    "DeploymentUnavailableError",
-    "unavailable",
-    "died",
-)
 
 
 def proxy_env(config_path: str) -> dict[str, str]:
@@ -245,8 +237,8 @@ class JsonErrors:
         }
         rid = headers.pop("x-request-id", "")
         if status == 503:
-            kind = "overloaded" if "back" in text.lower() or "queue" in text.lower() else "unavailable"
-        elif status == 500 and any(w in text for w in REPLICA_GONE):
+            kind = "overloaded" if is_backpressure_text(text) else "unavailable"
+        elif status == 500 and is_replica_gone_text(text):
             status, kind = 503, "unavailable"
         elif status == 500:
             kind, text = "internal", f"internal error; quote request id {rid} when reporting it"

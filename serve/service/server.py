@@ -43,9 +43,9 @@ def node_observability() -> tuple[str | None, str | None]:
     """This Ray node's log folder and the address of its metrics export (what Prometheus scrapes), where known."""
     import ray
 
-    node = ray._private.worker._global_node  # the driver's view of the node it runs on
-    logs = node.get_logs_dir_path() if node is not None else None
-    me = ray.get_runtime_context().get_node_id()
+    context = ray.get_runtime_context()  # the driver's view of the node it runs on
+    logs = os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")  # Ray's documented layout
+    me = context.get_node_id()
     ports = [(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n["NodeID"] == me]
     export = f"http://{ports[0][0]}:{ports[0][1]}/metrics" if ports and ports[0][1] else None
     return logs, export
@@ -64,10 +64,11 @@ def run_server(
     config_path: str, host: str | None, port: int | None, address: str | None, allow_unauthenticated: bool = False
 ) -> int:
     """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset."""
-    import ray
+    import ray  # Ray and the engine's environment load only in the command that serves
     from ray import serve
 
     from serve.engine.requests import configure_vllm_environment
+    from serve.service.ray_private import system_config_kwargs
 
     config_path = str(Path(config_path).resolve())
     cfg = load_config(config_path)
@@ -102,7 +103,7 @@ def run_server(
             num_cpus=max(os.cpu_count() or 1, int(need + 1)),
             include_dashboard=False,
             runtime_env={"env_vars": env} if env else None,
-            _system_config=RAY_SYSTEM_CONFIG,
+            **system_config_kwargs(RAY_SYSTEM_CONFIG),
         )
     serve.start(http_options={"host": host, "port": port})
     _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")

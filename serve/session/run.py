@@ -46,7 +46,9 @@ class SessionOptions:
 
 
 def _start_ray(cfg: GraderConfig, opts: SessionOptions, engines: int) -> None:
-    import ray
+    import ray  # Ray loads only in the command that starts it
+
+    from serve.service.ray_private import system_config_kwargs
 
     if opts.address:
         ray.init(address=opts.address)  # the cluster's Ray settings (k8s: serve.service.options.ray_env() on every pod)
@@ -61,7 +63,7 @@ def _start_ray(cfg: GraderConfig, opts: SessionOptions, engines: int) -> None:
         include_dashboard=False,
         object_store_memory=opts.object_store_mb * 2**20,
         runtime_env={"env_vars": env} if env else None,
-        _system_config=RAY_SYSTEM_CONFIG,
+        **system_config_kwargs(RAY_SYSTEM_CONFIG),
     )
 
 
