@@ -1,6 +1,6 @@
 """The page at ``/`` in a real browser: headless Chromium (Debian's, through ChromeDriver) against the real service.
 
-The service starts like in tests/test_service.py (tiny checkpoint, API keys).
+The service is the run's one real service (tests/conftest.py: tiny checkpoint, API keys).
 Chromium's fake microphone plays a generated speech-like WAV, so the page's
 Record / Stop path (getUserMedia + MediaRecorder) runs for real; a second flow
 chooses a file. Without Chromium the module is skipped, except under CI
@@ -18,10 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.audio_fixtures import write
-from tests.conftest import USER, USER_KEY, keyed_service_config, running_service
+from tests.conftest import USER, USER_KEY
 
 pytestmark = pytest.mark.engine
 
@@ -48,12 +47,9 @@ def browser_bins() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def base_url(browser_bins, tiny_config, tmp_path_factory):
-    """The real service on a free loopback port, with API keys."""
-    d = tmp_path_factory.mktemp("page-service")
-    cfg = keyed_service_config(tiny_config(), d)
-    with running_service(cfg, yaml.safe_load(cfg.read_text())["serving"]["port"], d / "serve.log") as url:
-        yield url
+def base_url(browser_bins, real_service) -> str:
+    """The run's one real service (API keys configured)."""
+    return real_service.url
 
 
 @pytest.fixture(scope="module")

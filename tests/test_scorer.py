@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from serve.grading.config import load_config
 from serve.grading.parts import config_parts
 from serve.service.scorer import LoadedPart
 from tests.audio_fixtures import speechlike
+from tests.conftest import l2grader
 from tests.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -329,3 +331,37 @@ def test_generated_requests_get_no_5xx_and_only_documented_statuses(url):
         check()
         tested.append(operation.label)
     assert {"POST /v1/score", "POST /v1/score/batch", "GET /v1/parts"} <= set(tested)
+
+
+# ---------------------------------------------------------------- Locust against the overloaded scorer
+
+
+def test_loadtest_counts_overload_503s_with_retry_after_and_does_not_fail_the_run(url, cfg_path, tmp_path):
+    """``l2grader loadtest`` (real Locust) against this scorer, which takes 3 answers and queues 2: the rest are
+    503s with Retry-After, which a load test expects of an overloaded service."""
+    out = tmp_path / "run"
+    run = l2grader(
+        "loadtest",
+        "--config",
+        cfg_path,
+        "--url",
+        url,
+        "--users",
+        "16",
+        "--duration",
+        "15",
+        "--wait",
+        "0",
+        "--pool",
+        "2",
+        "--mix",
+        "short:100",
+        "--out",
+        out,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(summary["errors"]) == {"503"} and summary["errors"]["503"] > 0, summary
+    assert summary["answers"] > 0  # the scorer kept scoring what it admitted
+    assert "Retry-After 2" in (out / "locust_failures.csv").read_text()

@@ -14,8 +14,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,8 +26,8 @@ import soundfile as sf
 from serve.grading.audio import AudioError
 from serve.session.sources import manifest_format, read_audio, resolve_audio
 from tests.audio_fixtures import write
+from tests.conftest import l2grader
 
-L2GRADER = str(Path(sys.executable).parent / "l2grader")
 N_GOOD = 160
 BAD = {  # response id -> (part, file, the kind its row must carry)
     "bad-corrupt": ("interview", "corrupt.wav", "undecodable"),
@@ -104,20 +102,9 @@ def reference(session, tiny_dir) -> dict:
 
 
 def score_session(config, manifest, out, *extra, timeout=600, wait=True):
-    cmd = [
-        L2GRADER,
-        "score-session",
-        "--config",
-        str(config),
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(out),
-        *map(str, extra),
-    ]
-    if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return l2grader(
+        "score-session", "--config", config, "--manifest", manifest, "--out", out, *extra, timeout=timeout, wait=wait
+    )
 
 
 def committed_rows(out: Path) -> int:

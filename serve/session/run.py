@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from serve.grading.config import GraderConfig
 from serve.grading.parts import config_parts
 from serve.service.options import RAY_SYSTEM_CONFIG
-from serve.session.sources import ManifestError, audio_base, first_line, read_manifest
+from serve.session.sources import ManifestError, audio_base, check_manifest_location, first_line, read_manifest
 from serve.session.stages import SCORED, Scorer, prepare
 from serve.session.store import OutputDir, ids_digest
 
@@ -198,6 +198,7 @@ def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
     engines = opts.engines or cfg.serving.scorer.autoscaling.max_replicas
     models = {name: part.model_id for name, part in config_parts(cfg).items()}  # fails here on a bad adapter
     out = OutputDir(opts.out)
+    check_manifest_location(opts.manifest)  # before Ray starts: a wrong name or format costs no start-up
     if threading.current_thread() is threading.main_thread():  # a stopped pod (SIGTERM) commits what it has, as Ctrl-C
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     _start_ray(cfg, opts, engines)
