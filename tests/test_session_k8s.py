@@ -15,8 +15,7 @@ from serve.cli.main import build_parser, cmd_score_session
 from serve.grading.config import load_config
 from serve.service.kuberay import SERVICE_ONLY_ENV, in_cluster_config_path, session_rayjob
 from tests.conftest import l2grader
-from tests.kustomize_lite import build
-from tests.test_k8s import K8S, OVERLAYS, SCHEMAS, _strict, gen
+from tests.test_k8s import K8S, OVERLAYS, SCHEMAS, _strict, gen, render
 
 REPO = K8S.parent
 MANIFEST, OUT = "s3://exams/2026-06/manifest.parquet", "s3://exams/2026-06/results"
@@ -44,7 +43,7 @@ def rayjob_validator() -> jsonschema.protocols.Validator:
 
 
 def _rayservice(overlay: str) -> dict:
-    (rs,) = [d for d in build(K8S / "overlays" / overlay) if d["kind"] == "RayService"]
+    (rs,) = [d for d in render(K8S / "overlays" / overlay) if d["kind"] == "RayService"]
     return rs
 
 
@@ -102,7 +101,7 @@ def test_session_rayjob_validates_and_runs_the_service_cluster(overlay, rayjob_v
 
 
 def test_session_job_command_reads_the_rendered_overlay(rayjob_validator):
-    rendered = yaml.safe_dump_all(build(K8S / "overlays" / "gpu"))
+    rendered = yaml.safe_dump_all(render(K8S / "overlays" / "gpu"))
     r = l2grader(
         "session-job",
         "--config",
