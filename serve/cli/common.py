@@ -15,7 +15,7 @@ def fail(message: str, code: int = 2) -> None:
 
 def load_config_or_exit(path: str, part: str | None = None):
     """The validated config (and, if given, a check that ``part`` is in it); one error line and exit 2 otherwise."""
-    from serve.grading.config import ConfigError, UnknownPartError, load_config
+    from serve.grading.config import ConfigError, UnknownPartError, load_config  # pydantic: only when a command runs
 
     try:
         cfg = load_config(path)

@@ -42,7 +42,7 @@ class OnlineEngine:
     def __init__(self, cfg: GraderConfig, stat_loggers: Sequence | None = None):
         """``stat_loggers``: vLLM stat logger factories (classes) fed with the engine's statistics."""
         configure_vllm_environment()
-        from vllm import AsyncEngineArgs
+        from vllm import AsyncEngineArgs  # after configure_vllm_environment: vLLM reads its environment at import
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg = cfg

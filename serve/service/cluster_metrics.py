@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterable
 
+import ray
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,8 +37,6 @@ MAX_EXPORT_BYTES = 32 * 1024 * 1024
 
 def node_export_urls() -> list[str]:
     """The metrics export of every live node of the Ray cluster this process belongs to."""
-    import ray
-
     return [
         f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
         for n in ray.nodes()

@@ -21,6 +21,8 @@ base RayService (``k8s/base/rayservice.yaml``) that sets
 
 from __future__ import annotations
 
+import copy
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +136,6 @@ SERVICE_ONLY_ENV = ("L2GRADER_API_KEYS", "L2GRADER_ADMIN_KEYS")
 
 def session_entrypoint(config: str, manifest: str, out: str, engines: int) -> str:
     """The RayJob's entrypoint: ``l2grader score-session`` on the in-cluster config, joining the job's cluster."""
-    import shlex
-
     return shlex.join(
         [
             "l2grader",
@@ -173,8 +173,6 @@ def session_rayjob(
     pods: an object-store URI or a path on a ReadWriteMany volume. A failed job
     is retried and goes on where it stopped (``score-session`` is resumable).
     """
-    import copy
-
     engines = engines or cfg.serving.scorer.autoscaling.max_replicas
     cluster = copy.deepcopy(rayservice["spec"]["rayClusterConfig"])
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}

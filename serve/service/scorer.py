@@ -23,7 +23,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
+from ray import serve
 
+from serve.engine.online import OnlineEngine
 from serve.grading.audio import SAMPLE_RATE, Chunk, split
 from serve.grading.config import GraderConfig, load_config
 from serve.grading.parts import Part, PartSpec
@@ -41,8 +43,6 @@ EngineFactory = Callable[[GraderConfig], Any]
 def online_engine(cfg: GraderConfig):
     """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica), its statistics kept for export
     (:mod:`serve.service.engine_metrics`)."""
-    from serve.engine.online import OnlineEngine
-
     return OnlineEngine(cfg, stat_loggers=[engine_stats().factory])
 
 
@@ -135,8 +135,6 @@ class ScorerReplica:
 
     async def score_chunks(self, chunks: list[Chunk], request_id: str) -> dict:
         """Score one answer of the part named by the request's multiplexed model id."""
-        from ray import serve
-
         loaded = await self.get_part(serve.get_multiplexed_model_id())
         async with loaded.in_use() as spec:
             result = await self.engine.score_answer(spec, chunks, request_id)
@@ -189,7 +187,6 @@ def _tone(seconds: float) -> np.ndarray:
 
 def scorer_class(adapters_per_replica: int) -> type[ScorerReplica]:
     """The replica class holding at most ``adapters_per_replica`` parts (Serve's multiplexing LRU)."""
-    from ray import serve
 
     class Scorer(ScorerReplica):
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)

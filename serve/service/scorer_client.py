@@ -25,6 +25,7 @@ import math
 import time
 from typing import Any
 
+from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -50,8 +51,6 @@ RUNNING_CHECK_EVERY_S = 1.0
 
 def running_replicas(app: str, deployment: str) -> int:
     """The deployment's RUNNING replicas by Serve's controller (a blocking call)."""
-    from ray import serve
-
     states = serve.status().applications[app].deployments[deployment].replica_states
     return int(states.get("RUNNING", 0))
 

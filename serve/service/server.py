@@ -6,12 +6,19 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
+import ray
+from ray import serve
+
+from serve.engine.requests import configure_vllm_environment
 from serve.grading.config import ConfigError, GraderConfig, load_config
+from serve.service.app import build_app
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
 from serve.service.options import APP_NAME, RAY_SYSTEM_CONFIG
 from serve.service.proxy_guard import proxy_env
+from serve.service.ray_private import system_config_kwargs
 
 
 def _log(msg: str) -> None:
@@ -41,8 +48,6 @@ def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool
 
 def node_observability() -> tuple[str | None, str | None]:
     """This Ray node's log folder and the address of its metrics export (what Prometheus scrapes), where known."""
-    import ray
-
     context = ray.get_runtime_context()  # the driver's view of the node it runs on
     logs = os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")  # Ray's documented layout
     me = context.get_node_id()
@@ -53,10 +58,6 @@ def node_observability() -> tuple[str | None, str | None]:
 
 def run_app(config_path: str) -> None:
     """Deploy the application from the grader config at ``config_path`` (new, or in place of the running one)."""
-    from ray import serve
-
-    from serve.service.app import build_app
-
     serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -64,11 +65,6 @@ def run_server(
     config_path: str, host: str | None, port: int | None, address: str | None, allow_unauthenticated: bool = False
 ) -> int:
     """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset."""
-    import ray  # Ray and the engine's environment load only in the command that serves
-    from ray import serve
-
-    from serve.engine.requests import configure_vllm_environment
-    from serve.service.ray_private import system_config_kwargs
 
     config_path = str(Path(config_path).resolve())
     cfg = load_config(config_path)
@@ -136,13 +132,6 @@ def deploy_config(config_path: str, address: str) -> int:
     The config must lie at ``config_path`` on every node. Returns once the
     application runs the new config (0), 1 when no application runs there.
     """
-    import time
-
-    import ray
-    from ray import serve
-
-    from serve.engine.requests import configure_vllm_environment
-
     config_path = str(Path(config_path).resolve())
     load_config(config_path)
     configure_vllm_environment()
