@@ -68,16 +68,11 @@ def test_score_batch_with_bad_files(tiny_dir, audio_dir):
     assert "empty.wav: the audio is empty" in errors[1]
     assert "silent.wav: the audio is silent" in errors[2]
 
-    # A second run (a new engine) gives the same numbers; the other demo part gives different ones.
+    # A second run (a new engine) gives the same numbers. (That the other demo part gives different ones is
+    # checked against the real service: tests/test_service.py, test_the_other_demo_part_scores_differently.)
     again = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", audio_dir / "b.flac")
     assert again.returncode == 0
     assert json.loads(again.stdout)["probabilities"] == pytest.approx(by_name["b.flac"]["probabilities"], abs=1e-6)
-    other = run("score", "--config", tiny_dir / "demo.yaml", "--part", "long_turn", audio_dir / "b.flac")
-    assert other.returncode == 0
-    diff = max(
-        abs(json.loads(other.stdout)["probabilities"][k] - v) for k, v in by_name["b.flac"]["probabilities"].items()
-    )
-    assert diff > 0.01
 
 
 def test_subcommands_of_packages_not_installed_are_left_out(monkeypatch):

@@ -168,6 +168,15 @@ def test_scores_equal_the_offline_cli(base_url, offline, audio_dir, long_files):
     assert len(offline["ten.flac"]["chunks"]) == 20
 
 
+def test_the_other_demo_part_scores_differently(base_url, offline, audio_dir):
+    """The same answer under the demo's other part (its own adapter) gets other label probabilities."""
+    r = post_file(base_url, audio_dir / "b.flac", part="long_turn")
+    assert r.status_code == 200, r.text
+    want = offline["b.flac"]  # part interview
+    diff = max(abs(r.json()["probabilities"][k] - v) for k, v in want["probabilities"].items())
+    assert diff > 0.01
+
+
 def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_files):
     """`l2grader score` and POST /v1/score: uncertainty, quality, label mass and review on every answer;
     clipping and low SNR are caught, clean speech has neither."""
