@@ -206,3 +206,17 @@ def test_a_fence_refuses_another_release_in_one_line(library, fence, version):
         last.startswith(f"ImportError: {fence} was written for {library} ")
         and f"{library} {version} is installed" in last
     )
+
+
+def test_the_words_of_ray_texts_match_the_errors_ray_makes():
+    """The proxy answers a shed request with BackPressureError's message and a dead replica with the error's name."""
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from serve.service.ray_private import is_backpressure_text, is_replica_gone_text
+
+    assert is_backpressure_text(BackPressureError(num_queued_requests=5, max_queued_requests=5).message)
+    gone = DeploymentUnavailableError("Deployment(name='Scorer', app='l2grader')")
+    assert is_replica_gone_text(f"{type(gone).__name__}: {gone.message}")
+    assert is_replica_gone_text(f"{ActorDiedError.__name__}: {ActorDiedError()}")
+    assert not is_backpressure_text("Internal Server Error") and not is_replica_gone_text("Traceback: KeyError")
