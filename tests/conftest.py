@@ -135,14 +135,19 @@ def real_service(tiny_config, tiny_dir, tmp_path_factory) -> Iterator[RealServic
         service.stop()
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by it
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Every test of a real engine or of the real service is ``slow`` (not in the fast tier, ``-m "not slow"``)."""
     for item in items:
         if item.get_closest_marker("engine") or "real_service" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    users = [item.nodeid for item in items if "real_service" in getattr(item, "fixturenames", ())]
+
+
+def pytest_collection_finish(session) -> None:
+    """Note the last test (of those that run) that uses the shared service."""
+    users = [item.nodeid for item in session.items if "real_service" in getattr(item, "fixturenames", ())]
     if users:
-        config.stash[LAST_USER] = users[-1]
+        session.config.stash[LAST_USER] = users[-1]
 
 
 @pytest.hookimpl(trylast=True)
