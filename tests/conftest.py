@@ -93,6 +93,7 @@ class RealService:
     config: Path
     log: Path
     adapter_root: Path
+    pid: int  # the `l2grader serve` process, root of the service's process tree
 
 
 #: Services stopped once the last test that uses them has run (see pytest_runtest_teardown).
@@ -130,7 +131,7 @@ def real_service(tiny_config, tiny_dir, tmp_path_factory) -> Iterator[RealServic
     service = Service(str(config), d / "serve.log", env=KEYS_ENV, ready_timeout_s=600)
     _RUNNING.append(service)
     try:
-        yield RealService(service.url, config, service.log_path, adapter_root)
+        yield RealService(service.url, config, service.log_path, adapter_root, service.proc.pid)
     finally:
         service.stop()
 

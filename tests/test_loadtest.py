@@ -7,23 +7,12 @@ fake engine, in tests/test_scorer.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import USER_KEY, l2grader
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def demo_cfg(tiny_config, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("loadtest")
-    raw = tiny_config()
-    raw["serving"] = {"registry_file": str(d / "registry.json"), "api_keys_env": "L2G_LOADTEST_KEYS"}
-    (d / "demo.yaml").write_text(yaml.safe_dump(raw))
-    return d / "demo.yaml"
 
 
 def test_loadtest_short_run(real_service, tmp_path):
@@ -64,11 +53,19 @@ def test_loadtest_short_run(real_service, tmp_path):
     assert "/v1/score [interview]" in stats and "/v1/score [long_turn]" in stats  # split by part
 
 
-def test_bench_prints_all_three_paths(demo_cfg, tmp_path):
+def test_bench_prints_all_three_paths(real_service, tmp_path):
+    """The service path on the run's one real service (its process tree's CPU counted), the offline and reference
+    paths in the bench's process, on the service's config."""
     run = l2grader(
         "bench",
         "--config",
-        demo_cfg,
+        real_service.config,
+        "--url",
+        real_service.url,
+        "--service-pid",
+        real_service.pid,
+        "--api-key",
+        USER_KEY,
         "--answers",
         "6",
         "--reference-answers",
