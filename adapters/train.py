@@ -166,15 +166,6 @@ def score_answers(
     return results
 
 
-def load_trained(cfg: GraderConfig, part: str, adapter_dir: str | Path, device: str = "cpu", dtype=torch.float32):
-    """The base model with a trained adapter, in eval mode, with its processor and part spec."""
-    from peft import PeftModel
-
-    base, processor = load_base_model(cfg.model.base, dtype, device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    return model, processor, part_spec(cfg, part, processor.tokenizer)
-
-
 # ---------------------------------------------------------------- checkpoints
 
 

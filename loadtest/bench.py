@@ -186,17 +186,17 @@ def service_phase(
 def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     from loadtest.service import TreeCpu
     from serve.engine.offline import OfflineEngine
-    from serve.grading.audio import prepare_answer
+    from serve.grading.audio import prepare
 
     _log("(b) offline: starting the engine (vllm.LLM)")
     scorer = OfflineEngine(cfg)
     try:
-        scorer.score_answers([(a.part, prepare_answer(a.wav, cfg.audio)) for a in warmup])
+        scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in warmup])
         _log(f"(b) offline: {len(answers)} answers in one batch")
         cpu = TreeCpu([os.getpid()])
         cpu.start()
         t0 = time.perf_counter()
-        results = scorer.score_answers([(a.part, prepare_answer(a.wav, cfg.audio)) for a in answers])
+        results = scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in answers])
         wall = time.perf_counter() - t0
         cpu_s = cpu.stop()
     finally:

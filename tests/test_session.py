@@ -88,16 +88,14 @@ def session(tmp_path_factory) -> dict:
 def reference(session, tiny_dir) -> dict:
     """What ``l2grader score`` gives for each good answer: its engine (OfflineEngine) on the same files."""
     from serve.engine.offline import OfflineEngine
-    from serve.grading.audio import prepare_answer
+    from serve.grading.audio import prepare
     from serve.grading.config import load_config
 
     cfg = load_config(tiny_dir / "demo.yaml")
     good = [r for r in session["rows"] if not r["response_id"].startswith("bad-")]
     engine = OfflineEngine(cfg)
     try:
-        results = engine.score_answers(
-            [(r["part"], prepare_answer(session["dir"] / r["audio"], cfg.audio)) for r in good]
-        )
+        results = engine.score_answers([(r["part"], prepare(session["dir"] / r["audio"], cfg.audio)) for r in good])
     finally:
         engine.close()
     return {r["response_id"]: res.model_dump() for r, res in zip(good, results)}
