@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,6 @@ from loadtest.service import Service
 
 #: Ray Serve names a replica's worker process after its application and deployment.
 REPLICA_TITLE = "ray::ServeReplica:{app}:{deployment}"
-
-
-def _log(msg: str) -> None:
-    print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
 class LocalCluster:
