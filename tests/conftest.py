@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +78,14 @@ def l2grader(
 ) -> subprocess.CompletedProcess | subprocess.Popen:
     """``l2grader ARGS`` run as a user runs it: its own process, text output captured, bounded in time.
 
-    ``wait=False`` returns the running process (its output on pipes) instead, for a test that stops it.
+    ``wait=False`` returns the running process instead (its output on pipes, in a process group of its own that
+    the test may signal), for a test that stops it.
     """
     cmd = [*L2GRADER, *map(str, args)]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
     return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
@@ -99,6 +103,26 @@ class RealService:
 #: Services stopped once the last test that uses them has run (see pytest_runtest_teardown).
 _RUNNING: list[Service] = []
 LAST_USER = pytest.StashKey[str]()
+
+
+@contextmanager
+def keyed_service(raw: dict, d: Path) -> Iterator[Service]:
+    """``l2grader serve`` of the config ``raw`` (written into ``d`` with the test API keys and a registry file), for
+    a module whose config the shared service cannot have; it stops when the block ends."""
+    import yaml
+
+    raw["serving"] = {
+        **raw.get("serving", {}),
+        "api_keys_env": "L2G_TEST_API_KEYS",
+        "admin_keys_env": "L2G_TEST_ADMIN_KEYS",
+        "registry_file": str(d / "registry.json"),
+    }
+    (d / "service.yaml").write_text(yaml.safe_dump(raw))
+    service = Service(str(d / "service.yaml"), d / "serve.log", env=KEYS_ENV, ready_timeout_s=600)
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 @pytest.fixture(scope="session")

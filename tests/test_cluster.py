@@ -74,7 +74,7 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
     # The scorer's requests go through the project's router (spread_part_at 4 by default), importable by that path.
     router = deployments[SCORER].request_router_config
     assert router["request_router_kwargs"] == {"spread_at": 4}
-    from serve.service.ray_private import import_path_target
+    from serve.runtime.ray_private import import_path_target
     from serve.service.routing import PartAffinityRouter
 
     assert import_path_target(router["request_router_class"]) is PartAffinityRouter

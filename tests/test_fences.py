@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FENCES = {
     "vllm": "serve/engine/vllm_private.py",
     "transformers": "serve/engine/transformers_private.py",
-    "ray": "serve/service/ray_private.py",
+    "ray": "serve/runtime/ray_private.py",
 }
 LIBRARIES = set(FENCES)
 #: vLLM names no module private with an underscore: these are the documented ones (entry points, plugin and
@@ -193,7 +193,7 @@ def test_the_project_own_underscore_names_and_public_apis_pass():
     "library,fence,version",
     [
         ("vllm", "serve.engine.vllm_private", "0.33.0"),
-        ("ray", "serve.service.ray_private", "2.61.0"),
+        ("ray", "serve.runtime.ray_private", "2.61.0"),
         ("transformers", "serve.engine.transformers_private", "5.20.0"),
     ],
 )
@@ -213,7 +213,7 @@ def test_the_words_of_ray_texts_match_the_errors_ray_makes():
     from ray.exceptions import ActorDiedError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    from serve.service.ray_private import is_backpressure_text, is_replica_gone_text
+    from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
 
     assert is_backpressure_text(BackPressureError(num_queued_requests=5, max_queued_requests=5).message)
     gone = DeploymentUnavailableError("Deployment(name='Scorer', app='l2grader')")

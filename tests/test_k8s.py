@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from serve.grading.config import load_config
-from serve.service.options import INGRESS, SCORER, ray_env, serve_config
+from serve.runtime.ray_cluster import ray_env
+from serve.service.options import INGRESS, SCORER, serve_config
 from tests.kustomize_lite import KustomizeError, build
 
 REPO = Path(__file__).resolve().parent.parent

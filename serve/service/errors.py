@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from serve.grading.config import format_validation_errors
+from serve.runtime.ray_private import serve_request_id
 from serve.service.protocol import ErrorResponse
-from serve.service.ray_private import serve_request_id
 
 
 class ApiError(Exception):

@@ -41,8 +41,8 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.grading.config import GraderConfig, clip, load_config
+from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
 from serve.service.auth import allow_unauthenticated, is_loopback
-from serve.service.ray_private import is_backpressure_text, is_replica_gone_text
 from serve.service.uploads import UploadLimits
 
 logger = logging.getLogger("ray.serve")

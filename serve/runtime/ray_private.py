@@ -21,7 +21,7 @@ import ray
 WRITTEN_FOR = "2.60.0"
 if ray.__version__ != WRITTEN_FOR:
     raise ImportError(
-        f"serve.service.ray_private was written for ray {WRITTEN_FOR}, but ray {ray.__version__} is installed: "
+        f"serve.runtime.ray_private was written for ray {WRITTEN_FOR}, but ray {ray.__version__} is installed: "
         f"install ray=={WRITTEN_FOR} (scripts/install.sh) or re-check this module against the new release"
     )
 
