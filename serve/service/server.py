@@ -10,7 +10,7 @@ from pathlib import Path
 
 from serve.grading.config import ConfigError, GraderConfig, load_config
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
-from serve.service.options import APP_NAME, RAY_SYSTEM_CONFIG
+from serve.service.options import APP_NAME, RAY_SYSTEM_CONFIG, http_options
 from serve.service.proxy_guard import proxy_env
 
 
@@ -104,7 +104,7 @@ def run_server(
             runtime_env={"env_vars": env} if env else None,
             _system_config=RAY_SYSTEM_CONFIG,
         )
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options(cfg, host, port))
     _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     run_app(config_path)
     logs, export = node_observability()
