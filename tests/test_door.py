@@ -278,3 +278,42 @@ def test_a_failure_inside_the_proxy_is_answered_as_json():
 
     status, headers, body = asyncio.run(_request(ProxyGuard(app, _limits()), [b"x"]))
     assert status == 500 and _kind(body) == "internal" and "secret" not in body.decode()
+
+
+# ---------------------------------------------------------------- what answers name: content, not paths
+
+
+def test_an_adapter_rewritten_in_place_gets_a_new_hash_and_fails_the_load_check(tiny_dir, tmp_path):
+    import os
+    import shutil
+
+    from serve.grading.adapter_files import AdapterChangedError, check_adapter, verify_content
+
+    shutil.copytree(tiny_dir / "adapters" / "interview", tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    before = check_adapter(tmp_path / "a")
+    verify_content("p", before)
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same modification time
+    with pytest.raises(AdapterChangedError, match="part 'p' changed") as e:
+        verify_content("p", before)
+    assert str(tmp_path) not in str(e.value)
+    assert check_adapter(tmp_path / "a").content_hash != before.content_hash
+
+
+def test_answers_name_the_base_model_and_its_hash_not_its_path(tiny_dir, tmp_path):
+    import shutil
+
+    from serve.grading.config import PartConfig
+    from serve.grading.parts import Part, resolve_part
+    from tests.fake_engine import LetterTokenizer
+
+    shutil.copytree(tiny_dir / "model", tmp_path / "secret" / "tiny-model")
+    base = str(tmp_path / "secret" / "tiny-model")
+    model = resolve_part(Part("p", PartConfig(), None), LetterTokenizer(), base=base, untrained=True).model
+    assert model.base == "tiny-model" and len(model.base_hash) == 16 and "secret" not in model.model_dump_json()
+    hub = resolve_part(Part("p", PartConfig(), None), LetterTokenizer(), base="Org/Model-7B", untrained=False).model
+    assert hub.base == "Model-7B" and hub.base_hash is None

@@ -155,15 +155,17 @@ class Ingress:
         return prepared
 
     async def _score(
-        self, upload: ScoreUpload, started: float, prepared: PreparedAnswer | None = None
+        self, upload: ScoreUpload, started: float, prepared: PreparedAnswer | None = None, part: Part | None = None
     ) -> ScoreResponse:
         """Have the scorer replica that holds the answer's part score it (decoding it first unless done),
-        then judge it against the part's review thresholds."""
-        part = await self._part(upload.part)
+        then judge it against the part's review thresholds. ``part``: the version the answer was accepted under
+        (the registry's now if not given); the scorer gets it too, so a part deleted or replaced meanwhile still
+        scores the answer with that version."""
+        part = part or await self._part(upload.part)
         if prepared is None:
             prepared = await self._prepare(upload)
         chunks = prepared.chunks
-        result = await self.scorer.call("score_chunks", chunks, request_id(), model_id=part.model_id)
+        result = await self.scorer.call("score_chunks", chunks, request_id(), part, model_id=part.model_id)
         self.metrics.record_answer(upload.part, len(chunks), result["duration_s"])
         answer = assess(ScoredAnswer.model_validate(result), prepared.quality, part.config.review)
         self.metrics.record_review(part.part, answer.review.reasons)
@@ -189,8 +191,9 @@ class Ingress:
         started = time.perf_counter()
         upload = await read_score_upload(request, self.limits)
         request.state.part = upload.part
+        part = await self._part(upload.part)  # accepted under this version, whatever happens to the part meanwhile
         async with self.slots.slot():
-            return await self._score(upload, started)
+            return await self._score(upload, started, part=part)
 
     @app.post(
         f"/{API_VERSION}/score/batch",
@@ -224,8 +227,8 @@ class Ingress:
         async def known(upload: ScoreUpload) -> Part:
             return await self._part(upload.part)
 
-        for i, upload in enumerate(uploads):  # an unknown part is refused before any decoding
-            await each(i, upload, known)
+        # An unknown part is refused before any decoding; each answer is scored under the version accepted here.
+        parts = [await each(i, upload, known) for i, upload in enumerate(uploads)]
 
         async def prepared_or_refusal(upload: ScoreUpload) -> PreparedAnswer | NotScorable:
             try:
@@ -252,24 +255,25 @@ class Ingress:
         async def result(i: int, upload: ScoreUpload, p: PreparedAnswer | NotScorable):
             if isinstance(p, NotScorable):
                 return p
-            return await each(i, upload, functools.partial(self._score, started=started, prepared=p))
+            return await each(i, upload, functools.partial(self._score, started=started, prepared=p, part=parts[i]))
 
         results = await asyncio.gather(*(result(i, u, p) for i, (u, p) in enumerate(zip(uploads, prepared))))
         return BatchResponse(
             candidate_id=batch.candidate_id,
             results=results,
-            overall=await self._overall(results),
+            overall=self._overall(results, parts),
             request_id=request_id(),
             latency_ms=elapsed_ms(started),
         )
 
-    async def _overall(self, results: list[ScoreResponse | NotScorable]) -> Overall:
+    def _overall(self, results: list[ScoreResponse | NotScorable], parts: list[Part]) -> Overall:
         """Mean over the scored answers; for review when any answer needs it or could not be scored."""
         scored = [r for r in results if isinstance(r, ScoreResponse)]
         n_bad = len(results) - len(scored)
         mean = cefr = None
         if scored:
-            mean, cefr = overall([r.score for r in scored], (await self._part(scored[0].part)).config.levels)
+            levels = next(p for p, r in zip(parts, results) if isinstance(r, ScoreResponse)).config.levels
+            mean, cefr = overall([r.score for r in scored], levels)
         return Overall(
             score=mean,
             cefr=cefr,
