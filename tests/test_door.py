@@ -317,3 +317,15 @@ def test_answers_name_the_base_model_and_its_hash_not_its_path(tiny_dir, tmp_pat
     assert model.base == "tiny-model" and len(model.base_hash) == 16 and "secret" not in model.model_dump_json()
     hub = resolve_part(Part("p", PartConfig(), None), LetterTokenizer(), base="Org/Model-7B", untrained=False).model
     assert hub.base == "Model-7B" and hub.base_hash is None
+
+
+def test_the_metrics_page_names_no_node_address():
+    from serve.service.cluster_metrics import merge, render
+
+    export = (
+        "# TYPE ray_l2grader_answers_total counter\n"
+        'ray_l2grader_answers_total{NodeAddress="10.1.2.3",SessionName="session_x_123",part="p"} 2\n'
+    )
+    page = render(merge([export, export.replace("10.1.2.3", "10.1.2.4")])).decode()
+    assert "10.1.2." not in page and "session_x" not in page
+    assert 'ray_l2grader_answers_total{part="p"} 4.0' in page

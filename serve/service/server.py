@@ -10,6 +10,7 @@ from pathlib import Path
 
 from serve.grading.config import ConfigError, GraderConfig, load_config
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
+from serve.service.memory import memory_env
 from serve.service.options import APP_NAME, RAY_SYSTEM_CONFIG, http_options
 from serve.service.proxy_guard import proxy_env
 
@@ -78,8 +79,9 @@ def run_server(
         return 2
     port = port or cfg.serving.port
     configure_vllm_environment()
-    # Every process of the service (proxies included) sees these: the proxy guard and the keyless rule.
-    os.environ.update(proxy_env(config_path))
+    # Every process of the service (proxies included) sees these: the proxy guard, the allocator's settings and
+    # the keyless rule.
+    os.environ.update({**proxy_env(config_path), **memory_env()})
     if allow_unauthenticated:
         os.environ[ALLOW_UNAUTHENTICATED_ENV] = "1"
     if cfg.model.untrained:
