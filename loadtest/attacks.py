@@ -10,11 +10,15 @@ answers and sampling every process's memory.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 HEAD = b"GET /v1/parts HTTP/1.1\r\nHost: s\r\n"
 
@@ -168,9 +172,82 @@ def garbage(port: int) -> dict:
         return {"statuses": {_answer(s): 1}}
 
 
-def door_attacks(port: int, key: str) -> list[tuple[str, Callable[[], dict]]]:
-    """The attacks ``l2grader soak --attacks`` runs, in order, by name."""
-    return [
+def _score(url: str, headers: dict, part: str, seconds: float, seed: int):
+    import httpx
+
+    from loadtest.audio import answer_bytes
+
+    try:
+        return httpx.post(
+            f"{url}/v1/score",
+            headers=headers,
+            data={"part": part},
+            files={"audio": ("a.wav", answer_bytes(seconds, seed))},
+            timeout=300,
+        )
+    except httpx.HTTPError:
+        return None
+
+
+def _code(r) -> int:
+    return 0 if r is None else r.status_code
+
+
+def adapter_swap_in_place(url: str, user: dict, admin: dict, source: Path, folder: Path) -> dict:
+    """A part's adapter weights rewritten in place (same size, old modification time) after it was scored, then
+    scored again, then registered again: the changed content must be refused (503 ``adapter_changed``) until the
+    new ``PUT``, and scored under a new model id after it; nothing else."""
+    import httpx
+
+    part, copy = f"swap-{uuid.uuid4().hex[:8]}", folder / f"swap-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(source, copy)
+    steps: dict[str, int] = {}
+    try:
+        put = httpx.put(f"{url}/v1/parts/{part}", headers=admin, json={"adapter": str(copy)}, timeout=300)
+        steps["put"] = put.status_code
+        steps["scored"] = _code(_score(url, user, part, 3, 1))
+        weights = copy / "adapter_model.safetensors"
+        st = weights.stat()
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+        # The replica still holding the old weights may score them (the version it loaded); one that loads the
+        # files now must refuse them.
+        steps["after_swap"] = _code(_score(url, user, part, 3, 2))
+        again = httpx.put(f"{url}/v1/parts/{part}", headers=admin, json={"adapter": str(copy)}, timeout=300)
+        steps["put_again"] = again.status_code
+        steps["new_model_id"] = int(again.status_code == 200 and again.json()["model_id"] != put.json()["model_id"])
+        steps["scored_again"] = _code(_score(url, user, part, 3, 3))
+    finally:
+        httpx.delete(f"{url}/v1/parts/{part}", headers=admin, timeout=60)
+        shutil.rmtree(copy, ignore_errors=True)
+    return {"statuses": dict(Counter(v for k, v in steps.items() if k != "new_model_id")), "steps": steps}
+
+
+def delete_under_load(url: str, user: dict, admin: dict, source: Path, answers: int = 20) -> dict:
+    """``answers`` answers of a part, then its ``DELETE`` while they are being scored: each answer gets 200 (accepted
+    before the DELETE) or 404 (after), never a 5xx."""
+    import httpx
+
+    part = f"drain-{uuid.uuid4().hex[:8]}"
+    put = httpx.put(f"{url}/v1/parts/{part}", headers=admin, json={"adapter": str(source)}, timeout=300)
+    with ThreadPoolExecutor(answers) as pool:
+        futures = [pool.submit(_score, url, user, part, 15, 100 + i) for i in range(answers)]
+        time.sleep(1.0)
+        deleted = httpx.delete(f"{url}/v1/parts/{part}", headers=admin, timeout=60)
+        codes = [_code(f.result()) for f in futures]
+    return {"statuses": dict(Counter(codes)), "put": put.status_code, "delete": deleted.status_code}
+
+
+def door_attacks(
+    url: str, user: dict, admin: dict, adapter: Path | None, folder: Path
+) -> list[tuple[str, Callable[[], dict]]]:
+    """The attacks ``l2grader soak --attacks`` runs, in order, by name (``adapter``: one to copy for the part
+    attacks, ``folder``: an adapter root to copy it into)."""
+    port = int(url.rsplit(":", 1)[1])
+    key = user["Authorization"].removeprefix("Bearer ")
+    attacks = [
         ("big_header_300mb", lambda: big_header(port, 300)),
         ("headers_20000", lambda: many_headers(port, 20000)),
         ("slowloris_600", lambda: held_connections(port, 600, partial=True, hold_s=30)),
@@ -179,3 +256,9 @@ def door_attacks(port: int, key: str) -> list[tuple[str, Callable[[], dict]]]:
         ("keyless_bodies_6x170mb", lambda: keyless_bodies(port, 6, 170)),
         ("not_http", lambda: garbage(port)),
     ]
+    if adapter is not None:
+        attacks += [
+            ("adapter_swap_in_place", lambda: adapter_swap_in_place(url, user, admin, adapter, folder)),
+            ("delete_under_load_20", lambda: delete_under_load(url, user, admin, adapter, 20)),
+        ]
+    return attacks
