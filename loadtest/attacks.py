@@ -21,6 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HEAD = b"GET /v1/parts HTTP/1.1\r\nHost: s\r\n"
+#: The attacks come from another loopback address than the soak's normal clients, so that per-client limits tell
+#: them apart as they would tell apart two machines.
+ATTACKER = "127.0.0.2"
+
+
+def _connect(port: int, timeout: float) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(ATTACKER, 0))
 
 
 def _status(head: bytes) -> int:
@@ -39,7 +46,7 @@ def _answer(s: socket.socket, wait_s: float = 10.0) -> int:
 def big_header(port: int, mb: float = 300, chunk: int = 1 << 16) -> dict:
     """One connection streams an unterminated header of up to ``mb`` MB; the service should stop it early."""
     sent = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+    with _connect(port, 30) as s:
         s.sendall(HEAD + b"X-Big: ")
         s.settimeout(30)
         piece = b"a" * chunk
@@ -55,7 +62,7 @@ def big_header(port: int, mb: float = 300, chunk: int = 1 << 16) -> dict:
 
 def many_headers(port: int, count: int = 20000) -> dict:
     """One request with ``count`` header fields."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+    with _connect(port, 30) as s:
         try:
             s.sendall(HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(count)) + b"\r\n")
         except OSError:
@@ -72,7 +79,7 @@ def held_connections(port: int, count: int = 600, partial: bool = True, hold_s: 
     statuses: Counter[int] = Counter()
     for _ in range(count):
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s = _connect(port, 5)
             if partial:
                 s.sendall(HEAD)
             s.setblocking(False)
@@ -113,7 +120,7 @@ def forwarded_spoof(port: int, key: str, count: int = 230, hold_s: float = 5.0) 
     socks, statuses = [], Counter()
     for i in range(count):
         try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s = _connect(port, 5)
             s.sendall(
                 b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                 + f"Authorization: Bearer {key}\r\nX-Forwarded-For: 198.51.{i // 250}.{i % 250 + 1}\r\n".encode()
@@ -142,7 +149,7 @@ def keyless_bodies(port: int, clients: int = 6, mb: float = 170) -> dict:
     size = int(mb * (1 << 20))
     for _ in range(clients):
         sent = 0
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        with _connect(port, 30) as s:
             try:
                 s.sendall(
                     b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
@@ -167,23 +174,17 @@ def keyless_bodies(port: int, clients: int = 6, mb: float = 170) -> dict:
 
 def garbage(port: int) -> dict:
     """Bytes that are not HTTP (a TLS hello to a plain port)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+    with _connect(port, 10) as s:
         s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + uuid.uuid4().bytes * 4 + b"\r\n\r\n")
         return {"statuses": {_answer(s): 1}}
 
 
-def _score(url: str, headers: dict, part: str, seconds: float, seed: int):
+def _score(url: str, headers: dict, part: str, audio: bytes):
     import httpx
-
-    from loadtest.audio import answer_bytes
 
     try:
         return httpx.post(
-            f"{url}/v1/score",
-            headers=headers,
-            data={"part": part},
-            files={"audio": ("a.wav", answer_bytes(seconds, seed))},
-            timeout=300,
+            f"{url}/v1/score", headers=headers, data={"part": part}, files={"audio": ("a.wav", audio)}, timeout=300
         )
     except httpx.HTTPError:
         return None
@@ -199,13 +200,16 @@ def adapter_swap_in_place(url: str, user: dict, admin: dict, source: Path, folde
     new ``PUT``, and scored under a new model id after it; nothing else."""
     import httpx
 
+    from loadtest.audio import answer_bytes
+
+    audio = answer_bytes(3, 1)
     part, copy = f"swap-{uuid.uuid4().hex[:8]}", folder / f"swap-{uuid.uuid4().hex[:8]}"
     shutil.copytree(source, copy)
     steps: dict[str, int] = {}
     try:
         put = httpx.put(f"{url}/v1/parts/{part}", headers=admin, json={"adapter": str(copy)}, timeout=300)
         steps["put"] = put.status_code
-        steps["scored"] = _code(_score(url, user, part, 3, 1))
+        steps["scored"] = _code(_score(url, user, part, audio))
         weights = copy / "adapter_model.safetensors"
         st = weights.stat()
         data = bytearray(weights.read_bytes())
@@ -214,11 +218,11 @@ def adapter_swap_in_place(url: str, user: dict, admin: dict, source: Path, folde
         os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
         # The replica still holding the old weights may score them (the version it loaded); one that loads the
         # files now must refuse them.
-        steps["after_swap"] = _code(_score(url, user, part, 3, 2))
+        steps["after_swap"] = _code(_score(url, user, part, audio))
         again = httpx.put(f"{url}/v1/parts/{part}", headers=admin, json={"adapter": str(copy)}, timeout=300)
         steps["put_again"] = again.status_code
         steps["new_model_id"] = int(again.status_code == 200 and again.json()["model_id"] != put.json()["model_id"])
-        steps["scored_again"] = _code(_score(url, user, part, 3, 3))
+        steps["scored_again"] = _code(_score(url, user, part, audio))
     finally:
         httpx.delete(f"{url}/v1/parts/{part}", headers=admin, timeout=60)
         shutil.rmtree(copy, ignore_errors=True)
@@ -230,10 +234,13 @@ def delete_under_load(url: str, user: dict, admin: dict, source: Path, answers: 
     before the DELETE) or 404 (after), never a 5xx."""
     import httpx
 
+    from loadtest.audio import answer_bytes
+
+    audio = [answer_bytes(15, 100 + i) for i in range(answers)]
     part = f"drain-{uuid.uuid4().hex[:8]}"
     put = httpx.put(f"{url}/v1/parts/{part}", headers=admin, json={"adapter": str(source)}, timeout=300)
     with ThreadPoolExecutor(answers) as pool:
-        futures = [pool.submit(_score, url, user, part, 15, 100 + i) for i in range(answers)]
+        futures = [pool.submit(_score, url, user, part, a) for a in audio]
         time.sleep(1.0)
         deleted = httpx.delete(f"{url}/v1/parts/{part}", headers=admin, timeout=60)
         codes = [_code(f.result()) for f in futures]

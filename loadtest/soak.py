@@ -197,6 +197,7 @@ def slow_user(port: int, headers: dict, stop: threading.Event, tally: Tally) -> 
                         head = s.recv(200)
                         if head.startswith(b"HTTP/1.1 "):
                             tally.status(int(head[9:12]), head.decode(errors="replace"))
+                        stop.wait(1.0)  # then a new connection (not at once: a refused one is answered at once)
                         break
                     except TimeoutError:
                         s.sendall(b"x")
