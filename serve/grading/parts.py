@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.grading.adapter_files import AdapterFiles, check_adapter
-from serve.grading.config import GraderConfig, PartConfig
+from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import Level
 from serve.grading.prompt import build_prompt
 from serve.grading.results import ModelInfo
@@ -112,6 +112,7 @@ class PartSpec:
     adapter_path: Path | None
     adapter_hash: str | None
     model: ModelInfo
+    review: ReviewConfig
 
     @property
     def adapter_int_id(self) -> int:
@@ -153,6 +154,7 @@ def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSp
             adapter_hash=part.adapter_hash,
             untrained=untrained,
         ),
+        review=pcfg.review,
     )
 
 
