@@ -350,7 +350,9 @@ def test_answers_accepted_before_a_delete_are_scored_with_their_version(url, cfg
         deleted = httpx.delete(f"{url}/v1/parts/drain", timeout=30)  # before the scorer has seen "drain"
         answers = [f.result() for f in accepted + busy]
     assert deleted.status_code == 200, deleted.text
-    assert [r.status_code for r in answers] == [200] * 5, [r.text[:300] for r in answers]
+    # The drain answers are scored; a busy one may meet back-pressure (a retryable 503) on a loaded machine.
+    assert [r.status_code for r in answers[:2]] == [200, 200], [r.text[:300] for r in answers[:2]]
+    assert {r.status_code for r in answers[2:]} <= {200, 503}, [r.text[:300] for r in answers[2:]]
     assert [r.json()["part"] for r in answers[:2]] == ["drain", "drain"]
     assert_error(post(url, "drain", 2), 404, "unknown_part")
 
