@@ -10,6 +10,8 @@
   replica), so a call waiting longer than :data:`GRACE_S` also asks Serve
   whether any scorer replica runs; none running counts as lost. A probe in
   the background finds out when a scorer is back.
+- The files of the part's adapter changed since it was registered: 503
+  ``adapter_changed`` (an admin registers the part again; clients retry).
 - Readiness: a scorer that answered anything in the last few seconds is
   ready, so ``/readyz`` answers at once under load instead of queueing behind
   answers; otherwise it pings the scorer with a short timeout.
@@ -30,6 +32,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from serve.grading.adapter_files import AdapterChangedError
 from serve.service.errors import ApiError
 
 logger = logging.getLogger("ray.serve")
@@ -101,6 +104,10 @@ class ScorerClient:
         except REPLICA_GONE as e:
             self._went_down(e)
             raise self._unavailable("the scorer replica stopped while answering") from None
+        except AdapterChangedError as e:  # Ray's RayTaskError(AdapterChangedError) is one too
+            cause = getattr(e, "cause", None) or e
+            logger.warning("scorer refused an adapter: %s", cause)
+            raise ApiError(503, "adapter_changed", str(cause)[:500], self.retry) from None
         self.last_answer = time.monotonic()
         return result
 

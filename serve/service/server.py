@@ -17,7 +17,8 @@ from serve.runtime.console import log
 from serve.runtime.ray_cluster import start_ray
 from serve.service.app import build_app
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
-from serve.service.options import APP_NAME
+from serve.service.memory import memory_env
+from serve.service.options import APP_NAME, http_options
 from serve.service.proxy_guard import proxy_env
 
 
@@ -71,8 +72,9 @@ def run_server(
         return 2
     port = port or cfg.serving.port
     configure_vllm_environment()
-    # Every process of the service (proxies included) sees these: the proxy guard and the keyless rule.
-    os.environ.update(proxy_env(config_path))
+    # Every process of the service (proxies included) sees these: the proxy guard, the allocator's settings and
+    # the keyless rule.
+    os.environ.update({**proxy_env(config_path), **memory_env()})
     if allow_unauthenticated:
         os.environ[ALLOW_UNAUTHENTICATED_ENV] = "1"
     if cfg.model.untrained:
@@ -85,7 +87,7 @@ def run_server(
         address,
         s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas,
     )
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options(cfg, host, port))
     log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     run_app(config_path)
     logs, export = node_observability()
