@@ -47,7 +47,7 @@ def client_key(cfg, given: str | None) -> tuple[str | None, dict[str, str]]:
     """
     import secrets
 
-    from serve.grading.config import read_keys
+    from serve.service.auth import read_keys
 
     s = cfg.serving
     env = {

@@ -8,7 +8,6 @@ config and the models beside it can move together.
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -50,26 +49,6 @@ def format_validation_errors(errors: Iterable[Mapping[str, Any]], root: str = "b
 
 class ConfigError(ValueError):
     """The config file is missing, not YAML, or does not validate (message says where and why)."""
-
-
-def read_keys(env_name: str | None, required: bool = True) -> list[str]:
-    """The comma-separated keys held by the environment variable ``env_name`` (none if unnamed).
-
-    Fails closed: :class:`ConfigError` when the config names a variable that is
-    unset or holds no key (unless not ``required``), so a deployment whose
-    secret did not arrive refuses to start instead of serving without
-    authentication.
-    """
-    if not env_name:
-        return []
-    keys = [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
-    if not keys and required:
-        state = "empty" if env_name in os.environ else "not set"
-        raise ConfigError(
-            f"the config names API key variable {env_name}, but it is {state}: refusing to start "
-            "without the keys (set it, or remove it from the config to run without keys)"
-        )
-    return keys
 
 
 class _Strict(BaseModel):
@@ -307,18 +286,6 @@ class ServingConfig(_Strict):
             except ValueError:
                 raise ValueError(f"{clip(net)!r} is not an IP address or network") from None
         return v
-
-    def api_keys(self) -> list[str]:
-        """Scoring keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""
-        return read_keys(self.api_keys_env)
-
-    def admin_keys(self) -> list[str]:
-        """Admin keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""
-        return read_keys(self.admin_keys_env)
-
-    def keyed(self) -> bool:
-        """Whether the config asks for API keys at all."""
-        return bool(self.api_keys_env or self.admin_keys_env)
 
 
 class ReviewConfig(_Strict):

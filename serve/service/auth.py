@@ -17,12 +17,47 @@ import os
 
 from fastapi import Request
 
-from serve.grading.config import ServingConfig
+from serve.grading.config import ConfigError, ServingConfig
 from serve.service.errors import ApiError
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 #: Set by ``l2grader serve --allow-unauthenticated`` for every process of the service.
 ALLOW_UNAUTHENTICATED_ENV = "L2GRADER_ALLOW_UNAUTHENTICATED"
+
+
+def read_keys(env_name: str | None, required: bool = True) -> list[str]:
+    """The comma-separated keys held by the environment variable ``env_name`` (none if unnamed).
+
+    Fails closed: :class:`ConfigError` when the config names a variable that is
+    unset or holds no key (unless not ``required``), so a deployment whose
+    secret did not arrive refuses to start instead of serving without
+    authentication.
+    """
+    if not env_name:
+        return []
+    keys = [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
+    if not keys and required:
+        state = "empty" if env_name in os.environ else "not set"
+        raise ConfigError(
+            f"the config names API key variable {env_name}, but it is {state}: refusing to start "
+            "without the keys (set it, or remove it from the config to run without keys)"
+        )
+    return keys
+
+
+def api_keys(serving: ServingConfig) -> list[str]:
+    """Scoring keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""
+    return read_keys(serving.api_keys_env)
+
+
+def admin_keys(serving: ServingConfig) -> list[str]:
+    """Admin keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""
+    return read_keys(serving.admin_keys_env)
+
+
+def keyed(serving: ServingConfig) -> bool:
+    """Whether the config asks for API keys at all."""
+    return bool(serving.api_keys_env or serving.admin_keys_env)
 
 
 def allow_unauthenticated(serving: ServingConfig) -> bool:
@@ -34,8 +69,8 @@ class ApiKeys:
     """The keys a replica accepts."""
 
     def __init__(self, serving: ServingConfig):
-        self.user = serving.api_keys()
-        self.admin = serving.admin_keys()
+        self.user = api_keys(serving)
+        self.admin = admin_keys(serving)
         self.open_to_all = allow_unauthenticated(serving)
 
     @property

@@ -30,6 +30,7 @@ import yaml
 
 from serve.grading.config import DeploymentConfig, GraderConfig
 from serve.runtime.ray_cluster import ray_env
+from serve.service.auth import keyed
 from serve.service.memory import memory_env
 from serve.service.options import serve_config
 from serve.service.proxy_guard import proxy_env
@@ -85,7 +86,7 @@ def patch_ops(cfg: GraderConfig, config_path: str) -> list[dict[str, Any]]:
         for key, value in settings["rayStartParams"].items():
             ops.append({"op": "add", "path": f"{base}/rayStartParams/{key}", "value": value})
         pods.append(base)
-    if not cfg.serving.keyed() and not cfg.serving.allow_unauthenticated:
+    if not keyed(cfg.serving) and not cfg.serving.allow_unauthenticated:
         raise ValueError(
             "the config names no API key variables (serving.api_keys_env, admin_keys_env): a cluster "
             "would refuse every client beyond its pods; add keys or set serving.allow_unauthenticated"

@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.grading.config import GraderConfig, clip, load_config
 from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
-from serve.service.auth import ApiKeys, allow_unauthenticated, is_loopback
+from serve.service.auth import ApiKeys, allow_unauthenticated, is_loopback, keyed
 from serve.service.errors import ApiError
 from serve.service.http_limits import PROBE_PATHS, ConnectionLimits, error_json, use_bounded_protocol
 from serve.service.uploads import UploadLimits
@@ -88,9 +88,9 @@ class GuardLimits:
             s.max_requests_per_client,
             int(s.max_buffered_mb * 1024 * 1024),
             max(1, math.ceil(s.ingress.retry_after_s)),
-            local_only=not s.keyed() and not allow_unauthenticated(s),
+            local_only=not keyed(s) and not allow_unauthenticated(s),
             request_timeout_s=s.request_timeout_s,
-            keys=ApiKeys(s) if s.keyed() else None,
+            keys=ApiKeys(s) if keyed(s) else None,
         )
 
 

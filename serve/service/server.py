@@ -16,7 +16,7 @@ from serve.grading.config import ConfigError, GraderConfig, load_config
 from serve.runtime.console import log
 from serve.runtime.ray_cluster import start_ray
 from serve.service.app import build_app
-from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
+from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, admin_keys, api_keys, is_loopback
 from serve.service.memory import memory_env
 from serve.service.options import APP_NAME, http_options
 from serve.service.proxy_guard import proxy_env
@@ -25,7 +25,7 @@ from serve.service.proxy_guard import proxy_env
 def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool) -> str:
     """Where to listen: keys first (:class:`ConfigError` if a named key variable is unset), loopback without any key."""
     host = host or cfg.serving.host
-    keys = cfg.serving.api_keys() + cfg.serving.admin_keys()
+    keys = api_keys(cfg.serving) + admin_keys(cfg.serving)
     if keys or allow_unauthenticated or cfg.serving.allow_unauthenticated:
         if not keys:
             log(
