@@ -54,7 +54,7 @@ class FakeEngine:
             self._check_loaded(spec, "while its request ran")
         n = len(spec.levels)
         scores = [ChunkScore(c.start_s, c.end_s, np.full(n, 1.0 / n)) for c in chunks]
-        return aggregate(spec.part, spec.levels, scores, spec.model)
+        return aggregate(spec.part, spec.levels, scores, spec.model, spec.intervals)
 
     def shutdown(self) -> None:
         pass

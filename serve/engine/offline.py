@@ -59,5 +59,5 @@ class OfflineEngine:
             spec = self.parts[part]
             scores = [chunk_score(spec, c, outputs[i + k]) for k, c in enumerate(chunks)]
             i += len(chunks)
-            results.append(aggregate(part, spec.levels, scores, spec.model))
+            results.append(aggregate(part, spec.levels, scores, spec.model, spec.intervals))
         return results

@@ -85,7 +85,7 @@ class OnlineEngine:
     async def score_answer(self, spec: PartSpec, chunks: Sequence[Chunk], request_id: str) -> ScoredAnswer:
         """Score one answer: all its chunks are submitted at once."""
         scores = await asyncio.gather(*(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(chunks)))
-        return aggregate(spec.part, spec.levels, scores, spec.model)
+        return aggregate(spec.part, spec.levels, scores, spec.model, spec.intervals)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
