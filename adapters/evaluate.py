@@ -22,6 +22,7 @@ from typing import Any
 from adapters.agreement import format_metrics, soft_hard_metrics
 from adapters.dataset import Answer, load_answers, read_jsonl
 from adapters.trust import SIGNALS, trust_report
+from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter
 from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
 from serve.grading.results import ScoredAnswer
@@ -143,6 +144,63 @@ def format_trust(trust: dict) -> list[str]:
     return lines
 
 
+def _audio_ids(answers: Sequence[Answer]) -> list[str]:
+    return [calibration.audio_id(Path(a.example.audio).read_bytes()) for a in answers]
+
+
+def interval_report(pcfg, answers: Sequence[Answer], scored: Sequence[ScoredAnswer], seed: int = 0) -> dict[str, Any]:
+    """Empirical coverage and mean width of each interval method at 80/90/95 %, on answers not calibrated on.
+
+    With a valid calibration beside the part's adapter, every answer of the
+    set that it was computed from is left out and the rest are measured.
+    Without one, the set is split in two halves at random (``seed``): the
+    first calibrates, the second is measured.
+    """
+    import numpy as np
+
+    adapter_hash = scored[0].model.adapter_hash
+    state = calibration.load(pcfg.adapter, adapter_hash)
+    human = np.array([a.example.score for a in answers], float)
+    score = np.array([s.score for s in scored], float)
+    sd = np.array([s.uncertainty.score_sd for s in scored], float)
+    lo, hi = min(lv.score for lv in pcfg.levels), max(lv.score for lv in pcfg.levels)
+    if state.calibration is not None:
+        seen = set(state.calibration.answers)
+        test = np.array([i not in seen for i in _audio_ids(answers)])
+        cal, source, n_cal = state.calibration, "stored calibration", state.calibration.n
+    else:
+        order = np.random.default_rng(seed).permutation(len(answers))
+        first = np.zeros(len(answers), bool)
+        first[order[: len(answers) // 2]] = True
+        test = ~first
+        cal = calibration.fit("", adapter_hash, (lo, hi), human[first], score[first], sd[first])
+        source, n_cal = (
+            f"split half (seed {seed}): the part has no valid calibration ({state.status})",
+            int(first.sum()),
+        )
+    rows = calibration.coverage_table(cal, human[test], score[test], sd[test]) if test.any() else []
+    return {
+        "source": source,
+        "n_calibration": n_cal,
+        "n_test": int(test.sum()),
+        "left_out_calibrated": int((~test).sum()) if state.calibration is not None else 0,
+        "rows": rows,
+    }
+
+
+def format_intervals(report: dict[str, Any]) -> list[str]:
+    """Human-readable lines of :func:`interval_report`."""
+    lines = [
+        f"score intervals ({report['source']}; calibrated on {report['n_calibration']}, measured on "
+        f"{report['n_test']} other answers):",
+        f"  {'method':<10}{'nominal':>9}{'coverage':>10}{'mean width':>12}",
+    ]
+    for r in report["rows"]:
+        cov = _fmt(None if r["coverage"] is None else 100 * r["coverage"], ".1f")
+        lines.append(f"  {r['method']:<10}{100 * r['nominal']:>8.0f}%{cov:>9}%{_fmt(r['mean_width'], '.3f'):>12}")
+    return lines
+
+
 def evaluate(
     cfg: GraderConfig,
     part: str,
@@ -169,6 +227,7 @@ def evaluate(
     result = soft_hard_metrics(answers, scored)
     human = [a.example.score for a in answers]
     trust = trust_report(scored, human, [a.example.fields for a in answers], group_by, selective_signal)
+    intervals = interval_report(pcfg, answers, scored)
     if predictions is not None:
         with open(predictions, "w") as f:
             for a, s in zip(answers, scored):
@@ -184,6 +243,8 @@ def evaluate(
                             "uncertainty": s.uncertainty.model_dump(),
                             "quality": s.quality.model_dump(),
                             "review": s.review.model_dump(),
+                            "interval": None if s.interval is None else s.interval.model_dump(),
+                            "interval_status": s.interval_status,
                             **{k: a.example.fields.get(k) for k in group_by},
                         }
                     )
@@ -205,11 +266,14 @@ def evaluate(
         "answers": len(answers),
         "not_scorable": len(bad),
         **trust,
+        "intervals": intervals,
     }
     print(f"{part}: {len(answers)} answers from {data} ({len(bad)} not scorable, left out), adapter {adapter_desc}")
     print(format_metrics("soft", result["soft"]))
     print(format_metrics("hard", result["hard"]))
     for line in format_trust(trust):
+        print(line)
+    for line in format_intervals(intervals):
         print(line)
     print(f"calibration plot: {plot_path}")
     if report is not None:
@@ -227,3 +291,44 @@ def evaluate(
         print(f"report: {html}")
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def calibrate(
+    cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | Path | None = None
+) -> calibration.Calibration:
+    """Score held-out ``data`` through vLLM and store the part's calibration beside its adapter.
+
+    The data must not be the adapter's training data (its errors there are too
+    small) nor the data its intervals are later measured on.
+    """
+    cfg = config_for(cfg, part, adapter)
+    pcfg = cfg.parts[part]
+    if pcfg.adapter is None:
+        raise ValueError(f"part {part!r} has no adapter: a calibration is stored beside an adapter")
+    answers, bad = load_answers(read_jsonl(data, part), cfg.audio)
+    for ex, why in bad:
+        print(f"not scorable, left out: {ex.audio}: {why}", file=sys.stderr)
+    if len(answers) < 10:
+        raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 10 are needed")
+    scored = score_with_engine(cfg, part, answers)
+    adapter_hash = scored[0].model.adapter_hash
+    if adapter_hash != check_adapter(pcfg.adapter).content_hash:
+        raise ValueError(f"adapter {pcfg.adapter} changed while it was being calibrated")
+    cal = calibration.fit(
+        part,
+        adapter_hash,
+        (min(lv.score for lv in pcfg.levels), max(lv.score for lv in pcfg.levels)),
+        [a.example.score for a in answers],
+        [s.score for s in scored],
+        [s.uncertainty.score_sd for s in scored],
+        answers=_audio_ids(answers),
+        data=str(data),
+    )
+    path = calibration.write(cal, pcfg.adapter)
+    print(f"{part}: calibrated on {cal.n} answers from {data} ({len(bad)} not scorable), adapter {adapter_hash}")
+    for method in calibration.METHODS:
+        qs = ", ".join(f"{100 * c:.0f}% {cal.quantile(method, c):.3f}" for c in calibration.REPORT_COVERAGES)
+        unit = "score points" if method == "absolute" else f"x max(score_sd, {cal.sd_floor:g})"
+        print(f"  {method:<9} half-width ({unit}): {qs}")
+    print(f"wrote {path}")
+    return cal

@@ -216,3 +216,10 @@ def coverage_table(
                 }
             )
     return rows
+
+
+def audio_id(data: bytes) -> str:
+    """The id a calibration keeps of each answer it was computed from: the audio file's sha256, 16 hex digits."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -8,7 +8,8 @@
   has no floor and reads as :data:`MAX_SNR_DB`. Without pauses (or with the
   loudness rule, whose "pauses" are silent by definition) the loudest 10 % of
   frames against the quietest 10 %;
-- the answer ends in speech: speech in its last ~100 ms (recording cut off);
+- the answer ends in speech: its last frame is speech at speech level
+  (:data:`CUT_OFF_DB`): the recording was cut off mid-speech;
 - clipping: the share of samples at full scale (``|x| >= 0.99``; decoding
   clips everything beyond full scale to 1);
 - speech loudness: RMS of the speech frames, in dBFS.
@@ -33,8 +34,9 @@ MAX_SNR_DB = 100.0
 _FLOOR_POWER = 1e-12
 #: Pauses shorter than this in all give no noise floor of their own (the loudest/quietest estimate is used).
 MIN_PAUSE_S = 0.25
-#: Frames at the end of an answer in which speech means the recording was cut off (~100 ms of 32 ms frames).
-END_FRAMES = 3
+#: A last frame that is speech and within this many dB of the speech frames' mean power: cut off mid-speech
+#: (a finished answer's last word decays into a pause; a cut recording stops at speech level).
+CUT_OFF_DB = 25.0
 
 
 def frame_powers(wave: np.ndarray, sample_rate: int, frame_s: float = FRAME_S) -> np.ndarray:
@@ -66,9 +68,11 @@ class SpeechFrames:
     def speech_s(self) -> float:
         return float(np.count_nonzero(self.speech) * self.frame_s)
 
-    def ends_in_speech(self, frames: int = END_FRAMES) -> bool:
-        """Speech in any of the last ``frames`` frames."""
-        return bool(self.speech[-frames:].any()) if self.speech.size else False
+    def ends_in_speech(self) -> bool:
+        """The last frame is speech, at speech level (within :data:`CUT_OFF_DB` of the speech frames' mean)."""
+        if not self.speech.size or not self.speech[-1]:
+            return False
+        return bool(self.powers[-1] >= self.powers[self.speech].mean() * 10 ** (-CUT_OFF_DB / 10))
 
 
 def loudness(wave: np.ndarray, silence_dbfs: float) -> SpeechFrames:
