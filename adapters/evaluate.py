@@ -133,13 +133,17 @@ def format_trust(trust: dict) -> list[str]:
         f"{_fmt(v['rmse'])}, within 0.5 {_fmt(None if v['within_0_5'] is None else 100 * v['within_0_5'], '.1f')}%;"
         f" reasons {v['reasons']}"
     )
-    lines.append(f"  {'group':<28}{'n':>5}{'PCC':>8}{'RMSE':>8}{'mean err':>10}{'SMD':>8}{'review':>8}")
+    lines.append(
+        f"  {'group':<28}{'n':>5}{'PCC':>8}{'RMSE':>8}{'mean err':>10}{'SMD':>8}{'95% interval':>18}{'review':>8}"
+    )
     for g in trust["groups"]:
         name = "all" if g["field"] == "all" else f"{g['field']}={g['group']}"
-        flag = f"  FLAG |SMD| > {g['smd_limit']}" if g["flagged"] else ""
+        flag = f"  FLAG: SMD beyond +-{g['smd_limit']}" if g["flagged"] else ""
+        ci = g.get("smd_ci")
+        ci_text = "too small" if g.get("too_small") else "-" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
         lines.append(
             f"  {name[:28]:<28}{g['n']:>5}{_fmt(g['pcc']):>8}{_fmt(g['rmse']):>8}{g['mean_error']:>+10.3f}"
-            f"{_fmt(g['smd'], '+.3f'):>8}{100 * g['review_rate']:>7.0f}%{flag}"
+            f"{_fmt(g['smd'], '+.3f'):>8}{ci_text:>18}{100 * g['review_rate']:>7.0f}%{flag}"
         )
     return lines
 

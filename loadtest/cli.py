@@ -235,10 +235,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from loadtest.cluster_bench import add_bench_cluster_command
     from loadtest.session_bench import add_bench_session_command
     from loadtest.soak import add_soak_command
-    from loadtest.vad_bench import add_bench_vad_command
+    from loadtest.vad_bench import add_bench_chunks_command, add_bench_vad_command
 
     add_bench_command(sub)
     add_bench_cluster_command(sub)
     add_bench_session_command(sub)
     add_soak_command(sub)
     add_bench_vad_command(sub)
+    add_bench_chunks_command(sub)

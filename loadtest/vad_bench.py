@@ -211,3 +211,73 @@ def add_bench_vad_command(sub) -> None:
     p.add_argument("--answers", type=int, default=4, help="answers per scenario (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda args: main(args.answers, args.seed) and 0)
+
+
+def long_answers(n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` answers of 40-75 s: espeak-ng sentences with pauses of 0.3-1.2 s between them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        target, pieces, total = rng.uniform(40, 75), [], 0.0
+        k = 0
+        while total < target:
+            s = _speech(seed * 7919 + i * 101 + k)
+            k += 1
+            pause = np.zeros(int(rng.uniform(0.3, 1.2) * RATE), np.float32)
+            pieces += [s, pause]
+            total += (s.size + pause.size) / RATE
+        out.append(np.concatenate(pieces)[: int(target * RATE)])
+    return out
+
+
+def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: bool = True) -> dict:
+    """Long answers cut at balanced points and in pauses: the share of cuts that fall in speech (Silero VAD's
+    frames) and, scored by the config's engine, the mean spread of the chunk scores (highest minus lowest)."""
+    from loadtest.audio import encode
+    from serve.grading.audio import prepare
+    from serve.grading.config import load_config
+
+    cfg = load_config(config)
+    waves = long_answers(answers, seed)
+    result = {}
+    prepared = {}
+    for name, pauses in (("balanced", False), ("pauses", True)):
+        audio_cfg = cfg.audio.model_copy(update={"cut_at_pauses": pauses})
+        prepared[name] = [prepare(encode(w, RATE), audio_cfg) for w in waves]
+        in_speech = cuts = 0
+        for w, p in zip(waves, prepared[name]):
+            frames = vad.silero(w)
+            for c in p.chunks[1:]:
+                cuts += 1
+                in_speech += bool(frames.speech[min(frames.speech.size - 1, int(c.start_s / frames.frame_s))])
+        result[name] = {"cuts": cuts, "cuts_in_speech": in_speech}
+    if engine:
+        from serve.engine.offline import OfflineEngine
+
+        scorer = OfflineEngine(cfg)
+        try:
+            for name, ps in prepared.items():
+                scored = scorer.score_answers([(part, p.chunks) for p in ps])
+                spreads = [s.uncertainty.chunk_spread for s in scored]
+                result[name]["mean_chunk_spread"] = float(np.mean(spreads))
+                result[name]["max_chunk_spread"] = float(np.max(spreads))
+        finally:
+            scorer.close()
+    durations = [round(w.size / RATE, 1) for w in waves]
+    print(f"{answers} long answers ({min(durations)}-{max(durations)} s)")
+    for name, r in result.items():
+        spread = f", chunk spread mean {r['mean_chunk_spread']:.3f} max {r['max_chunk_spread']:.3f}" if engine else ""
+        print(f"  cut at {name:<9}: {r['cuts_in_speech']}/{r['cuts']} cuts in speech{spread}")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def add_bench_chunks_command(sub) -> None:
+    """``l2grader bench-chunks``."""
+    p = sub.add_parser("bench-chunks", help="long answers cut at balanced points and in pauses: cuts in speech, spread")
+    p.add_argument("--config", required=True, help="grader YAML config (its engine scores the chunks)")
+    p.add_argument("--part", required=True)
+    p.add_argument("--answers", type=int, default=6, help="long answers (default 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-engine", action="store_true", help="only where the cuts fall, no scoring")
+    p.set_defaults(func=lambda a: chunk_cuts(a.config, a.part, a.answers, a.seed, not a.no_engine) and 0)

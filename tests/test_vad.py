@@ -137,3 +137,10 @@ def test_long_answer_is_cut_in_pauses(speech):
         assert not frames.speech[int(c.start_s / vad.FRAME_S)], f"cut at {c.start_s:.2f} s falls in speech"
     plain = prepare(encode(wave, SAMPLE_RATE), VAD.model_copy(update={"cut_at_pauses": False}))
     assert [round(c.duration_s, 2) for c in plain.chunks] != [round(c.duration_s, 2) for c in p.chunks]
+
+
+def test_blocks_carry_the_recurrent_state(speech, monkeypatch):
+    wave = np.concatenate([speech[0], speech[1]])
+    whole = vad.model().probabilities(wave, threads=1)
+    monkeypatch.setattr(vad, "BLOCK_FRAMES", 37)
+    assert np.max(np.abs(vad.model().probabilities(wave, threads=1) - whole)) < 1e-5

@@ -275,22 +275,18 @@ def pause_bounds(
         return bounds
     max_len = int(round(max_chunk_s * SAMPLE_RATE))
     frame, search = int(round(frame_s * SAMPLE_RATE)), int(round(search_s * SAMPLE_RATE))
-    # Pause runs as [start, end) sample ranges.
+    # Pauses as [start, end) sample ranges.
     edges = np.diff(np.concatenate([[1], speech.astype(np.int8), [1]]))
-    runs = [(a * frame, b * frame) for a, b in zip(np.flatnonzero(edges == -1), np.flatnonzero(edges == 1))]
+    starts, ends = np.flatnonzero(edges == -1) * frame, np.flatnonzero(edges == 1) * frame
     cuts, prev, k = [0], 0, len(bounds)
     for i, (_, balanced) in enumerate(bounds[:-1], start=1):
         lo = max(balanced - search, prev + 1, n_samples - (k - i) * max_len)
         hi = min(balanced + search, prev + max_len, n_samples - 1)
         best = min(max(balanced, lo), hi)
-        best_d = None
-        for a, b in runs:
-            a, b = max(a, lo), min(b, hi)
-            if a >= b:
-                continue
-            mid = (a + b) // 2
-            if best_d is None or abs(mid - balanced) < best_d:
-                best, best_d = mid, abs(mid - balanced)
+        a, b = np.maximum(starts, lo), np.minimum(ends, hi)  # each pause clipped to the window
+        mids = ((a + b) // 2)[a < b]
+        if mids.size:
+            best = int(mids[np.argmin(np.abs(mids - balanced))])
         cuts.append(best)
         prev = best
     cuts.append(n_samples)

@@ -36,6 +36,8 @@ FRAME_S = FRAME / SAMPLE_RATE
 #: A speech run ends when the probability falls this far under the threshold (Silero's own rule).
 HYSTERESIS = 0.15
 DETECTORS = ("silero_vad", "loudness")
+#: Frames the encoder takes at once (~65 s of audio, ~5 MB of input): memory stays bounded on long answers.
+BLOCK_FRAMES = 2048
 
 
 class _Silero:
@@ -63,23 +65,28 @@ class _Silero:
         self.torch = torch
 
     def probabilities(self, wave: np.ndarray, threads: int) -> np.ndarray:
+        """Speech probability of each whole frame, :data:`BLOCK_FRAMES` frames at a time (bounded memory)."""
         torch = self.torch
         n = len(wave) // FRAME
         if n == 0:
             return np.zeros(0, np.float32)
         padded = np.concatenate([np.zeros(CONTEXT, np.float32), np.asarray(wave[: n * FRAME], np.float32)])
         frames = np.lib.stride_tricks.sliding_window_view(padded, CONTEXT + FRAME)[::FRAME][:n]
+        out = np.empty(n, np.float32)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                x = torch.from_numpy(np.ascontiguousarray(frames))
-                features = self.encoder(self.stft(x)).squeeze(-1)  # (n, 128)
-                hidden, _ = self.lstm(features.unsqueeze(1))  # (n, 1, 128): the cell over the frames in order
-                out = self.head(hidden.squeeze(1).unsqueeze(-1))  # (n, 1, 1)
-                return out.reshape(n, -1).mean(dim=1).numpy().astype(np.float32)
+                state = None
+                for a in range(0, n, BLOCK_FRAMES):
+                    x = torch.from_numpy(np.ascontiguousarray(frames[a : a + BLOCK_FRAMES]))
+                    features = self.encoder(self.stft(x)).squeeze(-1)  # (frames, 128)
+                    hidden, state = self.lstm(features.unsqueeze(1), state)  # the cell over the frames in order
+                    probs = self.head(hidden.squeeze(1).unsqueeze(-1))  # (frames, 1, 1)
+                    out[a : a + len(x)] = probs.reshape(len(x), -1).mean(dim=1).numpy()
         finally:
             torch.set_num_threads(before)
+        return out
 
 
 _model: _Silero | None = None
