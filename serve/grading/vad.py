@@ -103,6 +103,14 @@ def model() -> _Silero:
     return _model
 
 
+def warm_up(audio_cfg) -> None:
+    """Load the model and run it twice (TorchScript optimises on its first calls), so that a process's first
+    answer does not wait for it: ~1-2 s and ~190 MB (torch) once per process. Nothing for the loudness rule."""
+    if audio_cfg.speech_detector == "silero_vad":
+        for _ in range(2):
+            model().probabilities(np.zeros(SAMPLE_RATE, np.float32), audio_cfg.vad_threads)
+
+
 def hysteresis(probabilities: np.ndarray, threshold: float) -> np.ndarray:
     """Speech from the first frame at ``threshold`` until the probability falls under ``threshold - 0.15``."""
     on, off = threshold, max(0.0, threshold - HYSTERESIS)
