@@ -78,9 +78,15 @@ def test_load_ties_the_calibration_to_the_adapter_hash(tmp_path):
         state = load(tmp_path, "abc")
         assert state.status == "invalid_calibration" and state.calibration is None
     raw = json.loads(fit("p", "abc", SCALE, [3.0], [3.0], [1.0]).model_dump_json())
-    raw["residuals"]["scaled"] = [float("nan")]
-    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(raw))
-    assert load(tmp_path, "abc").status == "invalid_calibration"
+    for broken in (
+        {"residuals": {**raw["residuals"], "scaled": [float("nan")]}},
+        {"residuals": {"absolute": raw["residuals"]["absolute"]}},
+        {"scale": [6.0, 1.0]},
+        {"sd_floor": 0.0},
+        {"format": 99},
+    ):
+        (tmp_path / CALIBRATION_FILE).write_text(json.dumps({**raw, **broken}))
+        assert load(tmp_path, "abc").status == "invalid_calibration", broken
     assert {s.status for s in (ok, stale)} <= set(INTERVAL_STATUSES)
 
 

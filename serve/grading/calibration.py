@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve.grading.results import ScoreInterval
 
@@ -73,6 +73,17 @@ class Calibration(BaseModel):
                 raise ValueError(f"{method}: 1-{MAX_ANSWERS} finite non-negative scores needed")
             v[method] = sorted(float(x) for x in a)
         return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> Calibration:
+        missing = [m for m in METHODS if m not in self.residuals]
+        if missing:
+            raise ValueError(f"residuals of {missing} missing")
+        if not (math.isfinite(self.scale[0]) and math.isfinite(self.scale[1]) and self.scale[0] < self.scale[1]):
+            raise ValueError("scale must be two finite scores, lowest first")
+        if not (math.isfinite(self.sd_floor) and self.sd_floor > 0):
+            raise ValueError("sd_floor must be positive")
+        return self
 
     def quantile(self, method: str, coverage: float) -> float:
         """The conformal quantile ``q`` of ``method`` at ``coverage`` (infinite when there are too few answers)."""
