@@ -144,3 +144,16 @@ def test_blocks_carry_the_recurrent_state(speech, monkeypatch):
     whole = vad.model().probabilities(wave, threads=1)
     monkeypatch.setattr(vad, "BLOCK_FRAMES", 37)
     assert np.max(np.abs(vad.model().probabilities(wave, threads=1) - whole)) < 1e-5
+
+
+def test_the_detector_leaves_torchs_seed_and_threads_alone():
+    """Training seeds torch and runs many threads in the process that also detects speech in its data."""
+    import torch
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    vad._model = None  # a fresh load, as in a new process
+    vad.silero(np.zeros(SAMPLE_RATE, np.float32), threads=1)
+    assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == before

@@ -56,7 +56,8 @@ class _Silero:
         inner = jit._model
         self.stft, self.encoder, self.head = inner.stft, inner.encoder, inner.decoder.decoder
         cell = inner.decoder.rnn
-        self.lstm = torch.nn.LSTM(cell.weight_ih.shape[1], cell.weight_hh.shape[1]).eval()
+        with torch.random.fork_rng(devices=[]):  # its random initial weights must not move the process's seed
+            self.lstm = torch.nn.LSTM(cell.weight_ih.shape[1], cell.weight_hh.shape[1]).eval()
         with torch.no_grad():
             for ours, theirs in (("weight_ih_l0", "weight_ih"), ("weight_hh_l0", "weight_hh")):
                 getattr(self.lstm, ours).copy_(getattr(cell, theirs))
