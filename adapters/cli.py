@@ -10,7 +10,7 @@ import os
 import sys
 
 from serve.cli.common import fail as _fail
-from serve.cli.common import load_config_or_exit
+from serve.cli.common import load_config_or_exit, parts_or_exit
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -84,27 +84,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    cfg = load_config_or_exit(args.config, args.part)
+    if (args.data is None) == (args.session is None):
+        _fail("give either --data (a test set to score) or --session (a session's output, with --human)", 2)
+    if args.session is not None and args.human is None:
+        _fail("--session needs --human: a CSV, JSON-lines or Parquet file of response_id and human score", 2)
+    cfg = load_config_or_exit(args.config)
+    (part,) = parts_or_exit(cfg, args.config, [args.part]).values()
+    cfg = cfg.model_copy(update={"parts": {args.part: part.config}})  # the registry's version of the part
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from adapters.dataset import DataError
-    from adapters.evaluate import evaluate
+    from adapters.evaluate import evaluate, evaluate_session
     from serve.grading.adapter_files import AdapterError
+    from serve.session.store import OutputError
 
+    shared = {
+        "plot": args.plot,
+        "predictions": args.predictions,
+        "group_by": [g.strip() for g in (args.group_by or "").split(",") if g.strip()],
+        "report": args.report,
+        "selective_signal": args.selective_signal,
+    }
     try:
-        group_by = [g.strip() for g in (args.group_by or "").split(",") if g.strip()]
-        evaluate(
-            cfg,
-            args.part,
-            args.data,
-            adapter=args.adapter,
-            plot=args.plot,
-            predictions=args.predictions,
-            group_by=group_by,
-            report=args.report,
-            selective_signal=args.selective_signal,
-        )
-    except (DataError, AdapterError, ValueError) as e:
+        if args.session is not None:
+            evaluate_session(
+                part.config.levels, args.session, args.part, args.human, human_column=args.human_column, **shared
+            )
+        else:
+            evaluate(cfg, args.part, args.data, adapter=args.adapter, **shared)
+    except (DataError, AdapterError, OutputError, ValueError) as e:
         _fail(str(e), 1)
     return 0
 
@@ -183,7 +191,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--part", required=True, help="exam part of the test set")
-    p.add_argument("--data", required=True, help='test answers: JSON lines {"audio": path, "score": number}')
+    p.add_argument("--data", help='test answers to score: JSON lines {"audio": path, "score": number}')
+    p.add_argument("--session", metavar="OUT", help="a session's output folder (score-session --out): no scoring")
+    p.add_argument(
+        "--human", metavar="FILE", help="with --session: human scores, CSV/JSON lines/Parquet with response_id"
+    )
+    p.add_argument("--human-column", default="score", help="the human score's column in --human (default score)")
     p.add_argument("--adapter", help="adapter folder to evaluate instead of the part's configured one")
     p.add_argument("--plot", help="calibration plot PNG (default: DATA.PART.calibration.png beside the data)")
     p.add_argument("--predictions", help="also write each answer's scores to this JSON-lines file")

@@ -1,13 +1,20 @@
-"""Evaluate a part's adapter on a scored test set through the serving path (vLLM).
+"""Evaluate a part's scores against human scores: agreement, selective scoring, groups, plot and report.
 
-Every answer of the set is decoded and chunked as in serving and sent to one
-:class:`serve.engine.offline.OfflineEngine` in one batch; the soft and hard scores are
-compared with the human scores (:mod:`adapters.agreement`), and a calibration
-plot of predicted against human scores is drawn. Each answer is judged as
-serving judges it (audio quality, uncertainty, review verdict against the
-part's thresholds), and :mod:`adapters.trust` measures how well those signals
-pick the answers to route to humans and how fair the scores are across
-groups; ``--report DIR`` puts it all in one HTML page (:mod:`adapters.report`).
+The answers come from one of two places, and the same report is made of both:
+
+- a scored test set (:func:`evaluate`): every answer is decoded and chunked as
+  in serving and sent to one :class:`serve.engine.offline.OfflineEngine` in
+  one batch, through the same answer pipeline as every door;
+- a session already scored in bulk (:func:`evaluate_session`): its answers'
+  rows, joined by ``response_id`` with a file of human scores, without
+  scoring again.
+
+The soft and hard scores are compared with the human scores
+(:mod:`adapters.agreement`), a calibration plot of predicted against human
+scores is drawn, and :mod:`adapters.trust` measures how well the answers' trust
+signals (audio quality, uncertainty, review verdict) pick the answers to route
+to humans and how fair the scores are across groups; ``--report DIR`` puts it
+all in one HTML page (:mod:`adapters.report`).
 """
 
 from __future__ import annotations
@@ -19,14 +26,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.agreement import format_metrics, soft_hard_metrics
+from adapters.agreement import all_metrics, format_metrics
 from adapters.dataset import Answer, load_answers, read_jsonl
 from adapters.trust import SIGNALS, trust_report
 from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter
+from serve.grading.audio import PreparedAnswer
 from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
+from serve.grading.levels import Level
 from serve.grading.results import ScoredAnswer
-from serve.grading.review import assess
 
 
 def config_for(cfg: GraderConfig, part: str, adapter: str | Path | None = None) -> GraderConfig:
@@ -53,7 +61,7 @@ def score_with_engine(cfg: GraderConfig, part: str, answers: Sequence[Answer]) -
 
     scorer = OfflineEngine(cfg)
     try:
-        return scorer.score_answers([(part, list(a.chunks)) for a in answers])
+        return scorer.score_answers([(part, PreparedAnswer(list(a.chunks), a.quality)) for a in answers])
     finally:
         scorer.close()
 
@@ -148,41 +156,55 @@ def format_trust(trust: dict) -> list[str]:
     return lines
 
 
-def _audio_ids(answers: Sequence[Answer]) -> list[str]:
-    return [calibration.audio_id(Path(a.example.audio).read_bytes()) for a in answers]
+def _audio_ids(audio: Sequence[str]) -> list[str | None]:
+    """Each answer's :func:`serve.grading.calibration.audio_id` (None where the file cannot be read here)."""
+    ids = []
+    for path in audio:
+        try:
+            ids.append(calibration.audio_id(Path(path).read_bytes()))
+        except OSError:
+            ids.append(None)
+    return ids
 
 
-def interval_report(pcfg, answers: Sequence[Answer], scored: Sequence[ScoredAnswer], seed: int = 0) -> dict[str, Any]:
+def interval_report(
+    scored: Sequence[ScoredAnswer],
+    human: Sequence[float],
+    audio: Sequence[str],
+    level_scores: Sequence[float],
+    adapter_dir: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Empirical coverage and mean width of each interval method at 80/90/95 %, on answers not calibrated on.
 
-    With a valid calibration beside the part's adapter, every answer of the
-    set that it was computed from is left out and the rest are measured.
-    Without one, the set is split in two halves at random (``seed``): the
-    first calibrates, the second is measured.
+    With a valid calibration beside the adapter (``adapter_dir``), every
+    answer it was computed from is left out and the rest are measured.
+    Without one, the answers are split in two halves at random (``seed``):
+    the first calibrates, the second is measured.
     """
     import numpy as np
 
     adapter_hash = scored[0].model.adapter_hash
-    state = calibration.load(pcfg.adapter, adapter_hash)
-    human = np.array([a.example.score for a in answers], float)
+    state = calibration.load(adapter_dir, adapter_hash)
+    h = np.array(human, float)
     score = np.array([s.score for s in scored], float)
     sd = np.array([s.uncertainty.score_sd for s in scored], float)
-    lo, hi = min(lv.score for lv in pcfg.levels), max(lv.score for lv in pcfg.levels)
     if state.calibration is not None:
         seen = set(state.calibration.answers)
-        test = np.array([i not in seen for i in _audio_ids(answers)])
+        test = np.array([i is None or i not in seen for i in _audio_ids(audio)])
         cal, source, n_cal = state.calibration, "stored calibration", state.calibration.n
     else:
-        order = np.random.default_rng(seed).permutation(len(answers))
-        first = np.zeros(len(answers), bool)
-        first[order[: len(answers) // 2]] = True
+        order = np.random.default_rng(seed).permutation(len(scored))
+        first = np.zeros(len(scored), bool)
+        first[order[: len(scored) // 2]] = True
         test = ~first
-        cal = calibration.fit("", adapter_hash, (lo, hi), human[first], score[first], sd[first])
+        scale = (min(level_scores), max(level_scores))
+        cal = calibration.fit("", adapter_hash, scale, h[first], score[first], sd[first])
         source, n_cal = (
-            f"split half (seed {seed}): the part has no valid calibration ({state.status})",
+            f"split half (seed {seed}): no valid calibration beside the adapter ({state.status})",
             int(first.sum()),
         )
-    rows = calibration.coverage_table(cal, human[test], score[test], sd[test]) if test.any() else []
+    rows = calibration.coverage_table(cal, h[test], score[test], sd[test]) if test.any() else []
     return {
         "source": source,
         "n_calibration": n_cal,
@@ -226,53 +248,164 @@ def evaluate(
         print(f"not scorable, left out: {ex.audio}: {why}", file=sys.stderr)
     if len(answers) < 2:
         raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 2 are needed")
-    pcfg = cfg.parts[part]
-    scored = [assess(s, a.quality, pcfg.review) for a, s in zip(answers, score_with_engine(cfg, part, answers))]
-    result = soft_hard_metrics(answers, scored)
-    human = [a.example.score for a in answers]
-    trust = trust_report(scored, human, [a.example.fields for a in answers], group_by, selective_signal)
-    intervals = interval_report(pcfg, answers, scored)
+    scored = score_with_engine(cfg, part, answers)
+    return report_on(
+        part,
+        str(data),
+        scored,
+        [a.example.score for a in answers],
+        [a.example.fields for a in answers],
+        [str(a.example.audio) for a in answers],
+        len(bad),
+        [lv.score for lv in cfg.parts[part].levels],
+        adapter_dir=cfg.parts[part].adapter,
+        plot=plot or default_plot_path(data, part),
+        predictions=predictions,
+        group_by=group_by,
+        report=report,
+        selective_signal=selective_signal,
+    )
+
+
+def read_human_scores(path: str | Path, column: str = "score") -> dict[str, tuple[float, dict]]:
+    """``response_id`` -> (human score, the row's other fields) from a CSV, JSON-lines or Parquet file."""
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    suffix = Path(path).suffix.lower()
+    readers = {
+        ".csv": pyarrow.csv.read_csv,
+        ".jsonl": pyarrow.json.read_json,
+        ".ndjson": pyarrow.json.read_json,
+        ".parquet": pyarrow.parquet.read_table,
+    }
+    if suffix not in readers:
+        raise ValueError(f"human scores {path}: unknown format {suffix!r} (use .csv, .jsonl or .parquet)")
+    try:
+        table = readers[suffix](str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the human scores {path}: {e}") from None
+    missing = [c for c in ("response_id", column) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"human scores {path}: no column {', '.join(missing)} (columns: {table.column_names})")
+    out: dict[str, tuple[float, dict]] = {}
+    for row in table.to_pylist():
+        if row[column] is None:
+            continue
+        others = {k: v for k, v in row.items() if k not in ("response_id", column)}
+        try:
+            out[str(row["response_id"])] = (float(row[column]), others)
+        except (TypeError, ValueError):
+            raise ValueError(f"human scores {path}: {column} {row[column]!r} is not a number") from None
+    return out
+
+
+def evaluate_session(
+    levels: Sequence[Level],
+    session: str,
+    part: str,
+    human_file: str | Path,
+    *,
+    human_column: str = "score",
+    plot: str | Path | None = None,
+    predictions: str | Path | None = None,
+    group_by: Sequence[str] = (),
+    report: str | Path | None = None,
+    selective_signal: str = "score_sd",
+) -> dict[str, Any]:
+    """Evaluate a part's answers as ``l2grader score-session`` scored them (its output folder ``session``) against
+    the human scores of ``human_file``, joined by ``response_id``; nothing is scored again. ``levels``: the part's
+    scale (from the registry the session scored with)."""
+    from serve.session.schema import SCORED, answer_of_row
+    from serve.session.store import OutputDir
+
+    if selective_signal not in SIGNALS:
+        raise ValueError(f"unknown signal {selective_signal!r} (signals: {', '.join(SIGNALS)})")
+    human = read_human_scores(human_file, human_column)
+    rows = [r for r in OutputDir(session).read_all() if r["part"] == part]
+    scored_rows = [r for r in rows if r["status"] == SCORED and r["response_id"] in human]
+    not_scorable = sum(1 for r in rows if r["status"] != SCORED)
+    no_human = sum(1 for r in rows if r["status"] == SCORED and r["response_id"] not in human)
+    if no_human:
+        print(
+            f"{no_human} scored answers of part {part!r} have no human score in {human_file}: left out", file=sys.stderr
+        )
+    if len(scored_rows) < 2:
+        raise ValueError(
+            f"{session}: {len(scored_rows)} scored answers of part {part!r} with a human score; at least 2 are needed"
+        )
+    scored = [answer_of_row(r) for r in scored_rows]
+    return report_on(
+        part,
+        session,
+        scored,
+        [human[r["response_id"]][0] for r in scored_rows],
+        [human[r["response_id"]][1] for r in scored_rows],
+        [r["audio"] for r in scored_rows],
+        not_scorable,
+        [lv.score for lv in levels],
+        plot=plot or Path(session) / f"{part}.calibration.png",
+        predictions=predictions,
+        group_by=group_by,
+        report=report,
+        selective_signal=selective_signal,
+    )
+
+
+def report_on(
+    part: str,
+    source: str,
+    scored: Sequence[ScoredAnswer],
+    human: Sequence[float],
+    fields: Sequence[dict],
+    audio: Sequence[str],
+    not_scorable: int,
+    level_scores: Sequence[float],
+    *,
+    adapter_dir: str | Path | None = None,
+    plot: str | Path,
+    predictions: str | Path | None,
+    group_by: Sequence[str],
+    report: str | Path | None,
+    selective_signal: str,
+) -> dict[str, Any]:
+    """The metrics of scored answers against their human scores, printed (the last stdout line is their JSON),
+    with the calibration plot, the predictions file and the HTML report when asked."""
+    result = {
+        "soft": all_metrics([s.score for s in scored], human),
+        "hard": all_metrics([s.hard_score for s in scored], human),
+    }
+    trust = trust_report(scored, human, fields, group_by, selective_signal)
+    intervals = interval_report(scored, human, audio, level_scores, adapter_dir)
     if predictions is not None:
         with open(predictions, "w") as f:
-            for a, s in zip(answers, scored):
-                f.write(
-                    json.dumps(
-                        {
-                            "audio": str(a.example.audio),
-                            "human": a.example.score,
-                            "score": s.score,
-                            "hard_score": s.hard_score,
-                            "probabilities": s.probabilities,
-                            "label_mass": s.label_mass,
-                            "uncertainty": s.uncertainty.model_dump(),
-                            "quality": s.quality.model_dump(),
-                            "review": s.review.model_dump(),
-                            "interval": None if s.interval is None else s.interval.model_dump(),
-                            "interval_status": s.interval_status,
-                            **{k: a.example.fields.get(k) for k in group_by},
-                        }
-                    )
-                    + "\n"
-                )
+            for a, s, h, fl in zip(audio, scored, human, fields):
+                row = {"audio": a, "human": h, **s.model_dump(), **{k: fl.get(k) for k in group_by}}
+                f.write(json.dumps(row) + "\n")
+    adapter_desc = scored[0].model.adapter or "none (base model)"
     plot_path = calibration_plot(
-        plot or default_plot_path(data, part),
+        plot,
         human,
         [s.score for s in scored],
         [s.hard_score for s in scored],
-        f"{part}: {len(answers)} answers, soft PCC {result['soft']['pcc']:.3f}\n"
-        f"adapter: {pcfg.adapter.name if pcfg.adapter else 'none (base model)'}",
-        [lv.score for lv in pcfg.levels],
+        f"{part}: {len(scored)} answers, soft PCC {result['soft']['pcc']:.3f}\nadapter: {adapter_desc}",
+        level_scores,
     )
-    adapter_desc = scored[0].model.adapter or "none (base model)"
     summary = {
         "soft": _finite(result["soft"]),
         "hard": _finite(result["hard"]),
-        "answers": len(answers),
-        "not_scorable": len(bad),
+        "answers": len(scored),
+        "not_scorable": not_scorable,
+        "untrained": scored[0].model.untrained,
         **trust,
         "intervals": intervals,
     }
-    print(f"{part}: {len(answers)} answers from {data} ({len(bad)} not scorable, left out), adapter {adapter_desc}")
+    if scored[0].model.untrained:
+        print("WARNING: scores of the tiny UNTRAINED demo checkpoint (random weights): they mean nothing")
+    print(
+        f"{part}: {len(scored)} answers from {source} ({not_scorable} not scorable, left out), adapter {adapter_desc}"
+    )
     print(format_metrics("soft", result["soft"]))
     print(format_metrics("hard", result["hard"]))
     for line in format_trust(trust):
@@ -288,8 +421,8 @@ def evaluate(
             summary,
             human,
             scored,
-            [lv.score for lv in pcfg.levels],
-            title=f"{part}: {data}, adapter {adapter_desc}",
+            level_scores,
+            title=f"{part}: {source}, adapter {adapter_desc}",
             calibration_png=plot_path,
         )
         print(f"report: {html}")
@@ -325,7 +458,7 @@ def calibrate(
         [a.example.score for a in answers],
         [s.score for s in scored],
         [s.uncertainty.score_sd for s in scored],
-        answers=_audio_ids(answers),
+        answers=[i for i in _audio_ids([str(a.example.audio) for a in answers]) if i is not None],
         data=str(data),
     )
     path = calibration.write(cal, pcfg.adapter)

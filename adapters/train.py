@@ -50,6 +50,7 @@ from serve.grading.config import GraderConfig, UnknownPartError
 from serve.grading.parts import PartSpec, check_part, resolve_part
 from serve.grading.results import ScoredAnswer
 from serve.grading.scoring import ChunkScore, aggregate, label_distribution
+from serve.runtime.console import log
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -166,15 +167,6 @@ def score_answers(
     return results
 
 
-def load_trained(cfg: GraderConfig, part: str, adapter_dir: str | Path, device: str = "cpu", dtype=torch.float32):
-    """The base model with a trained adapter, in eval mode, with its processor and part spec."""
-    from peft import PeftModel
-
-    base, processor = load_base_model(cfg.model.base, dtype, device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    return model, processor, part_spec(cfg, part, processor.tokenizer)
-
-
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -221,10 +213,6 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
 # ---------------------------------------------------------------- training
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     return torch.randperm(n, generator=g).tolist()
@@ -254,7 +242,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     train_ex = read_jsonl(opts.data, opts.part)
     answers, bad = load_answers(train_ex, cfg.audio)
     for ex, why in bad:
-        _log(f"skipping {ex.audio}: {why}")
+        log(f"skipping {ex.audio}: {why}")
     if not answers:
         raise TrainError(f"no usable answers of part {opts.part!r} in {opts.data}")
     items = train_items(answers)
@@ -262,7 +250,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     if opts.dev:
         dev_answers, dev_bad = load_answers(read_jsonl(opts.dev, opts.part), cfg.audio)
         for ex, why in dev_bad:
-            _log(f"skipping dev {ex.audio}: {why}")
+            log(f"skipping dev {ex.audio}: {why}")
 
     model, processor = load_base_model(cfg.model.base, dtype, device)
     spec = part_spec(cfg, opts.part, processor.tokenizer)
@@ -302,11 +290,11 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         if state["n_items"] != len(items):
             raise TrainError(f"--resume: the data changed ({state['n_items']} chunks then, {len(items)} now)")
         step, history, losses = state["step"], state["history"], state["losses"]
-        _log(f"resuming from {existing[-1]} (step {step} of {total_steps})")
+        log(f"resuming from {existing[-1]} (step {step} of {total_steps})")
     elif opts.resume:
-        _log(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting afresh")
+        log(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting afresh")
 
-    _log(
+    log(
         f"training part {opts.part!r}: {len(answers)} answers ({len(items)} chunks), {total_steps} steps "
         f"of {opts.batch_size}, loss {opts.loss}, rank {opts.rank}, lr {opts.lr:g}, {n_trainable:,} trainable "
         f"parameters, {device}/{str(dtype).removeprefix('torch.')}"
@@ -352,12 +340,12 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         elif step % 10 == 0 or step == total_steps:
-            _log(f"step {step}/{total_steps} loss {np.mean(losses[-20:]):.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+            log(f"step {step}/{total_steps} loss {np.mean(losses[-20:]):.4f} lr {scheduler.get_last_lr()[0]:.2e}")
         if step % eval_every == 0 and step < total_steps and dev_answers:
             m = evaluate_dev()
             history.append(m)
             line = f"[step {step}] dev " + format_metrics("soft", m["soft"])
-            bar.write(line, file=sys.stderr) if bar is not None else _log(line)
+            bar.write(line, file=sys.stderr) if bar is not None else log(line)
         stopping = bool(opts.stop_after) and steps_this_run >= opts.stop_after
         if step % save_every == 0 or step == total_steps or stopping:
             save_checkpoint(out, model, optimizer, scheduler, state_dict())
@@ -365,7 +353,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         bar.close()
     train_s = time.time() - t_train
     if step < total_steps:
-        _log(f"stopped after step {step} of {total_steps}; continue with --resume")
+        log(f"stopped after step {step} of {total_steps}; continue with --resume")
         return {
             "part": opts.part,
             "finished": False,

@@ -30,7 +30,6 @@ import http.client
 import json
 import os
 import random
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from loadtest.multipart import multipart_answer
 from loadtest.retry import RETRYABLE, retry_delay
+from serve.runtime.console import log
 
 # Published shapes of Qwen2-Audio-7B(-Instruct).
 QWEN2_AUDIO_7B_AUDIO = dict(
@@ -60,10 +60,6 @@ QWEN2_AUDIO_7B_TEXT = dict(
 )
 # Dense bf16 peak of the GPU (FLOP/s), by name; L2GRADER_PEAK_TFLOPS overrides.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
-
-
-def _log(msg: str) -> None:
-    print(f"l2grader bench: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -153,7 +149,7 @@ def service_phase(
 
     key, env = client_key(cfg, None)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    _log(f"(a) service: starting `l2grader serve` (log {out / 'bench-serve.log'})")
+    log(f"(a) service: starting `l2grader serve` (log {out / 'bench-serve.log'})")
     service = Service(config, out / "bench-serve.log", env=env)
     try:
         _post_all(service.port, warmup, concurrency, headers)
@@ -161,7 +157,7 @@ def service_phase(
         cpu.start()
         time.sleep(idle_s)
         idle_cpu_s = cpu.stop()  # Ray's background work with no traffic
-        _log(f"(a) service: {len(answers)} answers, {concurrency} concurrent clients")
+        log(f"(a) service: {len(answers)} answers, {concurrency} concurrent clients")
         cpu.start()
         t0 = time.perf_counter()
         results = _post_all(service.port, answers, concurrency, headers)
@@ -186,17 +182,17 @@ def service_phase(
 def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     from loadtest.service import TreeCpu
     from serve.engine.offline import OfflineEngine
-    from serve.grading.audio import prepare_answer
+    from serve.grading.audio import prepare
 
-    _log("(b) offline: starting the engine (vllm.LLM)")
+    log("(b) offline: starting the engine (vllm.LLM)")
     scorer = OfflineEngine(cfg)
     try:
-        scorer.score_answers([(a.part, prepare_answer(a.wav, cfg.audio)) for a in warmup])
-        _log(f"(b) offline: {len(answers)} answers in one batch")
+        scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in warmup])
+        log(f"(b) offline: {len(answers)} answers in one batch")
         cpu = TreeCpu([os.getpid()])
         cpu.start()
         t0 = time.perf_counter()
-        results = scorer.score_answers([(a.part, prepare_answer(a.wav, cfg.audio)) for a in answers])
+        results = scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in answers])
         wall = time.perf_counter() - t0
         cpu_s = cpu.stop()
     finally:
@@ -215,11 +211,11 @@ def reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     from loadtest.service import TreeCpu
     from serve.grading.audio import prepare_answer
 
-    _log("(c) reference: loading transformers + peft")
+    log("(c) reference: loading transformers + peft")
     ref = ReferenceScorer(cfg)
     for a in warmup[:2]:
         ref.score_answer(a.part, prepare_answer(a.wav, cfg.audio))
-    _log(f"(c) reference: {len(answers)} answers one at a time")
+    log(f"(c) reference: {len(answers)} answers one at a time")
     lat, audio_s, scores = [], 0.0, []
     cpu = TreeCpu([os.getpid()])
     cpu.start()
@@ -304,7 +300,7 @@ def gpu_reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dic
     parts = sorted(specs)
     model, audio_params, lm_params = build_7b_shaped_model(processor, parts)
     name = torch.cuda.get_device_name()
-    _log(
+    log(
         f"(c) reference on {name}: Qwen2-Audio-7B-shaped random bf16 model "
         f"({(audio_params + lm_params) / 1e9:.2f} B parameters without embeddings)"
     )
@@ -361,7 +357,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed)
     warmup = make_answers(parts, min(args.warmup, args.answers), args.min_s, args.max_s, seed=args.seed + 1)
     audio_total = sum(a.seconds for a in answers)
-    _log(
+    log(
         f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({audio_total:.0f} s of audio), "
         f"parts {', '.join(parts)}"
     )

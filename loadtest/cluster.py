@@ -4,7 +4,7 @@
 and worker nodes, each a Ray node of its own (its own raylet, object store and
 resources), started with the environment every node of the service needs (the
 proxy guard's variables, the Ray settings of
-:data:`serve.service.options.RAY_SYSTEM_CONFIG`). ``l2grader serve --address``
+:data:`serve.runtime.ray_cluster.RAY_SYSTEM_CONFIG`). ``l2grader serve --address``
 then deploys the application into it as into any cluster.
 
 Processes are found from this cluster's own raylets only (their process trees),
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,6 @@ from loadtest.service import Service
 
 #: Ray Serve names a replica's worker process after its application and deployment.
 REPLICA_TITLE = "ray::ServeReplica:{app}:{deployment}"
-
-
-def _log(msg: str) -> None:
-    print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
 class LocalCluster:
@@ -40,7 +35,7 @@ class LocalCluster:
         from ray.cluster_utils import Cluster
 
         from serve.engine.requests import configure_vllm_environment
-        from serve.service.options import ray_env
+        from serve.runtime.ray_cluster import ray_env
         from serve.service.proxy_guard import proxy_env
 
         # Every node started below inherits this process's environment.

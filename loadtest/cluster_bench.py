@@ -25,19 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from serve.cli.common import fail
+from serve.runtime.console import log
 
 PARTS_MIX = "interview:40,long_turn:20,part_3:15,part_4:10,part_5:10,part_6:5"
 DEMO_PART_COUNT = 6
-
-
-def _log(msg: str) -> None:
-    print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
 def write_config(
@@ -173,7 +169,7 @@ class ReplicaTimeline(threading.Thread):
                 n = None
             if n is not None and (not self.changes or self.changes[-1][1:] != (n, starting)):
                 self.changes.append((round(time.monotonic() - self.started, 1), n, starting))
-                _log(f"{self.deployment} replicas running: {n}, starting: {starting} (t={self.changes[-1][0]:.0f} s)")
+                log(f"{self.deployment} replicas running: {n}, starting: {starting} (t={self.changes[-1][0]:.0f} s)")
             self._stop_event.wait(self.every_s)
 
     def stop(self) -> list[tuple[float, int, int]]:
@@ -245,7 +241,7 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
 
     tiny = out / "tiny"
     if not (tiny / "demo.yaml").exists():
-        _log(f"writing the tiny checkpoint with {DEMO_PART_COUNT} demo parts to {tiny}")
+        log(f"writing the tiny checkpoint with {DEMO_PART_COUNT} demo parts to {tiny}")
         make_tiny_model(tiny, parts=DEMO_PART_COUNT)
     base = tiny / "demo.yaml"
     spread = args.spread_part_at or None
@@ -272,17 +268,17 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
 
     t0 = time.monotonic()
     with LocalCluster(fixed, workers=1) as cluster:
-        _log(f"cluster up at {cluster.address} ({time.monotonic() - t0:.0f} s): head + 1 worker node")
+        log(f"cluster up at {cluster.address} ({time.monotonic() - t0:.0f} s): head + 1 worker node")
         service = serve_on(cluster, fixed, out / "serve.log")
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         try:
             results["start_s"] = round(time.monotonic() - t0, 1)
             nodes = set(cluster.replica_pids("Scorer").values())
-            _log(f"service ready at {service.url} ({results['start_s']:.0f} s), scorer replicas on {len(nodes)} nodes")
+            log(f"service ready at {service.url} ({results['start_s']:.0f} s), scorer replicas on {len(nodes)} nodes")
             results["scorer_nodes"] = len(nodes)
 
             for phase, parts in (("locality", PARTS_MIX), ("one_part", "interview")):
-                _log(f"phase {phase}: {args.users} users for {d:g} s, parts {parts}")
+                log(f"phase {phase}: {args.users} users for {d:g} s, parts {parts}")
                 before = counts_now(service.url)
                 load = Load(fixed, service.url, out / phase, args.users, d, parts).result()
                 results[phase] = routing_figures(load, stats_delta(before, counts_now(service.url)))
@@ -291,15 +287,15 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
             worker = cluster.workers[0]
             results["failover"] = {}
             for event in ("replica_killed", "node_lost"):
-                _log(f"phase failover, {event.replace('_', ' ')}: {args.users} users for {args.failover_s:g} s")
+                log(f"phase failover, {event.replace('_', ' ')}: {args.users} users for {args.failover_s:g} s")
                 load = Load(fixed, service.url, out / event, args.users, args.failover_s, PARTS_MIX)
                 time.sleep(15)
                 if event == "replica_killed":
                     pid = cluster.kill_replica("Scorer", node=worker)
-                    _log(f"killed scorer replica pid {pid} on the worker node")
+                    log(f"killed scorer replica pid {pid} on the worker node")
                 else:
                     cluster.remove_worker(worker)
-                    _log("stopped the worker node and all its processes; adding a new one")
+                    log("stopped the worker node and all its processes; adding a new one")
                 lost = time.monotonic()
                 if event == "node_lost":
                     cluster.add_worker()
@@ -313,9 +309,9 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
                     "answers_lost": r["answers_given_up"],
                     "load_s": args.failover_s,
                 }
-                _log(f"failover, {event}: {results['failover'][event]}")
+                log(f"failover, {event}: {results['failover'][event]}")
 
-            _log(f"phase deploy: adapters_per_replica {args.adapters} -> {args.adapters + 1} under load")
+            log(f"phase deploy: adapters_per_replica {args.adapters} -> {args.adapters + 1} under load")
             load = Load(changed, service.url, out / "deploy", args.users, args.deploy_s, PARTS_MIX)
             time.sleep(10)
             deploy_s = _deploy(cluster, changed)
@@ -326,15 +322,15 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
                 "retries": deployed["retries"],
                 "answers_lost": deployed["answers_given_up"],
             }
-            _log(f"deploy: {results['deploy']}")
+            log(f"deploy: {results['deploy']}")
             phase = f"locality_{args.adapters + 1}_slots"
-            _log(f"phase {phase}: the locality load again, {args.adapters + 1} adapter slots per replica")
+            log(f"phase {phase}: the locality load again, {args.adapters + 1} adapter slots per replica")
             before = counts_now(service.url)
             load = Load(changed, service.url, out / phase, args.users, d, PARTS_MIX).result()
             results[phase] = routing_figures(load, stats_delta(before, counts_now(service.url)))
             _print_routing(phase, results[phase])
 
-            _log("phase autoscale: scorer 1..2 replicas, step ramp of load, then idle")
+            log("phase autoscale: scorer 1..2 replicas, step ramp of load, then idle")
             _deploy(cluster, scaling)
             wait_for_replicas("Scorer", 1, 180)
             timeline = ReplicaTimeline()
@@ -351,7 +347,7 @@ def run_phases(args: argparse.Namespace, out: Path) -> dict:
                 "retries": load["retries"],
                 "answers_lost": load["answers_given_up"],
             }
-            _log(f"autoscale: {results['autoscale']}")
+            log(f"autoscale: {results['autoscale']}")
         finally:
             service.stop()
     results["wall_s"] = round(time.monotonic() - t0, 1)

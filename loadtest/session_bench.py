@@ -24,13 +24,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
-
-def _log(msg: str) -> None:
-    print(f"l2grader bench-session: {msg}", file=sys.stderr, flush=True)
+from serve.runtime.console import log
 
 
 class TreeMemory:
@@ -115,9 +112,9 @@ def session_phase(config: str, manifest: Path, out: Path, batch_size: int, sampl
         "--batch-size",
         str(batch_size),
     ]
-    _log(f"(a) session: {' '.join(cmd[1:])} (log {out / 'session.log'})")
-    with open(out / "session.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    log(f"(a) session: {' '.join(cmd[1:])} (log {out / 'session.log'})")
+    with open(out / "session.log", "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, start_new_session=True)
         try:
             with TreeMemory(proc.pid, sample_s) as mem:
                 stdout, _ = proc.communicate()
@@ -156,7 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     parts = sorted(cfg.parts)
     answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed)
     manifest = write_session(answers, out)
-    _log(
+    log(
         f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({sum(a.seconds for a in answers):.0f} s of audio) "
         f"in {manifest}"
     )

@@ -25,7 +25,6 @@ import argparse
 import json
 import random
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -34,10 +33,7 @@ from pathlib import Path
 
 from loadtest.audio import answer_bytes
 from loadtest.retry import RETRYABLE, retry_delay
-
-
-def _log(msg: str) -> None:
-    print(f"soak: {msg}", file=sys.stderr, flush=True)
+from serve.runtime.console import log
 
 
 class Tally:
@@ -196,7 +192,7 @@ def swapper(url: str, admin: dict, stop: threading.Event, tally: Tally, adapters
             f"{url}/v1/parts/interview", headers=admin, json={"adapter": adapters[i % len(adapters)]}, timeout=120
         )
         tally.status(r.status_code, r.text)
-        _log(f"adapter swap {i}: {r.status_code}")
+        log(f"adapter swap {i}: {r.status_code}")
 
 
 def rss_by_process(pids: list[int]) -> dict[str, int]:
@@ -245,7 +241,7 @@ def run_soak(args: argparse.Namespace) -> dict:
     user_key, admin_key = uuid.uuid4().hex, uuid.uuid4().hex
     headers, admin = {"Authorization": f"Bearer {user_key}"}, {"Authorization": f"Bearer {admin_key}"}
     adapters = [str(p.adapter) for p in cfg.parts.values() if p.adapter is not None]
-    _log(f"starting the service (log {out / 'serve.log'})")
+    log(f"starting the service (log {out / 'serve.log'})")
     service = Service(
         str(config), out / "serve.log", env={"L2GRADER_SOAK_KEYS": user_key, "L2GRADER_SOAK_ADMIN": admin_key}
     )
@@ -269,7 +265,7 @@ def run_soak(args: argparse.Namespace) -> dict:
         while time.time() - t0 < args.duration:
             time.sleep(10)
             samples.append((time.time() - t0, rss_by_process(service.pids())))
-            _log(
+            log(
                 f"{time.time() - t0:5.0f} s: answered {tally.answered}/{tally.sent}, statuses {dict(tally.statuses)}, "
                 f"RSS {sum(samples[-1][1].values())} MB"
             )

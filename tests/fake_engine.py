@@ -9,13 +9,25 @@ engine must never see.
 from __future__ import annotations
 
 import asyncio
+import os
 
 import numpy as np
 
+from serve.grading.answers import answer_result
 from serve.grading.parts import Part, PartSpec, resolve_part
-from serve.grading.scoring import ChunkScore, aggregate
+from serve.grading.scoring import ChunkScore
 
 SECONDS_PER_AUDIO_SECOND = 0.1
+#: Environment variable naming a file where the fake engine appends one line per adapter load and unload
+#: ("load <part>", "unload <part>"), so a test sees what a replica in another process did.
+EVENTS_ENV = "L2GRADER_FAKE_ENGINE_EVENTS"
+
+
+def _record(event: str, part: str) -> None:
+    path = os.environ.get(EVENTS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{event} {part}\n")
 
 
 class LetterTokenizer:
@@ -38,15 +50,18 @@ class FakeEngine:
 
     async def load_adapter(self, spec: PartSpec) -> None:
         self.loaded.add(spec.adapter_hash)
+        _record("load", spec.part)
 
     async def unload_adapter(self, spec: PartSpec) -> None:
         self.loaded.discard(spec.adapter_hash)
+        _record("unload", spec.part)
 
     def _check_loaded(self, spec: PartSpec, when: str) -> None:
         if spec.adapter_path is not None and spec.adapter_hash not in self.loaded:
             raise RuntimeError(f"adapter {spec.model_id} not loaded {when}")
 
-    async def score_answer(self, spec: PartSpec, chunks, request_id: str):
+    async def score_answer(self, spec: PartSpec, prepared, request_id: str):
+        chunks = prepared.chunks
         if request_id != "warm-up":
             self._check_loaded(spec, "when its request started")
         await asyncio.sleep(SECONDS_PER_AUDIO_SECOND * sum(c.duration_s for c in chunks))
@@ -54,7 +69,7 @@ class FakeEngine:
             self._check_loaded(spec, "while its request ran")
         n = len(spec.levels)
         scores = [ChunkScore(c.start_s, c.end_s, np.full(n, 1.0 / n)) for c in chunks]
-        return aggregate(spec.part, spec.levels, scores, spec.model, spec.intervals)
+        return answer_result(spec, prepared, scores)
 
     def shutdown(self) -> None:
         pass

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+import soundfile as sf
 
-from serve.grading.audio import SAMPLE_RATE, AudioError, check_speech, chunk_bounds, decode, prepare_answer, split
+from serve.grading.audio import SAMPLE_RATE, AudioError, chunk_bounds, decode, prepare, prepare_answer, split
 from serve.grading.config import AudioConfig
 from tests.audio_fixtures import speechlike
 
@@ -61,15 +62,24 @@ def test_too_long_is_refused_before_decoding(audio_dir):
     assert e.value.kind == "too_long"
 
 
+def _wav(wave: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
 def test_silence_and_too_little_speech():
+    cfg = AudioConfig(min_speech_s=1.0, silence_dbfs=-50)
     with pytest.raises(AudioError, match="silent") as e:
-        check_speech(np.zeros(5 * SAMPLE_RATE, np.float32), min_speech_s=1.0, silence_dbfs=-50)
+        prepare(_wav(np.zeros(5 * SAMPLE_RATE, np.float32)), cfg)
     assert e.value.kind == "silence"
     blip = np.zeros(5 * SAMPLE_RATE, np.float32)
     blip[: SAMPLE_RATE // 4] = speechlike(0.25)
     with pytest.raises(AudioError, match="too short"):
-        check_speech(blip, min_speech_s=1.0, silence_dbfs=-50)
-    check_speech(speechlike(3.0), min_speech_s=1.0, silence_dbfs=-50)
+        prepare(_wav(blip), cfg)
+    assert prepare(_wav(speechlike(3.0)), cfg).quality.speech_s > 1.0
 
 
 def test_prepare_answer(audio_dir):

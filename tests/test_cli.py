@@ -8,6 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from serve.grading.config import PartConfig, load_config
+from serve.grading.registry import PartRegistry
+from serve.grading.results import ScoredAnswer
 
 L2GRADER = str(Path(sys.executable).parent / "l2grader")
 
@@ -30,7 +35,9 @@ def test_make_tiny_model_writes_a_ready_config(tmp_path):
 def test_unknown_part_fails_fast_with_one_line(tiny_dir, audio_dir):
     r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "nope", audio_dir / "a.wav", timeout=60)
     assert r.returncode == 2
-    assert error_lines(r.stderr) == ["l2grader: error: unknown part 'nope' (known parts: interview, long_turn)"]
+    assert error_lines(r.stderr) == [
+        "l2grader: error: unknown part 'nope' (known parts: interview (config), long_turn (config))"
+    ]
 
 
 def test_bad_config_fails_with_one_line(tmp_path, audio_dir):
@@ -40,14 +47,15 @@ def test_bad_config_fails_with_one_line(tmp_path, audio_dir):
 
 
 @pytest.mark.engine
-def test_score_batch_with_bad_files(tiny_dir, audio_dir):
+def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     files = ["a.wav", "corrupt.wav", "b.flac", "empty.wav", "c.ogg", "silent.wav", "d.mp3", "a.wav"]
     r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", *(audio_dir / f for f in files))
     assert r.returncode == 1, r.stderr[-3000:]
     results = [json.loads(line) for line in r.stdout.splitlines()]
     assert [Path(x["file"]).name for x in results] == ["a.wav", "b.flac", "c.ogg", "d.mp3", "a.wav"]
     for x in results:
-        assert set(x) >= {"part", "score", "hard_score", "cefr", "probabilities", "chunks", "duration_s", "model"}
+        assert set(x) == {"file", *ScoredAnswer.model_fields}  # the whole answer, as every door gives it
+        assert x["status"] == "scored" and x["quality"]["speech_s"] > 0 and isinstance(x["review"]["needed"], bool)
         assert abs(sum(x["probabilities"].values()) - 1) < 1e-4
         assert 1.0 <= x["score"] <= 6.0
         assert x["model"]["untrained"] is True and x["model"]["adapter"].startswith("interview@")
@@ -67,8 +75,17 @@ def test_score_batch_with_bad_files(tiny_dir, audio_dir):
     again = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", audio_dir / "b.flac")
     assert again.returncode == 0
     assert json.loads(again.stdout)["probabilities"] == pytest.approx(by_name["b.flac"]["probabilities"], abs=1e-6)
-    other = run("score", "--config", tiny_dir / "demo.yaml", "--part", "long_turn", audio_dir / "b.flac")
-    assert other.returncode == 0
+    # A part added at run time (in the registry file, as PUT /v1/parts adds it) is scored too, under its model id.
+    raw = tiny_config()
+    raw["serving"] = {"registry_file": str(tmp_path / "registry.json")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    adapter = raw["parts"]["long_turn"]["adapter"]
+    PartRegistry.of_config(load_config(tmp_path / "c.yaml"), tmp_path / "c.yaml").put(
+        "added", PartConfig(adapter=adapter)
+    )
+    other = run("score", "--config", tmp_path / "c.yaml", "--part", "added", audio_dir / "b.flac")
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads(other.stdout)["model"]["adapter"].startswith("added@")
     diff = max(
         abs(json.loads(other.stdout)["probabilities"][k] - v) for k, v in by_name["b.flac"]["probabilities"].items()
     )

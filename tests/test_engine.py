@@ -13,8 +13,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from serve.grading.audio import split
+from serve.grading.audio import SAMPLE_RATE, PreparedAnswer, split
 from serve.grading.config import load_config
+from serve.grading.quality import measure
 from tests.audio_fixtures import speechlike
 
 pytestmark = pytest.mark.engine
@@ -65,7 +66,7 @@ WAVES = [speechlike(6, seed=11), speechlike(20, seed=12), speechlike(75, seed=13
 
 def score_waves(engine, part, waves):
     """Score already-decoded 16 kHz answers of one part, chunked as in serving."""
-    return engine.score_answers([(part, split(w)) for w in waves])
+    return engine.score_answers([(part, PreparedAnswer(split(w), measure(w, SAMPLE_RATE, -50.0))) for w in waves])
 
 
 @pytest.mark.parametrize("part", ["base", "interview", "long_turn"])

@@ -19,10 +19,10 @@ import yaml
 
 from serve.grading.adapter_files import AdapterError, check_adapter, check_lora_dims
 from serve.grading.config import ConfigError, GraderConfig, PartConfig, clip, read_keys, validate_part_id
+from serve.grading.registry import PartRegistry
 from serve.service.admission import ScoringSlots
 from serve.service.errors import ApiError
 from serve.service.proxy_guard import GuardLimits, ProxyGuard
-from serve.service.registry import PartRegistry
 from serve.service.server import listen_host
 from serve.service.uploads import UploadLimits
 from tests.conftest import L2GRADER

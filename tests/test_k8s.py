@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from serve.grading.config import load_config
-from serve.service.options import INGRESS, SCORER, ray_env, serve_config
+from serve.runtime.ray_cluster import ray_env
+from serve.service.options import INGRESS, SCORER, serve_config
 from tests.kustomize_lite import KustomizeError, apply_json6902, build
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import yaml
 
 from serve.grading.adapter_files import AdapterError
 from serve.grading.config import PartConfig, UnknownPartError, load_config
-from serve.service.registry import PartRegistry, default_registry_file
+from serve.grading.registry import PartRegistry, default_registry_file
 
 
 @pytest.fixture()

@@ -25,7 +25,7 @@ from serve.grading.config import load_config
 from serve.grading.parts import config_parts
 from serve.service.scorer import LoadedPart
 from tests.audio_fixtures import speechlike
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import EVENTS_ENV, FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "scorer-test"
@@ -106,6 +106,7 @@ def url(cfg_path):
     from serve.service.app import build_app
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    os.environ[EVENTS_ENV] = str(cfg_path.parent / "engine-events.txt")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
@@ -126,9 +127,15 @@ def post(url: str, part: str, seconds: float, seed: int = 0) -> httpx.Response:
 
 
 def scorer_stats() -> dict:
-    from ray import serve
+    """Adapter loads and unloads (evictions) by part, as the scorer replica's fake engine recorded them."""
+    from collections import Counter
 
-    return serve.get_deployment_handle("Scorer", APP).get_stats.remote().result()
+    lines = Path(os.environ[EVENTS_ENV]).read_text().split() if os.path.exists(os.environ[EVENTS_ENV]) else []
+    events = list(zip(lines[::2], lines[1::2]))
+    return {
+        "adapter_loads": Counter(p for e, p in events if e == "load"),
+        "adapter_evictions": Counter(p for e, p in events if e == "unload"),
+    }
 
 
 def test_parts_are_multiplexed_with_an_lru_of_one_adapter(url):

@@ -55,9 +55,9 @@ def test_a_call_waiting_while_no_scorer_replica_runs_gets_503(fast, monkeypatch)
     async def run():
         client = ScorerClient(NeverAnswering(), retry_after_s=2)
         with pytest.raises(ApiError) as first:
-            await asyncio.wait_for(client.call("score_chunks", [], "r1", model_id="m"), timeout=10)
+            await asyncio.wait_for(client.call("score", None, "r1", model_id="m"), timeout=10)
         with pytest.raises(ApiError) as second:  # at once, without waiting: the scorer is known to be down
-            await asyncio.wait_for(client.call("score_chunks", [], "r2", model_id="m"), timeout=0.5)
+            await asyncio.wait_for(client.call("score", None, "r2", model_id="m"), timeout=0.5)
         return first.value, second.value, await client.ready()
 
     first, second, ready = asyncio.run(run())
@@ -79,7 +79,7 @@ def test_a_long_call_keeps_waiting_unless_no_replica_runs(fast, monkeypatch, run
     async def run():
         client = ScorerClient(NeverAnswering(), retry_after_s=2)
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(client.call("score_chunks", [], "r1", model_id="m"), timeout=1.5)
+            await asyncio.wait_for(client.call("score", None, "r1", model_id="m"), timeout=1.5)
         return client.down_since
 
     assert asyncio.run(run()) is None

@@ -3,13 +3,13 @@ import pytest
 
 from serve.grading.levels import DEFAULT_LEVELS, nearest_level
 from serve.grading.results import ModelInfo
-from serve.grading.scoring import ChunkScore, aggregate, label_distribution, label_probabilities, soft_score
+from serve.grading.scoring import ChunkScore, aggregate, label_distribution, soft_score
 
 MODEL = ModelInfo(base="m", adapter=None, adapter_hash=None)
 
 
 def test_label_probabilities_renormalise():
-    p = label_probabilities(np.log([0.1, 0.2, 0.1]))  # mass 0.4 on the labels
+    p = label_distribution(np.log([0.1, 0.2, 0.1]))[0]  # mass 0.4 on the labels
     assert p == pytest.approx([0.25, 0.5, 0.25])
 
 

@@ -1,11 +1,15 @@
 """``l2grader score-session``: a whole session on Ray Data, as a user runs it (real Ray, real engine, real files).
 
-One session of a few hundred short answers of two parts over two candidates,
-with corrupt, empty, silent and missing files, an unknown part and an empty
-field: the run is stopped with SIGINT once some parts are written, then run
-again; the output holds every manifest row exactly once, the bad ones with
-their kind, and the scores of ``l2grader score``'s engine on the same files
-(within 1e-5). Manifest and output-folder errors are checked without an engine.
+One session of a few hundred short answers of three parts (one of them added
+at run time through the part registry, as ``PUT /v1/parts`` adds it) over two
+candidates, with corrupt, empty, silent and missing files, an unknown part and
+an empty field: the run, with its default options, is stopped with SIGINT to
+its process group (as Ctrl-C does) once results arrive, then run again; the
+output holds every manifest row exactly once, the bad ones with their kind,
+and every field of the answer ``l2grader score``'s engine gives on the same
+files (scores within 1e-5, the same quality, uncertainty and review); the
+candidates file holds what the batch endpoint's ``overall`` holds. Manifest
+and output-folder errors are checked without an engine.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ def session(tmp_path_factory) -> dict:
             {
                 "response_id": f"{i:05d}",
                 "candidate_id": f"cand-{i % 2}",
-                "part": ("interview", "long_turn")[i % 2],
+                "part": ("interview", "long_turn", "interview", "opinion")[i % 4],
                 "audio": f"audio/{name}",
             }
         )
@@ -85,19 +89,36 @@ def session(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(session, tiny_dir) -> dict:
-    """What ``l2grader score`` gives for each good answer: its engine (OfflineEngine) on the same files."""
-    from serve.engine.offline import OfflineEngine
-    from serve.grading.audio import prepare_answer
-    from serve.grading.config import load_config
+def config(tiny_config, tmp_path_factory) -> Path:
+    """The demo config with a registry file in which part ``opinion`` was added at run time (as a PUT adds it)."""
+    import yaml
 
-    cfg = load_config(tiny_dir / "demo.yaml")
+    from serve.grading.config import PartConfig, load_config
+    from serve.grading.registry import PartRegistry
+
+    d = tmp_path_factory.mktemp("session-config")
+    raw = tiny_config()
+    raw["serving"] = {"registry_file": str(d / "registry.json")}
+    (d / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(d / "c.yaml")
+    adapter = raw["parts"]["interview"]["adapter"]
+    PartRegistry.of_config(cfg, d / "c.yaml").put("opinion", PartConfig(adapter=adapter, task="Give an opinion."))
+    return d / "c.yaml"
+
+
+@pytest.fixture(scope="module")
+def reference(session, config) -> dict:
+    """What ``l2grader score`` gives for each good answer: its engine (OfflineEngine) and the registry's parts."""
+    from serve.engine.offline import OfflineEngine
+    from serve.grading.audio import prepare
+    from serve.grading.config import load_config
+    from serve.grading.registry import PartRegistry
+
+    cfg = load_config(config)
     good = [r for r in session["rows"] if not r["response_id"].startswith("bad-")]
-    engine = OfflineEngine(cfg)
+    engine = OfflineEngine(cfg, PartRegistry.of_config(cfg, config).entries())
     try:
-        results = engine.score_answers(
-            [(r["part"], prepare_answer(session["dir"] / r["audio"], cfg.audio)) for r in good]
-        )
+        results = engine.score_answers([(r["part"], prepare(session["dir"] / r["audio"], cfg.audio)) for r in good])
     finally:
         engine.close()
     return {r["response_id"]: res.model_dump() for r, res in zip(good, results)}
@@ -117,7 +138,7 @@ def score_session(config, manifest, out, *extra, timeout=600, wait=True):
     ]
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def committed_rows(out: Path) -> int:
@@ -128,23 +149,45 @@ def committed_rows(out: Path) -> int:
 
 
 @pytest.mark.engine
-def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(session, reference, tiny_dir, tmp_path):
-    config, manifest, out = tiny_dir / "demo.yaml", session["dir"] / "manifest.parquet", tmp_path / "out"
+def stderr_lines(proc: subprocess.Popen) -> list[str]:
+    """The process's stderr lines, filled by a thread as they come."""
+    import threading
+
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    return lines
+
+
+def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(session, reference, config, tmp_path):
+    from serve.grading.answers import candidate_result
+    from serve.grading.config import load_config
+    from serve.grading.registry import PartRegistry
+    from serve.grading.results import Review
+    from serve.session.schema import answer_of_row
+
+    manifest, out = session["dir"] / "manifest.parquet", tmp_path / "out"
     total = len(session["rows"])
 
-    # 1. Stopped with SIGINT once some parts are committed.
-    proc = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, wait=False)
+    # 1. Default options, stopped by SIGINT to its process group (Ctrl-C) once results arrive: it stops within
+    # seconds, commits what arrived and exits 130.
+    proc = score_session(config, manifest, out, wait=False)
+    err_lines = stderr_lines(proc)
     deadline = time.time() + 600
-    while not (out / "answers").is_dir() or committed_rows(out) < 16:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "no part committed in time"
+    while not any(" answers (" in line and "answers/s" in line for line in err_lines):  # a progress line
+        assert proc.poll() is None, "".join(err_lines)[-3000:]
+        assert time.time() < deadline, "no result in time"
         time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    os.killpg(proc.pid, signal.SIGINT)
+    asked = time.monotonic()
+    proc.wait(timeout=120)
+    stopped_s = time.monotonic() - asked
+    time.sleep(0.5)  # the reader thread takes the last lines
+    err = "".join(err_lines)
     assert proc.returncode == 130, err[-3000:]
+    assert stopped_s < 60, f"took {stopped_s:.0f} s to stop"
     assert "run the same command again to go on" in err and "decoding in the engine actors" in err
     first = committed_rows(out)
-    assert 16 <= first < total, "the run was not stopped part-way"
+    assert 1 <= first < total, "the run was not stopped part-way"
     assert not [p for p in (out / "answers").iterdir() if not p.name.startswith("part-")]  # only whole parts
 
     # 2. Again: only what is missing is scored (decoding in CPU tasks of their own this time, as on a cluster).
@@ -171,21 +214,43 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
     for rid, want in reference.items():
         got = by_id[rid]
         assert got["status"] == "scored" and got["error_kind"] is None
-        assert got["cefr"] == want["cefr"] and got["hard_score"] == want["hard_score"]
-        assert [c["end_s"] for c in got["chunks"]] == [c["end_s"] for c in want["chunks"]]
-        assert dict(got["probabilities"]) == pytest.approx(want["probabilities"], abs=1e-5)
-        assert got["model"] == want["model"] and got["duration_s"] == want["duration_s"]
+        answer = answer_of_row(got).model_dump()  # every field of the answer, nested ones too
+        assert set(answer) == set(want)
+        for field in ("score", "probabilities", "uncertainty", "label_mass"):
+            assert answer[field] == pytest.approx(want[field], abs=1e-5), (rid, field)
+        for mine, theirs in zip(answer["chunks"], want["chunks"], strict=True):
+            assert mine == pytest.approx(theirs, abs=1e-5)
+        close = ("score", "probabilities", "chunks", "uncertainty", "label_mass")
+        rest = {k: v for k, v in answer.items() if k not in close}
+        assert rest == {k: want[k] for k in rest}, rid  # cefr, labels, label mass, quality, review, model, ...
         diffs.append(abs(got["score"] - want["score"]))
     assert max(diffs) < 1e-5
     assert any(len(by_id[rid]["chunks"]) == 2 for rid in reference)  # the 35 s answers: two chunks, reassembled
+    opinion = [by_id[rid] for rid, a in reference.items() if a["part"] == "opinion"]
+    assert opinion and all(a["model"]["adapter"].startswith("opinion@") for a in opinion)  # added at run time
 
+    # The candidates file holds the batch endpoint's overall: the same function over the same answers.
+    cfg = load_config(config)
+    parts = PartRegistry.of_config(cfg, config).entries()
     candidates = {c["candidate_id"]: c for c in pq.read_table(out / "candidates.parquet").to_pylist()}
     for cid, c in candidates.items():
         mine = [a for a in answers if a["candidate_id"] == cid]
-        scored = [a["score"] for a in mine if a["status"] == "scored"]
-        assert (c["answers"], c["scored"], c["not_scorable"]) == (len(mine), len(scored), len(mine) - len(scored))
-        assert c["score"] == (pytest.approx(sum(scored) / len(scored), abs=1e-12) if scored else None)
+        scored = [a for a in mine if a["status"] == "scored"]
+        want = candidate_result(
+            [a["score"] for a in scored],
+            [Review.model_validate(a["review"]) for a in scored],
+            len(mine) - len(scored),
+            parts[scored[0]["part"]].config.levels if scored else (),
+        )
+        assert {k: c[k] for k in ("answers", "scored", "not_scorable")} == {
+            "answers": len(mine),
+            "scored": len(scored),
+            "not_scorable": len(mine) - len(scored),
+        }
+        assert c["score"] == (pytest.approx(want.score, abs=1e-12) if scored else None)
+        assert c["review"] == want.review.model_dump() and c["cefr"] == want.cefr
     assert candidates["cand-1"]["not_scorable"] == len(BAD) - 1
+    assert candidates["cand-1"]["review"]["needed"] and "not_scorable" in candidates["cand-1"]["review"]["reasons"]
 
     # 3. Once more: nothing to do (no engine started), same output.
     again = score_session(config, manifest, out)
@@ -203,7 +268,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_scores_of_score(sess
 # ---------------------------------------------------------------- manifest errors (Ray, no engine)
 
 
-def test_bad_manifests_fail_at_once_with_one_line(tiny_dir, tmp_path):
+def test_bad_manifests_fail_at_once_with_one_line(config, tmp_path):
     (tmp_path / "dup.csv").write_text("response_id,candidate_id,part,audio\n7,c,interview,a.wav\n7,c,interview,b.wav\n")
     (tmp_path / "cols.jsonl").write_text('{"response_id": "1", "candidate_id": "c", "audio": "a.wav"}\n')
     (tmp_path / "m.txt").write_text("x")
@@ -214,7 +279,7 @@ def test_bad_manifests_fail_at_once_with_one_line(tiny_dir, tmp_path):
         "absent.csv": "not found",
     }
     for name, message in cases.items():
-        r = score_session(tiny_dir / "demo.yaml", tmp_path / name, tmp_path / f"out-{name}", timeout=300)
+        r = score_session(config, tmp_path / name, tmp_path / f"out-{name}", timeout=300)
         lines = [x for x in r.stderr.splitlines() if x.startswith("l2grader: error:")]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (name, r.stderr[-2000:])
 

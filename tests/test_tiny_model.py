@@ -7,7 +7,7 @@ import pytest
 from safetensors import safe_open
 
 from adapters.tiny_model import DEMO_PARTS, make_tiny_model
-from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, read_adapter_metadata
+from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, METADATA_FILE, check_adapter
 from serve.grading.config import load_config
 from serve.grading.levels import DEFAULT_LEVELS
 from serve.grading.parts import LabelTokenError, label_token_ids, resolve_parts
@@ -48,7 +48,7 @@ def test_demo_adapters_are_nonzero_and_distinct(tiny_dir):
             names = list(f.keys())
             assert names and all("language_model" in n for n in names)
             assert all(f.get_tensor(n).abs().sum() > 0 for n in names)
-        assert read_adapter_metadata(d)["part"] == part
+        assert json.loads((d / METADATA_FILE).read_text())["part"] == part
         hashes.add(check_adapter(d).content_hash)
     assert len(hashes) == len(DEMO_PARTS)
 

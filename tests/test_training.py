@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from adapters.synth import VOICES
-from serve.grading.adapter_files import check_adapter, read_adapter_metadata
+from serve.grading.adapter_files import METADATA_FILE, check_adapter
 from tests.conftest import require_espeak
 
 TRAIN_FLAGS = ["--lr", "1e-3", "--epochs", "3", "--batch-size", "16", "--dropout", "0", "--rank", "16"]
@@ -293,14 +293,19 @@ def test_calibrated_intervals_cover_held_out_answers(run, synth, tmp_path):
 @pytest.mark.engine
 def test_vllm_serves_what_the_trainer_learned(run):
     """The trainer's own evaluation (transformers + peft, eval mode) equals vLLM's scores of the same adapter."""
+    import torch
+    from peft import PeftModel
+
     from adapters.dataset import load_answers, read_jsonl
-    from adapters.train import load_trained, score_answers
+    from adapters.train import load_base_model, part_spec, score_answers
     from serve.grading.config import load_config
 
     cfg = load_config(run["cfg"])
     answers, bad = load_answers(read_jsonl(run["test"], "interview"), cfg.audio)
     assert not bad
-    model, processor, spec = load_trained(cfg, "interview", run["adapter"])
+    base, processor = load_base_model(cfg.model.base, torch.float32, "cpu")
+    model = PeftModel.from_pretrained(base, str(run["adapter"])).eval()
+    spec = part_spec(cfg, "interview", processor.tokenizer)
     own = score_answers(model, processor, spec, answers, batch_size=16, device="cpu", dtype=model.dtype)
     served = [json.loads(line) for line in (run["dir"] / "trained.jsonl").read_text().splitlines()]
     assert len(served) == len(own) == N_TEST
@@ -321,7 +326,7 @@ def test_trained_adapter_is_a_serving_adapter(run):
     assert peft_cfg["r"] == 16 and peft_cfg["bias"] == "none" and not peft_cfg.get("modules_to_save")
     assert not peft_cfg.get("use_dora")
     assert "language_model" in peft_cfg["target_modules"]
-    meta = read_adapter_metadata(out)
+    meta = json.loads((out / METADATA_FILE).read_text())
     assert meta["part"] == "interview" and [lv["label"] for lv in meta["levels"]] == list("ABCDEF")
     assert meta["training"]["loss"] == "fa" and meta["training"]["train_answers"] == N_TRAIN
     summary = json.loads((out / "training_summary.json").read_text())

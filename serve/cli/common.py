@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-import sys
-
-PROG = "l2grader"
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one error line and exit."""
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+from serve.runtime.console import PROG, fail, log  # noqa: F401 - the commands' shared helpers
 
 
 def load_config_or_exit(path: str, part: str | None = None):
-    """The validated config (and, if given, a check that ``part`` is in it); one error line and exit 2 otherwise."""
+    """The validated config (and, if given, a check that ``part`` is registered); one error line and exit 2
+    otherwise."""
     from serve.grading.config import ConfigError, UnknownPartError, load_config
 
     try:
         cfg = load_config(path)
         if part is not None:
-            cfg.part(part)
+            parts_or_exit(cfg, path, [part])
     except (ConfigError, UnknownPartError) as e:
         fail(str(e))
     return cfg
+
+
+def parts_or_exit(cfg, config_path: str, names=None) -> dict:
+    """The registered parts (the config's plus those added with ``PUT /v1/parts``, as the service sees them), all
+    or the given ``names``, adapters checked; one error line and exit 2 for an unknown part or a bad adapter."""
+    from serve.grading.adapter_files import AdapterError
+    from serve.grading.config import UnknownPartError
+    from serve.grading.registry import PartRegistry
+
+    try:
+        registry = PartRegistry.of_config(cfg, config_path)
+        return registry.entries() if names is None else {n: registry.get(n) for n in names}
+    except (UnknownPartError, AdapterError, ValueError) as e:
+        fail(str(e))

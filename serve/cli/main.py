@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from serve.cli.common import PROG, fail, load_config_or_exit
+from serve.cli.common import PROG, fail, load_config_or_exit, log, parts_or_exit
 
 #: Entry-point group of the subcommands other packages add: ``add_commands(subparsers)``.
 COMMANDS_GROUP = "l2grader.commands"
@@ -52,7 +52,8 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    cfg = load_config_or_exit(args.config, args.part)
+    cfg = load_config_or_exit(args.config)
+    parts = parts_or_exit(cfg, args.config, [args.part])
     if not args.verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -60,9 +61,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from serve.grading.adapter_files import AdapterError
     from serve.grading.audio import PreparedAnswer
     from serve.grading.parts import LabelTokenError
-    from serve.grading.review import assess
 
-    thresholds = cfg.part(args.part).review
     scorer = None
     failed = 0
     try:
@@ -75,14 +74,13 @@ def cmd_score(args: argparse.Namespace) -> int:
                 good = [prepared for _, prepared in batch if isinstance(prepared, PreparedAnswer)]
                 if good and scorer is None:
                     try:
-                        scorer = OfflineEngine(cfg)
+                        scorer = OfflineEngine(cfg, parts)
                     except (LabelTokenError, AdapterError, ValueError) as e:
                         fail(str(e))
-                results = iter(scorer.score_answers([(args.part, p.chunks) for p in good]) if good else [])
+                results = iter(scorer.score_answers([(args.part, p) for p in good]) if good else [])
                 for path, prepared in batch:
                     if isinstance(prepared, PreparedAnswer):
-                        answer = assess(next(results), prepared.quality, thresholds)
-                        print(json.dumps({"file": path, **answer.model_dump()}), flush=True)
+                        print(json.dumps({"file": path, **next(results).model_dump()}), flush=True)
                     else:
                         failed += 1
                         print(f"{PROG}: error: {path}: {prepared}", file=sys.stderr, flush=True)
@@ -110,12 +108,9 @@ def cmd_score_session(args: argparse.Namespace) -> int:
 
     configure_vllm_environment()
     if cfg.model.untrained:
-        print(
-            f"{PROG}: WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing",
-            file=sys.stderr,
-            flush=True,
-        )
+        log("WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
     opts = SessionOptions(
+        config_path=args.config,
         manifest=args.manifest,
         out=args.out,
         address=args.address,

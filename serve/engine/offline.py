@@ -8,7 +8,7 @@ benchmark's offline path use it.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from serve.engine.requests import (
     chunk_score,
@@ -18,23 +18,28 @@ from serve.engine.requests import (
     lora_request,
     sampling_params,
 )
-from serve.grading.audio import Chunk
+from serve.grading.answers import answer_result
+from serve.grading.audio import PreparedAnswer
 from serve.grading.config import GraderConfig
-from serve.grading.parts import PartSpec, resolve_parts
+from serve.grading.parts import Part, PartSpec, config_parts, resolve_part
 from serve.grading.results import ScoredAnswer
-from serve.grading.scoring import aggregate
 
 
 class OfflineEngine:
-    """One ``vllm.LLM`` and the config's parts resolved against its tokenizer."""
+    """One ``vllm.LLM`` and the parts it scores (the registry's, else the config's) resolved against its tokenizer."""
 
-    def __init__(self, cfg: GraderConfig):
+    def __init__(self, cfg: GraderConfig, parts: Mapping[str, Part] | None = None):
         configure_vllm_environment()
         from vllm import LLM
 
         self.cfg = cfg
         self.llm = LLM(**engine_kwargs(cfg))
-        self.parts: dict[str, PartSpec] = resolve_parts(cfg, self.llm.get_tokenizer())
+        tokenizer = self.llm.get_tokenizer()
+        m = cfg.model
+        self.parts: dict[str, PartSpec] = {
+            name: resolve_part(part, tokenizer, base=m.base, untrained=m.untrained)
+            for name, part in (config_parts(cfg) if parts is None else parts).items()
+        }
 
     def close(self) -> None:
         """Stop the engine's processes now rather than at interpreter exit."""
@@ -42,9 +47,9 @@ class OfflineEngine:
         if core is not None:
             core.shutdown()
 
-    def score_answers(self, answers: Sequence[tuple[str, list[Chunk]]]) -> list[ScoredAnswer]:
-        """Score answers given as (part, chunks); every chunk of every answer goes to the engine at once."""
-        requests = [(part, chunk) for part, chunks in answers for chunk in chunks]
+    def score_answers(self, answers: Sequence[tuple[str, PreparedAnswer]]) -> list[ScoredAnswer]:
+        """Score answers given as (part, prepared answer); every chunk of every answer goes to the engine at once."""
+        requests = [(part, chunk) for part, prepared in answers for chunk in prepared.chunks]
         if not requests:
             return []
         specs = [self.parts[part] for part, _ in requests]
@@ -55,9 +60,9 @@ class OfflineEngine:
             use_tqdm=sys.stderr.isatty(),
         )
         results, i = [], 0
-        for part, chunks in answers:
+        for part, prepared in answers:
             spec = self.parts[part]
-            scores = [chunk_score(spec, c, outputs[i + k]) for k, c in enumerate(chunks)]
-            i += len(chunks)
-            results.append(aggregate(part, spec.levels, scores, spec.model, spec.intervals))
+            scores = [chunk_score(spec, c, outputs[i + k]) for k, c in enumerate(prepared.chunks)]
+            i += len(prepared.chunks)
+            results.append(answer_result(spec, prepared, scores))
         return results

@@ -24,11 +24,12 @@ from serve.engine.requests import (
     sampling_params,
 )
 from serve.grading.adapter_files import check_lora_dims
-from serve.grading.audio import Chunk
+from serve.grading.answers import answer_result
+from serve.grading.audio import Chunk, PreparedAnswer
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part, PartSpec, resolve_part
 from serve.grading.results import ScoredAnswer
-from serve.grading.scoring import ChunkScore, aggregate
+from serve.grading.scoring import ChunkScore
 
 
 def served_model_name(cfg: GraderConfig) -> str:
@@ -82,10 +83,11 @@ class OnlineEngine:
             final = out
         return chunk_score(spec, chunk, final)
 
-    async def score_answer(self, spec: PartSpec, chunks: Sequence[Chunk], request_id: str) -> ScoredAnswer:
+    async def score_answer(self, spec: PartSpec, prepared: PreparedAnswer, request_id: str) -> ScoredAnswer:
         """Score one answer: all its chunks are submitted at once."""
+        chunks = prepared.chunks
         scores = await asyncio.gather(*(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(chunks)))
-        return aggregate(spec.part, spec.levels, scores, spec.model, spec.intervals)
+        return answer_result(spec, prepared, scores)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -158,9 +158,3 @@ def write_adapter_metadata(path: Path, *, part: str, levels: Sequence[Level], tr
     """Write ``grader_adapter.json`` beside peft's files."""
     meta = {"part": part, "levels": [lv.model_dump() for lv in levels], "training": training}
     (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def read_adapter_metadata(path: Path) -> dict[str, Any] | None:
-    """The adapter's ``grader_adapter.json``, or None for a plain peft adapter."""
-    f = path / METADATA_FILE
-    return json.loads(f.read_text()) if f.is_file() else None

@@ -229,19 +229,6 @@ class _Resampler:
         return [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
 
 
-def voiced_seconds(wave: np.ndarray, silence_dbfs: float, frame_s: float = quality.FRAME_S) -> float:
-    """Seconds of audio whose frame RMS is above ``silence_dbfs``."""
-    powers = quality.frame_powers(wave, SAMPLE_RATE, frame_s)
-    return float(np.count_nonzero(quality.voiced_mask(powers, silence_dbfs)) * frame_s)
-
-
-def check_speech(wave: np.ndarray, *, min_speech_s: float, silence_dbfs: float) -> None:
-    """Refuse silence and answers with too little sound to score (kind ``silence``)."""
-    _refuse_too_little_speech(
-        voiced_seconds(wave, silence_dbfs), len(wave) / SAMPLE_RATE, min_speech_s, f"above {silence_dbfs:g} dBFS"
-    )
-
-
 def _refuse_too_little_speech(voiced: float, total: float, min_speech_s: float, what_counts: str) -> None:
     if voiced < min_speech_s:
         what = "silent" if voiced == 0 else "too short to score"

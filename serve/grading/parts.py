@@ -18,7 +18,7 @@ from pathlib import Path
 
 from serve.grading import calibration
 from serve.grading.adapter_files import AdapterFiles, check_adapter
-from serve.grading.config import GraderConfig, PartConfig
+from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import Level
 from serve.grading.prompt import build_prompt
 from serve.grading.results import ModelInfo
@@ -73,6 +73,7 @@ class PartSpec:
     adapter_path: Path | None
     adapter_hash: str | None
     model: ModelInfo
+    review: ReviewConfig
     intervals: calibration.Intervals = calibration.Intervals()
 
     @property
@@ -114,6 +115,7 @@ def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSp
             adapter_hash=part.adapter_hash,
             untrained=untrained,
         ),
+        review=pcfg.review,
         intervals=calibration.Intervals(
             calibration.load(None if part.adapter is None else part.adapter.path, part.adapter_hash),
             pcfg.interval.coverage,

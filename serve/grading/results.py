@@ -1,6 +1,13 @@
-"""Typed results of the grader, shared by the CLI and the HTTP API (field names are the public contract)."""
+"""Typed results of the grader, the same at every door: HTTP, batch, CLI, bulk Parquet, evaluation, the page.
+
+Field names are the public contract. The bulk output's Arrow schema is
+derived from these models (:mod:`serve.grading.arrow`), so a field added here
+appears there too.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -93,8 +100,9 @@ class Review(BaseModel):
 
 
 class ScoredAnswer(BaseModel):
-    """The score of one answer to one exam part."""
+    """The score of one answer to one exam part, with how far to trust it (made by :mod:`serve.grading.answers`)."""
 
+    status: Literal["scored"] = "scored"
     part: str
     score: float = Field(description="Soft score: probability-weighted mean of the label scores.")
     hard_score: float = Field(description="Score of the most probable label.")
@@ -116,3 +124,30 @@ class ScoredAnswer(BaseModel):
     chunks: list[ChunkResult]
     duration_s: float
     model: ModelInfo
+
+
+class NotScorableReason(BaseModel):
+    kind: str = Field(description="silence, empty, undecodable or unsupported_audio (as the single-answer 422).")
+    message: str
+
+
+class NotScorable(BaseModel):
+    """An answer that cannot be scored (in a batch or a session; the other answers are scored)."""
+
+    status: Literal["not_scorable"] = "not_scorable"
+    part: str
+    response_id: str | None
+    reason: NotScorableReason
+
+
+class Overall(BaseModel):
+    """A candidate's result over their answers (made by :func:`serve.grading.answers.candidate_result`)."""
+
+    score: float | None = Field(description="Mean of the scored answers' scores (null when none was scorable).")
+    cefr: str | None
+    scored: int = Field(description="Answers scored.")
+    not_scorable: int = Field(description="Answers that could not be scored.")
+    review: Review = Field(
+        description="Needed when any answer needs review or was not scorable (reason "
+        "`not_scorable`); the reasons of all answers."
+    )

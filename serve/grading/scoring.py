@@ -16,11 +16,6 @@ from serve.grading.levels import Level, nearest_level
 from serve.grading.results import ChunkResult, ModelInfo, ScoredAnswer, Uncertainty
 
 
-def label_probabilities(label_logprobs: Sequence[float]) -> np.ndarray:
-    """Renormalise log-probabilities of the labels over the label set (log-sum-exp)."""
-    return label_distribution(label_logprobs)[0]
-
-
 def label_distribution(label_logprobs: Sequence[float]) -> tuple[np.ndarray, float]:
     """The labels' probabilities renormalised over the label set, and the label mass.
 
@@ -121,11 +116,3 @@ def aggregate(
         duration_s=round(float(chunks[-1].end_s - chunks[0].start_s), 3),
         model=model,
     )
-
-
-def overall(scores: Sequence[float], levels: Sequence[Level]) -> tuple[float, str]:
-    """A candidate's overall score (the mean of the answers' scores) and its CEFR level on ``levels``."""
-    if not scores:
-        raise ValueError("an overall score needs at least one scored answer")
-    mean = float(sum(scores) / len(scores))
-    return mean, nearest_level(levels, mean).cefr

@@ -26,12 +26,13 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.grading import vad
 from serve.grading.adapter_files import AdapterError
+from serve.grading.answers import NOT_SCORABLE_KINDS, candidate_result, refusal
 from serve.grading.audio import AudioError, PreparedAnswer, prepare
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, load_config, validate_part_id
 from serve.grading.parts import Part
-from serve.grading.results import ScoredAnswer
-from serve.grading.review import NOT_SCORABLE, assess, overall_review
-from serve.grading.scoring import overall
+from serve.grading.registry import PartRegistry
+from serve.grading.results import NotScorable, ScoredAnswer
+from serve.grading.review import NOT_SCORABLE
 from serve.service.admission import ScoringSlots
 from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, use_keys
 from serve.service.cluster_metrics import ClusterMetrics
@@ -41,15 +42,11 @@ from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_BODY, errors
 from serve.service.page import router as page_router
 from serve.service.protocol import (
     BatchResponse,
-    NotScorable,
-    NotScorableReason,
-    Overall,
     PartInfo,
     PartsResponse,
     PutPartRequest,
     ScoreResponse,
 )
-from serve.service.registry import PartRegistry
 from serve.service.scorer_client import ScorerClient
 from serve.service.uploads import (
     MAX_PART_BODY,
@@ -73,8 +70,6 @@ AUDIO_STATUS = {
     "too_large": 413,
     "cancelled": 499,
 }
-#: Audio refusals that make one answer of a batch ``not_scorable`` instead of failing the batch.
-NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "silence"})
 
 app = FastAPI(
     title="l2-oral-grader",
@@ -156,25 +151,12 @@ class Ingress:
         self.metrics.decode.observe(time.perf_counter() - t0)
         return prepared
 
-    async def _score(
-        self, upload: ScoreUpload, started: float, prepared: PreparedAnswer | None = None
-    ) -> ScoreResponse:
-        """Have the scorer replica that holds the answer's part score it (decoding it first unless done),
-        then judge it against the part's review thresholds."""
-        part = await self._part(upload.part)
-        if prepared is None:
-            prepared = await self._prepare(upload)
-        chunks = prepared.chunks
-        result = await self.scorer.call("score_chunks", chunks, request_id(), model_id=part.model_id)
-        self.metrics.record_answer(upload.part, len(chunks), result["duration_s"])
-        answer = assess(ScoredAnswer.model_validate(result), prepared.quality, part.config.review)
+    async def _score(self, upload: ScoreUpload, part: Part, prepared: PreparedAnswer) -> ScoredAnswer:
+        """The complete answer from the scorer replica that holds the part's adapter (one form from there on)."""
+        answer = await self.scorer.call("score", prepared, request_id(), model_id=part.model_id)
+        self.metrics.record_answer(part.part, len(prepared.chunks), answer.duration_s)
         self.metrics.record_review(part.part, answer.review.reasons)
-        return ScoreResponse(
-            **answer.model_dump(),
-            response_id=upload.response_id,
-            request_id=request_id(),
-            latency_ms=elapsed_ms(started),
-        )
+        return answer
 
     # ------------------------------------------------------------ scoring
 
@@ -192,7 +174,9 @@ class Ingress:
         upload = await read_score_upload(request, self.limits)
         request.state.part = upload.part
         async with self.slots.slot():
-            return await self._score(upload, started)
+            part = await self._part(upload.part)
+            answer = await self._score(upload, part, await self._prepare(upload))
+        return ScoreResponse.of(answer, upload.response_id, request_id(), elapsed_ms(started))
 
     @app.post(
         f"/{API_VERSION}/score/batch",
@@ -219,15 +203,12 @@ class Ingress:
             try:
                 return await step(upload)
             except ApiError as e:
-                raise ApiError(
-                    e.status, e.kind, f"answers[{i}] ({clip(upload.part, 64)}): {e.message}", e.headers
-                ) from None
+                message = f"answers[{i}] ({clip(upload.part, 64)}): {e.message}"
+                raise ApiError(e.status, e.kind, message, e.headers) from None
 
-        async def known(upload: ScoreUpload) -> Part:
-            return await self._part(upload.part)
-
-        for i, upload in enumerate(uploads):  # an unknown part is refused before any decoding
-            await each(i, upload, known)
+        # Each answer's part is resolved once, before any decoding (an unknown part refuses the batch), and the
+        # answer is scored under that version even if the part is replaced meanwhile.
+        parts = [await each(i, u, lambda u: self._part(u.part)) for i, u in enumerate(uploads)]
 
         async def prepared_or_refusal(upload: ScoreUpload) -> PreparedAnswer | NotScorable:
             try:
@@ -236,11 +217,7 @@ class Ingress:
                 if e.kind not in NOT_SCORABLE_KINDS:
                     raise
                 self.metrics.record_review(upload.part, [NOT_SCORABLE])
-                return NotScorable(
-                    part=upload.part,
-                    response_id=upload.response_id,
-                    reason=NotScorableReason(kind=e.kind, message=e.message),
-                )
+                return refusal(upload.part, AudioError(e.kind, e.message), upload.response_id)
 
         prepared = await asyncio.gather(*(each(i, u, prepared_or_refusal) for i, u in enumerate(uploads)))
         total_s = sum(p.chunks[-1].end_s for p in prepared if isinstance(p, PreparedAnswer))
@@ -251,33 +228,29 @@ class Ingress:
                 f"the batch holds {total_s:.0f} s of audio: at most {audio.max_batch_audio_s:g} s in one batch",
             )
 
-        async def result(i: int, upload: ScoreUpload, p: PreparedAnswer | NotScorable):
+        async def result(i: int, upload: ScoreUpload, part: Part, p: PreparedAnswer | NotScorable):
             if isinstance(p, NotScorable):
                 return p
-            return await each(i, upload, functools.partial(self._score, started=started, prepared=p))
+            return await each(i, upload, lambda u: self._score(u, part, p))
 
-        results = await asyncio.gather(*(result(i, u, p) for i, (u, p) in enumerate(zip(uploads, prepared))))
+        results = await asyncio.gather(*(result(i, *args) for i, args in enumerate(zip(uploads, parts, prepared))))
+        scored = [(r, part) for r, part in zip(results, parts) if isinstance(r, ScoredAnswer)]
+        overall = candidate_result(
+            [r.score for r, _ in scored],
+            [r.review for r, _ in scored],
+            len(results) - len(scored),
+            scored[0][1].config.levels if scored else (),
+        )
+        rid, latency_ms = request_id(), elapsed_ms(started)
         return BatchResponse(
             candidate_id=batch.candidate_id,
-            results=results,
-            overall=await self._overall(results),
-            request_id=request_id(),
-            latency_ms=elapsed_ms(started),
-        )
-
-    async def _overall(self, results: list[ScoreResponse | NotScorable]) -> Overall:
-        """Mean over the scored answers; for review when any answer needs it or could not be scored."""
-        scored = [r for r in results if isinstance(r, ScoreResponse)]
-        n_bad = len(results) - len(scored)
-        mean = cefr = None
-        if scored:
-            mean, cefr = overall([r.score for r in scored], (await self._part(scored[0].part)).config.levels)
-        return Overall(
-            score=mean,
-            cefr=cefr,
-            scored=len(scored),
-            not_scorable=n_bad,
-            review=overall_review([r.review for r in scored], n_bad),
+            results=[
+                ScoreResponse.of(r, u.response_id, rid, latency_ms) if isinstance(r, ScoredAnswer) else r
+                for r, u in zip(results, uploads)
+            ],
+            overall=overall,
+            request_id=rid,
+            latency_ms=latency_ms,
         )
 
     # ------------------------------------------------------------ parts (admin)

@@ -12,7 +12,7 @@ base RayService (``k8s/base/rayservice.yaml``) that sets
   ``num_cpus``/``num_gpus``, so a pod holds exactly one replica and Ray's
   autoscaler adds a pod exactly when Serve adds a replica;
 - on every Ray container (head and workers), the ``RAY_*`` variables of
-  :func:`serve.service.options.ray_env` and
+  :func:`serve.runtime.ray_cluster.ray_env` and
   :func:`serve.service.proxy_guard.proxy_env`: the Ray settings and the proxy
   guard ``l2grader serve`` gives a local cluster.
 
@@ -27,7 +27,8 @@ from typing import Any
 import yaml
 
 from serve.grading.config import DeploymentConfig, GraderConfig
-from serve.service.options import ray_env, serve_config
+from serve.runtime.ray_cluster import ray_env
+from serve.service.options import serve_config
 from serve.service.proxy_guard import proxy_env
 
 #: Where the image puts the repository's configs/ folder (see k8s/Dockerfile).

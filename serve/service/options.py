@@ -21,17 +21,6 @@ APP_IMPORT_PATH = "serve.service.app:build_app"
 INGRESS = "Ingress"
 SCORER = "Scorer"
 
-#: Ray settings the application relies on, for every process of the cluster.
-#: ``max_direct_call_object_size``: arguments up to this size travel inside the
-#: call itself instead of through the shared-memory object store. Uploads and
-#: decoded chunks are 0.5-8 MB, well over Ray's 100 KB default; through the
-#: object store each answer cost a put, a raylet round trip and a fetch (about
-#: 10 ms of CPU per answer on the demo service, 2-core machine). Answers longer
-#: than about two minutes still go through the object store.
-#: ``metrics_report_interval_ms``: how often each process hands its metrics to its node's exporter (Ray's
-#: default 10 s); 2 s keeps ``/metrics`` and Prometheus within a scrape of the truth.
-RAY_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 8 * 1024 * 1024, "metrics_report_interval_ms": 2000}
-
 
 def _options(d: DeploymentConfig, log_encoding: str, extra_slots: int = 0) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": d.num_cpus}
@@ -105,8 +94,3 @@ def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:
             }
         ],
     }
-
-
-def ray_env() -> dict[str, str]:
-    """:data:`RAY_SYSTEM_CONFIG` as the ``RAY_<name>`` variables that ``ray start`` and its workers read."""
-    return {f"RAY_{name}": str(value) for name, value in RAY_SYSTEM_CONFIG.items()}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.grading.config import PartConfig
-from serve.grading.results import Quality, Review, ScoredAnswer
+from serve.grading.results import NotScorable, Overall, Quality, Review, ScoredAnswer
 
 #: Longest id a caller may give an answer or a candidate (they are echoed back and logged).
 MAX_CLIENT_ID = 256
@@ -29,26 +29,18 @@ class ScoreRequest(BaseModel):
 class ScoreResponse(ScoredAnswer):
     """A scored answer with its audio quality, review verdict and the ids of the call."""
 
-    status: Literal["scored"] = "scored"
     quality: Quality
     review: Review
     response_id: str | None
     request_id: str
     latency_ms: float
 
-
-class NotScorableReason(BaseModel):
-    kind: str = Field(description="silence, empty, undecodable or unsupported_audio (as the single-answer 422).")
-    message: str
-
-
-class NotScorable(BaseModel):
-    """An answer of a batch that cannot be scored; the batch's other answers are scored."""
-
-    status: Literal["not_scorable"] = "not_scorable"
-    part: str
-    response_id: str | None
-    reason: NotScorableReason
+    @classmethod
+    def of(cls, answer: ScoredAnswer, response_id: str | None, request_id: str, latency_ms: float) -> ScoreResponse:
+        """The answer as the response, without copying or validating its fields again."""
+        return cls.model_construct(
+            **dict(answer), response_id=response_id, request_id=request_id, latency_ms=latency_ms
+        )
 
 
 class BatchRequest(BaseModel):
@@ -57,17 +49,6 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     answers: list[ScoreRequest] = Field(min_length=1, description="At most audio.max_batch_answers (64 by default).")
     candidate_id: str | None = Field(None, max_length=MAX_CLIENT_ID)
-
-
-class Overall(BaseModel):
-    score: float | None = Field(description="Mean of the scored answers' scores (null when none was scorable).")
-    cefr: str | None
-    scored: int = Field(description="Answers scored.")
-    not_scorable: int = Field(description="Answers that could not be scored.")
-    review: Review = Field(
-        description="Needed when any answer needs review or was not scorable (reason "
-        "`not_scorable`); the reasons of all answers."
-    )
 
 
 class BatchResponse(BaseModel):

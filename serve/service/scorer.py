@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from serve.grading.audio import SAMPLE_RATE, Chunk, split
+from serve.grading.audio import SAMPLE_RATE, PreparedAnswer, split
 from serve.grading.config import GraderConfig, load_config
 from serve.grading.parts import Part, PartSpec
+from serve.grading.quality import measure
+from serve.grading.registry import PartRegistry
+from serve.grading.results import ScoredAnswer
 from serve.service.engine_metrics import engine_stats
 from serve.service.metrics import ScorerMetrics
-from serve.service.registry import PartRegistry
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,7 +96,6 @@ class ScorerReplica:
         self.cfg = cfg
         self.registry = PartRegistry.of_config(cfg, config_path)
         self.engine = engine_factory(cfg)
-        self.stats: dict[str, Counter] = {"adapter_loads": Counter(), "adapter_evictions": Counter()}
         self.metrics = ScorerMetrics()
         self._engine_metrics = asyncio.get_running_loop().create_task(engine_stats().publish())
         self._holders: Counter = Counter()  # adapter hash -> LoadedPart objects not yet released
@@ -105,9 +106,7 @@ class ScorerReplica:
     async def _warm_up(self, spec: PartSpec) -> None:
         """Score one full-length chunk before taking traffic, so the first caller does not pay the engine's warm-up."""
         started = time.perf_counter()
-        await self.engine.score_answer(
-            spec, split(_tone(self.cfg.audio.max_chunk_s), self.cfg.audio.max_chunk_s), "warm-up"
-        )
+        await self.engine.score_answer(spec, _tone_answer(self.cfg.audio.max_chunk_s), "warm-up")
         logger.info("scorer warmed up in %.1f s", time.perf_counter() - started)
 
     async def load_part(self, model_id: str) -> LoadedPart:
@@ -115,14 +114,12 @@ class ScorerReplica:
         part = await asyncio.to_thread(self.registry.by_model_id, model_id)  # a re-read may hash: off the event loop
         spec = self.engine.resolve(part)
         await self.engine.load_adapter(spec)
-        self.stats["adapter_loads"][spec.part] += 1
         self.metrics.adapter_loads.inc(1, {"part": spec.part})
         self._holders[spec.adapter_hash] += 1
         return LoadedPart(spec, self._release)
 
     async def _release(self, spec: PartSpec) -> None:
         """A dropped part is idle: unload its adapter unless another loaded part uses the same weights."""
-        self.stats["adapter_evictions"][spec.part] += 1
         self.metrics.adapter_evictions.inc(1, {"part": spec.part})
         self._holders[spec.adapter_hash] -= 1
         if self._holders[spec.adapter_hash] > 0:
@@ -133,16 +130,16 @@ class ScorerReplica:
         except Exception:  # noqa: BLE001 - the engine may be shutting down; vLLM's own LRU still bounds memory
             logger.warning("could not unload adapter %s", spec.model_id)
 
-    async def score_chunks(self, chunks: list[Chunk], request_id: str) -> dict:
-        """Score one answer of the part named by the request's multiplexed model id."""
+    async def score(self, prepared: PreparedAnswer, request_id: str) -> ScoredAnswer:
+        """Score one answer of the part named by the request's multiplexed model id: the complete answer."""
         from ray import serve
 
         loaded = await self.get_part(serve.get_multiplexed_model_id())
         async with loaded.in_use() as spec:
-            result = await self.engine.score_answer(spec, chunks, request_id)
+            result = await self.engine.score_answer(spec, prepared, request_id)
         self.metrics.answers.inc(1, {"part": spec.part})
-        self.metrics.chunks.inc(len(chunks), {"part": spec.part})
-        return result.model_dump()
+        self.metrics.chunks.inc(len(prepared.chunks), {"part": spec.part})
+        return result
 
     async def check_part(self, part: Part) -> None:
         """A part before it is registered: ``ValueError`` unless it resolves, fits and scores a canary chunk.
@@ -153,7 +150,7 @@ class ScorerReplica:
         loaded part shares its weights.
         """
         spec = self.engine.check(part)
-        canary = split(_tone(1.0), self.cfg.audio.max_chunk_s)
+        canary = _tone_answer(1.0)
         try:
             await self.engine.load_adapter(spec)
             result = await self.engine.score_answer(spec, canary, f"canary-{spec.model_id}")
@@ -173,18 +170,17 @@ class ScorerReplica:
     def ready(self) -> bool:
         return True
 
-    def get_stats(self) -> dict[str, dict[str, int]]:
-        return {k: dict(v) for k, v in self.stats.items()}
-
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
 
 
-def _tone(seconds: float) -> np.ndarray:
+def _tone_answer(seconds: float) -> PreparedAnswer:
+    """A tone of ``seconds`` (at most one chunk) as a prepared answer: warm-up and canary input."""
     t = np.arange(int(seconds * SAMPLE_RATE), dtype=np.float32) / SAMPLE_RATE
-    return (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    wave = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    return PreparedAnswer(split(wave, seconds), measure(wave, SAMPLE_RATE, -50.0))
 
 
 def scorer_class(adapters_per_replica: int) -> type[ScorerReplica]:

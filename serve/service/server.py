@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
 from serve.grading.config import ConfigError, GraderConfig, load_config
+from serve.runtime.console import log
+from serve.runtime.ray_cluster import start_ray
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
-from serve.service.options import APP_NAME, RAY_SYSTEM_CONFIG
+from serve.service.options import APP_NAME
 from serve.service.proxy_guard import proxy_env
-
-
-def _log(msg: str) -> None:
-    print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
 def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool) -> str:
@@ -24,18 +21,18 @@ def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool
     keys = cfg.serving.api_keys() + cfg.serving.admin_keys()
     if keys or allow_unauthenticated or cfg.serving.allow_unauthenticated:
         if not keys:
-            _log(
+            log(
                 "WARNING: no API keys configured and unauthenticated access allowed: anyone who reaches "
                 f"{host} can score and change parts"
             )
         return host
     if not is_loopback(host):
-        _log(
+        log(
             f"no API keys configured: listening on 127.0.0.1 only, not {host} "
             "(configure serving.api_keys_env/admin_keys_env, or pass --allow-unauthenticated)"
         )
     else:
-        _log("no API keys configured: accepting clients on this machine only")
+        log("no API keys configured: accepting clients on this machine only")
     return host if is_loopback(host) else "127.0.0.1"
 
 
@@ -74,7 +71,7 @@ def run_server(
     try:
         host = listen_host(cfg, host, allow_unauthenticated)
     except ConfigError as e:
-        _log(f"error: {e}")
+        log(f"error: {e}")
         return 2
     port = port or cfg.serving.port
     configure_vllm_environment()
@@ -83,43 +80,31 @@ def run_server(
     if allow_unauthenticated:
         os.environ[ALLOW_UNAUTHENTICATED_ENV] = "1"
     if cfg.model.untrained:
-        _log("WARNING: serving the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
+        log("WARNING: serving the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
 
-    if address:
-        # Its Ray settings are the cluster's (k8s: serve.service.options.ray_env() and proxy_env() on every pod).
-        ray.init(address=address)
-    else:
-        # A Ray of its own (never a cluster that `ray start` left running here), with enough logical CPUs
-        # for every replica the config may start.
-        s = cfg.serving
-        need = (
-            s.ingress.num_cpus * s.ingress.autoscaling.max_replicas
-            + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas
-        )
-        env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_", "RAY_SERVE_"))}
-        ray.init(
-            address="local",
-            num_cpus=max(os.cpu_count() or 1, int(need + 1)),
-            include_dashboard=False,
-            runtime_env={"env_vars": env} if env else None,
-            _system_config=RAY_SYSTEM_CONFIG,
-        )
+    # Joined: the cluster's Ray settings (k8s: serve.runtime.ray_cluster.ray_env() and proxy_env() on every pod). Local:
+    # enough logical CPUs for every replica the config may start.
+    s = cfg.serving
+    start_ray(
+        address,
+        s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas,
+    )
     serve.start(http_options={"host": host, "port": port})
-    _log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
+    log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     run_app(config_path)
     logs, export = node_observability()
-    _log(
+    log(
         f"replica logs (serving.log_encoding {cfg.serving.log_encoding}): {logs}/serve; "
         f"this node's metrics export: {export}"
     )
-    _log(f"listening on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    log(f"listening on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
-    _log("shutting down")
+    log("shutting down")
     serve.shutdown()
     ray.shutdown()
     return 0
@@ -145,15 +130,15 @@ def deploy_config(config_path: str, address: str) -> int:
     config_path = str(Path(config_path).resolve())
     load_config(config_path)
     configure_vllm_environment()
-    ray.init(address=address, logging_level="WARNING")
+    start_ray(address)
     try:
         if APP_NAME not in serve.status().applications:
-            _log(f"no application {APP_NAME!r} runs on {address}: start it with `l2grader serve --address`")
+            log(f"no application {APP_NAME!r} runs on {address}: start it with `l2grader serve --address`")
             return 1
-        _log(f"updating {APP_NAME} on {address} to {config_path}")
+        log(f"updating {APP_NAME} on {address} to {config_path}")
         started = time.monotonic()
         run_app(config_path)
-        _log(f"{APP_NAME} runs the new config ({time.monotonic() - started:.1f} s)")
+        log(f"{APP_NAME} runs the new config ({time.monotonic() - started:.1f} s)")
         return 0
     finally:
         ray.shutdown()

@@ -9,28 +9,29 @@ one JSON object).
 
 from __future__ import annotations
 
-import os
+import queue
 import signal
 import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from serve.grading.config import GraderConfig
-from serve.grading.parts import config_parts
-from serve.service.options import RAY_SYSTEM_CONFIG
+from serve.grading.parts import Part
+from serve.grading.registry import PartRegistry
+from serve.runtime.console import log
+from serve.runtime.ray_cluster import start_ray
+from serve.session.schema import SCORED
 from serve.session.sources import ManifestError, audio_base, first_line, read_manifest
-from serve.session.stages import SCORED, Scorer, prepare
+from serve.session.stages import Scorer, prepare
 from serve.session.store import OutputDir, ids_digest
-
-
-def log(msg: str) -> None:
-    print(f"l2grader: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
 class SessionOptions:
+    config_path: str  # its registry file names the parts added at run time (as the service sees them)
     manifest: str
     out: str
     address: str | None = None
@@ -42,26 +43,6 @@ class SessionOptions:
     decode: str = "auto"  # "tasks": CPU tasks of their own; "engines": in the engine actors; auto: tasks with --address
     object_store_mb: int = (
         1024  # local Ray only: the object store, which bounds the decoded audio waiting for an engine
-    )
-
-
-def _start_ray(cfg: GraderConfig, opts: SessionOptions, engines: int) -> None:
-    import ray
-
-    if opts.address:
-        ray.init(address=opts.address)  # the cluster's Ray settings (k8s: serve.service.options.ray_env() on every pod)
-        return
-    scorer = cfg.serving.scorer
-    env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "L2GRADER_"))}
-    # A Ray of its own (never a cluster that `ray start` left running here): room for the engines plus one CPU
-    # task decoding at a time.
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, int(engines * scorer.num_cpus + 1)),
-        include_dashboard=False,
-        object_store_memory=opts.object_store_mb * 2**20,
-        runtime_env={"env_vars": env} if env else None,
-        _system_config=RAY_SYSTEM_CONFIG,
     )
 
 
@@ -108,7 +89,7 @@ def decode_in_tasks(opts: SessionOptions) -> bool:
     return opts.decode == "tasks" or (opts.decode == "auto" and bool(opts.address))
 
 
-def pipeline(ds, cfg: GraderConfig, opts: SessionOptions, engines: int, done: set[str]):
+def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions, engines: int, done: set[str]):
     """The Ray Data pipeline from manifest rows (not yet done) to answer rows."""
     import pyarrow as pa
     import ray.data
@@ -125,7 +106,7 @@ def pipeline(ds, cfg: GraderConfig, opts: SessionOptions, engines: int, done: se
         ds.repartition(target_num_rows_per_block=opts.batch_size)
         .map_batches(
             prepare,
-            fn_kwargs={"cfg": cfg, "base": audio_base(opts.manifest)},
+            fn_kwargs={"cfg": cfg, "base": audio_base(opts.manifest), "parts": parts},
             batch_format="pyarrow",
             batch_size=opts.batch_size,
             num_cpus=scorer.num_cpus if not decode_in_tasks(opts) else 1,
@@ -133,7 +114,7 @@ def pipeline(ds, cfg: GraderConfig, opts: SessionOptions, engines: int, done: se
         )
         .map_batches(
             Scorer,
-            fn_constructor_kwargs={"cfg": cfg},
+            fn_constructor_kwargs={"cfg": cfg, "parts": parts},
             compute=ray.data.ActorPoolStrategy(size=engines),
             batch_format="pyarrow",
             batch_size=opts.batch_size,
@@ -187,72 +168,123 @@ class Progress:
         return (self.rows - self.first_rows) / span, span
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C, to the process or its group) and SIGTERM (a stopped pod) ask the run to stop: results that
+    arrived are committed, and the run ends within seconds whatever it was waiting for."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._before: dict = {}
+
+    def __enter__(self) -> threading.Event:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._before[sig] = signal.signal(sig, lambda *_: self.event.set())
+        return self.event
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+
+_DONE = object()
+
+
+def _results(ds, stop: threading.Event):
+    """The pipeline's output tables, pulled by a thread of their own so that a stop is seen at once; ends early
+    when ``stop`` is set."""
+    out: queue.Queue = queue.Queue(maxsize=2)
+
+    def pump() -> None:
+        try:
+            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                out.put(table)
+                if stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread, which raises it
+            out.put(e)
+        finally:
+            out.put(_DONE)
+
+    threading.Thread(target=pump, name="session-results", daemon=True).start()
+    while not stop.is_set():
+        try:
+            item = out.get(timeout=0.25)
+        except queue.Empty:
+            continue
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
-    """Score the manifest's answers not yet in the output folder; the summary."""
+    """Score the manifest's answers not yet in the output folder; the summary. ``KeyboardInterrupt`` after a
+    stop asked by SIGINT or SIGTERM (what arrived is committed)."""
     import ray
     import ray.data
 
     started = time.monotonic()
     engines = opts.engines or cfg.serving.scorer.autoscaling.max_replicas
-    models = {name: part.model_id for name, part in config_parts(cfg).items()}  # fails here on a bad adapter
+    parts = PartRegistry.of_config(cfg, opts.config_path).entries()  # fails here on a bad adapter
     out = OutputDir(opts.out)
-    if threading.current_thread() is threading.main_thread():  # a stopped pod (SIGTERM) commits what it has, as Ctrl-C
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-    _start_ray(cfg, opts, engines)
-    interrupted = False
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = sys.stderr.isatty()
-        ctx.print_on_execution_start = False
+    progress = Progress(0, opts.progress_s)
+    with StopSignals() as stop:
+        scorer = cfg.serving.scorer
+        # Room for the engines plus one CPU task decoding at a time; the object store bounds the decoded audio
+        # waiting for an engine.
+        start_ray(opts.address, engines * scorer.num_cpus, opts.object_store_mb * 2**20)
         try:
-            manifest = read_manifest(opts.manifest).materialize()
-        except ManifestError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a reader's error inside Ray: one line
-            raise ManifestError(f"cannot read the manifest {opts.manifest}: {first_line(e)}") from None
-        ids = _manifest_ids(manifest)
-        out.check_session(
-            {
-                "manifest": opts.manifest,
-                "answers": len(ids),
-                "response_ids_sha256": ids_digest(ids),
-                "models": models,
-                "base": cfg.model.base,
-            }
-        )
-        done = out.done_ids()
-        todo = len(ids) - len(done)
-        log(
-            f"{len(ids)} answers in the manifest, {len(done)} already in {opts.out}, {todo} to score "
-            f"with {engines} engine(s), decoding in {'CPU tasks' if decode_in_tasks(opts) else 'the engine actors'}"
-        )
-        progress = Progress(todo, opts.progress_s)
-        writer = out.part_writer(opts.rows_per_part, opts.part_wait_s)
-        if todo:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = sys.stderr.isatty()
+            ctx.print_on_execution_start = False
             try:
-                for table in pipeline(manifest, cfg, opts, engines, done).iter_batches(
-                    batch_format="pyarrow", batch_size=None
-                ):
-                    progress.add(table)
-                    writer.add(table)
-            except KeyboardInterrupt:
-                interrupted = True
-            finally:
-                writer.flush()  # every result received is complete: keep it
-    finally:
-        ray.shutdown()
+                manifest = read_manifest(opts.manifest).materialize()
+            except ManifestError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a reader's error inside Ray: one line
+                raise ManifestError(f"cannot read the manifest {opts.manifest}: {first_line(e)}") from None
+            ids = _manifest_ids(manifest)
+            out.check_session(
+                {
+                    "manifest": opts.manifest,
+                    "answers": len(ids),
+                    "response_ids_sha256": ids_digest(ids),
+                    "models": {name: part.model_id for name, part in parts.items()},
+                    "base": cfg.model.base,
+                }
+            )
+            done = out.done_ids()
+            todo = len(ids) - len(done)
+            log(
+                f"{len(ids)} answers in the manifest, {len(done)} already in {opts.out}, {todo} to score "
+                f"with {engines} engine(s), decoding in {'CPU tasks' if decode_in_tasks(opts) else 'the engine actors'}"
+            )
+            progress = Progress(todo, opts.progress_s)
+            writer = out.part_writer(opts.rows_per_part, opts.part_wait_s)
+            if todo and not stop.is_set():
+                try:
+                    for table in _results(pipeline(manifest, cfg, parts, opts, engines, done), stop):
+                        progress.add(table)
+                        writer.add(table)
+                finally:
+                    writer.flush()  # every result received is complete: keep it
+        finally:
+            ray.shutdown()
+        interrupted = stop.is_set()
     wall = time.monotonic() - started
     if interrupted:
         log(f"stopped: {progress.rows} answers written this run; run the same command again to go on")
         raise KeyboardInterrupt
-    return summary(cfg, out, progress, len(done), len(ids), wall)
+    return summary(parts, out, progress, len(done), len(ids), wall)
 
 
 def summary(
-    cfg: GraderConfig, out: OutputDir, progress: Progress, skipped: int, manifest_rows: int, wall: float
+    parts: Mapping[str, Part], out: OutputDir, progress: Progress, skipped: int, manifest_rows: int, wall: float
 ) -> dict:
     """The session's figures: this run's throughput, the whole output's counts."""
-    candidates = out.write_candidates(cfg)
+    candidates = out.write_candidates(parts)
     written = out.read_parts(["response_id", "status", "error_kind"])
     ids = written.column("response_id").to_pylist()
     statuses = written.column("status").to_pylist()

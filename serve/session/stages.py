@@ -1,73 +1,42 @@
 """The stages of the session pipeline, on Arrow batches.
 
-1. :func:`prepare` (Ray tasks, CPU): reads each answer's audio, decodes, checks
-   and chunks it with :func:`serve.grading.audio.prepare_answer` under the
-   config's audio rules; an answer that cannot be scored keeps its row, with
-   the error's kind and message.
+1. :func:`prepare` (Ray tasks, CPU): reads each answer's audio, decodes,
+   checks, measures and chunks it with :func:`serve.grading.audio.prepare`
+   under the config's audio rules, as the service does; an answer that cannot
+   be scored keeps its row, with the error's kind and message.
 2. :class:`Scorer` (Ray actors, one engine each, one GPU each on GPU hosts):
    scores all chunks of a batch of answers in one call of
    :meth:`serve.engine.offline.OfflineEngine.score_answers`, the same engine,
-   plugin and arithmetic as ``l2grader score``, and returns one row per
-   answer in :data:`ANSWER_SCHEMA` (errors included).
+   plugin and answer pipeline as ``l2grader score`` and the service, and
+   returns one row per answer in :data:`serve.session.schema.ANSWER_SCHEMA`
+   (errors included).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
+import pyarrow as pa
 
-from serve.grading.audio import SAMPLE_RATE, AudioError, Chunk, prepare_answer
+from serve.grading.audio import SAMPLE_RATE, AudioError, Chunk, PreparedAnswer
+from serve.grading.audio import prepare as prepare_audio
 from serve.grading.config import GraderConfig
-from serve.grading.results import ScoredAnswer
+from serve.grading.parts import Part
+from serve.grading.results import Quality, ScoredAnswer
+from serve.session.schema import ANSWER_SCHEMA, NOT_SCORABLE, SCORED, arrow_type
 from serve.session.sources import COLUMNS, read_audio, resolve_audio
 
 logger = logging.getLogger(__name__)
 
-SCORED, NOT_SCORABLE = "scored", "not_scorable"
-
-
-def _answer_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            *((c, pa.string()) for c in COLUMNS),
-            ("status", pa.string()),  # scored | not_scorable
-            ("error_kind", pa.string()),
-            ("error_message", pa.string()),
-            ("score", pa.float64()),
-            ("hard_score", pa.float64()),
-            ("cefr", pa.string()),
-            ("probabilities", pa.map_(pa.string(), pa.float64())),
-            (
-                "chunks",
-                pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("score", pa.float64())])),
-            ),
-            ("duration_s", pa.float64()),
-            (
-                "model",
-                pa.struct(
-                    [
-                        ("base", pa.string()),
-                        ("adapter", pa.string()),
-                        ("adapter_hash", pa.string()),
-                        ("untrained", pa.bool_()),
-                    ]
-                ),
-            ),
-        ]
-    )
-
-
-#: One row per answer: the manifest's columns, the status, the error (if any) and the service's answer fields.
-ANSWER_SCHEMA = _answer_schema()
+QUALITY_TYPE = arrow_type(Quality)
 
 
 # ---------------------------------------------------------------- CPU stage
 
 
-def _row_error(row: dict, parts: set[str]) -> AudioError | None:
+def _row_error(row: dict, parts: Mapping[str, Part]) -> AudioError | None:
     """What makes a manifest row unscorable before its audio is read (kinds ``invalid_row``, ``unknown_part``)."""
     empty = [c for c in ("candidate_id", "part", "audio") if not row[c]]
     if empty:
@@ -79,23 +48,24 @@ def _row_error(row: dict, parts: set[str]) -> AudioError | None:
     return None
 
 
-def prepare(batch, cfg: GraderConfig, base: str):
-    """Decode, check and chunk the answers of a batch (a ``pyarrow.Table`` of the manifest's columns).
+def prepare(batch, cfg: GraderConfig, base: str, parts: Mapping[str, Part]):
+    """Decode, check, measure and chunk the answers of a batch (a ``pyarrow.Table`` of the manifest's columns).
 
     Adds ``error_kind``, ``error_message`` (null when the answer is ready),
-    ``samples`` (its 16 kHz mono float32 audio, the chunks back to back) and
-    ``chunk_edges`` (chunk boundaries in samples).
+    ``samples`` (its 16 kHz mono float32 audio, the chunks back to back),
+    ``chunk_edges`` (chunk boundaries in samples) and ``quality`` (measured on
+    the whole answer).
     """
-    import pyarrow as pa
-
     max_bytes = int(cfg.audio.max_upload_mb * 1024 * 1024)
-    kinds, messages, samples, edges = [], [], [], []
+    kinds, messages, samples, edges, qualities = [], [], [], [], []
     for row in batch.to_pylist():
-        err = _row_error(row, set(cfg.parts))
+        err = _row_error(row, parts)
         chunks: list[Chunk] = []
+        quality = None
         if err is None:
             try:
-                chunks = prepare_answer(read_audio(resolve_audio(row["audio"], base), max_bytes), cfg.audio)
+                prepared = prepare_audio(read_audio(resolve_audio(row["audio"], base), max_bytes), cfg.audio)
+                chunks, quality = prepared.chunks, prepared.quality.model_dump()
             except AudioError as e:
                 err = e
             except Exception as e:
@@ -103,6 +73,7 @@ def prepare(batch, cfg: GraderConfig, base: str):
                 err = AudioError("internal_error", f"unexpected error while preparing the audio: {type(e).__name__}")
         kinds.append(None if err is None else err.kind)
         messages.append(None if err is None else str(err))
+        qualities.append(quality)
         samples.append(np.concatenate([c.samples for c in chunks]).tobytes() if chunks else None)
         edges.append(
             [round(c.start_s * SAMPLE_RATE) for c in chunks] + [round(c.end_s * SAMPLE_RATE) for c in chunks[-1:]]
@@ -115,15 +86,18 @@ def prepare(batch, cfg: GraderConfig, base: str):
         .append_column("error_message", pa.array(messages, pa.string()))
         .append_column("samples", pa.array(samples, pa.large_binary()))
         .append_column("chunk_edges", pa.array(edges, pa.list_(pa.int64())))
+        .append_column("quality", pa.array(qualities, QUALITY_TYPE))
     )
 
 
-def unpack_chunks(samples: bytes, edges: list[int]) -> list[Chunk]:
-    """The chunks :func:`prepare` packed (the same bounds :func:`serve.grading.audio.split` made)."""
-    wave = np.frombuffer(samples, dtype=np.float32)
-    return [
+def unpack(row: dict) -> PreparedAnswer:
+    """The prepared answer :func:`prepare` packed in a row (the same chunks :func:`serve.grading.audio.split` made)."""
+    wave = np.frombuffer(row["samples"], dtype=np.float32)
+    edges = row["chunk_edges"]
+    chunks = [
         Chunk(start_s=a / SAMPLE_RATE, end_s=b / SAMPLE_RATE, samples=wave[a:b]) for a, b in zip(edges[:-1], edges[1:])
     ]
+    return PreparedAnswer(chunks, Quality.model_validate(row["quality"]))
 
 
 # ---------------------------------------------------------------- engine stage
@@ -136,25 +110,23 @@ def answer_row(
     out = {c: row[c] for c in COLUMNS}
     if result is None:
         return {**out, "status": NOT_SCORABLE, "error_kind": kind, "error_message": message}
-    fields = result.model_dump()
-    fields["probabilities"] = list(fields["probabilities"].items())
+    fields = result.model_dump(exclude={"part", "status"})
     return {**out, "status": SCORED, "error_kind": None, "error_message": None, **fields}
 
 
 class Scorer:
     """A Ray Data stage holding one :class:`serve.engine.offline.OfflineEngine` (one per actor)."""
 
-    def __init__(self, cfg: GraderConfig):
+    def __init__(self, cfg: GraderConfig, parts: Mapping[str, Part]):
+        # Imported here: the driver and the decode tasks load this module and must not load vLLM.
         from serve.engine.offline import OfflineEngine
 
-        self.engine = OfflineEngine(cfg)
+        self.engine = OfflineEngine(cfg, parts)
 
     def __call__(self, batch):
-        import pyarrow as pa
-
         rows = batch.to_pylist()
         ready = [r for r in rows if r["error_kind"] is None]
-        answers = [(r["part"], unpack_chunks(r["samples"], r["chunk_edges"])) for r in ready]
+        answers = [(r["part"], unpack(r)) for r in ready]
         scored = dict(zip((r["response_id"] for r in ready), self._score(answers)))
         out = []
         for r in rows:

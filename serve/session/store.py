@@ -3,8 +3,9 @@
 Layout under ``--out`` (a local folder or any URI ``pyarrow.fs`` opens)::
 
     session.json           what the folder scores: the manifest and its ids' hash, the parts' model ids
-    answers/part-*.parquet one row per answer (serve.session.stages.ANSWER_SCHEMA), written in parts
-    candidates.parquet     one row per candidate, made from the answers at the end of a run
+    answers/part-*.parquet one row per answer (serve.session.schema.ANSWER_SCHEMA), written in parts
+    candidates.parquet     one row per candidate (serve.session.schema.CANDIDATES_SCHEMA), made from the
+                           answers at the end of a run
 
 A part is written under a name starting with ``.`` and renamed once complete
 (an object store's upload appears whole on close), so a stopped run leaves
@@ -19,12 +20,13 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-from serve.grading.config import GraderConfig
-from serve.grading.scoring import overall
+from serve.grading.answers import candidate_result
+from serve.grading.parts import Part
+from serve.grading.results import Review
+from serve.session.schema import ANSWER_SCHEMA, CANDIDATES_SCHEMA, SCORED
 from serve.session.sources import local_path
-from serve.session.stages import ANSWER_SCHEMA, SCORED
 
 ANSWERS_DIR = "answers"
 CANDIDATES_FILE = "candidates.parquet"
@@ -33,26 +35,6 @@ SESSION_FILE = "session.json"
 
 class OutputError(ValueError):
     """The output folder cannot be used for this session (it holds another one, or a part is unreadable)."""
-
-
-def _candidates_schema():
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("candidate_id", pa.string()),
-            ("answers", pa.int64()),
-            ("scored", pa.int64()),
-            ("not_scorable", pa.int64()),
-            ("score", pa.float64()),
-            ("cefr", pa.string()),
-            ("parts", pa.list_(pa.string())),
-        ]
-    )
-
-
-#: One row per candidate: answers, how many were scored and not scorable, the overall score (mean of scored answers).
-CANDIDATES_SCHEMA = _candidates_schema()
 
 
 def ids_digest(ids: Iterable[str]) -> str:
@@ -137,6 +119,10 @@ class OutputDir:
                 raise OutputError(f"answer part {path} is unreadable ({e}); delete it and run again") from None
         return pa.concat_tables(tables) if tables else ANSWER_SCHEMA.empty_table().select(columns)
 
+    def read_all(self) -> list[dict]:
+        """Every committed answer row (all columns)."""
+        return self.read_parts(ANSWER_SCHEMA.names).to_pylist()
+
     def done_ids(self) -> set[str]:
         """Response ids already written."""
         return set(self.read_parts(["response_id"]).column("response_id").to_pylist())
@@ -146,12 +132,13 @@ class OutputDir:
 
     # ------------------------------------------------------------ candidates
 
-    def write_candidates(self, cfg: GraderConfig) -> int:
-        """Make ``candidates.parquet`` from all committed answers; the number of candidates."""
+    def write_candidates(self, parts: Mapping[str, Part]) -> int:
+        """Make ``candidates.parquet`` from all committed answers (each candidate's result as the batch endpoint's
+        ``overall``, on the scale of their first scored answer's part); the number of candidates."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        answers = self.read_parts(["candidate_id", "part", "status", "score"]).to_pylist()
+        answers = self.read_parts(["candidate_id", "part", "status", "score", "review"]).to_pylist()
         by_candidate: dict[str, list[dict]] = {}
         for a in answers:
             by_candidate.setdefault(a["candidate_id"], []).append(a)
@@ -159,20 +146,15 @@ class OutputDir:
         for cid in sorted(by_candidate, key=lambda c: (c is None, c or "")):
             group = by_candidate[cid]
             scored = [a for a in group if a["status"] == SCORED]
-            score = cefr = None
-            if scored:
-                score, cefr = overall([a["score"] for a in scored], cfg.parts[scored[0]["part"]].levels)
-            rows.append(
-                {
-                    "candidate_id": cid,
-                    "answers": len(group),
-                    "scored": len(scored),
-                    "not_scorable": len(group) - len(scored),
-                    "score": score,
-                    "cefr": cefr,
-                    "parts": sorted({a["part"] for a in scored}),
-                }
+            first = parts.get(scored[0]["part"]) if scored else None
+            overall = candidate_result(
+                [a["score"] for a in scored],
+                [Review.model_validate(a["review"]) for a in scored],
+                len(group) - len(scored),
+                first.config.levels if first is not None else (),
             )
+            parts_scored = sorted({a["part"] for a in scored})
+            rows.append({"candidate_id": cid, "answers": len(group), "parts": parts_scored, **overall.model_dump()})
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA), sink)
         self._write_atomic(CANDIDATES_FILE, sink.getvalue().to_pybytes())

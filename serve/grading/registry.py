@@ -1,5 +1,9 @@
 """The live set of exam parts: the config's parts plus admin changes persisted to a file.
 
+Every door resolves parts here: the service's replicas, ``l2grader score``,
+``score-session`` and ``evaluate``, so a part added with ``PUT /v1/parts`` is
+scored in bulk under the same model id as over HTTP.
+
 Admin calls (``PUT``/``DELETE /v1/parts/{part}``) change the registry at run
 time; the changes are written atomically to ``serving.registry_file`` (default:
 ``<config>.registry.json`` beside the config) so a restart keeps them. Every
@@ -88,12 +92,24 @@ class PartRegistry:
             del self._versions[mid]
 
     def get(self, part: str) -> Part:
-        """The part; :class:`UnknownPartError` if it is not registered."""
+        """The part; :class:`UnknownPartError` (naming the parts there are and where each comes from) if none."""
         self.refresh()
         try:
             return self._parts[part]
         except KeyError:
-            raise UnknownPartError(part, sorted(self._parts)) from None
+            raise UnknownPartError(part, self.known()) from None
+
+    def known(self) -> list[str]:
+        """The registered parts, each with where it comes from: the config, or an admin change (``PUT``)."""
+        out = []
+        for name in sorted(self._parts):
+            if name not in self._overrides:
+                out.append(f"{name} (config)")
+            elif name in self.cfg.parts:
+                out.append(f"{name} (config, replaced with PUT /v1/parts)")
+            else:
+                out.append(f"{name} (added with PUT /v1/parts)")
+        return out
 
     def entries(self) -> dict[str, Part]:
         self.refresh()

@@ -1,0 +1,53 @@
+"""The one answer pipeline: every door (HTTP, batch, CLI, bulk session, evaluation) makes its results here.
+
+- :func:`answer_result`: a part, an answer's decoded audio (its chunks and
+  measured quality) and the engine's label distributions of its chunks ->
+  the complete :class:`ScoredAnswer` (score, uncertainty, quality, review).
+- :func:`refusal`: an answer whose audio could not be used -> :class:`NotScorable`.
+- :func:`candidate_result`: a candidate's answers -> :class:`Overall` with its review.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from serve.grading.audio import AudioError, PreparedAnswer
+from serve.grading.levels import Level, nearest_level
+from serve.grading.parts import PartSpec
+from serve.grading.results import NotScorable, NotScorableReason, Overall, Review, ScoredAnswer
+from serve.grading.review import assess, overall_review
+from serve.grading.scoring import ChunkScore, aggregate
+
+#: Audio refusals that make an answer ``not_scorable`` (a batch or a session goes on with the other answers).
+NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "silence"})
+
+
+def answer_result(spec: PartSpec, prepared: PreparedAnswer, chunk_scores: Sequence[ChunkScore]) -> ScoredAnswer:
+    """The complete answer: its chunks' distributions combined, judged against the part's review thresholds."""
+    answer = aggregate(spec.part, spec.levels, chunk_scores, spec.model, spec.intervals)
+    return assess(answer, prepared.quality, spec.review)
+
+
+def refusal(part: str, error: AudioError, response_id: str | None = None) -> NotScorable:
+    """An answer that cannot be scored, with the kind and message the single-answer endpoint's 4xx carries."""
+    return NotScorable(
+        part=part, response_id=response_id, reason=NotScorableReason(kind=error.kind, message=str(error))
+    )
+
+
+def candidate_result(
+    scores: Sequence[float], reviews: Sequence[Review], not_scorable: int, levels: Sequence[Level]
+) -> Overall:
+    """A candidate's overall result: the mean of their scored answers' ``scores`` (its CEFR level on ``levels``),
+    for review when any answer needs it (``reviews``) or could not be scored."""
+    mean = cefr = None
+    if scores:
+        mean = float(sum(scores) / len(scores))
+        cefr = nearest_level(tuple(levels), mean).cefr
+    return Overall(
+        score=mean,
+        cefr=cefr,
+        scored=len(scores),
+        not_scorable=not_scorable,
+        review=overall_review(list(reviews), not_scorable),
+    )

@@ -1,0 +1,51 @@
+"""Starting Ray, the same way for every command that needs it (``serve``, ``deploy``, ``score-session``).
+
+Without an address it is always a Ray of its own (``address="local"``), never a
+cluster that ``ray start`` left on the machine, with the Ray settings the
+application relies on (:data:`RAY_SYSTEM_CONFIG`) and the project's and the
+engine's environment variables passed to every worker. With an address it
+joins that cluster, whose settings are its own (k8s: :func:`ray_env` on every pod).
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Ray settings the application relies on, for every process of the cluster.
+#: ``max_direct_call_object_size``: arguments up to this size travel inside the
+#: call itself instead of through the shared-memory object store. Uploads and
+#: decoded chunks are 0.5-8 MB, well over Ray's 100 KB default; through the
+#: object store each answer cost a put, a raylet round trip and a fetch (about
+#: 10 ms of CPU per answer on the demo service, 2-core machine). Answers longer
+#: than about two minutes still go through the object store.
+#: ``metrics_report_interval_ms``: how often each process hands its metrics to its node's exporter (Ray's
+#: default 10 s); 2 s keeps ``/metrics`` and Prometheus within a scrape of the truth.
+RAY_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 8 * 1024 * 1024, "metrics_report_interval_ms": 2000}
+
+#: Environment variables every Ray worker gets from the command that starts a local Ray.
+PASSED_ENV_PREFIXES = ("VLLM_", "L2GRADER_", "RAY_SERVE_")
+
+
+def ray_env() -> dict[str, str]:
+    """:data:`RAY_SYSTEM_CONFIG` as the ``RAY_<name>`` variables that ``ray start`` and its workers read."""
+    return {f"RAY_{name}": str(value) for name, value in RAY_SYSTEM_CONFIG.items()}
+
+
+def start_ray(address: str | None, num_cpus: float = 0, object_store_memory: int | None = None) -> None:
+    """Join the cluster at ``address``, or start a Ray of its own with at least ``num_cpus`` logical CPUs (and an
+    object store of ``object_store_memory`` bytes, else Ray's default)."""
+    # Imported here: the commands that never start Ray (score, serve-config, --help) must not pay for loading it.
+    import ray
+
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
+    ray.init(
+        address="local",
+        num_cpus=max(os.cpu_count() or 1, int(num_cpus + 1)),
+        include_dashboard=False,
+        object_store_memory=object_store_memory,
+        runtime_env={"env_vars": env} if env else None,
+        _system_config=RAY_SYSTEM_CONFIG,
+    )

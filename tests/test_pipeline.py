@@ -1,0 +1,111 @@
+"""The one answer pipeline (no engine): the complete answer, the candidate's result, and the bulk output's schema
+derived from the same models as the HTTP answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import BaseModel
+
+from serve.grading.answers import answer_result, candidate_result, refusal
+from serve.grading.audio import SAMPLE_RATE, AudioError, PreparedAnswer, split
+from serve.grading.config import PartConfig, ReviewConfig
+from serve.grading.levels import DEFAULT_LEVELS
+from serve.grading.parts import Part, resolve_part
+from serve.grading.quality import measure
+from serve.grading.results import Overall, Review, ScoredAnswer
+from serve.grading.scoring import ChunkScore
+from serve.session.schema import ANSWER_SCHEMA, CANDIDATES_SCHEMA, answer_of_row, arrow_type
+from serve.session.stages import answer_row
+from tests.audio_fixtures import speechlike
+from tests.fake_engine import LetterTokenizer
+
+
+def field_tree(model: type[BaseModel]) -> dict:
+    """A model's field names, nested models as subtrees."""
+    out = {}
+    for name, f in model.model_fields.items():
+        sub = arrow_type(f.annotation)
+        out[name] = struct_tree(sub)
+    return out
+
+
+def struct_tree(t: pa.DataType):
+    if isinstance(t, pa.StructType):
+        return {f.name: struct_tree(f.type) for f in t}
+    if isinstance(t, pa.ListType):
+        return [struct_tree(t.value_type)]
+    return None
+
+
+def spec(review: ReviewConfig | None = None):
+    part = Part("interview", PartConfig(review=review or ReviewConfig()), None)
+    return resolve_part(part, LetterTokenizer(), base="tiny", untrained=True)
+
+
+def prepared(seconds: float, seed: int = 0) -> PreparedAnswer:
+    wave = speechlike(seconds, seed=seed)
+    return PreparedAnswer(split(wave, 30.0), measure(wave, SAMPLE_RATE, -50.0))
+
+
+def an_answer(seconds: float = 40.0, review: ReviewConfig | None = None) -> ScoredAnswer:
+    p = prepared(seconds)
+    rng = np.random.default_rng(1)
+    scores = [ChunkScore(c.start_s, c.end_s, rng.dirichlet(np.ones(6)), 0.8) for c in p.chunks]
+    return answer_result(spec(review), p, scores)
+
+
+def test_the_bulk_row_has_every_field_of_the_http_answer_nested_alike():
+    answer_fields = {k: v for k, v in field_tree(ScoredAnswer).items() if k not in ("part", "status")}
+    row_fields = {f.name: struct_tree(f.type) for f in ANSWER_SCHEMA}
+    assert {k: row_fields[k] for k in answer_fields} == answer_fields
+    assert set(row_fields) - set(answer_fields) == {
+        "response_id",
+        "candidate_id",
+        "part",
+        "audio",
+        "status",
+        "error_kind",
+        "error_message",
+    }
+    candidate = {f.name: struct_tree(f.type) for f in CANDIDATES_SCHEMA}
+    assert {k: candidate[k] for k in Overall.model_fields} == field_tree(Overall)
+
+
+def test_a_field_added_to_a_model_appears_in_its_arrow_type():
+    class Grown(Review):
+        interval: tuple[float, float] | None = None
+        aspects: dict[str, float] = {}
+
+    names = [f.name for f in arrow_type(Grown)]
+    assert names == ["needed", "reasons", "interval", "aspects"]
+    assert arrow_type(Grown).field("aspects").type == pa.map_(pa.string(), pa.float64())
+
+
+def test_an_answer_goes_through_arrow_and_back_unchanged():
+    answer = an_answer()
+    assert len(answer.chunks) == 2 and answer.quality is not None and answer.review is not None
+    row = answer_row({"response_id": "r", "candidate_id": "c", "part": "interview", "audio": "a.wav"}, answer)
+    (back,) = pa.Table.from_pylist([row], schema=ANSWER_SCHEMA).to_pylist()
+    assert answer_of_row(back) == answer
+
+
+def test_answer_result_judges_the_answer_against_its_parts_thresholds():
+    strict = an_answer(review=ReviewConfig(min_label_mass=0.9, max_score_sd=0.1))
+    lenient = an_answer(review=ReviewConfig(min_label_mass=None, max_score_sd=None, max_chunk_spread=None))
+    assert strict.review.needed and {"low_label_mass", "uncertain"} <= set(strict.review.reasons)
+    assert "low_label_mass" not in lenient.review.reasons and "uncertain" not in lenient.review.reasons
+    assert strict.score == lenient.score and strict.label_cefr == {lv.label: lv.cefr for lv in DEFAULT_LEVELS}
+
+
+def test_candidate_result_over_scored_and_not_scorable_answers():
+    a, b = an_answer(review=ReviewConfig(min_label_mass=0.9)), an_answer(seconds=10)
+    overall = candidate_result([a.score, b.score], [a.review, b.review], 1, DEFAULT_LEVELS)
+    assert overall.score == pytest.approx((a.score + b.score) / 2) and overall.scored == 2
+    assert overall.review.needed and overall.review.reasons[-1] == "not_scorable"
+    assert "low_label_mass" in overall.review.reasons
+    none = candidate_result([], [], 2, ())
+    assert (none.score, none.cefr, none.scored, none.not_scorable) == (None, None, 0, 2)
+    r = refusal("interview", AudioError("silence", "the audio is silent"), "x")
+    assert (r.status, r.reason.kind, r.response_id) == ("not_scorable", "silence", "x")
