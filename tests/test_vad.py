@@ -157,3 +157,13 @@ def test_the_detector_leaves_torchs_seed_and_threads_alone():
     vad._model = None  # a fresh load, as in a new process
     vad.silero(np.zeros(SAMPLE_RATE, np.float32), threads=1)
     assert torch.equal(torch.rand(3), expected) and torch.get_num_threads() == before
+
+
+def test_speechlike_test_audio_is_speech_that_ends_as_a_finished_answer():
+    from loadtest.audio import speechlike
+    from serve.grading.quality import measure_frames
+
+    for seed in range(10):
+        wave = speechlike(6.0, seed=seed)
+        q = measure_frames(wave, vad.silero(wave))
+        assert q.speech_ratio > 0.8 and not q.ends_in_speech, (seed, q)
