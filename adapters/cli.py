@@ -117,8 +117,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    cfg = load_config_or_exit(args.config, args.part)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from adapters.dataset import DataError
+    from adapters.evaluate import calibrate
+    from serve.grading.adapter_files import AdapterError
+
+    try:
+        calibrate(cfg, args.part, args.data, adapter=args.adapter)
+    except (DataError, AdapterError, ValueError, OSError) as e:
+        _fail(str(e), 1)
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the adapter subcommands (make-tiny-model, train, evaluate, synth-data) to the ``l2grader`` parser."""
+    """Add the adapter subcommands (make-tiny-model, train, evaluate, calibrate, synth-data) to the parser."""
     p = sub.add_parser(
         "make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml"
     )
@@ -198,6 +213,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="score held-out answers and store the part's score-interval calibration beside its adapter",
+    )
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.add_argument("--part", required=True, help="exam part")
+    p.add_argument(
+        "--data",
+        required=True,
+        help='held-out answers (not the training set, not the test set): JSON lines {"audio": path, "score": number}',
+    )
+    p.add_argument("--adapter", help="adapter folder to calibrate instead of the part's configured one")
+    p.add_argument("--verbose", action="store_true", help="show the engine's own log")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("synth-data", help="make a synthetic scored speaking test with espeak-ng (train/dev/test)")
     p.add_argument("dir", help="output folder")

@@ -29,6 +29,7 @@ from typing import Any
 from adapters.agreement import all_metrics, format_metrics
 from adapters.dataset import Answer, load_answers, read_jsonl
 from adapters.trust import SIGNALS, trust_report
+from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter
 from serve.grading.audio import PreparedAnswer
 from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
@@ -140,14 +141,89 @@ def format_trust(trust: dict) -> list[str]:
         f"{_fmt(v['rmse'])}, within 0.5 {_fmt(None if v['within_0_5'] is None else 100 * v['within_0_5'], '.1f')}%;"
         f" reasons {v['reasons']}"
     )
-    lines.append(f"  {'group':<28}{'n':>5}{'PCC':>8}{'RMSE':>8}{'mean err':>10}{'SMD':>8}{'review':>8}")
+    lines.append(
+        f"  {'group':<28}{'n':>5}{'PCC':>8}{'RMSE':>8}{'mean err':>10}{'SMD':>8}{'95% interval':>18}{'review':>8}"
+    )
     for g in trust["groups"]:
         name = "all" if g["field"] == "all" else f"{g['field']}={g['group']}"
-        flag = f"  FLAG |SMD| > {g['smd_limit']}" if g["flagged"] else ""
+        flag = f"  FLAG: SMD beyond +-{g['smd_limit']}" if g["flagged"] else ""
+        ci = g.get("smd_ci")
+        ci_text = "too small" if g.get("too_small") else "-" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
         lines.append(
             f"  {name[:28]:<28}{g['n']:>5}{_fmt(g['pcc']):>8}{_fmt(g['rmse']):>8}{g['mean_error']:>+10.3f}"
-            f"{_fmt(g['smd'], '+.3f'):>8}{100 * g['review_rate']:>7.0f}%{flag}"
+            f"{_fmt(g['smd'], '+.3f'):>8}{ci_text:>18}{100 * g['review_rate']:>7.0f}%{flag}"
         )
+    return lines
+
+
+def _audio_ids(audio: Sequence[str]) -> list[str | None]:
+    """Each answer's :func:`serve.grading.calibration.audio_id` (None where the file cannot be read here)."""
+    ids = []
+    for path in audio:
+        try:
+            ids.append(calibration.audio_id(Path(path).read_bytes()))
+        except OSError:
+            ids.append(None)
+    return ids
+
+
+def interval_report(
+    scored: Sequence[ScoredAnswer],
+    human: Sequence[float],
+    audio: Sequence[str],
+    level_scores: Sequence[float],
+    adapter_dir: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Empirical coverage and mean width of each interval method at 80/90/95 %, on answers not calibrated on.
+
+    With a valid calibration beside the adapter (``adapter_dir``), every
+    answer it was computed from is left out and the rest are measured.
+    Without one, the answers are split in two halves at random (``seed``):
+    the first calibrates, the second is measured.
+    """
+    import numpy as np
+
+    adapter_hash = scored[0].model.adapter_hash
+    state = calibration.load(adapter_dir, adapter_hash)
+    h = np.array(human, float)
+    score = np.array([s.score for s in scored], float)
+    sd = np.array([s.uncertainty.score_sd for s in scored], float)
+    if state.calibration is not None:
+        seen = set(state.calibration.answers)
+        test = np.array([i is None or i not in seen for i in _audio_ids(audio)])
+        cal, source, n_cal = state.calibration, "stored calibration", state.calibration.n
+    else:
+        order = np.random.default_rng(seed).permutation(len(scored))
+        first = np.zeros(len(scored), bool)
+        first[order[: len(scored) // 2]] = True
+        test = ~first
+        scale = (min(level_scores), max(level_scores))
+        cal = calibration.fit("", adapter_hash, scale, h[first], score[first], sd[first])
+        source, n_cal = (
+            f"split half (seed {seed}): no valid calibration beside the adapter ({state.status})",
+            int(first.sum()),
+        )
+    rows = calibration.coverage_table(cal, h[test], score[test], sd[test]) if test.any() else []
+    return {
+        "source": source,
+        "n_calibration": n_cal,
+        "n_test": int(test.sum()),
+        "left_out_calibrated": int((~test).sum()) if state.calibration is not None else 0,
+        "rows": rows,
+    }
+
+
+def format_intervals(report: dict[str, Any]) -> list[str]:
+    """Human-readable lines of :func:`interval_report`."""
+    lines = [
+        f"score intervals ({report['source']}; calibrated on {report['n_calibration']}, measured on "
+        f"{report['n_test']} other answers):",
+        f"  {'method':<10}{'nominal':>9}{'coverage':>10}{'mean width':>12}",
+    ]
+    for r in report["rows"]:
+        cov = _fmt(None if r["coverage"] is None else 100 * r["coverage"], ".1f")
+        lines.append(f"  {r['method']:<10}{100 * r['nominal']:>8.0f}%{cov:>9}%{_fmt(r['mean_width'], '.3f'):>12}")
     return lines
 
 
@@ -182,6 +258,7 @@ def evaluate(
         [str(a.example.audio) for a in answers],
         len(bad),
         [lv.score for lv in cfg.parts[part].levels],
+        adapter_dir=cfg.parts[part].adapter,
         plot=plot or default_plot_path(data, part),
         predictions=predictions,
         group_by=group_by,
@@ -286,6 +363,7 @@ def report_on(
     not_scorable: int,
     level_scores: Sequence[float],
     *,
+    adapter_dir: str | Path | None = None,
     plot: str | Path,
     predictions: str | Path | None,
     group_by: Sequence[str],
@@ -299,6 +377,7 @@ def report_on(
         "hard": all_metrics([s.hard_score for s in scored], human),
     }
     trust = trust_report(scored, human, fields, group_by, selective_signal)
+    intervals = interval_report(scored, human, audio, level_scores, adapter_dir)
     if predictions is not None:
         with open(predictions, "w") as f:
             for a, s, h, fl in zip(audio, scored, human, fields):
@@ -320,6 +399,7 @@ def report_on(
         "not_scorable": not_scorable,
         "untrained": scored[0].model.untrained,
         **trust,
+        "intervals": intervals,
     }
     if scored[0].model.untrained:
         print("WARNING: scores of the tiny UNTRAINED demo checkpoint (random weights): they mean nothing")
@@ -329,6 +409,8 @@ def report_on(
     print(format_metrics("soft", result["soft"]))
     print(format_metrics("hard", result["hard"]))
     for line in format_trust(trust):
+        print(line)
+    for line in format_intervals(intervals):
         print(line)
     print(f"calibration plot: {plot_path}")
     if report is not None:
@@ -346,3 +428,44 @@ def report_on(
         print(f"report: {html}")
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def calibrate(
+    cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | Path | None = None
+) -> calibration.Calibration:
+    """Score held-out ``data`` through vLLM and store the part's calibration beside its adapter.
+
+    The data must not be the adapter's training data (its errors there are too
+    small) nor the data its intervals are later measured on.
+    """
+    cfg = config_for(cfg, part, adapter)
+    pcfg = cfg.parts[part]
+    if pcfg.adapter is None:
+        raise ValueError(f"part {part!r} has no adapter: a calibration is stored beside an adapter")
+    answers, bad = load_answers(read_jsonl(data, part), cfg.audio)
+    for ex, why in bad:
+        print(f"not scorable, left out: {ex.audio}: {why}", file=sys.stderr)
+    if len(answers) < 10:
+        raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 10 are needed")
+    scored = score_with_engine(cfg, part, answers)
+    adapter_hash = scored[0].model.adapter_hash
+    if adapter_hash != check_adapter(pcfg.adapter).content_hash:
+        raise ValueError(f"adapter {pcfg.adapter} changed while it was being calibrated")
+    cal = calibration.fit(
+        part,
+        adapter_hash,
+        (min(lv.score for lv in pcfg.levels), max(lv.score for lv in pcfg.levels)),
+        [a.example.score for a in answers],
+        [s.score for s in scored],
+        [s.uncertainty.score_sd for s in scored],
+        answers=[i for i in _audio_ids([str(a.example.audio) for a in answers]) if i is not None],
+        data=str(data),
+    )
+    path = calibration.write(cal, pcfg.adapter)
+    print(f"{part}: calibrated on {cal.n} answers from {data} ({len(bad)} not scorable), adapter {adapter_hash}")
+    for method in calibration.METHODS:
+        qs = ", ".join(f"{100 * c:.0f}% {cal.quantile(method, c):.3f}" for c in calibration.REPORT_COVERAGES)
+        unit = "score points" if method == "absolute" else f"x max(score_sd, {cal.sd_floor:g})"
+        print(f"  {method:<9} half-width ({unit}): {qs}")
+    print(f"wrote {path}")
+    return cal

@@ -92,4 +92,4 @@ class ReferenceScorer:
         """Score one answer, chunk by chunk (label mass included, as the engine reports it)."""
         spec = self.parts[part]
         scores = [ChunkScore(c.start_s, c.end_s, *label_distribution(self.label_logprobs(spec, c))) for c in chunks]
-        return aggregate(part, spec.levels, scores, spec.model)
+        return aggregate(part, spec.levels, scores, spec.model, spec.intervals)

@@ -166,7 +166,7 @@ def write_report(
     )
     groups = summary["groups"]
     group_table = _table(
-        ["field", "group", "n", "PCC", "RMSE", "mean error", "SMD", "review rate", "flagged"],
+        ["field", "group", "n", "PCC", "RMSE", "mean error", "SMD", "SMD 95% interval", "review rate", "flagged"],
         [
             [
                 g["field"],
@@ -176,8 +176,13 @@ def write_report(
                 g["rmse"],
                 g["mean_error"],
                 g["smd"],
+                "too small"
+                if g.get("too_small")
+                else ""
+                if g.get("smd_ci") is None
+                else f"[{g['smd_ci'][0]:+.2f}, {g['smd_ci'][1]:+.2f}]",
                 g["review_rate"],
-                f"|SMD| > {g['smd_limit']}" if g["flagged"] else "",
+                f"beyond +-{g['smd_limit']}" if g["flagged"] else "",
             ]
             for g in groups
         ],
@@ -199,8 +204,9 @@ tr.flag td{{background:#fde2e2}}</style>
 <p>The most doubtful answers by each signal are routed to human review; PCC of the answers kept.</p>{selective}
 <h3>Review verdict (the part's thresholds)</h3>{verdict}
 <h2>Groups</h2>
-<p>SMD: machine minus human mean over the pooled SD; flagged above 0.15 for the whole set and 0.10 for a
-subgroup (Williamson, Xi &amp; Breyer 2012, "A framework for evaluation and use of automated scoring").</p>{group_table}
+<p>SMD: machine minus human mean over the pooled SD; flagged when its 95% bootstrap interval lies wholly beyond
+0.15 for the whole set and 0.10 for a subgroup (Williamson, Xi &amp; Breyer 2012, "A framework for evaluation and
+use of automated scoring"); groups of fewer than 10 answers are too small to judge.</p>{group_table}
 </body></html>
 """
     (out / "report.html").write_text(page)

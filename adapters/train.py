@@ -163,7 +163,7 @@ def score_answers(
     for ans in answers:
         chunks = [ChunkScore(c.start_s, c.end_s, *dists[k + j]) for j, c in enumerate(ans.chunks)]
         k += len(ans.chunks)
-        results.append(aggregate(spec.part, spec.levels, chunks, spec.model))
+        results.append(aggregate(spec.part, spec.levels, chunks, spec.model, spec.intervals))
     return results
 
 

@@ -12,7 +12,12 @@
   ``sqrt((sd_machine^2 + sd_human^2) / 2)``; following Williamson, Xi & Breyer
   (2012), "A framework for evaluation and use of automated scoring",
   Educational Measurement: Issues and Practice 31(1), 2-13, a set is flagged
-  when |SMD| > 0.15 and a subgroup when |SMD| > 0.10.
+  when |SMD| > 0.15 and a subgroup when |SMD| > 0.10. Each SMD comes with a
+  95 % bootstrap interval (answers resampled with their human scores,
+  :data:`BOOTSTRAP` times, seeded), and a group is flagged only when the whole
+  interval lies beyond the limit: a small group's SMD swings by chance. A
+  group of fewer than :data:`MIN_GROUP` answers is listed as too small and
+  never flagged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from serve.grading.results import ScoredAnswer
 REVIEW_RATES = (0.0, 0.05, 0.10, 0.20, 0.30)
 #: |SMD| above which the whole set, and a subgroup, is flagged (Williamson, Xi & Breyer 2012).
 SMD_LIMIT_OVERALL, SMD_LIMIT_GROUP = 0.15, 0.10
+#: Bootstrap resamples of each group's SMD, the interval's level, and the fewest answers a group needs to be judged.
+BOOTSTRAP, SMD_CI_LEVEL, MIN_GROUP = 2000, 0.95, 10
 
 #: Signal name -> how doubtful an answer is by it (higher: route to a human first).
 SIGNALS: dict[str, Callable[[ScoredAnswer], float]] = {
@@ -93,6 +100,26 @@ def smd(pred: Sequence[float], human: Sequence[float]) -> float | None:
     return None if sd == 0 else float((p.mean() - h.mean()) / sd)
 
 
+def smd_interval(
+    pred: Sequence[float], human: Sequence[float], n_boot: int = BOOTSTRAP, level: float = SMD_CI_LEVEL, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of :func:`smd` (answers resampled in pairs); None when undefined."""
+    p, h = np.asarray(pred, float), np.asarray(human, float)
+    if len(p) < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(p), size=(n_boot, len(p)))
+    bp, bh = p[idx], h[idx]
+    sd = np.sqrt((bp.var(axis=1, ddof=1) + bh.var(axis=1, ddof=1)) / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (bp.mean(axis=1) - bh.mean(axis=1)) / sd
+    d = d[np.isfinite(d)]
+    if d.size < n_boot // 2:
+        return None
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(d, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 @dataclass(frozen=True)
 class Row:
     """One evaluated answer: machine and human score, its review verdict and its group fields."""
@@ -116,6 +143,8 @@ def group_table(rows: Sequence[Row], group_by: Sequence[str]) -> list[dict]:
         p = np.array([r.pred for r in members])
         h = np.array([r.human for r in members])
         d = smd(p, h)
+        too_small = len(members) < MIN_GROUP
+        ci = None if too_small else smd_interval(p, h)
         return {
             "field": field,
             "group": group,
@@ -126,7 +155,9 @@ def group_table(rows: Sequence[Row], group_by: Sequence[str]) -> list[dict]:
             "smd": d,
             "review_rate": float(np.mean([r.review for r in members])),
             "smd_limit": limit,
-            "flagged": d is not None and abs(d) > limit,
+            "smd_ci": None if ci is None else [round(ci[0], 4), round(ci[1], 4)],
+            "too_small": too_small,
+            "flagged": ci is not None and (ci[0] > limit or ci[1] < -limit),
         }
 
     table = [stats("all", "all", rows, SMD_LIMIT_OVERALL)]

@@ -30,13 +30,18 @@ RECORDED_FORMATS = {
 
 
 def speechlike(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
-    """Mono float32 audio that passes the speech check: harmonics of a wandering pitch, 4 Hz syllables, noise."""
+    """Mono float32 audio that passes the speech check (Silero VAD hears it as speech): harmonics of a wandering
+    pitch, 4-5 syllables a second, noise; the voice fades out before the end (a finished answer, not a cut-off one)."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
     f0 = 110 + 30 * rng.random() + 20 * np.sin(2 * np.pi * 0.4 * t)
     phase = 2 * np.pi * np.cumsum(f0) / rate
     voiced = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = (0.5 + 0.5 * np.sin(2 * np.pi * (3 + rng.random() * 2) * t)) ** 2
+    envelope = (0.5 + 0.5 * np.sin(2 * np.pi * (4 + rng.random()) * t)) ** 2  # 4-5 syllables a second
+    # The voice fades out and 0.3 s of room noise ends the answer (a finished answer, not a cut-off one).
+    fade, tail = min(t.size // 8, int(0.3 * rate)), min(t.size // 8, int(0.3 * rate))
+    envelope[t.size - fade - tail : t.size - tail] *= np.linspace(1.0, 0.0, fade) ** 2
+    envelope[t.size - tail :] = 0.0
     return (0.2 * voiced * envelope + 0.01 * rng.normal(size=t.size)).astype(np.float32)
 
 

@@ -185,7 +185,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``loadtest``, ``bench``, ``bench-cluster``, ``bench-session`` and ``soak`` to the ``l2grader`` parser."""
+    """Add ``loadtest``, ``bench``, ``bench-cluster``, ``bench-session``, ``soak`` and ``bench-vad`` to the parser."""
     p = sub.add_parser("loadtest", help="load-test the service with Locust (starts it unless --url is given)")
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument(
@@ -235,8 +235,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from loadtest.cluster_bench import add_bench_cluster_command
     from loadtest.session_bench import add_bench_session_command
     from loadtest.soak import add_soak_command
+    from loadtest.vad_bench import add_bench_chunks_command, add_bench_vad_command
 
     add_bench_command(sub)
     add_bench_cluster_command(sub)
     add_bench_session_command(sub)
     add_soak_command(sub)
+    add_bench_vad_command(sub)
+    add_bench_chunks_command(sub)

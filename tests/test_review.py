@@ -43,7 +43,7 @@ def test_quality_of_clean_clipped_and_noisy_speech():
 
 
 def test_prepare_measures_quality_once_and_refuses_silence_from_it():
-    p = prepare(encode(with_gaps(speechlike(4, seed=2)), SAMPLE_RATE), AudioConfig())
+    p = prepare(encode(with_gaps(speechlike(4, seed=2)), SAMPLE_RATE), AudioConfig(speech_detector="loudness"))
     assert p.quality.speech_s == pytest.approx(8.0, abs=0.05)
     assert sum(c.duration_s for c in p.chunks) == pytest.approx(9.5)
 

@@ -19,6 +19,7 @@ import pytest
 import soundfile as sf
 import yaml
 
+from serve.grading.results import Quality
 from tests.audio_fixtures import speechlike, write
 from tests.conftest import ADMIN, SERVICE_BODY_TIMEOUT_S, USER, l2grader, require_espeak
 
@@ -188,7 +189,8 @@ def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_fi
             assert 0 < got["label_mass"] <= 1 and got["uncertainty"]["label_mass"] == got["label_mass"]
             assert set(got["uncertainty"]) == {"score_sd", "entropy", "label_mass", "chunk_spread"}
             assert 0 <= got["uncertainty"]["entropy"] <= 1 and got["uncertainty"]["score_sd"] >= 0
-            assert set(got["quality"]) == {"speech_s", "speech_ratio", "snr_db", "clipped_fraction", "speech_dbfs"}
+            assert set(got["quality"]) == set(Quality.model_fields)
+            assert got["quality"]["speech_detector"] == "silero_vad" and got["interval_status"] == "uncalibrated"
             assert all(0 < c["label_mass"] <= 1 for c in got["chunks"])
             reasons = got["review"]["reasons"]
             assert got["review"]["needed"] == bool(reasons)

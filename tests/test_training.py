@@ -159,7 +159,7 @@ def run(synth, tiny_dir, tmp_path_factory) -> dict:
 @pytest.mark.engine
 def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     """On degraded held-out answers: routing the most uncertain 10 % raises the PCC of the rest, degraded
-    answers go to review far more often than clean ones, and the planted bias is flagged."""
+    answers go to review far more often than clean ones, and the planted bias is seen with confidence."""
     proc = l2grader(
         "evaluate",
         "--config",
@@ -189,7 +189,12 @@ def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     for kind in ("noise", "clipping", "gaps"):
         assert groups[("degradation", kind)]["review_rate"] >= 0.8, kind
     assert clean["review_rate"] <= 0.3
-    assert groups[("voice", BIAS_VOICE)]["flagged"] and groups[("voice", BIAS_VOICE)]["smd"] < 0
+    # The planted bias: the voice's whole SMD interval lies below zero (on ~16 answers it need not clear the
+    # 0.10 flag limit as well: a flag needs the whole interval beyond it).
+    biased = groups[("voice", BIAS_VOICE)]
+    assert biased["smd"] < 0 and biased["smd_ci"][1] < 0 and not biased["too_small"], biased
+    intervals = out["intervals"]  # no calibration beside this adapter: one half calibrates, the other is measured
+    assert intervals["n_test"] > 50 and len(intervals["rows"]) == 6
     html = (tmp_path / "r" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and BIAS_VOICE in html
     assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == out["groups"]
@@ -242,6 +247,7 @@ def test_evaluate_reports_every_metric_and_draws_the_plot(run):
             "error_spearman",
             "review_verdict",
             "groups",
+            "intervals",
         }
         for kind in ("soft", "hard"):
             assert set(run[key][kind]) == {"pcc", "spearman", "rmse", "within_0_5", "within_1_0"}
@@ -249,6 +255,38 @@ def test_evaluate_reports_every_metric_and_draws_the_plot(run):
     for png in ("untrained.png", "trained.png"):
         data = (run["dir"] / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.engine
+def test_calibrated_intervals_cover_held_out_answers(run, synth, tmp_path):
+    """`l2grader calibrate` on the dev set stores a calibration tied to the adapter's hash; on the test set
+    (scored by the run's evaluate, never calibrated on) its intervals cover about as often as they say."""
+    import shutil
+
+    from serve.grading import calibration
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run["adapter"], adapter)
+    args = ("--config", run["cfg"], "--part", "interview", "--adapter", str(adapter))
+    l2grader("calibrate", *args, "--data", str(synth / "dev.jsonl"))
+    state = calibration.load(adapter, check_adapter(adapter).content_hash)
+    assert state.status == "calibrated" and state.calibration.n == N_DEV
+    assert calibration.load(adapter, "0" * 16).status == "stale_calibration"
+    rows = [json.loads(line) for line in (run["dir"] / "trained.jsonl").read_text().splitlines()]
+    table = calibration.coverage_table(
+        state.calibration,
+        [r["human"] for r in rows],
+        [r["score"] for r in rows],
+        [r["uncertainty"]["score_sd"] for r in rows],
+    )
+    print(
+        "\n"
+        + "\n".join(f"{t['method']} {t['nominal']}: {t['coverage']:.3f} width {t['mean_width']:.3f}" for t in table),
+        file=sys.stderr,
+    )
+    for t in table:  # 40 answers calibrate, 100 are measured: sampling error of a few points each way
+        assert t["coverage"] >= t["nominal"] - 0.15, t
+        assert 0 < t["mean_width"] <= 5.0
 
 
 @pytest.mark.engine

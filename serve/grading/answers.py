@@ -24,7 +24,8 @@ NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "si
 
 def answer_result(spec: PartSpec, prepared: PreparedAnswer, chunk_scores: Sequence[ChunkScore]) -> ScoredAnswer:
     """The complete answer: its chunks' distributions combined, judged against the part's review thresholds."""
-    return assess(aggregate(spec.part, spec.levels, chunk_scores, spec.model), prepared.quality, spec.review)
+    answer = aggregate(spec.part, spec.levels, chunk_scores, spec.model, spec.intervals)
+    return assess(answer, prepared.quality, spec.review)
 
 
 def refusal(part: str, error: AudioError, response_id: str | None = None) -> NotScorable:

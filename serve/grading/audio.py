@@ -236,12 +236,12 @@ class _Resampler:
         return [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
 
 
-def _refuse_too_little_speech(voiced: float, total: float, min_speech_s: float, silence_dbfs: float) -> None:
+def _refuse_too_little_speech(voiced: float, total: float, min_speech_s: float, what_counts: str) -> None:
     if voiced < min_speech_s:
         what = "silent" if voiced == 0 else "too short to score"
         raise AudioError(
             "silence",
-            f"the audio is {what}: {voiced:.2f} s of sound above {silence_dbfs:g} dBFS in {total:.2f} s, "
+            f"the audio is {what}: {voiced:.2f} s of sound {what_counts} in {total:.2f} s, "
             f"at least {min_speech_s:g} s needed",
         )
 
@@ -254,11 +254,45 @@ def chunk_bounds(n_samples: int, max_chunk_s: float) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def split(wave: np.ndarray, max_chunk_s: float = 30.0) -> list[Chunk]:
-    """Cut a 16 kHz answer into balanced chunks of at most ``max_chunk_s``."""
+def pause_bounds(
+    n_samples: int, max_chunk_s: float, speech: np.ndarray, frame_s: float, search_s: float
+) -> list[tuple[int, int]]:
+    """The chunks of :func:`chunk_bounds`, each inner boundary moved into the pause nearest it.
+
+    A boundary moves at most ``search_s`` from its balanced point, to the
+    middle of the nearest run of non-speech frames (``speech``: one bool per
+    frame of ``frame_s``) that reaches that window, and only as far as every
+    chunk stays within ``max_chunk_s``; with no pause in reach it stays put.
+    """
+    bounds = chunk_bounds(n_samples, max_chunk_s)
+    if len(bounds) == 1 or speech.size == 0:
+        return bounds
+    max_len = int(round(max_chunk_s * SAMPLE_RATE))
+    frame, search = int(round(frame_s * SAMPLE_RATE)), int(round(search_s * SAMPLE_RATE))
+    # Pauses as [start, end) sample ranges.
+    edges = np.diff(np.concatenate([[1], speech.astype(np.int8), [1]]))
+    starts, ends = np.flatnonzero(edges == -1) * frame, np.flatnonzero(edges == 1) * frame
+    cuts, prev, k = [0], 0, len(bounds)
+    for i, (_, balanced) in enumerate(bounds[:-1], start=1):
+        lo = max(balanced - search, prev + 1, n_samples - (k - i) * max_len)
+        hi = min(balanced + search, prev + max_len, n_samples - 1)
+        best = min(max(balanced, lo), hi)
+        a, b = np.maximum(starts, lo), np.minimum(ends, hi)  # each pause clipped to the window
+        mids = ((a + b) // 2)[a < b]
+        if mids.size:
+            best = int(mids[np.argmin(np.abs(mids - balanced))])
+        cuts.append(best)
+        prev = best
+    cuts.append(n_samples)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def split(wave: np.ndarray, max_chunk_s: float = 30.0, bounds: list[tuple[int, int]] | None = None) -> list[Chunk]:
+    """Cut a 16 kHz answer into chunks: ``bounds`` (sample ranges), by default balanced ones of at most
+    ``max_chunk_s``."""
     return [
         Chunk(start_s=a / SAMPLE_RATE, end_s=b / SAMPLE_RATE, samples=wave[a:b])
-        for a, b in chunk_bounds(len(wave), max_chunk_s)
+        for a, b in (bounds or chunk_bounds(len(wave), max_chunk_s))
     ]
 
 
@@ -272,18 +306,32 @@ class PreparedAnswer:
 
 def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] | None = None) -> PreparedAnswer:
     """Decode, check, measure and chunk one answer under the config's audio rules
-    (:class:`serve.grading.config.AudioConfig`)."""
+    (:class:`serve.grading.config.AudioConfig`).
+
+    The speech detector (:mod:`serve.grading.vad`) runs once on the decoded
+    audio: its frames give the quality, the speech check (too little speech:
+    kind ``silence``) and the pauses long answers are cut in.
+    """
+    from serve.grading import vad
+
     wave = decode(
         data,
         max_duration_s=audio_cfg.max_duration_s,
         max_input_samples=audio_cfg.max_input_samples(),
         cancelled=cancelled,
     )
-    measured = quality.measure(wave, SAMPLE_RATE, audio_cfg.silence_dbfs)  # its speech_s is the speech check's
+    frames = vad.detect(wave, audio_cfg)
+    measured = quality.measure_frames(wave, frames)  # its speech_s is the speech check's
     _refuse_too_little_speech(
-        measured.speech_s, len(wave) / SAMPLE_RATE, audio_cfg.min_speech_s, audio_cfg.silence_dbfs
+        measured.speech_s,
+        len(wave) / SAMPLE_RATE,
+        audio_cfg.min_speech_s,
+        f"above {audio_cfg.silence_dbfs:g} dBFS" if frames.detector == "loudness" else "of speech",
     )
-    return PreparedAnswer(split(wave, audio_cfg.max_chunk_s), measured)
+    bounds = None
+    if audio_cfg.cut_at_pauses:
+        bounds = pause_bounds(len(wave), audio_cfg.max_chunk_s, frames.speech, frames.frame_s, audio_cfg.pause_search_s)
+    return PreparedAnswer(split(wave, audio_cfg.max_chunk_s, bounds), measured)
 
 
 def prepare_answer(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] | None = None) -> list[Chunk]:

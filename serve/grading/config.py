@@ -111,7 +111,22 @@ class AudioConfig(_Strict):
         30.0, gt=0.0, le=30.0, description="Longest chunk sent to the encoder (its window is 30 s)."
     )
     min_speech_s: float = Field(1.0, ge=0.0, description="Less voiced audio than this is refused as silence/too short.")
-    silence_dbfs: float = Field(-50.0, description="Frames quieter than this (RMS, dBFS) count as silence.")
+    silence_dbfs: float = Field(
+        -50.0, description="Frames quieter than this (RMS, dBFS) count as silence (speech_detector: loudness)."
+    )
+    speech_detector: Literal["silero_vad", "loudness"] = Field(
+        "silero_vad",
+        description="What tells speech from the rest: Silero VAD (a speech model on CPU) or the loudness rule "
+        "(frames above silence_dbfs).",
+    )
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Speech probability from which a frame is speech.")
+    vad_threads: int = Field(1, ge=1, description="torch threads one answer's speech detection may use.")
+    cut_at_pauses: bool = Field(
+        True, description="Cut answers longer than max_chunk_s in the pause nearest each balanced point."
+    )
+    pause_search_s: float = Field(
+        4.0, ge=0.0, description="How far from a balanced point a chunk boundary may move to fall in a pause."
+    )
     max_duration_s: float = Field(900.0, gt=0.0, description="Longest answer accepted.")
     max_upload_mb: float = Field(50.0, gt=0.0, description="Largest upload accepted.")
     max_input_samples_per_s: float = Field(
@@ -315,6 +330,27 @@ class ReviewConfig(_Strict):
     max_chunk_spread: float | None = Field(
         1.5, ge=0.0, description="chunks_disagree: highest minus lowest chunk score above this (answers over 30 s)."
     )
+    max_interval_width: float | None = Field(
+        2.0,
+        ge=0.0,
+        description="wide_interval: the calibrated interval is wider than this (in scale points, 1 = one CEFR level).",
+    )
+    min_duration_s: float | None = Field(
+        None, ge=0.0, description="too_short: the answer lasts less than this (the part's expected range)."
+    )
+    max_duration_s: float | None = Field(
+        None, ge=0.0, description="too_long: the answer lasts more than this (the part's expected range)."
+    )
+    cut_off: bool = Field(True, description="cut_off: speech runs into the answer's last frames (recording cut off).")
+
+
+class IntervalConfig(_Strict):
+    """The calibrated score interval each answer carries (from calibration.json beside the part's adapter)."""
+
+    coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal coverage of the interval.")
+    method: Literal["scaled", "absolute"] = Field(
+        "scaled", description="scaled: width grows with the answer's score_sd; absolute: one width for all answers."
+    )
 
 
 class PartConfig(_Strict):
@@ -326,6 +362,7 @@ class PartConfig(_Strict):
     )
     levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2, max_length=MAX_LEVELS)
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="When its scores go to a human examiner.")
+    interval: IntervalConfig = Field(default_factory=IntervalConfig, description="Its answers' calibrated interval.")
 
     @field_validator("levels")
     @classmethod

@@ -7,7 +7,8 @@
 - :class:`Part` is a registered part: its config and its checked adapter
   (:func:`serve.grading.adapter_files.check_adapter`, done once per adapter version).
 - :class:`PartSpec` is a part resolved against the model's tokenizer: the
-  prompt and the label token ids the engine reads.
+  prompt and the label token ids the engine reads, and the calibration of its
+  intervals (read from beside the adapter when the part is resolved).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve.grading import calibration
 from serve.grading.adapter_files import AdapterFiles, check_adapter
 from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import Level
@@ -113,6 +115,7 @@ class PartSpec:
     adapter_hash: str | None
     model: ModelInfo
     review: ReviewConfig
+    intervals: calibration.Intervals = calibration.Intervals()
 
     @property
     def adapter_int_id(self) -> int:
@@ -155,6 +158,11 @@ def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSp
             untrained=untrained,
         ),
         review=pcfg.review,
+        intervals=calibration.Intervals(
+            calibration.load(None if part.adapter is None else part.adapter.path, part.adapter_hash),
+            pcfg.interval.coverage,
+            pcfg.interval.method,
+        ),
     )
 
 

@@ -1,17 +1,23 @@
 """Audio quality of an answer, measured once on its decoded 16 kHz mono audio (numpy, one pass over frames).
 
-- speech: frames of 25 ms whose RMS is above ``audio.silence_dbfs`` (the same
-  rule as the speech check that refuses silence);
-- SNR estimate: the mean power of the loudest 10 % of frames (speech plus
-  noise) against that of the quietest 10 % (the noise floor), in dB; a
-  recording with true silence between words has no floor and reads as
-  :data:`MAX_SNR_DB`;
+- speech: the frames the speech detector (:mod:`serve.grading.vad`) calls
+  speech, the same frames as the speech check that refuses silence;
+- noise floor: the median power of the frames without speech;
+- SNR estimate: the speech frames' mean power (speech plus noise) less the
+  floor, against the floor, in dB; a recording whose pauses are true silence
+  has no floor and reads as :data:`MAX_SNR_DB`. Without pauses (or with the
+  loudness rule, whose "pauses" are silent by definition) the loudest 10 % of
+  frames against the quietest 10 %;
+- the answer ends in speech: its last frame is speech at speech level
+  (:data:`CUT_OFF_DB`): the recording was cut off mid-speech;
 - clipping: the share of samples at full scale (``|x| >= 0.99``; decoding
   clips everything beyond full scale to 1);
 - speech loudness: RMS of the speech frames, in dBFS.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +32,11 @@ EDGE_SHARE = 0.10
 MAX_SNR_DB = 100.0
 #: Power under which a frame counts as digital silence (-120 dBFS).
 _FLOOR_POWER = 1e-12
+#: Pauses shorter than this in all give no noise floor of their own (the loudest/quietest estimate is used).
+MIN_PAUSE_S = 0.25
+#: A last frame that is speech and within this many dB of the speech frames' mean power: cut off mid-speech
+#: (a finished answer's last word decays into a pause; a cut recording stops at speech level).
+CUT_OFF_DB = 25.0
 
 
 def frame_powers(wave: np.ndarray, sample_rate: int, frame_s: float = FRAME_S) -> np.ndarray:
@@ -41,6 +52,33 @@ def frame_powers(wave: np.ndarray, sample_rate: int, frame_s: float = FRAME_S) -
 def voiced_mask(powers: np.ndarray, silence_dbfs: float) -> np.ndarray:
     """Frames whose RMS is above ``silence_dbfs``."""
     return powers > 10 ** (silence_dbfs / 10)
+
+
+@dataclass(frozen=True)
+class SpeechFrames:
+    """An answer cut into frames: each frame's mean square and whether it is speech."""
+
+    frame_s: float
+    powers: np.ndarray  # mean square of each frame (float64)
+    speech: np.ndarray  # bool per frame
+    detector: str
+    probabilities: np.ndarray | None = None  # speech probability per frame (silero_vad only)
+
+    @property
+    def speech_s(self) -> float:
+        return float(np.count_nonzero(self.speech) * self.frame_s)
+
+    def ends_in_speech(self) -> bool:
+        """The last frame is speech, at speech level (within :data:`CUT_OFF_DB` of the speech frames' mean)."""
+        if not self.speech.size or not self.speech[-1]:
+            return False
+        return bool(self.powers[-1] >= self.powers[self.speech].mean() * 10 ** (-CUT_OFF_DB / 10))
+
+
+def loudness(wave: np.ndarray, silence_dbfs: float) -> SpeechFrames:
+    """The loudness rule: 25 ms frames whose RMS is above ``silence_dbfs``."""
+    powers = frame_powers(wave, 16000)
+    return SpeechFrames(FRAME_S, powers, voiced_mask(powers, silence_dbfs), "loudness")
 
 
 def _dbfs(power: float) -> float:
@@ -61,16 +99,33 @@ def snr_db(powers: np.ndarray) -> float:
 
 
 def measure(wave: np.ndarray, sample_rate: int, silence_dbfs: float) -> Quality:
-    """The answer's :class:`Quality`."""
-    powers = frame_powers(wave, sample_rate)
-    voiced = voiced_mask(powers, silence_dbfs)
-    speech_s = float(np.count_nonzero(voiced) * FRAME_S)
-    duration_s = len(wave) / sample_rate
+    """The answer's :class:`Quality` by the loudness rule (frames above ``silence_dbfs`` are speech)."""
+    assert sample_rate == 16000, "the grader measures 16 kHz audio"
+    return measure_frames(wave, loudness(wave, silence_dbfs))
+
+
+def measure_frames(wave: np.ndarray, frames: SpeechFrames) -> Quality:
+    """The answer's :class:`Quality`, from its speech frames (:func:`serve.grading.vad.detect`)."""
+    powers, speech = frames.powers, frames.speech
+    speech_s = frames.speech_s
+    duration_s = len(wave) / 16000
     clipped = float(np.count_nonzero(np.abs(wave) >= CLIP_LEVEL)) / max(1, len(wave))
+    pauses = powers[~speech]
+    noise = None
+    if frames.detector != "loudness" and pauses.size * frames.frame_s >= MIN_PAUSE_S:
+        noise = float(np.median(pauses))
+    if noise is not None and speech.any():
+        signal = max(float(powers[speech].mean()) - noise, _FLOOR_POWER)
+        snr = float(np.clip(10 * np.log10(signal / max(noise, _FLOOR_POWER)), -MAX_SNR_DB, MAX_SNR_DB))
+    else:
+        snr = snr_db(powers)
     return Quality(
         speech_s=round(speech_s, 3),
         speech_ratio=round(min(1.0, speech_s / duration_s), 4) if duration_s > 0 else 0.0,
-        snr_db=round(snr_db(powers), 2),
+        snr_db=round(snr, 2),
         clipped_fraction=round(clipped, 6),
-        speech_dbfs=round(_dbfs(float(powers[voiced].mean())) if voiced.any() else _dbfs(0.0), 2),
+        speech_dbfs=round(_dbfs(float(powers[speech].mean())) if speech.any() else _dbfs(0.0), 2),
+        noise_dbfs=None if noise is None else round(_dbfs(noise), 2),
+        ends_in_speech=frames.detector != "loudness" and frames.ends_in_speech(),
+        speech_detector=frames.detector,
     )

@@ -12,7 +12,21 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 #: Why an answer goes to a human examiner (the ``review.reasons`` codes, fixed).
-REVIEW_REASONS = ("low_snr", "clipping", "low_speech_ratio", "uncertain", "low_label_mass", "chunks_disagree")
+REVIEW_REASONS = (
+    "low_snr",
+    "clipping",
+    "low_speech_ratio",
+    "uncertain",
+    "low_label_mass",
+    "chunks_disagree",
+    "wide_interval",
+    "too_short",
+    "too_long",
+    "cut_off",
+)
+
+#: What ``interval_status`` says: an interval from the adapter's own calibration, or why there is none.
+INTERVAL_STATUSES = ("calibrated", "uncalibrated", "stale_calibration", "invalid_calibration")
 
 
 class ChunkResult(BaseModel):
@@ -57,6 +71,28 @@ class Quality(BaseModel):
     )
     clipped_fraction: float = Field(description="Share of samples at full scale (|x| >= 0.99).")
     speech_dbfs: float = Field(description="RMS level of the speech frames, dBFS.")
+    noise_dbfs: float | None = Field(
+        None, description="RMS level of the frames without speech (the noise floor), dBFS; null when all is speech."
+    )
+    ends_in_speech: bool = Field(
+        False, description="Speech runs into the last frames: the recording was probably cut off mid-speech."
+    )
+    speech_detector: str = Field(
+        "loudness", description="What told speech from the rest: 'silero_vad' (a speech model) or 'loudness'."
+    )
+
+
+class ScoreInterval(BaseModel):
+    """Where the human score lies, with the stated coverage, by split conformal prediction on held-out answers."""
+
+    low: float
+    high: float
+    width: float
+    coverage: float = Field(
+        description="Nominal coverage: the share of answers like this one whose human score lies within [low, high]."
+    )
+    method: str = Field(description="'absolute' (one width for all answers) or 'scaled' (width grows with score_sd).")
+    calibrated_on: int = Field(description="Held-out answers the calibration was computed from.")
 
 
 class Review(BaseModel):
@@ -82,6 +118,12 @@ class ScoredAnswer(BaseModel):
     uncertainty: Uncertainty
     quality: Quality | None = Field(None, description="Audio quality (set once the answer's audio is measured).")
     review: Review | None = Field(None, description="Review verdict (set with the quality).")
+    interval: ScoreInterval | None = Field(
+        None,
+        description="Calibrated interval of the human score (null when the part's adapter has no valid "
+        "calibration: interval_status says why).",
+    )
+    interval_status: str = Field("uncalibrated", description=f"One of {list(INTERVAL_STATUSES)}.")
     chunks: list[ChunkResult]
     duration_s: float
     model: ModelInfo

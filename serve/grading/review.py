@@ -5,12 +5,20 @@ thresholds (:class:`serve.grading.config.ReviewConfig`), each named by a fixed r
 from __future__ import annotations
 
 from serve.grading.config import ReviewConfig
-from serve.grading.results import REVIEW_REASONS, Quality, Review, ScoredAnswer, Uncertainty
+from serve.grading.results import REVIEW_REASONS, Quality, Review, ScoredAnswer, ScoreInterval, Uncertainty
 
 
-def review_reasons(uncertainty: Uncertainty, quality: Quality, thresholds: ReviewConfig) -> list[str]:
+def review_reasons(
+    uncertainty: Uncertainty,
+    quality: Quality,
+    thresholds: ReviewConfig,
+    *,
+    interval: ScoreInterval | None = None,
+    duration_s: float | None = None,
+) -> list[str]:
     """The reason codes that apply, in the order of :data:`REVIEW_REASONS`."""
     t = thresholds
+    d = duration_s
     checks = (
         ("low_snr", t.min_snr_db is not None and quality.snr_db < t.min_snr_db),
         ("clipping", t.max_clipped_fraction is not None and quality.clipped_fraction > t.max_clipped_fraction),
@@ -18,13 +26,22 @@ def review_reasons(uncertainty: Uncertainty, quality: Quality, thresholds: Revie
         ("uncertain", t.max_score_sd is not None and uncertainty.score_sd > t.max_score_sd),
         ("low_label_mass", t.min_label_mass is not None and uncertainty.label_mass < t.min_label_mass),
         ("chunks_disagree", t.max_chunk_spread is not None and uncertainty.chunk_spread > t.max_chunk_spread),
+        (
+            "wide_interval",
+            t.max_interval_width is not None and interval is not None and interval.width > t.max_interval_width,
+        ),
+        ("too_short", t.min_duration_s is not None and d is not None and d < t.min_duration_s),
+        ("too_long", t.max_duration_s is not None and d is not None and d > t.max_duration_s),
+        ("cut_off", t.cut_off and quality.ends_in_speech),
     )
     return [code for code, hit in checks if hit]
 
 
 def assess(answer: ScoredAnswer, quality: Quality, thresholds: ReviewConfig) -> ScoredAnswer:
     """The answer with its audio quality and its review verdict."""
-    reasons = review_reasons(answer.uncertainty, quality, thresholds)
+    reasons = review_reasons(
+        answer.uncertainty, quality, thresholds, interval=answer.interval, duration_s=answer.duration_s
+    )
     return answer.model_copy(update={"quality": quality, "review": Review(needed=bool(reasons), reasons=reasons)})
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve.grading.calibration import Intervals
 from serve.grading.levels import Level, nearest_level
 from serve.grading.results import ChunkResult, ModelInfo, ScoredAnswer, Uncertainty
 
@@ -64,14 +65,21 @@ def normalised_entropy(probabilities: np.ndarray) -> float:
     return float(min(1.0, max(0.0, -np.sum(nz * np.log(nz)) / np.log(len(p)))))
 
 
-def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], model: ModelInfo) -> ScoredAnswer:
+def aggregate(
+    part: str,
+    levels: Sequence[Level],
+    chunks: Sequence[ChunkScore],
+    model: ModelInfo,
+    intervals: Intervals | None = None,
+) -> ScoredAnswer:
     """Combine chunk distributions into the answer's score.
 
     The answer's distribution is the duration-weighted mean of the chunks';
     its soft score therefore equals the duration-weighted mean of the chunk
     soft scores. The hard score is the most probable label of that mean. The
     uncertainty (score SD and entropy of that distribution, label mass
-    weighted like the scores, spread of the chunk scores) comes with it.
+    weighted like the scores, spread of the chunk scores) comes with it, and
+    the calibrated interval of ``intervals`` (the part's; none given: uncalibrated).
     """
     if not chunks:
         raise ValueError("an answer needs at least one chunk")
@@ -83,6 +91,8 @@ def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], 
     score = soft_score(levels, probs)
     chunk_scores = [soft_score(levels, c.probabilities) for c in chunks]
     mass = float(np.average([c.label_mass for c in chunks], weights=weights))
+    sd = score_sd(levels, probs)
+    interval, interval_status = (intervals or Intervals()).of(score, sd)
     return ScoredAnswer(
         part=part,
         score=score,
@@ -92,11 +102,13 @@ def aggregate(part: str, levels: Sequence[Level], chunks: Sequence[ChunkScore], 
         label_cefr={lv.label: lv.cefr for lv in levels},
         label_mass=mass,
         uncertainty=Uncertainty(
-            score_sd=score_sd(levels, probs),
+            score_sd=sd,
             entropy=normalised_entropy(probs),
             label_mass=mass,
             chunk_spread=float(max(chunk_scores) - min(chunk_scores)),
         ),
+        interval=interval,
+        interval_status=interval_status,
         chunks=[
             ChunkResult(start_s=round(c.start_s, 3), end_s=round(c.end_s, 3), score=s, label_mass=c.label_mass)
             for c, s in zip(chunks, chunk_scores)

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray.serve.handle import DeploymentHandle
 
+from serve.grading import vad
 from serve.grading.adapter_files import AdapterError
 from serve.grading.answers import NOT_SCORABLE_KINDS, candidate_result, refusal
 from serve.grading.audio import AudioError, PreparedAnswer, prepare
@@ -123,6 +124,7 @@ class Ingress:
         self.cluster_metrics = ClusterMetrics()
         self.metrics.known_parts = self.registry.names
         self.decoder = ThreadPoolExecutor(s.decode_workers or max(1, int(s.ingress.num_cpus)), "decode")
+        vad.warm_up(self.cfg.audio)  # the speech detector, before the first answer waits for it
 
     async def _part(self, name: str) -> Part:
         """The registered part (re-reading a changed registry, which may hash adapters, off the event loop)."""
