@@ -178,6 +178,8 @@ def check_result(drv, url: str, result: dict) -> None:
     assert len(chunks) == len(result["chunks"]) >= 1
     assert drv.find_element("id", "untrained").is_displayed()  # the tiny checkpoint is untrained
     assert "untrained demo model: scores mean nothing" in text(drv, "untrained")
+    if result["interval"] is None:  # the demo adapters have no calibration: the page says so
+        assert result["interval_status"] == "uncalibrated" and text(drv, "interval") == "not calibrated for this part"
     check_verdict(drv, result)
 
 
