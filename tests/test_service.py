@@ -210,6 +210,10 @@ def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_fi
         for v in ("true", "false")
     )
     assert verdicts == 3
+    uncalibrated = metric(after, "l2grader_intervals_total", part="interview", status="uncalibrated") - metric(
+        before, "l2grader_intervals_total", part="interview", status="uncalibrated"
+    )
+    assert uncalibrated == 3  # the demo adapters have no calibration
 
 
 def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):

@@ -156,6 +156,7 @@ class Ingress:
         answer = await self.scorer.call("score", prepared, request_id(), part, model_id=part.model_id)
         self.metrics.record_answer(part.part, len(prepared.chunks), answer.duration_s)
         self.metrics.record_review(part.part, answer.review.reasons)
+        self.metrics.record_interval(part.part, answer.interval_status, answer.interval and answer.interval.width)
         return answer
 
     # ------------------------------------------------------------ scoring

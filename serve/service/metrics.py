@@ -38,6 +38,7 @@ logger = logging.getLogger("ray.serve")
 
 #: How often gauges are set again when nothing changes them (Ray's report interval is 2 s).
 GAUGE_REFRESH_S = 1.0
+INTERVAL_WIDTH_BUCKETS = [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5]
 LATENCY_BUCKETS = [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
@@ -71,6 +72,17 @@ class Metrics:
             "Answers sent to review by part and reason code (REVIEW_REASONS, not_scorable)",
             ("part", "reason"),
         )
+        self.intervals = Counter(
+            "l2grader_intervals",
+            "Answers by part and interval status (calibrated, uncalibrated, stale_calibration, invalid_calibration)",
+            ("part", "status"),
+        )
+        self.interval_width = Histogram(
+            "l2grader_interval_width",
+            "Width of the calibrated score interval, in score points",
+            INTERVAL_WIDTH_BUCKETS,
+            ("part",),
+        )
         self._inflight = 0
         self.inflight = Gauge("l2grader_inflight_requests", "API requests in this ingress replica (queue depth)")
         self.inflight.set(0)
@@ -95,6 +107,13 @@ class Metrics:
         self.reviews.inc(1, {"part": part, "needed": "true" if reasons else "false"})
         for reason in reasons:
             self.review_reasons.inc(1, {"part": part, "reason": reason})
+
+    def record_interval(self, part: str, status: str, width: float | None) -> None:
+        """One answer's interval: its status, and its width when it has one."""
+        part = self.part_label(part)
+        self.intervals.inc(1, {"part": part, "status": status})
+        if width is not None:
+            self.interval_width.observe(width, {"part": part})
 
     def add_inflight(self, n: int) -> None:
         self._inflight += n
