@@ -23,6 +23,7 @@ def answer(score: float, sd: float, mass: float = 0.9, snr: float = 40.0) -> Sco
         hard_score=float(round(score)),
         cefr="B1",
         probabilities={},
+        label_cefr={},
         label_mass=mass,
         uncertainty=Uncertainty(score_sd=sd, entropy=sd / 2, label_mass=mass, chunk_spread=0.0),
         quality=Quality(speech_s=3, speech_ratio=0.6, snr_db=snr, clipped_fraction=0, speech_dbfs=-20),
@@ -100,4 +101,7 @@ def test_trust_report_and_html(tmp_path):
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3 and "t &lt;x&gt;" in text
     assert "Williamson" in text and "v2" in text and 'src="http' not in text
+    assert 'class="untrained"' not in text
+    marked = write_report(tmp_path / "u", {**summary, "untrained": True}, list(human), scored, [1, 2], title="t")
+    assert '<p class="untrained"' in marked.read_text()
     assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == rep["groups"]
