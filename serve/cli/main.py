@@ -12,6 +12,7 @@ so ``l2grader --help`` and config errors answer at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from serve.cli.common import PROG, fail, load_config_or_exit, log, parts_or_exit
+from serve.runtime.console import library_output_to
 
 #: Entry-point group of the subcommands other packages add: ``add_commands(subparsers)``.
 COMMANDS_GROUP = "l2grader.commands"
@@ -60,11 +62,17 @@ def cmd_score(args: argparse.Namespace) -> int:
         log("WARNING: scoring with the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
     from serve.engine.requests import vllm_logs_to_file
 
+    quiet = contextlib.nullcontext()
     if not args.verbose:
         engine_log = Path(tempfile.gettempdir()) / PROG / f"score-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         vllm_logs_to_file(engine_log)
+        quiet = library_output_to(engine_log)  # the engine process's own output too
         log(f"engine log: {engine_log} (--verbose prints it here)")
+    with quiet:
+        return _score_files(args, cfg, parts)
 
+
+def _score_files(args: argparse.Namespace, cfg, parts) -> int:
     from serve.engine.offline import OfflineEngine
     from serve.grading.adapter_files import AdapterError
     from serve.grading.audio import PreparedAnswer
@@ -129,8 +137,16 @@ def cmd_score_session(args: argparse.Namespace) -> int:
         object_store_mb=args.object_store_mb,
         verbose=args.verbose,
     )
+    quiet = contextlib.nullcontext()
+    if not args.verbose:
+        own_log = (
+            Path(tempfile.gettempdir()) / PROG / f"score-session-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        )
+        quiet = library_output_to(own_log)  # Ray's C++ lines of this process (its workers log in the Ray log folder)
+        log(f"this process's library output: {own_log} (--verbose prints it here)")
     try:
-        s = run_session(cfg, opts)
+        with quiet:
+            s = run_session(cfg, opts)
     except (ManifestError, OutputError, AdapterError) as e:
         fail(str(e))
     except KeyboardInterrupt:

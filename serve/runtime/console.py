@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 PROG = "l2grader"
 
@@ -16,3 +20,22 @@ def fail(message: str, code: int = 2) -> None:
     """Print one error line and exit."""
     log(f"error: {message}")
     raise SystemExit(code)
+
+
+@contextmanager
+def library_output_to(path: Path) -> Iterator[None]:
+    """Within: this process's file descriptor 2 appended to ``path`` (what C++ libraries and child processes, such
+    as vLLM's engine, write there), while ``sys.stderr``, the program's own lines, still reaches the terminal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    terminal = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    program, sys.stderr = sys.stderr, open(terminal, "w", buffering=1, errors="backslashreplace", closefd=False)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)
+        os.close(terminal)
+        sys.stderr = program
