@@ -3,8 +3,9 @@
 ``l2grader bench --config FILE`` generates a set of answers (speech-like audio,
 one seed each, parts taken in turn) and scores all of them, in one run, through
 
-(a) ``service``: ``l2grader serve`` started on a free loopback port, the answers
-    posted over HTTP (multipart) by concurrent clients;
+(a) ``service``: ``l2grader serve`` started on a free loopback port (or one
+    already running, ``--url`` with ``--service-pid``), the answers posted over
+    HTTP (multipart) by concurrent clients;
 (b) ``offline``: :class:`serve.engine.offline.OfflineEngine` (``vllm.LLM``), every answer
     decoded and sent to the engine in one batch, in this process;
 (c) ``reference``: transformers + peft (:class:`adapters.reference.ReferenceScorer`),
@@ -143,28 +144,43 @@ def _post_all(port: int, answers: list[Answer], concurrency: int, headers: dict[
 
 
 def service_phase(
-    config: str, cfg, answers: list[Answer], warmup: list[Answer], concurrency: int, out: Path, idle_s: float = 3.0
+    config: str,
+    cfg,
+    answers: list[Answer],
+    warmup: list[Answer],
+    concurrency: int,
+    out: Path,
+    idle_s: float = 3.0,
+    url: str | None = None,
+    service_pid: int | None = None,
+    api_key: str | None = None,
 ) -> dict:
     from loadtest.service import Service, TreeCpu, client_key
 
-    key, env = client_key(cfg, None)
+    key, env = client_key(cfg, api_key)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    log(f"(a) service: starting `l2grader serve` (log {out / 'bench-serve.log'})")
-    service = Service(config, out / "bench-serve.log", env=env)
+    if url:
+        log(f"(a) service: the one at {url} (CPU of process {service_pid}'s tree)")
+        service, port, pids = None, int(url.rsplit(":", 1)[1].split("/")[0]), [service_pid]
+    else:
+        log(f"(a) service: starting `l2grader serve` (log {out / 'bench-serve.log'})")
+        service = Service(config, out / "bench-serve.log", env=env)
+        port, pids = service.port, service.pids()
     try:
-        _post_all(service.port, warmup, concurrency, headers)
-        cpu = TreeCpu(service.pids())
+        _post_all(port, warmup, concurrency, headers)
+        cpu = TreeCpu(pids)
         cpu.start()
         time.sleep(idle_s)
         idle_cpu_s = cpu.stop()  # Ray's background work with no traffic
         log(f"(a) service: {len(answers)} answers, {concurrency} concurrent clients")
         cpu.start()
         t0 = time.perf_counter()
-        results = _post_all(service.port, answers, concurrency, headers)
+        results = _post_all(port, answers, concurrency, headers)
         wall = time.perf_counter() - t0
         cpu_s = cpu.stop()
     finally:
-        service.stop()
+        if service is not None:
+            service.stop()
     errors: dict[str, int] = {}
     for status, _, _ in results:
         if status != 200:
@@ -241,6 +257,7 @@ def build_7b_shaped_model(processor, parts: list[str], device: str = "cuda", ran
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
+    from serve.engine.transformers_private import model_from_config
     from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS
 
     config = Qwen2AudioConfig(
@@ -250,7 +267,7 @@ def build_7b_shaped_model(processor, parts: list[str], device: str = "cuda", ran
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2AudioForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+        model = model_from_config(Qwen2AudioForConditionalGeneration, config, torch.bfloat16).eval()
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LANGUAGE_MODEL_TARGETS, bias="none")
     model = get_peft_model(model, lora, adapter_name=parts[0])
     for part in parts[1:]:
@@ -367,7 +384,17 @@ def run_bench(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.is_available() and not args.no_gpu
     paths = {}
     if "service" not in args.skip:
-        paths["service"] = service_phase(args.config, cfg, answers, warmup, args.concurrency, out)
+        paths["service"] = service_phase(
+            args.config,
+            cfg,
+            answers,
+            warmup,
+            args.concurrency,
+            out,
+            url=args.url,
+            service_pid=args.service_pid,
+            api_key=args.api_key,
+        )
     if "offline" not in args.skip:
         paths["offline"] = offline_phase(cfg, answers, warmup)
     if "reference" not in args.skip:
@@ -451,6 +478,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--skip", nargs="*", default=[], choices=["service", "offline", "reference"], help="paths to leave out"
     )
     p.add_argument("--seed", type=int, default=7, help="seed of the generated answers (default 7)")
+    p.add_argument("--url", help="a running service of this config on loopback (default: start `l2grader serve`)")
+    p.add_argument("--service-pid", type=int, help="with --url: its `l2grader serve` process, whose tree's CPU counts")
+    p.add_argument("--api-key", help="bearer key (default: the first key of the config's api_keys_env variable)")
     p.add_argument("--out", help="folder for the service's log (default runs/bench)")
     p.add_argument(
         "--no-gpu", action="store_true", help="on a GPU host, run the reference on the config's model instead"

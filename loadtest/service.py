@@ -125,13 +125,18 @@ class Service:
                 )
             try:
                 status, body = get_json(f"{self.url}/readyz", timeout=5)
-                if status == 200 and body.get("ready"):
+                if status == 200 and body.get("ready") and self.announced():
                     return
             except (OSError, ValueError):
                 pass
             if time.time() > deadline:
                 raise RuntimeError(f"the service was not ready within {timeout_s:.0f} s; log: {self.log_path}")
             time.sleep(1.0)
+
+    def announced(self) -> bool:
+        """Whether the service printed its start-up lines (log folder, metrics export, address) yet."""
+        self._log.flush()
+        return f"listening on {self.url}" in self.log_path.read_text(errors="replace")
 
     def log_tail(self, n: int = 4000) -> str:
         self._log.flush()

@@ -12,11 +12,21 @@ API keys, a short body deadline), at once:
 - every ``--swap-every`` seconds an admin replaces a part's adapter (two
   adapters in turn).
 
-Every process of the service is sampled for RSS every 10 s. The result: 5xx
-answers (must be none), answers sent and answered (every accepted answer must
-be answered), the first RSS after ``--warmup`` seconds and the last, per
-process. The last stdout line is one JSON object; the exit code is 1 on any
-5xx, a lost answer or an RSS growth over ``--max-growth`` (default 25 %).
+With ``--attacks``, after the warm-up one more client runs the door's
+attacks in turn (:mod:`loadtest.attacks`: a 300 MB header, 20,000 headers,
+600 slowloris and 600 idle connections, 230 requests each with a new
+``X-Forwarded-For``, six keyless 170 MB bodies, bytes that are not HTTP, an
+adapter rewritten in place, a ``DELETE`` under load); each attack's statuses
+are reported, and any 5xx but a 503 fails the soak.
+
+Every process of the service is sampled for RSS every 10 s, and every 2 s for
+RSS and open file descriptors. The result: 5xx answers (must be none),
+answers sent and answered (every accepted answer must be answered), the first
+RSS after ``--warmup`` seconds and the last, per process, and per process
+the memory and descriptors at the start, their peak, at the end of the
+traffic and after ``--quiet`` seconds without traffic. The last stdout line
+is one JSON object; the exit code is 1 on any 5xx, a lost answer or an RSS
+growth over ``--max-growth`` (default 25 %).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import socket
 import threading
 import time
@@ -136,7 +147,7 @@ def bad_user(url: str, headers: dict, stop: threading.Event, tally: Tally) -> No
     with httpx.Client(timeout=60) as client:
         while not stop.is_set():
             if rng.random() < 0.1:
-                tally.status(*_declared_too_large(port))
+                tally.status(*_declared_too_large(port, headers))
                 continue
             try:
                 r = rng.choice(cases)(client)
@@ -146,12 +157,13 @@ def bad_user(url: str, headers: dict, stop: threading.Event, tally: Tally) -> No
             time.sleep(0.05)
 
 
-def _declared_too_large(port: int) -> tuple[int, str]:
+def _declared_too_large(port: int, headers: dict) -> tuple[int, str]:
     """A body that declares 900 MB and sends 1 KB: refused before it is read."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             s.sendall(
                 b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                + _auth_line(headers)
                 + f"Content-Length: {900 * 1024 * 1024}\r\n\r\n".encode()
                 + b"x" * 1024
             )
@@ -161,13 +173,19 @@ def _declared_too_large(port: int) -> tuple[int, str]:
         return 0, type(e).__name__
 
 
-def slow_user(port: int, stop: threading.Event, tally: Tally) -> None:
+def _auth_line(headers: dict) -> bytes:
+    return f"Authorization: {headers['Authorization']}\r\n".encode()
+
+
+def slow_user(port: int, headers: dict, stop: threading.Event, tally: Tally) -> None:
+    """A keyed client that sends its body a byte a second (a keyless one is refused before its body)."""
     while not stop.is_set():
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(
                     b"POST /v1/score HTTP/1.1\r\nHost: s\r\nContent-Length: 100000\r\n"
-                    b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+                    + _auth_line(headers)
+                    + b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
                 )
                 s.settimeout(1.0)
                 while not stop.is_set():
@@ -175,6 +193,7 @@ def slow_user(port: int, stop: threading.Event, tally: Tally) -> None:
                         head = s.recv(200)
                         if head.startswith(b"HTTP/1.1 "):
                             tally.status(int(head[9:12]), head.decode(errors="replace"))
+                        stop.wait(1.0)  # then a new connection (not at once: a refused one is answered at once)
                         break
                     except TimeoutError:
                         s.sendall(b"x")
@@ -214,6 +233,81 @@ def rss_by_process(pids: list[int]) -> dict[str, int]:
     return out
 
 
+#: Roles of the service's processes, by a word of their command line.
+ROLES = (("ProxyActor", "proxy"), ("Ingress", "ingress"), ("Scorer", "scorer"), ("EngineCore", "engine core"))
+
+
+def usage_by_role(pids: list[int]) -> dict[str, dict[str, int]]:
+    """RSS (MB) and open file descriptors of the proxy, ingress, scorer and engine processes (numbered when several)."""
+    import psutil
+
+    out: dict[str, dict[str, int]] = {}
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            cmd = " ".join(p.cmdline()) or p.name()
+            role = next((r for word, r in ROLES if word in cmd), None)
+            if role is None:
+                continue
+            usage = {"rss_mb": p.memory_info().rss // (1024 * 1024), "fds": p.num_fds()}
+        except psutil.Error:
+            continue
+        key, n = role, 2
+        while key in out:
+            key, n = f"{role} #{n}", n + 1
+        out[key] = usage
+    return out
+
+
+class UsageWatch:
+    """Samples :func:`usage_by_role` every ``every_s`` in a thread; keeps the first sample and the peak per process."""
+
+    def __init__(self, pids, every_s: float = 2.0):
+        self.pids, self.every_s = pids, every_s
+        self.start = usage_by_role(pids())
+        self.peak = {k: dict(v) for k, v in self.start.items()}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.every_s):
+            for k, v in usage_by_role(self.pids()).items():
+                peak = self.peak.setdefault(k, dict(v))
+                for m, x in v.items():
+                    peak[m] = max(peak[m], x)
+
+    def now(self) -> dict[str, dict[str, int]]:
+        return usage_by_role(self.pids())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)
+
+
+def attacker(url, user, admin, adapter, folder, stop, tally, results: dict, warmup_s: float) -> None:
+    """Runs the door's attacks in turn once the warm-up is over (see :mod:`loadtest.attacks`)."""
+    from loadtest.attacks import door_attacks
+
+    if stop.wait(warmup_s):
+        return
+    for name, attack in door_attacks(url, user, admin, adapter, folder):
+        if stop.is_set():
+            return
+        t0 = time.time()
+        try:
+            result = attack()
+        except Exception as e:  # noqa: BLE001 - the attack's own failure is reported, not raised
+            result = {"statuses": {}, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        result["seconds"] = round(time.time() - t0, 1)
+        results[name] = result
+        for code in result["statuses"]:
+            if str(code).isdigit() and int(code) >= 500 and int(code) != 503:
+                with tally.lock:
+                    tally.server_errors.append(f"{code} from attack {name}")
+        log(f"attack {name}: {json.dumps(result)}")
+
+
 def run_soak(args: argparse.Namespace) -> dict:
     import yaml
 
@@ -234,8 +328,12 @@ def run_soak(args: argparse.Namespace) -> dict:
             "admin_keys_env": "L2GRADER_SOAK_ADMIN",
             "body_timeout_s": args.body_timeout,
             "registry_file": str(out / "registry.json"),
+            # The attacks copy adapters here to swap them in place.
+            "adapter_roots": sorted({str(p.adapter.parent) for p in cfg.parts.values() if p.adapter is not None})
+            + [str(out / "adapters")],
         }
     )
+    (out / "adapters").mkdir(exist_ok=True)
     config = out / "soak.yaml"
     config.write_text(yaml.safe_dump(raw))
     user_key, admin_key = uuid.uuid4().hex, uuid.uuid4().hex
@@ -247,6 +345,8 @@ def run_soak(args: argparse.Namespace) -> dict:
     )
     tally, stop = Tally(), threading.Event()
     samples: list[tuple[float, dict[str, int]]] = []
+    attack_results: dict[str, dict] = {}
+    watch = UsageWatch(service.pids)
     try:
         parts = sorted(p["part"] for p in get_json(f"{service.url}/v1/parts", headers)[1]["parts"])
         threads = [
@@ -254,7 +354,18 @@ def run_soak(args: argparse.Namespace) -> dict:
             for i in range(args.users)
         ]
         threads.append(threading.Thread(target=bad_user, args=(service.url, headers, stop, tally)))
-        threads += [threading.Thread(target=slow_user, args=(service.port, stop, tally)) for _ in range(args.slow)]
+        threads += [
+            threading.Thread(target=slow_user, args=(service.port, headers, stop, tally)) for _ in range(args.slow)
+        ]
+        if args.attacks:
+            source = Path(adapters[0]) if adapters else None
+            threads.append(
+                threading.Thread(
+                    target=attacker,
+                    args=(service.url, headers, admin, source, out / "adapters", stop, tally, attack_results),
+                    kwargs={"warmup_s": min(args.warmup, args.duration / 4)},
+                )
+            )
         if len(adapters) > 1:
             threads.append(
                 threading.Thread(target=swapper, args=(service.url, admin, stop, tally, adapters, args.swap_every))
@@ -272,8 +383,14 @@ def run_soak(args: argparse.Namespace) -> dict:
         stop.set()
         for t in threads:
             t.join(timeout=180)
+        end_of_traffic = watch.now()
+        log(f"traffic over; {args.quiet:g} s without any")
+        time.sleep(args.quiet)
+        after_quiet = watch.now()
     finally:
+        watch.stop()
         service.stop()
+        shutil.rmtree(out / "adapters", ignore_errors=True)
     after = [s for s in samples if s[0] >= args.warmup] or samples
     first, last = after[0][1], after[-1][1]
     growth = {k: round((last[k] - first[k]) / first[k], 3) for k in first if k in last and first[k] >= 50}
@@ -292,6 +409,16 @@ def run_soak(args: argparse.Namespace) -> dict:
         "rss_growth": growth,
         "rss_total_mb_first": sum(first.values()),
         "rss_total_mb_last": sum(last.values()),
+        "attacks": attack_results,
+        "usage": {
+            name: {
+                "start": watch.start.get(name),
+                "peak": watch.peak.get(name),
+                "end_of_traffic": end_of_traffic.get(name),
+                "after_quiet": after_quiet.get(name),
+            }
+            for name in sorted(set(watch.peak) | set(after_quiet))
+        },
     }
 
 
@@ -299,6 +426,14 @@ def cmd_soak(args: argparse.Namespace) -> int:
     result = run_soak(args)
     for name in result["rss_mb_first"]:
         print(f"{result['rss_mb_first'][name]:6d} MB -> {result['rss_mb_last'].get(name, 0):6d} MB  {name}")
+    print("process        RSS MB start / peak / end / after quiet     fds start / peak / end / after quiet")
+    for name, u in result["usage"].items():
+        cols = [u[k] or {"rss_mb": 0, "fds": 0} for k in ("start", "peak", "end_of_traffic", "after_quiet")]
+        rss = " / ".join(f"{c['rss_mb']:5d}" for c in cols)
+        fds = " / ".join(f"{c['fds']:5d}" for c in cols)
+        print(f"{name:12s} {rss}      {fds}")
+    for name, a in result["attacks"].items():
+        print(f"attack {name}: {json.dumps(a)}")
     print(
         f"answers sent {result['answers_sent']}, answered {result['answers_answered']}, lost {result['answers_lost']}, "
         f"retries {result['retries']}; statuses {result['statuses']}"
@@ -320,5 +455,11 @@ def add_soak_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--swap-every", type=float, default=60, help="seconds between adapter swaps (default 60)")
     p.add_argument("--body-timeout", type=float, default=10, help="the service's body deadline (default 10 s)")
     p.add_argument("--max-growth", type=float, default=0.25, help="RSS growth that fails the soak (default 0.25)")
+    p.add_argument(
+        "--attacks", action="store_true", help="also run the door's attacks in turn after the warm-up (see above)"
+    )
+    p.add_argument(
+        "--quiet", type=float, default=60, help="seconds without traffic before the last sample (default 60)"
+    )
     p.add_argument("--out", help="folder for the service log (default runs/soak-TIME)")
     p.set_defaults(func=cmd_soak)

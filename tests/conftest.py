@@ -1,23 +1,25 @@
-"""Session fixtures: the generated tiny checkpoint and test audio."""
+"""Session fixtures: the generated tiny checkpoint, test audio, the one real service; the ``l2grader`` runner."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from loadtest.service import Service, l2grader_cmd
 from tests.audio_fixtures import write
 
-L2GRADER = str(Path(sys.executable).parent / "l2grader")
+#: ``l2grader`` of this interpreter: the one command line every test runs it by.
+L2GRADER = l2grader_cmd()
 USER_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
+KEYS_ENV = {"L2G_TEST_API_KEYS": USER_KEY, "L2G_TEST_ADMIN_KEYS": ADMIN_KEY}
+SERVICE_BODY_TIMEOUT_S = 5
 USER = {"Authorization": f"Bearer {USER_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
@@ -71,57 +73,111 @@ def audio_dir(tmp_path_factory) -> Path:
     return d
 
 
+def l2grader(
+    *args, timeout: float = 600, env: dict[str, str] | None = None, input: str | None = None, wait: bool = True
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``l2grader ARGS`` run as a user runs it: its own process, text output captured, bounded in time.
+
+    ``wait=False`` returns the running process instead (its output on pipes, in a process group of its own that
+    the test may signal), for a test that stops it.
+    """
+    cmd = [*L2GRADER, *map(str, args)]
+    if not wait:
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@dataclass(frozen=True)
+class RealService:
+    """The one real service of a test run: its URL, config file, log and the folder admin calls may take from."""
+
+    url: str
+    config: Path
+    log: Path
+    adapter_root: Path
+    pid: int  # the `l2grader serve` process, root of the service's process tree
+
+
+#: Services stopped once the last test that uses them has run (see pytest_runtest_teardown).
+_RUNNING: list[Service] = []
+LAST_USER = pytest.StashKey[str]()
+
+
 @contextmanager
-def running_service(config: Path, port: int, log_path: Path, ready_timeout_s: float = 400) -> Iterator[str]:
-    """``l2grader serve --config CONFIG`` with the test API keys, until ``/readyz``; its process group ends after."""
-    import httpx
-
-    env = dict(os.environ, L2G_TEST_API_KEYS=USER_KEY, L2G_TEST_ADMIN_KEYS=ADMIN_KEY)
-    log = open(log_path, "w+")
-    proc = subprocess.Popen(
-        [L2GRADER, "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + ready_timeout_s
-    try:
-        while True:
-            assert proc.poll() is None, "service exited during start-up"
-            log.seek(0)
-            announced = f"listening on http://127.0.0.1:{port}" in log.read()
-            try:
-                if announced and httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "service not ready in time"
-            time.sleep(2)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
-
-
-def keyed_service_config(raw: dict, d: Path, **serving) -> Path:
-    """Write ``raw`` (a tiny config) with the test API keys, a free port, a registry file and ``serving`` into ``d``."""
+def keyed_service(raw: dict, d: Path) -> Iterator[Service]:
+    """``l2grader serve`` of the config ``raw`` (written into ``d`` with the test API keys and a registry file), for
+    a module whose config the shared service cannot have; it stops when the block ends."""
     import yaml
 
-    from loadtest.service import free_port
-
     raw["serving"] = {
-        "port": free_port(),
+        **raw.get("serving", {}),
         "api_keys_env": "L2G_TEST_API_KEYS",
         "admin_keys_env": "L2G_TEST_ADMIN_KEYS",
         "registry_file": str(d / "registry.json"),
-        **serving,
     }
     (d / "service.yaml").write_text(yaml.safe_dump(raw))
-    return d / "service.yaml"
+    service = Service(str(d / "service.yaml"), d / "serve.log", env=KEYS_ENV, ready_timeout_s=600)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def real_service(tiny_config, tiny_dir, tmp_path_factory) -> Iterator[RealService]:
+    """``l2grader serve`` (Ray Serve, vLLM on the tiny checkpoint) on loopback, shared by every module that needs one.
+
+    One config serves them all: the test API keys, a registry file, two adapter
+    slots for the demo's two parts (a third part evicts one, as in production
+    with many parts), a 5 s body deadline, uploads up to 24 MB / 660 s, and a
+    folder beside the demo adapters from which admin calls may register parts.
+    It stops after the last test that uses it (modules run in file order).
+    """
+    import yaml
+
+    d = tmp_path_factory.mktemp("real-service")
+    adapter_root = d / "uploaded_adapters"
+    adapter_root.mkdir()
+    raw = tiny_config()
+    raw["audio"] = {"max_upload_mb": 24, "max_duration_s": 660}
+    raw["serving"] = {
+        "api_keys_env": "L2G_TEST_API_KEYS",
+        "admin_keys_env": "L2G_TEST_ADMIN_KEYS",
+        "registry_file": str(d / "registry.json"),
+        "body_timeout_s": SERVICE_BODY_TIMEOUT_S,
+        "adapters_per_replica": 2,
+        "adapter_roots": [str(tiny_dir / "adapters"), str(adapter_root)],
+    }
+    config = d / "service.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    service = Service(str(config), d / "serve.log", env=KEYS_ENV, ready_timeout_s=600)
+    _RUNNING.append(service)
+    try:
+        yield RealService(service.url, config, service.log_path, adapter_root, service.proc.pid)
+    finally:
+        service.stop()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by it
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Every test of a real engine or of the real service is ``slow`` (not in the fast tier, ``-m "not slow"``)."""
+    for item in items:
+        if item.get_closest_marker("engine") or "real_service" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session) -> None:
+    """Note the last test (of those that run) that uses the shared service."""
+    users = [item.nodeid for item in session.items if "real_service" in getattr(item, "fixturenames", ())]
+    if users:
+        session.config.stash[LAST_USER] = users[-1]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """Stop the shared service after its last user, so that later modules (cluster, training) have the machine."""
+    if item.config.stash.get(LAST_USER, None) == item.nodeid:
+        while _RUNNING:
+            _RUNNING.pop().stop()

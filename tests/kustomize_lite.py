@@ -1,4 +1,4 @@
-"""A small kustomize equivalent for the features k8s/ uses, so tests need no binary.
+"""A small kustomize equivalent for the features k8s/ uses: the tests' renderer where kubectl is not installed.
 
 Supported (anything else in a kustomization raises, so the renderer never
 silently differs from ``kubectl kustomize``):

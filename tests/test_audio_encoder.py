@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from serve.engine.audio_encoder import encode_valid_frames
+from serve.engine.transformers_private import encoder_output_lengths
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def tower_and_extractor(tiny_dir):
 
 def padded_encoder(tower, features, mel_lengths) -> list[torch.Tensor]:
     """What transformers' Qwen2-Audio does: all 1500 positions, padding masked out of attention."""
-    conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(mel_lengths)
+    conv_lengths, token_lengths = encoder_output_lengths(tower, mel_lengths)
     positions = torch.arange((features.shape[-1] - 2) // 2 + 1)
     padding = positions[None, :] >= conv_lengths[:, None]
     mask = torch.zeros(len(features), 1, len(positions), len(positions))
@@ -58,7 +59,7 @@ def test_padding_past_the_needed_frames_is_not_read(tower_and_extractor):
     """Garbage beyond frame 2F must not change the output (the encoder reads only what it needs)."""
     tower, extractor = tower_and_extractor
     features, mel_lengths = features_of(extractor, [10.0])
-    n = int(tower._get_feat_extract_output_lengths(mel_lengths)[0])
+    n = int(encoder_output_lengths(tower, mel_lengths)[0])
     spoiled = features.clone()
     spoiled[:, :, 2 * n + 1 :] = 1e3
     with torch.no_grad():

@@ -74,11 +74,10 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
     # The scorer's requests go through the project's router (spread_part_at 4 by default), importable by that path.
     router = deployments[SCORER].request_router_config
     assert router["request_router_kwargs"] == {"spread_at": 4}
-    from ray._common.utils import import_attr
-
+    from serve.runtime.ray_private import import_path_target
     from serve.service.routing import PartAffinityRouter
 
-    assert import_attr(router["request_router_class"]) is PartAffinityRouter
+    assert import_path_target(router["request_router_class"]) is PartAffinityRouter
     # Unset, they are left out: Serve's defaults hold and existing serve configs do not change.
     default = deployment_options(load_config(_write(tmp_path / "d.yaml", tiny_config())))[SCORER]
     assert "graceful_shutdown_timeout_s" not in default and "upscale_delay_s" not in default["autoscaling_config"]

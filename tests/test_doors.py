@@ -53,7 +53,16 @@ def write_answers(d) -> list[dict]:
     return rows
 
 
-def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them(real_service, tiny_dir, tmp_path):
+@pytest.fixture
+def removes_added_part(real_service):
+    """The part this test adds leaves the shared service after it (other modules see the demo's parts only)."""
+    yield
+    httpx.delete(f"{real_service.url}/v1/parts/{ADDED}", headers=ADMIN, timeout=60)
+
+
+def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them(
+    real_service, removes_added_part, tiny_dir, tmp_path
+):
     url = real_service.url
     put = httpx.put(
         f"{url}/v1/parts/{ADDED}",

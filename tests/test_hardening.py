@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from serve.service.errors import ApiError
 from serve.service.proxy_guard import GuardLimits, ProxyGuard
 from serve.service.server import listen_host
 from serve.service.uploads import UploadLimits
-from tests.conftest import L2GRADER
+from tests.conftest import l2grader
 
 # ---------------------------------------------------------------- fail closed
 
@@ -47,9 +46,7 @@ def test_serve_with_an_unset_key_variable_exits_2_with_one_line(tiny_config, tmp
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if not k.startswith("L2G_NOT_SET")}
-    run = subprocess.run(
-        [L2GRADER, "serve", "--config", str(cfg)], capture_output=True, text=True, env=env, timeout=120
-    )
+    run = l2grader("serve", "--config", cfg, env=env, timeout=120)
     assert run.returncode == 2, run.stderr[-2000:]
     lines = [ln for ln in run.stderr.splitlines() if ln.startswith("l2grader:")]
     assert len(lines) == 1 and "L2G_NOT_SET_USER" in lines[0] and "not set" in lines[0], run.stderr[-2000:]

@@ -1,5 +1,9 @@
 """k8s/: every overlay renders, validates against its schemas and runs what the grader config says.
 
+The manifests are built by the real ``kubectl kustomize`` where kubectl is
+installed (CI's machine has it), else by tests/kustomize_lite.py, which is
+checked against kubectl wherever both run.
+
 Core kinds are checked with kubernetes-validate (strict: unknown fields fail);
 the RayService with KubeRay's CRD schema from ../shared/k8s-schemas, made strict
 the same way. The serve config in each overlay must be serve.service.options.serve_config
@@ -9,6 +13,7 @@ of the config the overlay ships, and the worker groups' bounds must be Serve's.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import re
 import shutil
@@ -24,12 +29,31 @@ import yaml
 from serve.grading.config import load_config
 from serve.runtime.ray_cluster import ray_env
 from serve.service.options import INGRESS, SCORER, serve_config
-from tests.kustomize_lite import KustomizeError, apply_json6902, build
+from tests.kustomize_lite import KustomizeError, build
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
 K8S_VERSION = "1.33.0"  # oldest Kubernetes the manifests target (PDB policy/v1, native sidecars not needed)
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@functools.cache
+def _rendered(folder: str) -> str:
+    out = subprocess.run([KUBECTL, "kustomize", folder], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise KustomizeError(f"kubectl kustomize {folder}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def render(folder: Path) -> list[dict[str, Any]]:
+    """The objects a kustomization builds: the real ``kubectl kustomize`` where kubectl is installed (as on CI's
+    machine), else tests/kustomize_lite.py (checked against kubectl where both run)."""
+    if KUBECTL is None:
+        return build(folder)
+    return [d for d in yaml.safe_load_all(_rendered(str(folder))) if d]
 
 
 def _generator():
@@ -55,7 +79,7 @@ def _one(docs: list[dict], kind: str, name: str | None = None) -> dict:
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request) -> tuple[str, list[dict]]:
-    return request.param, build(K8S / "overlays" / request.param)
+    return request.param, render(K8S / "overlays" / request.param)
 
 
 def _config(name: str):
@@ -155,7 +179,7 @@ def test_generated_serve_configs_are_up_to_date():
 
 @pytest.mark.parametrize("folder", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
 def test_every_object_validates(folder, rayservice_validator):
-    docs = build(K8S / folder)
+    docs = render(K8S / folder)
     kinds = {d["kind"] for d in docs}
     assert {"RayService", "PersistentVolumeClaim", "PodDisruptionBudget", "Service", "Namespace"} <= kinds
     for doc in docs:
@@ -168,7 +192,7 @@ def test_every_object_validates(folder, rayservice_validator):
 
 
 def test_misspelt_or_missing_fields_fail_validation(rayservice_validator):
-    docs = build(K8S / "overlays" / "gpu")
+    docs = render(K8S / "overlays" / "gpu")
     rs = _one(docs, "RayService")
     validate_object(rs, rayservice_validator)
 
@@ -325,7 +349,7 @@ def test_in_cluster_config_files_are_in_the_image():
     pinned = re.search(r'"ray\[serve\]==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
     assert f"rayproject/ray:{pinned}-" in dockerfile
     for name in OVERLAYS:
-        assert _cluster(build(K8S / "overlays" / name))["rayVersion"] == pinned
+        assert _cluster(render(K8S / "overlays" / name))["rayVersion"] == pinned
     ignored = (REPO / ".dockerignore").read_text().split()
     assert "*" in ignored and {"!serve/", "!adapters/", "!configs/", "!pyproject.toml"} <= set(ignored)
 
@@ -359,7 +383,7 @@ def test_pdbs_and_metrics_select_the_ray_pods(overlay):
 
 
 def test_gpu_overlay_puts_one_gpu_per_scorer_pod_and_none_elsewhere():
-    docs = build(K8S / "overlays" / "gpu")
+    docs = render(K8S / "overlays" / "gpu")
     cfg = _config("gpu")
     assert cfg.model.base == "Qwen/Qwen2-Audio-7B-Instruct"
     specs = _pod_specs(docs)
@@ -371,7 +395,7 @@ def test_gpu_overlay_puts_one_gpu_per_scorer_pod_and_none_elsewhere():
 
 
 def test_cpu_demo_makes_the_tiny_model_its_config_expects():
-    docs = build(K8S / "overlays" / "cpu-demo")
+    docs = render(K8S / "overlays" / "cpu-demo")
     cfg = _config("cpu-demo")
     assert cfg.model.untrained and cfg.model.base == "/models/tiny/model"
     for spec in _pod_specs(docs).values():
@@ -395,12 +419,15 @@ def test_generator_refuses_fractional_pod_resources():
         gen.patch_ops(cfg, "/app/configs/x.yaml")
 
 
-def test_generated_patch_fails_on_reordered_groups():
-    rs = _one(build(K8S / "base"), "RayService")
-    rs["spec"]["rayClusterConfig"]["workerGroupSpecs"].reverse()
-    ops = yaml.safe_load((K8S / "overlays" / "gpu" / gen.PATCH_FILE).read_text())
+def test_generated_patch_fails_on_reordered_groups(tmp_path):
+    """The overlay's patch addresses worker groups by index, guarded by ``test`` ops: reordered groups fail."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    base = tmp_path / "k8s" / "base" / "rayservice.yaml"
+    docs = list(yaml.safe_load_all(base.read_text()))
+    _one(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"].reverse()
+    base.write_text(yaml.safe_dump_all(docs))
     with pytest.raises(KustomizeError, match="test failed"):
-        apply_json6902(rs, ops)
+        render(tmp_path / "k8s" / "overlays" / "gpu")
 
 
 def test_renderer_agrees_with_kubectl_kustomize():

@@ -1,48 +1,39 @@
-"""``l2grader loadtest`` and ``l2grader bench`` end to end on the tiny checkpoint (short runs)."""
+"""``l2grader loadtest`` and ``l2grader bench`` end to end on the tiny checkpoint (short runs).
+
+Locust against an overloaded scorer (503s that do not fail the run) runs on the
+fake engine, in tests/test_scorer.py.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.conftest import USER_KEY, l2grader
 
 pytestmark = pytest.mark.engine
 
-L2GRADER = str(Path(sys.executable).parent / "l2grader")
 
-
-@pytest.fixture(scope="module")
-def demo_cfg(tiny_config, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("loadtest")
-    raw = tiny_config()
-    raw["serving"] = {"registry_file": str(d / "registry.json"), "api_keys_env": "L2G_LOADTEST_KEYS"}
-    (d / "demo.yaml").write_text(yaml.safe_dump(raw))
-    return d / "demo.yaml"
-
-
-def test_loadtest_short_run(demo_cfg, tmp_path):
+def test_loadtest_short_run(real_service, tmp_path):
+    """Against the run's one real service (``--url``), with its API key."""
     out = tmp_path / "run"
-    run = subprocess.run(
-        [
-            L2GRADER,
-            "loadtest",
-            "--config",
-            str(demo_cfg),
-            "--users",
-            "8",
-            "--duration",
-            "20",
-            "--pool",
-            "3",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    run = l2grader(
+        "loadtest",
+        "--config",
+        real_service.config,
+        "--url",
+        real_service.url,
+        "--api-key",
+        USER_KEY,
+        "--users",
+        "8",
+        "--duration",
+        "20",
+        "--pool",
+        "3",
+        "--out",
+        out,
         timeout=400,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -62,26 +53,29 @@ def test_loadtest_short_run(demo_cfg, tmp_path):
     assert "/v1/score [interview]" in stats and "/v1/score [long_turn]" in stats  # split by part
 
 
-def test_bench_prints_all_three_paths(demo_cfg, tmp_path):
-    run = subprocess.run(
-        [
-            L2GRADER,
-            "bench",
-            "--config",
-            str(demo_cfg),
-            "--answers",
-            "6",
-            "--reference-answers",
-            "3",
-            "--warmup",
-            "2",
-            "--concurrency",
-            "4",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+def test_bench_prints_all_three_paths(real_service, tmp_path):
+    """The service path on the run's one real service (its process tree's CPU counted), the offline and reference
+    paths in the bench's process, on the service's config."""
+    run = l2grader(
+        "bench",
+        "--config",
+        real_service.config,
+        "--url",
+        real_service.url,
+        "--service-pid",
+        real_service.pid,
+        "--api-key",
+        USER_KEY,
+        "--answers",
+        "6",
+        "--reference-answers",
+        "3",
+        "--warmup",
+        "2",
+        "--concurrency",
+        "4",
+        "--out",
+        tmp_path,
         timeout=400,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -95,43 +89,3 @@ def test_bench_prints_all_three_paths(demo_cfg, tmp_path):
     assert result["paths"]["service"]["answers"] == 6 and result["paths"]["reference"]["answers"] == 3
     assert result["service_extra_cpu_ms_per_answer"] is not None
     assert result["max_score_diff_service_offline"] < 1e-4  # the same answers get the same scores
-
-
-def test_overload_gets_503_with_retry_after_and_does_not_fail_the_run(tiny_config, tmp_path):
-    """A scorer that takes one answer at a time and queues one more: the rest are 503s, which are intended."""
-    raw = tiny_config()
-    raw["serving"] = {
-        "registry_file": str(tmp_path / "registry.json"),
-        "scorer": {"max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2},
-    }
-    cfg = tmp_path / "overload.yaml"
-    cfg.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "run"
-    run = subprocess.run(
-        [
-            L2GRADER,
-            "loadtest",
-            "--config",
-            str(cfg),
-            "--users",
-            "16",
-            "--duration",
-            "15",
-            "--wait",
-            "0",
-            "--pool",
-            "2",
-            "--mix",
-            "short:100",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert set(summary["errors"]) == {"503"} and summary["errors"]["503"] > 0, summary
-    assert summary["answers"] > 0  # the scorer kept scoring what it admitted
-    assert "Retry-After 2" in (out / "locust_failures.csv").read_text()

@@ -1,6 +1,6 @@
 """The page at ``/`` in a real browser: headless Chromium (Debian's, through ChromeDriver) against the real service.
 
-The service starts like in tests/test_service.py (tiny checkpoint, API keys).
+The service is the run's one real service (tests/conftest.py: tiny checkpoint, API keys).
 Chromium's fake microphone plays a generated speech-like WAV, so the page's
 Record / Stop path (getUserMedia + MediaRecorder) runs for real; a second flow
 chooses a file, a third records, then chooses a noisy, clipped file instead.
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.audio_fixtures import speechlike, write
-from tests.conftest import USER, USER_KEY, keyed_service_config, running_service
+from tests.conftest import USER, USER_KEY, keyed_service
 
 pytestmark = pytest.mark.engine
 
@@ -57,14 +56,13 @@ def browser_bins() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def base_url(browser_bins, tiny_config, tmp_path_factory):
-    """The real service on a free loopback port, with API keys, reviewing on audio quality only."""
-    d = tmp_path_factory.mktemp("page-service")
+    """A real service of its own (API keys configured), reviewing on audio quality only, so that what the page
+    shows does not hang on the untrained model's uncertainty."""
     raw = tiny_config()
     for part in raw["parts"].values():
         part["review"] = dict(QUALITY_ONLY_REVIEW)
-    cfg = keyed_service_config(raw, d)
-    with running_service(cfg, yaml.safe_load(cfg.read_text())["serving"]["port"], d / "serve.log") as url:
-        yield url
+    with keyed_service(raw, tmp_path_factory.mktemp("page-service")) as service:
+        yield service.url
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from serve.grading.config import load_config
 from serve.grading.parts import config_parts
 from serve.service.scorer import LoadedPart
 from tests.audio_fixtures import speechlike
+from tests.conftest import l2grader
 from tests.fake_engine import EVENTS_ENV, FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -338,3 +340,94 @@ def test_generated_requests_get_no_5xx_and_only_documented_statuses(url):
         check()
         tested.append(operation.label)
     assert {"POST /v1/score", "POST /v1/score/json", "POST /v1/score/batch", "GET /v1/parts"} <= set(tested)
+
+
+# ---------------------------------------------------------------- Locust against the overloaded scorer
+
+
+def test_loadtest_counts_overload_503s_with_retry_after_and_does_not_fail_the_run(url, cfg_path, tmp_path):
+    """``l2grader loadtest`` (real Locust) against this scorer, which takes 3 answers and queues 2: the rest are
+    503s with Retry-After, which a load test expects of an overloaded service."""
+    out = tmp_path / "run"
+    run = l2grader(
+        "loadtest",
+        "--config",
+        cfg_path,
+        "--url",
+        url,
+        "--users",
+        "16",
+        "--duration",
+        "15",
+        "--wait",
+        "0",
+        "--pool",
+        "2",
+        "--mix",
+        "short:100",
+        "--out",
+        out,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(summary["errors"]) == {"503"} and summary["errors"]["503"] > 0, summary
+    assert summary["answers"] > 0  # the scorer kept scoring what it admitted
+    assert "Retry-After 2" in (out / "locust_failures.csv").read_text()
+
+
+# ---------------------------------------------------------------- part versions: drain on DELETE, content identity
+
+
+def _admin_put(url: str, part: str, adapter: Path) -> httpx.Response:
+    return httpx.put(f"{url}/v1/parts/{part}", json={"adapter": str(adapter)}, timeout=120)
+
+
+def test_answers_accepted_before_a_delete_are_scored_with_their_version(url, cfg_path):
+    adapter = load_config(cfg_path).parts["interview"].adapter
+    assert _admin_put(url, "drain", adapter).status_code == 200
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        # Three long answers fill the scorer (3 at once, 2 s each); two of "drain" wait in Serve's queue for it.
+        busy = [pool.submit(post, url, "interview", 20, 40 + i) for i in range(3)]
+        time.sleep(0.3)
+        accepted = [pool.submit(post, url, "drain", 2, 50 + i) for i in range(2)]
+        time.sleep(0.8)
+        deleted = httpx.delete(f"{url}/v1/parts/drain", timeout=30)  # before the scorer has seen "drain"
+        answers = [f.result() for f in accepted + busy]
+    assert deleted.status_code == 200, deleted.text
+    # The drain answers are scored; a busy one may meet back-pressure (a retryable 503) on a loaded machine.
+    assert [r.status_code for r in answers[:2]] == [200, 200], [r.text[:300] for r in answers[:2]]
+    assert {r.status_code for r in answers[2:]} <= {200, 503}, [r.text[:300] for r in answers[2:]]
+    assert [r.json()["part"] for r in answers[:2]] == ["drain", "drain"]
+    assert_error(post(url, "drain", 2), 404, "unknown_part")
+
+
+def test_an_adapter_changed_in_place_is_refused_until_registered_again(url, cfg_path):
+    import shutil
+
+    source = load_config(cfg_path).parts["interview"].adapter
+    copy = source.parent / f"inplace-{os.getpid()}"
+    shutil.copytree(source, copy)
+    try:
+        first = _admin_put(url, "inplace", copy)
+        assert first.status_code == 200, first.text
+        scored = post(url, "inplace", 2)
+        assert scored.status_code == 200 and scored.json()["model"]["adapter_hash"] == first.json()["adapter_hash"]
+        weights = copy / "adapter_model.safetensors"
+        st = weights.stat()
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # same size; then the old modification time put back
+        weights.write_bytes(bytes(data))
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert post(url, "long_turn", 2).status_code == 200  # one adapter per replica: this evicts "inplace"
+        refused = post(url, "inplace", 2)
+        err = assert_error(refused, 503, "adapter_changed")
+        assert "PUT /v1/parts/inplace" in err["error"]["message"] and str(copy) not in refused.text
+        again = _admin_put(url, "inplace", copy)
+        assert again.status_code == 200 and again.json()["model_id"] != first.json()["model_id"]
+        rescored = post(url, "inplace", 2)
+        assert rescored.status_code == 200 and rescored.json()["model"]["adapter_hash"] == again.json()["adapter_hash"]
+        assert str(copy.parent) not in rescored.text  # the answer names the model, not where it lies
+    finally:
+        httpx.delete(f"{url}/v1/parts/inplace", timeout=30)
+        shutil.rmtree(copy)

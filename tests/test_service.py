@@ -1,14 +1,14 @@
 """The real service (Ray Serve on loopback, vLLM on the tiny checkpoint) through real HTTP.
 
-The application starts once for this module, with API keys configured, and
-every endpoint and bad input is exercised against it.
+The application is the run's one real service (``real_service`` in
+tests/conftest.py, API keys configured), and every endpoint and bad input is
+exercised against it.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,44 +20,31 @@ import soundfile as sf
 import yaml
 
 from tests.audio_fixtures import speechlike, write
-from tests.conftest import ADMIN, L2GRADER, USER, keyed_service_config, require_espeak, running_service
+from tests.conftest import ADMIN, SERVICE_BODY_TIMEOUT_S, USER, l2grader, require_espeak
 
 pytestmark = pytest.mark.engine
 
-BODY_TIMEOUT_S = 5
+
+@pytest.fixture(scope="module")
+def base_url(real_service) -> str:
+    return real_service.url
 
 
 @pytest.fixture(scope="module")
-def adapter_root(tmp_path_factory) -> Path:
-    """Where this module's admin calls may take adapters from, beside the tiny checkpoint's."""
-    return tmp_path_factory.mktemp("uploaded_adapters")
+def service_cfg(real_service) -> Path:
+    return real_service.config
 
 
 @pytest.fixture(scope="module")
-def service_cfg(tiny_config, tiny_dir, adapter_root, tmp_path_factory) -> Path:
-    raw = tiny_config()
-    raw["audio"] = {"max_upload_mb": 24, "max_duration_s": 660}
-    # Two adapter slots for the demo's two parts: a third part evicts one, as in production with many parts.
-    return keyed_service_config(
-        raw,
-        tmp_path_factory.mktemp("service"),
-        body_timeout_s=BODY_TIMEOUT_S,
-        adapters_per_replica=2,
-        adapter_roots=[str(tiny_dir / "adapters"), str(adapter_root)],
-    )
-
-
-@pytest.fixture(scope="module")
-def service_log(tmp_path_factory) -> Path:
+def service_log(real_service) -> Path:
     """What ``l2grader serve`` printed (Ray's own lines and the service's start-up lines)."""
-    return tmp_path_factory.mktemp("log") / "serve.log"
+    return real_service.log
 
 
 @pytest.fixture(scope="module")
-def base_url(service_cfg, service_log):
-    port = yaml.safe_load(service_cfg.read_text())["serving"]["port"]
-    with running_service(service_cfg, port, service_log) as url:
-        yield url
+def adapter_root(real_service) -> Path:
+    """Where this module's admin calls may take adapters from, beside the tiny checkpoint's."""
+    return real_service.adapter_root
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +74,24 @@ def trust_files(tmp_path_factory) -> dict[str, Path]:
     return {name: d / f"{name}.wav" for name in waves}
 
 
+RECORDED_FORMATS = ("wav", "webm", "m4a", "mp4", "aac", "mp3")
+
+
 @pytest.fixture(scope="module")
-def offline(service_cfg, audio_dir, long_files, trust_files) -> dict[str, dict]:
+def recorded_files(tmp_path_factory) -> dict[str, Path]:
+    """One 12 s answer recorded at 48 kHz, as browsers and phones record, in each format they send."""
+    from loadtest.audio import encode
+
+    d = tmp_path_factory.mktemp("recorded")
+    wave = speechlike(12.0, 48000, seed=31)
+    files = {fmt: d / f"recorded.{fmt}" for fmt in RECORDED_FORMATS}
+    for fmt, path in files.items():
+        path.write_bytes(encode(wave, 48000, fmt))
+    return files
+
+
+@pytest.fixture(scope="module")
+def offline(service_cfg, audio_dir, long_files, trust_files, recorded_files) -> dict[str, dict]:
     """``l2grader score`` (one engine) of every file the service's results are compared with, by file name."""
     files = [
         audio_dir / "a.wav",
@@ -97,13 +100,9 @@ def offline(service_cfg, audio_dir, long_files, trust_files) -> dict[str, dict]:
         audio_dir / "d.mp3",
         *long_files,
         *trust_files.values(),
+        *recorded_files.values(),
     ]
-    cli = subprocess.run(
-        [L2GRADER, "score", "--config", str(service_cfg), "--part", "interview", *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cli = l2grader("score", "--config", service_cfg, "--part", "interview", *files, timeout=600)
     assert cli.returncode == 0, cli.stderr[-2000:]
     return {Path(x["file"]).name: x for x in map(json.loads, cli.stdout.splitlines())}
 
@@ -167,6 +166,15 @@ def test_scores_equal_the_offline_cli(base_url, offline, audio_dir, long_files):
         assert got["label_mass"] == pytest.approx(want["label_mass"], abs=1e-5)
         assert len(got["chunks"]) == len(want["chunks"])
     assert len(offline["ten.flac"]["chunks"]) == 20
+
+
+def test_the_other_demo_part_scores_differently(base_url, offline, audio_dir):
+    """The same answer under the demo's other part (its own adapter) gets other label probabilities."""
+    r = post_file(base_url, audio_dir / "b.flac", part="long_turn")
+    assert r.status_code == 200, r.text
+    want = offline["b.flac"]  # part interview
+    diff = max(abs(r.json()["probabilities"][k] - v) for k, v in want["probabilities"].items())
+    assert diff > 0.01
 
 
 def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_files):
@@ -371,37 +379,16 @@ def test_api_keys(base_url, audio_dir):
     assert post_file(base_url, audio_dir / "a.wav", headers=ADMIN).status_code == 200
 
 
-def test_recorded_formats_score_like_the_wav(base_url, service_cfg, tmp_path):
-    from loadtest.audio import encode
-
-    # Recorded at 48 kHz, as browsers and phones record. The tiny model has random weights, so how far
-    # codec loss moves its score says little; 0.15 holds for this answer (other answers: up to 0.34 for AAC).
-    wave = speechlike(12.0, 48000, seed=31)
+def test_recorded_formats_score_like_the_wav(base_url, offline, recorded_files):
+    # The tiny model has random weights, so how far codec loss moves its score says little; 0.15 holds for
+    # this answer (other answers: up to 0.34 for AAC).
     scores = {}
-    for fmt in ("wav", "webm", "m4a", "mp4", "aac", "mp3"):
-        path = tmp_path / f"answer.{fmt}"
-        path.write_bytes(encode(wave, 48000, fmt))
+    for fmt, path in recorded_files.items():
         r = post_file(base_url, path)
         assert r.status_code == 200, (fmt, r.text)
         scores[fmt] = r.json()["score"]
-    cli = subprocess.run(
-        [
-            L2GRADER,
-            "score",
-            "--config",
-            str(service_cfg),
-            "--part",
-            "interview",
-            *(str(tmp_path / f"answer.{f}") for f in scores),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    offline = {Path(x["file"]).suffix[1:]: x["score"] for x in map(json.loads, cli.stdout.splitlines())}
     for fmt, score in scores.items():
-        assert offline[fmt] == pytest.approx(score, abs=1e-5)  # the same decoding in both paths
+        assert offline[recorded_files[fmt].name]["score"] == pytest.approx(score, abs=1e-5)  # the same decoding
         assert score == pytest.approx(scores["wav"], abs=0.15), (fmt, scores)  # codec loss only
 
 
@@ -469,7 +456,7 @@ def test_150_slow_uploads_do_not_starve_health_or_scoring(base_url, audio_dir):
 
     async def run():
         results: list = []
-        slow = [asyncio.create_task(_hold_slow_upload(port, results, BODY_TIMEOUT_S + 20)) for _ in range(150)]
+        slow = [asyncio.create_task(_hold_slow_upload(port, results, SERVICE_BODY_TIMEOUT_S + 20)) for _ in range(150)]
         await asyncio.sleep(2)
         async with httpx.AsyncClient(timeout=30) as client:
             t0 = time.perf_counter()
@@ -518,7 +505,8 @@ def test_refused_admin_calls_with_invented_ids_do_not_grow_the_metrics(base_url)
     text = settled_metrics(base_url)
     # a handful of new series (refused PUT and DELETE by status), none per invented id
     assert len(text.encode()) - len(before.encode()) < 50_000 and ids[0][:64] not in text
-    assert metric(text, "l2grader_requests_total", endpoint="put_part", part="-", status="401") >= 1500
+    # A keyless PUT is refused by the proxy before its body is read (the ingress never sees it); DELETEs reach it.
+    assert metric(text, "l2grader_requests_total", endpoint="delete_part", part="-", status="401") >= 1500
 
 
 def _lora_with_wrong_input_size(src: Path, dst: Path) -> Path:

@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +31,8 @@ import soundfile as sf
 from serve.grading.audio import AudioError
 from serve.session.sources import manifest_format, read_audio, resolve_audio
 from tests.audio_fixtures import write
+from tests.conftest import l2grader
 
-L2GRADER = str(Path(sys.executable).parent / "l2grader")
 N_GOOD = 160
 BAD = {  # response id -> (part, file, the kind its row must carry)
     "bad-corrupt": ("interview", "corrupt.wav", "undecodable"),
@@ -125,20 +124,9 @@ def reference(session, config) -> dict:
 
 
 def score_session(config, manifest, out, *extra, timeout=600, wait=True):
-    cmd = [
-        L2GRADER,
-        "score-session",
-        "--config",
-        str(config),
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(out),
-        *map(str, extra),
-    ]
-    if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return l2grader(
+        "score-session", "--config", config, "--manifest", manifest, "--out", out, *extra, timeout=timeout, wait=wait
+    )
 
 
 def committed_rows(out: Path) -> int:
@@ -148,7 +136,6 @@ def committed_rows(out: Path) -> int:
 # ---------------------------------------------------------------- the session, stopped and resumed
 
 
-@pytest.mark.engine
 def stderr_lines(proc: subprocess.Popen) -> list[str]:
     """The process's stderr lines, filled by a thread as they come."""
     import threading
@@ -158,6 +145,7 @@ def stderr_lines(proc: subprocess.Popen) -> list[str]:
     return lines
 
 
+@pytest.mark.engine
 def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(session, reference, config, tmp_path):
     from serve.grading.answers import candidate_result
     from serve.grading.config import load_config

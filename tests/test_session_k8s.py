@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import copy
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -17,10 +14,9 @@ import yaml
 from serve.cli.main import build_parser, cmd_score_session
 from serve.grading.config import load_config
 from serve.service.kuberay import SERVICE_ONLY_ENV, in_cluster_config_path, session_rayjob
-from tests.kustomize_lite import build
-from tests.test_k8s import K8S, OVERLAYS, SCHEMAS, _strict, gen
+from tests.conftest import l2grader
+from tests.test_k8s import K8S, OVERLAYS, SCHEMAS, _strict, gen, render
 
-L2GRADER = str(Path(sys.executable).parent / "l2grader")
 REPO = K8S.parent
 MANIFEST, OUT = "s3://exams/2026-06/manifest.parquet", "s3://exams/2026-06/results"
 
@@ -47,7 +43,7 @@ def rayjob_validator() -> jsonschema.protocols.Validator:
 
 
 def _rayservice(overlay: str) -> dict:
-    (rs,) = [d for d in build(K8S / "overlays" / overlay) if d["kind"] == "RayService"]
+    (rs,) = [d for d in render(K8S / "overlays" / overlay) if d["kind"] == "RayService"]
     return rs
 
 
@@ -105,25 +101,20 @@ def test_session_rayjob_validates_and_runs_the_service_cluster(overlay, rayjob_v
 
 
 def test_session_job_command_reads_the_rendered_overlay(rayjob_validator):
-    rendered = yaml.safe_dump_all(build(K8S / "overlays" / "gpu"))
-    r = subprocess.run(
-        [
-            L2GRADER,
-            "session-job",
-            "--config",
-            str(REPO / gen.OVERLAYS["gpu"]),
-            "--manifest",
-            MANIFEST,
-            "--out",
-            OUT,
-            "--engines",
-            "2",
-            "--name",
-            "june-2026",
-        ],
+    rendered = yaml.safe_dump_all(render(K8S / "overlays" / "gpu"))
+    r = l2grader(
+        "session-job",
+        "--config",
+        REPO / gen.OVERLAYS["gpu"],
+        "--manifest",
+        MANIFEST,
+        "--out",
+        OUT,
+        "--engines",
+        "2",
+        "--name",
+        "june-2026",
         input=rendered,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
@@ -133,11 +124,15 @@ def test_session_job_command_reads_the_rendered_overlay(rayjob_validator):
     assert (
         "--engines 2" in job["spec"]["entrypoint"] and "/app/configs/qwen2-audio-7b.yaml" in job["spec"]["entrypoint"]
     )
-    bad = subprocess.run(
-        [L2GRADER, "session-job", "--config", str(REPO / gen.OVERLAYS["gpu"]), "--manifest", MANIFEST, "--out", OUT],
+    bad = l2grader(
+        "session-job",
+        "--config",
+        REPO / gen.OVERLAYS["gpu"],
+        "--manifest",
+        MANIFEST,
+        "--out",
+        OUT,
         input="kind: Service\n",
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert bad.returncode == 2 and "expected one RayService" in bad.stderr

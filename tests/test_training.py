@@ -25,20 +25,17 @@ import pytest
 
 from adapters.synth import VOICES
 from serve.grading.adapter_files import METADATA_FILE, check_adapter
+from tests.conftest import l2grader as run_l2grader
 from tests.conftest import require_espeak
+
+pytestmark = pytest.mark.slow  # synthesizes a speaking test and trains on it
 
 TRAIN_FLAGS = ["--lr", "1e-3", "--epochs", "3", "--batch-size", "16", "--dropout", "0", "--rank", "16"]
 N_TRAIN, N_DEV, N_TEST = 300, 40, 100
 
 
 def l2grader(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    proc = run_l2grader(*args, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, f"l2grader {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
 

@@ -23,7 +23,7 @@ def answer(score: float, sd: float, mass: float = 0.9, snr: float = 40.0) -> Sco
         hard_score=float(round(score)),
         cefr="B1",
         probabilities={},
-        label_cefr={},
+        label_cefr={lv.label: lv.cefr for lv in DEFAULT_LEVELS},
         label_mass=mass,
         uncertainty=Uncertainty(score_sd=sd, entropy=sd / 2, label_mass=mass, chunk_spread=0.0),
         quality=Quality(speech_s=3, speech_ratio=0.6, snr_db=snr, clipped_fraction=0, speech_dbfs=-20),

@@ -8,7 +8,7 @@ from serve.runtime.console import PROG, fail, log  # noqa: F401 - the commands' 
 def load_config_or_exit(path: str, part: str | None = None):
     """The validated config (and, if given, a check that ``part`` is registered); one error line and exit 2
     otherwise."""
-    from serve.grading.config import ConfigError, UnknownPartError, load_config
+    from serve.grading.config import ConfigError, UnknownPartError, load_config  # pydantic: only when a command runs
 
     try:
         cfg = load_config(path)
@@ -22,7 +22,7 @@ def load_config_or_exit(path: str, part: str | None = None):
 def parts_or_exit(cfg, config_path: str, names=None) -> dict:
     """The registered parts (the config's plus those added with ``PUT /v1/parts``, as the service sees them), all
     or the given ``names``, adapters checked; one error line and exit 2 for an unknown part or a bad adapter."""
-    from serve.grading.adapter_files import AdapterError
+    from serve.grading.adapter_files import AdapterError  # as above: only when a command runs
     from serve.grading.config import UnknownPartError
     from serve.grading.registry import PartRegistry
 

@@ -5,8 +5,9 @@ This module holds the serving commands (``score``, ``serve``,
 the entry-point group ``l2grader.commands`` (see pyproject.toml), so
 ``serve`` imports neither ``adapters`` nor ``loadtest``.
 
-Subcommands import their heavy dependencies (vLLM, torch) only when they run,
-so ``l2grader --help`` and config errors answer at once.
+Subcommands import what they need (pydantic, vLLM, Ray, torch) only when they
+run, so ``l2grader --help`` and argument errors answer at once: the imports
+inside functions here are for that.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ COMMANDS_GROUP = "l2grader.commands"
 
 def _prepared(paths: Sequence[str], audio_cfg) -> Iterator[tuple[str, object]]:
     """(path, PreparedAnswer) or (path, AudioError) for each file, in order."""
-    from serve.grading.audio import AudioError, prepare
+    from serve.grading.audio import AudioError, prepare  # each command loads what it needs when it runs (see above)
 
     for path in paths:
         try:
@@ -73,7 +74,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _score_files(args: argparse.Namespace, cfg, parts) -> int:
-    from serve.engine.offline import OfflineEngine
+    from serve.engine.offline import OfflineEngine  # loaded when the command runs: the CLI starts fast
     from serve.grading.adapter_files import AdapterError
     from serve.grading.audio import PreparedAnswer
     from serve.grading.parts import LabelTokenError
@@ -116,7 +117,7 @@ def cmd_score_session(args: argparse.Namespace) -> int:
     for name in ("engines", "batch_size", "rows_per_part", "object_store_mb"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1")
-    from serve.engine.requests import configure_vllm_environment
+    from serve.engine.requests import configure_vllm_environment  # loaded when the command runs: the CLI starts fast
     from serve.grading.adapter_files import AdapterError
     from serve.session.run import SessionOptions, print_summary, run_session
     from serve.session.sources import ManifestError
@@ -160,7 +161,7 @@ def cmd_score_session(args: argparse.Namespace) -> int:
 
 
 def cmd_session_job(args: argparse.Namespace) -> int:
-    import yaml
+    import yaml  # loaded when the command runs: the CLI starts fast
 
     from serve.service.kuberay import session_rayjob
 
@@ -187,14 +188,14 @@ def cmd_session_job(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     load_config_or_exit(args.config)  # fail fast, one line, on a bad config
-    from serve.service.server import run_server
+    from serve.service.server import run_server  # loads Ray: only in the command that serves
 
     return run_server(args.config, args.host, args.port, args.address, args.allow_unauthenticated, args.verbose)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     load_config_or_exit(args.config)
-    from serve.service.server import deploy_config
+    from serve.service.server import deploy_config  # loads Ray: only in the command that deploys
 
     return deploy_config(args.config, args.address)
 
@@ -203,7 +204,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_config(args: argparse.Namespace) -> int:
-    import yaml
+    import yaml  # loaded when the command runs: the CLI starts fast
 
     from serve.service.options import serve_config
 

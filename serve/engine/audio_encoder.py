@@ -27,6 +27,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from serve.engine.transformers_private import encoder_output_lengths
+
 
 def encode_valid_frames(tower: nn.Module, features: torch.Tensor, mel_lengths: torch.Tensor) -> list[torch.Tensor]:
     """Encoder outputs of each chunk's valid positions: ``[(tokens_i, d_model)]`` in input order.
@@ -35,7 +37,7 @@ def encode_valid_frames(tower: nn.Module, features: torch.Tensor, mel_lengths: t
     log-mel features ``(n, mel_bins, 3000)``; ``mel_lengths`` the number of real
     frames of each (the feature attention mask summed).
     """
-    conv_lengths, token_lengths = tower._get_feat_extract_output_lengths(mel_lengths)
+    conv_lengths, token_lengths = encoder_output_lengths(tower, mel_lengths)
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, n in enumerate(conv_lengths.tolist()):
         by_length[n].append(i)

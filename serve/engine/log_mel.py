@@ -18,18 +18,21 @@ import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
+from serve.engine.transformers_private import FbankHook
 
-class UnpaddedWhisperFeatureExtractor(WhisperFeatureExtractor):
+
+class UnpaddedWhisperFeatureExtractor(FbankHook, WhisperFeatureExtractor):
     """``WhisperFeatureExtractor`` whose STFT stops where the zero padding starts."""
 
-    def _torch_extract_fbank_features(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
+    def log_mel(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
+        """Log-mel features of a padded waveform (or a batch of them), as transformers computes them."""
         if self.dither != 0.0 or device != "cpu":  # dithered padding is not silent; GPU: not worth it
-            return super()._torch_extract_fbank_features(waveform, device)
+            return self.padded_log_mel(waveform, device)
         if waveform.ndim == 1:
-            return self._one(waveform)
-        return np.stack([self._one(row) for row in waveform])
+            return self.unpadded_log_mel(waveform)
+        return np.stack([self.unpadded_log_mel(row) for row in waveform])
 
-    def _one(self, samples: np.ndarray) -> np.ndarray:
+    def unpadded_log_mel(self, samples: np.ndarray) -> np.ndarray:
         """Features ``(n_mels, len // hop)`` of one padded waveform."""
         hop, half = self.hop_length, self.n_fft // 2
         frames = len(samples) // hop  # the STFT's len // hop + 1 frames, less the last one (as Whisper does)
@@ -39,7 +42,7 @@ class UnpaddedWhisperFeatureExtractor(WhisperFeatureExtractor):
         first_silent = min(frames, -(-(end + half) // hop))
         length = first_silent * hop + half  # every frame before `first_silent` reads only samples below this
         if length >= len(samples) or length <= half:  # nothing to save, or too short to reflect-pad
-            return super()._torch_extract_fbank_features(samples, "cpu")
+            return self.padded_log_mel(samples, "cpu")
 
         audio = torch.from_numpy(np.ascontiguousarray(samples[:length], dtype=np.float32))
         stft = torch.stft(audio, self.n_fft, hop, window=torch.hann_window(self.n_fft), return_complex=True)

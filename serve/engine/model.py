@@ -18,10 +18,7 @@ length.
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from transformers import WhisperFeatureExtractor
 from vllm.model_executor.models.interfaces import SupportsLoRA
 from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.qwen2_audio import (
@@ -32,10 +29,10 @@ from vllm.model_executor.models.qwen2_audio import (
 )
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from serve.engine.audio_encoder import encode_valid_frames
 from serve.engine.log_mel import UnpaddedWhisperFeatureExtractor
+from serve.engine.vllm_private import AudioInputHook
 from serve.engine.weight_names import TRANSFORMERS5_TO_PUBLISHED
 
 # transformers 5 names -> vLLM module names. transformers 4 names already match.
@@ -47,10 +44,10 @@ class Qwen2AudioUnpaddedProcessingInfo(Qwen2AudioProcessingInfo):
 
     def get_hf_processor(self, **kwargs: object):
         processor = super().get_hf_processor(**kwargs)  # cached by vLLM: swapped once
-        if type(processor.feature_extractor) is WhisperFeatureExtractor:
-            unpadded = copy.copy(processor.feature_extractor)
-            unpadded.__class__ = UnpaddedWhisperFeatureExtractor
-            processor.feature_extractor = unpadded
+        if not isinstance(processor.feature_extractor, UnpaddedWhisperFeatureExtractor):
+            processor.feature_extractor = UnpaddedWhisperFeatureExtractor.from_dict(
+                processor.feature_extractor.to_dict()
+            )
         return processor
 
 
@@ -59,7 +56,7 @@ class Qwen2AudioUnpaddedProcessingInfo(Qwen2AudioProcessingInfo):
     info=Qwen2AudioUnpaddedProcessingInfo,
     dummy_inputs=Qwen2AudioDummyInputsBuilder,
 )
-class Qwen2AudioLoRAForConditionalGeneration(Qwen2AudioForConditionalGeneration, SupportsLoRA):
+class Qwen2AudioLoRAForConditionalGeneration(AudioInputHook, Qwen2AudioForConditionalGeneration, SupportsLoRA):
     """vLLM's Qwen2-Audio with ``SupportsLoRA`` declared, features and encoder over real audio only."""
 
     packed_modules_mapping = {
@@ -76,15 +73,10 @@ class Qwen2AudioLoRAForConditionalGeneration(Qwen2AudioForConditionalGeneration,
             tower_model="audio_tower.",
         )
 
-    def _process_audio_input(self, audio_input) -> tuple[torch.Tensor, ...]:
+    def embed_audio_features(self, features, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Audio embeddings of each chunk, the encoder run over its real frames only."""
-        if audio_input["type"] != "audio_features":
-            return super()._process_audio_input(audio_input)
-        features = audio_input["input_features"]
         if isinstance(features, list):
             features = torch.stack(features)
-        mel_lengths = audio_input["feature_attention_mask"].sum(-1)
-        with gpu_sync_allowed():  # chunks are grouped by length on the host
-            encoded = encode_valid_frames(self.audio_tower, features, mel_lengths)
+        encoded = encode_valid_frames(self.audio_tower, features, mel_lengths)
         lengths = [len(e) for e in encoded]
         return torch.split(self.multi_modal_projector(torch.cat(encoded)), lengths)

@@ -30,7 +30,7 @@ class OfflineEngine:
 
     def __init__(self, cfg: GraderConfig, parts: Mapping[str, Part] | None = None):
         configure_vllm_environment()
-        from vllm import LLM
+        from vllm import LLM  # after configure_vllm_environment: vLLM reads its environment at import
 
         self.cfg = cfg
         self.llm = LLM(**engine_kwargs(cfg))
@@ -43,9 +43,9 @@ class OfflineEngine:
 
     def close(self) -> None:
         """Stop the engine's processes now rather than at interpreter exit."""
-        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
+        from serve.engine.vllm_private import shutdown_engine  # imports vLLM, as __init__ does
+
+        shutdown_engine(self.llm)
 
     def score_answers(self, answers: Sequence[tuple[str, PreparedAnswer]]) -> list[ScoredAnswer]:
         """Score answers given as (part, prepared answer); every chunk of every answer goes to the engine at once."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from pathlib import Path
 
 from serve.engine.requests import (
     check_prompt_fits,
@@ -27,14 +26,14 @@ from serve.grading.adapter_files import check_lora_dims
 from serve.grading.answers import answer_result
 from serve.grading.audio import Chunk, PreparedAnswer
 from serve.grading.config import GraderConfig
-from serve.grading.parts import Part, PartSpec, resolve_part
+from serve.grading.parts import Part, PartSpec, base_name, resolve_part
 from serve.grading.results import ScoredAnswer
 from serve.grading.scoring import ChunkScore
 
 
 def served_model_name(cfg: GraderConfig) -> str:
     """The name the engine reports its model under: the hub id's or folder's last part (``Qwen2-Audio-7B-Instruct``)."""
-    return Path(cfg.model.base).name or str(cfg.model.base)
+    return base_name(cfg.model.base)
 
 
 class OnlineEngine:
@@ -43,7 +42,7 @@ class OnlineEngine:
     def __init__(self, cfg: GraderConfig, stat_loggers: Sequence | None = None):
         """``stat_loggers``: vLLM stat logger factories (classes) fed with the engine's statistics."""
         configure_vllm_environment()
-        from vllm import AsyncEngineArgs
+        from vllm import AsyncEngineArgs  # after configure_vllm_environment: vLLM reads its environment at import
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.cfg = cfg

@@ -18,9 +18,9 @@ MODEL_CLASS = "serve.engine.model:Qwen2AudioLoRAForConditionalGeneration"
 
 def register() -> None:
     """Entry point of the plugin: idempotent, cheap (the model module loads lazily)."""
-    from vllm import ModelRegistry
+    from vllm import ModelRegistry  # the entry point's module stays cheap: vLLM loads it in every process
 
-    from serve.engine.cpu_patches import apply_cpu_patches
+    from serve.engine.vllm_private import apply_cpu_patches
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     # Every vLLM process loads this plugin, engine core and model workers included.

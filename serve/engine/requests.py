@@ -80,7 +80,7 @@ def engine_kwargs(cfg: GraderConfig) -> dict[str, Any]:
 
 def sampling_params(spec: PartSpec):
     """One output position, returning every label's full-vocabulary log-probability."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # vLLM loads only in an engine's process, after configure_vllm_environment
 
     return SamplingParams(
         max_tokens=1,
@@ -94,7 +94,7 @@ def lora_request(spec: PartSpec):
     """The part's adapter as a vLLM ``LoRARequest`` named by its model id (None for the base model)."""
     if spec.adapter_path is None:
         return None
-    from vllm.lora.request import LoRARequest
+    from vllm.lora.request import LoRARequest  # as above
 
     return LoRARequest(lora_name=spec.model_id, lora_int_id=spec.adapter_int_id, lora_path=str(spec.adapter_path))
 

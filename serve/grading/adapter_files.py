@@ -6,9 +6,13 @@ was made for, the label scale it was trained on, and how it was made.
 Training writes this format; serving reads it.
 
 :func:`check_adapter` is the only place an adapter is inspected (files, rank,
-content hash). Its result is cached by the files' size and modification time,
-so config loading, the part registry, ``PUT /v1/parts``, training and
-evaluation all share one hash of each adapter version.
+content hash). An adapter is identified by the hash of its content; the check
+is cached by each file's inode, size, modification and change times (a write
+in place changes the change time even when size and modification time are
+put back), so config loading, the part registry, ``PUT /v1/parts``, training
+and evaluation share one hash of each adapter version. A scorer replica hashes
+the files again when it loads them (:func:`verify_content`) and refuses
+content that is not the version it was asked for.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ class AdapterError(ValueError):
     """An adapter directory is missing, incomplete or unusable."""
 
 
+class AdapterChangedError(AdapterError):
+    """An adapter's files no longer hold the content it was registered with."""
+
+
 @dataclass(frozen=True)
 class AdapterFiles:
     """A checked adapter directory: where it is, its LoRA rank and the content hash of its weights."""
@@ -61,7 +69,11 @@ def check_adapter(path: str | Path, max_rank: int | None = None) -> AdapterFiles
     missing = [f for f in PEFT_FILES if not (path / f).is_file()]
     if missing:
         raise AdapterError(f"adapter directory {path} lacks {', '.join(missing)}")
-    stamp = tuple((name, st.st_size, st.st_mtime_ns) for name in PEFT_FILES for st in [(path / name).stat()])
+    stamp = tuple(
+        (name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        for name in PEFT_FILES
+        for st in [(path / name).stat()]
+    )
     files = _inspect(path.resolve(), stamp)
     if max_rank is not None and files.rank > max_rank:
         raise AdapterError(f"adapter {path}: rank {files.rank} exceeds engine.max_lora_rank {max_rank}")
@@ -90,13 +102,34 @@ def _inspect(path: Path, stamp: tuple) -> AdapterFiles:
             raise AdapterError(f"adapter {path}: tensor {name[:200]!r} is not a LoRA A or B matrix")
         if len(shape) != 2 or shape[0 if which == "lora_A" else 1] != rank:
             raise AdapterError(f"adapter {path}: {name[:200]} has shape {shape[:4]}, which does not match rank {rank}")
+    return AdapterFiles(path=path, rank=rank, content_hash=content_hash(path))
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of the adapter's peft files (names and bytes), 16 hex digits; no cache."""
     h = hashlib.sha256()
     for name in PEFT_FILES:
         h.update(name.encode())
         with open(path / name, "rb") as f:
             while block := f.read(_HASH_BLOCK):
                 h.update(block)
-    return AdapterFiles(path=path, rank=rank, content_hash=h.hexdigest()[:16])
+    return h.hexdigest()[:16]
+
+
+def verify_content(part: str, files: AdapterFiles) -> None:
+    """:class:`AdapterChangedError` unless the files at ``files.path`` still hold ``files.content_hash``.
+
+    The message names the part and both hashes, not the path (scoring clients may see it).
+    """
+    try:
+        found = content_hash(files.path)
+    except OSError:
+        found = "unreadable"
+    if found != files.content_hash:
+        raise AdapterChangedError(
+            f"the adapter files of part {part!r} changed after they were registered (registered content "
+            f"{files.content_hash}, found {found}): an admin must register the part again (PUT /v1/parts/{part})"
+        )
 
 
 def _read_json(file: Path, path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ never 30 + 30 + 15) whose scores are averaged, weighted by duration.
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from serve.grading import quality
+from serve.grading.config import clip
 from serve.grading.results import Quality
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 
@@ -108,9 +112,12 @@ def decode(
     except AudioError:
         raise
     except (av.FFmpegError, ValueError, EOFError, OverflowError, RuntimeError) as e:
-        detail = str(e).split(";")[0].strip()[:200] or type(e).__name__
+        # The decoder's own words (FFmpeg's "[Errno 1094995529] Invalid data found ...") go to the log only.
+        logger.info("undecodable audio: %s", clip(str(e) or type(e).__name__, 300))
         raise AudioError(
-            "undecodable", f"the audio cannot be decoded (not a supported audio format): {detail}"
+            "undecodable",
+            "the audio cannot be decoded: the file is not audio in a format we can read "
+            "(WAV, FLAC, MP3, Ogg, Opus, WebM, M4A/AAC and the like)",
         ) from None
     wave = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     if wave.size == 0:

@@ -8,6 +8,7 @@ config and the models beside it can move together.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import types
 import typing
@@ -299,9 +300,55 @@ class ServingConfig(_Strict):
     max_buffered_mb: float = Field(
         1024.0, gt=0, description="Request bodies a proxy holds in memory at once, all clients together (503 beyond)."
     )
+    max_header_kb: float = Field(
+        32.0, gt=0, description="Request line and headers of one request together, at most (431 beyond)."
+    )
+    max_headers: int = Field(100, ge=1, description="Header fields of one request, at most (431 beyond).")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Time a client has to send a request's line and headers, counted from the connection's opening "
+        "or the request's first byte (408 and closed beyond).",
+    )
+    keep_alive_timeout_s: float = Field(
+        75.0,
+        gt=0,
+        description="An idle keep-alive connection is closed after this long (longer than a load balancer's idle "
+        "timeout, 60 s on common ones, so the balancer closes first).",
+    )
+    max_connections: int = Field(
+        4096, ge=1, description="Open connections one proxy holds, all clients together (503 and closed beyond)."
+    )
+    max_connections_per_client: int = Field(
+        256,
+        ge=1,
+        description="Open connections one client address may hold (429 and closed beyond; health probes and "
+        "trusted_proxies excepted).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (CIDR) of the load balancers whose X-Forwarded-For / X-Forwarded-Proto "
+        "the proxy believes; the per-client limits then count the address they name. None by default.",
+    )
+    request_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest a request may take end to end (the proxy answers 408 beyond); a client may ask for "
+        "less with x-request-timeout-seconds, never for more or none.",
+    )
     log_encoding: Literal["JSON", "TEXT"] = Field(
         "JSON", description="Ray Serve's log lines of both deployments: one JSON object per line, or plain text."
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{clip(net)!r} is not an IP address or network") from None
+        return v
 
     def api_keys(self) -> list[str]:
         """Scoring keys, read from the environment now (:class:`ConfigError` if the named variable is unset)."""

@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,44 @@ from serve.grading.results import ModelInfo
 
 class LabelTokenError(ValueError):
     """A label is not exactly one token of the model's tokenizer."""
+
+
+def base_name(base: str) -> str:
+    """The base model's public name: a hub id's or a checkpoint folder's last part (``Qwen2-Audio-7B-Instruct``).
+
+    Answers, metrics and logs name the model by this, never by where it lies.
+    """
+    return Path(base).name or str(base)
+
+
+#: Largest safetensors header hashed (a 7B checkpoint's are a few hundred KB).
+_MAX_HEADER = 64 << 20
+
+
+@functools.lru_cache(maxsize=8)
+def base_hash(base: str) -> str | None:
+    """sha256 (16 hex digits) of a local checkpoint's config and weight layout; None for a hub id.
+
+    It covers ``config.json`` and, per weight file, its name, size and
+    safetensors header (every tensor's name, dtype, shape and offsets): a
+    different checkpoint gets a different hash at the cost of reading a few
+    hundred KB, not the 15 GB of weights of a 7B model (an adapter's hash
+    covers its weights: :func:`serve.grading.adapter_files.check_adapter`).
+    """
+    root = Path(base)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(root.iterdir()):
+        if f.name == "config.json" or f.name.endswith(".index.json"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt"):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            if f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    h.update(fh.read(min(n, _MAX_HEADER)))
+    return h.hexdigest()[:16]
 
 
 def model_id(part: str, adapter_hash: str | None) -> str:
@@ -107,7 +148,8 @@ def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSp
         adapter_path=None if part.adapter is None else part.adapter.path,
         adapter_hash=part.adapter_hash,
         model=ModelInfo(
-            base=base,
+            base=base_name(base),
+            base_hash=base_hash(base),
             adapter=None if part.adapter is None else part.model_id,
             adapter_hash=part.adapter_hash,
             untrained=untrained,

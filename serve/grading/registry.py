@@ -64,13 +64,14 @@ class PartRegistry:
 
     # -- reading
 
-    def refresh(self) -> None:
-        """Re-read the persisted changes if the file changed since the last read."""
+    def refresh(self, force: bool = False) -> None:
+        """Re-read the persisted changes if the file changed since the last read (``force``: and check every
+        adapter again, which re-hashes those whose files changed)."""
         try:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:
             mtime = None
-        if self._loaded and mtime == self._mtime:
+        if self._loaded and mtime == self._mtime and not force:
             return
         overrides: dict[str, PartConfig | None] = {}
         if mtime is not None:
@@ -122,7 +123,7 @@ class PartRegistry:
     def by_model_id(self, model_id: str) -> Part:
         """The part version a model id names (current or recently replaced); :class:`UnknownModelIdError` if none."""
         if model_id not in self._versions:
-            self.refresh()
+            self.refresh(force=True)  # another process may have hashed adapter files that changed since
         try:
             return self._versions[model_id]
         except KeyError:

@@ -27,7 +27,10 @@ class ChunkResult(BaseModel):
 class ModelInfo(BaseModel):
     """Which model produced a score."""
 
-    base: str = Field(description="Base model id or path.")
+    base: str = Field(description="Base model name: a hub id's or checkpoint folder's last part, never a path.")
+    base_hash: str | None = Field(
+        None, description="Hash of the local checkpoint's config and weight layout (16 hex digits); null for a hub id."
+    )
     adapter: str | None = Field(description="Adapter name (part@hash), null for the base model.")
     adapter_hash: str | None = Field(description="Content hash of the adapter's weights.")
     untrained: bool = Field(False, description="True when the base model is the random tiny checkpoint.")

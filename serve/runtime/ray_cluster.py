@@ -52,6 +52,8 @@ def start_ray(
     # Imported here: the commands that never start Ray (score, serve-config, --help) must not pay for loading it.
     import ray
 
+    from serve.runtime.ray_private import system_config_kwargs
+
     quiet_ray(verbose)
     level = logging.INFO if verbose else logging.ERROR
     if address:
@@ -65,7 +67,7 @@ def start_ray(
         include_dashboard=False,
         object_store_memory=object_store_memory,
         runtime_env={"env_vars": env} if env else None,
-        _system_config=RAY_SYSTEM_CONFIG,
+        **system_config_kwargs(RAY_SYSTEM_CONFIG),
         logging_level=level,
         log_to_driver=verbose,
     )
@@ -76,5 +78,5 @@ def log_folder() -> str | None:
     """The log folder of the Ray node this process runs on (its workers' output, ``serve/`` for the replicas)."""
     import ray
 
-    node = ray._private.worker._global_node  # the driver's view of the node it runs on
-    return node.get_logs_dir_path() if node is not None else None
+    context = ray.get_runtime_context()  # the driver's view of the node it runs on
+    return os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")  # Ray's documented layout

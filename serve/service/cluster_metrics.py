@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Iterable
 
+import ray
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,8 +27,11 @@ from prometheus_client.samples import Sample
 
 #: Metric families the page keeps: the service's (its engine's among them) and Ray Serve's (replicas, queues).
 EXPORTED_PREFIXES = ("ray_l2grader_", "ray_serve_")
-#: Labels that are the same on every series of Ray's export.
-DROPPED_LABELS = frozenset({"otel_scope_name", "otel_scope_schema_url", "otel_scope_version"})
+#: Labels that are the same on every series of Ray's export, and those that name a node's address or Ray session
+#: (callers of ``/metrics`` need no key: they see totals, not where the nodes are).
+DROPPED_LABELS = frozenset(
+    {"otel_scope_name", "otel_scope_schema_url", "otel_scope_version", "NodeAddress", "SessionName", "instance", "ip"}
+)
 CACHE_S = 1.0
 FETCH_TIMEOUT_S = 2.0
 #: Largest export read from one node (a node's whole Ray export is about 0.5-1 MB).
@@ -36,8 +40,6 @@ MAX_EXPORT_BYTES = 32 * 1024 * 1024
 
 def node_export_urls() -> list[str]:
     """The metrics export of every live node of the Ray cluster this process belongs to."""
-    import ray
-
     return [
         f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
         for n in ray.nodes()

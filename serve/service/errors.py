@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from serve.grading.config import format_validation_errors
+from serve.runtime.ray_private import serve_request_id
 from serve.service.protocol import ErrorResponse
 
 
@@ -30,9 +31,7 @@ class ApiError(Exception):
 def request_id() -> str:
     """Ray Serve's id of the current request (also in Serve's access logs and X-Request-ID), or a fresh one."""
     try:
-        from ray import serve
-
-        rid = serve.context._get_serve_request_context().request_id
+        rid = serve_request_id()
     except Exception:  # noqa: BLE001 - outside a Serve request there is no context
         rid = ""
     return rid or uuid.uuid4().hex

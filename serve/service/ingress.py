@@ -154,7 +154,7 @@ class Ingress:
 
     async def _score(self, upload: ScoreUpload, part: Part, prepared: PreparedAnswer) -> ScoredAnswer:
         """The complete answer from the scorer replica that holds the part's adapter (one form from there on)."""
-        answer = await self.scorer.call("score", prepared, request_id(), model_id=part.model_id)
+        answer = await self.scorer.call("score", prepared, request_id(), part, model_id=part.model_id)
         self.metrics.record_answer(part.part, len(prepared.chunks), answer.duration_s)
         self.metrics.record_review(part.part, answer.review.reasons)
         return answer
@@ -175,8 +175,8 @@ class Ingress:
         started = time.perf_counter()
         upload = await read_score_upload(request, self.limits)
         request.state.part = upload.part
+        part = await self._part(upload.part)  # accepted under this version, whatever happens to the part meanwhile
         async with self.slots.slot():
-            part = await self._part(upload.part)
             answer = await self._score(upload, part, await self._prepare(upload))
         return ScoreResponse.of(answer, upload.response_id, request_id(), elapsed_ms(started))
 

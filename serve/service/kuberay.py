@@ -21,6 +21,8 @@ base RayService (``k8s/base/rayservice.yaml``) that sets
 
 from __future__ import annotations
 
+import copy
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import yaml
 
 from serve.grading.config import DeploymentConfig, GraderConfig
 from serve.runtime.ray_cluster import ray_env
+from serve.service.memory import memory_env
 from serve.service.options import serve_config
 from serve.service.proxy_guard import proxy_env
 
@@ -88,7 +91,7 @@ def patch_ops(cfg: GraderConfig, config_path: str) -> list[dict[str, Any]]:
             "would refuse every client beyond its pods; add keys or set serving.allow_unauthenticated"
         )
     for pod in pods:
-        for name, value in {**ray_env(), **proxy_env(config_path)}.items():
+        for name, value in {**ray_env(), **proxy_env(config_path), **memory_env()}.items():
             ops.append(
                 {
                     "op": "add",
@@ -135,8 +138,6 @@ SERVICE_ONLY_ENV = ("L2GRADER_API_KEYS", "L2GRADER_ADMIN_KEYS")
 
 def session_entrypoint(config: str, manifest: str, out: str, engines: int) -> str:
     """The RayJob's entrypoint: ``l2grader score-session`` on the in-cluster config, joining the job's cluster."""
-    import shlex
-
     return shlex.join(
         [
             "l2grader",
@@ -174,8 +175,6 @@ def session_rayjob(
     pods: an object-store URI or a path on a ReadWriteMany volume. A failed job
     is retried and goes on where it stopped (``score-session`` is resumable).
     """
-    import copy
-
     engines = engines or cfg.serving.scorer.autoscaling.max_replicas
     cluster = copy.deepcopy(rayservice["spec"]["rayClusterConfig"])
     groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}

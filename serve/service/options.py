@@ -76,6 +76,11 @@ def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
     return {INGRESS: _options(s.ingress, s.log_encoding, s.ingress.max_queued_requests + CONTROL_SLOTS), SCORER: scorer}
 
 
+def http_options(cfg: GraderConfig, host: str, port: int) -> dict[str, Any]:
+    """Ray Serve's HTTP options: where its proxies listen, and the longest a request may take (see the proxy guard)."""
+    return {"host": host, "port": port, "request_timeout_s": cfg.serving.request_timeout_s}
+
+
 def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:
     """A Ray Serve config (the schema of ``serve deploy`` and KubeRay's ``serveConfigV2``).
 
@@ -83,7 +88,7 @@ def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:
     """
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": "0.0.0.0", "port": cfg.serving.port},
+        "http_options": http_options(cfg, "0.0.0.0", cfg.serving.port),
         "applications": [
             {
                 "name": APP_NAME,

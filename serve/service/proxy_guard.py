@@ -7,8 +7,15 @@ every slot, health probes included. :class:`ProxyGuard` runs inside every
 proxy (Ray Serve's proxy callback, ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)
 and, per request:
 
+- with API keys configured, refuses a request with a body whose key is
+  missing or wrong (401) or not an admin key on an admin route (403) before
+  reading any of its body, so keyless clients hold no body-buffer room;
 - refuses a client address that already holds ``serving.max_requests_per_client``
-  requests (429);
+  requests (429), health and readiness probes excepted; the address is the
+  one ``X-Forwarded-For`` names only from ``serving.trusted_proxies``
+  (:mod:`serve.service.http_limits`, which also bounds headers and connections);
+- keeps a client's ``x-request-timeout-seconds`` only when it shortens
+  ``serving.request_timeout_s``;
 - reads the whole body within ``serving.body_timeout_s`` (408 and the
   connection closed otherwise) and within the route's size limit (413), so
   the ingress only ever sees complete requests;
@@ -28,12 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 
@@ -41,7 +46,10 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.grading.config import GraderConfig, clip, load_config
-from serve.service.auth import allow_unauthenticated, is_loopback
+from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
+from serve.service.auth import ApiKeys, allow_unauthenticated, is_loopback
+from serve.service.errors import ApiError
+from serve.service.http_limits import PROBE_PATHS, ConnectionLimits, error_json, use_bounded_protocol
 from serve.service.uploads import UploadLimits
 
 logger = logging.getLogger("ray.serve")
@@ -50,15 +58,6 @@ CONFIG_ENV = "L2GRADER_CONFIG"
 PROXY_CALLBACK = "serve.service.proxy_guard:middlewares"
 #: Methods whose requests carry no body the guard waits for.
 BODYLESS = {"GET", "HEAD", "OPTIONS", "DELETE"}
-#: Words in the proxy's own 500 text that mean a replica died or cannot be reached: retryable, so 503.
-REPLICA_GONE = (
-    "ActorDiedError",
-    "ActorUnavailableError",
-    "RayActorError",
-    "DeploymentUnavailableError",
-    "unavailable",
-    "died",
-)
 
 
 def proxy_env(config_path: str) -> dict[str, str]:
@@ -76,9 +75,12 @@ class GuardLimits:
     max_buffered: int
     retry_after_s: int
     local_only: bool
+    request_timeout_s: float = math.inf
+    keys: ApiKeys | None = None  # None: no keys configured
 
     @classmethod
     def of_config(cls, cfg: GraderConfig) -> GuardLimits:
+        """The limits of ``cfg``; keys are read from the environment (:class:`ConfigError` if a named one is unset)."""
         s = cfg.serving
         return cls(
             UploadLimits(cfg.audio),
@@ -87,6 +89,8 @@ class GuardLimits:
             int(s.max_buffered_mb * 1024 * 1024),
             max(1, math.ceil(s.ingress.retry_after_s)),
             local_only=not s.keyed() and not allow_unauthenticated(s),
+            request_timeout_s=s.request_timeout_s,
+            keys=ApiKeys(s) if s.keyed() else None,
         )
 
 
@@ -95,7 +99,10 @@ def middlewares() -> list[Middleware]:
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"{CONFIG_ENV} must name the grader config for the proxy guard")
-    return [Middleware(ProxyGuard, limits=GuardLimits.of_config(load_config(path)))]
+    cfg = load_config(path)
+    limits = GuardLimits.of_config(cfg)
+    use_bounded_protocol(ConnectionLimits.of_config(cfg.serving, limits.retry_after_s))
+    return [Middleware(ProxyGuard, limits=limits)]
 
 
 class BodyError(Exception):
@@ -108,8 +115,7 @@ def error_messages(
     status: int, kind: str, message: str, request_id: str = "", headers: dict[str, str] | None = None
 ) -> list[Message]:
     """The ASGI messages of a JSON error in the API's shape (see :mod:`serve.service.errors`)."""
-    request_id = request_id or uuid.uuid4().hex
-    body = json.dumps({"error": {"kind": kind, "message": message}, "request_id": request_id}).encode()
+    body, request_id = error_json(kind, message, request_id)
     raw = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -142,7 +148,14 @@ class ProxyGuard:
                     403, "forbidden", "this service has no API keys and accepts clients on its own machine only"
                 ),
             )
-        if self.held[client] >= self.limits.max_per_client:
+        if self.limits.keys is not None and _has_body(scope):
+            try:  # the key before the body: a keyless client never holds body-buffer room
+                self.limits.keys.check(_authorization(scope), admin=_is_admin_route(scope), client_host=client)
+            except ApiError as e:
+                return await _send_all(send, error_messages(e.status, e.kind, e.message, headers=e.headers))
+        _bound_request_timeout(scope, self.limits.request_timeout_s)
+        # Probes are never refused for their address's other requests.
+        if self.held[client] >= self.limits.max_per_client and scope["path"] not in PROBE_PATHS:
             return await _send_all(
                 send,
                 error_messages(
@@ -156,7 +169,7 @@ class ProxyGuard:
         self.held[client] += 1
         body: bytes | None = None
         try:
-            if scope["method"] not in BODYLESS or _declares_body(scope):
+            if _has_body(scope):
                 try:
                     body = await self._read_body(scope, receive)
                 except BodyError as e:
@@ -165,7 +178,13 @@ class ProxyGuard:
                 if body is None:  # the client went away
                     return
             answer = JsonErrors(send, retry)
-            await self.app(scope, receive if body is None else _replay(body, receive), answer)
+            try:
+                await self.app(scope, receive if body is None else _replay(body, receive), answer)
+            except Exception:  # the server's own answer would be text; the log has the traceback
+                logger.exception("proxy failed on %s %s", scope["method"], clip(scope["path"], 100))
+                if answer.started:
+                    raise
+                return await _send_all(send, error_messages(500, "internal", "internal error in the service's proxy"))
             if not answer.started:  # the proxy answers nothing when the replica died mid-request (its "500")
                 logger.info("no answer from the ingress for %s %s: 503", scope["method"], clip(scope["path"], 100))
                 with contextlib.suppress(Exception):  # the client may be gone too
@@ -245,8 +264,8 @@ class JsonErrors:
         }
         rid = headers.pop("x-request-id", "")
         if status == 503:
-            kind = "overloaded" if "back" in text.lower() or "queue" in text.lower() else "unavailable"
-        elif status == 500 and any(w in text for w in REPLICA_GONE):
+            kind = "overloaded" if is_backpressure_text(text) else "unavailable"
+        elif status == 500 and is_replica_gone_text(text):
             status, kind = 503, "unavailable"
         elif status == 500:
             kind, text = "internal", f"internal error; quote request id {rid} when reporting it"
@@ -296,6 +315,42 @@ def _content_length(scope: Scope) -> int | None:
 
 def _declares_body(scope: Scope) -> bool:
     return bool(_content_length(scope)) or _header(scope, b"transfer-encoding") is not None
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the guard reads a body for this request (every method but the bodyless ones, unless they declare one)."""
+    return scope["method"] not in BODYLESS or _declares_body(scope)
+
+
+def _authorization(scope: Scope) -> str:
+    return (_header(scope, b"authorization") or b"").decode("latin-1")
+
+
+def _is_admin_route(scope: Scope) -> bool:
+    """Routes that change the part registry (admin key)."""
+    return scope["path"].startswith("/v1/parts") and scope["method"] not in ("GET", "HEAD")
+
+
+TIMEOUT_HEADER = b"x-request-timeout-seconds"
+
+
+def _bound_request_timeout(scope: Scope, limit_s: float) -> None:
+    """Keep a client's ``x-request-timeout-seconds`` only when it shortens ``limit_s`` (Ray Serve reads 0 or less
+    as "no timeout" and takes any larger value as given)."""
+    headers = scope.get("headers", [])
+    if not any(k.lower() == TIMEOUT_HEADER for k, _ in headers):
+        return
+    kept = []
+    for k, v in headers:
+        if k.lower() == TIMEOUT_HEADER:
+            try:
+                asked = float(v)
+            except ValueError:
+                continue
+            if not (0 < asked < limit_s):
+                continue
+        kept.append((k, v))
+    scope["headers"] = kept
 
 
 def _is_json(start: Message) -> bool:

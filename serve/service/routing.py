@@ -16,12 +16,26 @@ the caller of the scorer deployment.
 
 from __future__ import annotations
 
-from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import PendingRequest, RunningReplica
+import random
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
 
 
-class PartAffinityRouter(PowerOfTwoChoicesRequestRouter):
-    """Serve's power-of-two-choices router with multiplexing; spreads a part whose replicas are ``spread_at`` busier."""
+class PartAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+    """Serve's power-of-two-choices routing with multiplexing; spreads a part whose replicas are ``spread_at`` busier.
+
+    Built on Serve's public request-router API (``ray.serve.request_router``):
+    the mixins give the candidates (replicas holding the part's model id, else
+    those holding the fewest models; else the local ones), of which two are drawn
+    and Serve sends the request to the less busy one that accepts it.
+    """
 
     def initialize_state(self, spread_at: int = 4, **kwargs) -> None:
         self.spread_at = spread_at
@@ -40,4 +54,10 @@ class PartAffinityRouter(PowerOfTwoChoicesRequestRouter):
             if holders and min(self.in_flight(r) for r in holders) - least >= self.spread_at:
                 pending_request.routing_context.should_backoff = True
                 return [sorted(candidate_replicas, key=self.in_flight)[:2]]
-        return await super().choose_replicas(candidate_replicas, pending_request)
+        if model_id:
+            ids = self.apply_multiplex_routing(pending_request=pending_request)
+        else:
+            ids = self.apply_locality_routing(pending_request=pending_request)
+        replicas = self.curr_replicas
+        chosen = [replicas[i] for i in ids if i in replicas]
+        return [random.sample(chosen, min(2, len(chosen)))] if chosen else []

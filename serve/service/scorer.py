@@ -1,10 +1,14 @@
 """The Scorer deployment's replica: one engine, the parts it has loaded, multiplexed by model id.
 
-Requests arrive with a multiplexed model id (:func:`serve.grading.parts.model_id`);
-Ray Serve routes them to replicas that already hold that id. A replica
-resolves the id against the shared part registry (the same file the ingress
-writes), loads the adapter on first use and keeps at most
+Requests arrive with a multiplexed model id (:func:`serve.grading.parts.model_id`)
+and the part version the ingress accepted the answer under; Ray Serve routes
+them to replicas that already hold that id. A replica loads the adapter on
+first use, after hashing its files again (content that is not the version's
+is refused: 503 ``adapter_changed``), and keeps at most
 ``serving.adapters_per_replica`` parts (Serve drops the least recently used).
+An answer accepted before its part was deleted or replaced is scored with
+the version it was accepted under; an id without a part (another caller's)
+is resolved against the shared part registry.
 
 A dropped part's adapter leaves the engine only once no request of it is
 still running (:class:`LoadedPart`). The engine comes from a factory, the real
@@ -18,12 +22,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
+from ray import serve
 
+from serve.engine.online import OnlineEngine
+from serve.grading.adapter_files import verify_content
 from serve.grading.audio import SAMPLE_RATE, PreparedAnswer, split
 from serve.grading.config import GraderConfig, load_config
 from serve.grading.parts import Part, PartSpec
@@ -35,6 +42,9 @@ from serve.service.metrics import ScorerMetrics
 
 logger = logging.getLogger("ray.serve")
 
+#: Part versions carried by requests that a replica remembers (the latest ones) for loading them.
+OFFERED_VERSIONS = 64
+
 #: ``engine_factory(cfg)`` gives an object with ``resolve``, ``load_adapter``,
 #: ``unload_adapter``, ``score_answer`` and ``shutdown`` (see OnlineEngine).
 EngineFactory = Callable[[GraderConfig], Any]
@@ -43,8 +53,6 @@ EngineFactory = Callable[[GraderConfig], Any]
 def online_engine(cfg: GraderConfig):
     """The real engine: vLLM's ``AsyncLLM`` (imported only in the replica), its statistics kept for export
     (:mod:`serve.service.engine_metrics`)."""
-    from serve.engine.online import OnlineEngine
-
     return OnlineEngine(cfg, stat_loggers=[engine_stats().factory])
 
 
@@ -99,6 +107,7 @@ class ScorerReplica:
         self.metrics = ScorerMetrics()
         self._engine_metrics = asyncio.get_running_loop().create_task(engine_stats().publish())
         self._holders: Counter = Counter()  # adapter hash -> LoadedPart objects not yet released
+        self._offered: OrderedDict[str, Part] = OrderedDict()  # model id -> part version requests carried
         specs = [self.engine.resolve(part) for part in self.registry.entries().values()]  # label tokens checked
         if specs:
             await self._warm_up(specs[0])
@@ -110,8 +119,13 @@ class ScorerReplica:
         logger.info("scorer warmed up in %.1f s", time.perf_counter() - started)
 
     async def load_part(self, model_id: str) -> LoadedPart:
-        """Resolve a model id against the registry and load its adapter (Serve calls this on a cache miss)."""
-        part = await asyncio.to_thread(self.registry.by_model_id, model_id)  # a re-read may hash: off the event loop
+        """Load the part version a model id names, its adapter's content checked (Serve calls this on a cache miss).
+
+        The version is the one a request carried, else the registry's (a re-read may hash: off the event loop).
+        """
+        part = self._offered.get(model_id) or await asyncio.to_thread(self.registry.by_model_id, model_id)
+        if part.adapter is not None:
+            await asyncio.to_thread(verify_content, part.part, part.adapter)
         spec = self.engine.resolve(part)
         await self.engine.load_adapter(spec)
         self.metrics.adapter_loads.inc(1, {"part": spec.part})
@@ -130,11 +144,16 @@ class ScorerReplica:
         except Exception:  # noqa: BLE001 - the engine may be shutting down; vLLM's own LRU still bounds memory
             logger.warning("could not unload adapter %s", spec.model_id)
 
-    async def score(self, prepared: PreparedAnswer, request_id: str) -> ScoredAnswer:
-        """Score one answer of the part named by the request's multiplexed model id: the complete answer."""
-        from ray import serve
-
-        loaded = await self.get_part(serve.get_multiplexed_model_id())
+    async def score(self, prepared: PreparedAnswer, request_id: str, part: Part | None = None) -> ScoredAnswer:
+        """Score one answer of the part version named by the request's multiplexed model id: the complete answer
+        (``part``: that version, as the ingress accepted the answer under it)."""
+        model_id = serve.get_multiplexed_model_id()
+        if part is not None and part.model_id == model_id:
+            self._offered[model_id] = part
+            self._offered.move_to_end(model_id)
+            while len(self._offered) > OFFERED_VERSIONS:
+                self._offered.popitem(last=False)
+        loaded = await self.get_part(model_id)
         async with loaded.in_use() as spec:
             result = await self.engine.score_answer(spec, prepared, request_id)
         self.metrics.answers.inc(1, {"part": spec.part})
@@ -185,7 +204,6 @@ def _tone_answer(seconds: float) -> PreparedAnswer:
 
 def scorer_class(adapters_per_replica: int) -> type[ScorerReplica]:
     """The replica class holding at most ``adapters_per_replica`` parts (Serve's multiplexing LRU)."""
-    from ray import serve
 
     class Scorer(ScorerReplica):
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)

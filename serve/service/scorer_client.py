@@ -10,6 +10,8 @@
   replica), so a call waiting longer than :data:`GRACE_S` also asks Serve
   whether any scorer replica runs; none running counts as lost. A probe in
   the background finds out when a scorer is back.
+- The files of the part's adapter changed since it was registered: 503
+  ``adapter_changed`` (an admin registers the part again; clients retry).
 - Readiness: a scorer that answered anything in the last few seconds is
   ready, so ``/readyz`` answers at once under load instead of queueing behind
   answers; otherwise it pings the scorer with a short timeout.
@@ -25,10 +27,12 @@ import math
 import time
 from typing import Any
 
+from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from serve.grading.adapter_files import AdapterChangedError
 from serve.service.errors import ApiError
 
 logger = logging.getLogger("ray.serve")
@@ -50,8 +54,6 @@ RUNNING_CHECK_EVERY_S = 1.0
 
 def running_replicas(app: str, deployment: str) -> int:
     """The deployment's RUNNING replicas by Serve's controller (a blocking call)."""
-    from ray import serve
-
     states = serve.status().applications[app].deployments[deployment].replica_states
     return int(states.get("RUNNING", 0))
 
@@ -102,6 +104,10 @@ class ScorerClient:
         except REPLICA_GONE as e:
             self._went_down(e)
             raise self._unavailable("the scorer replica stopped while answering") from None
+        except AdapterChangedError as e:  # Ray's RayTaskError(AdapterChangedError) is one too
+            cause = getattr(e, "cause", None) or e
+            logger.warning("scorer refused an adapter: %s", cause)
+            raise ApiError(503, "adapter_changed", str(cause)[:500], self.retry) from None
         self.last_answer = time.monotonic()
         return result
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
+import ray
+from ray import serve
+
+from serve.engine.requests import configure_vllm_environment
 from serve.grading.config import ConfigError, GraderConfig, load_config
 from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, quiet_ray, start_ray
+from serve.service.app import build_app
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, is_loopback
-from serve.service.options import APP_NAME
+from serve.service.memory import memory_env
+from serve.service.options import APP_NAME, http_options
 from serve.service.proxy_guard import proxy_env
 
 
@@ -38,8 +45,6 @@ def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool
 
 def node_observability() -> tuple[str | None, str | None]:
     """This Ray node's log folder and the address of its metrics export (what Prometheus scrapes), where known."""
-    import ray
-
     logs = log_folder()
     me = ray.get_runtime_context().get_node_id()
     ports = [(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n["NodeID"] == me]
@@ -49,10 +54,6 @@ def node_observability() -> tuple[str | None, str | None]:
 
 def run_app(config_path: str) -> None:
     """Deploy the application from the grader config at ``config_path`` (new, or in place of the running one)."""
-    from ray import serve
-
-    from serve.service.app import build_app
-
     serve.run(build_app({"config": config_path}), name=APP_NAME, route_prefix="/", blocking=False)
 
 
@@ -68,10 +69,6 @@ def run_server(
 
     Prints the project's own lines only (Ray's, Ray Serve's and vLLM's stay in the Ray log folder it names)
     unless ``verbose``."""
-    import ray
-    from ray import serve
-
-    from serve.engine.requests import configure_vllm_environment
 
     config_path = str(Path(config_path).resolve())
     cfg = load_config(config_path)
@@ -82,8 +79,9 @@ def run_server(
         return 2
     port = port or cfg.serving.port
     configure_vllm_environment()
-    # Every process of the service (proxies included) sees these: the proxy guard and the keyless rule.
-    os.environ.update(proxy_env(config_path))
+    # Every process of the service (proxies included) sees these: the proxy guard, the allocator's settings and
+    # the keyless rule.
+    os.environ.update({**proxy_env(config_path), **memory_env()})
     if allow_unauthenticated:
         os.environ[ALLOW_UNAUTHENTICATED_ENV] = "1"
     if cfg.model.untrained:
@@ -97,7 +95,7 @@ def run_server(
         s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas,
         verbose=verbose,
     )
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options(cfg, host, port))
     quiet_ray(verbose)
     log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     run_app(config_path)
@@ -127,13 +125,6 @@ def deploy_config(config_path: str, address: str) -> int:
     The config must lie at ``config_path`` on every node. Returns once the
     application runs the new config (0), 1 when no application runs there.
     """
-    import time
-
-    import ray
-    from ray import serve
-
-    from serve.engine.requests import configure_vllm_environment
-
     config_path = str(Path(config_path).resolve())
     load_config(config_path)
     configure_vllm_environment()

@@ -94,8 +94,21 @@ async def read_body(request: Request, limit: int, what: str, unsized_limit: int 
         buf += piece
         if len(buf) > limit:
             raise ApiError(413, "too_large", f"{what} exceeds the {limit} bytes accepted")
-    request._body = buf  # Starlette's form parser and request.json() read it from here
     return buf
+
+
+def replayed(request: Request, body: bytes | bytearray) -> Request:
+    """The same request with ``body`` as its (already read) stream, for Starlette's parsers to read again."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
 
 
 def parse_json(body: bytes | bytearray, model: type[M]) -> M:
@@ -148,7 +161,7 @@ async def read_score_upload(request: Request, limits: UploadLimits) -> ScoreUplo
     if ctype == "application/json":
         return json_answer(parse_json(body, ScoreRequest), limits)
     try:
-        form = await request.form(max_files=1, max_fields=4)
+        form = await replayed(request, body).form(max_files=1, max_fields=4)
     except (HTTPException, MultiPartException, ValueError) as e:
         detail = getattr(e, "detail", None) or getattr(e, "message", None) or "malformed"
         raise ApiError(422, "invalid_request", f"the multipart body cannot be parsed: {detail}") from None

@@ -24,7 +24,7 @@ from serve.grading.registry import PartRegistry
 from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, start_ray
 from serve.session.schema import SCORED
-from serve.session.sources import ManifestError, audio_base, first_line, read_manifest
+from serve.session.sources import ManifestError, audio_base, check_manifest_location, first_line, read_manifest
 from serve.session.stages import Scorer, prepare
 from serve.session.store import OutputDir, ids_digest
 
@@ -230,6 +230,7 @@ def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
     engines = opts.engines or cfg.serving.scorer.autoscaling.max_replicas
     parts = PartRegistry.of_config(cfg, opts.config_path).entries()  # fails here on a bad adapter
     out = OutputDir(opts.out)
+    check_manifest_location(opts.manifest)  # before Ray starts: a wrong name or format costs no start-up
     progress = Progress(0, opts.progress_s)
     with StopSignals() as stop:
         scorer = cfg.serving.scorer

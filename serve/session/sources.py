@@ -141,6 +141,15 @@ def _as_text(batch):
     return pa.table({c: batch.column(c).cast(pa.string()) for c in COLUMNS})
 
 
+def check_manifest_location(location: str) -> str:
+    """The manifest's format; :class:`ManifestError` for an unknown format or a local file that is not there."""
+    fmt = manifest_format(location)
+    path = local_path(location)
+    if path is not None and not path.exists():
+        raise ManifestError(f"manifest {location} not found")
+    return fmt
+
+
 def read_manifest(location: str):
     """The manifest as a Ray dataset of :data:`COLUMNS` (text), read by Ray Data's CSV, JSON or Parquet reader."""
     import pyarrow as pa
@@ -148,11 +157,9 @@ def read_manifest(location: str):
     import pyarrow.json as pajson
     import ray.data
 
-    fmt = manifest_format(location)
+    fmt = check_manifest_location(location)
     path = local_path(location)
     where = str(path.resolve()) if path is not None else location
-    if path is not None and not path.exists():
-        raise ManifestError(f"manifest {location} not found")
     if fmt == "csv":
         ds = ray.data.read_csv(
             where,

@@ -1,21 +1,69 @@
-"""Speed-ups for vLLM 0.32's CPU backend, applied by the plugin in every vLLM process.
+"""Every use of vLLM internals in the project: written for vllm 0.32.0, refused by any other release.
 
-Found by profiling the service under load on the tiny checkpoint (2 cores):
-vLLM's engine core spun on ``sched_yield`` through every model step, and its
-CPU LoRA ops copied each token's adapter weights before multiplying. Both are
-replaced here on the CPU platform only (GPU hosts keep vLLM's own code). They
-patch vLLM internals: re-check them when the pinned vLLM release changes.
-Set ``L2GRADER_ENGINE_SPIN_S=1`` or ``L2GRADER_FAST_CPU_LORA=0`` to turn them off.
+vLLM documents its entry points (``LLM``, ``AsyncLLM``, ``SamplingParams``,
+``LoRARequest``), its plugin and model-registration interfaces; everything
+else it may change in any release. What the project needs from the rest is
+here and nowhere else (``tests/test_fences.py`` checks that), so an upgrade
+means re-reading this one module:
+
+- the Qwen2-Audio model's private ``_process_audio_input`` hook
+  (:class:`AudioInputHook`), so the audio encoder runs over the real audio;
+- ``gpu_sync_allowed`` (an undocumented debug guard) around that encoder;
+- the engine core behind ``LLM`` (:func:`shutdown_engine`);
+- two speed-ups for the CPU backend, applied by the plugin in every vLLM
+  process: the shared-memory queue readers' ``SpinCondition`` and the CPU LoRA
+  op tables. Found by profiling the service under load on the tiny checkpoint
+  (2 cores): vLLM's engine core spun on ``sched_yield`` through every model
+  step, and its CPU LoRA ops copied each token's adapter weights before
+  multiplying. GPU hosts keep vLLM's own code. Set ``L2GRADER_ENGINE_SPIN_S=1``
+  or ``L2GRADER_FAST_CPU_LORA=0`` to turn them off.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import time
+
+import torch
+import vllm
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+
+WRITTEN_FOR = "0.32.0"
+if vllm.__version__.split("+")[0] != WRITTEN_FOR:
+    raise ImportError(
+        f"serve.engine.vllm_private was written for vllm {WRITTEN_FOR}, but vllm {vllm.__version__} is installed: "
+        f"install vllm=={WRITTEN_FOR} (scripts/install.sh) or re-check this module against the new release"
+    )
+
+
+class AudioInputHook:
+    """Mixin for vLLM's Qwen2-Audio model: its private ``_process_audio_input`` calls ``embed_audio_features``.
+
+    The subclass defines ``embed_audio_features(features, mel_lengths)`` (padded
+    log-mel features and the real frames of each chunk -> one embedding tensor per
+    chunk); other audio inputs (precomputed embeddings) keep vLLM's code.
+    """
+
+    def _process_audio_input(self, audio_input):
+        if audio_input["type"] != "audio_features":
+            return super()._process_audio_input(audio_input)
+        features = audio_input["input_features"]
+        mel_lengths = audio_input["feature_attention_mask"].sum(-1)
+        with gpu_sync_allowed():  # chunks are grouped by length on the host
+            return self.embed_audio_features(features, mel_lengths)
+
+
+def shutdown_engine(llm) -> None:
+    """Stop the processes of a ``vllm.LLM``'s engine core now rather than at interpreter exit."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 def apply_cpu_patches() -> None:
-    """Apply both speed-ups when vLLM runs on its CPU backend (idempotent)."""
-    from vllm.platforms import current_platform
+    """Apply both CPU speed-ups when vLLM runs on its CPU backend (idempotent)."""
+    from vllm.platforms import current_platform  # resolves the platform: only once the plugin is applied
 
     if not current_platform.is_cpu():
         return
@@ -37,11 +85,9 @@ ENGINE_SPIN_S_ENV = "L2GRADER_ENGINE_SPIN_S"
 
 def limit_engine_spin(busy_loop_s: float | None = None) -> None:
     """Make vLLM's shm queue readers sleep instead of spinning (call in every vLLM process; idempotent)."""
-    import time
-
     if busy_loop_s is None:
         busy_loop_s = float(os.environ.get(ENGINE_SPIN_S_ENV, "0"))
-    try:
+    try:  # imported when applied: vLLM loads its plugins while its own modules are still importing
         from vllm.distributed.device_communicators import shm_broadcast
         from vllm.distributed.utils import sched_yield
     except ImportError:  # another vLLM layout: leave it as it is
@@ -61,7 +107,7 @@ def limit_engine_spin(busy_loop_s: float | None = None) -> None:
         cap = 1 if idle < 1.0 else 20
         events = dict(self.poller.poll(timeout=cap if timeout_ms is None else min(timeout_ms, cap)))
         if self.local_notify_socket in events:
-            import zmq
+            import zmq  # vLLM's own dependency, loaded only where its queues run
 
             try:
                 self.local_notify_socket.recv(flags=zmq.NOBLOCK, copy=False)
@@ -85,8 +131,6 @@ FAST_CPU_LORA_ENV = "L2GRADER_FAST_CPU_LORA"
 
 def _lora_products(inputs, weights, indices, dtype):
     """``einsum("bi, boi -> bo", inputs, weights[indices])`` without materialising ``weights[indices]``."""
-    import torch
-
     w = weights[:, 0] if weights.dim() == 4 else weights  # (slots, out, in)
     x = inputs.to(dtype=dtype)
     if indices.numel() == 0:
@@ -132,14 +176,12 @@ def use_fast_cpu_lora() -> None:
     """Replace vLLM's torch (CPU) LoRA ops by adapter-grouped matmuls (call in every vLLM process; idempotent)."""
     if os.environ.get(FAST_CPU_LORA_ENV, "1") == "0":
         return
-    try:
+    try:  # imported when applied, as above
         from vllm.lora.ops.torch_ops import lora_ops
     except ImportError:
         return
     if getattr(lora_ops, "_l2grader_fast", False):
         return
-    import importlib
-
     new = {"bgmv_expand": _bgmv_expand, "bgmv_shrink": _bgmv_shrink, "bgmv_expand_slice": _bgmv_expand_slice}
     for name, fn in new.items():
         setattr(lora_ops, name, fn)  # vLLM's sgmv_* call these through the module
