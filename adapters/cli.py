@@ -11,6 +11,7 @@ import sys
 
 from serve.cli.common import fail as _fail
 from serve.cli.common import load_config_or_exit, parts_or_exit
+from serve.cli.common import log as _log
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -50,6 +51,8 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config_or_exit(args.config, args.part)
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' and peft's notices: errors only
     from adapters.dataset import DataError
     from adapters.train import TrainError, TrainOptions, format_summary, train
 
@@ -75,11 +78,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         progress=not args.no_progress,
     )
+    untrained = "the tiny UNTRAINED demo checkpoint (random weights): the adapter and its dev scores mean nothing"
+    if cfg.model.untrained:
+        _log(f"WARNING: training on {untrained}")
     try:
         summary = train(cfg, opts)
     except (TrainError, DataError) as e:
         _fail(str(e), 1)
     print(format_summary(summary))
+    if cfg.model.untrained:
+        _log(f"WARNING: trained on {untrained}")
     return 0
 
 
@@ -148,6 +156,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("train", help="train a part's LoRA adapter on scored answers (JSON lines)")
+    p.add_argument("--verbose", action="store_true", help="print transformers' own notices too")
     p.add_argument("--config", required=True, help="grader YAML config (base model, part prompt and levels)")
     p.add_argument("--part", required=True, help="exam part to train the adapter for")
     p.add_argument("--data", required=True, help='training answers: JSON lines {"audio": path, "score": number}')

@@ -389,7 +389,8 @@ def report_on(
         human,
         [s.score for s in scored],
         [s.hard_score for s in scored],
-        f"{part}: {len(scored)} answers, soft PCC {result['soft']['pcc']:.3f}\nadapter: {adapter_desc}",
+        f"{'UNTRAINED demo checkpoint: ' if scored[0].model.untrained else ''}{part}: {len(scored)} answers, "
+        f"soft PCC {result['soft']['pcc']:.3f}\nadapter: {adapter_desc}",
         level_scores,
     )
     summary = {

@@ -115,6 +115,14 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], flagged: Se
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+#: What the report says first when its scores come from the tiny demo checkpoint.
+UNTRAINED_BANNER = (
+    '<p class="untrained" style="background:#fde2e2;border:2px solid #c00;padding:8px 12px;font-weight:bold">'
+    "UNTRAINED: scored by the tiny demo checkpoint (random weights). These numbers mean nothing about the "
+    "adapter; evaluate on the real base model.</p>"
+)
+
+
 def write_report(
     out_dir: str | Path,
     summary: dict,
@@ -197,6 +205,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}th{{background:#f
 tr.flag td{{background:#fde2e2}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
+{UNTRAINED_BANNER if summary.get("untrained") else ""}
 <p>{summary["answers"]} answers scored, {summary["not_scorable"]} not scorable (left out).</p>
 <h2>Agreement with the human scores</h2>{agreement}
 {"".join(figs)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,10 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     assert by_name["b.flac"]["duration_s"] == pytest.approx(75, abs=0.05)
     errors = error_lines(r.stderr)
     assert len(errors) == 3
+    assert "l2grader: WARNING: scoring with the tiny UNTRAINED demo checkpoint" in r.stderr
+    engine_log = re.search(r"l2grader: engine log: (\S+)", r.stderr)
+    assert engine_log and "vllm" in Path(engine_log[1]).read_text()  # vLLM's lines went to the file ...
+    assert [line for line in r.stderr.splitlines() if not line.startswith("l2grader: ")] == []  # ... and the rest
     assert "corrupt.wav: the audio cannot be decoded" in errors[0]
     assert "empty.wav: the audio is empty" in errors[1]
     assert "silent.wav: the audio is silent" in errors[2]

@@ -180,5 +180,5 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
     summary = json.loads(ev.stdout.splitlines()[-1])
     assert summary["answers"] == 4 and summary["not_scorable"] == 2 and summary["untrained"] is True
     assert {g["group"] for g in summary["groups"] if g["field"] == "noise"} == {"noisy", "clean"}
-    assert (tmp_path / "report" / "report.html").is_file()
+    assert '<p class="untrained"' in (tmp_path / "report" / "report.html").read_text()
     assert "UNTRAINED" in ev.stdout

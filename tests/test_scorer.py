@@ -313,9 +313,11 @@ from schemathesis.specs.openapi.checks import status_code_conformance  # noqa: E
 
 def test_the_document_declares_both_score_bodies(url):
     doc = httpx.get(f"{url}/openapi.json").json()
-    score = doc["paths"]["/v1/score"]["post"]
-    assert set(score["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
-    assert {"401", "404", "413", "415", "422", "503"} <= set(score["responses"])
+    score, as_json = doc["paths"]["/v1/score"]["post"], doc["paths"]["/v1/score/json"]["post"]
+    assert set(score["requestBody"]["content"]) == {"multipart/form-data"}
+    assert set(as_json["requestBody"]["content"]) == {"application/json"}
+    for op in (score, as_json):
+        assert {"401", "404", "413", "415", "422", "503"} <= set(op["responses"])
     assert "application/json" in doc["paths"]["/v1/score/batch"]["post"]["requestBody"]["content"]
 
 
@@ -338,7 +340,7 @@ def test_generated_requests_get_no_5xx_and_only_documented_statuses(url):
 
         check()
         tested.append(operation.label)
-    assert {"POST /v1/score", "POST /v1/score/batch", "GET /v1/parts"} <= set(tested)
+    assert {"POST /v1/score", "POST /v1/score/json", "POST /v1/score/batch", "GET /v1/parts"} <= set(tested)
 
 
 # ---------------------------------------------------------------- Locust against the overloaded scorer

@@ -563,11 +563,17 @@ def _node_export_and_logs(service_log: Path) -> tuple[str, Path]:
     as ``l2grader serve`` announced them."""
     import re
 
-    found = re.search(
-        r"replica logs \(serving.log_encoding \w+\): (\S+); this node's metrics export: (\S+)", service_log.read_text()
-    )
-    assert found, "l2grader serve did not announce its logs and metrics export"
-    return found[2], Path(found[1])
+    text = service_log.read_text()
+    logs, export = re.search(r"l2grader: logs: (\S+) ", text), re.search(r"metrics export of this node: (\S+)", text)
+    assert logs and export, "l2grader serve did not announce its logs and metrics export"
+    return export[1], Path(logs[1]) / "serve"
+
+
+def test_serve_prints_only_its_own_lines(base_url, service_log):
+    """Quiet by default: Ray's, Ray Serve's and vLLM's lines stay in the log folder (errors Ray reports aside)."""
+    lines = service_log.read_text().splitlines()
+    assert any(line.startswith("l2grader: listening on ") for line in lines)
+    assert [line for line in lines if not line.startswith("l2grader: ") and "(raylet)" not in line] == []
 
 
 def _total(text: str, name: str) -> float:

@@ -182,6 +182,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
     r = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, "--decode", "tasks")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "decoding in CPU tasks" in r.stderr
+    assert [line for line in r.stderr.splitlines() if not line.startswith("l2grader: ")] == []  # quiet by default
     s = json.loads(r.stdout.splitlines()[-1])
     assert s["this_run"]["skipped"] == first and s["this_run"]["answers"] == total - first
     assert (s["answers"], s["manifest_rows"], s["duplicates"]) == (total, total, 0)

@@ -197,6 +197,7 @@ def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     assert intervals["n_test"] > 50 and len(intervals["rows"]) == 6
     html = (tmp_path / "r" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and BIAS_VOICE in html
+    assert '<p class="untrained"' in html  # the tiny checkpoint's scores are marked as meaning nothing
     assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == out["groups"]
 
 

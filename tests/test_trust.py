@@ -101,4 +101,7 @@ def test_trust_report_and_html(tmp_path):
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3 and "t &lt;x&gt;" in text
     assert "Williamson" in text and "v2" in text and 'src="http' not in text
+    assert 'class="untrained"' not in text
+    marked = write_report(tmp_path / "u", {**summary, "untrained": True}, list(human), scored, [1, 2], title="t")
+    assert '<p class="untrained"' in marked.read_text()
     assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == rep["groups"]

@@ -13,15 +13,19 @@ inside functions here are for that.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from serve.cli.common import PROG, fail, load_config_or_exit, log, parts_or_exit
+from serve.runtime.console import library_output_to
 
 #: Entry-point group of the subcommands other packages add: ``add_commands(subparsers)``.
 COMMANDS_GROUP = "l2grader.commands"
@@ -55,9 +59,21 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 def cmd_score(args: argparse.Namespace) -> int:
     cfg = load_config_or_exit(args.config)
     parts = parts_or_exit(cfg, args.config, [args.part])
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if cfg.model.untrained:
+        log("WARNING: scoring with the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
+    from serve.engine.requests import vllm_logs_to_file
 
+    quiet = contextlib.nullcontext()
+    if not args.verbose:
+        engine_log = Path(tempfile.gettempdir()) / PROG / f"score-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        vllm_logs_to_file(engine_log)
+        quiet = library_output_to(engine_log)  # the engine process's own output too
+        log(f"engine log: {engine_log} (--verbose prints it here)")
+    with quiet:
+        return _score_files(args, cfg, parts)
+
+
+def _score_files(args: argparse.Namespace, cfg, parts) -> int:
     from serve.engine.offline import OfflineEngine  # loaded when the command runs: the CLI starts fast
     from serve.grading.adapter_files import AdapterError
     from serve.grading.audio import PreparedAnswer
@@ -120,9 +136,18 @@ def cmd_score_session(args: argparse.Namespace) -> int:
         rows_per_part=args.rows_per_part,
         decode=args.decode,
         object_store_mb=args.object_store_mb,
+        verbose=args.verbose,
     )
+    quiet = contextlib.nullcontext()
+    if not args.verbose:
+        own_log = (
+            Path(tempfile.gettempdir()) / PROG / f"score-session-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        )
+        quiet = library_output_to(own_log)  # Ray's C++ lines of this process (its workers log in the Ray log folder)
+        log(f"this process's library output: {own_log} (--verbose prints it here)")
     try:
-        s = run_session(cfg, opts)
+        with quiet:
+            s = run_session(cfg, opts)
     except (ManifestError, OutputError, AdapterError) as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -165,7 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     load_config_or_exit(args.config)  # fail fast, one line, on a bad config
     from serve.service.server import run_server  # loads Ray: only in the command that serves
 
-    return run_server(args.config, args.host, args.port, args.address, args.allow_unauthenticated)
+    return run_server(args.config, args.host, args.port, args.address, args.allow_unauthenticated, args.verbose)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -201,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument("--part", required=True, help="exam part the answers belong to")
     p.add_argument("--batch-size", type=int, default=256, help="answers sent to the engine together (default 256)")
-    p.add_argument("--verbose", action="store_true", help="show the engine's own log")
+    p.add_argument("--verbose", action="store_true", help="print the engine's own log here (else: to a file)")
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...)")
     p.set_defaults(func=cmd_score)
 
@@ -262,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="without API keys in the config, still accept clients beyond this machine",
     )
+    p.add_argument("--verbose", action="store_true", help="print Ray's, Ray Serve's and the engine's logs here too")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("deploy", help="update the service running on a Ray cluster to a new config, in place")

@@ -15,7 +15,10 @@ The offline (:mod:`serve.engine.offline`) and online
 
 from __future__ import annotations
 
+import json
+import logging.config
 import os
+from pathlib import Path
 from typing import Any
 
 from serve.grading.audio import SAMPLE_RATE, Chunk
@@ -31,6 +34,25 @@ def configure_vllm_environment() -> None:
     """
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def vllm_logs_to_file(path: Path) -> None:
+    """Send vLLM's log, this process's and its engine process's, to ``path`` (appended) instead of the terminal.
+
+    Call before importing vllm: it reads ``VLLM_LOGGING_CONFIG_PATH`` (a :func:`logging.config.dictConfig`
+    file, written beside the log) at import."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s %(process)d: %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "line"}},
+        "loggers": {"vllm": {"handlers": ["file"], "level": "INFO", "propagate": False}},
+    }
+    config_path = path.with_suffix(".logging.json")
+    config_path.write_text(json.dumps(config))
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = str(config_path)  # the engine process, and vllm once imported
+    logging.config.dictConfig(config)  # this process's lines logged while vllm is imported
 
 
 def engine_kwargs(cfg: GraderConfig) -> dict[str, Any]:

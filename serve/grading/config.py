@@ -7,7 +7,10 @@ config and the models beside it can move together.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,9 +45,48 @@ def validate_part_id(part: str) -> str:
     return part
 
 
-def format_validation_errors(errors: Iterable[Mapping[str, Any]], root: str = "body") -> str:
+def known_keys(model: type[BaseModel] | None, loc: Iterable[Any]) -> list[str]:
+    """The keys the model accepts at ``loc`` (the path of a mapping in it; dict keys and list indexes skipped)."""
+    node: Any = model
+    for step in loc:
+        while typing.get_origin(node) in (typing.Union, types.UnionType):  # Optional[X] -> X
+            node = next((a for a in typing.get_args(node) if a is not type(None)), None)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(step))
+            node = field.annotation if field is not None else None
+        elif typing.get_origin(node) in (dict, list, tuple, Mapping):
+            node = typing.get_args(node)[-1] if typing.get_args(node) else None
+        else:
+            return []
+    while typing.get_origin(node) in (typing.Union, types.UnionType):
+        node = next((a for a in typing.get_args(node) if a is not type(None)), None)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def describe_error(err: Mapping[str, Any], root: str, model: type[BaseModel] | None = None) -> str:
+    """One validation error as ``where: what`` in plain words; an unknown key names the nearest known one."""
+    loc = tuple(err["loc"])
+    where = ".".join(str(x) for x in loc) or root
+    if err["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(str(loc[-1]), known_keys(model, loc[:-1]), n=1, cutoff=0.6)
+        return f"{where}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
+    if err["type"] == "missing":
+        return f"{where}: required, but missing"
+    return f"{where}: {err['msg']}"
+
+
+def format_validation_errors(
+    errors: Iterable[Mapping[str, Any]], root: str = "body", model: type[BaseModel] | None = None
+) -> str:
     """pydantic's (or FastAPI's) error list as one line: ``loc.path: message; ...``."""
-    return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or root}: {err['msg']}" for err in errors)
+    return "; ".join(describe_error(err, root, model) for err in errors)
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what, in one line, from PyYAML's multi-line message."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 class ConfigError(ValueError):
@@ -425,13 +467,14 @@ def load_config(path: str | Path) -> GraderConfig:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML at {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping (model, engine, audio, parts)")
     try:
         cfg = GraderConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"config file {path} is invalid: {format_validation_errors(e.errors(), 'config')}") from None
+        why = format_validation_errors(e.errors(), "config", GraderConfig)
+        raise ConfigError(f"config file {path} is invalid: {why}") from None
     base_dir = path.resolve().parent
     cfg.model.base = _resolve(base_dir, cfg.model.base)
     if cfg.serving.registry_file is not None:

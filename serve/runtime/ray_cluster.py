@@ -9,6 +9,7 @@ joins that cluster, whose settings are its own (k8s: :func:`ray_env` on every po
 
 from __future__ import annotations
 
+import logging
 import os
 
 #: Ray settings the application relies on, for every process of the cluster.
@@ -31,16 +32,33 @@ def ray_env() -> dict[str, str]:
     return {f"RAY_{name}": str(value) for name, value in RAY_SYSTEM_CONFIG.items()}
 
 
-def start_ray(address: str | None, num_cpus: float = 0, object_store_memory: int | None = None) -> None:
+def quiet_ray(verbose: bool) -> None:
+    """Ray's own lines in this process: errors only unless ``verbose`` (Ray Serve's and Ray Data's loggers too).
+
+    Call again after ``serve.start``, which sets up Ray Serve's logger anew."""
+    if not verbose:
+        for name in ("ray", "ray.serve", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def start_ray(
+    address: str | None, num_cpus: float = 0, object_store_memory: int | None = None, verbose: bool = False
+) -> None:
     """Join the cluster at ``address``, or start a Ray of its own with at least ``num_cpus`` logical CPUs (and an
-    object store of ``object_store_memory`` bytes, else Ray's default)."""
+    object store of ``object_store_memory`` bytes, else Ray's default).
+
+    Unless ``verbose``, the workers' output (replicas, engines, vLLM) stays in the Ray session's log folder
+    (:func:`log_folder`) instead of being copied to this terminal, and Ray's own lines here are errors only."""
     # Imported here: the commands that never start Ray (score, serve-config, --help) must not pay for loading it.
     import ray
 
     from serve.runtime.ray_private import system_config_kwargs
 
+    quiet_ray(verbose)
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level=level, log_to_driver=verbose)
+        quiet_ray(verbose)
         return
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
     ray.init(
@@ -50,4 +68,15 @@ def start_ray(address: str | None, num_cpus: float = 0, object_store_memory: int
         object_store_memory=object_store_memory,
         runtime_env={"env_vars": env} if env else None,
         **system_config_kwargs(RAY_SYSTEM_CONFIG),
+        logging_level=level,
+        log_to_driver=verbose,
     )
+    quiet_ray(verbose)
+
+
+def log_folder() -> str | None:
+    """The log folder of the Ray node this process runs on (its workers' output, ``serve/`` for the replicas)."""
+    import ray
+
+    context = ray.get_runtime_context()  # the driver's view of the node it runs on
+    return os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")  # Ray's documented layout

@@ -20,8 +20,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from ray.serve.handle import DeploymentHandle
 
 from serve.grading import vad
@@ -38,7 +39,7 @@ from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, u
 from serve.service.cluster_metrics import ClusterMetrics
 from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import RequestMetrics, ingress_metrics
-from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_BODY, errors
+from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_JSON_BODY, SCORE_MULTIPART_BODY, errors
 from serve.service.page import router as page_router
 from serve.service.protocol import (
     BatchResponse,
@@ -71,10 +72,12 @@ AUDIO_STATUS = {
     "cancelled": 499,
 }
 
-app = FastAPI(
+app = FastAPIOffline(  # /docs from assets installed with the package: no CDN (ReDoc's page fetches a logo)
     title="l2-oral-grader",
+    redoc_url=None,
     version="0.1.0",
     description="CEFR-aligned scores for spoken English answers, one exam part per answer.",
+    generate_unique_id_function=lambda route: route.name,  # operation ids (and generated clients' names): `score`
 )
 install_error_handlers(app)
 app.add_middleware(RequestMetrics)
@@ -165,12 +168,13 @@ class Ingress:
         f"/{API_VERSION}/score",
         name="score",
         response_model=ScoreResponse,
-        openapi_extra=SCORE_BODY,
+        openapi_extra=SCORE_MULTIPART_BODY,
         responses=errors(401, 404, 413, 415, 422, 500, 503),
         dependencies=[Depends(require_user)],
     )
     async def post_score(self, request: Request) -> ScoreResponse:
-        """Score one answer: multipart (`part`, `audio` file, `response_id`) or JSON (`audio_base64` for the file)."""
+        """Score one answer: multipart (`part`, `audio` file, `response_id`). The JSON body of
+        `POST /v1/score/json` is accepted here too."""
         started = time.perf_counter()
         upload = await read_score_upload(request, self.limits)
         request.state.part = upload.part
@@ -178,6 +182,18 @@ class Ingress:
         async with self.slots.slot():
             answer = await self._score(upload, part, await self._prepare(upload))
         return ScoreResponse.of(answer, upload.response_id, request_id(), elapsed_ms(started))
+
+    @app.post(
+        f"/{API_VERSION}/score/json",
+        name="score_json",
+        response_model=ScoreResponse,
+        openapi_extra=SCORE_JSON_BODY,
+        responses=errors(401, 404, 413, 415, 422, 500, 503),
+        dependencies=[Depends(require_user)],
+    )
+    async def post_score_json(self, request: Request) -> ScoreResponse:
+        """Score one answer sent as JSON (`part`, `audio_base64` for the file, `response_id`)."""
+        return await self.post_score(request)
 
     @app.post(
         f"/{API_VERSION}/score/batch",

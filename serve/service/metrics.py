@@ -157,6 +157,7 @@ def ingress_metrics() -> Metrics:
 #: Route name -> the ``endpoint`` label its requests are counted under; health, readiness, metrics and docs are not.
 ENDPOINTS = {
     "score": "score",
+    "score_json": "score",
     "score_batch": "score_batch",
     "list_parts": "parts",
     "put_part": "put_part",

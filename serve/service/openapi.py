@@ -3,7 +3,8 @@
 ``POST /v1/score`` and ``/v1/score/batch`` parse their bodies within limits
 (:mod:`serve.service.uploads`) instead of letting FastAPI read them whole, so
 their request bodies are declared here, from the same pydantic models, with
-examples: generated clients can call them.
+examples: generated clients can call them. Each operation declares one content
+type, the shape every client generator handles.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
     return inline(schema)
 
 
-SCORE_BODY: dict[str, Any] = {
+SCORE_MULTIPART_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
+                    "title": "ScoreUpload",
                     "required": ["part", "audio"],
                     "properties": {
                         "part": {
@@ -59,6 +61,16 @@ SCORE_BODY: dict[str, Any] = {
                 },
                 "encoding": {"audio": {"contentType": "audio/*, video/webm, video/mp4, application/octet-stream"}},
             },
+        },
+    }
+}
+
+#: ``POST /v1/score`` takes JSON too, but the document declares JSON on ``POST /v1/score/json`` only: an operation
+#: with one required body in two content types breaks some client generators (openapi-python-client #1451).
+SCORE_JSON_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
             "application/json": {
                 "schema": inline_schema(ScoreRequest),
                 "example": {"part": "interview", "audio_base64": _AUDIO_B64, "response_id": "cand-17/part-1"},

@@ -14,7 +14,7 @@ from ray import serve
 from serve.engine.requests import configure_vllm_environment
 from serve.grading.config import ConfigError, GraderConfig, load_config
 from serve.runtime.console import log
-from serve.runtime.ray_cluster import start_ray
+from serve.runtime.ray_cluster import log_folder, quiet_ray, start_ray
 from serve.service.app import build_app
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, admin_keys, api_keys, is_loopback
 from serve.service.memory import memory_env
@@ -45,9 +45,8 @@ def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool
 
 def node_observability() -> tuple[str | None, str | None]:
     """This Ray node's log folder and the address of its metrics export (what Prometheus scrapes), where known."""
-    context = ray.get_runtime_context()  # the driver's view of the node it runs on
-    logs = os.path.join(context.get_temp_dir(), context.get_session_name(), "logs")  # Ray's documented layout
-    me = context.get_node_id()
+    logs = log_folder()
+    me = ray.get_runtime_context().get_node_id()
     ports = [(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n["NodeID"] == me]
     export = f"http://{ports[0][0]}:{ports[0][1]}/metrics" if ports and ports[0][1] else None
     return logs, export
@@ -59,9 +58,17 @@ def run_app(config_path: str) -> None:
 
 
 def run_server(
-    config_path: str, host: str | None, port: int | None, address: str | None, allow_unauthenticated: bool = False
+    config_path: str,
+    host: str | None,
+    port: int | None,
+    address: str | None,
+    allow_unauthenticated: bool = False,
+    verbose: bool = False,
 ) -> int:
-    """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset."""
+    """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset.
+
+    Prints the project's own lines only (Ray's, Ray Serve's and vLLM's stay in the Ray log folder it names)
+    unless ``verbose``."""
 
     config_path = str(Path(config_path).resolve())
     cfg = load_config(config_path)
@@ -86,16 +93,16 @@ def run_server(
     start_ray(
         address,
         s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas,
+        verbose=verbose,
     )
     serve.start(http_options=http_options(cfg, host, port))
+    quiet_ray(verbose)
     log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     run_app(config_path)
     logs, export = node_observability()
-    log(
-        f"replica logs (serving.log_encoding {cfg.serving.log_encoding}): {logs}/serve; "
-        f"this node's metrics export: {export}"
-    )
-    log(f"listening on http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    log(f"logs: {logs} (replicas: serve/, engines: worker-*; --verbose prints them here too)")
+    log(f"metrics export of this node: {export}")
+    log(f"listening on http://{host}:{port}: the page at /, API docs at /docs; Ctrl-C stops")
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

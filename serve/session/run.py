@@ -22,7 +22,7 @@ from serve.grading.config import GraderConfig
 from serve.grading.parts import Part
 from serve.grading.registry import PartRegistry
 from serve.runtime.console import log
-from serve.runtime.ray_cluster import start_ray
+from serve.runtime.ray_cluster import log_folder, start_ray
 from serve.session.schema import SCORED
 from serve.session.sources import ManifestError, audio_base, check_manifest_location, first_line, read_manifest
 from serve.session.stages import Scorer, prepare
@@ -40,6 +40,7 @@ class SessionOptions:
     rows_per_part: int = 1024  # answers per committed output part (at most)
     part_wait_s: float = 30.0  # a part is committed at least this often while results come
     progress_s: float = 10.0
+    verbose: bool = False  # Ray's and the engines' logs on this terminal too (else in the Ray log folder only)
     decode: str = "auto"  # "tasks": CPU tasks of their own; "engines": in the engine actors; auto: tasks with --address
     object_store_mb: int = (
         1024  # local Ray only: the object store, which bounds the decoded audio waiting for an engine
@@ -235,7 +236,9 @@ def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
         scorer = cfg.serving.scorer
         # Room for the engines plus one CPU task decoding at a time; the object store bounds the decoded audio
         # waiting for an engine.
-        start_ray(opts.address, engines * scorer.num_cpus, opts.object_store_mb * 2**20)
+        start_ray(opts.address, engines * scorer.num_cpus, opts.object_store_mb * 2**20, opts.verbose)
+        if not opts.verbose:
+            log(f"engine and Ray logs: {log_folder()} (--verbose prints them here too)")
         try:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = sys.stderr.isatty()
