@@ -227,6 +227,12 @@ def format_intervals(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def check_signal(selective_signal: str) -> None:
+    """``ValueError`` for a selective-scoring signal that does not exist (before any scoring starts)."""
+    if selective_signal not in SIGNALS:
+        raise ValueError(f"unknown signal {selective_signal!r} (signals: {', '.join(SIGNALS)})")
+
+
 def evaluate(
     cfg: GraderConfig,
     part: str,
@@ -240,8 +246,7 @@ def evaluate(
     selective_signal: str = "score_sd",
 ) -> dict[str, Any]:
     """Score ``data`` through vLLM and print the metrics; the last stdout line is their JSON."""
-    if selective_signal not in SIGNALS:
-        raise ValueError(f"unknown signal {selective_signal!r} (signals: {', '.join(SIGNALS)})")
+    check_signal(selective_signal)
     cfg = config_for(cfg, part, adapter)
     answers, bad = load_answers(read_jsonl(data, part), cfg.audio)
     for ex, why in bad:
@@ -320,8 +325,7 @@ def evaluate_session(
     from serve.session.schema import SCORED, answer_of_row
     from serve.session.store import OutputDir
 
-    if selective_signal not in SIGNALS:
-        raise ValueError(f"unknown signal {selective_signal!r} (signals: {', '.join(SIGNALS)})")
+    check_signal(selective_signal)
     human = read_human_scores(human_file, human_column)
     rows = [r for r in OutputDir(session).read_all() if r["part"] == part]
     scored_rows = [r for r in rows if r["status"] == SCORED and r["response_id"] in human]
