@@ -79,7 +79,7 @@ def decode(
 
     Raises :class:`AudioError` (kinds above, ``empty``, ``undecodable``, ``unreadable``).
     """
-    import av
+    import av  # here: vLLM's processes load this module (Chunk) and need no decoder
 
     if isinstance(data, (str, Path)):
         try:
@@ -136,7 +136,7 @@ _SNDFILE_BLOCK = 65536
 def _blocks(data: bytes) -> Iterator[tuple[np.ndarray, int, int]]:
     """(mono float32 block, its sample rate, the input's channels), checked before any sample is read."""
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        import soundfile as sf
+        import soundfile as sf  # here: vLLM's processes load this module (Chunk) and need no decoder
 
         try:
             f = sf.SoundFile(io.BytesIO(data))
@@ -152,7 +152,7 @@ def _blocks(data: bytes) -> Iterator[tuple[np.ndarray, int, int]]:
                         f.channels,
                     )
             return
-    import av
+    import av  # here: vLLM's processes load this module (Chunk) and need no decoder
 
     with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
         if not container.streams.audio:
@@ -200,7 +200,7 @@ class _Resampler:
     BLOCK = 16384
 
     def __init__(self) -> None:
-        import av
+        import av  # here: vLLM's processes load this module (Chunk) and need no decoder
 
         self._av = av
         self._resampler = None
@@ -312,7 +312,7 @@ def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] |
     audio: its frames give the quality, the speech check (too little speech:
     kind ``silence``) and the pauses long answers are cut in.
     """
-    from serve.grading import vad
+    from serve.grading import vad  # here: torch and the speech model load only where answers are decoded
 
     wave = decode(
         data,

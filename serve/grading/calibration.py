@@ -25,6 +25,7 @@ the coverage asked, ``q`` is infinite and the interval is the whole scale.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -231,6 +232,5 @@ def coverage_table(
 
 def audio_id(data: bytes) -> str:
     """The id a calibration keeps of each answer it was computed from: the audio file's sha256, 16 hex digits."""
-    import hashlib
 
     return hashlib.sha256(data).hexdigest()[:16]

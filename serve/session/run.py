@@ -9,6 +9,7 @@ one JSON object).
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import sys
@@ -18,13 +19,18 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part
 from serve.grading.registry import PartRegistry
 from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, start_ray
 from serve.session.schema import SCORED
-from serve.session.sources import ManifestError, audio_base, check_manifest_location, first_line, read_manifest
+from serve.session.sources import COLUMNS, ManifestError, audio_base, check_manifest_location, first_line, read_manifest
 from serve.session.stages import Scorer, prepare
 from serve.session.store import OutputDir, ids_digest
 
@@ -50,9 +56,6 @@ class SessionOptions:
 def _manifest_ids(ds) -> list[str]:
     """The manifest's response ids; :class:`ManifestError` for an empty or repeated id (the output's key), or for
     a column with no value at all (a JSON manifest without it)."""
-    import ray
-
-    from serve.session.sources import COLUMNS
 
     ids: list[str] = []
     filled = dict.fromkeys(COLUMNS, 0)
@@ -75,7 +78,6 @@ def _manifest_ids(ds) -> list[str]:
 
 
 def _drop_done(batch, done):
-    import pyarrow.compute as pc
 
     return batch.filter(pc.invert(pc.is_in(batch.column("response_id"), value_set=done)))
 
@@ -92,8 +94,6 @@ def decode_in_tasks(opts: SessionOptions) -> bool:
 
 def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions, engines: int, done: set[str]):
     """The Ray Data pipeline from manifest rows (not yet done) to answer rows."""
-    import pyarrow as pa
-    import ray.data
 
     if done:
         ds = ds.map_batches(
@@ -223,8 +223,6 @@ def _results(ds, stop: threading.Event):
 def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
     """Score the manifest's answers not yet in the output folder; the summary. ``KeyboardInterrupt`` after a
     stop asked by SIGINT or SIGTERM (what arrived is committed)."""
-    import ray
-    import ray.data
 
     started = time.monotonic()
     engines = opts.engines or cfg.serving.scorer.autoscaling.max_replicas
@@ -332,6 +330,5 @@ def print_summary(s: dict) -> None:
         + (f" (after start-up: {r['steady_answers_per_s']:.2f} answers/s)" if r["steady_answers_per_s"] else "")
     )
     print(f"output: {s['out']}/answers/, {s['out']}/candidates.parquet")
-    import json
 
     print(json.dumps(s))

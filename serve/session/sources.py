@@ -15,6 +15,12 @@ import posixpath
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs
+import pyarrow.json as pajson
+import ray.data
+
 from serve.grading.audio import AudioError
 
 #: The manifest's columns, all text.
@@ -81,7 +87,6 @@ BUCKET_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az")
 @functools.lru_cache(maxsize=64)
 def _filesystem(scheme: str, netloc: str):
     """One ``pyarrow.fs`` filesystem per scheme and bucket/host (making one may cost a network call)."""
-    import pyarrow.fs
 
     return pyarrow.fs.FileSystem.from_uri(f"{scheme}://{netloc}/")[0]
 
@@ -109,7 +114,6 @@ def read_audio(location: str, max_bytes: int) -> bytes:
                     "too_large", f"{location} holds {size} bytes: more than the {max_bytes} bytes accepted"
                 )
             return path.read_bytes()
-        import pyarrow.fs
 
         fs, fs_path = _open(location)
         info = fs.get_file_info(fs_path)
@@ -133,7 +137,6 @@ def read_audio(location: str, max_bytes: int) -> bytes:
 
 def _as_text(batch):
     """The manifest's columns of a block, as text (other columns dropped; a missing one fails the read)."""
-    import pyarrow as pa
 
     missing = [c for c in COLUMNS if c not in batch.column_names]
     if missing:
@@ -152,10 +155,6 @@ def check_manifest_location(location: str) -> str:
 
 def read_manifest(location: str):
     """The manifest as a Ray dataset of :data:`COLUMNS` (text), read by Ray Data's CSV, JSON or Parquet reader."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import ray.data
 
     fmt = check_manifest_location(location)
     path = local_path(location)

@@ -22,6 +22,10 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+
 from serve.grading.answers import candidate_result
 from serve.grading.parts import Part
 from serve.grading.results import Review
@@ -50,7 +54,6 @@ class OutputDir:
     """The output folder on its filesystem."""
 
     def __init__(self, location: str):
-        import pyarrow.fs
 
         path = local_path(location)
         if path is not None:
@@ -73,7 +76,6 @@ class OutputDir:
 
     def check_session(self, identity: dict) -> None:
         """Record what this folder scores on the first run; refuse a later run of another manifest or model."""
-        import pyarrow.fs
 
         path = self._path(SESSION_FILE)
         if self.fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
@@ -92,7 +94,6 @@ class OutputDir:
 
     def part_paths(self) -> list[str]:
         """Committed answer parts (leftovers of a stopped run are deleted)."""
-        import pyarrow.fs
 
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path(ANSWERS_DIR)))
         parts = []
@@ -108,8 +109,6 @@ class OutputDir:
 
     def read_parts(self, columns: list[str]):
         """The committed answers (the given columns) as one ``pyarrow.Table``."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         tables = []
         for path in self.part_paths():
@@ -135,8 +134,6 @@ class OutputDir:
     def write_candidates(self, parts: Mapping[str, Part]) -> int:
         """Make ``candidates.parquet`` from all committed answers (each candidate's result as the batch endpoint's
         ``overall``, on the scale of their first scored answer's part); the number of candidates."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         answers = self.read_parts(["candidate_id", "part", "status", "score", "review"]).to_pylist()
         by_candidate: dict[str, list[dict]] = {}
@@ -179,8 +176,6 @@ class PartWriter:
             self.flush()
 
     def flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
         self.since = time.monotonic()
         if not self.pending_rows:
