@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve.grading.results import Quality
 from tests.audio_fixtures import speechlike, write
 from tests.conftest import USER, USER_KEY, keyed_service
 
@@ -34,7 +35,7 @@ SCORE_WAIT_S = 120
 CEFR = {"A1", "A2", "B1", "B2", "C1", "C2"}
 #: Review on audio quality only: the untrained model's uncertainty says nothing, so its checks are off.
 QUALITY_ONLY_REVIEW = {"max_score_sd": None, "min_label_mass": None, "max_chunk_spread": None}
-QUALITY_FIELDS = ["speech_s", "speech_ratio", "snr_db", "clipped_fraction", "speech_dbfs"]
+QUALITY_FIELDS = list(Quality.model_fields)  # every figure of the answer's quality, in the model's order
 UNCERTAINTY_FIELDS = ["score_sd", "entropy", "label_mass", "chunk_spread"]
 
 
@@ -186,7 +187,8 @@ def check_result(drv, url: str, result: dict) -> None:
 def check_verdict(drv, result: dict) -> None:
     """The verdict as the service gave it: needed or not, every reason in order, the figures behind them."""
     review = result["review"]
-    assert set(review["reasons"]) <= {"low_snr", "clipping", "low_speech_ratio"}, review  # quality-only thresholds
+    # Quality-only thresholds; a recording stopped while the voice still speaks is cut off, and says so.
+    assert set(review["reasons"]) <= {"low_snr", "clipping", "low_speech_ratio", "cut_off"}, review
     verdict = drv.find_element("id", "verdict")
     assert verdict.get_attribute("class") == ("verdict review" if review["needed"] else "verdict ok")
     title = text(drv, "verdict-title")
@@ -203,7 +205,12 @@ def check_verdict(drv, result: dict) -> None:
     assert q["snr_db"].startswith(f"{result['quality']['snr_db']:.1f} dB"), q
     assert q["speech_s"] == f"{result['quality']['speech_s']:.1f} s", q
     flagged = {dd.get_attribute("data-field") for dd in drv.find_elements("css selector", "#quality dd.flag")}
-    figure = {"low_snr": "snr_db", "clipping": "clipped_fraction", "low_speech_ratio": "speech_ratio"}
+    figure = {
+        "low_snr": "snr_db",
+        "clipping": "clipped_fraction",
+        "low_speech_ratio": "speech_ratio",
+        "cut_off": "ends_in_speech",
+    }
     assert flagged == {figure[code] for code in review["reasons"]}
 
 
