@@ -249,7 +249,9 @@ def test_evaluate_reports_every_metric_and_draws_the_plot(run):
             "review_verdict",
             "groups",
             "intervals",
+            "untrained",
         }
+        assert run[key]["untrained"] is True  # the base model is the random tiny checkpoint, trained adapter or not
         for kind in ("soft", "hard"):
             assert set(run[key][kind]) == {"pcc", "spearman", "rmse", "within_0_5", "within_1_0"}
     assert "PCC" in run["eval_stdout"] and "within 0.5" in run["eval_stdout"]
