@@ -241,8 +241,7 @@ def _refuse_too_little_speech(voiced: float, total: float, min_speech_s: float, 
         what = "silent" if voiced == 0 else "too short to score"
         raise AudioError(
             "silence",
-            f"the audio is {what}: {voiced:.2f} s of sound {what_counts} in {total:.2f} s, "
-            f"at least {min_speech_s:g} s needed",
+            f"the audio is {what}: {voiced:.2f} s {what_counts} in {total:.2f} s, at least {min_speech_s:g} s needed",
         )
 
 
@@ -326,7 +325,7 @@ def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] |
         measured.speech_s,
         len(wave) / SAMPLE_RATE,
         audio_cfg.min_speech_s,
-        f"above {audio_cfg.silence_dbfs:g} dBFS" if frames.detector == "loudness" else "of speech",
+        f"of sound above {audio_cfg.silence_dbfs:g} dBFS" if frames.detector == "loudness" else "of speech",
     )
     bounds = None
     if audio_cfg.cut_at_pauses:
