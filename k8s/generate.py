@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from serve.grading.config import load_config  # noqa: E402
 from serve.service.kuberay import IMAGE_CONFIG_DIR, PATCH_FILE, patch_ops, render_patch  # noqa: E402, F401
+from serve.service.settings import load_service_config  # noqa: E402
 
 #: overlay name -> the grader config (relative to the repository) it ships.
 OVERLAYS: dict[str, str] = {
@@ -32,7 +32,7 @@ OVERLAYS: dict[str, str] = {
 
 def render(name: str) -> str:
     """The text of an overlay's generated patch."""
-    return render_patch(load_config(REPO / OVERLAYS[name]), OVERLAYS[name])
+    return render_patch(load_service_config(REPO / OVERLAYS[name]), OVERLAYS[name])
 
 
 def main(argv: list[str] | None = None) -> int:

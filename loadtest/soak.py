@@ -312,9 +312,9 @@ def run_soak(args: argparse.Namespace) -> dict:
     import yaml
 
     from loadtest.service import Service, ensure_tiny_model, get_json
-    from serve.grading.config import load_config
+    from serve.service.settings import load_service_config
 
-    cfg = load_config(args.config)
+    cfg = load_service_config(args.config)
     ensure_tiny_model(cfg)
     out = Path(args.out or f"runs/soak-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)

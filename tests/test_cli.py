@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.grading.config import PartConfig, load_config
-from serve.grading.registry import PartRegistry
+from serve.grading.config import PartConfig
 from serve.grading.results import ScoredAnswer
+from serve.service.settings import load_service_config, part_registry
 from tests.conftest import l2grader
 
 
@@ -87,7 +87,7 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     raw["serving"] = {"registry_file": str(tmp_path / "registry.json")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     interview = raw["parts"]["interview"]
-    PartRegistry.of_config(load_config(tmp_path / "c.yaml"), tmp_path / "c.yaml").put(
+    part_registry(load_service_config(tmp_path / "c.yaml"), tmp_path / "c.yaml").put(
         "added", PartConfig(adapter=interview["adapter"], task=interview["task"])
     )
     again = run("score", "--config", tmp_path / "c.yaml", "--part", "added", audio_dir / "b.flac")

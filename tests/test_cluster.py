@@ -44,8 +44,8 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
     """Autoscaling delays, graceful shutdown and replicas per node go into Serve's own config schema."""
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.grading.config import load_config
     from serve.service.options import SCORER, deployment_options, serve_config
+    from serve.service.settings import load_service_config
 
     raw = tiny_config()
     raw["serving"]["scorer"] = {
@@ -61,7 +61,7 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(path)
+    cfg = load_service_config(path)
     scorer = deployment_options(cfg)[SCORER]
     assert scorer["graceful_shutdown_timeout_s"] == 120 and scorer["max_replicas_per_node"] == 1
     assert {
@@ -79,11 +79,12 @@ def test_scaling_options_reach_serve_and_validate(tiny_config, tmp_path):
 
     assert import_path_target(router["request_router_class"]) is PartAffinityRouter
     # Unset, they are left out: Serve's defaults hold and existing serve configs do not change.
-    default = deployment_options(load_config(_write(tmp_path / "d.yaml", tiny_config())))[SCORER]
+    default = deployment_options(load_service_config(_write(tmp_path / "d.yaml", tiny_config())))[SCORER]
     assert "graceful_shutdown_timeout_s" not in default and "upscale_delay_s" not in default["autoscaling_config"]
     raw = tiny_config()
     raw["serving"]["spread_part_at"] = None  # Serve's own routing
-    assert "request_router_config" not in deployment_options(load_config(_write(tmp_path / "e.yaml", raw)))[SCORER]
+    serve_routing = deployment_options(load_service_config(_write(tmp_path / "e.yaml", raw)))[SCORER]
+    assert "request_router_config" not in serve_routing
 
 
 def _write(path, raw):

@@ -24,6 +24,7 @@ from serve.service.auth import read_keys
 from serve.service.errors import ApiError
 from serve.service.proxy_guard import GuardLimits, ProxyGuard
 from serve.service.server import listen_host
+from serve.service.settings import ServiceConfig
 from serve.service.uploads import UploadLimits
 from tests.conftest import l2grader
 
@@ -53,8 +54,8 @@ def test_serve_with_an_unset_key_variable_exits_2_with_one_line(tiny_config, tmp
     assert len(lines) == 1 and "L2G_NOT_SET_USER" in lines[0] and "not set" in lines[0], run.stderr[-2000:]
 
 
-def _cfg(**serving) -> GraderConfig:
-    return GraderConfig.model_validate({"model": {"base": "m"}, "parts": {"p": {}}, "serving": serving})
+def _cfg(**serving) -> ServiceConfig:
+    return ServiceConfig.model_validate({"model": {"base": "m"}, "parts": {"p": {}}, "serving": serving})
 
 
 def test_without_keys_the_service_listens_on_loopback_unless_allowed(monkeypatch):

@@ -26,9 +26,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serve.grading.config import load_config
 from serve.runtime.ray_cluster import ray_env
 from serve.service.options import INGRESS, SCORER, serve_config
+from serve.service.settings import load_service_config
 from tests.kustomize_lite import KustomizeError, build
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,7 +83,7 @@ def overlay(request) -> tuple[str, list[dict]]:
 
 
 def _config(name: str):
-    return load_config(REPO / gen.OVERLAYS[name])
+    return load_service_config(REPO / gen.OVERLAYS[name])
 
 
 def _cluster(docs: list[dict]) -> dict:

@@ -92,16 +92,16 @@ def config(tiny_config, tmp_path_factory) -> Path:
     """The demo config with a registry file in which part ``opinion`` was added at run time (as a PUT adds it)."""
     import yaml
 
-    from serve.grading.config import PartConfig, load_config
-    from serve.grading.registry import PartRegistry
+    from serve.grading.config import PartConfig
+    from serve.service.settings import load_service_config, part_registry
 
     d = tmp_path_factory.mktemp("session-config")
     raw = tiny_config()
     raw["serving"] = {"registry_file": str(d / "registry.json")}
     (d / "c.yaml").write_text(yaml.safe_dump(raw))
-    cfg = load_config(d / "c.yaml")
+    cfg = load_service_config(d / "c.yaml")
     adapter = raw["parts"]["interview"]["adapter"]
-    PartRegistry.of_config(cfg, d / "c.yaml").put("opinion", PartConfig(adapter=adapter, task="Give an opinion."))
+    part_registry(cfg, d / "c.yaml").put("opinion", PartConfig(adapter=adapter, task="Give an opinion."))
     return d / "c.yaml"
 
 
@@ -110,12 +110,11 @@ def reference(session, config) -> dict:
     """What ``l2grader score`` gives for each good answer: its engine (OfflineEngine) and the registry's parts."""
     from serve.engine.offline import OfflineEngine
     from serve.grading.audio import prepare
-    from serve.grading.config import load_config
-    from serve.grading.registry import PartRegistry
+    from serve.service.settings import load_service_config, part_registry
 
-    cfg = load_config(config)
+    cfg = load_service_config(config)
     good = [r for r in session["rows"] if not r["response_id"].startswith("bad-")]
-    engine = OfflineEngine(cfg, PartRegistry.of_config(cfg, config).entries())
+    engine = OfflineEngine(cfg, part_registry(cfg, config).entries())
     try:
         results = engine.score_answers([(r["part"], prepare(session["dir"] / r["audio"], cfg.audio)) for r in good])
     finally:
@@ -148,9 +147,8 @@ def stderr_lines(proc: subprocess.Popen) -> list[str]:
 @pytest.mark.engine
 def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(session, reference, config, tmp_path):
     from serve.grading.answers import candidate_result
-    from serve.grading.config import load_config
-    from serve.grading.registry import PartRegistry
     from serve.grading.results import Review
+    from serve.service.settings import load_service_config, part_registry
     from serve.session.schema import answer_of_row
 
     manifest, out = session["dir"] / "manifest.parquet", tmp_path / "out"
@@ -219,8 +217,8 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
     assert opinion and all(a["model"]["adapter"].startswith("opinion@") for a in opinion)  # added at run time
 
     # The candidates file holds the batch endpoint's overall: the same function over the same answers.
-    cfg = load_config(config)
-    parts = PartRegistry.of_config(cfg, config).entries()
+    cfg = load_service_config(config)
+    parts = part_registry(cfg, config).entries()
     candidates = {c["candidate_id"]: c for c in pq.read_table(out / "candidates.parquet").to_pylist()}
     for cid, c in candidates.items():
         mine = [a for a in answers if a["candidate_id"] == cid]

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from serve.cli.main import build_parser, cmd_score_session
-from serve.grading.config import load_config
 from serve.service.kuberay import SERVICE_ONLY_ENV, in_cluster_config_path, session_rayjob
+from serve.service.settings import load_service_config
 from tests.conftest import l2grader
 from tests.test_k8s import K8S, OVERLAYS, SCHEMAS, _strict, gen, render
 
@@ -50,7 +50,7 @@ def _rayservice(overlay: str) -> dict:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_session_rayjob_validates_and_runs_the_service_cluster(overlay, rayjob_validator):
     config = gen.OVERLAYS[overlay]
-    cfg = load_config(REPO / config)
+    cfg = load_service_config(REPO / config)
     rs = _rayservice(overlay)
     job = session_rayjob(rs, cfg, config, MANIFEST, OUT)
     rayjob_validator.validate(job)

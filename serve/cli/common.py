@@ -6,12 +6,13 @@ from serve.runtime.console import PROG, fail, log  # noqa: F401 - the commands' 
 
 
 def load_config_or_exit(path: str, part: str | None = None):
-    """The validated config (and, if given, a check that ``part`` is registered); one error line and exit 2
-    otherwise."""
-    from serve.grading.config import ConfigError, UnknownPartError, load_config  # pydantic: only when a command runs
+    """The validated config, its ``serving:`` section included (and, if given, a check that ``part`` is
+    registered); one error line and exit 2 otherwise."""
+    from serve.grading.config import ConfigError, UnknownPartError  # pydantic: only when a command runs
+    from serve.service.settings import load_service_config
 
     try:
-        cfg = load_config(path)
+        cfg = load_service_config(path)
         if part is not None:
             parts_or_exit(cfg, path, [part])
     except (ConfigError, UnknownPartError) as e:
@@ -24,10 +25,10 @@ def parts_or_exit(cfg, config_path: str, names=None) -> dict:
     or the given ``names``, adapters checked; one error line and exit 2 for an unknown part or a bad adapter."""
     from serve.grading.adapter_files import AdapterError  # as above: only when a command runs
     from serve.grading.config import UnknownPartError
-    from serve.grading.registry import PartRegistry
+    from serve.service.settings import part_registry
 
     try:
-        registry = PartRegistry.of_config(cfg, config_path)
+        registry = part_registry(cfg, config_path)
         return registry.entries() if names is None else {n: registry.get(n) for n in names}
     except (UnknownPartError, AdapterError, ValueError) as e:
         fail(str(e))

@@ -126,12 +126,15 @@ def cmd_score_session(args: argparse.Namespace) -> int:
     configure_vllm_environment()
     if cfg.model.untrained:
         log("WARNING: the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
+    parts = parts_or_exit(cfg, args.config)  # the parts added with PUT /v1/parts too
+    scorer = cfg.serving.scorer  # an engine actor is sized as a scorer replica
     opts = SessionOptions(
-        config_path=args.config,
         manifest=args.manifest,
         out=args.out,
         address=args.address,
-        engines=args.engines,
+        engines=args.engines or scorer.autoscaling.max_replicas,
+        engine_cpus=scorer.num_cpus,
+        engine_gpus=scorer.num_gpus,
         batch_size=args.batch_size,
         rows_per_part=args.rows_per_part,
         decode=args.decode,
@@ -147,7 +150,7 @@ def cmd_score_session(args: argparse.Namespace) -> int:
         log(f"this process's library output: {own_log} (--verbose prints it here)")
     try:
         with quiet:
-            s = run_session(cfg, opts)
+            s = run_session(cfg, parts, opts)
     except (ManifestError, OutputError, AdapterError) as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -8,12 +8,11 @@ config and the models beside it can move together.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,11 +92,13 @@ class ConfigError(ValueError):
     """The config file is missing, not YAML, or does not validate (message says where and why)."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config section that refuses unknown keys (so a typo is an error, not a silent default)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """The base model."""
 
     base: str = Field(description="Hub id (e.g. Qwen/Qwen2-Audio-7B-Instruct) or a local checkpoint folder.")
@@ -106,7 +107,7 @@ class ModelConfig(_Strict):
     )
 
 
-class EngineConfig(_Strict):
+class EngineConfig(StrictModel):
     """vLLM engine settings."""
 
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -146,7 +147,7 @@ class EngineConfig(_Strict):
         return self
 
 
-class AudioConfig(_Strict):
+class AudioConfig(StrictModel):
     """Limits and rules for the audio of an answer."""
 
     max_chunk_s: float = Field(
@@ -193,159 +194,7 @@ class AudioConfig(_Strict):
         return int(self.max_input_samples_per_s * self.max_duration_s)
 
 
-class AutoscalingConfig(_Strict):
-    """Ray Serve autoscaling bounds of one deployment."""
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(
-        16, gt=0, description="Requests in flight per replica the autoscaler aims at."
-    )
-    # None: Ray Serve's default (upscale 30 s, downscale 600 s, look-back 30 s).
-    upscale_delay_s: float | None = Field(
-        None, ge=0, description="Load above target this long before a replica is added."
-    )
-    downscale_delay_s: float | None = Field(
-        None, ge=0, description="Load below target this long before a replica is removed."
-    )
-    look_back_period_s: float | None = Field(None, gt=0, description="Window the autoscaler averages the load over.")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingConfig:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be at least min_replicas")
-        return self
-
-
-class DeploymentConfig(_Strict):
-    """One Ray Serve deployment: replicas, admission limit, resources."""
-
-    autoscaling: AutoscalingConfig = AutoscalingConfig()
-    max_ongoing_requests: int = Field(
-        64, ge=1, description="Requests a replica admits at once; beyond this callers get 503 + Retry-After."
-    )
-    max_queued_requests: int = Field(
-        64, ge=1, description="Requests waiting for a replica beyond which new ones are refused (503)."
-    )
-    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503 under overload.")
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    graceful_shutdown_timeout_s: float | None = Field(
-        None, ge=0, description="A stopping replica finishes its requests for at most this long (None: Serve's 20 s)."
-    )
-    max_replicas_per_node: int | None = Field(
-        None, ge=1, description="At most this many replicas on one Ray node (None: no limit)."
-    )
-
-
-def _ingress_default() -> DeploymentConfig:
-    return DeploymentConfig(
-        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=16),
-        max_ongoing_requests=64,
-        num_cpus=1.0,
-    )
-
-
-def _scorer_default() -> DeploymentConfig:
-    return DeploymentConfig(
-        autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1, target_ongoing_requests=48),
-        max_ongoing_requests=128,
-        num_cpus=1.0,
-        num_gpus=0.0,
-    )
-
-
-class ServingConfig(_Strict):
-    """The HTTP service (Ray Serve): where it listens, its deployments, its keys and registry."""
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    ingress: DeploymentConfig = Field(default_factory=_ingress_default)
-    scorer: DeploymentConfig = Field(default_factory=_scorer_default)
-    adapters_per_replica: int = Field(8, ge=1, description="Adapters a scorer replica keeps loaded (LRU).")
-    spread_part_at: int | None = Field(
-        4,
-        ge=1,
-        description="A part's answers go to other scorer replicas too once the replicas holding its adapter "
-        "have this many more in flight than the least busy one (null: Ray Serve's routing, which keeps a part on "
-        "its replicas until they are full).",
-    )
-    decode_workers: int | None = Field(
-        None, ge=1, description="Answers an ingress replica decodes at once (default: its num_cpus, at least 1)."
-    )
-    registry_file: Path | None = Field(
-        None, description="Where admin changes to the part registry persist (default: beside the config)."
-    )
-    api_keys_env: str | None = Field(None, description="Env var holding comma-separated scoring API keys.")
-    admin_keys_env: str | None = Field(None, description="Env var holding comma-separated admin API keys.")
-    allow_unauthenticated: bool = Field(
-        False, description="Without any API key, accept clients beyond this machine (loopback only otherwise)."
-    )
-    adapter_roots: list[Path] | None = Field(
-        None,
-        description="Folders PUT /v1/parts may take adapters from (default: the folders of the config's adapters).",
-    )
-    body_timeout_s: float = Field(
-        60.0, gt=0, description="Time a client has to send a whole request body; slower ones get 408 and are closed."
-    )
-    max_requests_per_client: int = Field(
-        200, ge=1, description="Requests one client address may hold open at once (429 beyond)."
-    )
-    max_buffered_mb: float = Field(
-        1024.0, gt=0, description="Request bodies a proxy holds in memory at once, all clients together (503 beyond)."
-    )
-    max_header_kb: float = Field(
-        32.0, gt=0, description="Request line and headers of one request together, at most (431 beyond)."
-    )
-    max_headers: int = Field(100, ge=1, description="Header fields of one request, at most (431 beyond).")
-    header_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        description="Time a client has to send a request's line and headers, counted from the connection's opening "
-        "or the request's first byte (408 and closed beyond).",
-    )
-    keep_alive_timeout_s: float = Field(
-        75.0,
-        gt=0,
-        description="An idle keep-alive connection is closed after this long (longer than a load balancer's idle "
-        "timeout, 60 s on common ones, so the balancer closes first).",
-    )
-    max_connections: int = Field(
-        4096, ge=1, description="Open connections one proxy holds, all clients together (503 and closed beyond)."
-    )
-    max_connections_per_client: int = Field(
-        256,
-        ge=1,
-        description="Open connections one client address may hold (429 and closed beyond; health probes and "
-        "trusted_proxies excepted).",
-    )
-    trusted_proxies: list[str] = Field(
-        default_factory=list,
-        description="Addresses or networks (CIDR) of the load balancers whose X-Forwarded-For / X-Forwarded-Proto "
-        "the proxy believes; the per-client limits then count the address they name. None by default.",
-    )
-    request_timeout_s: float = Field(
-        600.0,
-        gt=0,
-        description="Longest a request may take end to end (the proxy answers 408 beyond); a client may ask for "
-        "less with x-request-timeout-seconds, never for more or none.",
-    )
-    log_encoding: Literal["JSON", "TEXT"] = Field(
-        "JSON", description="Ray Serve's log lines of both deployments: one JSON object per line, or plain text."
-    )
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, v: list[str]) -> list[str]:
-        for net in v:
-            try:
-                ipaddress.ip_network(net, strict=False)
-            except ValueError:
-                raise ValueError(f"{clip(net)!r} is not an IP address or network") from None
-        return v
-
-
-class ReviewConfig(_Strict):
+class ReviewConfig(StrictModel):
     """When an answer's score goes to a human examiner: one threshold per reason code; null turns a check off.
 
     Defaults come from ``l2grader evaluate`` on the degraded synthetic test (README, "Which scores to trust"):
@@ -386,7 +235,7 @@ class ReviewConfig(_Strict):
     cut_off: bool = Field(True, description="cut_off: speech runs into the answer's last frames (recording cut off).")
 
 
-class IntervalConfig(_Strict):
+class IntervalConfig(StrictModel):
     """The calibrated score interval each answer carries (from calibration.json beside the part's adapter)."""
 
     coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal coverage of the interval.")
@@ -395,7 +244,7 @@ class IntervalConfig(_Strict):
     )
 
 
-class PartConfig(_Strict):
+class PartConfig(StrictModel):
     """One exam part: its adapter, its prompt, its label scale and its review thresholds."""
 
     adapter: Path | None = Field(None, description="peft LoRA adapter folder; null scores with the base model.")
@@ -415,13 +264,20 @@ class PartConfig(_Strict):
         return v
 
 
-class GraderConfig(_Strict):
-    """The whole config file."""
+class GraderConfig(StrictModel):
+    """The whole config file, as grading reads it: model, engine, audio and parts.
+
+    The HTTP service's ``serving:`` section is kept as it was written; the
+    service's own schema, :class:`serve.service.settings.ServiceConfig`, checks it
+    (every ``l2grader`` command loads configs with that schema).
+    """
 
     model: ModelConfig
     engine: EngineConfig = EngineConfig()
     audio: AudioConfig = AudioConfig()
-    serving: ServingConfig = Field(default_factory=ServingConfig)
+    serving: dict[str, Any] = Field(
+        default_factory=dict, description="The HTTP service's settings (checked by the service's schema)."
+    )
     parts: dict[str, PartConfig] = Field(min_length=1)
 
     @field_validator("parts")
@@ -437,6 +293,14 @@ class GraderConfig(_Strict):
             return self.parts[part]
         except KeyError:
             raise UnknownPartError(part, sorted(self.parts)) from None
+
+    def resolve_paths(self, base_dir: Path) -> None:
+        """Make relative paths absolute against ``base_dir`` (the config file's folder); a base model that is not
+        a folder there stays as written (a hub id)."""
+        self.model.base = _resolve(base_dir, self.model.base)
+        for part in self.parts.values():
+            if part.adapter is not None:
+                part.adapter = beside(base_dir, part.adapter)
 
 
 class UnknownPartError(KeyError):
@@ -459,8 +323,18 @@ def _resolve(base_dir: Path, value: str | Path) -> str:
     return str(local.resolve()) if local.exists() or str(value).startswith(".") else str(value)
 
 
-def load_config(path: str | Path) -> GraderConfig:
-    """Read and validate a config file; relative paths resolve against its folder."""
+def beside(base_dir: Path, path: Path) -> Path:
+    """``path`` (``~`` expanded) made absolute against ``base_dir`` when relative."""
+    p = path.expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+Config = TypeVar("Config", bound=GraderConfig)
+
+
+def load_config(path: str | Path, schema: type[Config] = GraderConfig) -> Config:
+    """Read a config file and validate it with ``schema`` (a :class:`GraderConfig`, or one that adds the service's
+    settings); relative paths resolve against the file's folder."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -471,22 +345,9 @@ def load_config(path: str | Path) -> GraderConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping (model, engine, audio, parts)")
     try:
-        cfg = GraderConfig.model_validate(raw)
+        cfg = schema.model_validate(raw)
     except ValidationError as e:
-        why = format_validation_errors(e.errors(), "config", GraderConfig)
+        why = format_validation_errors(e.errors(), "config", schema)
         raise ConfigError(f"config file {path} is invalid: {why}") from None
-    base_dir = path.resolve().parent
-    cfg.model.base = _resolve(base_dir, cfg.model.base)
-    if cfg.serving.registry_file is not None:
-        reg = cfg.serving.registry_file.expanduser()
-        cfg.serving.registry_file = reg if reg.is_absolute() else (base_dir / reg).resolve()
-    if cfg.serving.adapter_roots is not None:
-        cfg.serving.adapter_roots = [
-            r.expanduser() if r.expanduser().is_absolute() else (base_dir / r.expanduser()).resolve()
-            for r in cfg.serving.adapter_roots
-        ]
-    for part in cfg.parts.values():
-        if part.adapter is not None:
-            adapter = part.adapter.expanduser()
-            part.adapter = adapter if adapter.is_absolute() else (base_dir / adapter).resolve()
+    cfg.resolve_paths(path.resolve().parent)
     return cfg

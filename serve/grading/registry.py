@@ -5,8 +5,9 @@ Every door resolves parts here: the service's replicas, ``l2grader score``,
 scored in bulk under the same model id as over HTTP.
 
 Admin calls (``PUT``/``DELETE /v1/parts/{part}``) change the registry at run
-time; the changes are written atomically to ``serving.registry_file`` (default:
-``<config>.registry.json`` beside the config) so a restart keeps them. Every
+time; the changes are written atomically to the registry file (the config's
+``serving.registry_file``, default ``<config>.registry.json`` beside the config:
+:func:`serve.service.settings.part_registry`) so a restart keeps them. Every
 replica, ingress and scorer alike, re-reads the file when it changes, so
 replicas agree: the ingress maps a part to its model id, a scorer replica maps
 the model id back to the part's config and adapter.
@@ -25,6 +26,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 from serve.grading.adapter_files import AdapterError
@@ -47,8 +49,11 @@ def default_registry_file(config_path: str | Path) -> Path:
 class PartRegistry:
     """Parts of the config overlaid with persisted admin changes (``None`` marks a removed part)."""
 
-    def __init__(self, cfg: GraderConfig, path: Path):
+    def __init__(self, cfg: GraderConfig, path: Path, adapter_roots: Sequence[Path] | None = None):
+        """The config's parts with the changes persisted at ``path``; admin calls take adapters from inside
+        ``adapter_roots`` only (default: the folders of the config's adapters)."""
         self.cfg, self.path = cfg, Path(path)
+        self._adapter_roots = adapter_roots
         self._lock = threading.Lock()
         self._mtime: int | None = None
         self._loaded = False
@@ -56,11 +61,6 @@ class PartRegistry:
         self._parts: dict[str, Part] = {}
         self._versions: OrderedDict[str, Part] = OrderedDict()  # model id -> part, current and retired
         self.refresh()
-
-    @classmethod
-    def of_config(cls, cfg: GraderConfig, config_path: str | Path) -> PartRegistry:
-        """The registry a config names (``serving.registry_file``, else beside the config file)."""
-        return cls(cfg, Path(cfg.serving.registry_file or default_registry_file(config_path)))
 
     # -- reading
 
@@ -136,8 +136,8 @@ class PartRegistry:
         return check_part(part, pcfg, self.cfg.engine.max_lora_rank)
 
     def adapter_roots(self) -> list[Path]:
-        """Folders admin calls take adapters from (``serving.adapter_roots``, else those of the config's adapters)."""
-        roots = self.cfg.serving.adapter_roots
+        """Folders admin calls take adapters from (the ones given, else those of the config's adapters)."""
+        roots = self._adapter_roots
         if roots is None:
             roots = sorted({p.adapter.parent for p in self.cfg.parts.values() if p.adapter is not None})
         return [Path(os.path.realpath(r)) for r in roots]

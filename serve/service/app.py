@@ -15,10 +15,10 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve.grading.config import load_config
 from serve.service.ingress import Ingress, app
 from serve.service.options import INGRESS, SCORER, deployment_options
 from serve.service.scorer import scorer_class
+from serve.service.settings import load_service_config
 
 
 @functools.cache
@@ -39,7 +39,7 @@ def build_app(args: dict[str, Any]) -> Application:
     scorer's engine factory; the default is vLLM's ``AsyncLLM``.
     """
     config_path = str(args["config"])
-    cfg = load_config(config_path)
+    cfg = load_service_config(config_path)
     opts = deployment_options(cfg)
     scorer_args = (_import(args["engine"]),) if args.get("engine") else ()
     scorer = serve.deployment(scorer_class(cfg.serving.adapters_per_replica), name=SCORER)

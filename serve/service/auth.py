@@ -17,8 +17,9 @@ import os
 
 from fastapi import Request
 
-from serve.grading.config import ConfigError, ServingConfig
+from serve.grading.config import ConfigError
 from serve.service.errors import ApiError
+from serve.service.settings import ServingConfig
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 #: Set by ``l2grader serve --allow-unauthenticated`` for every process of the service.

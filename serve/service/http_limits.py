@@ -39,7 +39,7 @@ import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from serve.grading.config import ServingConfig
+from serve.service.settings import ServingConfig
 
 #: Paths of health and readiness probes (ours and Ray Serve's): never refused by a per-client limit.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/-/healthz", "/-/routes"})

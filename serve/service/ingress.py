@@ -29,9 +29,8 @@ from serve.grading import vad
 from serve.grading.adapter_files import AdapterError
 from serve.grading.answers import NOT_SCORABLE_KINDS, candidate_result, refusal
 from serve.grading.audio import AudioError, PreparedAnswer, prepare
-from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, load_config, validate_part_id
+from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, validate_part_id
 from serve.grading.parts import Part
-from serve.grading.registry import PartRegistry
 from serve.grading.results import NotScorable, ScoredAnswer
 from serve.grading.review import NOT_SCORABLE
 from serve.service.admission import ScoringSlots
@@ -49,6 +48,7 @@ from serve.service.protocol import (
     ScoreResponse,
 )
 from serve.service.scorer_client import ScorerClient
+from serve.service.settings import load_service_config, part_registry
 from serve.service.uploads import (
     MAX_PART_BODY,
     ScoreUpload,
@@ -114,11 +114,11 @@ class Ingress:
     """HTTP front of the grader (:func:`serve.service.app.build_app` makes it a Serve deployment)."""
 
     def __init__(self, scorer: DeploymentHandle, config_path: str):
-        self.cfg = load_config(config_path)
+        self.cfg = load_service_config(config_path)
         s = self.cfg.serving
         use_keys(ApiKeys(s))  # first: a named key variable that is unset stops the replica here
         self.scorer = ScorerClient(scorer, s.scorer.retry_after_s)
-        self.registry = PartRegistry.of_config(self.cfg, config_path)
+        self.registry = part_registry(self.cfg, config_path)
         self.limits = UploadLimits(self.cfg.audio)
         self.slots = ScoringSlots(
             s.ingress.max_ongoing_requests, s.ingress.max_queued_requests, s.ingress.retry_after_s

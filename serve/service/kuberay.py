@@ -28,12 +28,12 @@ from typing import Any
 
 import yaml
 
-from serve.grading.config import DeploymentConfig, GraderConfig
 from serve.runtime.ray_cluster import ray_env
 from serve.service.auth import keyed
 from serve.service.memory import memory_env
 from serve.service.options import serve_config
 from serve.service.proxy_guard import proxy_env
+from serve.service.settings import DeploymentConfig, ServiceConfig
 
 #: Where the image puts the repository's configs/ folder (see k8s/Dockerfile).
 IMAGE_CONFIG_DIR = "/app/configs"
@@ -72,7 +72,7 @@ def group_settings(d: DeploymentConfig, group: str) -> dict[str, Any]:
     }
 
 
-def patch_ops(cfg: GraderConfig, config_path: str) -> list[dict[str, Any]]:
+def patch_ops(cfg: ServiceConfig, config_path: str) -> list[dict[str, Any]]:
     """The JSON 6902 operations that put the config's serve settings into the base RayService."""
     ops: list[dict[str, Any]] = []
     pods = ["/spec/rayClusterConfig/headGroupSpec"]
@@ -117,7 +117,7 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _str)
 
 
-def render_patch(cfg: GraderConfig, config: str) -> str:
+def render_patch(cfg: ServiceConfig, config: str) -> str:
     """The text of an overlay's generated patch for the grader config ``config`` (its path in the repository)."""
     body = yaml.dump(patch_ops(cfg, in_cluster_config_path(config)), Dumper=_Dumper, sort_keys=False, width=1000)
     return (
@@ -159,7 +159,7 @@ def session_entrypoint(config: str, manifest: str, out: str, engines: int) -> st
 
 def session_rayjob(
     rayservice: dict[str, Any],
-    cfg: GraderConfig,
+    cfg: ServiceConfig,
     config: str,
     manifest: str,
     out: str,

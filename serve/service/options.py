@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.grading.config import DeploymentConfig, GraderConfig
 from serve.service.admission import CONTROL_SLOTS
+from serve.service.settings import DeploymentConfig, ServiceConfig
 
 #: The scorer's request router (:mod:`serve.service.routing`), by import path: options stay plain data.
 ROUTER_CLASS = "serve.service.routing:PartAffinityRouter"
@@ -58,7 +58,7 @@ def _set(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
+def deployment_options(cfg: ServiceConfig) -> dict[str, dict[str, Any]]:
     """Ray Serve options of each deployment, by deployment name.
 
     The ingress bounds its scoring requests itself (:mod:`serve.service.admission`),
@@ -76,12 +76,12 @@ def deployment_options(cfg: GraderConfig) -> dict[str, dict[str, Any]]:
     return {INGRESS: _options(s.ingress, s.log_encoding, s.ingress.max_queued_requests + CONTROL_SLOTS), SCORER: scorer}
 
 
-def http_options(cfg: GraderConfig, host: str, port: int) -> dict[str, Any]:
+def http_options(cfg: ServiceConfig, host: str, port: int) -> dict[str, Any]:
     """Ray Serve's HTTP options: where its proxies listen, and the longest a request may take (see the proxy guard)."""
     return {"host": host, "port": port, "request_timeout_s": cfg.serving.request_timeout_s}
 
 
-def serve_config(cfg: GraderConfig, config_path: str) -> dict[str, Any]:
+def serve_config(cfg: ServiceConfig, config_path: str) -> dict[str, Any]:
     """A Ray Serve config (the schema of ``serve deploy`` and KubeRay's ``serveConfigV2``).
 
     ``config_path`` is where the grader config lies on the machines that run it.

@@ -45,11 +45,12 @@ from dataclasses import dataclass
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.grading.config import GraderConfig, clip, load_config
+from serve.grading.config import clip
 from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
 from serve.service.auth import ApiKeys, allow_unauthenticated, is_loopback, keyed
 from serve.service.errors import ApiError
 from serve.service.http_limits import PROBE_PATHS, ConnectionLimits, error_json, use_bounded_protocol
+from serve.service.settings import ServiceConfig, load_service_config
 from serve.service.uploads import UploadLimits
 
 logger = logging.getLogger("ray.serve")
@@ -79,7 +80,7 @@ class GuardLimits:
     keys: ApiKeys | None = None  # None: no keys configured
 
     @classmethod
-    def of_config(cls, cfg: GraderConfig) -> GuardLimits:
+    def of_config(cls, cfg: ServiceConfig) -> GuardLimits:
         """The limits of ``cfg``; keys are read from the environment (:class:`ConfigError` if a named one is unset)."""
         s = cfg.serving
         return cls(
@@ -99,7 +100,7 @@ def middlewares() -> list[Middleware]:
     path = os.environ.get(CONFIG_ENV)
     if not path:
         raise RuntimeError(f"{CONFIG_ENV} must name the grader config for the proxy guard")
-    cfg = load_config(path)
+    cfg = load_service_config(path)
     limits = GuardLimits.of_config(cfg)
     use_bounded_protocol(ConnectionLimits.of_config(cfg.serving, limits.retry_after_s))
     return [Middleware(ProxyGuard, limits=limits)]

@@ -32,13 +32,13 @@ from ray import serve
 from serve.engine.online import OnlineEngine
 from serve.grading.adapter_files import verify_content
 from serve.grading.audio import SAMPLE_RATE, PreparedAnswer, split
-from serve.grading.config import GraderConfig, load_config
+from serve.grading.config import GraderConfig
 from serve.grading.parts import Part, PartSpec
 from serve.grading.quality import measure
-from serve.grading.registry import PartRegistry
 from serve.grading.results import ScoredAnswer
 from serve.service.engine_metrics import engine_stats
 from serve.service.metrics import ScorerMetrics
+from serve.service.settings import load_service_config, part_registry
 
 logger = logging.getLogger("ray.serve")
 
@@ -100,9 +100,9 @@ class ScorerReplica:
     """Behaviour of a scorer replica (the builder adds Serve's deployment and multiplexing around it)."""
 
     async def __init__(self, config_path: str, engine_factory: EngineFactory = online_engine):
-        cfg = load_config(config_path)
+        cfg = load_service_config(config_path)
         self.cfg = cfg
-        self.registry = PartRegistry.of_config(cfg, config_path)
+        self.registry = part_registry(cfg, config_path)
         self.engine = engine_factory(cfg)
         self.metrics = ScorerMetrics()
         self._engine_metrics = asyncio.get_running_loop().create_task(engine_stats().publish())

@@ -12,7 +12,7 @@ import ray
 from ray import serve
 
 from serve.engine.requests import configure_vllm_environment
-from serve.grading.config import ConfigError, GraderConfig, load_config
+from serve.grading.config import ConfigError
 from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, quiet_ray, start_ray
 from serve.service.app import build_app
@@ -20,9 +20,10 @@ from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, admin_keys, api_keys, 
 from serve.service.memory import memory_env
 from serve.service.options import APP_NAME, http_options
 from serve.service.proxy_guard import proxy_env
+from serve.service.settings import ServiceConfig, load_service_config
 
 
-def listen_host(cfg: GraderConfig, host: str | None, allow_unauthenticated: bool) -> str:
+def listen_host(cfg: ServiceConfig, host: str | None, allow_unauthenticated: bool) -> str:
     """Where to listen: keys first (:class:`ConfigError` if a named key variable is unset), loopback without any key."""
     host = host or cfg.serving.host
     keys = api_keys(cfg.serving) + admin_keys(cfg.serving)
@@ -71,7 +72,7 @@ def run_server(
     unless ``verbose``."""
 
     config_path = str(Path(config_path).resolve())
-    cfg = load_config(config_path)
+    cfg = load_service_config(config_path)
     try:
         host = listen_host(cfg, host, allow_unauthenticated)
     except ConfigError as e:
@@ -126,7 +127,7 @@ def deploy_config(config_path: str, address: str) -> int:
     application runs the new config (0), 1 when no application runs there.
     """
     config_path = str(Path(config_path).resolve())
-    load_config(config_path)
+    load_service_config(config_path)
     configure_vllm_environment()
     start_ray(address)
     try:

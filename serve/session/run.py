@@ -26,7 +26,6 @@ import ray.data
 
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part
-from serve.grading.registry import PartRegistry
 from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, start_ray
 from serve.session.schema import SCORED
@@ -37,11 +36,12 @@ from serve.session.store import OutputDir, ids_digest
 
 @dataclass
 class SessionOptions:
-    config_path: str  # its registry file names the parts added at run time (as the service sees them)
     manifest: str
     out: str
     address: str | None = None
-    engines: int | None = None  # default: serving.scorer.autoscaling.max_replicas
+    engines: int = 1  # engine actors (the command's default: the service's scorer max_replicas)
+    engine_cpus: float = 1.0  # each engine actor's CPUs and GPUs (the command's: a scorer replica's)
+    engine_gpus: float = 0.0
     batch_size: int = 64  # answers per engine call
     rows_per_part: int = 1024  # answers per committed output part (at most)
     part_wait_s: float = 30.0  # a part is committed at least this often while results come
@@ -92,17 +92,16 @@ def decode_in_tasks(opts: SessionOptions) -> bool:
     return opts.decode == "tasks" or (opts.decode == "auto" and bool(opts.address))
 
 
-def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions, engines: int, done: set[str]):
+def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions, done: set[str]):
     """The Ray Data pipeline from manifest rows (not yet done) to answer rows."""
 
     if done:
         ds = ds.map_batches(
             _drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())}, batch_format="pyarrow", batch_size=None
         )
-    scorer = cfg.serving.scorer
     # Ray Data fuses a task stage into the next actor stage when their remote arguments are equal (then the engine
     # actors decode each batch before scoring it); a task-only argument (retries on a lost node) keeps them apart.
-    own_tasks = {"max_retries": 3} if decode_in_tasks(opts) else {"num_gpus": scorer.num_gpus or None}
+    own_tasks = {"max_retries": 3} if decode_in_tasks(opts) else {"num_gpus": opts.engine_gpus or None}
     return (
         ds.repartition(target_num_rows_per_block=opts.batch_size)
         .map_batches(
@@ -110,17 +109,17 @@ def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOpti
             fn_kwargs={"cfg": cfg, "base": audio_base(opts.manifest), "parts": parts},
             batch_format="pyarrow",
             batch_size=opts.batch_size,
-            num_cpus=scorer.num_cpus if not decode_in_tasks(opts) else 1,
+            num_cpus=opts.engine_cpus if not decode_in_tasks(opts) else 1,
             **own_tasks,
         )
         .map_batches(
             Scorer,
             fn_constructor_kwargs={"cfg": cfg, "parts": parts},
-            compute=ray.data.ActorPoolStrategy(size=engines),
+            compute=ray.data.ActorPoolStrategy(size=opts.engines),
             batch_format="pyarrow",
             batch_size=opts.batch_size,
-            num_cpus=scorer.num_cpus,
-            num_gpus=scorer.num_gpus or None,
+            num_cpus=opts.engine_cpus,
+            num_gpus=opts.engine_gpus or None,
         )
     )
 
@@ -220,21 +219,19 @@ def _results(ds, stop: threading.Event):
         yield item
 
 
-def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
-    """Score the manifest's answers not yet in the output folder; the summary. ``KeyboardInterrupt`` after a
-    stop asked by SIGINT or SIGTERM (what arrived is committed)."""
+def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions) -> dict:
+    """Score the manifest's answers not yet in the output folder with the registered ``parts`` (the config's and
+    those added at run time, as the service sees them); the summary. ``KeyboardInterrupt`` after a stop asked by
+    SIGINT or SIGTERM (what arrived is committed)."""
 
     started = time.monotonic()
-    engines = opts.engines or cfg.serving.scorer.autoscaling.max_replicas
-    parts = PartRegistry.of_config(cfg, opts.config_path).entries()  # fails here on a bad adapter
     out = OutputDir(opts.out)
     check_manifest_location(opts.manifest)  # before Ray starts: a wrong name or format costs no start-up
     progress = Progress(0, opts.progress_s)
     with StopSignals() as stop:
-        scorer = cfg.serving.scorer
         # Room for the engines plus one CPU task decoding at a time; the object store bounds the decoded audio
         # waiting for an engine.
-        start_ray(opts.address, engines * scorer.num_cpus, opts.object_store_mb * 2**20, opts.verbose)
+        start_ray(opts.address, opts.engines * opts.engine_cpus, opts.object_store_mb * 2**20, opts.verbose)
         if not opts.verbose:
             log(f"engine and Ray logs: {log_folder()} (--verbose prints them here too)")
         try:
@@ -259,15 +256,16 @@ def run_session(cfg: GraderConfig, opts: SessionOptions) -> dict:
             )
             done = out.done_ids()
             todo = len(ids) - len(done)
+            decoding = "CPU tasks" if decode_in_tasks(opts) else "the engine actors"
             log(
                 f"{len(ids)} answers in the manifest, {len(done)} already in {opts.out}, {todo} to score "
-                f"with {engines} engine(s), decoding in {'CPU tasks' if decode_in_tasks(opts) else 'the engine actors'}"
+                f"with {opts.engines} engine(s), decoding in {decoding}"
             )
             progress = Progress(todo, opts.progress_s)
             writer = out.part_writer(opts.rows_per_part, opts.part_wait_s)
             if todo and not stop.is_set():
                 try:
-                    for table in _results(pipeline(manifest, cfg, parts, opts, engines, done), stop):
+                    for table in _results(pipeline(manifest, cfg, parts, opts, done), stop):
                         progress.add(table)
                         writer.add(table)
                 finally:
