@@ -176,7 +176,7 @@ class ServingConfig(StrictModel):
 class ServiceConfig(GraderConfig):
     """The whole config file as the service reads it: the grading settings and the ``serving:`` section."""
 
-    serving: ServingConfig = Field(default_factory=ServingConfig)  # type: ignore[assignment]
+    serving: ServingConfig = Field(default_factory=ServingConfig)
 
     def resolve_paths(self, base_dir: Path) -> None:
         super().resolve_paths(base_dir)
