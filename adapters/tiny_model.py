@@ -183,8 +183,27 @@ def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str], parts: dict[s
                 "num_cpus": 1,
             },
         },
-        "parts": {part: {"adapter": adapter_dirs[part], "task": task} for part, task in (parts or DEMO_PARTS).items()},
+        "parts": {
+            part: {"adapter": adapter_dirs[part], "task": task, **demo_aspects(part, adapter_dirs)}
+            for part, task in (parts or DEMO_PARTS).items()
+        },
     }
+
+
+#: The demo's analytic aspects: the interview's four, scored by the part's adapter; the long turn's coherence, by an
+#: adapter of its own (``adapters/long_turn.coherence``).
+DEMO_ASPECTS = {
+    "interview": {"fluency": None, "pronunciation": None, "language_use": None, "coherence": None},
+    "long_turn": {"coherence": "long_turn.coherence"},
+}
+
+
+def demo_aspects(part: str, adapter_dirs: dict[str, str]) -> dict:
+    """The ``aspects`` entry of a demo part's config (empty for parts without aspects)."""
+    aspects = DEMO_ASPECTS.get(part)
+    if not aspects:
+        return {}
+    return {"aspects": {a: {} if own is None else {"adapter": adapter_dirs[own]} for a, own in aspects.items()}}
 
 
 def make_tiny_model(out_dir: str | Path, seed: int = 0, parts: int = len(DEMO_PARTS)) -> Path:
@@ -203,9 +222,10 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, parts: int = len(DEMO_PA
         f"Random weights (seed {seed}) made by `l2grader make-tiny-model`. Scores from this model mean nothing.\n"
     )
     adapter_dirs = {}
-    for i, part in enumerate(part_tasks):
-        make_demo_adapter(model, out / "adapters" / part, part, seed=seed * 1000 + i + 1)
-        adapter_dirs[part] = f"adapters/{part}"
+    own = [(part, name) for part in part_tasks for name in DEMO_ASPECTS.get(part, {}).values() if name is not None]
+    for i, (part, name) in enumerate([(p, p) for p in part_tasks] + own):
+        make_demo_adapter(model, out / "adapters" / name, part, seed=seed * 1000 + i + 1)
+        adapter_dirs[name] = f"adapters/{name}"
     cfg = demo_config_dict("model", adapter_dirs, part_tasks)
     header = "# Demo config for the tiny UNTRAINED checkpoint (random weights): scores mean nothing.\n"
     (out / "demo.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False))

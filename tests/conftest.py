@@ -50,7 +50,9 @@ def tiny_config(tiny_dir):
         raw = yaml.safe_load((tiny_dir / "demo.yaml").read_text())
         raw["model"]["base"] = str(tiny_dir / "model")
         for pcfg in raw["parts"].values():
-            pcfg["adapter"] = str(tiny_dir / pcfg["adapter"])
+            for holder in (pcfg, *pcfg.get("aspects", {}).values()):
+                if holder.get("adapter"):
+                    holder["adapter"] = str(tiny_dir / holder["adapter"])
         return raw
 
     return make

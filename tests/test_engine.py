@@ -86,6 +86,15 @@ def test_vllm_equals_transformers_reference(vllm_scorer, reference, part):
         for a, b in zip(answer.chunks, ref.chunks):
             assert a.score == pytest.approx(b.score, abs=TOL)
             assert a.label_mass == pytest.approx(b.label_mass, abs=TOL)
+        # Each aspect, chunked answers included, as the reference scores it with the aspect's prompt and adapter.
+        assert answer.aspects.keys() == ref.aspects.keys() == vllm_scorer.cfg.parts[part].aspects.keys()
+        for name, want in ref.aspects.items():
+            got = answer.aspects[name]
+            assert got.probabilities == pytest.approx(want.probabilities, abs=TOL)
+            assert got.label_mass == pytest.approx(want.label_mass, abs=TOL)
+            assert got.score == pytest.approx(want.score, abs=TOL)
+            assert got.uncertainty.chunk_spread == pytest.approx(want.uncertainty.chunk_spread, abs=TOL)
+            assert got.adapter == want.adapter
 
 
 def test_adapters_change_the_distribution(vllm_scorer):
@@ -94,6 +103,46 @@ def test_adapters_change_the_distribution(vllm_scorer):
     assert dist(base, interview) > 0.01
     assert dist(base, long_turn) > 0.01
     assert dist(interview, long_turn) > 0.01
+
+
+def test_aspects_read_their_own_labels_and_adapters(vllm_scorer):
+    interview, long_turn = (score_waves(vllm_scorer, p, WAVES[:1])[0] for p in ("interview", "long_turn"))
+    assert set(interview.aspects) == {"fluency", "pronunciation", "language_use", "coherence"}
+    dist = lambda a, b: max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities)  # noqa: E731
+    for name, aspect in interview.aspects.items():
+        assert dist(aspect, interview) > 1e-3, name  # its own question, not the holistic one
+        assert aspect.adapter == interview.model.adapter  # the part's adapter
+    assert dist(interview.aspects["fluency"], interview.aspects["coherence"]) > 1e-3
+    own = long_turn.aspects["coherence"].adapter
+    assert own.startswith("long_turn.coherence@") and own != long_turn.model.adapter
+
+
+def test_aspects_reuse_the_holistic_prefix(vllm_scorer):
+    """The aspects' requests of a chunk find the rubric and the audio in vLLM's prefix cache: each prefills only
+    its question (the part's adapter scores them, so the cache key is the same)."""
+    from serve.engine.requests import engine_input, lora_request, sampling_params
+
+    spec = vllm_scorer.parts["interview"]
+    chunk = split(speechlike(12, seed=99))[0]  # audio no earlier request had
+    targets = spec.targets
+    outs = vllm_scorer.llm.generate(
+        [engine_input(t, chunk) for t in targets],
+        [sampling_params(t) for t in targets],
+        lora_request=[lora_request(t) for t in targets],
+        use_tqdm=False,
+    )
+    tokenizer = vllm_scorer.llm.get_tokenizer()
+    prefix, _ = spec.prompt.split("<|audio_eos|>")
+    assert all(t.prompt.startswith(prefix + "<|audio_eos|>") for t in targets)
+    audio_tokens = len(outs[0].prompt_token_ids) - len(tokenizer.encode(spec.prompt, add_special_tokens=False)) + 1
+    shared = len(tokenizer.encode(prefix, add_special_tokens=False)) + audio_tokens
+    block = 128  # vLLM's KV-cache block on CPU: only whole blocks are cached
+    before_audio = len(tokenizer.encode(spec.prompt.split("<|AUDIO|>")[0], add_special_tokens=False))
+    assert (outs[0].num_cached_tokens or 0) <= before_audio  # the rubric only: this audio is new
+    for out in outs[1:]:
+        assert out.num_cached_tokens >= shared // block * block > 0
+        question = len(out.prompt_token_ids) - shared
+        assert len(out.prompt_token_ids) - out.num_cached_tokens < question + block  # prefilled: its question
 
 
 def test_transformers4_adapter_names_apply_the_same_weights(vllm_scorer):

@@ -228,6 +228,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
             [Review.model_validate(a["review"]) for a in scored],
             len(mine) - len(scored),
             parts[scored[0]["part"]].config.levels if scored else (),
+            [{k: v["score"] for k, v in a["aspects"] or ()} for a in scored],
         )
         assert {k: c[k] for k in ("answers", "scored", "not_scorable")} == {
             "answers": len(mine),
@@ -236,6 +237,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
         }
         assert c["score"] == (pytest.approx(want.score, abs=1e-12) if scored else None)
         assert c["review"] == want.review.model_dump() and c["cefr"] == want.cefr
+        assert dict(c["aspects"]) == pytest.approx(want.aspects, abs=1e-12)
     assert candidates["cand-1"]["not_scorable"] == len(BAD) - 1
     assert candidates["cand-1"]["review"]["needed"] and "not_scorable" in candidates["cand-1"]["review"]["reasons"]
 

@@ -18,7 +18,7 @@ from serve.engine.requests import (
     lora_request,
     sampling_params,
 )
-from serve.grading.answers import answer_result
+from serve.grading.answers import answer_result, score_targets
 from serve.grading.audio import PreparedAnswer
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part, PartSpec, config_parts, resolve_part
@@ -48,21 +48,30 @@ class OfflineEngine:
         shutdown_engine(self.llm)
 
     def score_answers(self, answers: Sequence[tuple[str, PreparedAnswer]]) -> list[ScoredAnswer]:
-        """Score answers given as (part, prepared answer); every chunk of every answer goes to the engine at once."""
-        requests = [(part, chunk) for part, prepared in answers for chunk in prepared.chunks]
+        """Score answers given as (part, prepared answer); every chunk of every answer goes to the engine at once,
+        each chunk's targets (holistic score, aspects) one after another so that they share its cached audio."""
+        requests = [
+            (target, chunk)
+            for part, prepared in answers
+            for chunk in prepared.chunks
+            for target in self.parts[part].targets
+        ]
         if not requests:
             return []
-        specs = [self.parts[part] for part, _ in requests]
-        outputs = self.llm.generate(
-            [engine_input(spec, chunk) for spec, (_, chunk) in zip(specs, requests)],
-            [sampling_params(spec) for spec in specs],
-            lora_request=[lora_request(spec) for spec in specs],
-            use_tqdm=sys.stderr.isatty(),
+        outputs = iter(
+            self.llm.generate(
+                [engine_input(target, chunk) for target, chunk in requests],
+                [sampling_params(target) for target, _ in requests],
+                lora_request=[lora_request(target) for target, _ in requests],
+                use_tqdm=sys.stderr.isatty(),
+            )
         )
-        results, i = [], 0
+        results = []
         for part, prepared in answers:
             spec = self.parts[part]
-            scores = [chunk_score(spec, c, outputs[i + k]) for k, c in enumerate(prepared.chunks)]
-            i += len(prepared.chunks)
-            results.append(answer_result(spec, prepared, scores))
+            per_target = [[] for _ in spec.targets]
+            for chunk in prepared.chunks:
+                for scores, target in zip(per_target, spec.targets):
+                    scores.append(chunk_score(target, chunk, next(outputs)))
+            results.append(answer_result(spec, prepared, *score_targets(spec, per_target)))
         return results

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Sequence
 
 from serve.engine.requests import (
+    Target,
+    adapters_of,
     check_prompt_fits,
     chunk_score,
     configure_vllm_environment,
@@ -21,9 +23,10 @@ from serve.engine.requests import (
     lora_request,
     model_dims,
     sampling_params,
+    target_name,
 )
 from serve.grading.adapter_files import check_lora_dims
-from serve.grading.answers import answer_result
+from serve.grading.answers import answer_result, score_targets
 from serve.grading.audio import Chunk, PreparedAnswer
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part, PartSpec, base_name, resolve_part
@@ -59,22 +62,23 @@ class OnlineEngine:
         """``resolve``, and ``ValueError`` unless the prompt fits the context and the LoRA matrices fit the model."""
         spec = self.resolve(part)
         check_prompt_fits(spec, self.tokenizer, self.cfg)
-        if part.adapter is not None:
-            check_lora_dims(part.adapter, model_dims(self.engine.model_config.hf_config))
+        dims = model_dims(self.engine.model_config.hf_config)
+        for files in (part.adapter, *(f for _, f in part.aspect_adapters)):
+            if files is not None:
+                check_lora_dims(files, dims)
         return spec
 
     async def load_adapter(self, spec: PartSpec) -> None:
-        """Load the part's adapter into the engine now (not on the first request)."""
-        req = lora_request(spec)
-        if req is not None:
-            await self.engine.add_lora(req)
+        """Load the part's adapters (its own, its aspects') into the engine now (not on the first request)."""
+        for target in adapters_of(spec):
+            await self.engine.add_lora(lora_request(target))
 
     async def unload_adapter(self, spec: PartSpec) -> None:
-        """Drop the part's adapter from the engine."""
-        if spec.adapter_path is not None:
-            await self.engine.remove_lora(spec.adapter_int_id)
+        """Drop the part's adapters from the engine."""
+        for target in adapters_of(spec):
+            await self.engine.remove_lora(target.adapter_int_id)
 
-    async def _score_chunk(self, spec: PartSpec, chunk: Chunk, request_id: str) -> ChunkScore:
+    async def _score_chunk(self, spec: Target, chunk: Chunk, request_id: str) -> ChunkScore:
         final = None
         async for out in self.engine.generate(
             engine_input(spec, chunk), sampling_params(spec), request_id, lora_request=lora_request(spec)
@@ -83,10 +87,19 @@ class OnlineEngine:
         return chunk_score(spec, chunk, final)
 
     async def score_answer(self, spec: PartSpec, prepared: PreparedAnswer, request_id: str) -> ScoredAnswer:
-        """Score one answer: all its chunks are submitted at once."""
-        chunks = prepared.chunks
-        scores = await asyncio.gather(*(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(chunks)))
-        return answer_result(spec, prepared, scores)
+        """Score one answer: all its chunks, each for every target (holistic score, aspects), are submitted at once."""
+        per_target = await asyncio.gather(
+            *(
+                asyncio.gather(
+                    *(
+                        self._score_chunk(t, c, f"{request_id}-{i}-{target_name(t)}")
+                        for i, c in enumerate(prepared.chunks)
+                    )
+                )
+                for t in spec.targets
+            )
+        )
+        return answer_result(spec, prepared, *score_targets(spec, per_target))
 
     def shutdown(self) -> None:
         self.engine.shutdown()

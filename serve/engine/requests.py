@@ -1,6 +1,7 @@
 """vLLM requests of the grader: engine settings, one prefill per chunk, label log-probabilities out.
 
-Each chunk is one request with ``max_tokens=1`` that asks for the
+Each chunk is one request per target (the holistic score, then each of the
+part's aspects) with ``max_tokens=1`` that asks for the
 log-probabilities of exactly the part's label tokens (vLLM's
 ``logprob_token_ids``, raw mode: over the whole vocabulary, before any
 sampling restriction). They are renormalised over the labels here
@@ -8,6 +9,14 @@ sampling restriction). They are renormalised over the labels here
 mass: the probability the model puts on the label set at all. Requests carry their part's LoRA
 adapter, named by the part's model id; vLLM loads it on first use and batches
 requests of different adapters together.
+
+An aspect's prompt is the holistic prompt up to the end of the audio, then the
+aspect's question (:func:`serve.grading.prompt.build_aspect_prompt`). The
+requests of one chunk carry the same audio array, so vLLM processes and hashes
+it once (its processor cache, ``engine.audio_cache_gb``), encodes it once (its
+encoder cache, keyed by that hash) and, where the part's adapter scores the
+aspect, prefills the rubric and the audio once (its prefix cache, keyed by the
+tokens, the audio's hash and the adapter): each aspect adds a short suffix.
 
 The offline (:mod:`serve.engine.offline`) and online
 (:mod:`serve.engine.online`) engines build their requests here.
@@ -23,7 +32,7 @@ from typing import Any
 
 from serve.grading.audio import SAMPLE_RATE, Chunk
 from serve.grading.config import GraderConfig
-from serve.grading.parts import PartSpec
+from serve.grading.parts import AspectSpec, PartSpec
 from serve.grading.scoring import ChunkScore, label_distribution
 
 
@@ -78,7 +87,10 @@ def engine_kwargs(cfg: GraderConfig) -> dict[str, Any]:
     )
 
 
-def sampling_params(spec: PartSpec):
+Target = PartSpec | AspectSpec
+
+
+def sampling_params(spec: Target):
     """One output position, returning every label's full-vocabulary log-probability."""
     from vllm import SamplingParams  # vLLM loads only in an engine's process, after configure_vllm_environment
 
@@ -90,7 +102,7 @@ def sampling_params(spec: PartSpec):
     )
 
 
-def lora_request(spec: PartSpec):
+def lora_request(spec: Target):
     """The part's adapter as a vLLM ``LoRARequest`` named by its model id (None for the base model)."""
     if spec.adapter_path is None:
         return None
@@ -99,16 +111,16 @@ def lora_request(spec: PartSpec):
     return LoRARequest(lora_name=spec.model_id, lora_int_id=spec.adapter_int_id, lora_path=str(spec.adapter_path))
 
 
-def engine_input(spec: PartSpec, chunk: Chunk) -> dict[str, Any]:
+def engine_input(spec: Target, chunk: Chunk) -> dict[str, Any]:
     """The prompt and audio of one chunk, as vLLM takes them (audio already 16 kHz mono)."""
     return {"prompt": spec.prompt, "multi_modal_data": {"audio": (chunk.samples, SAMPLE_RATE)}}
 
 
-def chunk_score(spec: PartSpec, chunk: Chunk, output) -> ChunkScore:
+def chunk_score(spec: Target, chunk: Chunk, output) -> ChunkScore:
     """Read the label distribution and label mass of a finished request (a vLLM ``RequestOutput``)."""
     completion = output.outputs[0]
     if not completion.logprobs:
-        raise RuntimeError(f"engine returned no logprobs for a chunk of part {spec.part!r}")
+        raise RuntimeError(f"engine returned no logprobs for a chunk of part {spec.part!r} ({target_name(spec)})")
     by_id = completion.logprobs[0]  # token id -> Logprob (the labels and the sampled token), not in label order
     missing = [tid for tid in spec.label_token_ids if tid not in by_id]
     if missing:
@@ -118,19 +130,36 @@ def chunk_score(spec: PartSpec, chunk: Chunk, output) -> ChunkScore:
     return ChunkScore(chunk.start_s, chunk.end_s, probabilities, mass)
 
 
+def target_name(spec: Target) -> str:
+    """``holistic`` or the aspect's id (request ids, messages)."""
+    return getattr(spec, "aspect", "holistic")
+
+
+def adapters_of(spec: PartSpec) -> list[Target]:
+    """The targets whose adapters the engine must hold to score the part: one per distinct adapter."""
+    seen: dict[str, Target] = {}
+    for t in spec.targets:
+        if t.adapter_path is not None:
+            seen.setdefault(t.model_id, t)
+    return list(seen.values())
+
+
 #: Audio tokens Qwen2-Audio makes of 30 s (16 kHz -> 3000 mel frames -> 1500 encoder frames -> 750 after pooling).
 AUDIO_TOKENS_PER_30_S = 750
 
 
 def check_prompt_fits(spec: PartSpec, tokenizer, cfg: GraderConfig) -> None:
-    """``ValueError`` unless the part's prompt with its longest chunk's audio and one label fits ``max_model_len``."""
+    """``ValueError`` unless each of the part's prompts (holistic, aspects) with its longest chunk's audio and one
+    label fits ``max_model_len``."""
     audio_tokens = -(-AUDIO_TOKENS_PER_30_S * cfg.audio.max_chunk_s // 30)
-    need = len(tokenizer.encode(spec.prompt, add_special_tokens=False)) - 1 + int(audio_tokens) + 1
-    if need > cfg.engine.max_model_len:
-        raise ValueError(
-            f"part {spec.part!r}: the prompt with {cfg.audio.max_chunk_s:g} s of audio needs {need} tokens, "
-            f"more than engine.max_model_len {cfg.engine.max_model_len} (shorten the task text)"
-        )
+    for target in spec.targets:
+        need = len(tokenizer.encode(target.prompt, add_special_tokens=False)) - 1 + int(audio_tokens) + 1
+        if need > cfg.engine.max_model_len:
+            raise ValueError(
+                f"part {spec.part!r} ({target_name(target)}): the prompt with {cfg.audio.max_chunk_s:g} s of audio "
+                f"needs {need} tokens, more than engine.max_model_len {cfg.engine.max_model_len} "
+                "(shorten the task text or the descriptors)"
+            )
 
 
 def model_dims(hf_config) -> dict[str, int]:

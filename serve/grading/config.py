@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve.grading.aspects import BUILTIN_ASPECTS, MAX_ASPECTS
 from serve.grading.levels import DEFAULT_LEVELS, Level
 from serve.grading.prompt import DEFAULT_TASK
 
@@ -37,10 +38,11 @@ def clip(text: object, limit: int = 80) -> str:
     return s if len(s) <= limit else f"{s[:limit]}...[{len(s)} chars]"
 
 
-def validate_part_id(part: str) -> str:
-    """The one rule for part ids (config keys, URL paths): ``ValueError`` unless it is 1-64 letters, digits, ``-_.``."""
+def validate_part_id(part: str, what: str = "part id") -> str:
+    """The one rule for part (and aspect) ids, config keys, URL paths and metric labels: ``ValueError`` unless it is
+    1-64 letters, digits, ``-_.``."""
     if not part or len(part) > MAX_PART_ID or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in part):
-        raise ValueError(f"part id {clip(part, MAX_PART_ID)!r} must be {PART_ID_CHARS}")
+        raise ValueError(f"{what} {clip(part, MAX_PART_ID)!r} must be {PART_ID_CHARS}")
     return part
 
 
@@ -124,11 +126,12 @@ class EngineConfig(StrictModel):
     max_model_len: int = Field(2048, ge=256, description="Prompt tokens per chunk: rubric + up to 750 audio tokens.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (faster start, slower steps).")
     audio_cache_gb: float = Field(
-        0.0,
+        0.1,
         ge=0,
         description="vLLM's cache of processed audio inputs (mm_processor_cache_gb), in the engine's "
-        "front and core processes each. Answers are all different, so a cache only grows (vLLM's default of 4 GiB "
-        "made the engine core grow by 2.6 GB over a 5,000-answer session); raise it only for repeated audio.",
+        "front and core processes each (LRU). The requests of an answer's aspects find its audio here instead of "
+        "processing it again; answers are all different, so a larger cache only grows (vLLM's default of 4 GiB "
+        "made the engine core grow by 2.6 GB over a 5,000-answer session). 0 turns it off.",
     )
     tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0
@@ -233,6 +236,13 @@ class ReviewConfig(StrictModel):
         None, ge=0.0, description="too_long: the answer lasts more than this (the part's expected range)."
     )
     cut_off: bool = Field(True, description="cut_off: speech runs into the answer's last frames (recording cut off).")
+    max_aspect_gap: float | None = Field(
+        1.5,
+        ge=0.0,
+        description="aspects_disagree: the holistic score and the mean of the aspect scores differ by more than this "
+        "(parts with aspects; each aspect's own score_sd and label mass are checked against max_score_sd and "
+        "min_label_mass: aspect_uncertain, aspect_low_label_mass).",
+    )
 
 
 class IntervalConfig(StrictModel):
@@ -244,8 +254,63 @@ class IntervalConfig(StrictModel):
     )
 
 
+class AspectConfig(StrictModel):
+    """One analytic aspect of a part's answers (fluency, pronunciation, ...), scored beside the holistic score.
+
+    The built-in aspects (:data:`serve.grading.aspects.BUILTIN_ASPECTS`) need no settings: their description
+    and their descriptor per CEFR level are filled in on the part's labels. Other aspects name both.
+    """
+
+    description: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="What the aspect judges, one sentence for the prompt (default: the built-in aspect's).",
+    )
+    levels: tuple[Level, ...] | None = Field(
+        None,
+        min_length=2,
+        max_length=MAX_LEVELS,
+        description="The aspect's labels and descriptors (default: the part's labels, with the built-in aspect's "
+        "descriptor for each CEFR level).",
+    )
+    adapter: Path | None = Field(
+        None,
+        description="An adapter of its own (null: the part's adapter scores the aspect, and the aspect's requests "
+        "reuse the holistic request's encoded audio and cached prefix).",
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _labels_unique(cls, v: tuple[Level, ...] | None) -> tuple[Level, ...] | None:
+        labels = [lv.label for lv in v or ()]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique, got {labels}")
+        return v
+
+
+def complete_aspect(name: str, aspect: AspectConfig, part_levels: tuple[Level, ...]) -> AspectConfig:
+    """The aspect with its description and levels filled in from the built-ins (``ValueError`` if it has none)."""
+    builtin = BUILTIN_ASPECTS.get(name)
+    update: dict[str, Any] = {}
+    if aspect.description is None:
+        if builtin is None:
+            raise ValueError(f"aspect {name!r} is not built in ({', '.join(BUILTIN_ASPECTS)}): give its description")
+        update["description"] = builtin.description
+    if aspect.levels is None:
+        if builtin is None:
+            raise ValueError(f"aspect {name!r} is not built in: give its levels")
+        missing = [lv.cefr for lv in part_levels if lv.cefr not in builtin.descriptors]
+        if missing:
+            raise ValueError(f"aspect {name!r} has no built-in descriptor for {missing}: give its levels")
+        update["levels"] = tuple(
+            lv.model_copy(update={"descriptor": builtin.descriptors[lv.cefr]}) for lv in part_levels
+        )
+    return aspect.model_copy(update=update) if update else aspect
+
+
 class PartConfig(StrictModel):
-    """One exam part: its adapter, its prompt, its label scale and its review thresholds."""
+    """One exam part: its adapter, its prompt, its label scale, its aspects and its review thresholds."""
 
     adapter: Path | None = Field(None, description="peft LoRA adapter folder; null scores with the base model.")
     task: str = Field(
@@ -254,6 +319,12 @@ class PartConfig(StrictModel):
     levels: tuple[Level, ...] = Field(DEFAULT_LEVELS, min_length=2, max_length=MAX_LEVELS)
     review: ReviewConfig = Field(default_factory=ReviewConfig, description="When its scores go to a human examiner.")
     interval: IntervalConfig = Field(default_factory=IntervalConfig, description="Its answers' calibrated interval.")
+    aspects: dict[str, AspectConfig] = Field(
+        default_factory=dict,
+        max_length=MAX_ASPECTS,
+        description="Analytic aspects scored beside the holistic score, by id (a list of built-in ids will do: "
+        f"{', '.join(BUILTIN_ASPECTS)}). None: the holistic score only.",
+    )
 
     @field_validator("levels")
     @classmethod
@@ -262,6 +333,23 @@ class PartConfig(StrictModel):
         if len(set(labels)) != len(labels):
             raise ValueError(f"labels must be unique, got {labels}")
         return v
+
+    @field_validator("aspects", mode="before")
+    @classmethod
+    def _aspect_list(cls, v: Any) -> Any:
+        """``[fluency, coherence]`` is short for ``{fluency: {}, coherence: {}}``."""
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            if len(set(v)) != len(v):
+                raise ValueError("aspects are listed more than once")
+            return {name: {} for name in v}
+        return v
+
+    @model_validator(mode="after")
+    def _complete_aspects(self) -> PartConfig:
+        for name in self.aspects:
+            validate_part_id(name, "aspect id")
+        self.aspects = {name: complete_aspect(name, a, self.levels) for name, a in self.aspects.items()}
+        return self
 
 
 class GraderConfig(StrictModel):
@@ -299,8 +387,9 @@ class GraderConfig(StrictModel):
         a folder there stays as written (a hub id)."""
         self.model.base = _resolve(base_dir, self.model.base)
         for part in self.parts.values():
-            if part.adapter is not None:
-                part.adapter = beside(base_dir, part.adapter)
+            for holder in (part, *part.aspects.values()):
+                if holder.adapter is not None:
+                    holder.adapter = beside(base_dir, holder.adapter)
 
 
 class UnknownPartError(KeyError):

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from serve.grading import calibration
 from serve.grading.adapter_files import AdapterFiles, check_adapter
+from serve.grading.aspects import title
 from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import Level
-from serve.grading.prompt import build_prompt
+from serve.grading.prompt import build_aspect_prompt, build_prompt
 from serve.grading.results import ModelInfo
 
 
@@ -76,11 +77,12 @@ def model_id(part: str, adapter_hash: str | None) -> str:
 
 @dataclass(frozen=True)
 class Part:
-    """A registered part: its config and its checked adapter (None: the base model)."""
+    """A registered part: its config, its checked adapter (None: the base model) and its aspects' own adapters."""
 
     part: str
     config: PartConfig
     adapter: AdapterFiles | None
+    aspect_adapters: tuple[tuple[str, AdapterFiles], ...] = ()
 
     @property
     def adapter_hash(self) -> str | None:
@@ -92,9 +94,12 @@ class Part:
 
 
 def check_part(part: str, pcfg: PartConfig, max_lora_rank: int | None = None) -> Part:
-    """A part with its adapter checked (files, rank, content hash); ``AdapterError`` otherwise."""
+    """A part with its adapters checked (files, rank, content hash); ``AdapterError`` otherwise."""
     adapter = None if pcfg.adapter is None else check_adapter(pcfg.adapter, max_lora_rank)
-    return Part(part, pcfg, adapter)
+    own = tuple(
+        (name, check_adapter(a.adapter, max_lora_rank)) for name, a in pcfg.aspects.items() if a.adapter is not None
+    )
+    return Part(part, pcfg, adapter, own)
 
 
 def config_parts(cfg: GraderConfig) -> dict[str, Part]:
@@ -103,8 +108,34 @@ def config_parts(cfg: GraderConfig) -> dict[str, Part]:
 
 
 @dataclass(frozen=True)
+class AspectSpec:
+    """What the engine needs to score one aspect of a part's answers: prompt, labels, adapter.
+
+    It has the names :class:`PartSpec` has for the same things, so one request builder serves both.
+    """
+
+    part: str
+    aspect: str
+    model_id: str  # the vLLM adapter name: the part's model id when the part's adapter scores the aspect
+    levels: tuple[Level, ...]
+    prompt: str
+    label_token_ids: tuple[int, ...]
+    adapter_path: Path | None
+    adapter_hash: str | None
+
+    @property
+    def adapter_int_id(self) -> int:
+        return 0 if self.adapter_hash is None else int(self.adapter_hash[:7], 16) + 1
+
+    @property
+    def adapter_name(self) -> str | None:
+        """The adapter as answers name it (None: the base model)."""
+        return None if self.adapter_hash is None else self.model_id
+
+
+@dataclass(frozen=True)
 class PartSpec:
-    """Everything the engine needs to score answers to one part."""
+    """Everything the engine needs to score answers to one part (and its aspects)."""
 
     part: str
     model_id: str
@@ -116,11 +147,17 @@ class PartSpec:
     model: ModelInfo
     review: ReviewConfig
     intervals: calibration.Intervals = calibration.Intervals()
+    aspects: tuple[AspectSpec, ...] = ()
 
     @property
     def adapter_int_id(self) -> int:
         """Positive integer id derived from the content hash (vLLM keys adapters by it)."""
         return 0 if self.adapter_hash is None else int(self.adapter_hash[:7], 16) + 1
+
+    @property
+    def targets(self) -> tuple[PartSpec | AspectSpec, ...]:
+        """What one chunk is scored for: the holistic score, then each aspect."""
+        return (self, *self.aspects)
 
 
 def label_token_ids(tokenizer, levels: tuple[Level, ...]) -> tuple[int, ...]:
@@ -137,6 +174,28 @@ def label_token_ids(tokenizer, levels: tuple[Level, ...]) -> tuple[int, ...]:
     if len(set(ids)) != len(ids):
         raise LabelTokenError(f"labels {[lv.label for lv in levels]} do not map to distinct tokens: {ids}")
     return tuple(ids)
+
+
+def resolve_aspects(part: Part, tokenizer) -> tuple[AspectSpec, ...]:
+    """The part's aspects resolved against the tokenizer, each scored by its own adapter or else the part's."""
+    pcfg, own = part.config, dict(part.aspect_adapters)
+    specs = []
+    for name, a in pcfg.aspects.items():
+        files = own.get(name, part.adapter)
+        spec_id = part.model_id if name not in own else model_id(f"{part.part}.{name}", files.content_hash)
+        specs.append(
+            AspectSpec(
+                part=part.part,
+                aspect=name,
+                model_id=spec_id,
+                levels=a.levels,
+                prompt=build_aspect_prompt(pcfg.task, pcfg.levels, title(name), a.description, a.levels),
+                label_token_ids=label_token_ids(tokenizer, a.levels),
+                adapter_path=None if files is None else files.path,
+                adapter_hash=None if files is None else files.content_hash,
+            )
+        )
+    return tuple(specs)
 
 
 def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSpec:
@@ -163,6 +222,7 @@ def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSp
             pcfg.interval.coverage,
             pcfg.interval.method,
         ),
+        aspects=resolve_aspects(part, tokenizer),
     )
 
 

@@ -45,3 +45,25 @@ def build_prompt(task: str, levels: Sequence[Level]) -> str:
         f"<|im_start|>user\nAudio 1: {AUDIO_PLACEHOLDER}\n{QUESTION}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+ASPECT_QUESTION = (
+    "Now judge only the candidate's {title}: {description} The levels of {title} are:\n"
+    "{levels}\n"
+    "Which level is this answer's {title}? Reply with one letter."
+)
+
+
+def build_aspect_prompt(
+    task: str, levels: Sequence[Level], title: str, description: str, aspect_levels: Sequence[Level]
+) -> str:
+    """An aspect's prompt: the part's prompt up to the end of the audio, then the aspect's question and levels.
+
+    Everything before the question is the holistic prompt's own prefix, so with the same adapter vLLM's prefix
+    cache computes the rubric and the audio once for the holistic score and all aspects of an answer."""
+    question = ASPECT_QUESTION.format(title=title, description=description.strip(), levels=rubric(aspect_levels))
+    return (
+        f"<|im_start|>system\n{system_message(task, levels)}<|im_end|>\n"
+        f"<|im_start|>user\nAudio 1: {AUDIO_PLACEHOLDER}\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )

@@ -139,25 +139,37 @@ class PartRegistry:
         """Folders admin calls take adapters from (the ones given, else those of the config's adapters)."""
         roots = self._adapter_roots
         if roots is None:
-            roots = sorted({p.adapter.parent for p in self.cfg.parts.values() if p.adapter is not None})
+            holders = [h for p in self.cfg.parts.values() for h in (p, *p.aspects.values())]
+            roots = sorted({h.adapter.parent for h in holders if h.adapter is not None})
         return [Path(os.path.realpath(r)) for r in roots]
 
+    def _admitted_path(self, adapter: Path, what: str) -> Path:
+        """``adapter`` resolved, if it lies inside an adapter root (``AdapterError`` otherwise)."""
+        if not adapter.is_absolute():
+            raise AdapterError(f"{what} must be an absolute path (as the service's machines see it)")
+        real = Path(os.path.realpath(adapter))
+        if not any(real.is_relative_to(root) for root in self.adapter_roots()):
+            raise AdapterError(f"{what} path is outside the folders adapters may come from (serving.adapter_roots)")
+        return real
+
     def admit(self, part: str, pcfg: PartConfig) -> Part:
-        """An admin's new part, checked: its adapter must lie inside an adapter root once symlinks are resolved.
+        """An admin's new part, checked: its adapters (its own, its aspects') must lie inside an adapter root once
+        symlinks are resolved.
 
         The answer for a path outside the roots is the same whether or not it
-        exists; the part keeps the resolved path, so a symlink changed later
+        exists; the part keeps the resolved paths, so a symlink changed later
         cannot point it elsewhere.
         """
         if pcfg.adapter is not None:
-            if not pcfg.adapter.is_absolute():
-                raise AdapterError("the adapter must be an absolute path (as the service's machines see it)")
-            real = Path(os.path.realpath(pcfg.adapter))
-            if not any(real.is_relative_to(root) for root in self.adapter_roots()):
-                raise AdapterError(
-                    "the adapter path is outside the folders adapters may come from (serving.adapter_roots)"
-                )
-            pcfg = pcfg.model_copy(update={"adapter": real})
+            pcfg = pcfg.model_copy(update={"adapter": self._admitted_path(pcfg.adapter, "the adapter")})
+        aspects = {
+            name: a
+            if a.adapter is None
+            else a.model_copy(update={"adapter": self._admitted_path(a.adapter, f"aspect {name!r}'s adapter")})
+            for name, a in pcfg.aspects.items()
+        }
+        if aspects != pcfg.aspects:
+            pcfg = pcfg.model_copy(update={"aspects": aspects})
         return self.check(part, pcfg)
 
     def put(self, part: str | Part, pcfg: PartConfig | None = None) -> Part:

@@ -23,6 +23,9 @@ REVIEW_REASONS = (
     "too_short",
     "too_long",
     "cut_off",
+    "aspect_uncertain",
+    "aspect_low_label_mass",
+    "aspects_disagree",
 )
 
 #: What ``interval_status`` says: an interval from the adapter's own calibration, or why there is none.
@@ -102,6 +105,19 @@ class Review(BaseModel):
     reasons: list[str] = Field(description=f"Reason codes, a subset of {list(REVIEW_REASONS)}.")
 
 
+class AspectScore(BaseModel):
+    """The score of one analytic aspect of an answer (fluency, pronunciation, ...), read like the holistic one."""
+
+    score: float = Field(description="Soft score: probability-weighted mean of the aspect's label scores.")
+    hard_score: float = Field(description="Score of the most probable label.")
+    cefr: str = Field(description="CEFR level nearest the soft score.")
+    probabilities: dict[str, float] = Field(description="Label -> probability (duration-weighted over chunks).")
+    label_cefr: dict[str, str] = Field(description="Label -> the CEFR level it stands for.")
+    label_mass: float = Field(description="Probability the model puts on the aspect's label set at all.")
+    uncertainty: Uncertainty
+    adapter: str | None = Field(description="The adapter that scored it (part@hash; the part's unless it has its own).")
+
+
 class ScoredAnswer(BaseModel):
     """The score of one answer to one exam part, with how far to trust it (made by :mod:`serve.grading.answers`)."""
 
@@ -127,6 +143,9 @@ class ScoredAnswer(BaseModel):
     chunks: list[ChunkResult]
     duration_s: float
     model: ModelInfo
+    aspects: dict[str, AspectScore] = Field(
+        default_factory=dict, description="Aspect id -> its score, for parts with analytic aspects (else empty)."
+    )
 
 
 class NotScorableReason(BaseModel):
@@ -153,4 +172,7 @@ class Overall(BaseModel):
     review: Review = Field(
         description="Needed when any answer needs review or was not scorable (reason "
         "`not_scorable`); the reasons of all answers."
+    )
+    aspects: dict[str, float] = Field(
+        default_factory=dict, description="Aspect id -> mean of its scores over the scored answers that have it."
     )

@@ -4,8 +4,18 @@ thresholds (:class:`serve.grading.config.ReviewConfig`), each named by a fixed r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from serve.grading.config import ReviewConfig
-from serve.grading.results import REVIEW_REASONS, Quality, Review, ScoredAnswer, ScoreInterval, Uncertainty
+from serve.grading.results import (
+    REVIEW_REASONS,
+    AspectScore,
+    Quality,
+    Review,
+    ScoredAnswer,
+    ScoreInterval,
+    Uncertainty,
+)
 
 
 def review_reasons(
@@ -15,10 +25,14 @@ def review_reasons(
     *,
     interval: ScoreInterval | None = None,
     duration_s: float | None = None,
+    score: float | None = None,
+    aspects: Mapping[str, AspectScore] | None = None,
 ) -> list[str]:
     """The reason codes that apply, in the order of :data:`REVIEW_REASONS`."""
     t = thresholds
     d = duration_s
+    a = list((aspects or {}).values())
+    gap = abs(score - sum(x.score for x in a) / len(a)) if a and score is not None else 0.0
     checks = (
         ("low_snr", t.min_snr_db is not None and quality.snr_db < t.min_snr_db),
         ("clipping", t.max_clipped_fraction is not None and quality.clipped_fraction > t.max_clipped_fraction),
@@ -33,6 +47,9 @@ def review_reasons(
         ("too_short", t.min_duration_s is not None and d is not None and d < t.min_duration_s),
         ("too_long", t.max_duration_s is not None and d is not None and d > t.max_duration_s),
         ("cut_off", t.cut_off and quality.ends_in_speech),
+        ("aspect_uncertain", t.max_score_sd is not None and any(x.uncertainty.score_sd > t.max_score_sd for x in a)),
+        ("aspect_low_label_mass", t.min_label_mass is not None and any(x.label_mass < t.min_label_mass for x in a)),
+        ("aspects_disagree", t.max_aspect_gap is not None and gap > t.max_aspect_gap),
     )
     return [code for code, hit in checks if hit]
 
@@ -40,7 +57,13 @@ def review_reasons(
 def assess(answer: ScoredAnswer, quality: Quality, thresholds: ReviewConfig) -> ScoredAnswer:
     """The answer with its audio quality and its review verdict."""
     reasons = review_reasons(
-        answer.uncertainty, quality, thresholds, interval=answer.interval, duration_s=answer.duration_s
+        answer.uncertainty,
+        quality,
+        thresholds,
+        interval=answer.interval,
+        duration_s=answer.duration_s,
+        score=answer.score,
+        aspects=answer.aspects,
     )
     return answer.model_copy(update={"quality": quality, "review": Review(needed=bool(reasons), reasons=reasons)})
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from serve.grading.calibration import Intervals
 from serve.grading.levels import Level, nearest_level
-from serve.grading.results import ChunkResult, ModelInfo, ScoredAnswer, Uncertainty
+from serve.grading.results import AspectScore, ChunkResult, ModelInfo, ScoredAnswer, Uncertainty
 
 
 def label_distribution(label_logprobs: Sequence[float]) -> tuple[np.ndarray, float]:
@@ -65,22 +65,20 @@ def normalised_entropy(probabilities: np.ndarray) -> float:
     return float(min(1.0, max(0.0, -np.sum(nz * np.log(nz)) / np.log(len(p)))))
 
 
-def aggregate(
-    part: str,
-    levels: Sequence[Level],
-    chunks: Sequence[ChunkScore],
-    model: ModelInfo,
-    intervals: Intervals | None = None,
-) -> ScoredAnswer:
-    """Combine chunk distributions into the answer's score.
+@dataclass(frozen=True)
+class Combined:
+    """An answer's chunk distributions combined: its distribution, soft score, chunk scores and uncertainty."""
 
-    The answer's distribution is the duration-weighted mean of the chunks';
-    its soft score therefore equals the duration-weighted mean of the chunk
-    soft scores. The hard score is the most probable label of that mean. The
-    uncertainty (score SD and entropy of that distribution, label mass
-    weighted like the scores, spread of the chunk scores) comes with it, and
-    the calibrated interval of ``intervals`` (the part's; none given: uncalibrated).
-    """
+    probabilities: np.ndarray
+    score: float
+    chunk_scores: list[float]
+    uncertainty: Uncertainty
+
+
+def combine(levels: Sequence[Level], chunks: Sequence[ChunkScore]) -> Combined:
+    """The duration-weighted mean of the chunks' distributions (its soft score therefore equals the
+    duration-weighted mean of the chunk soft scores), with its uncertainty: score SD and entropy of that
+    distribution, label mass weighted like the scores, spread of the chunk scores."""
     if not chunks:
         raise ValueError("an answer needs at least one chunk")
     weights = np.array([c.duration_s for c in chunks], dtype=np.float64)
@@ -88,31 +86,61 @@ def aggregate(
         weights = np.ones_like(weights)
     probs = np.average(np.stack([c.probabilities for c in chunks]), axis=0, weights=weights)
     probs = probs / probs.sum()
-    score = soft_score(levels, probs)
     chunk_scores = [soft_score(levels, c.probabilities) for c in chunks]
     mass = float(np.average([c.label_mass for c in chunks], weights=weights))
-    sd = score_sd(levels, probs)
-    interval, interval_status = (intervals or Intervals()).of(score, sd)
+    uncertainty = Uncertainty(
+        score_sd=score_sd(levels, probs),
+        entropy=normalised_entropy(probs),
+        label_mass=mass,
+        chunk_spread=float(max(chunk_scores) - min(chunk_scores)),
+    )
+    return Combined(probs, soft_score(levels, probs), chunk_scores, uncertainty)
+
+
+def aggregate(
+    part: str,
+    levels: Sequence[Level],
+    chunks: Sequence[ChunkScore],
+    model: ModelInfo,
+    intervals: Intervals | None = None,
+) -> ScoredAnswer:
+    """Combine chunk distributions into the answer's score (:func:`combine`).
+
+    The hard score is the most probable label of the combined distribution; the calibrated interval comes from
+    ``intervals`` (the part's; none given: uncalibrated).
+    """
+    c = combine(levels, chunks)
+    interval, interval_status = (intervals or Intervals()).of(c.score, c.uncertainty.score_sd)
     return ScoredAnswer(
         part=part,
-        score=score,
-        hard_score=levels[int(np.argmax(probs))].score,
-        cefr=nearest_level(levels, score).cefr,
-        probabilities={lv.label: float(p) for lv, p in zip(levels, probs)},
+        score=c.score,
+        hard_score=levels[int(np.argmax(c.probabilities))].score,
+        cefr=nearest_level(levels, c.score).cefr,
+        probabilities={lv.label: float(p) for lv, p in zip(levels, c.probabilities)},
         label_cefr={lv.label: lv.cefr for lv in levels},
-        label_mass=mass,
-        uncertainty=Uncertainty(
-            score_sd=sd,
-            entropy=normalised_entropy(probs),
-            label_mass=mass,
-            chunk_spread=float(max(chunk_scores) - min(chunk_scores)),
-        ),
+        label_mass=c.uncertainty.label_mass,
+        uncertainty=c.uncertainty,
         interval=interval,
         interval_status=interval_status,
         chunks=[
-            ChunkResult(start_s=round(c.start_s, 3), end_s=round(c.end_s, 3), score=s, label_mass=c.label_mass)
-            for c, s in zip(chunks, chunk_scores)
+            ChunkResult(start_s=round(ch.start_s, 3), end_s=round(ch.end_s, 3), score=s, label_mass=ch.label_mass)
+            for ch, s in zip(chunks, c.chunk_scores)
         ],
         duration_s=round(float(chunks[-1].end_s - chunks[0].start_s), 3),
         model=model,
+    )
+
+
+def aspect_score(levels: Sequence[Level], chunks: Sequence[ChunkScore], adapter: str | None) -> AspectScore:
+    """One aspect's chunk distributions combined like the holistic score's (:func:`combine`)."""
+    c = combine(levels, chunks)
+    return AspectScore(
+        score=c.score,
+        hard_score=levels[int(np.argmax(c.probabilities))].score,
+        cefr=nearest_level(levels, c.score).cefr,
+        probabilities={lv.label: float(p) for lv, p in zip(levels, c.probabilities)},
+        label_cefr={lv.label: lv.cefr for lv in levels},
+        label_mass=c.uncertainty.label_mass,
+        uncertainty=c.uncertainty,
+        adapter=adapter,
     )

@@ -257,6 +257,7 @@ class Ingress:
             [r.review for r, _ in scored],
             len(results) - len(scored),
             scored[0][1].config.levels if scored else (),
+            [{k: a.score for k, a in r.aspects.items()} for r, _ in scored],
         )
         rid, latency_ms = request_id(), elapsed_ms(started)
         return BatchResponse(

@@ -135,7 +135,7 @@ class OutputDir:
         """Make ``candidates.parquet`` from all committed answers (each candidate's result as the batch endpoint's
         ``overall``, on the scale of their first scored answer's part); the number of candidates."""
 
-        answers = self.read_parts(["candidate_id", "part", "status", "score", "review"]).to_pylist()
+        answers = self.read_parts(["candidate_id", "part", "status", "score", "review", "aspects"]).to_pylist()
         by_candidate: dict[str, list[dict]] = {}
         for a in answers:
             by_candidate.setdefault(a["candidate_id"], []).append(a)
@@ -149,6 +149,7 @@ class OutputDir:
                 [Review.model_validate(a["review"]) for a in scored],
                 len(group) - len(scored),
                 first.config.levels if first is not None else (),
+                [{k: v["score"] for k, v in a["aspects"] or ()} for a in scored],
             )
             parts_scored = sorted({a["part"] for a in scored})
             rows.append({"candidate_id": cid, "answers": len(group), "parts": parts_scored, **overall.model_dump()})
