@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from serve.grading.answers import answer_result
+from serve.grading.answers import answer_result, score_targets
 from serve.grading.parts import Part, PartSpec, resolve_part
 from serve.grading.scoring import ChunkScore
 
@@ -67,9 +67,11 @@ class FakeEngine:
         await asyncio.sleep(SECONDS_PER_AUDIO_SECOND * sum(c.duration_s for c in chunks))
         if request_id != "warm-up":
             self._check_loaded(spec, "while its request ran")
-        n = len(spec.levels)
-        scores = [ChunkScore(c.start_s, c.end_s, np.full(n, 1.0 / n)) for c in chunks]
-        return answer_result(spec, prepared, scores)
+        uniform = [
+            [ChunkScore(c.start_s, c.end_s, np.full(len(t.levels), 1.0 / len(t.levels))) for c in chunks]
+            for t in spec.targets
+        ]
+        return answer_result(spec, prepared, *score_targets(spec, uniform))
 
     def shutdown(self) -> None:
         pass

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapters.tiny_model import DEMO_PARTS, demo_config_dict
+from adapters.tiny_model import DEMO_ASPECTS, DEMO_PARTS, demo_config_dict
 from serve.grading.config import ConfigError, UnknownPartError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,9 @@ def test_shipped_configs_validate():
 
 def test_repo_demo_config_is_the_generated_one():
     shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    expected = demo_config_dict("../models/tiny/model", {p: f"../models/tiny/adapters/{p}" for p in DEMO_PARTS})
+    own = [a for aspects in DEMO_ASPECTS.values() for a in aspects.values() if a]
+    names = [*DEMO_PARTS, *own]
+    expected = demo_config_dict("../models/tiny/model", {n: f"../models/tiny/adapters/{n}" for n in names})
     assert shipped == expected
 
 
