@@ -25,6 +25,20 @@ def test_shipped_configs_validate():
     assert real.engine.dtype == "bfloat16" and not real.model.untrained
 
 
+def test_aspects_are_filled_in_from_the_built_ins_and_resolve_beside_the_config(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "model: {base: m}\nparts:\n  p:\n    aspects:\n      fluency: {}\n"
+        "      grit: {description: 'how the candidate keeps going.', adapter: a/grit,\n"
+        "             levels: [{label: L, cefr: A2, score: 2, descriptor: low}, {label: H, cefr: B2, score: 4, "
+        "descriptor: high}]}\n"
+    )
+    part = load_config(tmp_path / "c.yaml").parts["p"]
+    fluency, grit = part.aspects["fluency"], part.aspects["grit"]
+    assert [lv.label for lv in fluency.levels] == [lv.label for lv in part.levels] and fluency.adapter is None
+    assert fluency.levels[0].descriptor != part.levels[0].descriptor and "pauses" in fluency.description
+    assert [lv.label for lv in grit.levels] == ["L", "H"] and grit.adapter == (tmp_path / "a" / "grit").resolve()
+
+
 def test_repo_demo_config_is_the_generated_one():
     shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     own = [a for aspects in DEMO_ASPECTS.values() for a in aspects.values() if a]
@@ -48,6 +62,16 @@ def test_repo_demo_config_is_the_generated_one():
             "model: {base: m}\nparts: {p: {levels: [{label: A, cefr: A1, score: 1, descriptor: x},"
             " {label: A, cefr: A2, score: 2, descriptor: y}]}}\n",
             "labels must be unique",
+        ),
+        ("model: {base: m}\nparts: {p: {aspects: [grit]}}\n", "aspect 'grit' is not built in"),
+        ("model: {base: m}\nparts: {p: {aspects: {'a b': {}}}}\n", "aspect id 'a b'"),
+        ("model: {base: m}\nparts: {p: {aspects: [fluency, fluency]}}\n", "listed more than once"),
+        ("model: {base: m}\nparts: {p: {aspects: [" + ", ".join(f"x{i}" for i in range(9)) + "]}}\n", "at most 8"),
+        ("model: {base: m}\nparts: {p: {aspects: {fluency: {adaptr: x}}}}\n", "parts.p.aspects.fluency.adaptr"),
+        (
+            "model: {base: m}\nparts: {p: {levels: [{label: A, cefr: X1, score: 1, descriptor: x},"
+            " {label: B, cefr: X2, score: 2, descriptor: y}], aspects: [fluency]}}\n",
+            "no built-in descriptor",
         ),
     ],
 )

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel
 
-from serve.grading.answers import answer_result, candidate_result, refusal
+from serve.grading.answers import answer_result, candidate_result, refusal, score_targets
 from serve.grading.audio import SAMPLE_RATE, AudioError, PreparedAnswer, split
 from serve.grading.config import PartConfig, ReviewConfig
 from serve.grading.levels import DEFAULT_LEVELS
@@ -36,11 +36,13 @@ def struct_tree(t: pa.DataType):
         return {f.name: struct_tree(f.type) for f in t}
     if isinstance(t, pa.ListType):
         return [struct_tree(t.value_type)]
+    if isinstance(t, pa.MapType):
+        return {"<key>": struct_tree(t.item_type)}
     return None
 
 
-def spec(review: ReviewConfig | None = None):
-    part = Part("interview", PartConfig(review=review or ReviewConfig()), None)
+def spec(review: ReviewConfig | None = None, aspects=()):
+    part = Part("interview", PartConfig(review=review or ReviewConfig(), aspects=list(aspects)), None)
     return resolve_part(part, LetterTokenizer(), base="tiny", untrained=True)
 
 
@@ -49,11 +51,26 @@ def prepared(seconds: float, seed: int = 0) -> PreparedAnswer:
     return PreparedAnswer(split(wave, 30.0), measure(wave, SAMPLE_RATE, -50.0))
 
 
-def an_answer(seconds: float = 40.0, review: ReviewConfig | None = None) -> ScoredAnswer:
+ASPECTS = ("fluency", "pronunciation", "language_use", "coherence")
+
+
+def an_answer(
+    seconds: float = 40.0, review: ReviewConfig | None = None, aspects=(), peaks: dict | None = None
+) -> ScoredAnswer:
+    """A scored answer with random distributions; ``peaks``: target (None: holistic) -> the label index it is sure of."""
     p = prepared(seconds)
     rng = np.random.default_rng(1)
-    scores = [ChunkScore(c.start_s, c.end_s, rng.dirichlet(np.ones(6)), 0.8) for c in p.chunks]
-    return answer_result(spec(review), p, scores)
+    s = spec(review, aspects)
+
+    def dist(target):
+        if peaks and target in peaks:
+            return np.eye(6)[peaks[target]]
+        return rng.dirichlet(np.ones(6))
+
+    per_target = [
+        [ChunkScore(c.start_s, c.end_s, dist(getattr(t, "aspect", None)), 0.8) for c in p.chunks] for t in s.targets
+    ]
+    return answer_result(s, p, *score_targets(s, per_target))
 
 
 def test_the_bulk_row_has_every_field_of_the_http_answer_nested_alike():
@@ -83,12 +100,41 @@ def test_a_field_added_to_a_model_appears_in_its_arrow_type():
     assert arrow_type(Grown).field("aspects").type == pa.map_(pa.string(), pa.float64())
 
 
-def test_an_answer_goes_through_arrow_and_back_unchanged():
-    answer = an_answer()
+@pytest.mark.parametrize("aspects", [(), ASPECTS])
+def test_an_answer_goes_through_arrow_and_back_unchanged(aspects):
+    answer = an_answer(aspects=aspects)
     assert len(answer.chunks) == 2 and answer.quality is not None and answer.review is not None
+    assert list(answer.aspects) == list(aspects)
     row = answer_row({"response_id": "r", "candidate_id": "c", "part": "interview", "audio": "a.wav"}, answer)
     (back,) = pa.Table.from_pylist([row], schema=ANSWER_SCHEMA).to_pylist()
     assert answer_of_row(back) == answer
+
+
+def test_aspects_are_scored_like_the_holistic_score_and_judged_with_it():
+    sure = {None: 3, "fluency": 3, "pronunciation": 3, "language_use": 3, "coherence": 3}  # all B2 (score 4)
+    calm = an_answer(aspects=ASPECTS, peaks=sure)
+    assert {a.cefr for a in calm.aspects.values()} == {"B2"} and calm.cefr == "B2"
+    assert all(a.score == 4.0 and a.uncertainty.score_sd == 0 for a in calm.aspects.values())
+    assert not {"aspect_uncertain", "aspects_disagree"} & set(calm.review.reasons)
+    # The holistic score says C2, the aspects A1: a human should look.
+    apart = an_answer(aspects=ASPECTS, peaks={None: 5, **{a: 0 for a in ASPECTS}})
+    assert "aspects_disagree" in apart.review.reasons
+    assert (
+        "aspects_disagree"
+        not in an_answer(
+            aspects=ASPECTS, peaks={None: 5, **{a: 0 for a in ASPECTS}}, review=ReviewConfig(max_aspect_gap=None)
+        ).review.reasons
+    )
+    # One aspect spread over all labels: its own uncertainty sends the answer to review.
+    spread = an_answer(
+        aspects=ASPECTS,
+        peaks={k: v for k, v in sure.items() if k != "coherence"},
+        review=ReviewConfig(max_score_sd=0.5),
+    )
+    assert spread.aspects["coherence"].uncertainty.score_sd > 0.5 and "aspect_uncertain" in spread.review.reasons
+    # A part without aspects answers exactly as before: no aspects, none of their reasons.
+    plain = an_answer()
+    assert plain.aspects == {} and not any(r.startswith("aspect") for r in plain.review.reasons)
 
 
 def test_answer_result_judges_the_answer_against_its_parts_thresholds():
@@ -105,6 +151,17 @@ def test_candidate_result_over_scored_and_not_scorable_answers():
     assert overall.score == pytest.approx((a.score + b.score) / 2) and overall.scored == 2
     assert overall.review.needed and overall.review.reasons[-1] == "not_scorable"
     assert "low_label_mass" in overall.review.reasons
+    assert overall.aspects == {}
+    x, y = an_answer(aspects=ASPECTS), an_answer(seconds=12, aspects=ASPECTS[:2])
+    both = candidate_result(
+        [x.score, y.score],
+        [x.review, y.review],
+        0,
+        DEFAULT_LEVELS,
+        [{k: v.score for k, v in r.aspects.items()} for r in (x, y)],
+    )
+    assert both.aspects["fluency"] == pytest.approx((x.aspects["fluency"].score + y.aspects["fluency"].score) / 2)
+    assert both.aspects["coherence"] == x.aspects["coherence"].score  # only the answers that have it
     none = candidate_result([], [], 2, ())
     assert (none.score, none.cefr, none.scored, none.not_scorable) == (None, None, 0, 2)
     r = refusal("interview", AudioError("silence", "the audio is silent"), "x")
