@@ -414,6 +414,9 @@ def test_callers_without_an_admin_key_see_no_paths(base_url, tiny_dir):
         assert str(tiny_dir) not in text and "/adapters/" not in text, path
     assert str(tiny_dir) in httpx.get(f"{base_url}/v1/parts", headers=ADMIN).text
     assert str(tiny_dir) in httpx.get(f"{base_url}/readyz", headers=ADMIN).text
+    parts = {p["part"]: p for p in httpx.get(f"{base_url}/v1/parts", headers=USER).json()["parts"]}
+    assert parts["interview"]["aspects"] == ["fluency", "pronunciation", "language_use", "coherence"]
+    assert parts["long_turn"]["aspects"] == ["coherence"]  # scored by an adapter of its own, whose path stays hidden
 
 
 def test_admin_calls_without_an_admin_key_are_refused(base_url, tiny_dir):

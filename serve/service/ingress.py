@@ -107,6 +107,7 @@ def part_info(part: Part, show_path: bool) -> PartInfo:
         adapter_hash=part.adapter_hash,
         task=part.config.task,
         labels={lv.label: lv.score for lv in part.config.levels},
+        aspects=list(part.config.aspects),
     )
 
 

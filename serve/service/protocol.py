@@ -66,6 +66,7 @@ class PartInfo(BaseModel):
     adapter_hash: str | None
     task: str
     labels: dict[str, float]
+    aspects: list[str] = Field(default_factory=list, description="Its analytic aspects, scored in every answer.")
 
 
 class PartsResponse(BaseModel):
