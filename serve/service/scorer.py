@@ -119,13 +119,14 @@ class ScorerReplica:
         logger.info("scorer warmed up in %.1f s", time.perf_counter() - started)
 
     async def load_part(self, model_id: str) -> LoadedPart:
-        """Load the part version a model id names, its adapter's content checked (Serve calls this on a cache miss).
+        """Load the part version a model id names, its adapters' content checked (Serve calls this on a cache miss).
 
         The version is the one a request carried, else the registry's (a re-read may hash: off the event loop).
         """
         part = self._offered.get(model_id) or await asyncio.to_thread(self.registry.by_model_id, model_id)
-        if part.adapter is not None:
-            await asyncio.to_thread(verify_content, part.part, part.adapter)
+        for files in (part.adapter, *(f for _, f in part.aspect_adapters)):
+            if files is not None:
+                await asyncio.to_thread(verify_content, part.part, files)
         spec = self.engine.resolve(part)
         await self.engine.load_adapter(spec)
         self.metrics.adapter_loads.inc(1, {"part": spec.part})
