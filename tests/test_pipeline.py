@@ -57,7 +57,7 @@ ASPECTS = ("fluency", "pronunciation", "language_use", "coherence")
 def an_answer(
     seconds: float = 40.0, review: ReviewConfig | None = None, aspects=(), peaks: dict | None = None
 ) -> ScoredAnswer:
-    """A scored answer with random distributions; ``peaks``: target (None: holistic) -> the label index it is sure of."""
+    """A scored answer with random distributions; ``peaks``: target (None: holistic) -> the label it is sure of."""
     p = prepared(seconds)
     rng = np.random.default_rng(1)
     s = spec(review, aspects)
