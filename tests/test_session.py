@@ -207,7 +207,17 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
             assert answer[field] == pytest.approx(want[field], abs=1e-5), (rid, field)
         for mine, theirs in zip(answer["chunks"], want["chunks"], strict=True):
             assert mine == pytest.approx(theirs, abs=1e-5)
-        close = ("score", "probabilities", "chunks", "uncertainty", "label_mass")
+        assert answer["aspects"].keys() == want["aspects"].keys(), rid
+        for name, mine in answer["aspects"].items():  # each aspect's figures as closely, its labels and adapter equal
+            theirs = want["aspects"][name]
+            for field in ("score", "probabilities", "uncertainty", "label_mass"):
+                assert mine[field] == pytest.approx(theirs[field], abs=1e-5), (rid, name, field)
+            assert (mine["cefr"], mine["label_cefr"], mine["adapter"]) == (
+                theirs["cefr"],
+                theirs["label_cefr"],
+                theirs["adapter"],
+            ), (rid, name)
+        close = ("score", "probabilities", "chunks", "uncertainty", "label_mass", "aspects")
         rest = {k: v for k, v in answer.items() if k not in close}
         assert rest == {k: want[k] for k in rest}, rid  # cefr, labels, label mass, quality, review, model, ...
         diffs.append(abs(got["score"] - want["score"]))
