@@ -97,6 +97,19 @@ def combine(levels: Sequence[Level], chunks: Sequence[ChunkScore]) -> Combined:
     return Combined(probs, soft_score(levels, probs), chunk_scores, uncertainty)
 
 
+def _distribution_fields(levels: Sequence[Level], c: Combined) -> dict:
+    """What a holistic and an aspect score both say of a combined distribution."""
+    return dict(
+        score=c.score,
+        hard_score=levels[int(np.argmax(c.probabilities))].score,
+        cefr=nearest_level(levels, c.score).cefr,
+        probabilities={lv.label: float(p) for lv, p in zip(levels, c.probabilities)},
+        label_cefr={lv.label: lv.cefr for lv in levels},
+        label_mass=c.uncertainty.label_mass,
+        uncertainty=c.uncertainty,
+    )
+
+
 def aggregate(
     part: str,
     levels: Sequence[Level],
@@ -113,13 +126,7 @@ def aggregate(
     interval, interval_status = (intervals or Intervals()).of(c.score, c.uncertainty.score_sd)
     return ScoredAnswer(
         part=part,
-        score=c.score,
-        hard_score=levels[int(np.argmax(c.probabilities))].score,
-        cefr=nearest_level(levels, c.score).cefr,
-        probabilities={lv.label: float(p) for lv, p in zip(levels, c.probabilities)},
-        label_cefr={lv.label: lv.cefr for lv in levels},
-        label_mass=c.uncertainty.label_mass,
-        uncertainty=c.uncertainty,
+        **_distribution_fields(levels, c),
         interval=interval,
         interval_status=interval_status,
         chunks=[
@@ -133,14 +140,4 @@ def aggregate(
 
 def aspect_score(levels: Sequence[Level], chunks: Sequence[ChunkScore], adapter: str | None) -> AspectScore:
     """One aspect's chunk distributions combined like the holistic score's (:func:`combine`)."""
-    c = combine(levels, chunks)
-    return AspectScore(
-        score=c.score,
-        hard_score=levels[int(np.argmax(c.probabilities))].score,
-        cefr=nearest_level(levels, c.score).cefr,
-        probabilities={lv.label: float(p) for lv, p in zip(levels, c.probabilities)},
-        label_cefr={lv.label: lv.cefr for lv in levels},
-        label_mass=c.uncertainty.label_mass,
-        uncertainty=c.uncertainty,
-        adapter=adapter,
-    )
+    return AspectScore(**_distribution_fields(levels, combine(levels, chunks)), adapter=adapter)
