@@ -67,9 +67,11 @@ class FakeEngine:
         await asyncio.sleep(SECONDS_PER_AUDIO_SECOND * sum(c.duration_s for c in chunks))
         if request_id != "warm-up":
             self._check_loaded(spec, "while its request ran")
-        n = len(spec.levels)
-        scores = [ChunkScore(c.start_s, c.end_s, np.full(n, 1.0 / n)) for c in chunks]
-        return answer_result(spec, prepared, scores)
+
+        def uniform(levels) -> list[ChunkScore]:
+            return [ChunkScore(c.start_s, c.end_s, np.full(len(levels), 1.0 / len(levels))) for c in chunks]
+
+        return answer_result(spec, prepared, uniform(spec.levels), {a.aspect: uniform(a.levels) for a in spec.aspects})
 
     def shutdown(self) -> None:
         pass
