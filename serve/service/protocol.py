@@ -66,6 +66,7 @@ class PartInfo(BaseModel):
     adapter_hash: str | None
     task: str
     labels: dict[str, float]
+    aspects: list[str] = Field(default_factory=list, description="The analytic aspects its answers carry, by id.")
 
 
 class PartsResponse(BaseModel):
