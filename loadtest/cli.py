@@ -185,7 +185,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``loadtest``, ``bench``, ``bench-cluster``, ``bench-session``, ``soak`` and ``bench-vad`` to the parser."""
+    """Add ``loadtest``, ``bench``, ``bench-aspects``, ``bench-cluster``, ``bench-session``, ``soak``, ``bench-vad``
+    and ``bench-chunks`` to the parser."""
     p = sub.add_parser("loadtest", help="load-test the service with Locust (starts it unless --url is given)")
     p.add_argument("--config", required=True, help="grader YAML config")
     p.add_argument(
@@ -231,6 +232,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="bearer key (default: the first key of the config's api_keys_env variable)")
     p.set_defaults(func=cmd_loadtest)
 
+    from loadtest.aspects_bench import add_bench_aspects_command
     from loadtest.bench import add_bench_command
     from loadtest.cluster_bench import add_bench_cluster_command
     from loadtest.session_bench import add_bench_session_command
@@ -238,6 +240,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from loadtest.vad_bench import add_bench_chunks_command, add_bench_vad_command
 
     add_bench_command(sub)
+    add_bench_aspects_command(sub)
     add_bench_cluster_command(sub)
     add_bench_session_command(sub)
     add_soak_command(sub)

@@ -3,7 +3,8 @@ in ``evaluate`` of that session, against the one real service (real Ray Serve, v
 
 Clean, noisy and silent answers over two parts, one of them added with ``PUT /v1/parts``: the session's rows
 equal the HTTP answers field by field (scores and probabilities within 1e-5, the same label mass, uncertainty,
-quality, review, model), its candidates file equals the batch endpoint's ``overall``, and ``evaluate --session``
+quality, review, model, and the same for each analytic aspect, one of them scored by an adapter of its own), its
+candidates file equals the batch endpoint's ``overall`` (with each aspect's mean), and ``evaluate --session``
 reports on the bulk output without scoring again.
 """
 
@@ -26,6 +27,8 @@ from tests.conftest import ADMIN, USER, l2grader
 pytestmark = pytest.mark.engine
 
 ADDED = "doors_added"
+#: The aspects each part's answers carry: the demo interview's four built-ins, and the part added here.
+WANT_ASPECTS = {"interview": {"fluency", "pronunciation", "language_use", "coherence"}, ADDED: {"fluency", "coherence"}}
 
 
 def write_answers(d) -> list[dict]:
@@ -66,7 +69,12 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
     url = real_service.url
     put = httpx.put(
         f"{url}/v1/parts/{ADDED}",
-        json={"adapter": str(tiny_dir / "adapters" / "long_turn"), "task": "Describe a place you know well."},
+        json={
+            "adapter": str(tiny_dir / "adapters" / "long_turn"),
+            "task": "Describe a place you know well.",
+            # one aspect scored by the part's adapter, one by an adapter of its own
+            "aspects": {"fluency": {}, "coherence": {"adapter": str(tiny_dir / "adapters" / "long_turn.coherence")}},
+        },
         headers=ADMIN,
         timeout=300,
     )
@@ -140,13 +148,27 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
             assert row["quality"] == other["quality"] and row["review"] == other["review"], rid
             same = ("status", "part", "cefr", "hard_score", "label_cefr", "duration_s", "model")
             assert {k: row[k] for k in same} == {k: other[k] for k in same}, rid
+            assert set(row["aspects"]) == set(other["aspects"]) == WANT_ASPECTS[row["part"]], rid
+            for name, a in row["aspects"].items():
+                b = other["aspects"][name]
+                for field in ("score", "probabilities", "uncertainty", "label_mass"):
+                    assert a[field] == pytest.approx(b[field], abs=1e-5), (rid, name, field)
+                assert {k: a[k] for k in ("cefr", "hard_score", "label_cefr", "adapter")} == {
+                    k: b[k] for k in ("cefr", "hard_score", "label_cefr", "adapter")
+                }, (rid, name)
             assert set(row) | {"response_id", "request_id", "latency_ms"} == set(other)
-    assert bulk["c0-doors_added-clean"]["model"]["adapter"].startswith(f"{ADDED}@")
+    added = answer_of_row(bulk["c0-doors_added-clean"])
+    assert added.model.adapter.startswith(f"{ADDED}@")
+    assert added.aspects["fluency"].adapter == added.model.adapter  # scored by the part's adapter
+    assert added.aspects["coherence"].adapter.startswith(f"{ADDED}.coherence@")  # by its own
+    assert added.aspects["coherence"].probabilities != added.aspects["fluency"].probabilities
 
     candidates = {c["candidate_id"]: c for c in pq.read_table(out / "candidates.parquet").to_pylist()}
     for cid, b in batches.items():
         c, o = candidates[cid], b["overall"]
         assert c["score"] == pytest.approx(o["score"], abs=1e-5)
+        assert set(o["aspects"]) == WANT_ASPECTS["interview"] | WANT_ASPECTS[ADDED]
+        assert dict(c["aspects"]) == pytest.approx(o["aspects"], abs=1e-5)
         assert {k: c[k] for k in ("cefr", "scored", "not_scorable", "review")} == {
             k: o[k] for k in ("cefr", "scored", "not_scorable", "review")
         }

@@ -34,9 +34,16 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCORE_WAIT_S = 120
 CEFR = {"A1", "A2", "B1", "B2", "C1", "C2"}
 #: Review on audio quality only: the untrained model's uncertainty says nothing, so its checks are off.
-QUALITY_ONLY_REVIEW = {"max_score_sd": None, "min_label_mass": None, "max_chunk_spread": None}
+QUALITY_ONLY_REVIEW = {"max_score_sd": None, "min_label_mass": None, "max_chunk_spread": None, "max_aspect_gap": None}
 QUALITY_FIELDS = list(Quality.model_fields)  # every figure of the answer's quality, in the model's order
 UNCERTAINTY_FIELDS = ["score_sd", "entropy", "label_mass", "chunk_spread"]
+#: The demo interview's aspects, as the page names them.
+ASPECT_NAMES = {
+    "fluency": "Fluency",
+    "pronunciation": "Pronunciation",
+    "language_use": "Language use",
+    "coherence": "Coherence",
+}
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +189,26 @@ def check_result(drv, url: str, result: dict) -> None:
     if result["interval"] is None:  # the demo adapters have no calibration: the page says so
         assert result["interval_status"] == "uncalibrated" and text(drv, "interval") == "not calibrated for this part"
     check_verdict(drv, result)
+    check_aspects(drv, result)
+
+
+def check_aspects(drv, result: dict) -> None:
+    """The panel under the holistic score: each of the interview's aspects with its score, CEFR level and spread."""
+    assert set(result["aspects"]) == set(ASPECT_NAMES)
+    assert drv.find_element("id", "aspects-box").is_displayed()
+    rows = drv.find_elements("css selector", "#aspects tbody tr")
+    assert [r.get_attribute("data-aspect") for r in rows] == list(result["aspects"])  # in the answer's order
+    for row in rows:
+        a = result["aspects"][row.get_attribute("data-aspect")]
+        cells = [row.find_element("css selector", "th").text] + [
+            td.text for td in row.find_elements("css selector", "td")
+        ]
+        want = f"{a['score']:.2f}", a["cefr"], f"±{a['uncertainty']['score_sd']:.2f}"
+        assert cells == [ASPECT_NAMES[row.get_attribute("data-aspect")], *want], cells  # the part's adapter scores it
+        assert a["cefr"] in CEFR and a["adapter"] == result["model"]["adapter"]
+    # under the holistic score, above the label probabilities
+    box, summary, bars = (drv.find_element("css selector", s).rect["y"] for s in ("#aspects-box", ".summary", "#bars"))
+    assert summary < box < bars
 
 
 def check_verdict(drv, result: dict) -> None:
@@ -235,6 +262,7 @@ def test_get_root_serves_the_page(base_url):
         "reasons",
         "quality",
         "uncertainty",
+        "aspects",
         "playback",
     ):
         assert f'id="{element_id}"' in r.text
@@ -332,12 +360,18 @@ def test_noisy_file_replaces_the_recording_and_needs_review(driver, base_url, tm
             assert driver.save_screenshot(str(REPO / "docs" / "page.png"))
         finally:
             driver.set_window_size(1000, 1350)
-    # fields the page does not know yet still show: an unknown reason code verbatim, a score range, aspects
+    # the aspects' review reasons in plain words, the aspect they point at in red; fields the page does not know
+    # yet still show: an unknown reason code verbatim, a score range, an aspect of the part's own
+    aspects = {name: dict(a) for name, a in result["aspects"].items()}
+    aspects["fluency"] = dict(aspects["fluency"], uncertainty=dict(aspects["fluency"]["uncertainty"], score_sd=2.45))
+    aspects["coherence"] = dict(aspects["coherence"], label_mass=1e-12)
+    aspects["task_fulfilment"] = dict(aspects["coherence"], label_mass=0.9, adapter="interview.task_fulfilment@abc")
+    aspect_reasons = ["aspect_uncertain", "aspect_low_label_mass", "aspects_disagree"]
     later = dict(
         result,
-        review={"needed": True, "reasons": [*result["review"]["reasons"], "some_new_reason"]},
+        review={"needed": True, "reasons": [*result["review"]["reasons"], *aspect_reasons, "some_new_reason"]},
         interval={"low": 2.1, "high": 3.4, "coverage": 0.8},
-        aspects={"fluency": 2.5},
+        aspects=aspects,
     )
     driver.execute_script(
         "const body = JSON.stringify(arguments[0]);"
@@ -348,4 +382,18 @@ def test_noisy_file_replaces_the_recording_and_needs_review(driver, base_url, tm
     wait_for(driver, lambda d: "some_new_reason" in text(d, "reasons"), 20, "the answer with new fields")
     assert [li.text for li in driver.find_elements("css selector", "#reasons li")][-1] == "some_new_reason"
     assert text(driver, "interval") == "2.10–3.40" and text(driver, "interval-name") == "Likely range (80%)"
-    assert text(driver, "aspects") == "fluency\n2.50"
+    items = {li.get_attribute("data-code"): li.text for li in driver.find_elements("css selector", "#reasons li")}
+    assert (
+        "unsure of an aspect's score" in items["aspect_uncertain"]
+        and "Fluency: spread ±2.45" in (items["aspect_uncertain"])
+    )
+    assert "Coherence: label mass 1e-12" in items["aspect_low_label_mass"]
+    mean = sum(a["score"] for a in aspects.values()) / len(aspects)
+    assert f"their mean {mean:.2f}, the overall score {result['score']:.2f}" in items["aspects_disagree"]
+    flagged = [r.get_attribute("data-aspect") for r in driver.find_elements("css selector", "#aspects tr.flag")]
+    assert set(flagged) == {"fluency", "coherence"}
+    assert driver.find_element("css selector", '#aspects tr[data-aspect="fluency"] td:last-child').text.endswith(
+        "(review)"
+    )
+    own = driver.find_element("css selector", '#aspects tr[data-aspect="task_fulfilment"] th').text
+    assert own == "task fulfilment (own adapter)"

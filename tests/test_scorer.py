@@ -432,3 +432,38 @@ def test_an_adapter_changed_in_place_is_refused_until_registered_again(url, cfg_
     finally:
         httpx.delete(f"{url}/v1/parts/inplace", timeout=30)
         shutil.rmtree(copy)
+
+
+# ---------------------------------------------------------------- aspects at the admin door
+
+
+def test_aspects_of_an_admitted_part_are_checked_like_its_adapter(url, cfg_path):
+    adapter = str(load_config(cfg_path).parts["interview"].adapter)
+
+    def put(body: dict) -> httpx.Response:
+        return httpx.put(f"{url}/v1/parts/aspect-door", json=body, timeout=120)
+
+    # An aspect's own adapter outside the adapter roots gets the answer a part's adapter there gets.
+    part_outside = assert_error(put({"adapter": "/etc"}), 422, "invalid_adapter")
+    for path in ("/etc", "/no/such/adapter", f"{adapter}/../../../../etc"):
+        body = {"adapter": adapter, "aspects": {"fluency": {"adapter": path}}}
+        aspect_outside = assert_error(put(body), 422, "invalid_adapter")
+        assert "outside the folders adapters may come from" in aspect_outside["error"]["message"]
+        assert "fluency" in aspect_outside["error"]["message"] and path not in json.dumps(aspect_outside)
+    assert "outside the folders adapters may come from" in part_outside["error"]["message"]
+    # Too many aspects, ids that are not ids, an aspect not built in without its description or levels: 422 JSON.
+    many = {f"a{i}": {"description": "d"} for i in range(9)}
+    assert_error(put({"adapter": adapter, "aspects": many}), 422, "invalid_request")
+    for bad in ("a b", "x" * 70, "../fluency", ""):
+        r = put({"adapter": adapter, "aspects": {bad: {}}})
+        assert_error(r, 422, "invalid_request")
+        assert "aspect id" in r.json()["error"]["message"], r.text[:300]
+    for body in ({"vocabulary_range": {}}, {"vocabulary_range": {"description": "Range of words."}}):
+        r = put({"adapter": adapter, "aspects": body})
+        assert_error(r, 422, "invalid_request")
+        assert "vocabulary_range" in r.json()["error"]["message"], r.text[:300]
+    r = put({"adapter": adapter, "aspects": ["fluency", "vocabulary_range"]})
+    assert_error(r, 422, "invalid_request")
+    assert "vocabulary_range" in r.json()["error"]["message"]
+    parts = {p["part"] for p in httpx.get(f"{url}/v1/parts", timeout=30).json()["parts"]}
+    assert "aspect-door" not in parts  # nothing refused was registered

@@ -182,6 +182,7 @@ def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_fi
     """`l2grader score` and POST /v1/score: uncertainty, quality, label mass and review on every answer;
     clipping and low SNR are caught, clean speech has neither."""
     before = settled_metrics(base_url)
+    aspect_scores = []
     for name, path in trust_files.items():
         r = post_file(base_url, path)
         assert r.status_code == 200, r.text
@@ -198,7 +199,19 @@ def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_fi
             assert ("low_snr" in reasons) == (name == "noisy"), (name, got["quality"], reasons)
         assert r.json()["review"] == offline[path.name]["review"]
         assert r.json()["quality"] == offline[path.name]["quality"]
+        # the interview's four aspects, from `l2grader score` as over HTTP
+        aspects = {name: a["score"] for name, a in r.json()["aspects"].items()}
+        assert set(aspects) == {"fluency", "pronunciation", "language_use", "coherence"}
+        assert aspects == pytest.approx({k: a["score"] for k, a in offline[path.name]["aspects"].items()}, abs=1e-5)
+        aspect_scores.append(aspects)
     after = settled_metrics(base_url)
+    for name in aspect_scores[0]:  # one observation per answer and aspect; Ray sums them by bucket midpoints
+        count, total = (
+            metric(after, f"l2grader_aspect_score_{x}", part="interview", aspect=name)
+            - metric(before, f"l2grader_aspect_score_{x}", part="interview", aspect=name)
+            for x in ("count", "sum")
+        )
+        assert count == 3 and total == pytest.approx(sum(a[name] for a in aspect_scores), abs=3 * 0.25), name
     for reason in ("clipping", "low_snr"):
         grown = metric(after, "l2grader_review_reasons_total", part="interview", reason=reason) - metric(
             before, "l2grader_review_reasons_total", part="interview", reason=reason
@@ -214,6 +227,40 @@ def test_clipped_and_noisy_speech_are_sent_to_review(base_url, offline, trust_fi
         before, "l2grader_intervals_total", part="interview", status="uncalibrated"
     )
     assert uncalibrated == 3  # the demo adapters have no calibration
+
+
+def fields(x):
+    """The field names of a JSON answer, nested (values and list lengths aside)."""
+    if isinstance(x, dict):
+        return {k: fields(v) for k, v in x.items()}
+    if isinstance(x, list):  # a list of objects: its first one's fields (reasons, a list of codes: none)
+        return [fields(v) for v in x[:1] if isinstance(v, dict)]
+    return None
+
+
+def test_the_api_docs_examples_have_exactly_the_answers_fields(base_url, audio_dir):
+    """docs/api.md's single answer and batch (scripts/api_examples.py writes them) have the service's fields."""
+    import re
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    single_doc, batch_doc = (json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", page, re.S)[:2])
+    single = post_file(base_url, audio_dir / "a.wav", response_id="r-001")  # 20 s, one chunk
+    assert single.status_code == 200, single.text
+    assert fields(single.json()) == fields(single_doc)
+    assert set(single_doc["aspects"]) == {"fluency", "pronunciation", "language_use", "coherence"}
+    b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
+    answers = [
+        {"part": "long_turn", "response_id": "r-001", "audio_base64": b64(audio_dir / "a.wav")},
+        {"part": "interview", "response_id": "r-002", "audio_base64": b64(audio_dir / "silent.wav")},
+    ]
+    batch = httpx.post(
+        f"{base_url}/v1/score/batch", json={"candidate_id": "c-42", "answers": answers}, headers=USER, timeout=120
+    )
+    assert batch.status_code == 200, batch.text
+    got = batch.json()
+    assert [fields(r) for r in got["results"]] == [fields(r) for r in batch_doc["results"]]  # scored, not scorable
+    assert fields(got) == fields(batch_doc)
+    assert batch_doc["results"][0]["aspects"]["coherence"]["adapter"].startswith("long_turn.coherence@")
 
 
 def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):

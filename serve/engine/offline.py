@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from serve.engine.requests import (
+    Target,
     chunk_score,
     configure_vllm_environment,
     engine_input,
@@ -19,7 +20,7 @@ from serve.engine.requests import (
     sampling_params,
 )
 from serve.grading.answers import answer_result, score_targets
-from serve.grading.audio import PreparedAnswer
+from serve.grading.audio import Chunk, PreparedAnswer
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part, PartSpec, config_parts, resolve_part
 from serve.grading.results import ScoredAnswer
@@ -47,31 +48,51 @@ class OfflineEngine:
 
         shutdown_engine(self.llm)
 
-    def score_answers(self, answers: Sequence[tuple[str, PreparedAnswer]]) -> list[ScoredAnswer]:
-        """Score answers given as (part, prepared answer); every chunk of every answer goes to the engine at once,
-        each chunk's targets (holistic score, aspects) one after another so that they share its cached audio."""
-        requests = [
-            (target, chunk)
-            for part, prepared in answers
-            for chunk in prepared.chunks
-            for target in self.parts[part].targets
+    def requests(
+        self, answers: Sequence[tuple[str, PreparedAnswer]], specs: Mapping[str, PartSpec] | None = None
+    ) -> list[tuple[Target, Chunk]]:
+        """Every chunk of every answer, each chunk's targets (holistic score, aspects) one after another so that
+        they share its cached audio; ``specs`` overrides the parts' (the benchmark scores without aspects)."""
+        specs = self.parts if specs is None else specs
+        return [
+            (target, chunk) for part, prepared in answers for chunk in prepared.chunks for target in specs[part].targets
         ]
-        if not requests:
-            return []
-        outputs = iter(
-            self.llm.generate(
-                [engine_input(target, chunk) for target, chunk in requests],
-                [sampling_params(target) for target, _ in requests],
-                lora_request=[lora_request(target) for target, _ in requests],
-                use_tqdm=sys.stderr.isatty(),
-            )
+
+    def generate(self, requests: Sequence[tuple[Target, Chunk]], cache_salts: Sequence[str | None] | None = None):
+        """The engine's outputs (vLLM ``RequestOutput``) of the requests, in order, in one ``generate`` call.
+
+        A request with a ``cache_salt`` shares no prefix-cache block with any request of another salt."""
+        inputs = [engine_input(target, chunk) for target, chunk in requests]
+        for x, salt in zip(inputs, cache_salts or ()):
+            if salt is not None:
+                x["cache_salt"] = salt
+        return self.llm.generate(
+            inputs,
+            [sampling_params(target) for target, _ in requests],
+            lora_request=[lora_request(target) for target, _ in requests],
+            use_tqdm=sys.stderr.isatty(),
         )
+
+    def results(
+        self,
+        answers: Sequence[tuple[str, PreparedAnswer]],
+        outputs: Sequence,
+        specs: Mapping[str, PartSpec] | None = None,
+    ) -> list[ScoredAnswer]:
+        """The scored answers from the outputs of :meth:`requests` (same ``answers`` and ``specs``)."""
+        specs = self.parts if specs is None else specs
+        outputs = iter(outputs)
         results = []
         for part, prepared in answers:
-            spec = self.parts[part]
+            spec = specs[part]
             per_target = [[] for _ in spec.targets]
             for chunk in prepared.chunks:
                 for scores, target in zip(per_target, spec.targets):
                     scores.append(chunk_score(target, chunk, next(outputs)))
             results.append(answer_result(spec, prepared, *score_targets(spec, per_target)))
         return results
+
+    def score_answers(self, answers: Sequence[tuple[str, PreparedAnswer]]) -> list[ScoredAnswer]:
+        """Score answers given as (part, prepared answer); every chunk of every answer goes to the engine at once."""
+        requests = self.requests(answers)
+        return self.results(answers, self.generate(requests)) if requests else []

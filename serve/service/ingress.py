@@ -159,6 +159,7 @@ class Ingress:
         """The complete answer from the scorer replica that holds the part's adapter (one form from there on)."""
         answer = await self.scorer.call("score", prepared, request_id(), part, model_id=part.model_id)
         self.metrics.record_answer(part.part, len(prepared.chunks), answer.duration_s)
+        self.metrics.record_aspects(part.part, {name: a.score for name, a in answer.aspects.items()})
         self.metrics.record_review(part.part, answer.review.reasons)
         self.metrics.record_interval(part.part, answer.interval_status, answer.interval and answer.interval.width)
         return answer

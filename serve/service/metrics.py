@@ -26,7 +26,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.requests import Request
@@ -40,6 +40,8 @@ logger = logging.getLogger("ray.serve")
 GAUGE_REFRESH_S = 1.0
 INTERVAL_WIDTH_BUCKETS = [0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5]
 LATENCY_BUCKETS = [0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+#: Half-point steps over the default label scale (A..F = 1..6); a part with another scale still counts and sums right.
+SCORE_BUCKETS = [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5, 6]
 
 
 class Metrics:
@@ -83,6 +85,12 @@ class Metrics:
             INTERVAL_WIDTH_BUCKETS,
             ("part",),
         )
+        self.aspect_score = Histogram(
+            "l2grader_aspect_score",
+            "Analytic aspect scores of scored answers, by part and aspect (the part's own aspect ids, at most 8)",
+            SCORE_BUCKETS,
+            ("part", "aspect"),
+        )
         self._inflight = 0
         self.inflight = Gauge("l2grader_inflight_requests", "API requests in this ingress replica (queue depth)")
         self.inflight.set(0)
@@ -100,6 +108,12 @@ class Metrics:
         self.answers.inc(1, tags)
         self.chunks.inc(chunks, tags)
         self.audio_seconds.inc(duration_s, tags)
+
+    def record_aspects(self, part: str, scores: Mapping[str, float]) -> None:
+        """One answer's aspect scores (aspect id -> score); the ids are the registered part's config keys."""
+        part = self.part_label(part)
+        for aspect, score in scores.items():
+            self.aspect_score.observe(score, {"part": part, "aspect": aspect})
 
     def record_review(self, part: str, reasons: list[str]) -> None:
         """One answer's review verdict; ``part`` is a registered part, ``reasons`` fixed codes."""
