@@ -3,7 +3,8 @@ independent, side by side on one engine (``l2grader bench-aspects``).
 
 Rows, all through :class:`serve.engine.offline.OfflineEngine` (one ``vllm.LLM`` in this process):
 
-- ``holistic``: one request per chunk, the holistic score only (the part without its aspects);
+- ``holistic``: one request per chunk, the holistic score only: the part as it would be without aspects (its
+  prompt without the aspects' rubrics);
 - ``shared``: the service's design, one request per chunk and target, the aspects' requests right after the
   holistic one with the same audio array: vLLM processes and encodes the chunk's audio once and, where the part's
   adapter scores the aspect, prefills the rubric and the audio once (its prefix cache);
@@ -36,7 +37,7 @@ from serve.runtime.console import log
 
 ROWS = ("holistic", "shared", "independent", "separate")
 SHARES = {
-    "holistic": "one request per chunk (no aspects)",
+    "holistic": "one request per chunk (the part without aspects)",
     "shared": "per chunk: audio processing, audio encoding, prefix cache (rubric + audio, part adapter)",
     "independent": "per chunk: audio processing and encoding (content-keyed caches); no prefix cache (own cache_salt)",
     "separate": "nothing (own cache_salt, own copy of the audio per request)",
@@ -125,6 +126,14 @@ def make_prepared(cfg, part: str, n: int, min_s: float, max_s: float, long_n: in
     return [(a.part, prepare(a.wav, cfg.audio)) for a in raw]
 
 
+def without_aspects(engine, cfg, part: str):
+    """The part resolved as it would be without its aspects: the holistic prompt has no aspect rubrics then."""
+    from serve.grading.parts import check_part, resolve_part
+
+    plain = check_part(part, cfg.parts[part].model_copy(update={"aspects": {}}), cfg.engine.max_lora_rank)
+    return resolve_part(plain, engine.llm.get_tokenizer(), base=cfg.model.base, untrained=cfg.model.untrained)
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     from loadtest.service import ensure_tiny_model
     from serve.cli.common import fail, load_config_or_exit
@@ -148,7 +157,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     engine = OfflineEngine(cfg)
     try:
         spec = engine.parts[part]
-        specs = {"holistic": {part: dataclasses.replace(spec, aspects=())}}
+        specs = {"holistic": {part: without_aspects(engine, cfg, part)}}
         runs: dict[str, list[dict]] = {r: [] for r in rows}
         for r in rows:  # warm-up: adapters loaded, first calls compiled
             run_row(engine, r, warmup, specs.get(r))

@@ -88,7 +88,7 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     interview = raw["parts"]["interview"]
     part_registry(load_service_config(tmp_path / "c.yaml"), tmp_path / "c.yaml").put(
-        "added", PartConfig(adapter=interview["adapter"], task=interview["task"])
+        "added", PartConfig(adapter=interview["adapter"], task=interview["task"], aspects=interview["aspects"])
     )
     again = run("score", "--config", tmp_path / "c.yaml", "--part", "added", audio_dir / "b.flac")
     assert again.returncode == 0, again.stderr[-2000:]

@@ -40,7 +40,7 @@ def cfg(tiny_dir, tiny_config, tmp_path_factory):
     to_transformers4_names(tiny_dir / "adapters" / "interview", d / "interview_t4")
     raw = tiny_config()
     raw["parts"]["base"] = {"adapter": None, "task": raw["parts"]["interview"]["task"]}
-    raw["parts"]["interview_t4"] = {"adapter": str(d / "interview_t4"), "task": raw["parts"]["interview"]["task"]}
+    raw["parts"]["interview_t4"] = {**raw["parts"]["interview"], "adapter": str(d / "interview_t4")}  # its prompt
     (d / "c.yaml").write_text(yaml.safe_dump(raw))
     return load_config(d / "c.yaml")
 

@@ -462,7 +462,7 @@ def test_callers_without_an_admin_key_see_no_paths(base_url, tiny_dir):
     assert str(tiny_dir) in httpx.get(f"{base_url}/v1/parts", headers=ADMIN).text
     assert str(tiny_dir) in httpx.get(f"{base_url}/readyz", headers=ADMIN).text
     parts = {p["part"]: p for p in httpx.get(f"{base_url}/v1/parts", headers=USER).json()["parts"]}
-    assert parts["interview"]["aspects"] == ["fluency", "pronunciation", "language_use", "coherence"]
+    assert parts["interview"]["aspects"] == ["coherence", "fluency", "language_use", "pronunciation"]  # by id
     assert parts["long_turn"]["aspects"] == ["coherence"]  # scored by an adapter of its own, whose path stays hidden
 
 

@@ -84,6 +84,7 @@ def engine_kwargs(cfg: GraderConfig) -> dict[str, Any]:
         logprobs_mode="raw_logprobs",
         enable_prefix_caching=True,
         mm_processor_cache_gb=e.audio_cache_gb,
+        **({"block_size": e.kv_block_size} if e.kv_block_size else {}),
     )
 
 
@@ -112,8 +113,12 @@ def lora_request(spec: Target):
 
 
 def engine_input(spec: Target, chunk: Chunk) -> dict[str, Any]:
-    """The prompt and audio of one chunk, as vLLM takes them (audio already 16 kHz mono)."""
-    return {"prompt": spec.prompt, "multi_modal_data": {"audio": (chunk.samples, SAMPLE_RATE)}}
+    """The prompt (its token ids, tokenized once when the part was resolved) and audio of one chunk, as vLLM takes
+    them (audio already 16 kHz mono)."""
+    audio = {"audio": (chunk.samples, SAMPLE_RATE)}
+    if spec.prompt_token_ids:
+        return {"prompt_token_ids": list(spec.prompt_token_ids), "multi_modal_data": audio}
+    return {"prompt": spec.prompt, "multi_modal_data": audio}
 
 
 def chunk_score(spec: Target, chunk: Chunk, output) -> ChunkScore:

@@ -133,6 +133,14 @@ class EngineConfig(StrictModel):
         "processing it again; answers are all different, so a larger cache only grows (vLLM's default of 4 GiB "
         "made the engine core grow by 2.6 GB over a 5,000-answer session). 0 turns it off.",
     )
+    kv_block_size: int | None = Field(
+        None,
+        ge=16,
+        multiple_of=16,
+        description="Tokens per KV-cache block (null: vLLM's default, 16 on GPU, 128 on CPU). The prefix cache "
+        "reuses whole blocks only, so an aspect's request recomputes the audio's last, partial block: smaller "
+        "blocks make aspects cheaper.",
+    )
     tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0
 
@@ -348,7 +356,8 @@ class PartConfig(StrictModel):
     def _complete_aspects(self) -> PartConfig:
         for name in self.aspects:
             validate_part_id(name, "aspect id")
-        self.aspects = {name: complete_aspect(name, a, self.levels) for name, a in self.aspects.items()}
+        # In the order of their ids: the prompt lists them, and must not change when a config is rewritten.
+        self.aspects = {name: complete_aspect(name, self.aspects[name], self.levels) for name in sorted(self.aspects)}
         return self
 
 

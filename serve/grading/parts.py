@@ -24,7 +24,7 @@ from serve.grading.adapter_files import AdapterFiles, check_adapter
 from serve.grading.aspects import title
 from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import Level
-from serve.grading.prompt import build_aspect_prompt, build_prompt
+from serve.grading.prompt import AspectRubric, build_aspect_prompt, build_prompt
 from serve.grading.results import ModelInfo
 
 
@@ -122,6 +122,7 @@ class AspectSpec:
     label_token_ids: tuple[int, ...]
     adapter_path: Path | None
     adapter_hash: str | None
+    prompt_token_ids: tuple[int, ...] = ()  # the prompt tokenized once, so the engine need not for every request
 
     @property
     def adapter_int_id(self) -> int:
@@ -148,6 +149,7 @@ class PartSpec:
     review: ReviewConfig
     intervals: calibration.Intervals = calibration.Intervals()
     aspects: tuple[AspectSpec, ...] = ()
+    prompt_token_ids: tuple[int, ...] = ()  # the prompt tokenized once, so the engine need not for every request
 
     @property
     def adapter_int_id(self) -> int:
@@ -176,20 +178,33 @@ def label_token_ids(tokenizer, levels: tuple[Level, ...]) -> tuple[int, ...]:
     return tuple(ids)
 
 
+def prompt_tokens(tokenizer, prompt: str) -> tuple[int, ...]:
+    """A prompt's token ids as the engine would make them of its text (no special tokens added)."""
+    return tuple(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def aspect_rubrics(pcfg: PartConfig) -> tuple[AspectRubric, ...]:
+    """The part's aspects as its prompt shows them."""
+    return tuple(AspectRubric(title(name), a.description, a.levels) for name, a in pcfg.aspects.items())
+
+
 def resolve_aspects(part: Part, tokenizer) -> tuple[AspectSpec, ...]:
     """The part's aspects resolved against the tokenizer, each scored by its own adapter or else the part's."""
     pcfg, own = part.config, dict(part.aspect_adapters)
+    rubrics = aspect_rubrics(pcfg)
     specs = []
     for name, a in pcfg.aspects.items():
         files = own.get(name, part.adapter)
         spec_id = part.model_id if name not in own else model_id(f"{part.part}.{name}", files.content_hash)
+        prompt = build_aspect_prompt(pcfg.task, pcfg.levels, rubrics, title(name))
         specs.append(
             AspectSpec(
                 part=part.part,
                 aspect=name,
                 model_id=spec_id,
                 levels=a.levels,
-                prompt=build_aspect_prompt(pcfg.task, pcfg.levels, title(name), a.description, a.levels),
+                prompt=prompt,
+                prompt_token_ids=prompt_tokens(tokenizer, prompt),
                 label_token_ids=label_token_ids(tokenizer, a.levels),
                 adapter_path=None if files is None else files.path,
                 adapter_hash=None if files is None else files.content_hash,
@@ -201,11 +216,13 @@ def resolve_aspects(part: Part, tokenizer) -> tuple[AspectSpec, ...]:
 def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSpec:
     """A checked part resolved against the tokenizer (its labels must be single tokens)."""
     pcfg = part.config
+    prompt = build_prompt(pcfg.task, pcfg.levels, aspect_rubrics(pcfg))
     return PartSpec(
         part=part.part,
         model_id=part.model_id,
         levels=pcfg.levels,
-        prompt=build_prompt(pcfg.task, pcfg.levels),
+        prompt=prompt,
+        prompt_token_ids=prompt_tokens(tokenizer, prompt),
         label_token_ids=label_token_ids(tokenizer, pcfg.levels),
         adapter_path=None if part.adapter is None else part.adapter.path,
         adapter_hash=part.adapter_hash,
