@@ -25,7 +25,7 @@ import pytest
 
 from serve.grading.results import Quality
 from tests.audio_fixtures import speechlike, write
-from tests.conftest import USER, USER_KEY, keyed_service
+from tests.conftest import ADMIN, USER, USER_KEY
 
 pytestmark = pytest.mark.engine
 
@@ -62,15 +62,22 @@ def browser_bins() -> tuple[str, str]:
     return CHROMIUM, CHROMEDRIVER
 
 
+#: The part the page scores: the demo interview (its adapter, task and aspects), reviewing on audio quality only.
+PAGE_PART = "page_interview"
+
+
 @pytest.fixture(scope="module")
-def base_url(browser_bins, tiny_config, tmp_path_factory):
-    """A real service of its own (API keys configured), reviewing on audio quality only, so that what the page
-    shows does not hang on the untrained model's uncertainty."""
-    raw = tiny_config()
-    for part in raw["parts"].values():
-        part["review"] = dict(QUALITY_ONLY_REVIEW)
-    with keyed_service(raw, tmp_path_factory.mktemp("page-service")) as service:
-        yield service.url
+def base_url(browser_bins, real_service, tiny_config):
+    """The shared real service (API keys configured) with :data:`PAGE_PART` added by an admin (and removed after
+    the module), so that what the page shows does not hang on the untrained model's uncertainty."""
+    interview = tiny_config()["parts"]["interview"]
+    body = {**interview, "review": dict(QUALITY_ONLY_REVIEW)}
+    r = httpx.put(f"{real_service.url}/v1/parts/{PAGE_PART}", headers=ADMIN, json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    try:
+        yield real_service.url
+    finally:
+        httpx.delete(f"{real_service.url}/v1/parts/{PAGE_PART}", headers=ADMIN, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +145,7 @@ def text(drv, element_id: str) -> str:
 
 
 def open_page(drv, url: str) -> None:
-    """Load the page, see the API's 401 shown as text, type the key, wait for the parts, pick ``interview``."""
+    """Load the page, see the API's 401 shown as text, type the key, wait for the parts, pick :data:`PAGE_PART`."""
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
@@ -153,7 +160,7 @@ def open_page(drv, url: str) -> None:
     drv.find_element("id", "api-key").send_keys(USER_KEY, Keys.TAB)  # change event: parts reload with the key
     wait_for(drv, lambda d: len(Select(d.find_element("id", "part")).options) >= 2, 20, "the part selector")
     assert not drv.find_element("id", "error").is_displayed()
-    Select(drv.find_element("id", "part")).select_by_value("interview")
+    Select(drv.find_element("id", "part")).select_by_value(PAGE_PART)
 
 
 def submit_and_wait(drv) -> dict:
@@ -171,8 +178,8 @@ def submit_and_wait(drv) -> dict:
 
 def check_result(drv, url: str, result: dict) -> None:
     labels = httpx.get(f"{url}/v1/parts", headers=USER, timeout=30).json()["parts"]
-    labels = next(p["labels"] for p in labels if p["part"] == "interview")
-    assert result["part"] == "interview"
+    labels = next(p["labels"] for p in labels if p["part"] == PAGE_PART)
+    assert result["part"] == PAGE_PART
     assert text(drv, "score") == f"{result['score']:.2f}"
     assert text(drv, "cefr") in CEFR and text(drv, "cefr") == result["cefr"]
     assert text(drv, "duration") == f"{result['duration_s']:.1f} s"
@@ -343,7 +350,7 @@ def test_noisy_file_replaces_the_recording_and_needs_review(driver, base_url, tm
         api = httpx.post(
             f"{base_url}/v1/score",
             headers=USER,
-            data={"part": "interview"},
+            data={"part": PAGE_PART},
             files={"audio": ("noisy.wav", f, "audio/wav")},
             timeout=SCORE_WAIT_S,
         )
