@@ -21,8 +21,9 @@ holistic score is their mean:
 
 - ``fluency``: rate, pauses and hesitations, as above;
 - ``pronunciation``: the share of words spoken with a consistent foreign
-  accent (vowels and some consonants substituted in the word's phonemes,
-  spoken through espeak-ng's ``[[...]]`` phoneme input), 0 to 80 %;
+  accent (in the word's phonemes every vowel becomes an open "a" and the
+  fricatives become stops, spoken through espeak-ng's ``[[...]]`` phoneme
+  input), 0 to 100 %;
 - ``language_use``: the share of words with a grammatical or lexical error
   (a dropped article or preposition, a wrong verb form, a wrong word), 0 to 50 %;
 - ``coherence``: how the answer is organised: whole sentences linked by
@@ -203,24 +204,12 @@ WRONG_FORMS = {
     "quite": "quiet",
 }
 WRONG_WORDS = ("make", "thing", "very", "much", "do", "big", "good", "for")
-# a consistent foreign accent: every vowel of espeak-ng's phoneme mnemonics becomes another, th/w/v change
+# a consistent foreign accent: in espeak-ng's phoneme mnemonics every vowel becomes an open "a" and the fricatives
+# stops (s, z, sh, f, th -> t, d, t, p, t), so accented words sound different without taking longer
 _VOWEL = re.compile(r"aI|aU|eI|oU|OI|i@|e@|U@|[aAeEiIoOuUV@3][:#2-]*")
-_VOWEL_SUBS = {
-    "a": "E",
-    "A": "E",
-    "e": "i:",
-    "E": "a",
-    "i": "E",
-    "I": "i:",
-    "o": "u:",
-    "O": "a",
-    "u": "o",
-    "U": "u:",
-    "V": "a",
-    "@": "a",
-    "3": "a",
-}
-_CONSONANT_SUBS = str.maketrans({"T": "s", "D": "d", "w": "v", "v": "b", "h": ""})
+_CONSONANT_SUBS = str.maketrans(
+    {"T": "t", "D": "d", "s": "t", "z": "d", "S": "t", "Z": "d", "f": "p", "w": "v", "v": "b", "h": ""}
+)
 
 
 def aspect_level(score: float, top: float) -> float:
@@ -240,7 +229,7 @@ def phonemes(word: str, voice: str) -> str:
 
 def accented(word: str, voice: str) -> str:
     """The word in espeak-ng's phoneme input (``[[...]]``) with the accent's substitutions."""
-    ph = _VOWEL.sub(lambda m: _VOWEL_SUBS.get(m.group(0)[0], m.group(0)), phonemes(word, voice))
+    ph = _VOWEL.sub("a", phonemes(word, voice))
     return f"[[{ph.translate(_CONSONANT_SUBS).replace(' ', '')}]]"
 
 
@@ -289,19 +278,20 @@ def make_aspect_spec(aspects: dict[str, float], rng: random.Random) -> tuple[Spe
     (the spec's score is the aspects' mean).
 
     Fluency sets rate, pauses and hesitations as :func:`make_spec` does; the
-    answer lasts about 4-9 s (drawn independently of every aspect).
+    answer lasts about 5-10 s (drawn independently of every aspect).
     """
     fluency = aspects["fluency"]
     sentences = list(SENTENCES)
     rng.shuffle(sentences)
     words, broken = organised(sentences, aspects["coherence"], rng)
     words, errors = with_errors(words, aspect_level(aspects["language_use"], 0.5), rng)
-    target = rng.uniform(4.0, 9.0)
-    min_words = next(n for n in range(2, 80) if n * 60.0 / rate_wpm(fluency) >= 1.5)
+    target = rng.uniform(5.0, 10.0)
+    # at least ~2.5 s of words, so that every answer passes serving's speech check however short its words
+    min_words = next(n for n in range(2, 80) if n * 60.0 / rate_wpm(fluency) >= 2.5)
     n_words = min(range(min_words, 80), key=lambda n: abs(estimated_duration_s(n, fluency) - target))
     words = words[:n_words]
     voice = rng.choice(VOICES)
-    accent_share = aspect_level(aspects["pronunciation"], 0.8)
+    accent_share = aspect_level(aspects["pronunciation"], 1.0)
     n_accented = 0
     for i, w in enumerate(words):
         if rng.random() < accent_share:
