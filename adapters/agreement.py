@@ -80,6 +80,54 @@ def soft_hard_metrics(answers: Sequence, scored: Sequence) -> dict[str, dict[str
     }
 
 
+def aspect_agreement(
+    predicted: Sequence[dict[str, tuple[float, float]]], human: Sequence[dict[str, float]]
+) -> dict[str, dict]:
+    """Agreement of each analytic aspect, and how far each aspect's scores follow the other aspects' truths.
+
+    ``predicted``: per answer, aspect -> (soft score, hard score); ``human``:
+    per answer, aspect -> human score (an answer may lack some). Returns
+    ``{"aspects": {aspect: {"n", "soft": metrics, "hard": metrics}}, "cross_pcc":
+    {predicted aspect: {human aspect: PCC}}}`` over the aspects both predicted and
+    human-scored on at least two answers; each pair over the answers that have both.
+    """
+    if len(predicted) != len(human):
+        raise ValueError(f"{len(predicted)} predictions for {len(human)} human scores")
+    names = [
+        a
+        for a in dict.fromkeys(k for p in predicted for k in p)
+        if sum(a in p and a in h for p, h in zip(predicted, human)) >= 2
+    ]
+    aspects, cross = {}, {}
+    for a in names:
+        pairs = [(p[a], h[a]) for p, h in zip(predicted, human) if a in p and a in h]
+        truth = [h for _, h in pairs]
+        aspects[a] = {
+            "n": len(pairs),
+            "soft": all_metrics([s for (s, _), _ in pairs], truth),
+            "hard": all_metrics([hd for (_, hd), _ in pairs], truth),
+        }
+        cross[a] = {}
+        for b in names:
+            both = [(p[a][0], h[b]) for p, h in zip(predicted, human) if a in p and b in h]
+            cross[a][b] = pearson([x for x, _ in both], [y for _, y in both])
+    return {"aspects": aspects, "cross_pcc": cross}
+
+
+def format_aspects(agreement: dict[str, dict]) -> list[str]:
+    """Human-readable lines of :func:`aspect_agreement`: each aspect's soft metrics, then the cross-PCC matrix."""
+    aspects, cross = agreement["aspects"], agreement["cross_pcc"]
+    if not aspects:
+        return []
+    width = max(12, *(len(a) + 2 for a in aspects))
+    lines = [f"aspect {a} ({m['n']} answers): " + format_metrics("soft", m["soft"]) for a, m in aspects.items()]
+    lines.append("aspect cross PCC (rows: predicted aspect, columns: human scores of):")
+    lines.append(" " * (width + 2) + "".join(f"{b:>{width}}" for b in aspects))
+    for a, row in cross.items():
+        lines.append(f"  {a:<{width}}" + "".join(f"{row[b]:>{width}.3f}" for b in aspects))
+    return lines
+
+
 def format_metrics(name: str, m: dict[str, float]) -> str:
     """One human-readable line."""
     return (

@@ -40,6 +40,7 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
             degrade_share=args.degrade,
             bias_voice=args.bias_voice,
             bias=args.bias,
+            aspects=args.aspects,
         )
     except SynthError as e:
         _fail(str(e), 1)
@@ -155,11 +156,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_make_tiny_model)
 
-    p = sub.add_parser("train", help="train a part's LoRA adapter on scored answers (JSON lines)")
+    p = sub.add_parser(
+        "train", help="train a part's LoRA adapter (holistic score and the part's aspects) on scored answers"
+    )
     p.add_argument("--verbose", action="store_true", help="print transformers' own notices too")
     p.add_argument("--config", required=True, help="grader YAML config (base model, part prompt and levels)")
     p.add_argument("--part", required=True, help="exam part to train the adapter for")
-    p.add_argument("--data", required=True, help='training answers: JSON lines {"audio": path, "score": number}')
+    p.add_argument(
+        "--data",
+        required=True,
+        help='training answers: JSON lines {"audio": path, "score": number, "aspects": {aspect: number} (optional)}',
+    )
     p.add_argument("--out", required=True, help="adapter output folder (checkpoints go to OUT/checkpoints)")
     p.add_argument("--dev", help="development answers, evaluated periodically and at the end")
     p.add_argument(
@@ -255,4 +262,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--bias-voice", help="voice whose dev and test human scores get --bias added (a planted bias)")
     p.add_argument("--bias", type=float, default=0.0, help="shift of --bias-voice's human scores (default 0)")
+    p.add_argument(
+        "--aspects",
+        action="store_true",
+        help="draw fluency, pronunciation, language_use and coherence independently, each audible through its own "
+        "property of the speech; the score is their mean",
+    )
     p.set_defaults(func=cmd_synth_data)

@@ -1,7 +1,9 @@
 """Scored answers for training and evaluation: JSON lines in, chunks with their human score out.
 
 One line per answer: ``{"audio": path, "score": float}`` with optional
-``part`` and ``speaker``; any other fields (a group such as ``l1`` or
+``part``, ``speaker`` and ``aspects`` (the human score of each analytic
+aspect scored: ``{"fluency": 4.5, ...}``; an answer without it trains and is
+judged on the holistic score only); any other fields (a group such as ``l1`` or
 ``voice``) are kept in :attr:`Example.fields` for fairness tables. Relative audio paths resolve against the file's own
 folder. Rows of another part than the one asked for are skipped. Answers are
 decoded, checked and chunked exactly as serving does
@@ -32,6 +34,7 @@ class Example:
     part: str | None = None
     speaker: str | None = None
     fields: dict = field(default_factory=dict, compare=False)  # the row's other fields (groups)
+    aspects: dict[str, float] = field(default_factory=dict, compare=False)  # aspect -> human score
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,12 @@ class Answer:
 
 @dataclass(frozen=True)
 class TrainItem:
-    """One chunk and the score of the answer it belongs to."""
+    """One chunk and the scores of the answer it belongs to."""
 
     answer_index: int
     chunk: Chunk
     score: float
+    aspects: dict[str, float] = field(default_factory=dict, compare=False)  # aspect -> human score
 
 
 def read_jsonl(path: str | Path, part: str | None = None) -> list[Example]:
@@ -70,13 +74,27 @@ def read_jsonl(path: str | Path, part: str | None = None) -> list[Example]:
             raise DataError(f'{path}:{n}: expected {{"audio": path, "score": number}}: {e}') from None
         if part is not None and row.get("part") not in (None, part):
             continue
+        aspects = read_aspects(row.get("aspects"), f"{path}:{n}")
         audio_path = Path(audio).expanduser()
         if not audio_path.is_absolute():
             audio_path = path.resolve().parent / audio_path
         speaker = row.get("speaker")
-        others = {k: v for k, v in row.items() if k not in ("audio", "score", "part", "speaker")}
-        out.append(Example(audio_path, score, row.get("part"), None if speaker is None else str(speaker), others))
+        others = {k: v for k, v in row.items() if k not in ("audio", "score", "part", "speaker", "aspects")}
+        speaker = None if speaker is None else str(speaker)
+        out.append(Example(audio_path, score, row.get("part"), speaker, others, aspects))
     return out
+
+
+def read_aspects(value, where: str) -> dict[str, float]:
+    """A row's aspect scores ``{aspect: number}`` (none: ``{}``); :class:`DataError` when malformed."""
+    if value is None:
+        return {}
+    try:
+        if not isinstance(value, dict):
+            raise TypeError(f"not a mapping: {value!r}")
+        return {str(k): float(v) for k, v in value.items() if v is not None}
+    except (TypeError, ValueError) as e:
+        raise DataError(f'{where}: expected "aspects": {{aspect: number}}: {e}') from None
 
 
 def load_answers(examples: list[Example], audio_cfg) -> tuple[list[Answer], list[tuple[Example, str]]]:
@@ -94,5 +112,5 @@ def load_answers(examples: list[Example], audio_cfg) -> tuple[list[Answer], list
 
 
 def train_items(answers: list[Answer]) -> list[TrainItem]:
-    """Every chunk of every answer, each labelled with its answer's score."""
-    return [TrainItem(i, c, a.example.score) for i, a in enumerate(answers) for c in a.chunks]
+    """Every chunk of every answer, each labelled with its answer's scores."""
+    return [TrainItem(i, c, a.example.score, a.example.aspects) for i, a in enumerate(answers) for c in a.chunks]

@@ -10,7 +10,9 @@ The answers come from one of two places, and the same report is made of both:
   scoring again.
 
 The soft and hard scores are compared with the human scores
-(:mod:`adapters.agreement`), a calibration plot of predicted against human
+(:mod:`adapters.agreement`), and so is each analytic aspect's score with its
+own human score where the data has one, beside the cross matrix of each
+aspect's scores against every aspect's human scores; a calibration plot of predicted against human
 scores is drawn, and :mod:`adapters.trust` measures how well the answers' trust
 signals (audio quality, uncertainty, review verdict) pick the answers to route
 to humans and how fair the scores are across groups; ``--report DIR`` puts it
@@ -26,8 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adapters.agreement import all_metrics, format_metrics
-from adapters.dataset import Answer, load_answers, read_jsonl
+from adapters.agreement import all_metrics, aspect_agreement, format_aspects, format_metrics
+from adapters.dataset import Answer, DataError, load_answers, read_aspects, read_jsonl
 from adapters.trust import SIGNALS, trust_report
 from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter
@@ -263,6 +265,7 @@ def evaluate(
         [str(a.example.audio) for a in answers],
         len(bad),
         [lv.score for lv in cfg.parts[part].levels],
+        human_aspects=[a.example.aspects for a in answers],
         adapter_dir=cfg.parts[part].adapter,
         plot=plot or default_plot_path(data, part),
         predictions=predictions,
@@ -270,6 +273,16 @@ def evaluate(
         report=report,
         selective_signal=selective_signal,
     )
+
+
+def human_aspects(fields: dict, where: str) -> dict[str, float]:
+    """A human-score row's aspect scores: its ``aspects`` mapping (JSON lines, Parquet) or its ``aspects.<id>``
+    columns (CSV)."""
+    out = read_aspects(fields.get("aspects"), where)
+    for k, v in fields.items():
+        if k.startswith("aspects.") and v is not None:
+            out |= read_aspects({k.removeprefix("aspects."): v}, where)
+    return out
 
 
 def read_human_scores(path: str | Path, column: str = "score") -> dict[str, tuple[float, dict]]:
@@ -340,6 +353,10 @@ def evaluate_session(
             f"{session}: {len(scored_rows)} scored answers of part {part!r} with a human score; at least 2 are needed"
         )
     scored = [answer_of_row(r) for r in scored_rows]
+    try:
+        aspects = [human_aspects(human[r["response_id"]][1], f"{human_file}: {r['response_id']}") for r in scored_rows]
+    except DataError as e:
+        raise ValueError(str(e)) from None
     return report_on(
         part,
         session,
@@ -349,6 +366,7 @@ def evaluate_session(
         [r["audio"] for r in scored_rows],
         not_scorable,
         [lv.score for lv in levels],
+        human_aspects=aspects,
         plot=plot or Path(session) / f"{part}.calibration.png",
         predictions=predictions,
         group_by=group_by,
@@ -367,6 +385,7 @@ def report_on(
     not_scorable: int,
     level_scores: Sequence[float],
     *,
+    human_aspects: Sequence[dict[str, float]] | None = None,
     adapter_dir: str | Path | None = None,
     plot: str | Path,
     predictions: str | Path | None,
@@ -375,11 +394,17 @@ def report_on(
     selective_signal: str,
 ) -> dict[str, Any]:
     """The metrics of scored answers against their human scores, printed (the last stdout line is their JSON),
-    with the calibration plot, the predictions file and the HTML report when asked."""
+    with the calibration plot, the predictions file and the HTML report when asked. ``human_aspects``: each
+    answer's human aspect scores (aspect -> score; none: the aspects' agreement is not measured)."""
     result = {
         "soft": all_metrics([s.score for s in scored], human),
         "hard": all_metrics([s.hard_score for s in scored], human),
     }
+    human_aspects = list(human_aspects) if human_aspects is not None else [{} for _ in scored]
+    aspects = aspect_agreement(
+        [{a: (v.score, v.hard_score) for a, v in s.aspects.items()} for s in scored], human_aspects
+    )
+    unjudged = [a for a in dict.fromkeys(k for s in scored for k in s.aspects) if a not in aspects["aspects"]]
     trust = trust_report(scored, human, fields, group_by, selective_signal)
     intervals = interval_report(scored, human, audio, level_scores, adapter_dir)
     if predictions is not None:
@@ -405,6 +430,11 @@ def report_on(
         "untrained": scored[0].model.untrained,
         **trust,
         "intervals": intervals,
+        "aspects": {
+            a: {"n": m["n"], "soft": _finite(m["soft"]), "hard": _finite(m["hard"])}
+            for a, m in aspects["aspects"].items()
+        },
+        "aspect_cross_pcc": {a: _finite(row) for a, row in aspects["cross_pcc"].items()},
     }
     if scored[0].model.untrained:
         print("WARNING: scores of the tiny UNTRAINED demo checkpoint (random weights): they mean nothing")
@@ -413,6 +443,10 @@ def report_on(
     )
     print(format_metrics("soft", result["soft"]))
     print(format_metrics("hard", result["hard"]))
+    for line in format_aspects(aspects):
+        print(line)
+    if unjudged:
+        print(f"aspects scored without human scores in the data (not judged): {', '.join(unjudged)}")
     for line in format_trust(trust):
         print(line)
     for line in format_intervals(intervals):

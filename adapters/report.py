@@ -2,8 +2,9 @@
 
 Figures: predicted against human scores coloured by the review verdict, the
 calibration plot, the confusion matrix of levels (human score rounded against
-the hard score), and the selective-scoring curves; then the selective-scoring,
-error-correlation and group tables.
+the hard score), and the selective-scoring curves; then the analytic aspects'
+agreement and cross-PCC tables (where the data has aspect scores), the
+selective-scoring, error-correlation and group tables.
 """
 
 from __future__ import annotations
@@ -150,6 +151,27 @@ def write_report(
             for k, m in (("soft", soft), ("hard", hard))
         ],
     )
+    aspects = summary.get("aspects", {})
+    aspect_tables = ""
+    if aspects:
+        names = list(aspects)
+        aspect_tables = (
+            "<h2>Aspects</h2>"
+            + _table(
+                ["aspect", "n", "PCC", "Spearman", "RMSE", "within 0.5", "within 1.0", "hard PCC"],
+                [
+                    [a, m["n"], *(m["soft"][k] for k in ("pcc", "spearman", "rmse", "within_0_5", "within_1_0"))]
+                    + [m["hard"]["pcc"]]
+                    for a, m in aspects.items()
+                ],
+            )
+            + "<p>PCC of each aspect's scores (rows) against every aspect's human scores (columns): an aspect "
+            "learned as itself is high on the diagonal only.</p>"
+            + _table(
+                ["predicted / human", *names],
+                [[a, *(row[b] for b in names)] for a, row in summary["aspect_cross_pcc"].items()],
+            )
+        )
     rates = [r["review_rate"] for r in summary["selective"]]
     selective = _table(
         ["signal", *[f"PCC at {100 * r:.0f}%" for r in rates], "Spearman with |error|"],
@@ -209,6 +231,7 @@ tr.flag td{{background:#fde2e2}}</style>
 <p>{summary["answers"]} answers scored, {summary["not_scorable"]} not scorable (left out).</p>
 <h2>Agreement with the human scores</h2>{agreement}
 {"".join(figs)}
+{aspect_tables}
 <h2>Selective scoring</h2>
 <p>The most doubtful answers by each signal are routed to human review; PCC of the answers kept.</p>{selective}
 <h3>Review verdict (the part's thresholds)</h3>{verdict}

@@ -14,6 +14,22 @@ score. Answers last about 2-6 s (drawn independently of the score, so length
 is no cue) and a CPU trains on them quickly. The score
 is continuous, so the data exercises the fair-average targets.
 
+With ``aspects=True`` (``l2grader synth-data --aspects``) each answer draws
+four analytic aspects as independent latent scores in [1, 6], each audible
+through its own property of the speech (:func:`make_aspect_spec`), and the
+holistic score is their mean:
+
+- ``fluency``: rate, pauses and hesitations, as above;
+- ``pronunciation``: the share of words spoken with a consistent foreign
+  accent (in the word's phonemes every vowel becomes an open "a" and the
+  fricatives become stops, spoken through espeak-ng's ``[[...]]`` phoneme
+  input), 0 to 100 %;
+- ``language_use``: the share of words with a grammatical or lexical error
+  (a dropped article or preposition, a wrong verb form, a wrong word), 0 to 50 %;
+- ``coherence``: how the answer is organised: whole sentences linked by
+  connectors ("and", "because", "so", ...) with a sentence-final fall, or
+  sentences broken off after a few words, jumping to the next without a link.
+
 Every row names its ``voice`` (a group field for fairness tables). For the
 checks of which scores to trust, a share of the held-out answers (dev and
 test; training stays clean) can be degraded the ways real recordings go
@@ -23,8 +39,10 @@ scores.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +179,135 @@ def make_spec(score: float, rng: random.Random) -> Spec:
     return Spec(round(score, 3), rate_wpm(score), gap, hes, rng.choice(VOICES), rng.randint(30, 70), text)
 
 
+#: The analytic aspects of ``--aspects`` data, each audible through its own property of the speech.
+ASPECTS = ("fluency", "pronunciation", "language_use", "coherence")
+CONNECTORS = ("and", "because", "so", "and then", "but", "also")
+#: Word-level errors: function words a learner drops, verb forms a learner gets wrong, words used wrongly.
+DROPPABLE = frozenset({"a", "the", "to", "in", "at", "with", "by", "on", "of"})
+WRONG_FORMS = {
+    "live": "lives",
+    "is": "are",
+    "go": "goes",
+    "play": "plays",
+    "have": "has",
+    "like": "likes",
+    "want": "wants",
+    "cook": "cooks",
+    "started": "start",
+    "lives": "live",
+    "enjoy": "enjoys",
+    "went": "go",
+    "think": "thinks",
+    "helps": "help",
+    "has": "have",
+    "usually": "usual",
+    "quite": "quiet",
+}
+WRONG_WORDS = ("make", "thing", "very", "much", "do", "big", "good", "for")
+# a consistent foreign accent: in espeak-ng's phoneme mnemonics every vowel becomes an open "a" and the fricatives
+# stops (s, z, sh, f, th -> t, d, t, p, t), so accented words sound different without taking longer
+_VOWEL = re.compile(r"aI|aU|eI|oU|OI|i@|e@|U@|[aAeEiIoOuUV@3][:#2-]*")
+_CONSONANT_SUBS = str.maketrans(
+    {"T": "t", "D": "d", "s": "t", "z": "d", "S": "t", "Z": "d", "f": "p", "w": "v", "v": "b", "h": ""}
+)
+
+
+def aspect_level(score: float, top: float) -> float:
+    """How far ``score`` is from the best (0 at 6, ``top`` at 1): the share of errors of an aspect."""
+    return top * (SCORE_MAX - score) / (SCORE_MAX - SCORE_MIN)
+
+
+@functools.lru_cache(maxsize=4096)
+def phonemes(word: str, voice: str) -> str:
+    """espeak-ng's phoneme mnemonics of one word in ``voice``."""
+    cmd = ["espeak-ng", "-q", "-x", "-v", voice, word]
+    try:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SynthError(f"espeak-ng failed: {e}") from None
+
+
+def accented(word: str, voice: str) -> str:
+    """The word in espeak-ng's phoneme input (``[[...]]``) with the accent's substitutions."""
+    ph = _VOWEL.sub("a", phonemes(word, voice))
+    return f"[[{ph.translate(_CONSONANT_SUBS).replace(' ', '')}]]"
+
+
+def _split(word: str) -> tuple[str, str]:
+    """A word and its trailing punctuation (``"sea."`` -> ``("sea", ".")``, ``"the ..."`` -> ``("the", " ...")``)."""
+    core = word.split(" ")[0].rstrip(".,?!")
+    return core, word[len(core) :]
+
+
+def with_errors(words: list[str], share: float, rng: random.Random) -> tuple[list[str], int]:
+    """``words`` with about ``share`` of them wrong (dropped, a wrong form, a wrong word); and how many."""
+    out, n = [], 0
+    for w in words:
+        if rng.random() >= share:
+            out.append(w)
+            continue
+        n += 1
+        core, tail = _split(w)
+        if core.lower() in DROPPABLE and not tail:
+            continue
+        out.append((WRONG_FORMS.get(core.lower()) or rng.choice(WRONG_WORDS)) + tail)
+    return (out or words[:1]), n
+
+
+def organised(sentences: list[str], coherence: float, rng: random.Random) -> tuple[list[str], int]:
+    """The answer's words: sentences linked by connectors and ended with a full stop, or (the more so the lower
+    ``coherence``) broken off after two to four words and jumping to the next without a link; and how many broke."""
+    words, broken = [], 0
+    for i, sentence in enumerate(sentences):
+        ws = sentence.split()
+        if rng.random() < aspect_level(coherence, 0.9):
+            broken += 1
+            words += ws[: rng.randint(2, 4)]
+            words[-1] += " ..."
+            continue
+        if i > 0 and words and not words[-1].endswith("..."):
+            words += rng.choice(CONNECTORS).split()
+            ws[0] = ws[0].lower() if ws[0] != "I" else ws[0]
+        words += ws
+        words[-1] += "."
+    return words, broken
+
+
+def make_aspect_spec(aspects: dict[str, float], rng: random.Random) -> tuple[Spec, dict]:
+    """How an answer with these aspect scores is spoken, each aspect through its own property, and what was done
+    (the spec's score is the aspects' mean).
+
+    Fluency sets rate, pauses and hesitations as :func:`make_spec` does; the
+    answer lasts about 5-10 s (drawn independently of every aspect).
+    """
+    fluency = aspects["fluency"]
+    sentences = list(SENTENCES)
+    rng.shuffle(sentences)
+    words, broken = organised(sentences, aspects["coherence"], rng)
+    words, errors = with_errors(words, aspect_level(aspects["language_use"], 0.5), rng)
+    target = rng.uniform(5.0, 10.0)
+    # at least ~2.5 s of words, so that every answer passes serving's speech check however short its words
+    min_words = next(n for n in range(2, 80) if n * 60.0 / rate_wpm(fluency) >= 2.5)
+    n_words = min(range(min_words, 80), key=lambda n: abs(estimated_duration_s(n, fluency) - target))
+    words = words[:n_words]
+    voice = rng.choice(VOICES)
+    accent_share = aspect_level(aspects["pronunciation"], 1.0)
+    n_accented = 0
+    for i, w in enumerate(words):
+        if rng.random() < accent_share:
+            core, tail = _split(w)
+            words[i] = accented(core, voice) + tail
+            n_accented += 1
+    hes = n_hesitations(fluency)
+    for _ in range(hes):
+        words.insert(rng.randint(1, len(words) - 1), rng.choice(HESITATIONS))
+    gap = pause_ms(fluency)
+    sep = f' <break time="{gap}ms"/> ' if gap > 0 else " "
+    holistic = round(float(np.mean([aspects[a] for a in ASPECTS])), 3)
+    spec = Spec(holistic, rate_wpm(fluency), gap, hes, voice, rng.randint(30, 70), sep.join(words))
+    return spec, {"accented_words": n_accented, "word_errors": errors, "broken_sentences": broken}
+
+
 def speak(spec: Spec) -> np.ndarray:
     """Synthesize one answer: float32 mono at 16 kHz."""
     from serve.grading.audio import decode
@@ -192,8 +339,13 @@ def synth_dataset(
     degrade_share: float = 0.0,
     bias_voice: str | None = None,
     bias: float = 0.0,
+    aspects: bool = False,
 ) -> dict[str, Path]:
     """Write ``audio/<split>/*.wav`` and ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` under ``out_dir``.
+
+    With ``aspects`` every row has ``aspects``: the four :data:`ASPECTS`'
+    scores, drawn independently (each spread evenly over [1, 6]), and its
+    ``score`` is their mean (:func:`make_aspect_spec`).
 
     ``degrade_share`` of the dev and test answers are degraded (one of
     :data:`DEGRADATIONS` each, named in the row's ``degradation``); the dev and
@@ -216,16 +368,20 @@ def synth_dataset(
     for split_name, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
         (out / "audio" / split_name).mkdir(parents=True, exist_ok=True)
         held_out = split_name != "train"
-        for i, score in enumerate(_scores(n, rng)):
+        if aspects:
+            columns = [_scores(n, rng) for _ in ASPECTS]
+            draws: list = [{a: round(c[i], 3) for a, c in zip(ASPECTS, columns)} for i in range(n)]
+        else:
+            draws = _scores(n, rng)
+        for i, draw in enumerate(draws):
             speaker = f"{split_name}-{i:04d}"
-            spec = make_spec(score, rng)
+            spec, done = make_aspect_spec(draw, rng) if aspects else (make_spec(draw, rng), None)
             kind = rng.choice(DEGRADATIONS) if held_out and rng.random() < degrade_share else None
-            jobs.append(
-                (split_name, speaker, Path("audio") / split_name / f"{speaker}.wav", spec, kind, rng.randrange(2**32))
-            )
+            rel = Path("audio") / split_name / f"{speaker}.wav"
+            jobs.append((split_name, speaker, rel, spec, kind, rng.randrange(2**32), draw if aspects else None, done))
 
     def render(job):
-        _, _, rel, spec, kind, job_seed = job
+        _, _, rel, spec, kind, job_seed, _, _ = job
         wave = speak(spec)
         if kind is not None:
             wave = degrade(wave, kind, np.random.default_rng(job_seed))
@@ -234,14 +390,16 @@ def synth_dataset(
 
     rows: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for split_name, speaker, rel, spec, kind, _ in pool.map(render, jobs):
+        for split_name, speaker, rel, spec, kind, _, drawn, done in pool.map(render, jobs):
             row = {"audio": str(rel), "score": spec.score, "part": part, "speaker": speaker, "voice": spec.voice}
+            if drawn is not None:
+                row["aspects"] = drawn
             if split_name != "train":
                 row["degradation"] = kind
                 if bias and spec.voice == bias_voice:
                     row["true_score"] = spec.score
                     row["score"] = round(min(SCORE_MAX, max(SCORE_MIN, spec.score + bias)), 3)
-            row["synth"] = {k: v for k, v in asdict(spec).items() if k != "score"}
+            row["synth"] = {k: v for k, v in asdict(spec).items() if k != "score"} | (done or {})
             rows[split_name].append(json.dumps(row))
     paths = {}
     for split_name, lines in rows.items():

@@ -11,7 +11,14 @@ The loss (:mod:`adapters.losses`) reads the label tokens' logits at the first
 output position, renormalised over the label set (``log_softmax`` over the
 label logits only, as serving renormalises its label probabilities):
 fair-average soft targets (``fa``, default) or cross-entropy on the rounded
-score (``ce``). Defaults follow the paper: 2 epochs, learning rate 1e-4,
+score (``ce``).
+
+A part with analytic aspects (``parts.<part>.aspects``) trains one adapter
+for its holistic score and every aspect it scores (those without an adapter
+of their own): each chunk contributes the loss of the holistic score, on
+the part's prompt, and of each aspect its answer has a human score for, on
+that aspect's prompt (:attr:`serve.grading.parts.AspectSpec.prompt`); the
+batch's loss is the mean over these (chunk, target) pairs. Defaults follow the paper: 2 epochs, learning rate 1e-4,
 cosine schedule (after a short linear warm-up), AdamW.
 
 CPU: float32. One GPU: bfloat16 base weights (LoRA weights stay float32)
@@ -34,22 +41,22 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from adapters.agreement import format_metrics, soft_hard_metrics
+from adapters.agreement import aspect_agreement, format_aspects, format_metrics, soft_hard_metrics
 from adapters.dataset import Answer, TrainItem, load_answers, read_jsonl, train_items
 from adapters.losses import LOSSES, loss_fn
 from adapters.reference import TORCH_DTYPES, load_base_model, processor_inputs
 from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, write_adapter_metadata
 from serve.grading.config import GraderConfig, UnknownPartError
-from serve.grading.parts import PartSpec, check_part, resolve_part
+from serve.grading.parts import AspectSpec, PartSpec, check_part, resolve_part
 from serve.grading.results import ScoredAnswer
-from serve.grading.scoring import ChunkScore, aggregate, label_distribution
+from serve.grading.scoring import ChunkScore, aggregate, aspect_score, label_distribution
 from serve.runtime.console import log
 
 CHECKPOINTS = "checkpoints"
@@ -110,13 +117,113 @@ def part_spec(cfg: GraderConfig, part: str, tokenizer) -> PartSpec:
     return resolve_part(check_part(part, pcfg), tokenizer, base=cfg.model.base, untrained=cfg.model.untrained)
 
 
-def make_batch(processor, spec: PartSpec, items: Sequence[TrainItem], device: str, dtype: torch.dtype) -> Batch:
-    """Processor inputs for a batch of chunks (right-padded), as serving's engine gets them."""
+def trained_aspects(cfg: GraderConfig, spec: PartSpec) -> tuple[AspectSpec, ...]:
+    """The part's aspects its own adapter scores (an aspect with an adapter of its own is trained apart)."""
+    own = cfg.part(spec.part).aspects
+    return tuple(a for a in spec.aspects if own[a.aspect].adapter is None)
+
+
+def make_batch(
+    processor,
+    spec: PartSpec | AspectSpec,
+    items: Sequence[TrainItem],
+    device: str,
+    dtype: torch.dtype,
+    scores: Sequence[float] | None = None,
+) -> Batch:
+    """Processor inputs for a batch of chunks (right-padded) on the target's prompt, as serving's engine gets them;
+    ``scores``: the target's human scores (default: the items' holistic scores)."""
     inputs = processor_inputs(processor, spec.prompt, [it.chunk.samples for it in items], device, dtype)
     mask = inputs["attention_mask"]
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last_pos = torch.where(mask.bool(), positions, -1).max(dim=1).values
-    return Batch(inputs, last_pos, torch.tensor([it.score for it in items], dtype=torch.float64))
+    scores = [it.score for it in items] if scores is None else scores
+    return Batch(inputs, last_pos, torch.tensor(list(scores), dtype=torch.float64))
+
+
+#: Where every target's prompt stops sharing its beginning with the others: the rubric and the audio come first.
+AUDIO_END = "<|audio_eos|>"
+
+
+def target_hidden(
+    model,
+    processor,
+    targets: Sequence[PartSpec | AspectSpec],
+    items: Sequence[TrainItem],
+    device: str,
+    dtype: torch.dtype,
+    share_prefix: bool = True,
+) -> list[tuple[PartSpec | AspectSpec, list[int], torch.Tensor]]:
+    """``(target, rows, last hidden state at the first output position [rows, hidden])`` for each target some items
+    have a human score for: the holistic score (every item), then each aspect (the items whose answer has its
+    score).
+
+    With ``share_prefix`` the prompts' common beginning (the rubric and the
+    audio, up to ``<|audio_eos|>``) runs once, left-padded, and each target's
+    question runs on its cached keys and values, as vLLM's prefix cache serves
+    the aspects: the same numbers as one full prompt per target, at a fraction
+    of the cost. Without it (gradient checkpointing keeps no cache) each
+    target runs its whole prompt.
+    """
+    wanted = []
+    for t in targets:
+        rows = [i for i, it in enumerate(items) if isinstance(t, PartSpec) or t.aspect in it.aspects]
+        if rows:
+            wanted.append((t, rows))
+    if not share_prefix:
+        return [
+            (t, rows, _first_output_hidden(model, make_batch(processor, t, [items[i] for i in rows], device, dtype))[1])
+            for t, rows in wanted
+        ]
+    from transformers import DynamicCache
+
+    prefix = targets[0].prompt.split(AUDIO_END)[0] + AUDIO_END
+    if not all(t.prompt.startswith(prefix) for t in targets):
+        raise ValueError("the targets' prompts do not share the rubric and audio")
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = processor_inputs(processor, prefix, [it.chunk.samples for it in items], device, dtype)
+    finally:
+        tokenizer.padding_side = side
+    mask = inputs["attention_mask"]
+    lengths = mask.sum(dim=1, keepdim=True)
+    lm = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+    cache = DynamicCache()
+    lm(**inputs, position_ids=(mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache, use_cache=True)
+    out = []
+    for t, rows in wanted:
+        question = tokenizer(t.prompt[len(prefix) :], add_special_tokens=False, return_tensors="pt").input_ids
+        n = question.shape[1]
+        hidden = lm(
+            input_ids=question.to(device).expand(len(items), n),
+            attention_mask=torch.cat([mask, mask.new_ones(len(items), n)], dim=1),
+            position_ids=lengths + torch.arange(n, device=mask.device),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[rows, -1]
+        cache.crop(-n)  # back to the shared prefix for the next target
+        out.append((t, rows, hidden))
+    return out
+
+
+def target_label_logits(
+    model,
+    processor,
+    targets: Sequence[PartSpec | AspectSpec],
+    items: Sequence[TrainItem],
+    device: str,
+    dtype: torch.dtype,
+    share_prefix: bool = True,
+) -> list[tuple[PartSpec | AspectSpec, torch.Tensor, torch.Tensor]]:
+    """``(target, label logits [rows, labels], human scores [rows])`` for each target some items have a human score
+    for (:func:`target_hidden`): what the loss reads."""
+    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).lm_head.weight
+    out = []
+    for t, rows, hidden in target_hidden(model, processor, targets, items, device, dtype, share_prefix):
+        scores = [items[i].score if isinstance(t, PartSpec) else items[i].aspects[t.aspect] for i in rows]
+        out.append((t, (hidden @ head[list(t.label_token_ids)].T).float(), torch.tensor(scores, dtype=torch.float64)))
+    return out
 
 
 def label_logits(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
@@ -146,25 +253,52 @@ def label_logprobs(model, batch: Batch, label_ids: Sequence[int]) -> torch.Tenso
 
 @torch.no_grad()
 def score_answers(
-    model, processor, spec: PartSpec, answers: Sequence[Answer], *, batch_size: int, device: str, dtype: torch.dtype
+    model,
+    processor,
+    spec: PartSpec,
+    answers: Sequence[Answer],
+    *,
+    batch_size: int,
+    device: str,
+    dtype: torch.dtype,
+    aspects: Sequence[AspectSpec] | None = None,
 ) -> list[ScoredAnswer]:
-    """Score answers with the model in eval mode: the trainer's own evaluation (transformers + peft)."""
+    """Score answers with the model in eval mode: the trainer's own evaluation (transformers + peft), the holistic
+    score and each of ``aspects`` (default: all the part's)."""
     was_training = model.training
     model.eval()
-    items = train_items(list(answers))
-    dists: list[tuple[np.ndarray, float]] = []
+    targets = (spec, *(spec.aspects if aspects is None else aspects))
+    # every chunk is scored for every target: mark each as having every aspect
+    items = [replace(it, aspects={t.aspect: 0.0 for t in targets[1:]}) for it in train_items(list(answers))]
+    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).lm_head.weight
+    dists: dict[int, list[tuple[np.ndarray, float]]] = {n: [] for n in range(len(targets))}
     for i in range(0, len(items), batch_size):
-        batch = make_batch(processor, spec, items[i : i + batch_size], device, dtype)
-        lp = label_logprobs(model, batch, spec.label_token_ids).cpu().numpy()
-        dists.extend(label_distribution(row) for row in lp)
+        for n, (t, _, h) in enumerate(
+            target_hidden(model, processor, targets, items[i : i + batch_size], device, dtype)
+        ):
+            lp = torch.log_softmax((h @ head.T).float(), dim=-1)[:, list(t.label_token_ids)].cpu().numpy()
+            dists[n].extend(label_distribution(row) for row in lp)
     if was_training:
         model.train()
     results, k = [], 0
     for ans in answers:
-        chunks = [ChunkScore(c.start_s, c.end_s, *dists[k + j]) for j, c in enumerate(ans.chunks)]
+        chunks = [
+            [ChunkScore(c.start_s, c.end_s, *dists[n][k + j]) for j, c in enumerate(ans.chunks)]
+            for n in range(len(targets))
+        ]
         k += len(ans.chunks)
-        results.append(aggregate(spec.part, spec.levels, chunks, spec.model, spec.intervals))
+        scored = aggregate(spec.part, spec.levels, chunks[0], spec.model, spec.intervals)
+        scored.aspects = {
+            t.aspect: aspect_score(t.levels, cs, t.adapter_name) for t, cs in zip(targets[1:], chunks[1:])
+        }
+        results.append(scored)
     return results
+
+
+def dev_metrics(answers: Sequence[Answer], scored: Sequence[ScoredAnswer]) -> dict[str, Any]:
+    """The holistic score's soft and hard metrics, and each aspect's agreement (:func:`aspect_agreement`)."""
+    predicted = [{a: (s.score, s.hard_score) for a, s in sc.aspects.items()} for sc in scored]
+    return {**soft_hard_metrics(answers, scored), **aspect_agreement(predicted, [a.example.aspects for a in answers])}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -254,7 +388,12 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
 
     model, processor = load_base_model(cfg.model.base, dtype, device)
     spec = part_spec(cfg, opts.part, processor.tokenizer)
-    level_scores = [lv.score for lv in spec.levels]
+    aspects = trained_aspects(cfg, spec)
+    targets = (spec, *aspects)
+    aspect_answers = {a.aspect: sum(a.aspect in x.example.aspects for x in answers) for a in aspects}
+    unknown = sorted({k for x in answers for k in x.example.aspects} - set(aspect_answers))
+    if unknown:
+        log(f"the data scores aspects this adapter does not score ({', '.join(unknown)}): their scores are not used")
     lora = LoraConfig(
         r=opts.rank,
         lora_alpha=opts.alpha if opts.alpha is not None else 2 * opts.rank,
@@ -263,8 +402,10 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         bias="none",
     )
     model = get_peft_model(model, lora)
-    if device.startswith("cuda"):
+    checkpointing = device.startswith("cuda")
+    if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    share_prefix = not checkpointing  # gradient checkpointing keeps no key-value cache
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
 
@@ -289,6 +430,10 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
             raise TrainError(f"--resume: options differ from the checkpointed run: {diff}")
         if state["n_items"] != len(items):
             raise TrainError(f"--resume: the data changed ({state['n_items']} chunks then, {len(items)} now)")
+        if state.get("aspects", []) != list(aspect_answers):
+            raise TrainError(
+                f"--resume: the part's aspects changed ({state.get('aspects', [])} then, {list(aspect_answers)} now)"
+            )
         step, history, losses = state["step"], state["history"], state["losses"]
         log(f"resuming from {existing[-1]} (step {step} of {total_steps})")
     elif opts.resume:
@@ -298,18 +443,36 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         f"training part {opts.part!r}: {len(answers)} answers ({len(items)} chunks), {total_steps} steps "
         f"of {opts.batch_size}, loss {opts.loss}, rank {opts.rank}, lr {opts.lr:g}, {n_trainable:,} trainable "
         f"parameters, {device}/{str(dtype).removeprefix('torch.')}"
+        + "".join(f"; aspect {a}: {n} answers scored" for a, n in aspect_answers.items())
     )
+
+    # the dev answers are scored for the aspects they have human scores for
+    dev_aspects = tuple(a for a in aspects if any(a.aspect in x.example.aspects for x in dev_answers))
 
     def evaluate_dev() -> dict[str, Any] | None:
         if not dev_answers:
             return None
         scored = score_answers(
-            model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype
+            model,
+            processor,
+            spec,
+            dev_answers,
+            batch_size=opts.batch_size,
+            device=device,
+            dtype=dtype,
+            aspects=dev_aspects,
         )
-        return {"step": step, **soft_hard_metrics(dev_answers, scored)}
+        return {"step": step, **dev_metrics(dev_answers, scored)}
 
     def state_dict() -> dict[str, Any]:
-        return {"step": step, "history": history, "losses": losses, "n_items": len(items), "options": _opts_dict(opts)}
+        return {
+            "step": step,
+            "history": history,
+            "losses": losses,
+            "n_items": len(items),
+            "aspects": list(aspect_answers),
+            "options": _opts_dict(opts),
+        }
 
     bar = None
     if opts.progress:
@@ -326,9 +489,14 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         epoch, offset = divmod(step, steps_per_epoch)
         order = _epoch_order(len(items), opts.seed, epoch)
         idx = order[offset * opts.batch_size : (offset + 1) * opts.batch_size]
-        batch = make_batch(processor, spec, [items[i] for i in idx], device, dtype)
-        loss = compute_loss(label_logits(model, batch, spec.label_token_ids), batch.scores, level_scores)
         optimizer.zero_grad(set_to_none=True)
+        # the mean over (chunk, target) pairs
+        logits = target_label_logits(model, processor, targets, [items[i] for i in idx], device, dtype, share_prefix)
+        n_pairs = sum(len(scores) for _, _, scores in logits)
+        loss = sum(
+            compute_loss(lg, scores, [lv.score for lv in t.levels]) * (len(scores) / n_pairs)
+            for t, lg, scores in logits
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -344,7 +512,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         if step % eval_every == 0 and step < total_steps and dev_answers:
             m = evaluate_dev()
             history.append(m)
-            line = f"[step {step}] dev " + format_metrics("soft", m["soft"])
+            line = f"[step {step}] dev " + format_metrics("soft", m["soft"]) + _aspect_pccs(m)
             bar.write(line, file=sys.stderr) if bar is not None else log(line)
         stopping = bool(opts.stop_after) and steps_this_run >= opts.stop_after
         if step % save_every == 0 or step == total_steps or stopping:
@@ -377,6 +545,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         "train_chunks": len(items),
         "data": str(Path(opts.data).resolve()),
         "base": cfg.model.base,
+        "aspects": aspect_answers,  # aspect -> training answers with its human score
     }
     write_adapter_metadata(out, part=opts.part, levels=spec.levels, training=training_meta)
     check_adapter(out)
@@ -384,9 +553,16 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     final = None
     if dev_answers:
         scored = score_answers(
-            model, processor, spec, dev_answers, batch_size=opts.batch_size, device=device, dtype=dtype
+            model,
+            processor,
+            spec,
+            dev_answers,
+            batch_size=opts.batch_size,
+            device=device,
+            dtype=dtype,
+            aspects=dev_aspects,
         )
-        final = {"step": step, **soft_hard_metrics(dev_answers, scored)}
+        final = {"step": step, **dev_metrics(dev_answers, scored)}
         history.append(final)
         with open(out / "dev_predictions.jsonl", "w") as f:
             for a, s in zip(dev_answers, scored):
@@ -397,6 +573,8 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
                             "human": a.example.score,
                             "score": s.score,
                             "hard_score": s.hard_score,
+                            "human_aspects": a.example.aspects,
+                            "aspects": {k: v.score for k, v in s.aspects.items()},
                         }
                     )
                     + "\n"
@@ -410,6 +588,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         "trainable_parameters": n_trainable,
         "train_answers": len(answers),
         "train_chunks": len(items),
+        "aspects": aspect_answers,
         "skipped_answers": len(bad),
         "dev_answers": len(dev_answers),
         "steps": step,
@@ -447,4 +626,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["dev_final"]:
         lines.append("  dev " + format_metrics("soft", s["dev_final"]["soft"]))
         lines.append("  dev " + format_metrics("hard", s["dev_final"]["hard"]))
+        lines += ["  dev " + line for line in format_aspects(s["dev_final"])]
     return "\n".join(lines)
+
+
+def _aspect_pccs(m: dict[str, Any]) -> str:
+    return "".join(f"; {a} PCC {v['soft']['pcc']:.3f}" for a, v in m.get("aspects", {}).items())
