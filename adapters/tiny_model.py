@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from serve.engine.weight_names import published_name
-from serve.grading.aspects import BUILTIN_ASPECTS, title
 from serve.grading.levels import DEFAULT_LEVELS
-from serve.grading.prompt import ASPECT_QUESTION, QUESTION, AspectRubric, build_prompt
+from serve.grading.prompt import QUESTION, build_prompt
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
@@ -65,22 +64,13 @@ TINY_AUDIO = dict(
     num_mel_bins=128,
     max_source_positions=1500,
 )
-TOKENIZER_VOCAB = 1000
+TOKENIZER_VOCAB = 600
 
 
 def _corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the prompts it will see, so they stay short."""
-    aspects = [
-        AspectRubric(
-            title(name),
-            a.description,
-            tuple(lv.model_copy(update={"descriptor": a.descriptors[lv.cefr]}) for lv in DEFAULT_LEVELS),
-        )
-        for name, a in BUILTIN_ASPECTS.items()
-    ]
-    texts = [build_prompt(task, DEFAULT_LEVELS, aspects) for task in DEMO_PARTS.values()]
+    texts = [build_prompt(task, DEFAULT_LEVELS) for task in DEMO_PARTS.values()]
     texts += [QUESTION, " ".join(lv.label for lv in DEFAULT_LEVELS)]
-    texts += [ASPECT_QUESTION.format(title=a.title) for a in aspects]
     texts += ["The quick brown fox jumps over the lazy dog.", "Hello, how are you today?"]
     return texts
 
@@ -182,7 +172,9 @@ def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str], parts: dict[s
             "max_cpu_loras": 8,
             "memory_share": 0.1,
             "max_num_seqs": 64,
-            "max_model_len": 2048,
+            # The interview's prompt holds its four aspects' rubrics: about 1,500 tokens of this tiny tokenizer
+            # (a real one makes about 900 of them), plus up to 750 audio tokens.
+            "max_model_len": 4096,
             # On CPU vLLM's KV blocks hold 128 tokens by default; the prefix cache reuses whole blocks only, so an
             # aspect's request recomputes up to a block of the audio: smaller blocks make aspects cheaper.
             "kv_block_size": 32,

@@ -94,8 +94,9 @@ def test_shared_prefix_gives_the_full_prompts_logits_and_gradients(tiny_dir, aud
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         results[share] = ([(t.aspect if hasattr(t, "aspect") else None, lg, s) for t, lg, s in out], grads)
     (full, g_full), (shared, g_shared) = results[False], results[True]
-    assert [t for t, _, _ in shared] == [None, "fluency", "coherence"]  # nobody has pronunciation or language use
-    assert [len(s) for _, _, s in shared] == [len(items), sum(len(a.chunks) for a in (answers[0], answers[2])), 1]
+    # In the order of the aspects' ids; nobody has pronunciation or language use.
+    assert [t for t, _, _ in shared] == [None, "coherence", "fluency"]
+    assert [len(s) for _, _, s in shared] == [len(items), 1, sum(len(a.chunks) for a in (answers[0], answers[2]))]
     for (t, lg_f, s_f), (_, lg_s, s_s) in zip(full, shared):
         assert torch.equal(s_f, s_s), t
         assert (lg_f - lg_s).abs().max() < 1e-4, t

@@ -90,10 +90,18 @@ def degraded(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(synth, tiny_dir, tmp_path_factory) -> dict:
-    """Evaluate the demo adapter, train a new one, evaluate it: everything through the CLI."""
+def run(synth, tiny_config, tmp_path_factory) -> dict:
+    """Evaluate the demo adapter, train a new one, evaluate it: everything through the CLI.
+
+    The interview is configured without its aspects: these answers have holistic scores only, and a part's
+    prompt holds the rubrics of the aspects it has, so its adapter is trained and served on the holistic prompt."""
+    import yaml
+
     d = tmp_path_factory.mktemp("train_run")
-    cfg = str(tiny_dir / "demo.yaml")
+    raw = tiny_config()
+    raw["parts"]["interview"].pop("aspects", None)
+    cfg = str(d / "holistic.yaml")
+    Path(cfg).write_text(yaml.safe_dump(raw))
     test = str(synth / "test.jsonl")
     timings = {}
 
@@ -163,22 +171,13 @@ def run(synth, tiny_dir, tmp_path_factory) -> dict:
 
 
 @pytest.mark.engine
-def test_evaluate_shows_which_scores_to_trust(run, degraded, tiny_config, tmp_path):
+def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     """On degraded held-out answers: routing the most uncertain 10 % raises the PCC of the rest, degraded
-    answers go to review far more often than clean ones, and the planted bias is seen with confidence.
-
-    The part is judged without its aspects: this adapter learned the holistic score only, so its aspect scores
-    are uncertain and would send most clean answers to review too (aspect_uncertain)."""
-    import yaml
-
-    raw = tiny_config()
-    raw["parts"]["interview"].pop("aspects", None)
-    holistic_cfg = tmp_path / "holistic.yaml"
-    holistic_cfg.write_text(yaml.safe_dump(raw))
+    answers go to review far more often than clean ones, and the planted bias is seen with confidence."""
     proc = l2grader(
         "evaluate",
         "--config",
-        str(holistic_cfg),
+        run["cfg"],
         "--part",
         "interview",
         "--data",
