@@ -449,10 +449,8 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     # the dev answers are scored for the aspects they have human scores for
     dev_aspects = tuple(a for a in aspects if any(a.aspect in x.example.aspects for x in dev_answers))
 
-    def evaluate_dev() -> dict[str, Any] | None:
-        if not dev_answers:
-            return None
-        scored = score_answers(
+    def score_dev() -> list:
+        return score_answers(
             model,
             processor,
             spec,
@@ -462,7 +460,9 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
             dtype=dtype,
             aspects=dev_aspects,
         )
-        return {"step": step, **dev_metrics(dev_answers, scored)}
+
+    def evaluate_dev() -> dict[str, Any] | None:
+        return {"step": step, **dev_metrics(dev_answers, score_dev())} if dev_answers else None
 
     def state_dict() -> dict[str, Any]:
         return {
@@ -552,16 +552,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
 
     final = None
     if dev_answers:
-        scored = score_answers(
-            model,
-            processor,
-            spec,
-            dev_answers,
-            batch_size=opts.batch_size,
-            device=device,
-            dtype=dtype,
-            aspects=dev_aspects,
-        )
+        scored = score_dev()
         final = {"step": step, **dev_metrics(dev_answers, scored)}
         history.append(final)
         with open(out / "dev_predictions.jsonl", "w") as f:

@@ -309,9 +309,8 @@ def test_calibrated_intervals_cover_held_out_answers(run, synth, tmp_path):
         assert 0 < t["mean_width"] <= 5.0
 
 
-@pytest.mark.engine
-def test_vllm_serves_what_the_trainer_learned(run):
-    """The trainer's own evaluation (transformers + peft, eval mode) equals vLLM's scores of the same adapter."""
+def trainer_scores(config, data, adapter) -> tuple[list, list]:
+    """The interview's answers in ``data`` and the trainer's own scores of them (transformers + peft, eval mode)."""
     import torch
     from peft import PeftModel
 
@@ -319,13 +318,19 @@ def test_vllm_serves_what_the_trainer_learned(run):
     from adapters.train import load_base_model, part_spec, score_answers
     from serve.grading.config import load_config
 
-    cfg = load_config(run["cfg"])
-    answers, bad = load_answers(read_jsonl(run["test"], "interview"), cfg.audio)
+    cfg = load_config(config)
+    answers, bad = load_answers(read_jsonl(data, "interview"), cfg.audio)
     assert not bad
     base, processor = load_base_model(cfg.model.base, torch.float32, "cpu")
-    model = PeftModel.from_pretrained(base, str(run["adapter"])).eval()
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
     spec = part_spec(cfg, "interview", processor.tokenizer)
-    own = score_answers(model, processor, spec, answers, batch_size=16, device="cpu", dtype=model.dtype)
+    return answers, score_answers(model, processor, spec, answers, batch_size=16, device="cpu", dtype=model.dtype)
+
+
+@pytest.mark.engine
+def test_vllm_serves_what_the_trainer_learned(run):
+    """The trainer's own evaluation (transformers + peft, eval mode) equals vLLM's scores of the same adapter."""
+    answers, own = trainer_scores(run["cfg"], run["test"], run["adapter"])
     served = [json.loads(line) for line in (run["dir"] / "trained.jsonl").read_text().splitlines()]
     assert len(served) == len(own) == N_TEST
     for a, s, o in zip(answers, served, own):
@@ -534,20 +539,7 @@ def test_each_aspect_is_learned_as_itself(aspect_run):
 @pytest.mark.engine
 def test_vllm_serves_the_aspects_the_trainer_learned(aspect_run, aspect_synth):
     """The trainer's own evaluation of every aspect (transformers + peft) equals vLLM's scores of the adapter."""
-    import torch
-    from peft import PeftModel
-
-    from adapters.dataset import load_answers, read_jsonl
-    from adapters.train import load_base_model, part_spec, score_answers
-    from serve.grading.config import load_config
-
-    cfg = load_config(aspect_run["cfg"])
-    answers, bad = load_answers(read_jsonl(aspect_synth / "test.jsonl", "interview"), cfg.audio)
-    assert not bad
-    base, processor = load_base_model(cfg.model.base, torch.float32, "cpu")
-    model = PeftModel.from_pretrained(base, str(aspect_run["adapter"])).eval()
-    spec = part_spec(cfg, "interview", processor.tokenizer)
-    own = score_answers(model, processor, spec, answers, batch_size=16, device="cpu", dtype=model.dtype)
+    answers, own = trainer_scores(aspect_run["cfg"], aspect_synth / "test.jsonl", aspect_run["adapter"])
     served = [json.loads(line) for line in (aspect_run["dir"] / "predictions.jsonl").read_text().splitlines()]
     assert len(served) == len(own) == ASPECT_TEST
     for a, s, o in zip(answers, served, own):
