@@ -67,7 +67,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not args.verbose:
         engine_log = Path(tempfile.gettempdir()) / PROG / f"score-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         vllm_logs_to_file(engine_log)
-        quiet = library_output_to(engine_log)  # the engine process's own output too
+        quiet = library_output_to(engine_log)  # what the engine's libraries print too
         log(f"engine log: {engine_log} (--verbose prints it here)")
     with quiet:
         return _score_files(args, cfg, parts)
@@ -103,7 +103,7 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
                         print(f"{PROG}: error: {path}: {prepared}", file=sys.stderr, flush=True)
     finally:
         if scorer is not None:
-            scorer.close()  # otherwise the engine's processes can hold the interpreter at exit
+            scorer.close()  # frees the engine's memory now, not at interpreter exit
     return 1 if failed else 0
 
 

@@ -1,14 +1,24 @@
 """Offline scoring of many answers with one in-process vLLM engine (``vllm.LLM``).
 
 All chunks of a batch of answers go to one ``generate`` call, so the engine
-batches chunks across answers. ``l2grader score``, evaluation and the
-benchmark's offline path use it.
+batches chunks across answers. ``l2grader score``, evaluation, the session's
+engine actors and the benchmark's offline path use it.
+
+The engine core and its model worker run in the calling process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while the engine is built). On the CPU
+backend vLLM would otherwise spawn two processes that each import vLLM and
+torch again: about 17 s of a 2-core start, at the same offline throughput
+(docs/benchmarks.md). The service's engine (serve/engine/online.py) keeps its
+own processes.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 from serve.engine.requests import (
     Target,
@@ -26,6 +36,22 @@ from serve.grading.parts import Part, PartSpec, config_parts, resolve_part
 from serve.grading.results import ScoredAnswer
 
 
+@contextmanager
+def _engine_in_this_process() -> Iterator[None]:
+    """vLLM builds the engine core and its worker in this process; the environment is restored after, so that
+    a process this one starts later (a service) gets vLLM's default."""
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    before = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 class OfflineEngine:
     """One ``vllm.LLM`` and the parts it scores (the registry's, else the config's) resolved against its tokenizer."""
 
@@ -34,7 +60,9 @@ class OfflineEngine:
         from vllm import LLM  # after configure_vllm_environment: vLLM reads its environment at import
 
         self.cfg = cfg
-        self.llm = LLM(**engine_kwargs(cfg))
+        with _engine_in_this_process():
+            # its progress bars would reach this process's stderr, the program's own lines
+            self.llm = LLM(**engine_kwargs(cfg), use_tqdm_on_load=False)
         tokenizer = self.llm.get_tokenizer()
         m = cfg.model
         self.parts: dict[str, PartSpec] = {
@@ -43,10 +71,12 @@ class OfflineEngine:
         }
 
     def close(self) -> None:
-        """Stop the engine's processes now rather than at interpreter exit."""
+        """Stop the engine and free its model and key-value cache now rather than at interpreter exit."""
         from serve.engine.vllm_private import shutdown_engine  # imports vLLM, as __init__ does
 
         shutdown_engine(self.llm)
+        del self.llm
+        gc.collect()
 
     def requests(
         self, answers: Sequence[tuple[str, PreparedAnswer]], specs: Mapping[str, PartSpec] | None = None
