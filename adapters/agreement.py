@@ -89,7 +89,9 @@ def aspect_agreement(
     per answer, aspect -> human score (an answer may lack some). Returns
     ``{"aspects": {aspect: {"n", "soft": metrics, "hard": metrics}}, "cross_pcc":
     {predicted aspect: {human aspect: PCC}}}`` over the aspects both predicted and
-    human-scored on at least two answers; each pair over the answers that have both.
+    human-scored on at least two answers (rows), against every aspect human-scored
+    on at least two of them (columns: an adapter that scores one aspect is held
+    against the others' truths too); each pair over the answers that have both.
     """
     if len(predicted) != len(human):
         raise ValueError(f"{len(predicted)} predictions for {len(human)} human scores")
@@ -97,6 +99,9 @@ def aspect_agreement(
         a
         for a in dict.fromkeys(k for p in predicted for k in p)
         if sum(a in p and a in h for p, h in zip(predicted, human)) >= 2
+    ]
+    truths = names + [
+        b for b in dict.fromkeys(k for h in human for k in h) if b not in names and sum(b in h for h in human) >= 2
     ]
     aspects, cross = {}, {}
     for a in names:
@@ -108,7 +113,7 @@ def aspect_agreement(
             "hard": all_metrics([hd for (_, hd), _ in pairs], truth),
         }
         cross[a] = {}
-        for b in names:
+        for b in truths:
             both = [(p[a][0], h[b]) for p, h in zip(predicted, human) if a in p and b in h]
             cross[a][b] = pearson([x for x, _ in both], [y for _, y in both])
     return {"aspects": aspects, "cross_pcc": cross}
@@ -119,12 +124,13 @@ def format_aspects(agreement: dict[str, dict]) -> list[str]:
     aspects, cross = agreement["aspects"], agreement["cross_pcc"]
     if not aspects:
         return []
-    width = max(12, *(len(a) + 2 for a in aspects))
+    columns = list(next(iter(cross.values())))
+    width = max(12, *(len(a) + 2 for a in columns))
     lines = [f"aspect {a} ({m['n']} answers): " + format_metrics("soft", m["soft"]) for a, m in aspects.items()]
     lines.append("aspect cross PCC (rows: predicted aspect, columns: human scores of):")
-    lines.append(" " * (width + 2) + "".join(f"{b:>{width}}" for b in aspects))
+    lines.append(" " * (width + 2) + "".join(f"{b:>{width}}" for b in columns))
     for a, row in cross.items():
-        lines.append(f"  {a:<{width}}" + "".join(f"{row[b]:>{width}.3f}" for b in aspects))
+        lines.append(f"  {a:<{width}}" + "".join(f"{row[b]:>{width}.3f}" for b in columns))
     return lines
 
 

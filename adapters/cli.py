@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_after=args.stop_after,
         progress=not args.no_progress,
+        aspect=args.aspect,
     )
     untrained = "the tiny UNTRAINED demo checkpoint (random weights): the adapter and its dev scores mean nothing"
     if cfg.model.untrained:
@@ -162,6 +163,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true", help="print transformers' own notices too")
     p.add_argument("--config", required=True, help="grader YAML config (base model, part prompt and levels)")
     p.add_argument("--part", required=True, help="exam part to train the adapter for")
+    p.add_argument(
+        "--aspect",
+        help="train an adapter of its own for this aspect of the part, on the answers with its score (then name it "
+        "in the config: aspects: {ASPECT: {adapter: OUT}}); default: one adapter for the holistic score and every "
+        "aspect without an adapter of its own",
+    )
     p.add_argument(
         "--data",
         required=True,

@@ -154,7 +154,7 @@ def write_report(
     aspects = summary.get("aspects", {})
     aspect_tables = ""
     if aspects:
-        names = list(aspects)
+        names = list(next(iter(summary["aspect_cross_pcc"].values())))  # every human-scored aspect
         aspect_tables = (
             "<h2>Aspects</h2>"
             + _table(

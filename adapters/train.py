@@ -18,7 +18,10 @@ for its holistic score and every aspect it scores (those without an adapter
 of their own): each chunk contributes the loss of the holistic score, on
 the part's prompt, and of each aspect its answer has a human score for, on
 that aspect's prompt (:attr:`serve.grading.parts.AspectSpec.prompt`); the
-batch's loss is the mean over these (chunk, target) pairs. Defaults follow the paper: 2 epochs, learning rate 1e-4,
+batch's loss is the mean over these (chunk, target) pairs. ``--aspect A``
+trains an adapter of its own for aspect ``A`` alone, on A's prompt and the
+answers with A's human score (the config then names it: ``aspects: {A:
+{adapter: DIR}}``). Defaults follow the paper: 2 epochs, learning rate 1e-4,
 cosine schedule (after a short linear warm-up), AdamW.
 
 CPU: float32. One GPU: bfloat16 base weights (LoRA weights stay float32)
@@ -94,9 +97,10 @@ class TrainOptions:
     resume: bool = False
     stop_after: int = 0  # stop after this many steps of this invocation (0: run to the end); --resume continues
     progress: bool = True
+    aspect: str | None = None  # train an adapter of its own for this aspect of the part (None: the part's adapter)
 
     # fields that must match for --resume to continue the same run
-    RESUME_KEYS = ("part", "loss", "epochs", "lr", "rank", "alpha", "batch_size", "warmup_ratio", "seed")
+    RESUME_KEYS = ("part", "aspect", "loss", "epochs", "lr", "rank", "alpha", "batch_size", "warmup_ratio", "seed")
 
 
 @dataclass
@@ -295,10 +299,23 @@ def score_answers(
     return results
 
 
-def dev_metrics(answers: Sequence[Answer], scored: Sequence[ScoredAnswer]) -> dict[str, Any]:
-    """The holistic score's soft and hard metrics, and each aspect's agreement (:func:`aspect_agreement`)."""
+def dev_metrics(answers: Sequence[Answer], scored: Sequence[ScoredAnswer], aspect: str | None = None) -> dict[str, Any]:
+    """The soft and hard metrics of what the adapter scores (the holistic score, or ``aspect`` for an aspect's own
+    adapter), and each aspect's agreement (:func:`aspect_agreement`)."""
     predicted = [{a: (s.score, s.hard_score) for a, s in sc.aspects.items()} for sc in scored]
-    return {**soft_hard_metrics(answers, scored), **aspect_agreement(predicted, [a.example.aspects for a in answers])}
+    agreement = aspect_agreement(predicted, [a.example.aspects for a in answers])
+    if aspect is not None:
+        own = agreement["aspects"][aspect]
+        return {"soft": own["soft"], "hard": own["hard"], "n": own["n"], **agreement}
+    return {**soft_hard_metrics(answers, scored), **agreement}
+
+
+def _with_aspect(answers: list[Answer], aspect: str, what: str) -> list[Answer]:
+    """The answers with a human score of ``aspect`` (what its own adapter learns from)."""
+    kept = [a for a in answers if aspect in a.example.aspects]
+    if len(kept) < len(answers):
+        log(f"{len(answers) - len(kept)} {what} answers have no {aspect} score: left out")
+    return kept
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -360,9 +377,13 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     if opts.loss not in LOSSES:
         raise TrainError(f"unknown loss {opts.loss!r} (choose from {', '.join(LOSSES)})")
     try:
-        cfg.part(opts.part)
+        part_aspects = cfg.part(opts.part).aspects
     except UnknownPartError as e:
         raise TrainError(str(e)) from None
+    if opts.aspect is not None and opts.aspect not in part_aspects:
+        raise TrainError(
+            f"part {opts.part!r} has no aspect {opts.aspect!r} (its aspects: {', '.join(part_aspects) or 'none'})"
+        )
     out = Path(opts.out)
     existing = _checkpoints(out)
     if existing and not opts.resume:
@@ -377,19 +398,28 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     answers, bad = load_answers(train_ex, cfg.audio)
     for ex, why in bad:
         log(f"skipping {ex.audio}: {why}")
+    if opts.aspect is not None:
+        answers = _with_aspect(answers, opts.aspect, "training")
     if not answers:
-        raise TrainError(f"no usable answers of part {opts.part!r} in {opts.data}")
+        have = "" if opts.aspect is None else f" with a {opts.aspect} score"
+        raise TrainError(f"no usable answers of part {opts.part!r}{have} in {opts.data}")
     items = train_items(answers)
     dev_answers: list[Answer] = []
     if opts.dev:
         dev_answers, dev_bad = load_answers(read_jsonl(opts.dev, opts.part), cfg.audio)
         for ex, why in dev_bad:
             log(f"skipping dev {ex.audio}: {why}")
+        if opts.aspect is not None:
+            dev_answers = _with_aspect(dev_answers, opts.aspect, "dev")
 
     model, processor = load_base_model(cfg.model.base, dtype, device)
     spec = part_spec(cfg, opts.part, processor.tokenizer)
-    aspects = trained_aspects(cfg, spec)
-    targets = (spec, *aspects)
+    if opts.aspect is None:
+        aspects = trained_aspects(cfg, spec)
+        targets: tuple[PartSpec | AspectSpec, ...] = (spec, *aspects)
+    else:
+        aspects = tuple(a for a in spec.aspects if a.aspect == opts.aspect)
+        targets = aspects  # the aspect alone
     aspect_answers = {a.aspect: sum(a.aspect in x.example.aspects for x in answers) for a in aspects}
     unknown = sorted({k for x in answers for k in x.example.aspects} - set(aspect_answers))
     if unknown:
@@ -439,8 +469,9 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
     elif opts.resume:
         log(f"--resume: no checkpoint in {out / CHECKPOINTS}, starting afresh")
 
+    what = f"part {opts.part!r}" + ("" if opts.aspect is None else f" aspect {opts.aspect!r}")
     log(
-        f"training part {opts.part!r}: {len(answers)} answers ({len(items)} chunks), {total_steps} steps "
+        f"training {what}: {len(answers)} answers ({len(items)} chunks), {total_steps} steps "
         f"of {opts.batch_size}, loss {opts.loss}, rank {opts.rank}, lr {opts.lr:g}, {n_trainable:,} trainable "
         f"parameters, {device}/{str(dtype).removeprefix('torch.')}"
         + "".join(f"; aspect {a}: {n} answers scored" for a, n in aspect_answers.items())
@@ -462,7 +493,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         )
 
     def evaluate_dev() -> dict[str, Any] | None:
-        return {"step": step, **dev_metrics(dev_answers, score_dev())} if dev_answers else None
+        return {"step": step, **dev_metrics(dev_answers, score_dev(), opts.aspect)} if dev_answers else None
 
     def state_dict() -> dict[str, Any]:
         return {
@@ -547,23 +578,25 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         "base": cfg.model.base,
         "aspects": aspect_answers,  # aspect -> training answers with its human score
     }
-    write_adapter_metadata(out, part=opts.part, levels=spec.levels, training=training_meta)
+    levels = (aspects[0] if opts.aspect else spec).levels
+    write_adapter_metadata(out, part=opts.part, levels=levels, training=training_meta, aspect=opts.aspect)
     check_adapter(out)
 
     final = None
     if dev_answers:
         scored = score_dev()
-        final = {"step": step, **dev_metrics(dev_answers, scored)}
+        final = {"step": step, **dev_metrics(dev_answers, scored, opts.aspect)}
         history.append(final)
         with open(out / "dev_predictions.jsonl", "w") as f:
             for a, s in zip(dev_answers, scored):
+                own = s if opts.aspect is None else s.aspects[opts.aspect]  # what this adapter scores
                 f.write(
                     json.dumps(
                         {
                             "audio": str(a.example.audio),
-                            "human": a.example.score,
-                            "score": s.score,
-                            "hard_score": s.hard_score,
+                            "human": a.example.score if opts.aspect is None else a.example.aspects[opts.aspect],
+                            "score": own.score,
+                            "hard_score": own.hard_score,
                             "human_aspects": a.example.aspects,
                             "aspects": {k: v.score for k, v in s.aspects.items()},
                         }
@@ -572,6 +605,7 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
                 )
     summary = {
         "part": opts.part,
+        "aspect": opts.aspect,
         "finished": True,
         "options": _opts_dict(opts),
         "device": device,
@@ -609,7 +643,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if not s.get("finished", True):
         return f"stopped at step {s['steps']} of {s['total_steps']}: run again with --resume to finish"
     lines = [
-        f"trained {s['part']!r} adapter -> {s['adapter']}",
+        f"trained {s['part']!r}{'' if s.get('aspect') is None else ' aspect ' + repr(s['aspect'])} adapter"
+        f" -> {s['adapter']}",
         f"  {s['train_answers']} answers ({s['train_chunks']} chunks), {s['steps']} steps, "
         f"loss {s['options']['loss']} {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
         f"{s['train_seconds']:.1f} s training on {s['device']}",

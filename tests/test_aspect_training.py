@@ -103,3 +103,54 @@ def test_shared_prefix_gives_the_full_prompts_logits_and_gradients(tiny_dir, aud
     assert g_full.norm() > 0
     assert ((g_full - g_shared).norm() / g_full.norm()).item() < 1e-4
     assert not math.isnan(g_shared.sum().item())
+
+
+def test_an_aspect_trains_an_adapter_of_its_own_that_serving_scores_it_with(tiny_dir, tiny_config, audio_dir, tmp_path):
+    """``train --aspect A``: an adapter for A alone, from the answers with A's score, that the config names as A's
+    adapter; an aspect the part lacks, or data without its scores, fail before any training."""
+    import yaml
+
+    from adapters.train import TrainError, TrainOptions, train
+    from serve.grading.adapter_files import METADATA_FILE
+    from serve.grading.config import load_config
+    from serve.grading.parts import config_parts
+
+    cfg = load_config(tiny_dir / "demo.yaml")
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"audio": str(audio_dir / "c.ogg"), "score": 3.0, "aspects": {"pronunciation": 2.0, "fluency": 5.0}},
+        {"audio": str(audio_dir / "d.mp3"), "score": 4.0, "aspects": {"pronunciation": 5.5, "fluency": 1.5}},
+        {"audio": str(audio_dir / "c.ogg"), "score": 2.0},  # no pronunciation score: left out
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = dict(part="interview", data=str(data), epochs=1, batch_size=2, lr=1e-3, progress=False)
+    with pytest.raises(TrainError, match="no aspect 'accent'.*coherence, fluency, language_use, pronunciation"):
+        train(cfg, TrainOptions(out=str(tmp_path / "x"), aspect="accent", **opts))
+    with pytest.raises(TrainError, match="no usable answers of part 'interview' with a coherence score"):
+        train(cfg, TrainOptions(out=str(tmp_path / "y"), aspect="coherence", **opts))
+
+    out = tmp_path / "pron"
+    summary = train(cfg, TrainOptions(out=str(out), aspect="pronunciation", dev=str(data), **opts))
+    assert (
+        summary["aspect"] == "pronunciation"
+        and summary["train_answers"] == 2
+        and summary["aspects"] == {"pronunciation": 2}
+    )
+    final = summary["dev_final"]  # the dev metrics are the aspect's, held against every aspect's truth
+    assert final["n"] == 2 and final["soft"] == final["aspects"]["pronunciation"]["soft"]
+    assert set(final["cross_pcc"]) == {"pronunciation"} and set(final["cross_pcc"]["pronunciation"]) == {
+        "pronunciation",
+        "fluency",
+    }
+    meta = json.loads((out / METADATA_FILE).read_text())
+    assert meta["part"] == "interview" and meta["aspect"] == "pronunciation"
+    preds = [json.loads(line) for line in (out / "dev_predictions.jsonl").read_text().splitlines()]
+    assert [p["human"] for p in preds] == [2.0, 5.5] and all(1.0 <= p["score"] <= 6.0 for p in preds)
+
+    # Named in the config, it scores pronunciation; the part's adapter still scores the other aspects.
+    raw = tiny_config()  # absolute paths
+    raw["parts"]["interview"]["aspects"] = {"fluency": {}, "pronunciation": {"adapter": str(out)}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    part = config_parts(load_config(tmp_path / "c.yaml"))["interview"]
+    own = dict(part.aspect_adapters)
+    assert set(own) == {"pronunciation"} and own["pronunciation"].path.resolve() == out.resolve()

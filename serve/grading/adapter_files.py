@@ -187,7 +187,10 @@ def check_lora_dims(files: AdapterFiles, dims: dict[str, int]) -> None:
             raise AdapterError(f"adapter {files.path}: {name[:200]} has shape {shape}, the base model needs {want}")
 
 
-def write_adapter_metadata(path: Path, *, part: str, levels: Sequence[Level], training: dict[str, Any]) -> None:
-    """Write ``grader_adapter.json`` beside peft's files."""
-    meta = {"part": part, "levels": [lv.model_dump() for lv in levels], "training": training}
+def write_adapter_metadata(
+    path: Path, *, part: str, levels: Sequence[Level], training: dict[str, Any], aspect: str | None = None
+) -> None:
+    """Write ``grader_adapter.json`` beside peft's files (``aspect``: the one aspect an adapter of its own scores)."""
+    meta = {"part": part, **({"aspect": aspect} if aspect else {}), "levels": [lv.model_dump() for lv in levels]}
+    meta["training"] = training
     (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
