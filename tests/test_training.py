@@ -12,10 +12,11 @@ The tiny model learns faster with a larger learning rate and more epochs than
 the paper's defaults (2 epochs, 1e-4), which stay the CLI's defaults.
 
 With ``--aspects`` the synthetic test draws four analytic aspects independently,
-each audible through its own property of the speech; one adapter trained on the
-holistic score and every aspect (the demo's interview part lists all four) must
-learn each learnable aspect as itself: its held-out PCC against its own human
-scores well above its PCC against the other aspects' truths.
+each audible through its own property of the speech. The interview scores
+pronunciation with an adapter of its own (``train --aspect pronunciation``) and
+the other three with the part's adapter (trained with the holistic score); each
+learnable aspect must be learned as itself: its held-out PCC against its own
+human scores well above its PCC against the other aspects' truths.
 """
 
 from __future__ import annotations
@@ -309,8 +310,9 @@ def test_calibrated_intervals_cover_held_out_answers(run, synth, tmp_path):
         assert 0 < t["mean_width"] <= 5.0
 
 
-def trainer_scores(config, data, adapter) -> tuple[list, list]:
-    """The interview's answers in ``data`` and the trainer's own scores of them (transformers + peft, eval mode)."""
+def trainer_scores(config, data, adapter, aspects=None) -> tuple[list, list]:
+    """The interview's answers in ``data`` and the trainer's own scores of them (transformers + peft, eval mode):
+    the holistic score and ``aspects`` (default: all the part's), every one with ``adapter``."""
     import torch
     from peft import PeftModel
 
@@ -324,7 +326,11 @@ def trainer_scores(config, data, adapter) -> tuple[list, list]:
     base, processor = load_base_model(cfg.model.base, torch.float32, "cpu")
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     spec = part_spec(cfg, "interview", processor.tokenizer)
-    return answers, score_answers(model, processor, spec, answers, batch_size=16, device="cpu", dtype=model.dtype)
+    targets = None if aspects is None else tuple(a for a in spec.aspects if a.aspect in aspects)
+    scored = score_answers(
+        model, processor, spec, answers, batch_size=16, device="cpu", dtype=model.dtype, aspects=targets
+    )
+    return answers, scored
 
 
 @pytest.mark.engine
@@ -408,12 +414,15 @@ def test_interrupted_training_resumes_to_the_same_adapter(synth, tiny_dir, tmp_p
 # ---------------------------------------------------------------- analytic aspects
 
 ASPECTS = ("fluency", "pronunciation", "language_use", "coherence")
-#: The aspects one adapter on the tiny random checkpoint learns as themselves from the synthetic speech within a CI
-#: budget (docs/training.md has the numbers of all four: its pronunciation scores follow fluency's truth more than
-#: their own, and word-level errors and the answer's organisation are beyond a random 2-layer audio encoder).
-LEARNABLE = ("fluency",)
+#: The aspects the tiny random checkpoint learns as themselves from the synthetic speech within a CI budget, and the
+#: held-out PCC each must reach (docs/training.md has the numbers of all four: on the part's shared adapter every
+#: aspect but fluency follows fluency's truth; pronunciation is learned by an adapter of its own; word-level errors
+#: and the answer's organisation are beyond a random 2-layer audio encoder either way).
+LEARNABLE = {"fluency": 0.6, "pronunciation": 0.45}
 ASPECT_TRAIN, ASPECT_TEST = 128, 48
 ASPECT_FLAGS = ["--lr", "5e-3", "--epochs", "4", "--batch-size", "16", "--dropout", "0", "--rank", "16"]
+#: pronunciation's own adapter: one target per chunk, so smaller batches and more steps for the same time
+OWN_ASPECT_FLAGS = ["--lr", "5e-3", "--epochs", "6", "--batch-size", "8", "--dropout", "0", "--rank", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -437,10 +446,33 @@ def aspect_synth(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def aspect_run(aspect_synth, tiny_dir, tmp_path_factory) -> dict:
-    """Train one adapter for the interview's holistic score and its four aspects, and evaluate it through vLLM."""
+def aspect_run(aspect_synth, tiny_dir, tiny_config, tmp_path_factory) -> dict:
+    """Train pronunciation's own adapter, then the interview's adapter for its holistic score and the other three
+    aspects, and evaluate both through vLLM (one engine, the config naming each)."""
+    import yaml
+
     d = tmp_path_factory.mktemp("aspect_run")
-    cfg = str(tiny_dir / "demo.yaml")
+    t = time.time()
+    own = l2grader(
+        "train",
+        "--config",
+        str(tiny_dir / "demo.yaml"),
+        "--part",
+        "interview",
+        "--aspect",
+        "pronunciation",
+        "--data",
+        str(aspect_synth / "train.jsonl"),
+        "--out",
+        str(d / "pronunciation"),
+        "--no-progress",
+        *OWN_ASPECT_FLAGS,
+    )
+    own_s = time.time() - t
+    raw = tiny_config()
+    raw["parts"]["interview"]["aspects"]["pronunciation"] = {"adapter": str(d / "pronunciation")}
+    cfg = str(d / "aspects.yaml")
+    Path(cfg).write_text(yaml.safe_dump(raw))
     t = time.time()
     trained = l2grader(
         "train",
@@ -474,14 +506,20 @@ def aspect_run(aspect_synth, tiny_dir, tmp_path_factory) -> dict:
         "--report",
         str(d / "report"),
     )
-    print(f"\naspect training {train_s:.1f} s, evaluation {time.time() - t:.1f} s", file=sys.stderr)
+    print(
+        f"\naspect training: pronunciation's own {own_s:.1f} s, the part's {train_s:.1f} s; "
+        f"evaluation {time.time() - t:.1f} s",
+        file=sys.stderr,
+    )
     return {
         "dir": d,
         "cfg": cfg,
         "adapter": d / "adapter",
+        "own_adapter": d / "pronunciation",
         "summary": last_json(evaluated.stdout),
         "eval_stdout": evaluated.stdout,
         "train_stdout": trained.stdout,
+        "own_stdout": own.stdout,
     }
 
 
@@ -524,13 +562,13 @@ def test_each_aspect_is_learned_as_itself(aspect_run):
     cross = summary["aspect_cross_pcc"]
     table = "\n".join(f"{a:>14} " + " ".join(f"{cross[a][b]:7.3f}" for b in ASPECTS) for a in ASPECTS)
     print(f"\nheld-out aspect PCC (rows: predicted, columns: truth {ASPECTS}):\n{table}", file=sys.stderr)
-    for a in LEARNABLE:
+    for a, floor in LEARNABLE.items():
         own = cross[a][a]
         assert own == summary["aspects"][a]["soft"]["pcc"]
-        assert own >= 0.6, (a, own)
+        assert own >= floor, (a, own)
         for b in ASPECTS:
             if b != a:
-                assert own >= cross[a][b] + 0.3, (a, b, cross[a])
+                assert own >= abs(cross[a][b]) + 0.3, (a, b, cross[a])
     assert "aspect cross PCC" in aspect_run["eval_stdout"]
     html = (aspect_run["dir"] / "report" / "report.html").read_text()
     assert "<h2>Aspects</h2>" in html and all(a in html for a in ASPECTS)
@@ -538,17 +576,26 @@ def test_each_aspect_is_learned_as_itself(aspect_run):
 
 @pytest.mark.engine
 def test_vllm_serves_the_aspects_the_trainer_learned(aspect_run, aspect_synth):
-    """The trainer's own evaluation of every aspect (transformers + peft) equals vLLM's scores of the adapter."""
-    answers, own = trainer_scores(aspect_run["cfg"], aspect_synth / "test.jsonl", aspect_run["adapter"])
+    """The trainer's own evaluation of every aspect (transformers + peft), each with the adapter that learned it,
+    equals vLLM's scores, which served both adapters side by side."""
+    shared = tuple(a for a in ASPECTS if a != "pronunciation")
+    test = aspect_synth / "test.jsonl"
+    answers, own = trainer_scores(aspect_run["cfg"], test, aspect_run["adapter"], shared)
+    _, own_pron = trainer_scores(aspect_run["cfg"], test, aspect_run["own_adapter"], ("pronunciation",))
     served = [json.loads(line) for line in (aspect_run["dir"] / "predictions.jsonl").read_text().splitlines()]
-    assert len(served) == len(own) == ASPECT_TEST
-    for a, s, o in zip(answers, served, own):
+    assert len(served) == len(own) == len(own_pron) == ASPECT_TEST
+    for a, s, o, p in zip(answers, served, own, own_pron):
         assert s["audio"] == str(a.example.audio)
         assert s["score"] == pytest.approx(o.score, abs=1e-3)
-        assert set(s["aspects"]) == set(o.aspects) == set(ASPECTS)
-        for name, mine in o.aspects.items():
-            assert s["aspects"][name]["score"] == pytest.approx(mine.score, abs=1e-3), name
+        mine = {**o.aspects, "pronunciation": p.aspects["pronunciation"]}
+        assert set(s["aspects"]) == set(mine) == set(ASPECTS)
+        for name, m in mine.items():
+            assert s["aspects"][name]["score"] == pytest.approx(m.score, abs=1e-3), name
+        assert s["aspects"]["pronunciation"]["adapter"].startswith("interview.pronunciation@")  # its own
+        assert s["aspects"]["fluency"]["adapter"] == s["model"]["adapter"]  # the part's
     meta = json.loads((aspect_run["adapter"] / METADATA_FILE).read_text())
-    assert meta["training"]["aspects"] == {a: ASPECT_TRAIN for a in ASPECTS}
+    assert meta["training"]["aspects"] == {a: ASPECT_TRAIN for a in shared}
     summary = json.loads((aspect_run["adapter"] / "training_summary.json").read_text())
     assert summary["finished"] and summary["aspects"] == meta["training"]["aspects"]
+    own_meta = json.loads((aspect_run["own_adapter"] / METADATA_FILE).read_text())
+    assert own_meta["aspect"] == "pronunciation" and own_meta["training"]["aspects"] == {"pronunciation": ASPECT_TRAIN}
