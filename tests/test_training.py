@@ -47,6 +47,23 @@ def l2grader(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return proc
 
 
+def train_interview(config, data, out, *flags: str) -> subprocess.CompletedProcess:
+    """``l2grader train`` of an interview adapter from ``data`` to ``out`` (progress as lines), with ``flags``."""
+    return l2grader(
+        "train",
+        "--config",
+        str(config),
+        "--part",
+        "interview",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+        *flags,
+    )
+
+
 def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -123,20 +140,8 @@ def run(synth, tiny_config, tmp_path_factory) -> dict:
     timings["evaluate_untrained_s"] = time.time() - t
 
     t = time.time()
-    trained = l2grader(
-        "train",
-        "--config",
-        cfg,
-        "--part",
-        "interview",
-        "--data",
-        str(synth / "train.jsonl"),
-        "--dev",
-        str(synth / "dev.jsonl"),
-        "--out",
-        str(d / "adapter"),
-        "--no-progress",
-        *TRAIN_FLAGS,
+    trained = train_interview(
+        cfg, synth / "train.jsonl", d / "adapter", "--dev", str(synth / "dev.jsonl"), *TRAIN_FLAGS
     )
     timings["train_s"] = time.time() - t
 
@@ -453,19 +458,12 @@ def aspect_run(aspect_synth, tiny_dir, tiny_config, tmp_path_factory) -> dict:
 
     d = tmp_path_factory.mktemp("aspect_run")
     t = time.time()
-    own = l2grader(
-        "train",
-        "--config",
-        str(tiny_dir / "demo.yaml"),
-        "--part",
-        "interview",
+    own = train_interview(
+        tiny_dir / "demo.yaml",
+        aspect_synth / "train.jsonl",
+        d / "pronunciation",
         "--aspect",
         "pronunciation",
-        "--data",
-        str(aspect_synth / "train.jsonl"),
-        "--out",
-        str(d / "pronunciation"),
-        "--no-progress",
         *OWN_ASPECT_FLAGS,
     )
     own_s = time.time() - t
@@ -474,19 +472,7 @@ def aspect_run(aspect_synth, tiny_dir, tiny_config, tmp_path_factory) -> dict:
     cfg = str(d / "aspects.yaml")
     Path(cfg).write_text(yaml.safe_dump(raw))
     t = time.time()
-    trained = l2grader(
-        "train",
-        "--config",
-        cfg,
-        "--part",
-        "interview",
-        "--data",
-        str(aspect_synth / "train.jsonl"),
-        "--out",
-        str(d / "adapter"),
-        "--no-progress",
-        *ASPECT_FLAGS,
-    )
+    trained = train_interview(cfg, aspect_synth / "train.jsonl", d / "adapter", *ASPECT_FLAGS)
     train_s = time.time() - t
     t = time.time()
     evaluated = l2grader(

@@ -191,6 +191,8 @@ def write_adapter_metadata(
     path: Path, *, part: str, levels: Sequence[Level], training: dict[str, Any], aspect: str | None = None
 ) -> None:
     """Write ``grader_adapter.json`` beside peft's files (``aspect``: the one aspect an adapter of its own scores)."""
-    meta = {"part": part, **({"aspect": aspect} if aspect else {}), "levels": [lv.model_dump() for lv in levels]}
-    meta["training"] = training
+    meta: dict[str, Any] = {"part": part}
+    if aspect:
+        meta["aspect"] = aspect
+    meta.update(levels=[lv.model_dump() for lv in levels], training=training)
     (path / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
