@@ -78,27 +78,44 @@ class OnlineEngine:
         for target in adapters_of(spec):
             await self.engine.remove_lora(target.adapter_int_id)
 
-    async def _score_chunk(self, spec: Target, chunk: Chunk, request_id: str) -> ChunkScore:
-        final = None
-        async for out in self.engine.generate(
-            engine_input(spec, chunk), sampling_params(spec), request_id, lora_request=lora_request(spec)
-        ):
-            final = out
-        return chunk_score(spec, chunk, final)
+    async def _render(self, targets: Sequence[Target], chunk: Chunk) -> list:
+        """The chunk's engine inputs, one per target: the prompt's tokens and the processed audio (vLLM's renderer).
+
+        The first target is rendered alone, so that vLLM processes and hashes the chunk's audio once and the
+        others find it in its processor cache (rendered together, each would process the audio again)."""
+        render = self.engine.renderer.render_cmpl_async
+        first = await render([engine_input(targets[0], chunk)])
+        rest = await render([engine_input(t, chunk) for t in targets[1:]]) if len(targets) > 1 else []
+        return [*first, *rest]
+
+    async def _generate(self, target: Target, rendered, chunk: Chunk, request_id: str) -> ChunkScore:
+        """One request; sent once more, rendered again, if vLLM answers that its engine process lacks the audio
+        its front end had cached (a retryable ``error`` finish: the two caches drifted apart)."""
+        for rid in (request_id, f"{request_id}-resent"):
+            final = None
+            async for out in self.engine.generate(
+                rendered, sampling_params(target), rid, lora_request=lora_request(target)
+            ):
+                final = out
+            if final.outputs[0].finish_reason != "error":
+                break
+            (rendered,) = await self._render([target], chunk)
+        return chunk_score(target, chunk, final)
+
+    async def _score_chunk(self, spec: PartSpec, chunk: Chunk, request_id: str) -> list[ChunkScore]:
+        """One chunk for every target of the part (holistic score, aspects), in the order of ``spec.targets``."""
+        rendered = await self._render(spec.targets, chunk)
+        return await asyncio.gather(
+            *(self._generate(t, x, chunk, f"{request_id}-{target_name(t)}") for t, x in zip(spec.targets, rendered))
+        )
 
     async def score_answer(self, spec: PartSpec, prepared: PreparedAnswer, request_id: str) -> ScoredAnswer:
-        """Score one answer: all its chunks, each for every target (holistic score, aspects), are submitted at once."""
-        per_target = await asyncio.gather(
-            *(
-                asyncio.gather(
-                    *(
-                        self._score_chunk(t, c, f"{request_id}-{i}-{target_name(t)}")
-                        for i, c in enumerate(prepared.chunks)
-                    )
-                )
-                for t in spec.targets
-            )
+        """Score one answer: all its chunks are submitted at once, each for every target (holistic score,
+        aspects)."""
+        per_chunk = await asyncio.gather(
+            *(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(prepared.chunks))
         )
+        per_target = [list(scores) for scores in zip(*per_chunk)]
         return answer_result(spec, prepared, *score_targets(spec, per_target))
 
     def shutdown(self) -> None:
