@@ -114,9 +114,9 @@ class FakeProxy:
 
 
 def _limits(**kw) -> GuardLimits:
-    cfg = GraderConfig.model_validate({"model": {"base": "m"}, "parts": {"p": {}}})
+    cfg = ServiceConfig.model_validate({"model": {"base": "m"}, "parts": {"p": {}}})
     base = dict(
-        uploads=UploadLimits(cfg.audio),
+        uploads=UploadLimits(cfg),
         body_timeout_s=0.3,
         max_per_client=3,
         max_buffered=10 << 20,
@@ -184,7 +184,7 @@ def test_a_body_slower_than_the_deadline_gets_408_json_and_the_connection_closed
 
 def test_bodies_past_the_route_limit_get_413_before_or_while_reading():
     guard = ProxyGuard(FakeProxy(), _limits())
-    big = UploadLimits(_cfg().audio).body_limit("/v1/parts/x") + 1
+    big = UploadLimits(_cfg()).body_limit("/v1/parts/x") + 1
     status, _, body = asyncio.run(
         _request(guard, [b"x"], path="/v1/parts/x", headers=[(b"content-length", str(big).encode())])
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from serve.grading.config import ConfigError, load_config
+from serve.service.settings import load_service_config
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = "model: {base: m}\nengine: {max_model_len: 2048}\nparts:\n  interview: {task: Talk.}\n"
@@ -40,6 +41,14 @@ def test_an_unknown_key_names_the_nearest_known_one(tmp_path, text, where, sugge
     message = config_error(tmp_path, text)
     assert f"{where}: unknown key (did you mean {suggestion!r}?)" in message
     assert "Extra inputs" not in message and "\n" not in message
+
+
+def test_a_key_that_moved_to_the_serving_section_says_where(tmp_path):
+    message = config_error(tmp_path, GOOD + "audio: {max_batch_answers: 8}\n")
+    assert message.endswith("audio.max_batch_answers: moved to serving.max_batch_answers")
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(GOOD + "serving: {max_batch_answers: 8}\n")
+    assert load_service_config(moved).serving.max_batch_answers == 8
 
 
 def test_an_unknown_key_far_from_any_gets_no_guess(tmp_path):

@@ -44,8 +44,10 @@ def cfg_path(tiny_config, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("scorer")
     raw = tiny_config()
     raw["parts"]["opinion"] = {"adapter": raw["parts"]["interview"]["adapter"], "task": "Opinion."}
-    raw["audio"] = {"max_upload_mb": 2, "max_batch_answers": 4, "max_batch_audio_s": 60}
+    raw["audio"] = {"max_upload_mb": 2}
     raw["serving"] = {
+        "max_batch_answers": 4,
+        "max_batch_audio_s": 60,
         "registry_file": str(d / "registry.json"),
         "adapters_per_replica": 1,
         "ingress": {"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "num_cpus": 0},

@@ -64,10 +64,19 @@ def known_keys(model: type[BaseModel] | None, loc: Iterable[Any]) -> list[str]:
     return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
+#: Keys that moved to another section of the file: where they are now.
+MOVED_KEYS = {
+    f"audio.{name}": f"serving.{name}"
+    for name in ("max_unsized_body_mb", "max_batch_answers", "max_batch_audio_s", "max_batch_upload_mb")
+}
+
+
 def describe_error(err: Mapping[str, Any], root: str, model: type[BaseModel] | None = None) -> str:
     """One validation error as ``where: what`` in plain words; an unknown key names the nearest known one."""
     loc = tuple(err["loc"])
     where = ".".join(str(x) for x in loc) or root
+    if err["type"] == "extra_forbidden" and where in MOVED_KEYS:
+        return f"{where}: moved to {MOVED_KEYS[where]}"
     if err["type"] == "extra_forbidden":
         near = difflib.get_close_matches(str(loc[-1]), known_keys(model, loc[:-1]), n=1, cutoff=0.6)
         return f"{where}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
@@ -189,16 +198,6 @@ class AudioConfig(StrictModel):
         description="Input samples (rate x channels) decoded per second of max_duration_s at most: bounds the "
         "decoding work of one answer (default: 48 kHz stereo).",
     )
-
-    max_unsized_body_mb: float = Field(
-        8.0,
-        gt=0.0,
-        description="Largest request body sent without a Content-Length (chunked): Ray Serve's proxy streams such a "
-        "body to the ingress faster than it is read, so the limit that bounds the ingress's memory must be small.",
-    )
-    max_batch_answers: int = Field(64, ge=1, description="Answers one POST /v1/score/batch may carry.")
-    max_batch_audio_s: float = Field(3600.0, gt=0.0, description="Seconds of audio one batch request may carry in all.")
-    max_batch_upload_mb: float = Field(200.0, gt=0.0, description="Largest batch request body.")
 
     def max_input_samples(self) -> int:
         """The input samples one answer may hold: :attr:`max_input_samples_per_s` x :attr:`max_duration_s`."""

@@ -120,7 +120,7 @@ class Ingress:
         use_keys(ApiKeys(s))  # first: a named key variable that is unset stops the replica here
         self.scorer = ScorerClient(scorer, s.scorer.retry_after_s)
         self.registry = part_registry(self.cfg, config_path)
-        self.limits = UploadLimits(self.cfg.audio)
+        self.limits = UploadLimits(self.cfg)
         self.slots = ScoringSlots(
             s.ingress.max_ongoing_requests, s.ingress.max_queued_requests, s.ingress.retry_after_s
         )
@@ -216,8 +216,6 @@ class Ingress:
             return await self._score_batch(batch, uploads, started)
 
     async def _score_batch(self, batch, uploads: list[ScoreUpload], started: float) -> BatchResponse:
-        audio = self.cfg.audio
-
         async def each(i: int, upload: ScoreUpload, step):
             try:
                 return await step(upload)
@@ -240,11 +238,10 @@ class Ingress:
 
         prepared = await asyncio.gather(*(each(i, u, prepared_or_refusal) for i, u in enumerate(uploads)))
         total_s = sum(p.chunks[-1].end_s for p in prepared if isinstance(p, PreparedAnswer))
-        if total_s > audio.max_batch_audio_s:
+        limit_s = self.cfg.serving.max_batch_audio_s
+        if total_s > limit_s:
             raise ApiError(
-                413,
-                "too_long",
-                f"the batch holds {total_s:.0f} s of audio: at most {audio.max_batch_audio_s:g} s in one batch",
+                413, "too_long", f"the batch holds {total_s:.0f} s of audio: at most {limit_s:g} s in one batch"
             )
 
         async def result(i: int, upload: ScoreUpload, part: Part, p: PreparedAnswer | NotScorable):

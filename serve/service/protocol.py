@@ -47,7 +47,7 @@ class BatchRequest(BaseModel):
     """Several answers of one candidate, each to its part."""
 
     model_config = ConfigDict(extra="forbid")
-    answers: list[ScoreRequest] = Field(min_length=1, description="At most audio.max_batch_answers (64 by default).")
+    answers: list[ScoreRequest] = Field(min_length=1, description="At most serving.max_batch_answers (64 by default).")
     candidate_id: str | None = Field(None, max_length=MAX_CLIENT_ID)
 
 

@@ -84,7 +84,7 @@ class GuardLimits:
         """The limits of ``cfg``; keys are read from the environment (:class:`ConfigError` if a named one is unset)."""
         s = cfg.serving
         return cls(
-            UploadLimits(cfg.audio),
+            UploadLimits(cfg),
             s.body_timeout_s,
             s.max_requests_per_client,
             int(s.max_buffered_mb * 1024 * 1024),

@@ -113,6 +113,15 @@ class ServingConfig(StrictModel):
         None,
         description="Folders PUT /v1/parts may take adapters from (default: the folders of the config's adapters).",
     )
+    max_unsized_body_mb: float = Field(
+        8.0,
+        gt=0.0,
+        description="Largest request body sent without a Content-Length (chunked): Ray Serve's proxy streams such a "
+        "body to the ingress faster than it is read, so the limit that bounds the ingress's memory must be small.",
+    )
+    max_batch_answers: int = Field(64, ge=1, description="Answers one POST /v1/score/batch may carry.")
+    max_batch_audio_s: float = Field(3600.0, gt=0.0, description="Seconds of audio one batch request may carry in all.")
+    max_batch_upload_mb: float = Field(200.0, gt=0.0, description="Largest batch request body.")
     body_timeout_s: float = Field(
         60.0, gt=0, description="Time a client has to send a whole request body; slower ones get 408 and are closed."
     )

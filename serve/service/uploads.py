@@ -21,9 +21,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from serve.grading.config import AudioConfig
 from serve.service.errors import ApiError, invalid_request
 from serve.service.protocol import MAX_CLIENT_ID, BatchRequest, ScoreRequest
+from serve.service.settings import ServiceConfig
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,14 +51,16 @@ def content_type(request: Request) -> str:
 class UploadLimits:
     """How large an answer's audio, a score request's body and a batch's body may be."""
 
-    def __init__(self, audio: AudioConfig):
-        self.max_upload_mb = audio.max_upload_mb
-        self.max_bytes = int(audio.max_upload_mb * 1024 * 1024)
+    def __init__(self, cfg: ServiceConfig):
+        """The limits of ``cfg``: an answer's file (``audio.max_upload_mb``, every door's), the bodies'."""
+        s = cfg.serving
+        self.max_upload_mb = cfg.audio.max_upload_mb
+        self.max_bytes = int(cfg.audio.max_upload_mb * 1024 * 1024)
         # base64 inflates by 4/3
         self.max_score_body = self.max_bytes * 4 // 3 + FRAMING_BYTES
-        self.max_batch_body = int(audio.max_batch_upload_mb * 1024 * 1024)
-        self.max_unsized_body = int(audio.max_unsized_body_mb * 1024 * 1024)
-        self.max_batch_answers = audio.max_batch_answers
+        self.max_batch_body = int(s.max_batch_upload_mb * 1024 * 1024)
+        self.max_unsized_body = int(s.max_unsized_body_mb * 1024 * 1024)
+        self.max_batch_answers = s.max_batch_answers
 
     def body_limit(self, path: str) -> int:
         """The largest body a request to ``path`` may carry (what a proxy buffers at most for it)."""
