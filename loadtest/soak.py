@@ -320,8 +320,11 @@ def run_soak(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load(Path(args.config).read_text())
     raw["model"]["base"] = cfg.model.base
-    for name, part in cfg.parts.items():
+    for name, part in cfg.parts.items():  # the copy lies elsewhere: every adapter path absolute
         raw["parts"][name]["adapter"] = None if part.adapter is None else str(part.adapter)
+        for aspect, settings in part.aspects.items():
+            if settings.adapter is not None:
+                raw["parts"][name]["aspects"][aspect]["adapter"] = str(settings.adapter)
     raw.setdefault("serving", {}).update(
         {
             "api_keys_env": "L2GRADER_SOAK_KEYS",
