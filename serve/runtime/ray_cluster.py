@@ -28,9 +28,10 @@ RAY_SYSTEM_CONFIG: dict[str, int] = {"max_direct_call_object_size": 8 * 1024 * 1
 #: it on the workers too (replicas, engine processes, session actors). glibc's allocator, set up to give memory
 #: back after bursts (two arenas, a fixed 256 KB mmap threshold), unmapped and faulted in every large block
 #: again: ~24,000 page faults and ~50 ms of kernel time per answer across the scorer, the ingress and the engine
-#: on the demo service (2 cores). jemalloc reuses freed memory and returns it to the system after a few idle
-#: seconds. An ``LD_PRELOAD`` already set (tcmalloc, say) is kept, workers included; ``0`` restores Ray's default.
-ALLOCATOR_ENV = {"RAY_LD_PRELOAD_ON_WORKERS": "1"}
+#: on the demo service (2 cores). jemalloc reuses freed memory; ``MALLOC_CONF`` (two arenas, pages unused for
+#: a second handed back at once) returns a burst's memory within seconds. An ``LD_PRELOAD`` already set
+#: (tcmalloc, say) is kept, workers included; ``RAY_LD_PRELOAD_ON_WORKERS=0`` restores Ray's default.
+ALLOCATOR_ENV = {"RAY_LD_PRELOAD_ON_WORKERS": "1", "MALLOC_CONF": "narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0"}
 
 #: Environment variables every Ray worker gets from the command that starts a local Ray.
 PASSED_ENV_PREFIXES = ("VLLM_", "L2GRADER_", "RAY_SERVE_")
@@ -70,7 +71,7 @@ def start_ray(
         ray.init(address=address, logging_level=level, log_to_driver=verbose)
         quiet_ray(verbose)
         return
-    for name, value in ALLOCATOR_ENV.items():  # read by the Ray processes ray.init starts (an operator's value wins)
+    for name, value in ALLOCATOR_ENV.items():  # read by the processes ray.init starts (an operator's value wins)
         os.environ.setdefault(name, value)
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
     ray.init(
