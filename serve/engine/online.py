@@ -88,18 +88,22 @@ class OnlineEngine:
         rest = await render([engine_input(t, chunk) for t in targets[1:]]) if len(targets) > 1 else []
         return [*first, *rest]
 
+    async def _final_output(self, target: Target, rendered, request_id: str):
+        """The engine's last output of one request (vLLM ``RequestOutput``)."""
+        final = None
+        async for out in self.engine.generate(
+            rendered, sampling_params(target), request_id, lora_request=lora_request(target)
+        ):
+            final = out
+        return final
+
     async def _generate(self, target: Target, rendered, chunk: Chunk, request_id: str) -> ChunkScore:
         """One request; sent once more, rendered again, if vLLM answers that its engine process lacks the audio
         its front end had cached (a retryable ``error`` finish: the two caches drifted apart)."""
-        for rid in (request_id, f"{request_id}-resent"):
-            final = None
-            async for out in self.engine.generate(
-                rendered, sampling_params(target), rid, lora_request=lora_request(target)
-            ):
-                final = out
-            if final.outputs[0].finish_reason != "error":
-                break
+        final = await self._final_output(target, rendered, request_id)
+        if final.outputs[0].finish_reason == "error":
             (rendered,) = await self._render([target], chunk)
+            final = await self._final_output(target, rendered, f"{request_id}-resent")
         return chunk_score(target, chunk, final)
 
     async def _score_chunk(self, spec: PartSpec, chunk: Chunk, request_id: str) -> list[ChunkScore]:

@@ -74,7 +74,8 @@ class _Silero:
         frames = np.lib.stride_tricks.sliding_window_view(padded, CONTEXT + FRAME)[::FRAME][:n]
         out = np.empty(n, np.float32)
         before = torch.get_num_threads()
-        if threads != before:  # (a vLLM engine in this process refuses changes, with a warning each time)
+        change = threads != before  # only then: a vLLM engine in this process refuses changes, warning each time
+        if change:
             torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
@@ -86,7 +87,7 @@ class _Silero:
                     probs = self.head(hidden.squeeze(1).unsqueeze(-1))  # (frames, 1, 1)
                     out[a : a + len(x)] = probs.reshape(len(x), -1).mean(dim=1).numpy()
         finally:
-            if threads != before:
+            if change:
                 torch.set_num_threads(before)
         return out
 
