@@ -36,10 +36,13 @@ class LocalCluster:
 
         from serve.engine.requests import configure_vllm_environment
         from serve.runtime.ray_cluster import ray_env
+        from serve.service.options import serve_env
         from serve.service.proxy_guard import proxy_env
 
         # Every node started below inherits this process's environment.
-        os.environ.update({"RAY_AUTH_MODE": "disabled", **ray_env(), **proxy_env(str(Path(config_path).resolve()))})
+        os.environ.update(
+            {"RAY_AUTH_MODE": "disabled", **ray_env(), **serve_env(), **proxy_env(str(Path(config_path).resolve()))}
+        )
         configure_vllm_environment()
         self.node_args = {"num_cpus": num_cpus, "object_store_memory": object_store_mb * 1024 * 1024}
         self.cluster = Cluster(initialize_head=True, head_node_args={**self.node_args, "include_dashboard": False})

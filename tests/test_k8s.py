@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from serve.runtime.ray_cluster import ray_env
-from serve.service.options import INGRESS, SCORER, serve_config
+from serve.service.options import INGRESS, SCORER, serve_config, serve_env
 from serve.service.settings import load_service_config
 from tests.kustomize_lite import KustomizeError, build
 
@@ -322,9 +322,9 @@ def test_pods_use_config_paths_keys_and_port(overlay):
             if secrets:  # the overlay ships its (demo) Secret: it must hold the key
                 assert var in secrets[refs[var]["name"]]["data"]
 
-        # The Ray settings `l2grader serve` gives a local cluster, on every Ray process of the pod.
+        # The Ray and Ray Serve settings `l2grader serve` gives a local cluster, on every Ray process of the pod.
         values = {e["name"]: e.get("value") for e in container["env"]}
-        for var, value in ray_env().items():
+        for var, value in {**ray_env(), **serve_env()}.items():
             assert values.get(var) == value, f"{group}: {var}"
 
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}

@@ -30,7 +30,7 @@ import yaml
 
 from serve.runtime.ray_cluster import ray_env
 from serve.service.auth import keyed
-from serve.service.options import serve_config
+from serve.service.options import serve_config, serve_env
 from serve.service.proxy_guard import proxy_env
 from serve.service.settings import DeploymentConfig, ServiceConfig
 
@@ -91,7 +91,7 @@ def patch_ops(cfg: ServiceConfig, config_path: str) -> list[dict[str, Any]]:
             "would refuse every client beyond its pods; add keys or set serving.allow_unauthenticated"
         )
     for pod in pods:
-        for name, value in {**ray_env(), **proxy_env(config_path)}.items():
+        for name, value in {**ray_env(), **serve_env(), **proxy_env(config_path)}.items():
             ops.append(
                 {
                     "op": "add",

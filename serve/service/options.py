@@ -16,6 +16,26 @@ from serve.service.settings import DeploymentConfig, ServiceConfig
 #: The scorer's request router (:mod:`serve.service.routing`), by import path: options stay plain data.
 ROUTER_CLASS = "serve.service.routing:PartAffinityRouter"
 
+#: How Ray Serve runs the service's processes, on every node (``l2grader serve``'s own Ray, ``ray start``, the
+#: KubeRay pods); an operator's own value wins. Each takes work off every answer, measured with ``l2grader bench``
+#: on the demo service (2 cores): together the service's CPU per answer fell from ~117 to ~108 ms, Ray's idle
+#: background from ~160 to ~105 CPU ms/s.
+#:
+#: - user code and the handle's router on the replica's own event loop (Serve's default puts each on a thread
+#:   of its own): no hand-over between threads per request. The replicas' handlers never block their loop: the
+#:   decoding runs in the ingress's decode threads, the engine's input processing in vLLM's own threads;
+#: - Serve's log lines in its log files only (``serve/`` in the session's log folder), not written a second
+#:   time to each worker's stderr for Ray's log monitor to read again; ``--verbose``, which prints them in the
+#:   terminal, keeps them on stderr;
+#: - the controller's loop every 0.5 s instead of 0.1 s: a replica that died or came up is acted on within
+#:   half a second (health checks run every 10 s anyway); it was the busiest of Ray's idle processes.
+SERVE_RUNTIME_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+}
+
 APP_NAME = "l2grader"
 APP_IMPORT_PATH = "serve.service.app:build_app"
 INGRESS = "Ingress"
@@ -99,3 +119,8 @@ def serve_config(cfg: ServiceConfig, config_path: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+def serve_env(verbose: bool = False) -> dict[str, str]:
+    """:data:`SERVE_RUNTIME_ENV`; with ``verbose``, Serve's log lines also go to stderr (and so to the terminal)."""
+    return {**SERVE_RUNTIME_ENV, **({"RAY_SERVE_LOG_TO_STDERR": "1"} if verbose else {})}

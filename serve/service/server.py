@@ -17,7 +17,7 @@ from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, quiet_ray, start_ray
 from serve.service.app import build_app
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, admin_keys, api_keys, is_loopback
-from serve.service.options import APP_NAME, http_options
+from serve.service.options import APP_NAME, http_options, serve_env
 from serve.service.proxy_guard import proxy_env
 from serve.service.settings import ServiceConfig, load_service_config
 
@@ -81,6 +81,8 @@ def run_server(
     configure_vllm_environment()
     # Every process of the service (proxies included) sees these: the proxy guard and the keyless rule.
     os.environ.update(proxy_env(config_path))
+    for name, value in serve_env(verbose).items():  # read by Serve's processes (an operator's value wins)
+        os.environ.setdefault(name, value)
     if allow_unauthenticated:
         os.environ[ALLOW_UNAUTHENTICATED_ENV] = "1"
     if cfg.model.untrained:
