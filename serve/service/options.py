@@ -17,9 +17,9 @@ from serve.service.settings import DeploymentConfig, ServiceConfig
 ROUTER_CLASS = "serve.service.routing:PartAffinityRouter"
 
 #: How Ray Serve runs the service's processes, on every node (``l2grader serve``'s own Ray, ``ray start``, the
-#: KubeRay pods); an operator's own value wins. Each takes work off every answer, measured with ``l2grader bench``
-#: on the demo service (2 cores): together the service's CPU per answer fell from ~117 to ~108 ms, Ray's idle
-#: background from ~160 to ~105 CPU ms/s.
+#: KubeRay pods); an operator's own value wins. Each takes work off every answer; together, ``l2grader bench`` on
+#: the demo service (2 cores, medians of three alternated runs): 115.8 -> 113.7 CPU ms per answer, 20.7 -> 14.0 ms
+#: over the offline path, Ray's idle background 153 -> 140 CPU ms/s (``docs/benchmarks.md``).
 #:
 #: - user code and the handle's router on the replica's own event loop (Serve's default puts each on a thread
 #:   of its own): no hand-over between threads per request. The replicas' handlers never block their loop: the
