@@ -146,6 +146,20 @@ def test_blocks_carry_the_recurrent_state(speech, monkeypatch):
     assert np.max(np.abs(vad.model().probabilities(wave, threads=1) - whole)) < 1e-5
 
 
+def test_a_process_that_refuses_thread_changes_is_asked_once(speech, monkeypatch):
+    """A vLLM CPU engine in the process swaps torch.set_num_threads for a warning that changes nothing."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    wanted = torch.get_num_threads() + 1
+    detector = vad._Silero()  # not the process's model: its answer stays the test's
+    first = detector.probabilities(speech[0], threads=wanted)
+    for _ in range(3):
+        assert np.array_equal(detector.probabilities(speech[0], threads=wanted), first)
+    assert asked == [wanted]  # once, and no restoring call after it
+
+
 def test_the_detector_leaves_torchs_seed_and_threads_alone():
     """Training seeds torch and runs many threads in the process that also detects speech in its data."""
     import torch

@@ -63,6 +63,7 @@ class _Silero:
             for ours, theirs in (("bias_ih_l0", "bias_ih"), ("bias_hh_l0", "bias_hh")):
                 getattr(self.lstm, ours).copy_(getattr(cell, theirs))
         self.torch = torch
+        self.threads_fixed = False  # set once torch refuses to change its threads in this process
 
     def probabilities(self, wave: np.ndarray, threads: int) -> np.ndarray:
         """Speech probability of each whole frame, :data:`BLOCK_FRAMES` frames at a time (bounded memory)."""
@@ -74,9 +75,13 @@ class _Silero:
         frames = np.lib.stride_tricks.sliding_window_view(padded, CONTEXT + FRAME)[::FRAME][:n]
         out = np.empty(n, np.float32)
         before = torch.get_num_threads()
-        change = threads != before  # only then: a vLLM engine in this process refuses changes, warning each time
+        change = threads != before and not self.threads_fixed
         if change:
             torch.set_num_threads(threads)
+            # A vLLM CPU engine in this process (offline path, sessions) replaces set_num_threads with a warning
+            # that changes nothing: ask once, then keep the engine's threads instead of warning twice per answer.
+            self.threads_fixed = torch.get_num_threads() != threads
+            change = not self.threads_fixed
         try:
             with torch.inference_mode():
                 state = None
