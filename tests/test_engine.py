@@ -164,3 +164,22 @@ def test_scores_are_well_formed_and_repeatable(vllm_scorer):
     assert [len(a.chunks) for a in first] == [1, 1, 3]
     chunk_scores = np.array([c.score for c in first[2].chunks])
     assert first[2].score == pytest.approx(chunk_scores.mean(), abs=1e-9)  # equal-length chunks
+
+
+def test_the_cpu_workers_thread_refusal_is_logged_once_not_per_request(vllm_scorer):
+    """The engine runs in this process: vLLM's CPU worker refuses torch thread changes (with a warning) and
+    vLLM's renderer asks for one twice per request."""
+    import logging
+
+    from serve.engine.vllm_private import THREADS_REFUSED
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("vllm")
+    logger.addHandler(handler)
+    try:
+        assert len(score_waves(vllm_scorer, "interview", WAVES[:2])) == 2
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if m.startswith(THREADS_REFUSED)]

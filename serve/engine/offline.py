@@ -59,7 +59,10 @@ class OfflineEngine:
         configure_vllm_environment()
         from vllm import LLM  # after configure_vllm_environment: vLLM reads its environment at import
 
+        from serve.engine.vllm_private import log_thread_refusals_once  # imports vLLM, as above
+
         self.cfg = cfg
+        log_thread_refusals_once()
         with _engine_in_this_process():
             # its progress bars would reach this process's stderr, the program's own lines
             self.llm = LLM(**engine_kwargs(cfg), use_tqdm_on_load=False)

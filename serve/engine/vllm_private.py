@@ -9,7 +9,8 @@ means re-reading this one module:
 - the Qwen2-Audio model's private ``_process_audio_input`` hook
   (:class:`AudioInputHook`), so the audio encoder runs over the real audio;
 - ``gpu_sync_allowed`` (an undocumented debug guard) around that encoder;
-- the engine core behind ``LLM`` (:func:`shutdown_engine`);
+- the engine core behind ``LLM`` (:func:`shutdown_engine`), and the name of its
+  CPU worker's logger (:func:`log_thread_refusals_once`);
 - two speed-ups for the CPU backend, applied by the plugin in every vLLM
   process: the shared-memory queue readers' ``SpinCondition`` and the CPU LoRA
   op tables. Found by profiling the service under load on the tiny checkpoint
@@ -22,6 +23,7 @@ means re-reading this one module:
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import time
 
@@ -59,6 +61,34 @@ def shutdown_engine(llm) -> None:
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None:
         core.shutdown()
+
+
+#: vLLM's CPU worker replaces ``torch.set_num_threads`` with a function that only logs this; in an engine built in
+#: the caller's process (:class:`serve.engine.offline.OfflineEngine`), vLLM's own renderer then calls it twice
+#: for every request: ~7 warnings per answer, thousands per session, burying the log's real warnings.
+THREADS_REFUSED = "CPU backend doesn't allow to use `torch.set_num_threads`"
+
+
+class _FirstThreadRefusalOnly(logging.Filter):
+    """Lets the CPU worker's first refusal of a torch thread change through, and none after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(THREADS_REFUSED):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+_thread_refusals = _FirstThreadRefusalOnly()
+
+
+def log_thread_refusals_once() -> None:
+    """Log the CPU worker's refusal of torch thread changes once per process, not twice per request."""
+    logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_thread_refusals)  # adding it again changes nothing
 
 
 def apply_cpu_patches() -> None:
