@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 
 from serve.grading.config import PartConfig
 from serve.grading.results import ScoredAnswer
+from serve.service.options import ALLOW_HA_PROXY_ENV, ha_proxy_refusal
 from serve.service.settings import load_service_config, part_registry
 from tests.conftest import l2grader
 
@@ -113,3 +115,21 @@ def test_subcommands_of_packages_not_installed_are_left_out(monkeypatch):
     }
     assert {"score", "serve", "serve-config", "make-tiny-model", "train"} <= set(commands)
     assert "loadtest" not in commands
+
+
+def test_serve_refuses_haproxy_ingress_before_starting_anything(tiny_dir):
+    """As Ray sets HAProxy up, the proxy guard's per-client limits would count every client as one: refused."""
+    env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    env.pop(ALLOW_HA_PROXY_ENV, None)
+    r = l2grader("serve", "--config", tiny_dir / "demo.yaml", "--port", "1", env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    [line] = error_lines(r.stderr)
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in line and f"{ALLOW_HA_PROXY_ENV}=1" in line
+    assert "deploying" not in r.stderr  # refused before Ray or the engine started
+
+
+def test_haproxy_refusal_only_for_haproxy_and_only_unless_allowed():
+    assert ha_proxy_refusal({}) is None
+    assert ha_proxy_refusal({"RAY_SERVE_ENABLE_HA_PROXY": "0"}) is None
+    assert ha_proxy_refusal({"RAY_SERVE_ENABLE_HA_PROXY": "1", ALLOW_HA_PROXY_ENV: "1"}) is None
+    assert ha_proxy_refusal({"RAY_SERVE_ENABLE_HA_PROXY": "1", ALLOW_HA_PROXY_ENV: "0"})

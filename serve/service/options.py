@@ -8,6 +8,7 @@ CLI runs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from serve.service.admission import CONTROL_SLOTS
@@ -119,6 +120,25 @@ def serve_config(cfg: ServiceConfig, config_path: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+#: Ray Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``) in place of its HTTP proxy: faster on a small
+#: machine, but as Ray sets HAProxy up, every client reaches the proxy guard as HAProxy's address (the per-client
+#: limits become limits on all clients together), HAProxy's own errors are not the API's JSON (its 503 a plain
+#: 500) and its admin socket is open to every local user (``docs/benchmarks.md``). ``l2grader serve`` refuses it
+#: unless this variable is ``1``: for measuring it, knowing what is lost.
+ALLOW_HA_PROXY_ENV = "L2GRADER_ALLOW_HA_PROXY"
+
+
+def ha_proxy_refusal(environ: Mapping[str, str]) -> str | None:
+    """Why ``l2grader serve`` refuses the Ray Serve settings in ``environ`` (None: it does not)."""
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or environ.get(ALLOW_HA_PROXY_ENV) == "1":
+        return None
+    return (
+        "RAY_SERVE_ENABLE_HA_PROXY=1 puts HAProxy in place of Ray Serve's proxy, and as Ray sets it up the proxy "
+        "guard's per-client limits count every client as one and HAProxy's own errors are not JSON "
+        f"(docs/benchmarks.md); unset it, or set {ALLOW_HA_PROXY_ENV}=1 to run it all the same"
+    )
 
 
 def serve_env(verbose: bool = False) -> dict[str, str]:

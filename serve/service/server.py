@@ -17,7 +17,7 @@ from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, quiet_ray, start_ray
 from serve.service.app import build_app
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, admin_keys, api_keys, is_loopback
-from serve.service.options import APP_NAME, http_options, serve_env
+from serve.service.options import APP_NAME, ha_proxy_refusal, http_options, serve_env
 from serve.service.proxy_guard import proxy_env
 from serve.service.settings import ServiceConfig, load_service_config
 
@@ -65,7 +65,8 @@ def run_server(
     allow_unauthenticated: bool = False,
     verbose: bool = False,
 ) -> int:
-    """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset.
+    """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset or
+    Ray Serve's HAProxy ingress is asked for (:func:`serve.service.options.ha_proxy_refusal`).
 
     Prints the project's own lines only (Ray's, Ray Serve's and vLLM's stay in the Ray log folder it names)
     unless ``verbose``."""
@@ -76,6 +77,10 @@ def run_server(
         host = listen_host(cfg, host, allow_unauthenticated)
     except ConfigError as e:
         log(f"error: {e}")
+        return 2
+    refusal = ha_proxy_refusal(os.environ)
+    if refusal:
+        log(f"error: {refusal}")
         return 2
     port = port or cfg.serving.port
     configure_vllm_environment()
