@@ -19,6 +19,12 @@ as one JSON object. The service's CPU time is that of its whole process tree
 (Ray's processes, both replicas, the engine process) during the HTTP phase;
 the offline path's is that of this process and its engine process.
 
+A shared machine's load moves each path by several per cent from one run to
+the next: ``--rounds N`` runs the service and offline paths N times,
+alternated (a fresh service each round unless ``--url``; one offline engine,
+kept warm), prints each round, and reports the median of each figure over the
+rounds, the ratios being the medians of each round's own ratio.
+
 With a GPU (``torch.cuda.is_available()``) the reference path runs instead a
 Qwen2-Audio-7B-shaped model with random bf16 weights and a rank-16 adapter per
 part, and reports its model-FLOPs utilisation.
@@ -31,6 +37,7 @@ import http.client
 import json
 import os
 import random
+import statistics
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -195,8 +202,8 @@ def service_phase(
 # ---------------------------------------------------------------- (b) offline batch
 
 
-def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
-    from loadtest.service import TreeCpu
+def offline_engine(cfg, warmup: list[Answer]):
+    """The offline path's engine (``vllm.LLM`` in this process), warmed up on ``warmup``; the caller closes it."""
     from serve.engine.offline import OfflineEngine
     from serve.grading.audio import prepare
 
@@ -204,15 +211,24 @@ def offline_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     scorer = OfflineEngine(cfg)
     try:
         scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in warmup])
-        log(f"(b) offline: {len(answers)} answers in one batch")
-        cpu = TreeCpu([os.getpid()])
-        cpu.start()
-        t0 = time.perf_counter()
-        results = scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in answers])
-        wall = time.perf_counter() - t0
-        cpu_s = cpu.stop()
-    finally:
+    except BaseException:
         scorer.close()
+        raise
+    return scorer
+
+
+def offline_phase(cfg, answers: list[Answer], scorer) -> dict:
+    """Every answer decoded and scored by ``scorer`` (:func:`offline_engine`) in one batch."""
+    from loadtest.service import TreeCpu
+    from serve.grading.audio import prepare
+
+    log(f"(b) offline: {len(answers)} answers in one batch")
+    cpu = TreeCpu([os.getpid()])
+    cpu.start()
+    t0 = time.perf_counter()
+    results = scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in answers])
+    wall = time.perf_counter() - t0
+    cpu_s = cpu.stop()
     # Every answer of the batch is done when the batch is: its latency is the batch's.
     s = summary("offline", [wall] * len(results), wall, len(results), sum(r.duration_s for r in results), cpu_s)
     s["scores"] = [r.score for r in results]
@@ -382,21 +398,33 @@ def run_bench(args: argparse.Namespace) -> dict:
     import torch
 
     gpu = torch.cuda.is_available() and not args.no_gpu
-    paths = {}
-    if "service" not in args.skip:
-        paths["service"] = service_phase(
-            args.config,
-            cfg,
-            answers,
-            warmup,
-            args.concurrency,
-            out,
-            url=args.url,
-            service_pid=args.service_pid,
-            api_key=args.api_key,
-        )
-    if "offline" not in args.skip:
-        paths["offline"] = offline_phase(cfg, answers, warmup)
+    rounds: list[dict[str, dict]] = []
+    engine = None
+    try:
+        for r in range(args.rounds):
+            if args.rounds > 1:
+                log(f"round {r + 1} of {args.rounds}")
+            paths = {}
+            if "service" not in args.skip:
+                paths["service"] = service_phase(
+                    args.config,
+                    cfg,
+                    answers,
+                    warmup,
+                    args.concurrency,
+                    out,
+                    url=args.url,
+                    service_pid=args.service_pid,
+                    api_key=args.api_key,
+                )
+            if "offline" not in args.skip:
+                engine = engine or offline_engine(cfg, warmup)
+                paths["offline"] = offline_phase(cfg, answers, engine)
+            rounds.append(paths)
+    finally:
+        if engine is not None:
+            engine.close()
+    paths = _median_paths(rounds)
     if "reference" not in args.skip:
         ref_answers = answers[: args.reference_answers] if args.reference_answers else answers
         paths["reference"] = (gpu_reference_phase if gpu else reference_phase)(cfg, ref_answers, warmup)
@@ -410,18 +438,75 @@ def run_bench(args: argparse.Namespace) -> dict:
         "cpu_count": os.cpu_count(),
         "paths": {k: {x: y for x, y in v.items() if x != "scores"} for k, v in paths.items()},
         "ratios": {
-            "service_over_offline_answers_per_s": _ratio(sv and sv["answers_per_s"], off and off["answers_per_s"]),
+            "service_over_offline_answers_per_s": _median([_service_over_offline(r) for r in rounds]),
             "service_over_reference_answers_per_s": _ratio(sv and sv["answers_per_s"], ref and ref["answers_per_s"]),
             "offline_over_reference_answers_per_s": _ratio(off and off["answers_per_s"], ref and ref["answers_per_s"]),
         },
     }
-    if sv and off and sv["cpu_ms_per_answer"] is not None and off["cpu_ms_per_answer"] is not None:
-        result["service_extra_cpu_ms_per_answer"] = round(sv["cpu_ms_per_answer"] - off["cpu_ms_per_answer"], 2)
+    extra = [_extra_cpu_ms(r) for r in rounds]
+    if sv and off and None not in extra:
+        result["service_extra_cpu_ms_per_answer"] = _median(extra)
+    if args.rounds > 1:
+        result["rounds"] = [
+            {
+                "service_answers_per_s": r["service"]["answers_per_s"] if "service" in r else None,
+                "offline_answers_per_s": r["offline"]["answers_per_s"] if "offline" in r else None,
+                "service_cpu_ms_per_answer": r["service"]["cpu_ms_per_answer"] if "service" in r else None,
+                "offline_cpu_ms_per_answer": r["offline"]["cpu_ms_per_answer"] if "offline" in r else None,
+                "service_over_offline_answers_per_s": _service_over_offline(r),
+                "service_extra_cpu_ms_per_answer": _extra_cpu_ms(r),
+            }
+            for r in rounds
+        ]
     if sv and off and not gpu:
-        n = min(len(sv["scores"]), len(off["scores"]))
-        diffs = [abs(a - b) for a, b in zip(sv["scores"][:n], off["scores"][:n]) if a is not None]
+        diffs = [
+            abs(a - b)
+            for r in rounds
+            for a, b in zip(r["service"]["scores"], r["offline"]["scores"])
+            if a is not None and b is not None
+        ]
         result["max_score_diff_service_offline"] = max(diffs) if diffs else None
     return result
+
+
+def _median(values: list) -> float | None:
+    """The median of the values that are not None (None when none is)."""
+    xs = [v for v in values if v is not None]
+    return round(statistics.median(xs), 3) if xs else None
+
+
+#: Figures of a path that are medians over the rounds (the others are summed or kept from the first round).
+MEDIAN_FIGURES = ("wall_s", "answers_per_s", "audio_s_per_s", "p50_ms", "p95_ms", "cpu_ms_per_answer")
+
+
+def _median_paths(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each path's figures over the rounds: medians, errors added up, the first round's scores."""
+    merged: dict[str, dict] = {}
+    for name in rounds[0] if rounds else ():
+        runs = [r[name] for r in rounds]
+        m = {**runs[0], "rounds": len(runs)}
+        for key in (*MEDIAN_FIGURES, "idle_cpu_ms_per_s"):
+            if key in m:
+                m[key] = _median([run[key] for run in runs])
+        errors: dict[str, int] = {}
+        for run in runs:
+            for status, count in run["errors"].items():
+                errors[status] = errors.get(status, 0) + count
+        m["errors"] = errors
+        merged[name] = m
+    return merged
+
+
+def _service_over_offline(paths: dict[str, dict]) -> float | None:
+    sv, off = paths.get("service"), paths.get("offline")
+    return _ratio(sv and sv["answers_per_s"], off and off["answers_per_s"])
+
+
+def _extra_cpu_ms(paths: dict[str, dict]) -> float | None:
+    sv, off = paths.get("service"), paths.get("offline")
+    if not sv or not off or sv["cpu_ms_per_answer"] is None or off["cpu_ms_per_answer"] is None:
+        return None
+    return round(sv["cpu_ms_per_answer"] - off["cpu_ms_per_answer"], 2)
 
 
 def print_report(result: dict) -> None:
@@ -430,6 +515,20 @@ def print_report(result: dict) -> None:
         f"{result['answers']} answers of {result['answer_s'][0]:g}-{result['answer_s'][1]:g} s on {result['device']} "
         f"({result['cpu_count']} CPUs); service with {result['concurrency']} concurrent clients"
     )
+    for i, r in enumerate(result.get("rounds", []), 1):
+        ratio, extra = r["service_over_offline_answers_per_s"], r["service_extra_cpu_ms_per_answer"]
+        figures = [
+            f"{name} {r[f'{name}_answers_per_s']} answers/s ({r[f'{name}_cpu_ms_per_answer']} CPU ms/answer)"
+            for name in ("service", "offline")
+            if r[f"{name}_answers_per_s"] is not None
+        ]
+        if ratio is not None:
+            figures.append(f"{ratio:.2f}x")
+        if extra is not None:
+            figures.append(f"{extra:+.1f} CPU ms/answer over offline")
+        print(f"round {i}: " + ", ".join(figures))
+    if "rounds" in result:
+        print(f"medians of the {len(result['rounds'])} rounds:")
     print(
         f"{'path':<10} {'answers/s':>10} {'audio s/s':>10} {'p50 ms':>9} {'p95 ms':>9} "
         f"{'CPU ms/answer':>14} {'errors':>7}"
@@ -457,6 +556,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(sum(r["errors"].values()) for r in result["paths"].values()) else 0
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return n
+
+
 def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="score the same answers through the service, the offline path and plain transformers"
@@ -478,6 +584,12 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--skip", nargs="*", default=[], choices=["service", "offline", "reference"], help="paths to leave out"
     )
     p.add_argument("--seed", type=int, default=7, help="seed of the generated answers (default 7)")
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="service and offline paths this many times, alternated; medians reported (default 1)",
+    )
     p.add_argument("--url", help="a running service of this config on loopback (default: start `l2grader serve`)")
     p.add_argument("--service-pid", type=int, help="with --url: its `l2grader serve` process, whose tree's CPU counts")
     p.add_argument("--api-key", help="bearer key (default: the first key of the config's api_keys_env variable)")

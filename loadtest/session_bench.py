@@ -142,7 +142,7 @@ def session_phase(config: str, manifest: Path, out: Path, batch_size: int, sampl
 
 
 def run(args: argparse.Namespace) -> dict:
-    from loadtest.bench import make_answers, offline_phase
+    from loadtest.bench import make_answers, offline_engine, offline_phase
     from loadtest.service import ensure_tiny_model
     from serve.cli.common import load_config_or_exit
 
@@ -160,7 +160,11 @@ def run(args: argparse.Namespace) -> dict:
     paths = {"session": session_phase(args.config, manifest, out, args.batch_size, args.sample_s)}
     if not args.skip_offline:
         warmup = make_answers(parts, min(16, args.answers), args.min_s, args.max_s, seed=args.seed + 1)
-        off = offline_phase(cfg, answers, warmup)
+        engine = offline_engine(cfg, warmup)
+        try:
+            off = offline_phase(cfg, answers, engine)
+        finally:
+            engine.close()
         paths["offline"] = {k: v for k, v in off.items() if k not in ("scores", "p50_ms", "p95_ms")}
     ratio = None
     if "offline" in paths and paths["session"]["answers_per_s"]:

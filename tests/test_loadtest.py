@@ -55,7 +55,7 @@ def test_loadtest_short_run(real_service, tmp_path):
 
 def test_bench_prints_all_three_paths(real_service, tmp_path):
     """The service path on the run's one real service (its process tree's CPU counted), the offline and reference
-    paths in the bench's process, on the service's config."""
+    paths in the bench's process, on the service's config; the first two twice, alternated, reported as medians."""
     run = l2grader(
         "bench",
         "--config",
@@ -74,12 +74,15 @@ def test_bench_prints_all_three_paths(real_service, tmp_path):
         "2",
         "--concurrency",
         "4",
+        "--rounds",
+        "2",
         "--out",
         tmp_path,
         timeout=400,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("round ")] == ["round 1", "round 2"]
     for name in ("service", "offline", "reference"):
         assert any(line.startswith(name) for line in lines), name
     result = json.loads(lines[-1])
@@ -88,4 +91,12 @@ def test_bench_prints_all_three_paths(real_service, tmp_path):
         assert path["answers_per_s"] > 0 and path["errors"] == {}
     assert result["paths"]["service"]["answers"] == 6 and result["paths"]["reference"]["answers"] == 3
     assert result["service_extra_cpu_ms_per_answer"] is not None
-    assert result["max_score_diff_service_offline"] < 1e-4  # the same answers get the same scores
+    assert result["max_score_diff_service_offline"] < 1e-4  # the same answers get the same scores, every round
+    rounds = result["rounds"]
+    assert len(rounds) == 2 and all(r["service_over_offline_answers_per_s"] > 0 for r in rounds)
+    for figure in ("service_over_offline_answers_per_s", "service_extra_cpu_ms_per_answer"):
+        both = [r[figure] for r in rounds]
+        median = result["ratios"][figure] if figure in result["ratios"] else result[figure]
+        assert median == pytest.approx(sum(both) / 2, abs=1e-3), figure  # the median of two: their mean
+    service_rates = [r["service_answers_per_s"] for r in rounds]
+    assert result["paths"]["service"]["answers_per_s"] == pytest.approx(sum(service_rates) / 2, abs=1e-3)
