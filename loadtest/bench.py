@@ -475,8 +475,16 @@ def _median(values: list) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
 
-#: Figures of a path that are medians over the rounds (the others are summed or kept from the first round).
-MEDIAN_FIGURES = ("wall_s", "answers_per_s", "audio_s_per_s", "p50_ms", "p95_ms", "cpu_ms_per_answer")
+#: A path's figures that are medians over the rounds (errors are added up, the rest kept from the first round).
+MEDIAN_FIGURES = (
+    "wall_s",
+    "answers_per_s",
+    "audio_s_per_s",
+    "p50_ms",
+    "p95_ms",
+    "cpu_ms_per_answer",
+    "idle_cpu_ms_per_s",
+)
 
 
 def _median_paths(rounds: list[dict[str, dict]]) -> dict[str, dict]:
@@ -485,7 +493,7 @@ def _median_paths(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     for name in rounds[0] if rounds else ():
         runs = [r[name] for r in rounds]
         m = {**runs[0], "rounds": len(runs)}
-        for key in (*MEDIAN_FIGURES, "idle_cpu_ms_per_s"):
+        for key in MEDIAN_FIGURES:
             if key in m:
                 m[key] = _median([run[key] for run in runs])
         errors: dict[str, int] = {}
