@@ -22,8 +22,9 @@ the offline path's is that of this process and its engine process.
 A shared machine's load moves each path by several per cent from one run to
 the next: ``--rounds N`` runs the service and offline paths N times,
 alternated (a fresh service each round unless ``--url``; one offline engine,
-kept warm), prints each round, and reports the median of each figure over the
-rounds, the ratios being the medians of each round's own ratio.
+kept warm; each round the same parts and lengths with new audio, so that no
+cache has seen it), prints each round, and reports the median of each figure
+over the rounds, the ratios being the medians of each round's own ratio.
 
 With a GPU (``torch.cuda.is_available()``) the reference path runs instead a
 Qwen2-Audio-7B-shaped model with random bf16 weights and a rank-16 adapter per
@@ -77,15 +78,16 @@ class Answer:
     wav: bytes
 
 
-def make_answers(parts: list[str], n: int, min_s: float, max_s: float, seed: int) -> list[Answer]:
-    """``n`` distinct 16 kHz WAV answers, lengths uniform in [min_s, max_s], parts in turn."""
+def make_answers(parts: list[str], n: int, min_s: float, max_s: float, seed: int, variant: int = 0) -> list[Answer]:
+    """``n`` distinct 16 kHz WAV answers, lengths uniform in [min_s, max_s], parts in turn. Another ``variant``
+    gives the same parts and lengths with other audio, which no engine cache has seen."""
     from loadtest.audio import answer_bytes
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
         s = round(rng.uniform(min_s, max_s), 2)
-        out.append(Answer(parts[i % len(parts)], s, answer_bytes(s, seed * 100_003 + i)))
+        out.append(Answer(parts[i % len(parts)], s, answer_bytes(s, seed * 100_003 + i + variant * 1_000_003)))
     return out
 
 
@@ -404,6 +406,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         for r in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {r + 1} of {args.rounds}")
+            # Each round new audio (same parts and lengths): the kept offline engine (or a --url service) must not
+            # find the earlier rounds' answers in its prefix and audio caches.
+            if r:
+                answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed, variant=r)
             paths = {}
             if "service" not in args.skip:
                 paths["service"] = service_phase(
