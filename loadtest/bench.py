@@ -455,10 +455,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.rounds > 1:
         result["rounds"] = [
             {
-                "service_answers_per_s": r["service"]["answers_per_s"] if "service" in r else None,
-                "offline_answers_per_s": r["offline"]["answers_per_s"] if "offline" in r else None,
-                "service_cpu_ms_per_answer": r["service"]["cpu_ms_per_answer"] if "service" in r else None,
-                "offline_cpu_ms_per_answer": r["offline"]["cpu_ms_per_answer"] if "offline" in r else None,
+                **{
+                    f"{name}_{figure}": r[name][figure] if name in r else None
+                    for figure in ("answers_per_s", "cpu_ms_per_answer")
+                    for name in ("service", "offline")
+                },
                 "service_over_offline_answers_per_s": _service_over_offline(r),
                 "service_extra_cpu_ms_per_answer": _extra_cpu_ms(r),
             }
