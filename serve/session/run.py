@@ -176,11 +176,17 @@ class StopSignals:
         self.event = threading.Event()
         self._before: dict = {}
 
-    def __enter__(self) -> threading.Event:
+    def __enter__(self) -> StopSignals:
+        self.claim()
+        return self
+
+    def claim(self) -> None:
+        """Install the handlers (again after ``ray.init``, which installs its own for SIGTERM: that one stops Ray's
+        processes and exits with status 1 at once, without a word)."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._before[sig] = signal.signal(sig, lambda *_: self.event.set())
-        return self.event
+                before = signal.signal(sig, lambda *_: self.event.set())
+                self._before.setdefault(sig, before)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._before.items():
@@ -228,10 +234,12 @@ def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptio
     out = OutputDir(opts.out)
     check_manifest_location(opts.manifest)  # before Ray starts: a wrong name or format costs no start-up
     progress = Progress(0, opts.progress_s)
-    with StopSignals() as stop:
+    with StopSignals() as signals:
+        stop = signals.event
         # Room for the engines plus one CPU task decoding at a time; the object store bounds the decoded audio
         # waiting for an engine.
         start_ray(opts.address, opts.engines * opts.engine_cpus, opts.object_store_mb * 2**20, opts.verbose)
+        signals.claim()
         if not opts.verbose:
             log(f"engine and Ray logs: {log_folder()} (--verbose prints them here too)")
         try:
