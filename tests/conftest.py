@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -89,6 +90,15 @@ def l2grader(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
         )
     return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+def what_it_said(r: subprocess.CompletedProcess, chars: int = 3000) -> str:
+    """A command's stderr, stdout and the end of the library log it names: what a failed assertion shows."""
+    said = f"exit {r.returncode}\n--- stderr\n{r.stderr[-chars:]}\n--- stdout\n{r.stdout[-chars:]}"
+    named = re.search(r"library output: (\S+) \(", r.stderr)
+    if named and Path(named.group(1)).is_file():
+        said += f"\n--- {named.group(1)}\n{Path(named.group(1)).read_text(errors='replace')[-chars:]}"
+    return said
 
 
 @dataclass(frozen=True)

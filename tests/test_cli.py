@@ -133,3 +133,25 @@ def test_haproxy_refusal_only_for_haproxy_and_only_unless_allowed():
     assert ha_proxy_refusal({"RAY_SERVE_ENABLE_HA_PROXY": "0"}) is None
     assert ha_proxy_refusal({"RAY_SERVE_ENABLE_HA_PROXY": "1", ALLOW_HA_PROXY_ENV: "1"}) is None
     assert ha_proxy_refusal({"RAY_SERVE_ENABLE_HA_PROXY": "1", ALLOW_HA_PROXY_ENV: "0"})
+
+
+@pytest.mark.parametrize(
+    ("answers", "duplicates", "says"),
+    [(9, 0, "holds 9 of the manifest's 10 answers; run the same command again"), (11, 1, "1 answer(s) appear more")],
+)
+def test_score_session_says_why_its_output_is_not_whole(
+    monkeypatch, capsys, tiny_dir, tmp_path, answers, duplicates, says
+):
+    """An output missing answers (or repeating one) exits 1 with a line saying so, not with a summary alone."""
+    import serve.cli.main as cli
+    import serve.engine.requests
+    import serve.session.run
+
+    monkeypatch.setattr(serve.engine.requests, "configure_vllm_environment", lambda: None)
+    summary = {"answers": answers, "manifest_rows": 10, "duplicates": duplicates}
+    monkeypatch.setattr(serve.session.run, "run_session", lambda cfg, parts, opts: summary)
+    monkeypatch.setattr(serve.session.run, "print_summary", lambda s: None)
+    argv = ["score-session", "--config", str(tiny_dir / "demo.yaml"), "--manifest", "m.csv", "--out", "o", "--verbose"]
+    assert cli.main(argv) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert says in line

@@ -22,7 +22,7 @@ import soundfile as sf
 
 from serve.session.schema import answer_of_row
 from tests.audio_fixtures import speechlike
-from tests.conftest import ADMIN, USER, l2grader
+from tests.conftest import ADMIN, USER, l2grader, what_it_said
 
 pytestmark = pytest.mark.engine
 
@@ -132,7 +132,7 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
         out,
         timeout=900,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, what_it_said(r)
     bulk = {row["response_id"]: row for row in pq.read_table(out / "answers").to_pylist()}
     assert {bulk[f"c{c}-silent"]["error_kind"] for c in range(2)} == {"silence"}
 

@@ -156,8 +156,16 @@ def cmd_score_session(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print_summary(s)
-    complete = s["answers"] == s["manifest_rows"] and not s["duplicates"]
-    return 0 if complete else 1
+    if s["duplicates"]:
+        log(f"error: {s['duplicates']} answer(s) appear more than once in {args.out}/answers/")
+        return 1
+    if s["answers"] != s["manifest_rows"]:
+        log(
+            f"error: {args.out} holds {s['answers']} of the manifest's {s['manifest_rows']} answers; "
+            "run the same command again to score the rest"
+        )
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------- session-job
