@@ -4,7 +4,8 @@ One session of a few hundred short answers of three parts (one of them added
 at run time through the part registry, as ``PUT /v1/parts`` adds it) over two
 candidates, with corrupt, empty, silent and missing files, an unknown part and
 an empty field: the run, with its default options, is stopped with SIGINT to
-its process group (as Ctrl-C does) once results arrive, then run again; the
+its process group (as Ctrl-C does) once results arrive, again with SIGTERM to
+its process alone (as a stopped pod is), then run to the end; the
 output holds every manifest row exactly once, the bad ones with their kind,
 and every field of the answer ``l2grader score``'s engine gives on the same
 files (scores within 1e-5, the same quality, uncertainty and review); the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -145,11 +147,12 @@ def stderr_lines(proc: subprocess.Popen) -> list[str]:
 
 
 def stopped_once_scoring(proc: subprocess.Popen, stop) -> tuple[str, float]:
-    """``stop(proc)`` once the run prints a progress line (results arrived); its stderr and the seconds it took to
-    end. It ends with 130 and says how to go on."""
+    """``stop(proc)`` once the run's progress line counts a result; its stderr and the seconds it took to end. It
+    ends with 130 and says how to go on."""
     err_lines = stderr_lines(proc)
     deadline = time.time() + 600
-    while not any(" answers (" in line and "answers/s" in line for line in err_lines):  # a progress line
+    progress = re.compile(r"l2grader: ([1-9]\d*)/\d+ answers \(")  # a resumed run's first batches may be empty
+    while not any(progress.match(line) for line in err_lines):
         assert proc.poll() is None, "".join(err_lines)[-3000:]
         assert time.time() < deadline, "no result in time"
         time.sleep(0.2)
@@ -184,18 +187,16 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
     assert 1 <= first < total, "the run was not stopped part-way"
     assert not [p for p in (out / "answers").iterdir() if not p.name.startswith("part-")]  # only whole parts
 
-    # 2. Again, decoding in CPU tasks of their own (as on a cluster), stopped by SIGTERM to its process alone (a
-    # stopped pod; Ray's own handler must not take it) once more results arrive: the same clean stop.
-    tasks = ("--batch-size", 16, "--rows-per-part", 16, "--decode", "tasks")
-    proc = score_session(config, manifest, out, *tasks, wait=False)
+    # 2. Again, stopped by SIGTERM to its process alone (a stopped pod; Ray's own handler must not take it) once
+    # more results arrive: the same clean stop. Batches of 16, so that what is left is not one or two batches.
+    proc = score_session(config, manifest, out, "--batch-size", 16, wait=False)
     err, stopped_s = stopped_once_scoring(proc, lambda p: p.send_signal(signal.SIGTERM))
     assert stopped_s < 60, f"took {stopped_s:.0f} s to stop"
-    assert "decoding in CPU tasks" in err
     second = committed_rows(out)
     assert first < second < total, "the second run was not stopped part-way"
 
-    # 3. Again: only what is missing is scored.
-    r = score_session(config, manifest, out, *tasks)
+    # 3. Again: only what is missing is scored (decoding in CPU tasks of their own this time, as on a cluster).
+    r = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, "--decode", "tasks")
     assert r.returncode == 0, what_it_said(r)
     assert "decoding in CPU tasks" in r.stderr
     assert [line for line in r.stderr.splitlines() if not line.startswith("l2grader: ")] == []  # quiet by default

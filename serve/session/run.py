@@ -234,6 +234,7 @@ def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptio
     out = OutputDir(opts.out)
     check_manifest_location(opts.manifest)  # before Ray starts: a wrong name or format costs no start-up
     progress = Progress(0, opts.progress_s)
+    todo: int | None = None  # answers to score this run, once the manifest and the output were read
     with StopSignals() as signals:
         stop = signals.event
         # Room for the engines plus one CPU task decoding at a time; the object store bounds the decoded audio
@@ -280,7 +281,8 @@ def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptio
                     writer.flush()  # every result received is complete: keep it
         finally:
             ray.shutdown()
-        interrupted = stop.is_set()
+        # A stop that comes after the last answer arrived changes nothing.
+        interrupted = stop.is_set() and (todo is None or progress.rows < todo)
     wall = time.monotonic() - started
     if interrupted:
         log(f"stopped: {progress.rows} answers written this run; run the same command again to go on")
