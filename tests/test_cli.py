@@ -139,9 +139,7 @@ def test_haproxy_refusal_only_for_haproxy_and_only_unless_allowed():
     ("answers", "duplicates", "says"),
     [(9, 0, "holds 9 of the manifest's 10 answers; run the same command again"), (11, 1, "1 answer(s) appear more")],
 )
-def test_score_session_says_why_its_output_is_not_whole(
-    monkeypatch, capsys, tiny_dir, tmp_path, answers, duplicates, says
-):
+def test_score_session_says_why_its_output_is_not_whole(monkeypatch, capsys, tiny_dir, answers, duplicates, says):
     """An output missing answers (or repeating one) exits 1 with a line saying so, not with a summary alone."""
     import serve.cli.main as cli
     import serve.engine.requests

@@ -182,7 +182,7 @@ class StopSignals:
 
     def claim(self) -> None:
         """Install the handlers (again after ``ray.init``, which installs its own for SIGTERM: that one stops Ray's
-        processes and exits with status 1 at once, without a word)."""
+        processes and exits at once, with status 1 or 15 and without a word)."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 before = signal.signal(sig, lambda *_: self.event.set())
