@@ -117,9 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }
     try:
         if args.session is not None:
-            evaluate_session(
-                part.config.levels, args.session, args.part, args.human, human_column=args.human_column, **shared
-            )
+            evaluate_session(cfg, args.session, args.part, args.human, human_column=args.human_column, **shared)
         else:
             evaluate(cfg, args.part, args.data, adapter=args.adapter, **shared)
     except (DataError, AdapterError, OutputError, ValueError) as e:
@@ -136,7 +134,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from serve.grading.adapter_files import AdapterError
 
     try:
-        calibrate(cfg, args.part, args.data, adapter=args.adapter)
+        calibrate(cfg, args.part, args.data, adapter=args.adapter, allow_small=args.allow_small, report=args.report)
     except (DataError, AdapterError, ValueError, OSError) as e:
         _fail(str(e), 1)
     return 0
@@ -249,6 +247,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help='held-out answers (not the training set, not the test set): JSON lines {"audio": path, "score": number}',
     )
     p.add_argument("--adapter", help="adapter folder to calibrate instead of the part's configured one")
+    p.add_argument(
+        "--allow-small",
+        action="store_true",
+        help="calibrate on fewer answers than the part's coverage needs (the calibration records n and the range "
+        "of coverage it may realise)",
+    )
+    p.add_argument("--report", metavar="DIR", help="also write the per-bin coverage table to DIR/calibration.json")
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_calibrate)
 

@@ -14,6 +14,7 @@ chunks, each trained on the answer's score.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,3 +115,17 @@ def load_answers(examples: list[Example], audio_cfg) -> tuple[list[Answer], list
 def train_items(answers: list[Answer]) -> list[TrainItem]:
     """Every chunk of every answer, each labelled with its answer's scores."""
     return [TrainItem(i, c, a.example.score, a.example.aspects) for i, a in enumerate(answers) for c in a.chunks]
+
+
+def answer_ids(answers: Sequence[Answer]) -> list[str]:
+    """Each answer's audio id (:func:`serve.grading.calibration.audio_id`); ``DataError`` when a file cannot be read
+    (an answer that cannot be identified cannot be kept out of a held-out set)."""
+    from serve.grading.calibration import audio_id
+
+    ids = []
+    for a in answers:
+        try:
+            ids.append(audio_id(Path(a.example.audio).read_bytes()))
+        except OSError as e:
+            raise DataError(f"{a.example.audio}: cannot be read to identify it: {e.strerror or e}") from None
+    return ids

@@ -24,17 +24,22 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from adapters import coverage
 from adapters.agreement import all_metrics, aspect_agreement, format_aspects, format_metrics
-from adapters.dataset import Answer, DataError, load_answers, read_aspects, read_jsonl
+from adapters.dataset import Answer, DataError, answer_ids, load_answers, read_aspects, read_jsonl
 from adapters.trust import SIGNALS, trust_report
 from serve.grading import calibration
-from serve.grading.adapter_files import check_adapter
+from serve.grading.adapter_files import check_adapter, training_record
 from serve.grading.audio import PreparedAnswer
 from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
+from serve.grading.fingerprint import score_fingerprint
 from serve.grading.levels import Level
 from serve.grading.results import ScoredAnswer
 
@@ -158,74 +163,134 @@ def format_trust(trust: dict) -> list[str]:
     return lines
 
 
-def _audio_ids(audio: Sequence[str]) -> list[str | None]:
-    """Each answer's :func:`serve.grading.calibration.audio_id` (None where the file cannot be read here)."""
-    ids = []
-    for path in audio:
-        try:
-            ids.append(calibration.audio_id(Path(path).read_bytes()))
-        except OSError:
-            ids.append(None)
-    return ids
+def _split_by_speaker(speakers: Sequence[str | None], seed: int) -> np.ndarray:
+    """A random half of the answers, whole speakers at a time (an answer without a speaker is its own)."""
+    keys = [sp if sp is not None else f"#{i}" for i, sp in enumerate(speakers)]
+    unique = sorted(set(keys))
+    chosen = set(np.random.default_rng(seed).permutation(len(unique))[: len(unique) // 2].tolist())
+    first = {u for i, u in enumerate(unique) if i in chosen}
+    return np.array([k in first for k in keys])
 
 
 def interval_report(
     scored: Sequence[ScoredAnswer],
     human: Sequence[float],
-    audio: Sequence[str],
-    level_scores: Sequence[float],
+    ids: Sequence[str] | None,
+    speakers: Sequence[str | None],
+    levels: Sequence[Level],
+    *,
+    groups: dict[str, list] | None = None,
     adapter_dir: str | Path | None = None,
+    fingerprint: dict[str, str] | None = None,
+    method: str = calibration.DEFAULT_METHOD,
+    served: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Empirical coverage and mean width of each interval method at 80/90/95 %, on answers not calibrated on.
+    """Coverage and mean width of every interval method at 80/90/95 %, overall and per bin, on answers that were
+    neither trained nor calibrated on (:mod:`adapters.coverage`).
 
-    With a valid calibration beside the adapter (``adapter_dir``), every
-    answer it was computed from is left out and the rest are measured.
-    Without one, the answers are split in two halves at random (``seed``):
-    the first calibrates, the second is measured.
+    With a valid calibration beside the adapter, it is what is measured: every answer it was computed from (same
+    audio, or same speaker) is left out. Without one, the answers are split in two halves by speaker (``seed``):
+    the first calibrates, the second is measured. Answers of the adapter's training (same audio or speaker, as its
+    ``grader_adapter.json`` records them) are always left out. ``ids``: each answer's audio id (None: not checked,
+    as for a session whose audio is not at hand and no record to check against). ``served``: also measure the
+    intervals the answers carried when they were scored (a session).
     """
-    import numpy as np
-
-    adapter_hash = scored[0].model.adapter_hash
-    state = calibration.load(adapter_dir, adapter_hash)
     h = np.array(human, float)
     score = np.array([s.score for s in scored], float)
     sd = np.array([s.uncertainty.score_sd for s in scored], float)
+    chunks = [len(s.chunks) for s in scored]
+    scale = (min(lv.score for lv in levels), max(lv.score for lv in levels))
+    state = calibration.load(adapter_dir, fingerprint or {}) if adapter_dir is not None else calibration.UNCALIBRATED
+    train_ids, train_speakers = training_record(adapter_dir) if adapter_dir is not None else (set(), set())
+
+    def seen(id_set: set[str], speaker_set: set[str]) -> np.ndarray:
+        by_id = np.array([ids is not None and i in id_set for i in (ids or [None] * len(h))])
+        return by_id | np.array([sp is not None and sp in speaker_set for sp in speakers])
+
+    trained = seen(train_ids, train_speakers)
     if state.calibration is not None:
-        seen = set(state.calibration.answers)
-        test = np.array([i is None or i not in seen for i in _audio_ids(audio)])
-        cal, source, n_cal = state.calibration, "stored calibration", state.calibration.n
+        cal = state.calibration
+        calibrated = seen(set(cal.answers), set(cal.speakers)) & ~trained
+        test = ~trained & ~calibrated
+        source, n_cal = f"the stored calibration ({cal.data or 'data not recorded'})", cal.n
+
+        def fitted(m: str, c: float) -> tuple[np.ndarray, np.ndarray]:
+            return calibration.intervals_of(cal.rule(m, c), score[test], sd[test], scale)
     else:
-        order = np.random.default_rng(seed).permutation(len(scored))
-        first = np.zeros(len(scored), bool)
-        first[order[: len(scored) // 2]] = True
-        test = ~first
-        scale = (min(level_scores), max(level_scores))
-        cal = calibration.fit("", adapter_hash, scale, h[first], score[first], sd[first])
+        calibrated = _split_by_speaker(speakers, seed) & ~trained
+        test = ~trained & ~calibrated
         source, n_cal = (
-            f"split half (seed {seed}): no valid calibration beside the adapter ({state.status})",
-            int(first.sum()),
+            f"split half by speaker (seed {seed}): no valid calibration ({state.status})",
+            int(calibrated.sum()),
         )
-    rows = calibration.coverage_table(cal, h[test], score[test], sd[test]) if test.any() else []
-    return {
+        level_scores = sorted(lv.score for lv in levels)
+
+        def fitted(m: str, c: float) -> tuple[np.ndarray, np.ndarray]:
+            rule = calibration.build_rule(m, c, h[calibrated], score[calibrated], sd[calibrated], level_scores, scale)
+            return calibration.intervals_of(rule, score[test], sd[test], scale)
+
+    report: dict[str, Any] = {
         "source": source,
+        "status": state.status,
+        "detail": state.detail,
+        "method": method,
         "n_calibration": n_cal,
         "n_test": int(test.sum()),
-        "left_out_calibrated": int((~test).sum()) if state.calibration is not None else 0,
-        "rows": rows,
+        "left_out_calibrated": int(calibrated.sum()) if state.calibration is not None else 0,
+        "left_out_training": int(trained.sum()),
+        "rows": [],
+        "served": None,
     }
+    sub_groups = {k: [v for v, t in zip(vals, test) if t] for k, vals in (groups or {}).items()}
+    if test.sum() >= 2 and n_cal >= 1:
+        bins = coverage.bins_of(
+            h[test], score[test], sd[test], [c for c, t in zip(chunks, test) if t], levels, sub_groups
+        )
+        report["rows"] = coverage.method_table(fitted, h[test], score[test], sd[test], bins, scale)
+    if served:
+        carried = [i for i, s in enumerate(scored) if s.interval is not None]
+        report["served_status"] = dict(Counter(s.interval_status for s in scored))
+        nominal = {scored[i].interval.coverage for i in carried}
+        if carried and len(nominal) == 1:
+            sel = np.array(carried)
+            low = np.array([scored[i].interval.low for i in carried])
+            high = np.array([scored[i].interval.high for i in carried])
+            bins = coverage.bins_of(
+                h[sel],
+                score[sel],
+                sd[sel],
+                [chunks[i] for i in carried],
+                levels,
+                {k: [vals[i] for i in carried] for k, vals in (groups or {}).items()},
+            )
+            report["served"] = {
+                "method": scored[carried[0]].interval.method,
+                "nominal": nominal.pop(),
+                **coverage.coverage_rows(low, high, h[sel], scored[carried[0]].interval.coverage, bins),
+            }
+    return report
 
 
 def format_intervals(report: dict[str, Any]) -> list[str]:
     """Human-readable lines of :func:`interval_report`."""
     lines = [
-        f"score intervals ({report['source']}; calibrated on {report['n_calibration']}, measured on "
-        f"{report['n_test']} other answers):",
-        f"  {'method':<10}{'nominal':>9}{'coverage':>10}{'mean width':>12}",
+        f"score intervals, calibrated on {report['n_calibration']} answers ({report['source']}), measured on "
+        f"{report['n_test']} others ({report['left_out_calibrated']} calibration and {report['left_out_training']} "
+        "training answers left out):"
     ]
-    for r in report["rows"]:
-        cov = _fmt(None if r["coverage"] is None else 100 * r["coverage"], ".1f")
-        lines.append(f"  {r['method']:<10}{100 * r['nominal']:>8.0f}%{cov:>9}%{_fmt(r['mean_width'], '.3f'):>12}")
+    if report["rows"]:
+        lines += coverage.format_table(report["rows"], detail=(report["method"], 0.9))
+    served = report.get("served")
+    if report.get("served_status") is not None:
+        lines.append(f"intervals the answers carried when scored: {report['served_status']}")
+    if served:
+        o = served["overall"]
+        lines.append(
+            f"  {served['method']} at {100 * served['nominal']:.0f}%: coverage {100 * o['coverage']:.1f}% of {o['n']} "
+            f"(allowed {100 * o['allowed'][0]:.0f}-{100 * o['allowed'][1]:.0f}%), mean width {o['mean_width']:.3f}, "
+            f"{served['bins_outside']} bins outside their range"
+        )
     return lines
 
 
@@ -255,6 +320,8 @@ def evaluate(
         print(f"not scorable, left out: {ex.audio}: {why}", file=sys.stderr)
     if len(answers) < 2:
         raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 2 are needed")
+    pcfg = cfg.parts[part]
+    ids = answer_ids(answers)
     scored = score_with_engine(cfg, part, answers)
     return report_on(
         part,
@@ -264,15 +331,24 @@ def evaluate(
         [a.example.fields for a in answers],
         [str(a.example.audio) for a in answers],
         len(bad),
-        [lv.score for lv in cfg.parts[part].levels],
+        pcfg.levels,
+        ids=ids,
+        speakers=[a.example.speaker for a in answers],
         human_aspects=[a.example.aspects for a in answers],
-        adapter_dir=cfg.parts[part].adapter,
+        adapter_dir=pcfg.adapter,
+        fingerprint=fingerprint_of(cfg, part, scored[0].model.adapter_hash),
+        method=pcfg.interval.method,
         plot=plot or default_plot_path(data, part),
         predictions=predictions,
         group_by=group_by,
         report=report,
         selective_signal=selective_signal,
     )
+
+
+def fingerprint_of(cfg: GraderConfig, part: str, adapter_hash: str | None) -> dict[str, str]:
+    """What the part's scores depend on under ``cfg`` (the key its calibration must match)."""
+    return score_fingerprint(cfg.parts[part], adapter_hash, base=cfg.model.base, audio=cfg.audio, engine=cfg.engine)
 
 
 def human_aspects(fields: dict, where: str) -> dict[str, float]:
@@ -320,7 +396,7 @@ def read_human_scores(path: str | Path, column: str = "score") -> dict[str, tupl
 
 
 def evaluate_session(
-    levels: Sequence[Level],
+    cfg: GraderConfig,
     session: str,
     part: str,
     human_file: str | Path,
@@ -333,8 +409,9 @@ def evaluate_session(
     selective_signal: str = "score_sd",
 ) -> dict[str, Any]:
     """Evaluate a part's answers as ``l2grader score-session`` scored them (its output folder ``session``) against
-    the human scores of ``human_file``, joined by ``response_id``; nothing is scored again. ``levels``: the part's
-    scale (from the registry the session scored with)."""
+    the human scores of ``human_file``, joined by ``response_id``; nothing is scored again. ``cfg``: the config (with
+    the registry's version of the part) the session scored with: the part's scale, and its adapter's stored
+    calibration, whose methods are measured beside the intervals the answers carried."""
     from serve.session.schema import SCORED, answer_of_row
     from serve.session.store import OutputDir
 
@@ -357,6 +434,18 @@ def evaluate_session(
         aspects = [human_aspects(human[r["response_id"]][1], f"{human_file}: {r['response_id']}") for r in scored_rows]
     except DataError as e:
         raise ValueError(str(e)) from None
+    pcfg = cfg.parts[part]
+    speakers = [r.get("candidate_id") for r in scored_rows]
+    adapter_hashes = {s.model.adapter_hash for s in scored}
+    ids = None
+    if pcfg.adapter is not None:  # identify the answers only where a calibration or training record can hold them
+        try:
+            ids = [calibration.audio_id(Path(r["audio"]).read_bytes()) for r in scored_rows]
+        except OSError as e:
+            raise ValueError(
+                f"{session}: an answer's audio cannot be read to tell it from the calibration and training answers "
+                f"of {pcfg.adapter}: {e}"
+            ) from None
     return report_on(
         part,
         session,
@@ -365,8 +454,14 @@ def evaluate_session(
         [human[r["response_id"]][1] for r in scored_rows],
         [r["audio"] for r in scored_rows],
         not_scorable,
-        [lv.score for lv in levels],
+        pcfg.levels,
+        ids=ids,
+        speakers=speakers,
         human_aspects=aspects,
+        adapter_dir=pcfg.adapter,
+        fingerprint=fingerprint_of(cfg, part, adapter_hashes.pop() if len(adapter_hashes) == 1 else None),
+        method=pcfg.interval.method,
+        served=True,
         plot=plot or Path(session) / f"{part}.calibration.png",
         predictions=predictions,
         group_by=group_by,
@@ -383,10 +478,15 @@ def report_on(
     fields: Sequence[dict],
     audio: Sequence[str],
     not_scorable: int,
-    level_scores: Sequence[float],
+    levels: Sequence[Level],
     *,
+    ids: Sequence[str] | None = None,
+    speakers: Sequence[str | None] | None = None,
     human_aspects: Sequence[dict[str, float]] | None = None,
     adapter_dir: str | Path | None = None,
+    fingerprint: dict[str, str] | None = None,
+    method: str = calibration.DEFAULT_METHOD,
+    served: bool = False,
     plot: str | Path,
     predictions: str | Path | None,
     group_by: Sequence[str],
@@ -406,7 +506,19 @@ def report_on(
     )
     unjudged = [a for a in dict.fromkeys(k for s in scored for k in s.aspects) if a not in aspects["aspects"]]
     trust = trust_report(scored, human, fields, group_by, selective_signal)
-    intervals = interval_report(scored, human, audio, level_scores, adapter_dir)
+    level_scores = [lv.score for lv in levels]
+    intervals = interval_report(
+        scored,
+        human,
+        ids,
+        list(speakers) if speakers is not None else [None] * len(scored),
+        levels,
+        groups={g: [f.get(g) for f in fields] for g in group_by},
+        adapter_dir=adapter_dir,
+        fingerprint=fingerprint,
+        method=method,
+        served=served,
+    )
     if predictions is not None:
         with open(predictions, "w") as f:
             for a, s, h, fl in zip(audio, scored, human, fields):
@@ -469,42 +581,110 @@ def report_on(
     return summary
 
 
+def check_held_out(
+    adapter_dir: str | Path, ids: Sequence[str], speakers: Sequence[str | None], data: str | Path
+) -> None:
+    """``ValueError`` when any answer of ``data`` was a training answer of the adapter (same audio or speaker)."""
+    train_ids, train_speakers = training_record(adapter_dir)
+    same = [
+        i for i, (a, sp) in enumerate(zip(ids, speakers)) if a in train_ids or (sp is not None and sp in train_speakers)
+    ]
+    if same:
+        raise ValueError(
+            f"{data}: {len(same)} of its {len(ids)} answers were the adapter's training answers (the same audio or "
+            f"the same speaker; first: answer {same[0] + 1}): held-out answers must be new to the adapter"
+        )
+
+
 def calibrate(
-    cfg: GraderConfig, part: str, data: str | Path, *, adapter: str | Path | None = None
+    cfg: GraderConfig,
+    part: str,
+    data: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    allow_small: bool = False,
+    report: str | Path | None = None,
 ) -> calibration.Calibration:
     """Score held-out ``data`` through vLLM and store the part's calibration beside its adapter.
 
-    The data must not be the adapter's training data (its errors there are too
-    small) nor the data its intervals are later measured on.
+    The data must be new to the adapter (checked against its training record: audio and speakers) and not the data
+    its intervals are later measured on. Fewer answers than :func:`adapters.coverage.required_answers` at the part's
+    coverage are refused unless ``allow_small``; the calibration then records n and the range of coverage it may
+    realise. Each method's coverage is measured per bin by 10-fold cross-fitting on the calibration answers.
     """
     cfg = config_for(cfg, part, adapter)
     pcfg = cfg.parts[part]
     if pcfg.adapter is None:
         raise ValueError(f"part {part!r} has no adapter: a calibration is stored beside an adapter")
+    nominal = pcfg.interval.coverage
     answers, bad = load_answers(read_jsonl(data, part), cfg.audio)
     for ex, why in bad:
         print(f"not scorable, left out: {ex.audio}: {why}", file=sys.stderr)
-    if len(answers) < 10:
-        raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 10 are needed")
+    need = coverage.required_answers(nominal)
+    lo, hi = coverage.realised_range(max(len(answers), 1), nominal)
+    small = None
+    if len(answers) < need:
+        msg = (
+            f"{data}: {len(answers)} usable answers of part {part!r}: a {100 * nominal:.0f}% interval calibrated on "
+            f"them realises a coverage between {100 * lo:.1f}% and {100 * hi:.1f}% (5-95 %); {need} answers bring "
+            "that within 5 points of nominal"
+        )
+        if not allow_small:
+            raise ValueError(msg + " (--allow-small calibrates on fewer, and records it)")
+        print(f"WARNING: {msg}; calibrating anyway (--allow-small)", file=sys.stderr)
+        small = calibration.SmallSample(required=need, coverage_range=(lo, hi))
+    if len(answers) < 2:
+        raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 2 are needed")
+    ids, speakers = answer_ids(answers), [a.example.speaker for a in answers]
+    check_held_out(pcfg.adapter, ids, speakers, data)
     scored = score_with_engine(cfg, part, answers)
     adapter_hash = scored[0].model.adapter_hash
     if adapter_hash != check_adapter(pcfg.adapter).content_hash:
         raise ValueError(f"adapter {pcfg.adapter} changed while it was being calibrated")
-    cal = calibration.fit(
-        part,
-        adapter_hash,
-        (min(lv.score for lv in pcfg.levels), max(lv.score for lv in pcfg.levels)),
+    scale = (min(lv.score for lv in pcfg.levels), max(lv.score for lv in pcfg.levels))
+    human, scores, sds = (
         [a.example.score for a in answers],
         [s.score for s in scored],
         [s.uncertainty.score_sd for s in scored],
-        answers=[i for i in _audio_ids([str(a.example.audio) for a in answers]) if i is not None],
+    )
+    cal = calibration.fit(
+        part,
+        fingerprint_of(cfg, part, adapter_hash),
+        scale,
+        [lv.score for lv in pcfg.levels],
+        human,
+        scores,
+        sds,
+        chunks=[len(s.chunks) for s in scored],
+        answers=ids,
+        speakers=[sp for sp in speakers if sp is not None],
+        coverage=nominal,
+        small_sample=small,
         data=str(data),
     )
     path = calibration.write(cal, pcfg.adapter)
     print(f"{part}: calibrated on {cal.n} answers from {data} ({len(bad)} not scorable), adapter {adapter_hash}")
-    for method in calibration.METHODS:
-        qs = ", ".join(f"{100 * c:.0f}% {cal.quantile(method, c):.3f}" for c in calibration.REPORT_COVERAGES)
-        unit = "score points" if method == "absolute" else f"x max(score_sd, {cal.sd_floor:g})"
-        print(f"  {method:<9} half-width ({unit}): {qs}")
+    print(
+        f"  realised coverage of a {100 * nominal:.0f}% interval at n={cal.n}: {100 * lo:.1f}-{100 * hi:.1f}% (5-95 %)"
+        + (" -- fewer answers than the " + str(need) + " needed for +-5 points" if small else "")
+    )
+    bins = coverage.bins_of(
+        np.asarray(human, float), np.asarray(scores, float), np.asarray(sds, float), cal.chunks, pcfg.levels
+    )
+    rows = coverage.method_table(
+        coverage.cross_fitted(human, scores, sds, cal.level_scores, scale), human, scores, sds, bins, scale
+    )
+    print("coverage by 10-fold cross-fitting on the calibration answers (each judged by a rule fitted on the others):")
+    for line in coverage.format_table(rows, detail=(pcfg.interval.method, nominal)):
+        print(line)
+    at = [r for r in rows if r["nominal"] == nominal] or [r for r in rows if r["nominal"] == 0.9]
+    best = min(at, key=lambda r: abs((r["worst_bin"] or {"coverage": r["nominal"]})["coverage"] - r["nominal"]))
+    print(f"method with the best worst bin here: {best['method']} (the part serves {pcfg.interval.method})")
+    summary = {"part": part, "n": cal.n, "realised_range": [lo, hi], "required": need, "rows": rows}
+    if report is not None:
+        Path(report).mkdir(parents=True, exist_ok=True)
+        (Path(report) / "calibration.json").write_text(json.dumps(summary))
+        print(f"report: {Path(report) / 'calibration.json'}")
     print(f"wrote {path}")
+    print(json.dumps(summary), flush=True)
     return cal

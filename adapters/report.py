@@ -100,6 +100,80 @@ def _figures(summary: dict, human: Sequence[float], scored: Sequence[ScoredAnswe
     return scatter, confusion, curve
 
 
+def _coverage_figure(rows: dict, nominal: float, title: str) -> str:
+    """Coverage of every bin (dots) against the range its n allows at nominal coverage (bars), by bin kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [b for b in rows["bins"] if b["n"] > 0]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(bins) + 1.5), 3.8), dpi=100)
+    x = np.arange(len(bins))
+    lo = np.array([b["allowed"][0] for b in bins])
+    hi = np.array([b["allowed"][1] for b in bins])
+    cov = np.array([b["coverage"] for b in bins])
+    ax.bar(x, hi - lo, bottom=lo, width=0.6, color="#ddd", label="range its n allows (5-95 %)")
+    colours = ["tab:red" if b["outside"] else "tab:blue" for b in bins]
+    ax.scatter(x, cov, c=colours, s=18, zorder=3, label="measured coverage (red: outside)")
+    ax.axhline(nominal, color="grey", ls="--", lw=1)
+    ax.set_xticks(
+        x, [f"{b['kind'].split(':')[-1][:8]}:{str(b['bin'])[:10]} ({b['n']})" for b in bins], rotation=90, fontsize=6
+    )
+    ax.set_ylim(max(0.0, min(cov.min(), lo.min()) - 0.05), 1.0)
+    ax.set_ylabel("coverage")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _interval_section(intervals: dict | None) -> str:
+    """The intervals' coverage: each method overall and in its worst bin, then every bin of the part's method."""
+    if not intervals or not intervals.get("rows"):
+        return ""
+    rows = intervals["rows"]
+    table = _table(
+        ["method", "nominal", "n", "coverage", "mean width", "worst bin", "its n", "its coverage", "bins outside"],
+        [
+            [
+                r["method"],
+                r["nominal"],
+                r["overall"]["n"],
+                r["overall"]["coverage"],
+                r["overall"]["mean_width"],
+                "-" if r["worst_bin"] is None else f"{r['worst_bin']['kind']}={r['worst_bin']['bin']}",
+                None if r["worst_bin"] is None else r["worst_bin"]["n"],
+                None if r["worst_bin"] is None else r["worst_bin"]["coverage"],
+                r["bins_outside"],
+            ]
+            for r in rows
+        ],
+    )
+    chosen = next((r for r in rows if r["method"] == intervals["method"] and r["nominal"] == 0.9), rows[0])
+    figs = [
+        _img(
+            _coverage_figure(chosen, chosen["nominal"], f"{chosen['method']} at {chosen['nominal']:.0%}, per bin"),
+            "Interval coverage per bin",
+        )
+    ]
+    served = intervals.get("served")
+    if served:
+        figs.append(
+            _img(
+                _coverage_figure(served, served["nominal"], "the intervals the answers carried, per bin"),
+                "Served intervals per bin",
+            )
+        )
+    return (
+        f"<h2>Score intervals</h2><p>Calibrated on {intervals['n_calibration']} answers "
+        f"({html.escape(intervals['source'])}), measured on {intervals['n_test']} others; "
+        f"{intervals['left_out_calibrated']} calibration and "
+        f"{intervals['left_out_training']} training answers left out. Each bin's coverage is judged against the "
+        "range an exactly nominal method shows at its n.</p>" + table + "".join(figs)
+    )
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], flagged: Sequence[bool] | None = None) -> str:
     def cell(x):
         if x is None:
@@ -235,6 +309,7 @@ tr.flag td{{background:#fde2e2}}</style>
 <h2>Selective scoring</h2>
 <p>The most doubtful answers by each signal are routed to human review; PCC of the answers kept.</p>{selective}
 <h3>Review verdict (the part's thresholds)</h3>{verdict}
+{_interval_section(summary.get("intervals"))}
 <h2>Groups</h2>
 <p>SMD: machine minus human mean over the pooled SD; flagged when its 95% bootstrap interval lies wholly beyond
 0.15 for the whole set and 0.10 for a subgroup (Williamson, Xi &amp; Breyer 2012, "A framework for evaluation and

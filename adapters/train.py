@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from adapters.agreement import aspect_agreement, format_aspects, format_metrics, soft_hard_metrics
-from adapters.dataset import Answer, TrainItem, load_answers, read_jsonl, train_items
+from adapters.dataset import Answer, TrainItem, answer_ids, load_answers, read_jsonl, train_items
 from adapters.losses import LOSSES, loss_fn
 from adapters.reference import TORCH_DTYPES, load_base_model, processor_inputs
 from serve.grading.adapter_files import LANGUAGE_MODEL_TARGETS, check_adapter, write_adapter_metadata
@@ -118,7 +118,7 @@ def pick_device(opts: TrainOptions) -> tuple[str, torch.dtype]:
 def part_spec(cfg: GraderConfig, part: str, tokenizer) -> PartSpec:
     """The part's prompt and label tokens, exactly as serving resolves them (without its adapter)."""
     pcfg = cfg.part(part).model_copy(update={"adapter": None})
-    return resolve_part(check_part(part, pcfg), tokenizer, base=cfg.model.base, untrained=cfg.model.untrained)
+    return resolve_part(check_part(part, pcfg), tokenizer, cfg)
 
 
 def trained_aspects(cfg: GraderConfig, spec: PartSpec) -> tuple[AspectSpec, ...]:
@@ -577,6 +577,9 @@ def train(cfg: GraderConfig, opts: TrainOptions) -> dict[str, Any]:
         "data": str(Path(opts.data).resolve()),
         "base": cfg.model.base,
         "aspects": aspect_answers,  # aspect -> training answers with its human score
+        # what calibrate and evaluate keep out of their held-out sets
+        "answer_ids": answer_ids(answers),
+        "speakers": sorted({a.example.speaker for a in answers if a.example.speaker is not None}),
     }
     levels = (aspects[0] if opts.aspect else spec).levels
     write_adapter_metadata(out, part=opts.part, levels=levels, training=training_meta, aspect=opts.aspect)

@@ -131,7 +131,7 @@ def without_aspects(engine, cfg, part: str):
     from serve.grading.parts import check_part, resolve_part
 
     plain = check_part(part, cfg.parts[part].model_copy(update={"aspects": {}}), cfg.engine.max_lora_rank)
-    return resolve_part(plain, engine.llm.get_tokenizer(), base=cfg.model.base, untrained=cfg.model.untrained)
+    return resolve_part(plain, engine.llm.get_tokenizer(), cfg)
 
 
 def run_bench(args: argparse.Namespace) -> dict:

@@ -43,7 +43,7 @@ class FakeEngine:
         self.loaded: set[str] = set()  # adapter hashes, as vLLM keys adapters by an id made of the hash
 
     def resolve(self, part: Part) -> PartSpec:
-        return resolve_part(part, LetterTokenizer(), base=self.cfg.model.base, untrained=True)
+        return resolve_part(part, LetterTokenizer(), self.cfg)
 
     def check(self, part: Part) -> PartSpec:
         return self.resolve(part)

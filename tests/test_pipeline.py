@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from serve.grading.answers import answer_result, candidate_result, refusal, score_targets
 from serve.grading.audio import SAMPLE_RATE, AudioError, PreparedAnswer, split
-from serve.grading.config import PartConfig, ReviewConfig
+from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import DEFAULT_LEVELS
 from serve.grading.parts import Part, resolve_part
 from serve.grading.quality import measure
@@ -42,8 +42,9 @@ def struct_tree(t: pa.DataType):
 
 
 def spec(review: ReviewConfig | None = None, aspects=()):
-    part = Part("interview", PartConfig(review=review or ReviewConfig(), aspects=list(aspects)), None)
-    return resolve_part(part, LetterTokenizer(), base="tiny", untrained=True)
+    pcfg = PartConfig(review=review or ReviewConfig(), aspects=list(aspects))
+    cfg = GraderConfig(model={"base": "tiny", "untrained": True}, parts={"interview": pcfg})
+    return resolve_part(Part("interview", pcfg, None), LetterTokenizer(), cfg)
 
 
 def prepared(seconds: float, seed: int = 0) -> PreparedAnswer:

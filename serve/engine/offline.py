@@ -67,9 +67,8 @@ class OfflineEngine:
             # its progress bars would reach this process's stderr, the program's own lines
             self.llm = LLM(**engine_kwargs(cfg), use_tqdm_on_load=False)
         tokenizer = self.llm.get_tokenizer()
-        m = cfg.model
         self.parts: dict[str, PartSpec] = {
-            name: resolve_part(part, tokenizer, base=m.base, untrained=m.untrained)
+            name: resolve_part(part, tokenizer, cfg)
             for name, part in (config_parts(cfg) if parts is None else parts).items()
         }
 

@@ -56,7 +56,7 @@ class OnlineEngine:
 
     def resolve(self, part: Part) -> PartSpec:
         """A checked part resolved against this engine's tokenizer (raises if a label is not one token)."""
-        return resolve_part(part, self.tokenizer, base=self.cfg.model.base, untrained=self.cfg.model.untrained)
+        return resolve_part(part, self.tokenizer, self.cfg)
 
     def check(self, part: Part) -> PartSpec:
         """``resolve``, and ``ValueError`` unless the prompt fits the context and the LoRA matrices fit the model."""

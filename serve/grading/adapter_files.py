@@ -2,8 +2,11 @@
 
 An adapter directory holds what peft saves (``adapter_config.json``,
 ``adapter_model.safetensors``) and ``grader_adapter.json``: the exam part it
-was made for, the label scale it was trained on, and how it was made.
-Training writes this format; serving reads it.
+was made for, the label scale it was trained on, and how it was made,
+including the ids of its training answers and speakers
+(:func:`training_record`), which ``calibrate`` and ``evaluate`` keep out of
+their held-out sets. Training writes the metadata; serving reads only peft's
+files (and the calibration beside them), never the metadata.
 
 :func:`check_adapter` is the only place an adapter is inspected (files, rank,
 content hash). An adapter is identified by the hash of its content; the check
@@ -185,6 +188,17 @@ def check_lora_dims(files: AdapterFiles, dims: dict[str, int]) -> None:
         want = [files.rank, fin] if m.group(2) == "A" else [fout, files.rank]
         if shape != want:
             raise AdapterError(f"adapter {files.path}: {name[:200]} has shape {shape}, the base model needs {want}")
+
+
+def training_record(path: str | Path) -> tuple[set[str], set[str]]:
+    """The audio ids and speakers an adapter was trained on, from its ``grader_adapter.json`` (empty sets when it
+    records none: adapters made before it did, or by other tools)."""
+    try:
+        meta = json.loads((Path(path) / METADATA_FILE).read_text())
+        training = meta.get("training") or {}
+        return set(map(str, training.get("answer_ids") or ())), set(map(str, training.get("speakers") or ()))
+    except (OSError, ValueError, AttributeError):
+        return set(), set()
 
 
 def write_adapter_metadata(

@@ -1,25 +1,46 @@
-"""Calibrated score intervals: split conformal prediction from held-out answers with human scores.
+"""Calibrated score intervals: conformal prediction from held-out answers with human scores.
 
-A part's calibration is computed once from answers the adapter was not
-trained on (``l2grader calibrate``) and stored beside the adapter
-(``calibration.json``), tied to the adapter's content hash: a new adapter is
-never served with an old calibration (its answers say ``stale_calibration``
-and carry no interval).
+A part's calibration is computed once from answers the adapter was neither
+trained on nor later tested on (``l2grader calibrate``) and stored beside the
+adapter (``calibration.json``). It keeps each held-out answer's human score,
+soft score, score_sd and chunk count, and the **fingerprint** of everything
+that made those scores (:mod:`serve.grading.fingerprint`: adapter weights,
+base model, rendered prompt, scale, audio preparation, engine numerics). A
+part whose fingerprint differs in any component is served without an
+interval (``stale_calibration``, naming what changed).
 
-For each held-out answer the calibration keeps a nonconformity score, one per
-method, sorted:
+Methods (``interval.method`` in the part's config):
 
-- ``absolute``: ``|human - score|``; the interval is ``score +- q``, the same
-  width for every answer;
-- ``scaled``: ``|human - score| / max(score_sd, SD_FLOOR)``; the interval is
-  ``score +- q * max(score_sd, SD_FLOOR)``, narrow where the model is sure.
+- ``absolute``: ``score +- q``, ``q`` the conformal quantile of ``|human - score|``;
+  one width for every answer. Holds on average only.
+- ``scaled``: ``score +- q * max(score_sd, SD_FLOOR)``; narrow where the
+  model is sure. Holds on average only, and fails per bin where the
+  score_sd does not track the error (near a whole level, a model trained
+  with the fair-average loss puts its mass on one label: sd ~ 0).
+- ``mondrian`` (the default, chosen on the worst bin of the simulations in
+  ``docs/trust.md``): Mondrian conformal regression (Vovk et al. 2005,
+  ch. 4; Boström & Johansson's ``crepes``) with the answer's predicted level
+  as its category: per level, the two-sided quantiles of the signed error
+  ``human - score``, so a level whose scores are biased (regression to the
+  mean at A1 and C2) gets its own, shifted interval, and a level where the
+  model is sure but wrong gets no narrower one. It holds per predicted
+  level by construction; per human level it cannot be promised (no method
+  conditions on the unknown human score), and ``evaluate`` measures it.
 
-``q`` is the ``ceil((n + 1) * coverage)``-th smallest score: for a new answer
-exchangeable with the calibration set, the human score lies in the interval
-with probability at least ``coverage`` (Vovk et al. 2005; Angelopoulos &
-Bates 2021, "A gentle introduction to conformal prediction"). Intervals are
-clipped to the scale, where every human score lies. With too few answers for
-the coverage asked, ``q`` is infinite and the interval is the whole scale.
+Each conformal quantile is the ``ceil((n + 1) * c)``-th smallest score
+(Angelopoulos & Bates 2021): for a new answer exchangeable with the
+calibration answers of its bin, the human score lies in the interval with
+probability at least ``c``. A bin is merged with its neighbour until it has
+:func:`min_bin_answers` answers. Intervals are clipped to the scale for
+display; ``width_unclipped`` keeps the width before clipping (the review's
+``wide_interval`` judges that, so an answer at A1 or C2 is judged like one
+at B1).
+
+Why hand-written and not MAPIE or crepes: serving computes one interval per
+answer in the scorer, from a JSON file, without scikit-learn or pandas in
+the service image; the four rules are a few array quantiles each.
+``tests/test_calibration.py`` checks them per bin on simulated model
+outputs of several shapes.
 """
 
 from __future__ import annotations
@@ -27,26 +48,43 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from serve.grading.results import ScoreInterval
 
+logger = logging.getLogger(__name__)
+
 CALIBRATION_FILE = "calibration.json"
-METHODS = ("absolute", "scaled")
-Method = Literal["absolute", "scaled"]
+METHODS = ("absolute", "scaled", "mondrian")
+Method = Literal["absolute", "scaled", "mondrian"]
+DEFAULT_METHOD: Method = "mondrian"
 #: The smallest score_sd the scaled method divides by (a very sure model still errs).
 SD_FLOOR = 0.1
 #: Most answers a calibration keeps, and the largest file read.
 MAX_ANSWERS = 200_000
-MAX_FILE_BYTES = 32 << 20
-FORMAT = 1
+MAX_FILE_BYTES = 64 << 20
+FORMAT = 2
+#: Fewest answers a Mondrian bin keeps before it is merged with a neighbour.
+MIN_BIN = 30
+
+
+class SmallSample(BaseModel):
+    """Recorded when a calibration was allowed fewer answers than :func:`required_answers` asks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    required: int = Field(
+        description="Answers needed for the 5-95 % range of realised coverage to lie within 0.05 of nominal."
+    )
+    coverage_range: tuple[float, float] = Field(description="5-95 % range of the realised coverage at this n.")
 
 
 class Calibration(BaseModel):
@@ -56,73 +94,211 @@ class Calibration(BaseModel):
 
     format: int = FORMAT
     part: str
-    adapter_hash: str | None = Field(description="Content hash of the adapter whose answers were calibrated.")
+    fingerprint: dict[str, str] = Field(
+        description="Component -> identity of everything that changes a score (serve.grading.fingerprint)."
+    )
     scale: tuple[float, float] = Field(description="Lowest and highest score of the part's levels.")
+    level_scores: tuple[float, ...] = Field(description="The part's level scores, lowest first (the bins).")
     sd_floor: float = SD_FLOOR
-    n: int = Field(ge=1)
-    residuals: dict[Method, list[float]] = Field(description="Method -> sorted nonconformity scores.")
+    coverage: float = Field(0.9, gt=0.0, lt=1.0, description="The nominal coverage the sample size was judged at.")
+    human: list[float]
+    score: list[float]
+    score_sd: list[float]
+    chunks: list[int] = Field(default_factory=list, description="Chunks of each answer (empty: not recorded).")
     answers: list[str] = Field(default_factory=list, description="Content hashes of the calibration answers' audio.")
+    speakers: list[str] = Field(default_factory=list, description="Candidates/speakers of the calibration answers.")
+    small_sample: SmallSample | None = None
     data: str | None = Field(None, description="Where the calibration answers came from.")
     created: str | None = None
 
-    @field_validator("residuals")
-    @classmethod
-    def _sorted_finite(cls, v: dict[str, list[float]]) -> dict[str, list[float]]:
-        for method, r in v.items():
-            a = np.asarray(r, dtype=np.float64)
-            if a.size == 0 or a.size > MAX_ANSWERS or not np.all(np.isfinite(a)) or np.any(a < 0):
-                raise ValueError(f"{method}: 1-{MAX_ANSWERS} finite non-negative scores needed")
-            v[method] = sorted(float(x) for x in a)
-        return v
+    _rules: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _complete(self) -> Calibration:
-        missing = [m for m in METHODS if m not in self.residuals]
-        if missing:
-            raise ValueError(f"residuals of {missing} missing")
-        if not (math.isfinite(self.scale[0]) and math.isfinite(self.scale[1]) and self.scale[0] < self.scale[1]):
+    def _consistent(self) -> Calibration:
+        n = len(self.human)
+        if not 1 <= n <= MAX_ANSWERS or len(self.score) != n or len(self.score_sd) != n:
+            raise ValueError(f"1-{MAX_ANSWERS} answers needed, each with a human score, a score and a score_sd")
+        if self.chunks and len(self.chunks) != n:
+            raise ValueError("chunks must have one entry per answer")
+        for name in ("human", "score", "score_sd"):
+            a = np.asarray(getattr(self, name), dtype=np.float64)
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"{name}: finite numbers needed")
+        if np.any(np.asarray(self.score_sd) < 0):
+            raise ValueError("score_sd must be non-negative")
+        lo, hi = self.scale
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError("scale must be two finite scores, lowest first")
+        if len(self.level_scores) < 2 or list(self.level_scores) != sorted(set(self.level_scores)):
+            raise ValueError("level_scores must be two or more distinct scores, lowest first")
         if not (math.isfinite(self.sd_floor) and self.sd_floor > 0):
             raise ValueError("sd_floor must be positive")
         return self
 
-    def quantile(self, method: str, coverage: float) -> float:
-        """The conformal quantile ``q`` of ``method`` at ``coverage`` (infinite when there are too few answers)."""
-        r = self.residuals[method]
-        k = math.ceil((len(r) + 1) * coverage)
-        return math.inf if k > len(r) else r[k - 1]
+    @property
+    def n(self) -> int:
+        return len(self.human)
+
+    def rule(self, method: str, coverage: float) -> IntervalRule:
+        """The method's interval rule at ``coverage`` (built once per calibration, method and coverage)."""
+        key = (method, round(coverage, 6))
+        if key not in self._rules:
+            self._rules[key] = build_rule(
+                method,
+                coverage,
+                np.asarray(self.human),
+                np.asarray(self.score),
+                np.asarray(self.score_sd),
+                self.level_scores,
+                self.scale,
+                self.sd_floor,
+            )
+        return self._rules[key]
 
     def interval(self, method: str, coverage: float, score: float, score_sd: float) -> ScoreInterval:
         """The interval of one answer (its soft score and score_sd)."""
-        q = self.quantile(method, coverage)
-        half = q if method == "absolute" else q * max(score_sd, self.sd_floor)
-        lo, hi = self.scale
-        low, high = max(lo, score - half), min(hi, score + half)
-        return ScoreInterval(
-            low=round(low, 4),
-            high=round(high, 4),
-            width=round(high - low, 4),
-            coverage=coverage,
-            method=method,
-            calibrated_on=len(self.residuals[method]),
-        )
+        low, high = self.rule(method, coverage).bounds(np.array([score]), np.array([score_sd]))
+        return to_interval(float(low[0]), float(high[0]), self.scale, coverage, method, self.n)
 
 
-def nonconformity(method: str, human: float, score: float, score_sd: float, sd_floor: float = SD_FLOOR) -> float:
-    """How far an answer's human score lies from its prediction, in the method's units."""
-    err = abs(human - score)
-    return err if method == "absolute" else err / max(score_sd, sd_floor)
+def to_interval(low: float, high: float, scale: tuple[float, float], coverage: float, method: str, n: int):
+    """An answer's :class:`ScoreInterval`: clipped to the scale for display, its width before clipping kept."""
+    lo, hi = scale
+    raw = high - low
+    low_c, high_c = min(max(lo, low), hi), max(min(hi, high), lo)
+    return ScoreInterval(
+        low=round(low_c, 4),
+        high=round(high_c, 4),
+        width=round(high_c - low_c, 4),
+        width_unclipped=round(raw, 4) if math.isfinite(raw) else None,
+        coverage=coverage,
+        method=method,
+        calibrated_on=n,
+    )
+
+
+# ------------------------------------------------------------------ the rules
+
+
+def upper_quantile(sorted_scores: np.ndarray, c: float) -> float:
+    """The conformal upper quantile: the ``ceil((n + 1) c)``-th smallest (infinite when n is too small)."""
+    n = len(sorted_scores)
+    k = math.ceil((n + 1) * c - 1e-9)
+    return math.inf if k > n or n == 0 else float(sorted_scores[k - 1])
+
+
+def lower_quantile(sorted_scores: np.ndarray, a: float) -> float:
+    """The conformal lower quantile: the ``floor((n + 1) a)``-th smallest (minus infinity when n is too small)."""
+    k = math.floor((len(sorted_scores) + 1) * a + 1e-9)
+    return -math.inf if k < 1 else float(sorted_scores[k - 1])
+
+
+def min_bin_answers(coverage: float) -> int:
+    """Fewest answers a bin keeps: both two-sided quantiles finite, and at least :data:`MIN_BIN`."""
+    return max(MIN_BIN, math.ceil(2 / (1 - coverage)))
+
+
+def nearest(values: np.ndarray, grid: Sequence[float]) -> np.ndarray:
+    """Index of the grid point nearest each value (ties to the lower)."""
+    g = np.asarray(grid, dtype=np.float64)
+    mids = (g[:-1] + g[1:]) / 2
+    return np.searchsorted(mids, values, side="right")
+
+
+def merged_runs(counts: Sequence[int], min_n: int) -> list[tuple[int, int]]:
+    """Contiguous runs ``[start, end]`` of bins, the smallest merged with its smaller neighbour until each run
+    holds ``min_n`` (or there is one run)."""
+    runs = [[i, i, int(c)] for i, c in enumerate(counts)]
+    while len(runs) > 1:
+        j = min(range(len(runs)), key=lambda i: runs[i][2])
+        if runs[j][2] >= min_n:
+            break
+        if j == 0:
+            k = 1
+        elif j == len(runs) - 1:
+            k = j - 1
+        else:
+            k = j - 1 if runs[j - 1][2] <= runs[j + 1][2] else j + 1
+        a, b = min(j, k), max(j, k)
+        runs[a] = [runs[a][0], runs[b][1], runs[a][2] + runs[b][2]]
+        del runs[b]
+    return [(a, b) for a, b, _ in runs]
+
+
+@dataclass(frozen=True)
+class IntervalRule:
+    """How one method turns answers' (score, score_sd) into (low, high) before clipping, vectorised."""
+
+    method: str
+    coverage: float
+    bounds: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    detail: dict = field(default_factory=dict)  # what the rule was built from (its quantile, or its bins), for reports
+
+
+def _absolute(h, s, sd, c, floor):
+    q = upper_quantile(np.sort(np.abs(h - s)), c)
+    return lambda st, sdt: (st - q, st + q), {"q": q}
+
+
+def _scaled(h, s, sd, c, floor):
+    q = upper_quantile(np.sort(np.abs(h - s) / np.maximum(sd, floor)), c)
+    return lambda st, sdt: (st - q * np.maximum(sdt, floor), st + q * np.maximum(sdt, floor)), {"q": q}
+
+
+def _mondrian(h, s, c, levels):
+    """Per predicted level (merged to :func:`min_bin_answers`): two-sided quantiles of the signed error."""
+    idx = nearest(s, levels)
+    runs = merged_runs(np.bincount(idx, minlength=len(levels)), min_bin_answers(c))
+    a = (1 - c) / 2
+    of_level = np.empty(len(levels), dtype=int)
+    lo_q, hi_q = np.empty(len(runs)), np.empty(len(runs))
+    for r, (start, end) in enumerate(runs):
+        of_level[start : end + 1] = r
+        e = np.sort((h - s)[(idx >= start) & (idx <= end)])
+        lo_q[r], hi_q[r] = lower_quantile(e, a), upper_quantile(e, 1 - a)
+
+    def bounds(st, sdt):
+        r = of_level[nearest(st, levels)]
+        return st + lo_q[r], st + hi_q[r]
+
+    return bounds, {"bins": [[levels[a_], levels[b_]] for a_, b_ in runs]}
+
+
+def build_rule(method, coverage, h, s, sd, levels, scale, sd_floor=SD_FLOOR) -> IntervalRule:
+    """The interval rule of ``method`` at ``coverage``, fitted on calibration answers (human, score, score_sd)."""
+    if method == "absolute":
+        bounds, detail = _absolute(h, s, sd, coverage, sd_floor)
+    elif method == "scaled":
+        bounds, detail = _scaled(h, s, sd, coverage, sd_floor)
+    elif method == "mondrian":
+        bounds, detail = _mondrian(h, s, coverage, levels)
+    else:
+        raise ValueError(f"unknown interval method {method!r} (methods: {', '.join(METHODS)})")
+    return IntervalRule(method, coverage, bounds, detail)
+
+
+def intervals_of(
+    rule: IntervalRule, scores: Sequence[float], score_sds: Sequence[float], scale: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Many answers' intervals, clipped to the scale (for measuring coverage)."""
+    low, high = rule.bounds(np.asarray(scores, dtype=np.float64), np.asarray(score_sds, dtype=np.float64))
+    return np.clip(low, *scale), np.clip(high, *scale)
 
 
 def fit(
     part: str,
-    adapter_hash: str | None,
+    fingerprint: dict[str, str],
     scale: tuple[float, float],
+    level_scores: Sequence[float],
     human: Sequence[float],
     scores: Sequence[float],
     score_sds: Sequence[float],
     *,
+    chunks: Sequence[int] = (),
     answers: Sequence[str] = (),
+    speakers: Sequence[str] = (),
+    coverage: float = 0.9,
+    small_sample: SmallSample | None = None,
     data: str | None = None,
 ) -> Calibration:
     """A calibration from held-out answers: their human scores, soft scores and score_sds."""
@@ -130,11 +306,17 @@ def fit(
         raise ValueError("a calibration needs at least one answer, with a score and a score_sd for each")
     return Calibration(
         part=part,
-        adapter_hash=adapter_hash,
+        fingerprint=dict(fingerprint),
         scale=scale,
-        n=len(human),
-        residuals={m: [nonconformity(m, h, s, sd) for h, s, sd in zip(human, scores, score_sds)] for m in METHODS},
+        level_scores=tuple(sorted(level_scores)),
+        coverage=coverage,
+        human=[float(x) for x in human],
+        score=[float(x) for x in scores],
+        score_sd=[float(x) for x in score_sds],
+        chunks=[int(x) for x in chunks],
         answers=list(answers),
+        speakers=sorted(set(speakers)),
+        small_sample=small_sample,
         data=data,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -149,6 +331,9 @@ def write(calibration: Calibration, adapter_dir: str | Path) -> Path:
     return path
 
 
+# ------------------------------------------------------------------ serving
+
+
 @dataclass(frozen=True)
 class CalibrationState:
     """A part's calibration as found beside its adapter: the calibration when it is valid, and the status."""
@@ -161,28 +346,32 @@ class CalibrationState:
 UNCALIBRATED = CalibrationState(None, "uncalibrated", "the part has no calibration")
 
 
-def load(adapter_dir: str | Path | None, adapter_hash: str | None) -> CalibrationState:
-    """The calibration stored beside an adapter, checked against the adapter's content hash."""
+def stale_components(calibrated: dict[str, str], serving: dict[str, str]) -> list[str]:
+    """The fingerprint components that differ between a calibration and what a part serves now."""
+    return [k for k in sorted(set(calibrated) | set(serving)) if calibrated.get(k) != serving.get(k)]
+
+
+def load(adapter_dir: str | Path | None, fingerprint: dict[str, str]) -> CalibrationState:
+    """The calibration stored beside an adapter, checked against the fingerprint of what the part serves now."""
     if adapter_dir is None:
         return CalibrationState(None, "uncalibrated", "the part has no adapter (base model): no calibration")
     path = Path(adapter_dir) / CALIBRATION_FILE
     if not path.is_file():
-        return UNCALIBRATED
+        return CalibrationState(None, "uncalibrated", f"no {CALIBRATION_FILE} beside the adapter {adapter_dir}")
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-        cal = Calibration.model_validate(json.loads(path.read_bytes()))
+        raw = json.loads(path.read_bytes())
+        if isinstance(raw, dict) and raw.get("format") != FORMAT:
+            raise ValueError(f"format {raw.get('format')!r}, {FORMAT} expected: run `l2grader calibrate` again")
+        cal = Calibration.model_validate(raw)
     except (OSError, ValueError, RecursionError, ValidationError) as e:
-        return CalibrationState(None, "invalid_calibration", f"{path}: {type(e).__name__}: {str(e)[:200]}")
-    if cal.format != FORMAT:
-        return CalibrationState(None, "invalid_calibration", f"{path}: format {cal.format}, {FORMAT} expected")
-    if cal.adapter_hash != adapter_hash:
-        return CalibrationState(
-            None,
-            "stale_calibration",
-            f"{path} was computed for adapter {cal.adapter_hash}, the part serves {adapter_hash}",
-        )
-    return CalibrationState(cal, "calibrated")
+        return CalibrationState(None, "invalid_calibration", f"{path}: {type(e).__name__}: {str(e)[:300]}")
+    changed = stale_components(cal.fingerprint, fingerprint)
+    if changed:
+        what = "; ".join(f"{k} (calibrated {cal.fingerprint.get(k)}, serving {fingerprint.get(k)})" for k in changed)
+        return CalibrationState(None, "stale_calibration", f"{path} was computed for another {what}")
+    return CalibrationState(cal, "calibrated", f"{path}: {cal.n} answers from {cal.data or 'unrecorded data'}")
 
 
 @dataclass(frozen=True)
@@ -191,7 +380,11 @@ class Intervals:
 
     state: CalibrationState = UNCALIBRATED
     coverage: float = 0.9
-    method: str = "scaled"
+    method: str = DEFAULT_METHOD
+
+    def __post_init__(self) -> None:
+        if self.state.calibration is not None:  # fit the rule once, when the part is resolved, not per answer
+            self.state.calibration.rule(self.method, self.coverage)
 
     def of(self, score: float, score_sd: float) -> tuple[ScoreInterval | None, str]:
         """The answer's interval (None without a valid calibration) and the status."""
@@ -200,34 +393,8 @@ class Intervals:
         return self.state.calibration.interval(self.method, self.coverage, score, score_sd), self.state.status
 
 
-#: Coverage levels ``evaluate`` reports.
+#: Coverage levels ``calibrate`` and ``evaluate`` report.
 REPORT_COVERAGES = (0.8, 0.9, 0.95)
-
-
-def coverage_table(
-    calibration: Calibration,
-    human: Sequence[float],
-    scores: Sequence[float],
-    score_sds: Sequence[float],
-    coverages: Sequence[float] = REPORT_COVERAGES,
-) -> list[dict]:
-    """Empirical coverage and mean width of each method's intervals at each nominal coverage, on answers that
-    were not calibrated on."""
-    rows = []
-    for method in METHODS:
-        for c in coverages:
-            ivs = [calibration.interval(method, c, s, sd) for s, sd in zip(scores, score_sds)]
-            hit = [iv.low - 1e-9 <= h <= iv.high + 1e-9 for iv, h in zip(ivs, human)]
-            rows.append(
-                {
-                    "method": method,
-                    "nominal": c,
-                    "coverage": float(np.mean(hit)) if hit else None,
-                    "mean_width": float(np.mean([iv.width for iv in ivs])) if ivs else None,
-                    "n": len(ivs),
-                }
-            )
-    return rows
 
 
 def audio_id(data: bytes) -> str:

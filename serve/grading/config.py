@@ -234,7 +234,8 @@ class ReviewConfig(StrictModel):
     max_interval_width: float | None = Field(
         2.0,
         ge=0.0,
-        description="wide_interval: the calibrated interval is wider than this (in scale points, 1 = one CEFR level).",
+        description="wide_interval: the calibrated interval, before clipping to the scale, is wider than this (in "
+        "scale points, 1 = one CEFR level).",
     )
     min_duration_s: float | None = Field(
         None, ge=0.0, description="too_short: the answer lasts less than this (the part's expected range)."
@@ -256,8 +257,15 @@ class IntervalConfig(StrictModel):
     """The calibrated score interval each answer carries (from calibration.json beside the part's adapter)."""
 
     coverage: float = Field(0.9, gt=0.0, lt=1.0, description="Nominal coverage of the interval.")
-    method: Literal["scaled", "absolute"] = Field(
-        "scaled", description="scaled: width grows with the answer's score_sd; absolute: one width for all answers."
+    method: Literal["mondrian", "scaled", "absolute"] = Field(
+        "mondrian",
+        description="mondrian: calibrated per predicted level, shifted where a level's scores are biased (the "
+        "default, chosen on the worst bin); scaled: width grows with score_sd; absolute: one width for all answers "
+        "(both hold on average only). docs/trust.md compares them.",
+    )
+    require: bool = Field(
+        False,
+        description="Refuse to serve the part (at start and at hot-load) without a valid calibration: fail closed.",
     )
 
 

@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import struct
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,51 +21,16 @@ from serve.grading import calibration
 from serve.grading.adapter_files import AdapterFiles, check_adapter
 from serve.grading.aspects import title
 from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
+from serve.grading.fingerprint import base_hash, base_name, score_fingerprint
 from serve.grading.levels import Level
 from serve.grading.prompt import AspectRubric, build_aspect_prompt, build_prompt
 from serve.grading.results import ModelInfo
 
+logger = logging.getLogger(__name__)
+
 
 class LabelTokenError(ValueError):
     """A label is not exactly one token of the model's tokenizer."""
-
-
-def base_name(base: str) -> str:
-    """The base model's public name: a hub id's or a checkpoint folder's last part (``Qwen2-Audio-7B-Instruct``).
-
-    Answers, metrics and logs name the model by this, never by where it lies.
-    """
-    return Path(base).name or str(base)
-
-
-#: Largest safetensors header hashed (a 7B checkpoint's are a few hundred KB).
-_MAX_HEADER = 64 << 20
-
-
-@functools.lru_cache(maxsize=8)
-def base_hash(base: str) -> str | None:
-    """sha256 (16 hex digits) of a local checkpoint's config and weight layout; None for a hub id.
-
-    It covers ``config.json`` and, per weight file, its name, size and
-    safetensors header (every tensor's name, dtype, shape and offsets): a
-    different checkpoint gets a different hash at the cost of reading a few
-    hundred KB, not the 15 GB of weights of a 7B model (an adapter's hash
-    covers its weights: :func:`serve.grading.adapter_files.check_adapter`).
-    """
-    root = Path(base)
-    if not root.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(root.iterdir()):
-        if f.name == "config.json" or f.name.endswith(".index.json"):
-            h.update(f.name.encode() + f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin", ".pt"):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-            if f.suffix == ".safetensors":
-                with open(f, "rb") as fh:
-                    (n,) = struct.unpack("<Q", fh.read(8))
-                    h.update(fh.read(min(n, _MAX_HEADER)))
-    return h.hexdigest()[:16]
 
 
 def model_id(part: str, adapter_hash: str | None) -> str:
@@ -191,12 +154,12 @@ def aspect_rubrics(pcfg: PartConfig) -> tuple[AspectRubric, ...]:
 def resolve_aspects(part: Part, tokenizer) -> tuple[AspectSpec, ...]:
     """The part's aspects resolved against the tokenizer, each scored by its own adapter or else the part's."""
     pcfg, own = part.config, dict(part.aspect_adapters)
-    rubrics = aspect_rubrics(pcfg)
+    rubrics = dict(zip(pcfg.aspects, aspect_rubrics(pcfg)))
     specs = []
     for name, a in pcfg.aspects.items():
         files = own.get(name, part.adapter)
         spec_id = part.model_id if name not in own else model_id(f"{part.part}.{name}", files.content_hash)
-        prompt = build_aspect_prompt(pcfg.task, pcfg.levels, rubrics, title(name))
+        prompt = build_aspect_prompt(pcfg.task, pcfg.levels, rubrics[name])
         specs.append(
             AspectSpec(
                 part=part.part,
@@ -213,10 +176,41 @@ def resolve_aspects(part: Part, tokenizer) -> tuple[AspectSpec, ...]:
     return tuple(specs)
 
 
-def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSpec:
-    """A checked part resolved against the tokenizer (its labels must be single tokens)."""
+class CalibrationRequiredError(ValueError):
+    """A part whose config requires a calibration (``interval.require``) has no valid one: it is not served."""
+
+
+def part_intervals(part: Part, cfg: GraderConfig) -> calibration.Intervals:
+    """How the part's answers get their interval: its calibration checked against the fingerprint of what it serves
+    now. Why a calibration is not used is logged; ``interval.require`` turns that into
+    :class:`CalibrationRequiredError`."""
     pcfg = part.config
-    prompt = build_prompt(pcfg.task, pcfg.levels, aspect_rubrics(pcfg))
+    fp = score_fingerprint(pcfg, part.adapter_hash, base=cfg.model.base, audio=cfg.audio, engine=cfg.engine)
+    state = calibration.load(None if part.adapter is None else part.adapter.path, fp)
+    if state.calibration is None:
+        if pcfg.interval.require:
+            raise CalibrationRequiredError(
+                f"part {part.part!r} requires a valid calibration (interval.require) and has none: "
+                f"{state.status}: {state.detail}"
+            )
+        log = logger.warning if state.status != "uncalibrated" else logger.info
+        log("part %s: answers carry no interval: %s: %s", part.part, state.status, state.detail)
+    else:
+        logger.info(
+            "part %s: intervals from %s (%s, %.0f %%)",
+            part.part,
+            state.detail,
+            pcfg.interval.method,
+            100 * pcfg.interval.coverage,
+        )
+    return calibration.Intervals(state, pcfg.interval.coverage, pcfg.interval.method)
+
+
+def resolve_part(part: Part, tokenizer, cfg: GraderConfig) -> PartSpec:
+    """A checked part resolved against the tokenizer (its labels must be single tokens) and its calibration."""
+    pcfg = part.config
+    prompt = build_prompt(pcfg.task, pcfg.levels)
+    base = cfg.model.base
     return PartSpec(
         part=part.part,
         model_id=part.model_id,
@@ -231,21 +225,14 @@ def resolve_part(part: Part, tokenizer, *, base: str, untrained: bool) -> PartSp
             base_hash=base_hash(base),
             adapter=None if part.adapter is None else part.model_id,
             adapter_hash=part.adapter_hash,
-            untrained=untrained,
+            untrained=cfg.model.untrained,
         ),
         review=pcfg.review,
-        intervals=calibration.Intervals(
-            calibration.load(None if part.adapter is None else part.adapter.path, part.adapter_hash),
-            pcfg.interval.coverage,
-            pcfg.interval.method,
-        ),
+        intervals=part_intervals(part, cfg),
         aspects=resolve_aspects(part, tokenizer),
     )
 
 
 def resolve_parts(cfg: GraderConfig, tokenizer) -> dict[str, PartSpec]:
     """Check and resolve every configured part; fails at start-up on a bad label or adapter."""
-    return {
-        name: resolve_part(part, tokenizer, base=cfg.model.base, untrained=cfg.model.untrained)
-        for name, part in config_parts(cfg).items()
-    }
+    return {name: resolve_part(part, tokenizer, cfg) for name, part in config_parts(cfg).items()}

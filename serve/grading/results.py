@@ -90,11 +90,19 @@ class ScoreInterval(BaseModel):
 
     low: float
     high: float
-    width: float
+    width: float = Field(description="high - low, as shown (clipped to the scale).")
+    width_unclipped: float | None = Field(
+        None,
+        description="The width before clipping to the scale (null: unbounded, too few calibration answers); "
+        "the review's wide_interval judges this one.",
+    )
     coverage: float = Field(
         description="Nominal coverage: the share of answers like this one whose human score lies within [low, high]."
     )
-    method: str = Field(description="'absolute' (one width for all answers) or 'scaled' (width grows with score_sd).")
+    method: str = Field(
+        description="'mondrian' (calibrated per predicted level), 'absolute' (one width for all answers) or "
+        "'scaled' (width grows with score_sd): docs/trust.md."
+    )
     calibrated_on: int = Field(description="Held-out answers the calibration was computed from.")
 
 

@@ -4,6 +4,7 @@ thresholds (:class:`serve.grading.config.ReviewConfig`), each named by a fixed r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from serve.grading.config import ReviewConfig
@@ -16,6 +17,11 @@ from serve.grading.results import (
     ScoreInterval,
     Uncertainty,
 )
+
+
+def unclipped_width(interval: ScoreInterval) -> float:
+    """The interval's width before clipping to the scale: the same uncertainty is as wide at A1 as at B1."""
+    return math.inf if interval.width_unclipped is None else interval.width_unclipped
 
 
 def review_reasons(
@@ -42,7 +48,9 @@ def review_reasons(
         ("chunks_disagree", t.max_chunk_spread is not None and uncertainty.chunk_spread > t.max_chunk_spread),
         (
             "wide_interval",
-            t.max_interval_width is not None and interval is not None and interval.width > t.max_interval_width,
+            t.max_interval_width is not None
+            and interval is not None
+            and unclipped_width(interval) > t.max_interval_width,
         ),
         ("too_short", t.min_duration_s is not None and d is not None and d < t.min_duration_s),
         ("too_long", t.max_duration_s is not None and d is not None and d > t.max_duration_s),
