@@ -140,3 +140,68 @@ def format_metrics(name: str, m: dict[str, float]) -> str:
         f"{name:<5} PCC {m['pcc']:.3f}  Spearman {m['spearman']:.3f}  RMSE {m['rmse']:.3f}  "
         f"within 0.5 {100 * m['within_0_5']:.1f}%  within 1.0 {100 * m['within_1_0']:.1f}%"
     )
+
+
+#: Fewest answers with an aspect's human scores on which it can be validated.
+MIN_VALIDATION_ANSWERS = 30
+
+
+def aspect_validation(
+    human_aspect: Sequence[float],
+    machine_aspect: Sequence[float],
+    machine_holistic: Sequence[float],
+    speakers: Sequence[str | None] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+):
+    """Whether an aspect's score measures its own aspect: its PCC with its own human scores, and its added value
+    over the holistic score in predicting them (Haberman 2008, "When can subscores have value?": a subscore is
+    worth reporting when it predicts its own true score better than the total score does). Here, with observed
+    scores: the 95 % bootstrap interval (resampling speakers) of PCC(aspect, own human) - PCC(holistic, own
+    human). Validated when the own PCC's and the added value's intervals both lie above zero, on at least
+    :data:`MIN_VALIDATION_ANSWERS` answers."""
+    from serve.grading.calibration import AspectValidation
+
+    h, a, t = (np.asarray(x, dtype=np.float64) for x in (human_aspect, machine_aspect, machine_holistic))
+    n = len(h)
+    if n < MIN_VALIDATION_ANSWERS:
+        return AspectValidation(
+            n=n,
+            pcc_own=None,
+            pcc_holistic=None,
+            added_value_ci=None,
+            validated=False,
+            reason=f"{n} answers with its human scores; {MIN_VALIDATION_ANSWERS} are needed",
+        )
+    own, hol = pearson(a, h), pearson(t, h)
+    keys = [sp if sp is not None else f"#{i}" for i, sp in enumerate(speakers or [None] * n)]
+    groups = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    members = list(groups.values())
+    rng = np.random.default_rng(seed)
+    gains, owns = [], []
+    for _ in range(resamples):
+        idx = np.concatenate([members[j] for j in rng.integers(0, len(members), len(members))])
+        o, g = pearson(a[idx], h[idx]), pearson(t[idx], h[idx])
+        if np.isfinite(o) and np.isfinite(g):
+            owns.append(o)
+            gains.append(o - g)
+    lo, hi = (float(x) for x in np.percentile(gains, [2.5, 97.5])) if gains else (float("nan"),) * 2
+    own_lo = float(np.percentile(owns, 2.5)) if owns else float("nan")
+    validated = bool(own_lo > 0 and lo > 0)
+    reason = (
+        "agrees with its own human scores and adds to the holistic score"
+        if validated
+        else "no clear agreement with its own human scores"
+        if not own_lo > 0
+        else "no clear added value over the holistic score (it echoes it)"
+    )
+    return AspectValidation(
+        n=n,
+        pcc_own=float(own) if np.isfinite(own) else None,
+        pcc_holistic=float(hol) if np.isfinite(hol) else None,
+        added_value_ci=(lo, hi) if gains else None,
+        validated=validated,
+        reason=reason,
+    )

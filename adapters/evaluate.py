@@ -596,6 +596,41 @@ def check_held_out(
         )
 
 
+def aspect_calibrations(
+    cfg: GraderConfig,
+    part: str,
+    answers: Sequence[Answer],
+    scored: Sequence[ScoredAnswer],
+    speakers: Sequence[str | None],
+    scale: tuple[float, float],
+) -> dict[str, calibration.AspectCalibration]:
+    """Each aspect's records and validation, from the answers that have its human score."""
+    from adapters.agreement import aspect_validation
+    from serve.grading.parts import aspect_fingerprints, check_part
+
+    pcfg = cfg.parts[part]
+    fps = aspect_fingerprints(check_part(part, pcfg, cfg.engine.max_lora_rank), cfg)
+    out = {}
+    for name, acfg in pcfg.aspects.items():
+        have = [i for i, a in enumerate(answers) if name in a.example.aspects and name in scored[i].aspects]
+        if len(have) < 2:
+            continue
+        human = [answers[i].example.aspects[name] for i in have]
+        machine = [scored[i].aspects[name] for i in have]
+        out[name] = calibration.AspectCalibration(
+            fingerprint=fps[name],
+            scale=(min(lv.score for lv in acfg.levels), max(lv.score for lv in acfg.levels)),
+            level_scores=tuple(sorted(lv.score for lv in acfg.levels)),
+            human=human,
+            score=[m.score for m in machine],
+            score_sd=[m.uncertainty.score_sd for m in machine],
+            validation=aspect_validation(
+                human, [m.score for m in machine], [scored[i].score for i in have], [speakers[i] for i in have]
+            ),
+        )
+    return out
+
+
 def calibrate(
     cfg: GraderConfig,
     part: str,
@@ -662,8 +697,21 @@ def calibrate(
         small_sample=small,
         data=str(data),
     )
+    cal.aspects = aspect_calibrations(cfg, part, answers, scored, speakers, scale)
     path = calibration.write(cal, pcfg.adapter)
     print(f"{part}: calibrated on {cal.n} answers from {data} ({len(bad)} not scorable), adapter {adapter_hash}")
+    for name in pcfg.aspects:
+        rec = cal.aspects.get(name)
+        if rec is None:
+            print(f"  aspect {name}: no human {name} scores in the data: no interval, not validated")
+            continue
+        v = rec.validation
+        print(
+            f"  aspect {name}: {rec.n} answers; PCC with its own human scores {_fmt(v.pcc_own)}, holistic score's "
+            f"{_fmt(v.pcc_holistic)}; added value 95% "
+            + ("-" if v.added_value_ci is None else f"[{v.added_value_ci[0]:+.3f}, {v.added_value_ci[1]:+.3f}]")
+            + f": {'VALIDATED' if v.validated else 'not validated'} ({v.reason})"
+        )
     print(
         f"  realised coverage of a {100 * nominal:.0f}% interval at n={cal.n}: {100 * lo:.1f}-{100 * hi:.1f}% (5-95 %)"
         + (" -- fewer answers than the " + str(need) + " needed for +-5 points" if small else "")

@@ -226,3 +226,52 @@ def test_wide_interval_is_judged_before_clipping_so_a1_and_c2_are_judged_like_b1
     assert (
         aggregate("p", DEFAULT_LEVELS, chunks_at["A1"], MODEL, Intervals(state, 0.9, "absolute")).interval.width < 1.3
     )
+
+
+def _answers(human, score, sd, intervals: Intervals | None = None):
+    """ScoredAnswers whose soft score and score_sd are the given ones (two neighbouring labels)."""
+    out = []
+    for s, d in zip(score, sd):
+        lo = int(np.clip(np.floor(s), 1, 5))
+        p = np.zeros(6)
+        frac = float(np.clip(s - lo, 0, 1))
+        p[lo - 1], p[lo] = 1 - frac, frac
+        out.append(aggregate("p", DEFAULT_LEVELS, [ChunkScore(0, 10, p)], MODEL, intervals))
+    return out
+
+
+def test_evaluation_leaves_out_training_and_calibration_answers_and_measures_what_was_served(tmp_path):
+    from adapters.evaluate import interval_report
+    from serve.grading.adapter_files import METADATA_FILE
+
+    h, s, sd = fair_average(600, 7)
+    cal_h, cal_s, cal_sd = fair_average(300, 8)
+    serving = {"adapter": "abc"}
+    calibration.write(
+        fit("p", serving, SCALE, LEVELS, cal_h, cal_s, cal_sd, answers=["c0", "c1"], speakers=["spk-cal"]), tmp_path
+    )
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"training": {"answer_ids": ["t0"], "speakers": ["spk-train"]}}))
+    state = load(tmp_path, serving)
+    scored = _answers(h, s, sd, Intervals(state, 0.9, "mondrian"))
+    ids = [f"x{i}" for i in range(600)]
+    ids[0], ids[1], ids[2] = "c0", "t0", "c1"
+    speakers = [f"s{i}" for i in range(600)]
+    speakers[3], speakers[4] = "spk-train", "spk-cal"
+    human = [float(x) for x in h]
+    report = interval_report(
+        scored, human, ids, speakers, DEFAULT_LEVELS, adapter_dir=tmp_path, fingerprint=serving, served=True
+    )
+    assert report["status"] == "calibrated" and report["n_calibration"] == 300
+    assert report["left_out_training"] == 2 and report["left_out_calibrated"] == 3 and report["n_test"] == 595
+    assert len(report["rows"]) == len(calibration.METHODS) * len(calibration.REPORT_COVERAGES)
+    served = report["served"]  # the intervals the answers carried, all 600 of them
+    assert served["method"] == "mondrian" and served["overall"]["n"] == 600
+    mondrian90 = next(r for r in report["rows"] if (r["method"], r["nominal"]) == ("mondrian", 0.9))
+    assert abs(served["overall"]["coverage"] - mondrian90["overall"]["coverage"]) < 0.02
+    assert report["served_status"] == {"calibrated": 600}
+    # a changed set-up: the stored calibration is stale, the answers are split by speaker instead
+    stale = interval_report(
+        scored, human, ids, speakers, DEFAULT_LEVELS, adapter_dir=tmp_path, fingerprint={"adapter": "new"}
+    )
+    assert stale["status"] == "stale_calibration" and "split half by speaker" in stale["source"]
+    assert stale["n_test"] + stale["n_calibration"] + stale["left_out_training"] == 600

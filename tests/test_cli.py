@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from serve.grading import calibration
+from serve.grading.adapter_files import check_adapter
 from serve.grading.config import PartConfig
+from serve.grading.fingerprint import score_fingerprint
 from serve.grading.results import ScoredAnswer
 from serve.service.options import ALLOW_HA_PROXY_ENV, ha_proxy_refusal
 from serve.service.settings import load_service_config, part_registry
@@ -85,19 +90,76 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     # A second run (a new engine), of a part added at run time (in the registry file, as PUT /v1/parts adds it)
     # with interview's adapter and task: scored under its own model id, with the same numbers. (That the other
     # demo part gives different ones is checked against the real service: tests/test_service.py.)
+    # Its adapter (a copy of interview's) has a calibration made for exactly this set-up: the answer carries it.
     raw = tiny_config()
     raw["serving"] = {"registry_file": str(tmp_path / "registry.json")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     interview = raw["parts"]["interview"]
-    part_registry(load_service_config(tmp_path / "c.yaml"), tmp_path / "c.yaml").put(
-        "added", PartConfig(adapter=interview["adapter"], task=interview["task"], aspects=interview["aspects"])
+    shutil.copytree(interview["adapter"], tmp_path / "adapter")
+    cfg = load_service_config(tmp_path / "c.yaml")
+    added_cfg = PartConfig(adapter=tmp_path / "adapter", task=interview["task"], aspects=interview["aspects"])
+    part_registry(cfg, tmp_path / "c.yaml").put("added", added_cfg)
+    fp = score_fingerprint(
+        added_cfg,
+        check_adapter(tmp_path / "adapter").content_hash,
+        base=cfg.model.base,
+        audio=cfg.audio,
+        engine=cfg.engine,
+    )
+    rng = np.random.default_rng(0)
+    human = rng.uniform(1, 6, 200)
+    calibration.write(
+        calibration.fit("added", fp, (1.0, 6.0), range(1, 7), human, human + rng.normal(0, 0.4, 200), [0.5] * 200),
+        tmp_path / "adapter",
     )
     again = run("score", "--config", tmp_path / "c.yaml", "--part", "added", audio_dir / "b.flac")
     assert again.returncode == 0, again.stderr[-2000:]
     added = json.loads(again.stdout)
+    assert added["interval_status"] == "calibrated" and added["interval"]["method"] == "mondrian"
+    assert added["interval"]["calibrated_on"] == 200 and added["interval"]["low"] < added["score"]
     assert added["model"]["adapter"].startswith("added@")
     assert added["model"]["adapter_hash"] == by_name["b.flac"]["model"]["adapter_hash"]
     assert added["probabilities"] == pytest.approx(by_name["b.flac"]["probabilities"], abs=1e-6)
+
+
+def test_check_says_which_parts_have_a_valid_calibration_and_why_not(tiny_dir, tiny_config, tmp_path):
+    """`l2grader check` (no engine): a calibration made for the config is valid; after the part's task, a level's
+    descriptor or the audio rules change it is stale, naming what changed; interval.require makes that fatal."""
+    raw = tiny_config()
+    raw["parts"] = {"interview": raw["parts"]["interview"]}
+    shutil.copytree(raw["parts"]["interview"]["adapter"], tmp_path / "adapter")
+    raw["parts"]["interview"]["adapter"] = str(tmp_path / "adapter")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_service_config(tmp_path / "c.yaml")
+    pcfg = cfg.parts["interview"]
+    fp = score_fingerprint(
+        pcfg, check_adapter(pcfg.adapter).content_hash, base=cfg.model.base, audio=cfg.audio, engine=cfg.engine
+    )
+    calibration.write(
+        calibration.fit("interview", fp, (1.0, 6.0), range(1, 7), [3.0] * 120, [3.2] * 120, [0.4] * 120),
+        pcfg.adapter,
+    )
+    r = run("check", "--config", tmp_path / "c.yaml", timeout=120)
+    assert r.returncode == 0 and "intervals: calibrated (mondrian, 90%)" in r.stdout, r.stdout + r.stderr
+    for edit, component in (
+        (lambda p, a: p.update(task="The candidate describes a photo."), "prompt"),
+        (lambda p, a: a.update(vad_threshold=0.7), "audio"),
+        (lambda p, a: p.update(aspects={}), None),  # the holistic prompt does not hold the aspects
+    ):
+        changed = tiny_config()
+        changed["parts"] = {"interview": {**raw["parts"]["interview"]}}
+        changed.setdefault("audio", {})
+        edit(changed["parts"]["interview"], changed["audio"])
+        (tmp_path / "e.yaml").write_text(yaml.safe_dump(changed))
+        r = run("check", "--config", tmp_path / "e.yaml", timeout=120)
+        if component is None:
+            assert r.returncode == 0 and "intervals: calibrated" in r.stdout, r.stdout
+            continue
+        assert r.returncode == 0 and "intervals: stale_calibration" in r.stdout and component in r.stdout, r.stdout
+        changed["parts"]["interview"]["interval"] = {"require": True}
+        (tmp_path / "e.yaml").write_text(yaml.safe_dump(changed))
+        r = run("check", "--config", tmp_path / "e.yaml", timeout=120)
+        assert r.returncode == 1 and "NOT SERVABLE" in r.stdout and component in r.stdout, r.stdout
 
 
 def test_subcommands_of_packages_not_installed_are_left_out(monkeypatch):

@@ -162,6 +162,7 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
     assert added.aspects["fluency"].adapter == added.model.adapter  # scored by the part's adapter
     assert added.aspects["coherence"].adapter.startswith(f"{ADDED}.coherence@")  # by its own
     assert added.aspects["coherence"].probabilities != added.aspects["fluency"].probabilities
+    assert not added.aspects["fluency"].validated and added.aspects["fluency"].interval_status == "uncalibrated"
 
     candidates = {c["candidate_id"]: c for c in pq.read_table(out / "candidates.parquet").to_pylist()}
     for cid, b in batches.items():
@@ -202,5 +203,6 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
     summary = json.loads(ev.stdout.splitlines()[-1])
     assert summary["answers"] == 4 and summary["not_scorable"] == 2 and summary["untrained"] is True
     assert {g["group"] for g in summary["groups"] if g["field"] == "noise"} == {"noisy", "clean"}
+    assert summary["intervals"]["served_status"] == {"uncalibrated": 4}  # the demo adapters have no calibration
     assert '<p class="untrained"' in (tmp_path / "report" / "report.html").read_text()
     assert "UNTRAINED" in ev.stdout

@@ -211,6 +211,36 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return deploy_config(args.config, args.address)
 
 
+# ---------------------------------------------------------------- check
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Each registered part: its adapter, and whether its answers get an interval (and, if not, why)."""
+    cfg = load_config_or_exit(args.config)
+    from serve.grading.parts import CalibrationRequiredError, part_intervals
+
+    problems = 0
+    for name, part in parts_or_exit(cfg, args.config).items():
+        try:
+            state = part_intervals(part, cfg).state
+        except CalibrationRequiredError as e:
+            problems += 1
+            print(f"{name}: NOT SERVABLE: {e}")
+            continue
+        cal = state.calibration
+        extra = ""
+        if cal is not None and cal.small_sample is not None:
+            lo, hi = cal.small_sample.coverage_range
+            extra = f" (small sample: {cal.n} of the {cal.small_sample.required} answers needed; realised coverage "
+            extra += f"{100 * lo:.1f}-{100 * hi:.1f}%)"
+        iv = part.config.interval
+        print(
+            f"{name}: {part.model_id}; intervals: {state.status} ({iv.method}, {100 * iv.coverage:.0f}%): "
+            f"{state.detail}{extra}"
+        )
+    return 1 if problems else 0
+
+
 # ---------------------------------------------------------------- serve-config
 
 
@@ -287,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the rendered overlay holding the RayService (default: stdin, `kubectl kustomize k8s/overlays/gpu`)",
     )
     p.set_defaults(func=cmd_session_job)
+
+    p = sub.add_parser(
+        "check", help="check the config's parts: adapters, and whether each part's calibration is valid (and why not)"
+    )
+    p.add_argument("--config", required=True, help="grader YAML config")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("serve", help="run the HTTP scoring service (Ray Serve + vLLM)")
     p.add_argument("--config", required=True, help="grader YAML config")

@@ -36,7 +36,10 @@ def answer_result(
     if missing:
         raise ValueError(f"part {spec.part!r}: no scores for its aspects {missing}")
     if spec.aspects:
-        answer.aspects = {a.aspect: aspect_score(a.levels, got[a.aspect], a.adapter_name) for a in spec.aspects}
+        answer.aspects = {
+            a.aspect: aspect_score(a.levels, got[a.aspect], a.adapter_name, a.intervals, a.validated)
+            for a in spec.aspects
+        }
     return assess(answer, prepared.quality, spec.review)
 
 

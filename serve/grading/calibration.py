@@ -87,39 +87,29 @@ class SmallSample(BaseModel):
     coverage_range: tuple[float, float] = Field(description="5-95 % range of the realised coverage at this n.")
 
 
-class Calibration(BaseModel):
-    """A part's calibration, as stored in ``calibration.json`` beside its adapter."""
+class Records(BaseModel):
+    """Held-out answers' human scores, soft scores and score_sds, with the fingerprint of what scored them: what a
+    part's holistic score and each of its aspects are calibrated from."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: int = FORMAT
-    part: str
     fingerprint: dict[str, str] = Field(
         description="Component -> identity of everything that changes a score (serve.grading.fingerprint)."
     )
-    scale: tuple[float, float] = Field(description="Lowest and highest score of the part's levels.")
-    level_scores: tuple[float, ...] = Field(description="The part's level scores, lowest first (the bins).")
+    scale: tuple[float, float] = Field(description="Lowest and highest score of the levels.")
+    level_scores: tuple[float, ...] = Field(description="The level scores, lowest first (the bins).")
     sd_floor: float = SD_FLOOR
-    coverage: float = Field(0.9, gt=0.0, lt=1.0, description="The nominal coverage the sample size was judged at.")
     human: list[float]
     score: list[float]
     score_sd: list[float]
-    chunks: list[int] = Field(default_factory=list, description="Chunks of each answer (empty: not recorded).")
-    answers: list[str] = Field(default_factory=list, description="Content hashes of the calibration answers' audio.")
-    speakers: list[str] = Field(default_factory=list, description="Candidates/speakers of the calibration answers.")
-    small_sample: SmallSample | None = None
-    data: str | None = Field(None, description="Where the calibration answers came from.")
-    created: str | None = None
 
     _rules: dict = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _consistent(self) -> Calibration:
+    def _consistent(self) -> Records:
         n = len(self.human)
         if not 1 <= n <= MAX_ANSWERS or len(self.score) != n or len(self.score_sd) != n:
             raise ValueError(f"1-{MAX_ANSWERS} answers needed, each with a human score, a score and a score_sd")
-        if self.chunks and len(self.chunks) != n:
-            raise ValueError("chunks must have one entry per answer")
         for name in ("human", "score", "score_sd"):
             a = np.asarray(getattr(self, name), dtype=np.float64)
             if not np.all(np.isfinite(a)):
@@ -159,6 +149,50 @@ class Calibration(BaseModel):
         """The interval of one answer (its soft score and score_sd)."""
         low, high = self.rule(method, coverage).bounds(np.array([score]), np.array([score_sd]))
         return to_interval(float(low[0]), float(high[0]), self.scale, coverage, method, self.n)
+
+
+class AspectValidation(BaseModel):
+    """The evidence that an aspect's score measures its own aspect (:func:`adapters.agreement.aspect_validation`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int
+    pcc_own: float | None = Field(description="PCC of the aspect's scores with its own human scores.")
+    pcc_holistic: float | None = Field(description="PCC of the holistic scores with the aspect's human scores.")
+    added_value_ci: tuple[float, float] | None = Field(
+        description="95 % bootstrap interval of pcc_own - pcc_holistic (by speaker): the aspect's added value."
+    )
+    validated: bool = Field(description="Its own agreement and its added value both clear zero with confidence.")
+    reason: str
+
+
+class AspectCalibration(Records):
+    """An aspect's held-out records (its own human scores) and its validation evidence."""
+
+    validation: AspectValidation
+
+
+class Calibration(Records):
+    """A part's calibration, as stored in ``calibration.json`` beside its adapter."""
+
+    format: int = FORMAT
+    part: str
+    coverage: float = Field(0.9, gt=0.0, lt=1.0, description="The nominal coverage the sample size was judged at.")
+    chunks: list[int] = Field(default_factory=list, description="Chunks of each answer (empty: not recorded).")
+    answers: list[str] = Field(default_factory=list, description="Content hashes of the calibration answers' audio.")
+    speakers: list[str] = Field(default_factory=list, description="Candidates/speakers of the calibration answers.")
+    small_sample: SmallSample | None = None
+    aspects: dict[str, AspectCalibration] = Field(
+        default_factory=dict, description="Aspect -> its records and validation, where the data had its human scores."
+    )
+    data: str | None = Field(None, description="Where the calibration answers came from.")
+    created: str | None = None
+
+    @model_validator(mode="after")
+    def _chunks(self) -> Calibration:
+        if self.chunks and len(self.chunks) != self.n:
+            raise ValueError("chunks must have one entry per answer")
+        return self
 
 
 def to_interval(low: float, high: float, scale: tuple[float, float], coverage: float, method: str, n: int):
@@ -299,6 +333,7 @@ def fit(
     speakers: Sequence[str] = (),
     coverage: float = 0.9,
     small_sample: SmallSample | None = None,
+    aspects: dict[str, AspectCalibration] | None = None,
     data: str | None = None,
 ) -> Calibration:
     """A calibration from held-out answers: their human scores, soft scores and score_sds."""
@@ -317,6 +352,7 @@ def fit(
         answers=list(answers),
         speakers=sorted(set(speakers)),
         small_sample=small_sample,
+        aspects=aspects or {},
         data=data,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
@@ -338,12 +374,25 @@ def write(calibration: Calibration, adapter_dir: str | Path) -> Path:
 class CalibrationState:
     """A part's calibration as found beside its adapter: the calibration when it is valid, and the status."""
 
-    calibration: Calibration | None
+    calibration: Records | None  # a part's Calibration, or one of its AspectCalibrations
     status: str  # one of serve.grading.results.INTERVAL_STATUSES
     detail: str = ""
 
 
 UNCALIBRATED = CalibrationState(None, "uncalibrated", "the part has no calibration")
+
+
+def aspect_state(part: CalibrationState, aspect: str, fingerprint: dict[str, str]) -> CalibrationState:
+    """An aspect's calibration within its part's (valid only when the part's is, and its own fingerprint matches)."""
+    if part.calibration is None:
+        return CalibrationState(None, part.status, f"the part's calibration: {part.detail}")
+    rec = part.calibration.aspects.get(aspect)
+    if rec is None:
+        return CalibrationState(None, "uncalibrated", f"the calibration data had no human {aspect} scores")
+    changed = stale_components(rec.fingerprint, fingerprint)
+    if changed:
+        return CalibrationState(None, "stale_calibration", f"aspect {aspect}: another {', '.join(changed)}")
+    return CalibrationState(rec, "calibrated", f"aspect {aspect}: {rec.n} answers")
 
 
 def stale_components(calibrated: dict[str, str], serving: dict[str, str]) -> list[str]:

@@ -340,6 +340,11 @@ class PartConfig(StrictModel):
         description="Analytic aspects scored beside the holistic score, by id (a list of built-in ids will do: "
         f"{', '.join(BUILTIN_ASPECTS)}). None: the holistic score only.",
     )
+    withhold_unvalidated_aspects: bool = Field(
+        False,
+        description="Score only the aspects whose calibration holds validation evidence (agreement with their own "
+        "human scores, and added value over the holistic score); the others are not served at all.",
+    )
 
     @field_validator("levels")
     @classmethod

@@ -91,3 +91,15 @@ def score_fingerprint(
         "audio": _digest({k: getattr(audio, k) for k in AUDIO_FIELDS}),
         "engine": _digest({k: getattr(engine, k) for k in ENGINE_FIELDS}),
     }
+
+
+def aspect_fingerprint(
+    part_fingerprint: dict[str, str], aspect_prompt: str, aspect_levels, adapter_hash: str | None
+) -> dict[str, str]:
+    """An aspect's components: its part's, with the aspect's own prompt, scale and adapter in place of the part's."""
+    return {
+        **part_fingerprint,
+        "adapter": adapter_hash or "none",
+        "prompt": _digest(aspect_prompt),
+        "scale": _digest([[lv.label, lv.cefr, lv.score] for lv in aspect_levels]),
+    }

@@ -21,7 +21,7 @@ from serve.grading import calibration
 from serve.grading.adapter_files import AdapterFiles, check_adapter
 from serve.grading.aspects import title
 from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
-from serve.grading.fingerprint import base_hash, base_name, score_fingerprint
+from serve.grading.fingerprint import aspect_fingerprint, base_hash, base_name, score_fingerprint
 from serve.grading.levels import Level
 from serve.grading.prompt import AspectRubric, build_aspect_prompt, build_prompt
 from serve.grading.results import ModelInfo
@@ -86,6 +86,8 @@ class AspectSpec:
     adapter_path: Path | None
     adapter_hash: str | None
     prompt_token_ids: tuple[int, ...] = ()  # the prompt tokenized once, so the engine need not for every request
+    intervals: calibration.Intervals = calibration.Intervals()
+    validated: bool = False
 
     @property
     def adapter_int_id(self) -> int:
@@ -151,15 +153,41 @@ def aspect_rubrics(pcfg: PartConfig) -> tuple[AspectRubric, ...]:
     return tuple(AspectRubric(title(name), a.description, a.levels) for name, a in pcfg.aspects.items())
 
 
-def resolve_aspects(part: Part, tokenizer) -> tuple[AspectSpec, ...]:
-    """The part's aspects resolved against the tokenizer, each scored by its own adapter or else the part's."""
+def aspect_prompt(pcfg: PartConfig, name: str) -> str:
+    """The prompt of one of the part's aspects."""
+    return build_aspect_prompt(pcfg.task, pcfg.levels, dict(zip(pcfg.aspects, aspect_rubrics(pcfg)))[name])
+
+
+def aspect_fingerprints(part: Part, cfg: GraderConfig) -> dict[str, dict[str, str]]:
+    """What each of the part's aspect scores depends on under ``cfg`` (its calibration's key)."""
+    own, fp = dict(part.aspect_adapters), part_fingerprint(part, cfg)
+    out = {}
+    for name, a in part.config.aspects.items():
+        files = own.get(name, part.adapter)
+        prompt = aspect_prompt(part.config, name)
+        out[name] = aspect_fingerprint(fp, prompt, a.levels, None if files is None else files.content_hash)
+    return out
+
+
+def resolve_aspects(
+    part: Part, tokenizer, intervals: calibration.Intervals, fingerprints: dict[str, dict[str, str]]
+) -> tuple[AspectSpec, ...]:
+    """The part's aspects resolved against the tokenizer, each scored by its own adapter or else the part's, each
+    with its interval and validation from the part's calibration (``intervals``: the part's; ``fingerprints``:
+    :func:`aspect_fingerprints`). With ``withhold_unvalidated_aspects``, an aspect without validation evidence is
+    not scored at all."""
     pcfg, own = part.config, dict(part.aspect_adapters)
-    rubrics = dict(zip(pcfg.aspects, aspect_rubrics(pcfg)))
     specs = []
     for name, a in pcfg.aspects.items():
         files = own.get(name, part.adapter)
         spec_id = part.model_id if name not in own else model_id(f"{part.part}.{name}", files.content_hash)
-        prompt = build_aspect_prompt(pcfg.task, pcfg.levels, rubrics[name])
+        prompt = aspect_prompt(pcfg, name)
+        adapter_hash = None if files is None else files.content_hash
+        state = calibration.aspect_state(intervals.state, name, fingerprints[name])
+        validated = state.calibration is not None and state.calibration.validation.validated
+        if not validated and pcfg.withhold_unvalidated_aspects:
+            logger.info("part %s: aspect %s withheld: no validation evidence (%s)", part.part, name, state.detail)
+            continue
         specs.append(
             AspectSpec(
                 part=part.part,
@@ -170,7 +198,9 @@ def resolve_aspects(part: Part, tokenizer) -> tuple[AspectSpec, ...]:
                 prompt_token_ids=prompt_tokens(tokenizer, prompt),
                 label_token_ids=label_token_ids(tokenizer, a.levels),
                 adapter_path=None if files is None else files.path,
-                adapter_hash=None if files is None else files.content_hash,
+                adapter_hash=adapter_hash,
+                intervals=calibration.Intervals(state, intervals.coverage, intervals.method),
+                validated=validated,
             )
         )
     return tuple(specs)
@@ -180,13 +210,17 @@ class CalibrationRequiredError(ValueError):
     """A part whose config requires a calibration (``interval.require``) has no valid one: it is not served."""
 
 
+def part_fingerprint(part: Part, cfg: GraderConfig) -> dict[str, str]:
+    """What the part's holistic scores depend on under ``cfg`` (:mod:`serve.grading.fingerprint`)."""
+    return score_fingerprint(part.config, part.adapter_hash, base=cfg.model.base, audio=cfg.audio, engine=cfg.engine)
+
+
 def part_intervals(part: Part, cfg: GraderConfig) -> calibration.Intervals:
     """How the part's answers get their interval: its calibration checked against the fingerprint of what it serves
     now. Why a calibration is not used is logged; ``interval.require`` turns that into
     :class:`CalibrationRequiredError`."""
     pcfg = part.config
-    fp = score_fingerprint(pcfg, part.adapter_hash, base=cfg.model.base, audio=cfg.audio, engine=cfg.engine)
-    state = calibration.load(None if part.adapter is None else part.adapter.path, fp)
+    state = calibration.load(None if part.adapter is None else part.adapter.path, part_fingerprint(part, cfg))
     if state.calibration is None:
         if pcfg.interval.require:
             raise CalibrationRequiredError(
@@ -211,6 +245,7 @@ def resolve_part(part: Part, tokenizer, cfg: GraderConfig) -> PartSpec:
     pcfg = part.config
     prompt = build_prompt(pcfg.task, pcfg.levels)
     base = cfg.model.base
+    intervals = part_intervals(part, cfg)
     return PartSpec(
         part=part.part,
         model_id=part.model_id,
@@ -228,8 +263,8 @@ def resolve_part(part: Part, tokenizer, cfg: GraderConfig) -> PartSpec:
             untrained=cfg.model.untrained,
         ),
         review=pcfg.review,
-        intervals=part_intervals(part, cfg),
-        aspects=resolve_aspects(part, tokenizer),
+        intervals=intervals,
+        aspects=resolve_aspects(part, tokenizer, intervals, aspect_fingerprints(part, cfg)),
     )
 
 

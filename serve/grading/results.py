@@ -124,6 +124,13 @@ class AspectScore(BaseModel):
     label_mass: float = Field(description="Probability the model puts on the aspect's label set at all.")
     uncertainty: Uncertainty
     adapter: str | None = Field(description="The adapter that scored it (part@hash; the part's unless it has its own).")
+    validated: bool = Field(
+        False,
+        description="Held-out evidence shows the aspect agrees with its own human scores and adds to the holistic "
+        "score in predicting them (docs/trust.md); false: read it as an echo of the holistic score.",
+    )
+    interval: ScoreInterval | None = Field(None, description="Calibrated interval of the aspect's human score.")
+    interval_status: str = Field("uncalibrated", description=f"One of {list(INTERVAL_STATUSES)}.")
 
 
 class ScoredAnswer(BaseModel):

@@ -138,6 +138,21 @@ def aggregate(
     )
 
 
-def aspect_score(levels: Sequence[Level], chunks: Sequence[ChunkScore], adapter: str | None) -> AspectScore:
-    """One aspect's chunk distributions combined like the holistic score's (:func:`combine`)."""
-    return AspectScore(**_distribution_fields(levels, combine(levels, chunks)), adapter=adapter)
+def aspect_score(
+    levels: Sequence[Level],
+    chunks: Sequence[ChunkScore],
+    adapter: str | None,
+    intervals: Intervals | None = None,
+    validated: bool = False,
+) -> AspectScore:
+    """One aspect's chunk distributions combined like the holistic score's (:func:`combine`), with its interval
+    (from its own calibration) and whether it is validated."""
+    c = combine(levels, chunks)
+    interval, interval_status = (intervals or Intervals()).of(c.score, c.uncertainty.score_sd)
+    return AspectScore(
+        **_distribution_fields(levels, c),
+        adapter=adapter,
+        validated=validated,
+        interval=interval,
+        interval_status=interval_status,
+    )
