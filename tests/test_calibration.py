@@ -228,10 +228,10 @@ def test_wide_interval_is_judged_before_clipping_so_a1_and_c2_are_judged_like_b1
     )
 
 
-def _answers(human, score, sd, intervals: Intervals | None = None):
-    """ScoredAnswers whose soft score and score_sd are the given ones (two neighbouring labels)."""
+def _answers(score, intervals: Intervals | None = None):
+    """ScoredAnswers with the given soft scores (two neighbouring labels: the fair-average shape)."""
     out = []
-    for s, d in zip(score, sd):
+    for s in score:
         lo = int(np.clip(np.floor(s), 1, 5))
         p = np.zeros(6)
         frac = float(np.clip(s - lo, 0, 1))
@@ -244,7 +244,7 @@ def test_evaluation_leaves_out_training_and_calibration_answers_and_measures_wha
     from adapters.evaluate import interval_report
     from serve.grading.adapter_files import METADATA_FILE
 
-    h, s, sd = fair_average(600, 7)
+    h, s, _ = fair_average(600, 7)
     cal_h, cal_s, cal_sd = fair_average(300, 8)
     serving = {"adapter": "abc"}
     calibration.write(
@@ -252,7 +252,7 @@ def test_evaluation_leaves_out_training_and_calibration_answers_and_measures_wha
     )
     (tmp_path / METADATA_FILE).write_text(json.dumps({"training": {"answer_ids": ["t0"], "speakers": ["spk-train"]}}))
     state = load(tmp_path, serving)
-    scored = _answers(h, s, sd, Intervals(state, 0.9, "mondrian"))
+    scored = _answers(s, Intervals(state, 0.9, "mondrian"))
     ids = [f"x{i}" for i in range(600)]
     ids[0], ids[1], ids[2] = "c0", "t0", "c1"
     speakers = [f"s{i}" for i in range(600)]

@@ -210,7 +210,8 @@ def check_aspects(drv, result: dict) -> None:
         cells = [row.find_element("css selector", "th").text] + [
             td.text for td in row.find_elements("css selector", "td")
         ]
-        want = f"{a['score']:.2f}", a["cefr"], f"±{a['uncertainty']['score_sd']:.2f}"
+        evidence = "validated" if a["validated"] else "not validated"
+        want = f"{a['score']:.2f}", a["cefr"], evidence, f"±{a['uncertainty']['score_sd']:.2f}"
         assert cells == [ASPECT_NAMES[row.get_attribute("data-aspect")], *want], cells  # the part's adapter scores it
         assert a["cefr"] in CEFR and a["adapter"] == result["model"]["adapter"]
     # under the holistic score, above the label probabilities

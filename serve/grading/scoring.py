@@ -97,9 +97,13 @@ def combine(levels: Sequence[Level], chunks: Sequence[ChunkScore]) -> Combined:
     return Combined(probs, soft_score(levels, probs), chunk_scores, uncertainty)
 
 
-def _distribution_fields(levels: Sequence[Level], c: Combined) -> dict:
-    """What a holistic and an aspect score both say of a combined distribution."""
+def _distribution_fields(levels: Sequence[Level], c: Combined, intervals: Intervals | None) -> dict:
+    """What a holistic and an aspect score both say of a combined distribution, with its calibrated interval
+    (``intervals``; none given: uncalibrated)."""
+    interval, interval_status = (intervals or Intervals()).of(c.score, c.uncertainty.score_sd)
     return dict(
+        interval=interval,
+        interval_status=interval_status,
         score=c.score,
         hard_score=levels[int(np.argmax(c.probabilities))].score,
         cefr=nearest_level(levels, c.score).cefr,
@@ -123,12 +127,9 @@ def aggregate(
     ``intervals`` (the part's; none given: uncalibrated).
     """
     c = combine(levels, chunks)
-    interval, interval_status = (intervals or Intervals()).of(c.score, c.uncertainty.score_sd)
     return ScoredAnswer(
         part=part,
-        **_distribution_fields(levels, c),
-        interval=interval,
-        interval_status=interval_status,
+        **_distribution_fields(levels, c, intervals),
         chunks=[
             ChunkResult(start_s=round(ch.start_s, 3), end_s=round(ch.end_s, 3), score=s, label_mass=ch.label_mass)
             for ch, s in zip(chunks, c.chunk_scores)
@@ -147,12 +148,6 @@ def aspect_score(
 ) -> AspectScore:
     """One aspect's chunk distributions combined like the holistic score's (:func:`combine`), with its interval
     (from its own calibration) and whether it is validated."""
-    c = combine(levels, chunks)
-    interval, interval_status = (intervals or Intervals()).of(c.score, c.uncertainty.score_sd)
     return AspectScore(
-        **_distribution_fields(levels, c),
-        adapter=adapter,
-        validated=validated,
-        interval=interval,
-        interval_status=interval_status,
+        **_distribution_fields(levels, combine(levels, chunks), intervals), adapter=adapter, validated=validated
     )
