@@ -307,15 +307,18 @@ def test_an_adapter_rewritten_in_place_gets_a_new_hash_and_fails_the_load_check(
 def test_answers_name_the_base_model_and_its_hash_not_its_path(tiny_dir, tmp_path):
     import shutil
 
-    from serve.grading.config import PartConfig
+    from serve.grading.config import GraderConfig, PartConfig
     from serve.grading.parts import Part, resolve_part
     from tests.fake_engine import LetterTokenizer
 
+    def resolved(base: str, untrained: bool):
+        cfg = GraderConfig(model={"base": base, "untrained": untrained}, parts={"p": PartConfig()})
+        return resolve_part(Part("p", PartConfig(), None), LetterTokenizer(), cfg)
+
     shutil.copytree(tiny_dir / "model", tmp_path / "secret" / "tiny-model")
-    base = str(tmp_path / "secret" / "tiny-model")
-    model = resolve_part(Part("p", PartConfig(), None), LetterTokenizer(), base=base, untrained=True).model
+    model = resolved(str(tmp_path / "secret" / "tiny-model"), True).model
     assert model.base == "tiny-model" and len(model.base_hash) == 16 and "secret" not in model.model_dump_json()
-    hub = resolve_part(Part("p", PartConfig(), None), LetterTokenizer(), base="Org/Model-7B", untrained=False).model
+    hub = resolved("Org/Model-7B", False).model
     assert hub.base == "Model-7B" and hub.base_hash is None
 
 
