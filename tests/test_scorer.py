@@ -24,7 +24,11 @@ import yaml
 from loadtest.service import free_port
 from serve.grading.config import load_config
 from serve.grading.parts import config_parts
+from serve.service.proxy_guard import proxy_env
+from serve.service.routes import ROUTES, Body
 from serve.service.scorer import LoadedPart
+from serve.service.settings import load_service_config
+from serve.service.uploads import UploadLimits
 from tests.audio_fixtures import speechlike
 from tests.conftest import l2grader
 from tests.fake_engine import EVENTS_ENV, FakeEngine
@@ -111,6 +115,8 @@ def url(cfg_path):
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ[EVENTS_ENV] = str(cfg_path.parent / "engine-events.txt")
+    guard_env = proxy_env(str(cfg_path))  # the proxy guard, as `l2grader serve` runs it (Ray's processes inherit it)
+    os.environ.update(guard_env)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
@@ -122,6 +128,8 @@ def url(cfg_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for name in guard_env:
+            os.environ.pop(name, None)
 
 
 def post(url: str, part: str, seconds: float, seed: int = 0) -> httpx.Response:
@@ -303,6 +311,68 @@ def test_batch_limits(url):
     assert "at most 60 s" in body["error"]["message"]
     ok = {"answers": [{"part": "interview", "audio_base64": one}] * 2}
     assert httpx.post(f"{url}/v1/score/batch", json=ok, timeout=60).status_code == 200
+
+
+# ---------------------------------------------------------------- body limits at the proxy guard, every route
+
+
+def declared_only(url: str, method: str, path: str, length: int) -> httpx.Response:
+    """The answer to a request that declares a body of ``length`` bytes and sends none of it."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=30)
+    try:
+        conn.putrequest(method, path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        r = conn.getresponse()
+        return httpx.Response(r.status, headers=r.getheaders(), content=r.read())
+    finally:
+        conn.close()
+
+
+def test_every_route_that_takes_a_body_takes_a_real_sized_one_through_the_guard(url, cfg_path):
+    """The guard sizes each route's body from the route table: a 6 s answer (the repository's sample, 256 kB in
+    base64) reaches every POST and PUT route (the JSON answer's once met the 64 kB default), and a body past a
+    route's limit still gets the JSON 413 at the guard."""
+    import base64
+
+    wav_bytes = (REPO / "docs" / "sample-answer.wav").read_bytes()
+    b64 = base64.b64encode(wav_bytes).decode()
+    assert len(b64) > 200_000
+    adapter = str(load_config(cfg_path).parts["interview"].adapter)
+    limits = UploadLimits(load_service_config(cfg_path))
+
+    def real_sized(route) -> list[dict]:
+        """Requests of a real size for the route: its answers, or a registration as large as one answer."""
+        return {
+            Body.ANSWER: [
+                {"data": {"part": "interview"}, "files": {"audio": ("a.wav", wav_bytes)}},
+                {"json": {"part": "interview", "audio_base64": b64}},
+            ],
+            Body.BATCH: [{"json": {"answers": [{"part": "interview", "audio_base64": b64}] * 2}}],
+            Body.PART: [{"json": {"adapter": adapter, "task": "Describe it. " * (len(b64) // 13)}}],
+        }[route.body]
+
+    tried = []
+    for route in ROUTES:
+        if route.method not in ("POST", "PUT", "PATCH"):
+            continue
+        path = route.path.replace("{part}", "sized")
+        for request in real_sized(route):
+            r = httpx.request(route.method, f"{url}{path}", timeout=120, **request)
+            assert r.status_code == 200, f"{route.method} {path}: {r.text[:300]}"
+            tried.append((route.method, route.path))
+        too_large = limits.body_limit(route.method, path) + 1
+        body = assert_error(declared_only(url, route.method, path, too_large), 413, "too_large")
+        assert (
+            f"body of {too_large} bytes exceeds" in body["error"]["message"]
+            and "accepted here" in body["error"]["message"]
+        )
+    httpx.delete(f"{url}/v1/parts/sized", timeout=30)
+    assert {"/v1/score", "/v1/score/json", "/v1/score/batch", "/v1/parts/{part}"} <= {p for _, p in tried}
 
 
 # ---------------------------------------------------------------- the OpenAPI document, held against the service
