@@ -92,3 +92,30 @@ def test_relative_paths_resolve_against_the_file(tmp_path):
     assert cfg.parts["p"].adapter == tmp_path / "ad" / "p"
     with pytest.raises(UnknownPartError, match="known parts: p"):
         cfg.part("q")
+
+
+# ---------------------------------------------------------------- keys named twice
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("model: {base: m}\nserving:\n  port: 8001\nparts: {p: {}}\nserving:\n  port: 8002\n", "serving", (2, 5)),
+        ("model: {base: m}\nparts:\n  p:\n    task: One.\n    levels: []\n    task: Two.\n", "task", (4, 6)),
+        ("model: {base: m}\nparts:\n  p: {}\n  q: {}\n  p: {task: x}\n", "p", (3, 5)),
+        ("model: {base: m, base: n}\nparts: {p: {}}\n", "base", (1, 1)),
+    ],
+)
+def test_a_key_named_twice_is_refused_with_both_lines(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys: a second `serving:` section silently replaced the first."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    message = str(e.value)
+    assert f"key {key!r} appears twice in one mapping (lines {lines[0]} and {lines[1]})" in message, message
+    assert message.startswith(f"config file {tmp_path / 'c.yaml'} is not valid YAML at line {lines[1]}, column ")
+    assert "\n" not in message
+
+
+def test_a_merge_may_still_override_the_keys_it_brings(tmp_path):
+    text = "model: {base: m}\nparts:\n  p: &p {task: Talk.}\n  q:\n    <<: *p\n    task: Talk more.\n"
+    assert load_config(write(tmp_path, text)).parts["q"].task == "Talk more."

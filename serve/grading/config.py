@@ -103,6 +103,36 @@ class ConfigError(ValueError):
     """The config file is missing, not YAML, or does not validate (message says where and why)."""
 
 
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping of the YAML names one key twice (PyYAML would keep the last silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that names a key twice (YAML requires keys to be unique; PyYAML
+    keeps the last value, so a second ``serving:`` section would silently replace the first).
+
+    Keys a merge (``<<: *anchor``) brings in may be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(
+                        None,
+                        None,
+                        f"key {clip(key)!r} appears twice in one mapping (lines {first[key]} and {line})",
+                        key_node.start_mark,
+                    )
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 class StrictModel(BaseModel):
     """A config section that refuses unknown keys (so a typo is an error, not a silent default)."""
 
@@ -434,7 +464,7 @@ def load_config(path: str | Path, schema: type[Config] = GraderConfig) -> Config
     settings); relative paths resolve against the file's folder."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as e:
