@@ -9,6 +9,7 @@ while a request of the evicted part is in flight, and back-pressure.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -240,9 +241,15 @@ def test_malformed_bodies(url):
     assert_error(httpx.delete(f"{url}/v1/score"), 405, "method_not_allowed")
 
 
-def test_mime_base64_with_line_breaks_is_accepted(url):
-    import base64
+def test_a_mistyped_part_gets_404_naming_the_part_it_may_have_meant(url):
+    body = assert_error(post(url, "intervew", 2), 404, "unknown_part")
+    assert body["error"]["message"].startswith("unknown part 'intervew' (did you mean 'interview'? known parts: ")
+    batch = {"answers": [{"part": "long-turn", "audio_base64": base64.b64encode(wav(2.0)).decode()}]}
+    body = assert_error(httpx.post(f"{url}/v1/score/batch", json=batch, timeout=60), 404, "unknown_part")
+    assert "(did you mean 'long_turn'? known parts: " in body["error"]["message"]
 
+
+def test_mime_base64_with_line_breaks_is_accepted(url):
     b64 = base64.encodebytes(wav(3.0, seed=41)).decode()  # 76-character lines
     assert "\n" in b64
     r = httpx.post(f"{url}/v1/score", json={"part": "interview", "audio_base64": b64}, timeout=60)
@@ -300,8 +307,6 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_streams(url):
 
 
 def test_batch_limits(url):
-    import base64
-
     one = base64.b64encode(wav(20.0, seed=43)).decode()
     too_many = {"answers": [{"part": "interview", "audio_base64": one}] * 5}
     body = assert_error(httpx.post(f"{url}/v1/score/batch", json=too_many, timeout=60), 413, "too_large")
@@ -337,8 +342,6 @@ def test_every_route_that_takes_a_body_takes_a_real_sized_one_through_the_guard(
     """The guard sizes each route's body from the route table: a 6 s answer (the repository's sample, 256 kB in
     base64) reaches every POST and PUT route (the JSON answer's once met the 64 kB default), and a body past a
     route's limit still gets the JSON 413 at the guard."""
-    import base64
-
     wav_bytes = (REPO / "docs" / "sample-answer.wav").read_bytes()
     b64 = base64.b64encode(wav_bytes).decode()
     assert len(b64) > 200_000
