@@ -396,6 +396,22 @@ def test_the_document_declares_both_score_bodies(url):
     assert "application/json" in doc["paths"]["/v1/score/batch"]["post"]["requestBody"]["content"]
 
 
+def test_the_document_declares_metrics_as_prometheus_text_and_readiness_with_its_body(url):
+    from serve.service.protocol import ReadyResponse
+
+    doc = httpx.get(f"{url}/openapi.json").json()
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert set(metrics["content"]) == {"text/plain"} and metrics["content"]["text/plain"]["schema"]["type"] == "string"
+    answered = httpx.get(f"{url}/metrics", timeout=30)
+    assert answered.status_code == 200 and answered.headers["content-type"].startswith("text/plain")
+    ready = doc["paths"]["/readyz"]["get"]["responses"]
+    for status in ("200", "503"):
+        assert ready[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ReadyResponse"}
+    assert "reason" in doc["components"]["schemas"]["ReadyResponse"]["properties"]
+    body = httpx.get(f"{url}/readyz", timeout=30).json()
+    assert ReadyResponse.model_validate(body).ready and body["untrained"] is True
+
+
 def test_generated_requests_get_no_5xx_and_only_documented_statuses(url):
     """Requests generated from the document itself (schemathesis): no 5xx, no status the document leaves out.
 

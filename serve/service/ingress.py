@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from ray.serve.handle import DeploymentHandle
 
@@ -38,13 +38,21 @@ from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, u
 from serve.service.cluster_metrics import ClusterMetrics
 from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import RequestMetrics, ingress_metrics
-from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_JSON_BODY, SCORE_MULTIPART_BODY, errors
+from serve.service.openapi import (
+    BATCH_BODY,
+    METRICS_RESPONSES,
+    PUT_PART_BODY,
+    SCORE_JSON_BODY,
+    SCORE_MULTIPART_BODY,
+    errors,
+)
 from serve.service.page import router as page_router
 from serve.service.protocol import (
     BatchResponse,
     PartInfo,
     PartsResponse,
     PutPartRequest,
+    ReadyResponse,
     ScoreResponse,
 )
 from serve.service.routes import (
@@ -329,7 +337,11 @@ class Ingress:
         """The ingress process is up."""
         return {"status": "ok"}
 
-    @route(READYZ, responses={503: {"description": "The scorer is not ready (yet)."}})
+    @route(
+        READYZ,
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "No scorer answers (yet): `reason` says why."}},
+    )
     async def readyz(self, request: Request) -> Response:
         """The scorer's engine is loaded and answers (the base model's location for admins only)."""
         ready, why = await self.scorer.ready()
@@ -340,7 +352,7 @@ class Ingress:
             body["base_model"] = self.cfg.model.base
         return JSONResponse(body)
 
-    @route(METRICS)
+    @route(METRICS, response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics(self) -> Response:
         """Prometheus metrics of the whole deployment: every Ray node's export of the service's, vLLM's and
         Ray Serve's metrics, merged (refreshed every few seconds)."""
