@@ -138,11 +138,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     from loadtest.service import ensure_tiny_model
     from serve.cli.common import fail, load_config_or_exit
     from serve.engine.offline import OfflineEngine
+    from serve.grading.config import UnknownPartError
 
     cfg = load_config_or_exit(args.config)
     ensure_tiny_model(cfg)
     part = args.part or max(cfg.parts, key=lambda p: len(cfg.parts[p].aspects))
-    if part not in cfg.parts or not cfg.parts[part].aspects:
+    if part not in cfg.parts:
+        fail(str(UnknownPartError(part, sorted(cfg.parts))))
+    if not cfg.parts[part].aspects:
         fail(f"part {part!r} has no aspects in {args.config}")
     rows = ["holistic", *[r for r in args.rows if r != "holistic"]]
     long_n = round(args.answers * args.long_share)

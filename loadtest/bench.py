@@ -382,13 +382,17 @@ def _ratio(a, b) -> float | None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     from loadtest.service import ensure_tiny_model
-    from serve.cli.common import load_config_or_exit
+    from serve.cli.common import fail, load_config_or_exit
+    from serve.grading.config import UnknownPartError
 
     cfg = load_config_or_exit(args.config)
+    parts = [p.strip() for p in args.parts.split(",")] if args.parts else sorted(cfg.parts)
+    for part in parts:
+        if part not in cfg.parts:
+            fail(str(UnknownPartError(part, sorted(cfg.parts))))
     ensure_tiny_model(cfg)
     out = Path(args.out or "runs/bench")
     out.mkdir(parents=True, exist_ok=True)
-    parts = [p.strip() for p in args.parts.split(",")] if args.parts else sorted(cfg.parts)
     answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed)
     warmup = make_answers(parts, min(args.warmup, args.answers), args.min_s, args.max_s, seed=args.seed + 1)
     audio_total = sum(a.seconds for a in answers)

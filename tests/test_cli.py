@@ -52,6 +52,15 @@ def test_unknown_part_fails_fast_with_one_line(tiny_dir, audio_dir):
     ]
 
 
+def test_a_mistyped_part_is_named_with_the_part_it_may_have_meant(tiny_dir, audio_dir):
+    r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "intervew", audio_dir / "a.wav", timeout=60)
+    assert r.returncode == 2
+    assert error_lines(r.stderr) == [
+        "l2grader: error: unknown part 'intervew' "
+        "(did you mean 'interview'? known parts: interview (config), long_turn (config))"
+    ]
+
+
 def test_bad_config_fails_with_one_line(tmp_path, audio_dir):
     (tmp_path / "c.yaml").write_text("model: {base: m}\nparts: {}\n")
     r = run("score", "--config", tmp_path / "c.yaml", "--part", "p", audio_dir / "a.wav", timeout=60)

@@ -92,3 +92,56 @@ def test_relative_paths_resolve_against_the_file(tmp_path):
     assert cfg.parts["p"].adapter == tmp_path / "ad" / "p"
     with pytest.raises(UnknownPartError, match="known parts: p"):
         cfg.part("q")
+
+
+# ---------------------------------------------------------------- keys named twice
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("model: {base: m}\nserving:\n  port: 8001\nparts: {p: {}}\nserving:\n  port: 8002\n", "serving", (2, 5)),
+        ("model: {base: m}\nparts:\n  p:\n    task: One.\n    levels: []\n    task: Two.\n", "task", (4, 6)),
+        ("model: {base: m}\nparts:\n  p: {}\n  q: {}\n  p: {task: x}\n", "p", (3, 5)),
+        ("model: {base: m, base: n}\nparts: {p: {}}\n", "base", (1, 1)),
+    ],
+)
+def test_a_key_named_twice_is_refused_with_both_lines(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys: a second `serving:` section silently replaced the first."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    message = str(e.value)
+    assert f"key {key!r} appears twice in one mapping (lines {lines[0]} and {lines[1]})" in message, message
+    assert message.startswith(f"config file {tmp_path / 'c.yaml'} is not valid YAML at line {lines[1]}, column ")
+    assert "\n" not in message
+
+
+def test_a_merge_may_still_override_the_keys_it_brings(tmp_path):
+    text = "model: {base: m}\nparts:\n  p: &p {task: Talk.}\n  q:\n    <<: *p\n    task: Talk more.\n"
+    assert load_config(write(tmp_path, text)).parts["q"].task == "Talk more."
+
+
+# ---------------------------------------------------------------- unknown parts: the one they may have meant
+
+
+def test_an_unknown_part_names_the_part_it_may_have_meant_at_every_door(tmp_path):
+    from serve.grading.parts import config_parts
+    from serve.grading.registry import PartRegistry
+    from serve.session.stages import _row_error
+
+    cfg = load_config(write(tmp_path, "model: {base: m}\nparts: {interview: {}, long_turn: {}}\n"))
+    with pytest.raises(UnknownPartError) as e:
+        cfg.part("intervew")
+    assert str(e.value) == "unknown part 'intervew' (did you mean 'interview'? known parts: interview, long_turn)"
+    with pytest.raises(UnknownPartError) as e:  # the registry (HTTP, command line) lists where each part comes from
+        PartRegistry(cfg, tmp_path / "registry.json").get("long-turn")
+    assert str(e.value) == (
+        "unknown part 'long-turn' (did you mean 'long_turn'? known parts: interview (config), long_turn (config))"
+    )
+    row = {"candidate_id": "c1", "part": "Interview", "audio": "a.wav"}
+    error = _row_error(row, config_parts(cfg))  # a session's manifest row
+    assert error is not None and error.kind == "unknown_part"
+    assert "(did you mean 'interview'? known parts: interview, long_turn)" in str(error)
+    with pytest.raises(UnknownPartError) as e:  # nothing near: no guess
+        cfg.part("speaking")
+    assert str(e.value) == "unknown part 'speaking' (known parts: interview, long_turn)"

@@ -184,14 +184,95 @@ def test_a_body_slower_than_the_deadline_gets_408_json_and_the_connection_closed
 
 def test_bodies_past_the_route_limit_get_413_before_or_while_reading():
     guard = ProxyGuard(FakeProxy(), _limits())
-    big = UploadLimits(_cfg()).body_limit("/v1/parts/x") + 1
+    big = UploadLimits(_cfg()).body_limit("PUT", "/v1/parts/x") + 1
     status, _, body = asyncio.run(
-        _request(guard, [b"x"], path="/v1/parts/x", headers=[(b"content-length", str(big).encode())])
+        _request(guard, [b"x"], method="PUT", path="/v1/parts/x", headers=[(b"content-length", str(big).encode())])
     )
     assert status == 413 and json.loads(body)["error"]["kind"] == "too_large"
     chunked = [(b"transfer-encoding", b"chunked")]
     status, _, _ = asyncio.run(_request(guard, [b"x" * 40_000, b"x" * 40_000], path="/healthz", headers=chunked))
     assert status == 413 and guard.buffered == 0
+
+
+def _concrete(path: str) -> str:
+    return path.replace("{part}", "interview")
+
+
+def test_the_application_declares_exactly_the_routes_of_the_table_the_guard_reads():
+    """A route the guard does not know would get its small default body limit (and no admin check): every route of
+    the application is a row of the table, with the key the table names, and every row is a route."""
+    from fastapi.routing import APIRoute
+
+    from serve.service.auth import require_admin, require_user
+    from serve.service.ingress import app
+    from serve.service.routes import ROUTES, Access
+
+    table = {(r.method, r.path): r for r in ROUTES}
+    declared = set()
+    for r in app.routes:
+        if not isinstance(r, APIRoute):
+            continue  # /openapi.json and the docs' assets
+        if not r.endpoint.__module__.startswith("serve."):  # the API document's pages (fastapi_offline's)
+            assert r.methods <= {"GET", "HEAD"}, r.path
+            continue
+        keys = {d.call for d in r.dependant.dependencies} & {require_user, require_admin}
+        for method in r.methods:
+            row = table.get((method, r.path))
+            assert row is not None, f"{method} {r.path} is not in serve.service.routes.ROUTES"
+            assert row.name == r.name
+            want = {Access.USER: {require_user}, Access.ADMIN: {require_admin}}.get(row.access, set())
+            assert keys == want, f"{method} {r.path}"
+            declared.add((method, r.path))
+    assert declared == set(table)
+
+
+def test_every_route_that_takes_a_body_gets_its_own_limit():
+    from serve.service.routes import ROUTES, Body
+
+    cfg = _cfg(max_batch_upload_mb=300)
+    cfg.audio.max_upload_mb = 10
+    limits = UploadLimits(cfg)
+    audio = 10 * 1024 * 1024
+    for r in ROUTES:
+        got = limits.body_limit(r.method, _concrete(r.path))
+        assert got == limits.body_limit(r.method, _concrete(r.path) + "/")  # the redirected form too
+        if r.body is Body.ANSWER:  # multipart, or base64 in JSON: 4/3 of the audio and the envelope
+            assert audio * 4 / 3 + 4096 < got <= audio * 4 / 3 + 128 * 1024, r
+        elif r.body is Body.BATCH:
+            assert got == 300 * 1024 * 1024
+        elif r.body is Body.PART:
+            assert got == 1024 * 1024
+        else:
+            assert got == 64 * 1024
+        assert r.body is not Body.NONE or r.method in ("GET", "DELETE"), f"{r.method} {r.path} takes no body?"
+    assert limits.body_limit("POST", "/v1/score/json") == limits.body_limit("POST", "/v1/score")
+    assert limits.body_limit("POST", "/v1/no/such/route") == 64 * 1024
+    assert limits.body_limit("POST", "/v1/parts/x") == 64 * 1024  # no such route (405): nothing to buffer for it
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kind", "status"),
+    [
+        ("PUT", "/v1/parts/p", "user", 403),
+        ("PUT", "/v1/parts/p", "admin", 200),
+        ("POST", "/v1/score", "user", 200),
+        ("POST", "/v1/score/json", "user", 200),
+        ("POST", "/v1/score/batch", "user", 200),
+        ("POST", "/v1/score/json", "none", 401),
+    ],
+)
+def test_the_guard_asks_the_route_table_which_key_a_route_needs(method, path, kind, status):
+    class Keys:
+        def check(self, authorization: str, admin: bool, client_host: str | None = None) -> None:
+            token = authorization.removeprefix("Bearer ")
+            if token not in ("user", "admin"):
+                raise ApiError(401, "unauthorized", "invalid API key")
+            if admin and token != "admin":
+                raise ApiError(403, "forbidden", "this call needs an admin key")
+
+    guard = ProxyGuard(FakeProxy(), _limits(keys=Keys()))
+    headers = [(b"content-length", b"1"), (b"authorization", f"Bearer {kind}".encode())]
+    assert asyncio.run(_request(guard, [b"x"], method=method, path=path, headers=headers))[0] == status
 
 
 def test_one_client_holds_a_bounded_number_of_requests_and_others_are_unaffected():

@@ -9,6 +9,7 @@ while a request of the evicted part is in flight, and back-pressure.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -24,7 +25,11 @@ import yaml
 from loadtest.service import free_port
 from serve.grading.config import load_config
 from serve.grading.parts import config_parts
+from serve.service.proxy_guard import proxy_env
+from serve.service.routes import ROUTES, Body
 from serve.service.scorer import LoadedPart
+from serve.service.settings import load_service_config
+from serve.service.uploads import UploadLimits
 from tests.audio_fixtures import speechlike
 from tests.conftest import l2grader
 from tests.fake_engine import EVENTS_ENV, FakeEngine
@@ -111,6 +116,8 @@ def url(cfg_path):
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ[EVENTS_ENV] = str(cfg_path.parent / "engine-events.txt")
+    guard_env = proxy_env(str(cfg_path))  # the proxy guard, as `l2grader serve` runs it (Ray's processes inherit it)
+    os.environ.update(guard_env)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     try:
@@ -122,6 +129,8 @@ def url(cfg_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for name in guard_env:
+            os.environ.pop(name, None)
 
 
 def post(url: str, part: str, seconds: float, seed: int = 0) -> httpx.Response:
@@ -232,9 +241,15 @@ def test_malformed_bodies(url):
     assert_error(httpx.delete(f"{url}/v1/score"), 405, "method_not_allowed")
 
 
-def test_mime_base64_with_line_breaks_is_accepted(url):
-    import base64
+def test_a_mistyped_part_gets_404_naming_the_part_it_may_have_meant(url):
+    body = assert_error(post(url, "intervew", 2), 404, "unknown_part")
+    assert body["error"]["message"].startswith("unknown part 'intervew' (did you mean 'interview'? known parts: ")
+    batch = {"answers": [{"part": "long-turn", "audio_base64": base64.b64encode(wav(2.0)).decode()}]}
+    body = assert_error(httpx.post(f"{url}/v1/score/batch", json=batch, timeout=60), 404, "unknown_part")
+    assert "(did you mean 'long_turn'? known parts: " in body["error"]["message"]
 
+
+def test_mime_base64_with_line_breaks_is_accepted(url):
     b64 = base64.encodebytes(wav(3.0, seed=41)).decode()  # 76-character lines
     assert "\n" in b64
     r = httpx.post(f"{url}/v1/score", json={"part": "interview", "audio_base64": b64}, timeout=60)
@@ -292,8 +307,6 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_streams(url):
 
 
 def test_batch_limits(url):
-    import base64
-
     one = base64.b64encode(wav(20.0, seed=43)).decode()
     too_many = {"answers": [{"part": "interview", "audio_base64": one}] * 5}
     body = assert_error(httpx.post(f"{url}/v1/score/batch", json=too_many, timeout=60), 413, "too_large")
@@ -303,6 +316,66 @@ def test_batch_limits(url):
     assert "at most 60 s" in body["error"]["message"]
     ok = {"answers": [{"part": "interview", "audio_base64": one}] * 2}
     assert httpx.post(f"{url}/v1/score/batch", json=ok, timeout=60).status_code == 200
+
+
+# ---------------------------------------------------------------- body limits at the proxy guard, every route
+
+
+def declared_only(url: str, method: str, path: str, length: int) -> httpx.Response:
+    """The answer to a request that declares a body of ``length`` bytes and sends none of it."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=30)
+    try:
+        conn.putrequest(method, path)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        r = conn.getresponse()
+        return httpx.Response(r.status, headers=r.getheaders(), content=r.read())
+    finally:
+        conn.close()
+
+
+def test_every_route_that_takes_a_body_takes_a_real_sized_one_through_the_guard(url, cfg_path):
+    """The guard sizes each route's body from the route table: a 6 s answer (the repository's sample, 256 kB in
+    base64) reaches every POST and PUT route (the JSON answer's once met the 64 kB default), and a body past a
+    route's limit still gets the JSON 413 at the guard."""
+    wav_bytes = (REPO / "docs" / "sample-answer.wav").read_bytes()
+    b64 = base64.b64encode(wav_bytes).decode()
+    assert len(b64) > 200_000
+    adapter = str(load_config(cfg_path).parts["interview"].adapter)
+    limits = UploadLimits(load_service_config(cfg_path))
+
+    def real_sized(route) -> list[dict]:
+        """Requests of a real size for the route: its answers, or a registration as large as one answer."""
+        return {
+            Body.ANSWER: [
+                {"data": {"part": "interview"}, "files": {"audio": ("a.wav", wav_bytes)}},
+                {"json": {"part": "interview", "audio_base64": b64}},
+            ],
+            Body.BATCH: [{"json": {"answers": [{"part": "interview", "audio_base64": b64}] * 2}}],
+            Body.PART: [{"json": {"adapter": adapter, "task": "Describe it. " * (len(b64) // 13)}}],
+        }[route.body]
+
+    tried = []
+    for route in ROUTES:
+        if route.method not in ("POST", "PUT", "PATCH"):
+            continue
+        path = route.path.replace("{part}", "sized")
+        for request in real_sized(route):
+            r = httpx.request(route.method, f"{url}{path}", timeout=120, **request)
+            assert r.status_code == 200, f"{route.method} {path}: {r.text[:300]}"
+            tried.append((route.method, route.path))
+        too_large = limits.body_limit(route.method, path) + 1
+        body = assert_error(declared_only(url, route.method, path, too_large), 413, "too_large")
+        assert (
+            f"body of {too_large} bytes exceeds" in body["error"]["message"]
+            and "accepted here" in body["error"]["message"]
+        )
+    httpx.delete(f"{url}/v1/parts/sized", timeout=30)
+    assert {"/v1/score", "/v1/score/json", "/v1/score/batch", "/v1/parts/{part}"} <= {p for _, p in tried}
 
 
 # ---------------------------------------------------------------- the OpenAPI document, held against the service
@@ -321,6 +394,22 @@ def test_the_document_declares_both_score_bodies(url):
     for op in (score, as_json):
         assert {"401", "404", "413", "415", "422", "503"} <= set(op["responses"])
     assert "application/json" in doc["paths"]["/v1/score/batch"]["post"]["requestBody"]["content"]
+
+
+def test_the_document_declares_metrics_as_prometheus_text_and_readiness_with_its_body(url):
+    from serve.service.protocol import ReadyResponse
+
+    doc = httpx.get(f"{url}/openapi.json").json()
+    metrics = doc["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert set(metrics["content"]) == {"text/plain"} and metrics["content"]["text/plain"]["schema"]["type"] == "string"
+    answered = httpx.get(f"{url}/metrics", timeout=30)
+    assert answered.status_code == 200 and answered.headers["content-type"].startswith("text/plain")
+    ready = doc["paths"]["/readyz"]["get"]["responses"]
+    for status in ("200", "503"):
+        assert ready[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ReadyResponse"}
+    assert "reason" in doc["components"]["schemas"]["ReadyResponse"]["properties"]
+    body = httpx.get(f"{url}/readyz", timeout=30).json()
+    assert ReadyResponse.model_validate(body).ready and body["untrained"] is True
 
 
 def test_generated_requests_get_no_5xx_and_only_documented_statuses(url):

@@ -83,3 +83,28 @@ def test_a_long_call_keeps_waiting_unless_no_replica_runs(fast, monkeypatch, run
         return client.down_since
 
     assert asyncio.run(run()) is None
+
+
+def test_readyz_says_in_words_why_no_scorer_answers(fast):
+    """While the scorer starts, its readiness ping times out: the reason is a sentence, not "TimeoutError"."""
+
+    async def run():
+        return await ScorerClient(NeverAnswering(), retry_after_s=2).ready()
+
+    ready, reason = asyncio.run(run())
+    assert not ready
+    assert reason.startswith("no scorer replica answered within 0.05 s: the scorer is starting"), reason
+    assert "Error" not in reason
+
+
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (asyncio.TimeoutError(), "the scorer is starting"),
+        (scorer_client.BackPressureError(num_queued_requests=3, max_queued_requests=2), "at capacity"),
+        (scorer_client.DeploymentUnavailableError("Scorer"), "deployment is not available"),
+        (RuntimeError("x"), "the scorer did not answer (RuntimeError)"),
+    ],
+)
+def test_every_failed_readiness_ping_has_a_reason_in_words(error, words):
+    assert words in scorer_client.not_ready_reason(error)

@@ -46,6 +46,12 @@ def validate_part_id(part: str, what: str = "part id") -> str:
     return part
 
 
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate nearest to ``name`` (a likely typo of it, by difflib's ratio), or None when none is near."""
+    near = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
 def known_keys(model: type[BaseModel] | None, loc: Iterable[Any]) -> list[str]:
     """The keys the model accepts at ``loc`` (the path of a mapping in it; dict keys and list indexes skipped)."""
     node: Any = model
@@ -78,8 +84,8 @@ def describe_error(err: Mapping[str, Any], root: str, model: type[BaseModel] | N
     if err["type"] == "extra_forbidden" and where in MOVED_KEYS:
         return f"{where}: moved to {MOVED_KEYS[where]}"
     if err["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(str(loc[-1]), known_keys(model, loc[:-1]), n=1, cutoff=0.6)
-        return f"{where}: unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
+        near = closest(str(loc[-1]), known_keys(model, loc[:-1]))
+        return f"{where}: unknown key" + (f" (did you mean {near!r}?)" if near else "")
     if err["type"] == "missing":
         return f"{where}: required, but missing"
     return f"{where}: {err['msg']}"
@@ -101,6 +107,36 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
 class ConfigError(ValueError):
     """The config file is missing, not YAML, or does not validate (message says where and why)."""
+
+
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping of the YAML names one key twice (PyYAML would keep the last silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that names a key twice (YAML requires keys to be unique; PyYAML
+    keeps the last value, so a second ``serving:`` section would silently replace the first).
+
+    Keys a merge (``<<: *anchor``) brings in may be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise DuplicateKeyError(
+                        None,
+                        None,
+                        f"key {clip(key)!r} appears twice in one mapping (lines {first[key]} and {line})",
+                        key_node.start_mark,
+                    )
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 class StrictModel(BaseModel):
@@ -414,14 +450,20 @@ class GraderConfig(StrictModel):
 
 
 class UnknownPartError(KeyError):
-    """A request names a part the config does not have."""
+    """A request names a part the config does not have; the message names the known parts, and the one it may
+    have meant (``did you mean 'interview'?``). Every door (HTTP, command line, sessions, training) says it so.
 
-    def __init__(self, part: str, known: list[str]):
+    ``known`` is how the message lists the parts; ``names`` their bare names (default: ``known``).
+    """
+
+    def __init__(self, part: str, known: list[str], names: Iterable[str] | None = None):
         super().__init__(part)
         self.part, self.known = part, known
+        self.suggestion = closest(part, known if names is None else names)
 
     def __str__(self) -> str:
-        return f"unknown part {self.part!r} (known parts: {', '.join(self.known)})"
+        guess = f"did you mean {self.suggestion!r}? " if self.suggestion else ""
+        return f"unknown part {clip(self.part, MAX_PART_ID)!r} ({guess}known parts: {', '.join(self.known)})"
 
 
 def _resolve(base_dir: Path, value: str | Path) -> str:
@@ -447,7 +489,7 @@ def load_config(path: str | Path, schema: type[Config] = GraderConfig) -> Config
     settings); relative paths resolve against the file's folder."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as e:

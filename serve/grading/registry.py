@@ -98,7 +98,7 @@ class PartRegistry:
         try:
             return self._parts[part]
         except KeyError:
-            raise UnknownPartError(part, self.known()) from None
+            raise UnknownPartError(part, self.known(), self._parts) from None
 
     def known(self) -> list[str]:
         """The registered parts, each with where it comes from: the config, or an admin change (``PUT``)."""

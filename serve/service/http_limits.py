@@ -39,10 +39,9 @@ import httptools
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from serve.service.routes import PROBE_PATHS
 from serve.service.settings import ServingConfig
 
-#: Paths of health and readiness probes (ours and Ray Serve's): never refused by a per-client limit.
-PROBE_PATHS = frozenset({"/healthz", "/readyz", "/-/healthz", "/-/routes"})
 #: Connections beyond ``max_connections_per_client`` a client may open, for probes only.
 PROBE_RESERVE = 8
 #: After a refusal the connection reads (and drops) what the client still sends for this long or this many bytes

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from ray.serve.handle import DeploymentHandle
 
@@ -38,14 +38,35 @@ from serve.service.auth import ApiKeys, is_admin, require_admin, require_user, u
 from serve.service.cluster_metrics import ClusterMetrics
 from serve.service.errors import ApiError, install_error_handlers, request_id
 from serve.service.metrics import RequestMetrics, ingress_metrics
-from serve.service.openapi import BATCH_BODY, PUT_PART_BODY, SCORE_JSON_BODY, SCORE_MULTIPART_BODY, errors
+from serve.service.openapi import (
+    BATCH_BODY,
+    METRICS_RESPONSES,
+    PUT_PART_BODY,
+    SCORE_JSON_BODY,
+    SCORE_MULTIPART_BODY,
+    errors,
+)
 from serve.service.page import router as page_router
 from serve.service.protocol import (
     BatchResponse,
     PartInfo,
     PartsResponse,
     PutPartRequest,
+    ReadyResponse,
     ScoreResponse,
+)
+from serve.service.routes import (
+    DELETE_PART,
+    HEALTHZ,
+    LIST_PARTS,
+    METRICS,
+    PUT_PART,
+    READYZ,
+    SCORE,
+    SCORE_BATCH,
+    SCORE_JSON,
+    Access,
+    Route,
 )
 from serve.service.scorer_client import ScorerClient
 from serve.service.settings import load_service_config, part_registry
@@ -60,7 +81,6 @@ from serve.service.uploads import (
 
 logger = logging.getLogger("ray.serve")
 
-API_VERSION = "v1"
 AUDIO_STATUS = {
     "empty": 422,
     "undecodable": 422,
@@ -82,6 +102,13 @@ app = FastAPIOffline(  # /docs from assets installed with the package: no CDN (R
 install_error_handlers(app)
 app.add_middleware(RequestMetrics)
 app.include_router(page_router)
+
+
+def route(r: Route, **kwargs):
+    """FastAPI's decorator for a row of the route table (:mod:`serve.service.routes`): its method, path, operation
+    name and key. The proxy guard reads the same row for the route's body limit and key."""
+    key = {Access.USER: [Depends(require_user)], Access.ADMIN: [Depends(require_admin)]}.get(r.access, [])
+    return app.api_route(r.path, methods=[r.method], name=r.name, dependencies=key, **kwargs)
 
 
 def part_path(request: Request, part: str) -> str:
@@ -166,13 +193,11 @@ class Ingress:
 
     # ------------------------------------------------------------ scoring
 
-    @app.post(
-        f"/{API_VERSION}/score",
-        name="score",
+    @route(
+        SCORE,
         response_model=ScoreResponse,
         openapi_extra=SCORE_MULTIPART_BODY,
         responses=errors(401, 404, 413, 415, 422, 500, 503),
-        dependencies=[Depends(require_user)],
     )
     async def post_score(self, request: Request) -> ScoreResponse:
         """Score one answer: multipart (`part`, `audio` file, `response_id`). The JSON body of
@@ -185,25 +210,21 @@ class Ingress:
             answer = await self._score(upload, part, await self._prepare(upload))
         return ScoreResponse.of(answer, upload.response_id, request_id(), elapsed_ms(started))
 
-    @app.post(
-        f"/{API_VERSION}/score/json",
-        name="score_json",
+    @route(
+        SCORE_JSON,
         response_model=ScoreResponse,
         openapi_extra=SCORE_JSON_BODY,
         responses=errors(401, 404, 413, 415, 422, 500, 503),
-        dependencies=[Depends(require_user)],
     )
     async def post_score_json(self, request: Request) -> ScoreResponse:
         """Score one answer sent as JSON (`part`, `audio_base64` for the file, `response_id`)."""
         return await self.post_score(request)
 
-    @app.post(
-        f"/{API_VERSION}/score/batch",
-        name="score_batch",
+    @route(
+        SCORE_BATCH,
         response_model=BatchResponse,
         openapi_extra=BATCH_BODY,
         responses=errors(401, 404, 413, 415, 422, 500, 503),
-        dependencies=[Depends(require_user)],
     )
     async def post_score_batch(self, request: Request) -> BatchResponse:
         """Score several answers of one candidate (JSON). An answer that cannot be scored (silence, too little
@@ -272,25 +293,17 @@ class Ingress:
 
     # ------------------------------------------------------------ parts (admin)
 
-    @app.get(
-        f"/{API_VERSION}/parts",
-        name="list_parts",
-        response_model=PartsResponse,
-        responses=errors(401, 500),
-        dependencies=[Depends(require_user)],
-    )
+    @route(LIST_PARTS, response_model=PartsResponse, responses=errors(401, 500))
     async def list_parts(self, request: Request) -> PartsResponse:
         """The exam parts this service scores (adapter paths shown to admins only)."""
         parts = await asyncio.to_thread(self.registry.entries)
         return PartsResponse(parts=[part_info(p, is_admin(request)) for p in parts.values()])
 
-    @app.put(
-        f"/{API_VERSION}/parts/{{part}}",
-        name="put_part",
+    @route(
+        PUT_PART,
         response_model=PartInfo,
         responses=errors(401, 403, 413, 415, 422, 500),
         openapi_extra=PUT_PART_BODY,
-        dependencies=[Depends(require_admin)],
     )
     async def put_part(self, request: Request, part: str = Depends(part_path)) -> PartInfo:
         """Register or replace a part's adapter (admin). Takes effect at once; persisted across restarts."""
@@ -307,12 +320,7 @@ class Ingress:
         logger.info("request %s: part %s registered as %s", request_id(), part, checked.model_id)
         return part_info(checked, show_path=True)
 
-    @app.delete(
-        f"/{API_VERSION}/parts/{{part}}",
-        name="delete_part",
-        responses=errors(401, 403, 404, 422, 500),
-        dependencies=[Depends(require_admin)],
-    )
+    @route(DELETE_PART, responses=errors(401, 403, 404, 422, 500))
     async def delete_part(self, part: str = Depends(part_path)) -> dict:
         """Remove a part (admin). Requests already in flight finish; new ones get 404."""
         try:
@@ -324,12 +332,16 @@ class Ingress:
 
     # ------------------------------------------------------------ operations
 
-    @app.get("/healthz")
+    @route(HEALTHZ)
     async def healthz(self) -> dict:
         """The ingress process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"description": "The scorer is not ready (yet)."}})
+    @route(
+        READYZ,
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "No scorer answers (yet): `reason` says why."}},
+    )
     async def readyz(self, request: Request) -> Response:
         """The scorer's engine is loaded and answers (the base model's location for admins only)."""
         ready, why = await self.scorer.ready()
@@ -340,7 +352,7 @@ class Ingress:
             body["base_model"] = self.cfg.model.base
         return JSONResponse(body)
 
-    @app.get("/metrics")
+    @route(METRICS, response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics(self) -> Response:
         """Prometheus metrics of the whole deployment: every Ray node's export of the service's, vLLM's and
         Ray Serve's metrics, merged (refreshed every few seconds)."""

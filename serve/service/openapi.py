@@ -102,6 +102,17 @@ PUT_PART_BODY: dict[str, Any] = {
 }
 
 
+#: ``GET /metrics`` answers Prometheus' text format, not JSON.
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format (version 0.0.4) of the whole deployment's metrics.",
+        "content": {
+            "text/plain": {"schema": {"type": "string"}, "example": "# TYPE ray_l2grader_requests_total counter\n"}
+        },
+    }
+}
+
+
 #: What the proxy guard may answer on any route: body too slow (408), too many requests from one client (429),
 #: the service cannot take it now (503: bodies held, back-pressure, a replica lost).
 GUARD_STATUSES = (408, 429, 503)

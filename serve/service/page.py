@@ -14,6 +14,8 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from serve.service.routes import PAGE
+
 router = APIRouter()
 
 
@@ -23,7 +25,7 @@ def page_html() -> str:
     return resources.files("serve.service").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route(PAGE.path, methods=[PAGE.method], name=PAGE.name, include_in_schema=False)
 async def index() -> HTMLResponse:
     """The page to try the service in a browser."""
     return HTMLResponse(page_html())

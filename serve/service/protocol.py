@@ -85,3 +85,14 @@ class ErrorBody(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorBody
     request_id: str
+
+
+class ReadyResponse(BaseModel):
+    """Body of ``GET /readyz``: 200 when a scorer answers, 503 (with the reason) while none does."""
+
+    ready: bool
+    reason: str | None = Field(None, description="Why the service is not ready, in words (503 only).")
+    untrained: bool | None = Field(
+        None, description="The model is the untrained demo checkpoint: its scores mean nothing (200 only)."
+    )
+    base_model: str | None = Field(None, description="Where the base model comes from (200, admin keys only).")

@@ -27,6 +27,10 @@ and, per request:
   the empty answer it gives when the ingress replica died mid-request) into
   the API's JSON error body, with ``Retry-After`` on every 503.
 
+A route's size limit, whether it needs an admin key and whether it is a probe
+come from the route table the ingress declares its routes from
+(:mod:`serve.service.routes`), so every route gets its own limit.
+
 The proxy reads the grader config named by ``L2GRADER_CONFIG``;
 :func:`proxy_env` gives the variables a Ray node needs.
 """
@@ -49,7 +53,8 @@ from serve.grading.config import clip
 from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
 from serve.service.auth import ApiKeys, allow_unauthenticated, is_loopback, keyed
 from serve.service.errors import ApiError
-from serve.service.http_limits import PROBE_PATHS, ConnectionLimits, error_json, use_bounded_protocol
+from serve.service.http_limits import ConnectionLimits, error_json, use_bounded_protocol
+from serve.service.routes import PROBE_PATHS, Access, route_of
 from serve.service.settings import ServiceConfig, load_service_config
 from serve.service.uploads import UploadLimits
 
@@ -207,7 +212,7 @@ class ProxyGuard:
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body within the time and size limits; None if the client disconnected."""
-        limit = self.limits.uploads.body_limit(scope["path"])
+        limit = self.limits.uploads.body_limit(scope["method"], scope["path"])
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             raise BodyError(413, "too_large", f"body of {declared} bytes exceeds the {limit} bytes accepted here")
@@ -328,8 +333,9 @@ def _authorization(scope: Scope) -> str:
 
 
 def _is_admin_route(scope: Scope) -> bool:
-    """Routes that change the part registry (admin key)."""
-    return scope["path"].startswith("/v1/parts") and scope["method"] not in ("GET", "HEAD")
+    """Whether the request is for a route that needs an admin key (those that change the part registry)."""
+    route = route_of(scope["method"], scope["path"])
+    return route is not None and route.access is Access.ADMIN
 
 
 TIMEOUT_HEADER = b"x-request-timeout-seconds"

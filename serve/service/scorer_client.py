@@ -152,6 +152,22 @@ class ScorerClient:
         try:
             await asyncio.wait_for(self.handle.ready.remote(), PING_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - whatever the failure, the scorer is not ready
-            return False, type(e).__name__
+            return False, not_ready_reason(e)
         self.last_answer = time.monotonic()
         return True, ""
+
+
+def not_ready_reason(error: BaseException) -> str:
+    """Why a scorer that did not answer the readiness ping is not ready, in words (``/readyz``'s ``reason``)."""
+    if isinstance(error, (asyncio.TimeoutError, TimeoutError)):
+        return (
+            f"no scorer replica answered within {PING_TIMEOUT_S:g} s: the scorer is starting "
+            "(loading its model) or too busy to answer"
+        )
+    if isinstance(error, BackPressureError):
+        return "the scorer is at capacity and takes no more requests now"
+    if isinstance(error, DeploymentUnavailableError):
+        return "the scorer deployment is not available (starting, or failed to start)"
+    if isinstance(error, RayActorError):
+        return "the scorer replica stopped; a replacement is starting"
+    return f"the scorer did not answer ({type(error).__name__})"

@@ -23,6 +23,7 @@ from starlette.formparsers import MultiPartException
 
 from serve.service.errors import ApiError, invalid_request
 from serve.service.protocol import MAX_CLIENT_ID, BatchRequest, ScoreRequest
+from serve.service.routes import Body, route_of
 from serve.service.settings import ServiceConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -31,7 +32,7 @@ M = TypeVar("M", bound=BaseModel)
 FRAMING_BYTES = 64 * 1024
 #: Largest body of PUT /v1/parts/{part} (a path, a task text and levels).
 MAX_PART_BODY = 1024 * 1024
-#: Largest body of any other route.
+#: Largest body of any other request (a route that takes none, or no route).
 MAX_OTHER_BODY = 64 * 1024
 
 
@@ -56,21 +57,23 @@ class UploadLimits:
         s = cfg.serving
         self.max_upload_mb = cfg.audio.max_upload_mb
         self.max_bytes = int(cfg.audio.max_upload_mb * 1024 * 1024)
-        # base64 inflates by 4/3
+        # One answer as multipart (the file as is) or as JSON (base64 inflates by 4/3), with room for the framing.
         self.max_score_body = self.max_bytes * 4 // 3 + FRAMING_BYTES
         self.max_batch_body = int(s.max_batch_upload_mb * 1024 * 1024)
         self.max_unsized_body = int(s.max_unsized_body_mb * 1024 * 1024)
         self.max_batch_answers = s.max_batch_answers
+        self.by_body = {
+            Body.NONE: MAX_OTHER_BODY,
+            Body.ANSWER: self.max_score_body,
+            Body.BATCH: self.max_batch_body,
+            Body.PART: MAX_PART_BODY,
+        }
 
-    def body_limit(self, path: str) -> int:
-        """The largest body a request to ``path`` may carry (what a proxy buffers at most for it)."""
-        if path.rstrip("/").endswith("/score/batch"):
-            return self.max_batch_body
-        if path.rstrip("/").endswith("/score"):
-            return self.max_score_body
-        if "/parts/" in path:
-            return MAX_PART_BODY
-        return MAX_OTHER_BODY
+    def body_limit(self, method: str, path: str) -> int:
+        """The largest body a request of ``method`` to ``path`` may carry (what a proxy buffers at most for it),
+        from the route table (:mod:`serve.service.routes`)."""
+        route = route_of(method, path)
+        return self.by_body[route.body if route is not None else Body.NONE]
 
     def check(self, n: int) -> None:
         if n > self.max_bytes:

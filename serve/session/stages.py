@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from serve.grading.audio import SAMPLE_RATE, AudioError, Chunk, PreparedAnswer
 from serve.grading.audio import prepare as prepare_audio
-from serve.grading.config import GraderConfig
+from serve.grading.config import GraderConfig, UnknownPartError
 from serve.grading.parts import Part
 from serve.grading.results import Quality, ScoredAnswer
 from serve.session.schema import ANSWER_SCHEMA, NOT_SCORABLE, SCORED, arrow_type
@@ -42,9 +42,7 @@ def _row_error(row: dict, parts: Mapping[str, Part]) -> AudioError | None:
     if empty:
         return AudioError("invalid_row", f"empty {', '.join(empty)}")
     if row["part"] not in parts:
-        return AudioError(
-            "unknown_part", f"unknown part {row['part'][:64]!r} (known parts: {', '.join(sorted(parts))})"
-        )
+        return AudioError("unknown_part", str(UnknownPartError(row["part"], sorted(parts))))
     return None
 
 
