@@ -25,6 +25,7 @@ import yaml
 from loadtest.service import free_port
 from serve.grading.config import load_config
 from serve.grading.parts import config_parts
+from serve.grading.results import INTERVAL_STATUSES
 from serve.service.proxy_guard import proxy_env
 from serve.service.routes import ROUTES, Body
 from serve.service.scorer import LoadedPart
@@ -410,6 +411,9 @@ def test_the_document_declares_metrics_as_prometheus_text_and_readiness_with_its
     assert "reason" in doc["components"]["schemas"]["ReadyResponse"]["properties"]
     body = httpx.get(f"{url}/readyz", timeout=30).json()
     assert ReadyResponse.model_validate(body).ready and body["untrained"] is True
+    # each registered part's interval status, as its answers will carry it; the why (with paths) for admins only
+    assert body["intervals"] and set(body["intervals"].values()) <= set(INTERVAL_STATUSES)
+    assert ("interval_details" in body) == ("base_model" in body)  # both for admins only
 
 
 def test_generated_requests_get_no_5xx_and_only_documented_statuses(url):

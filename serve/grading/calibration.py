@@ -46,6 +46,7 @@ outputs of several shapes.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -400,6 +401,17 @@ def stale_components(calibrated: dict[str, str], serving: dict[str, str]) -> lis
     return [k for k in sorted(set(calibrated) | set(serving)) if calibrated.get(k) != serving.get(k)]
 
 
+@functools.lru_cache(maxsize=32)
+def _read(path: str, size: int, mtime_ns: int, ctime_ns: int) -> Calibration:
+    """A calibration file, parsed and checked once per version (keyed by its size and change times)."""
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+    raw = json.loads(Path(path).read_bytes())
+    if isinstance(raw, dict) and raw.get("format") != FORMAT:
+        raise ValueError(f"format {raw.get('format')!r}, {FORMAT} expected: run `l2grader calibrate` again")
+    return Calibration.model_validate(raw)
+
+
 def load(adapter_dir: str | Path | None, fingerprint: dict[str, str]) -> CalibrationState:
     """The calibration stored beside an adapter, checked against the fingerprint of what the part serves now."""
     if adapter_dir is None:
@@ -408,12 +420,8 @@ def load(adapter_dir: str | Path | None, fingerprint: dict[str, str]) -> Calibra
     if not path.is_file():
         return CalibrationState(None, "uncalibrated", f"no {CALIBRATION_FILE} beside the adapter {adapter_dir}")
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-        raw = json.loads(path.read_bytes())
-        if isinstance(raw, dict) and raw.get("format") != FORMAT:
-            raise ValueError(f"format {raw.get('format')!r}, {FORMAT} expected: run `l2grader calibrate` again")
-        cal = Calibration.model_validate(raw)
+        st = path.stat()
+        cal = _read(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except (OSError, ValueError, RecursionError, ValidationError) as e:
         return CalibrationState(None, "invalid_calibration", f"{path}: {type(e).__name__}: {str(e)[:300]}")
     changed = stale_components(cal.fingerprint, fingerprint)

@@ -215,7 +215,7 @@ def part_fingerprint(part: Part, cfg: GraderConfig) -> dict[str, str]:
     return score_fingerprint(part.config, part.adapter_hash, base=cfg.model.base, audio=cfg.audio, engine=cfg.engine)
 
 
-def part_intervals(part: Part, cfg: GraderConfig) -> calibration.Intervals:
+def part_intervals(part: Part, cfg: GraderConfig, *, log: bool = True) -> calibration.Intervals:
     """How the part's answers get their interval: its calibration checked against the fingerprint of what it serves
     now. Why a calibration is not used is logged; ``interval.require`` turns that into
     :class:`CalibrationRequiredError`."""
@@ -227,9 +227,10 @@ def part_intervals(part: Part, cfg: GraderConfig) -> calibration.Intervals:
                 f"part {part.part!r} requires a valid calibration (interval.require) and has none: "
                 f"{state.status}: {state.detail}"
             )
-        log = logger.warning if state.status != "uncalibrated" else logger.info
-        log("part %s: answers carry no interval: %s: %s", part.part, state.status, state.detail)
-    else:
+        if log:
+            say = logger.warning if state.status != "uncalibrated" else logger.info
+            say("part %s: answers carry no interval: %s: %s", part.part, state.status, state.detail)
+    elif log:
         logger.info(
             "part %s: intervals from %s (%s, %.0f %%)",
             part.part,

@@ -25,12 +25,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from ray.serve.handle import DeploymentHandle
 
-from serve.grading import vad
+from serve.grading import calibration, vad
 from serve.grading.adapter_files import AdapterError
 from serve.grading.answers import NOT_SCORABLE_KINDS, candidate_result, refusal
 from serve.grading.audio import AudioError, PreparedAnswer, prepare
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, validate_part_id
-from serve.grading.parts import Part
+from serve.grading.parts import CalibrationRequiredError, Part, part_intervals
 from serve.grading.results import NotScorable, ScoredAnswer
 from serve.grading.review import NOT_SCORABLE
 from serve.service.admission import ScoringSlots
@@ -348,9 +348,22 @@ class Ingress:
         if not ready:
             return JSONResponse({"ready": False, "reason": why}, status_code=503, headers=self.scorer.retry)
         body = {"ready": True, "untrained": self.cfg.model.untrained}
+        states = await asyncio.to_thread(self._interval_states)
+        body["intervals"] = {name: state.status for name, state in states.items()}
         if is_admin(request):
             body["base_model"] = self.cfg.model.base
+            body["interval_details"] = {name: state.detail for name, state in states.items()}
         return JSONResponse(body)
+
+    def _interval_states(self) -> dict:
+        """Each registered part's calibration state, as the scorer resolves it (the file is read once per change)."""
+        out = {}
+        for name, part in self.registry.entries().items():
+            try:
+                out[name] = part_intervals(part, self.cfg, log=False).state
+            except CalibrationRequiredError as e:  # the scorer refuses such a part: say so
+                out[name] = calibration.CalibrationState(None, "uncalibrated", str(e))
+        return out
 
     @route(METRICS, response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics(self) -> Response:

@@ -96,3 +96,11 @@ class ReadyResponse(BaseModel):
         None, description="The model is the untrained demo checkpoint: its scores mean nothing (200 only)."
     )
     base_model: str | None = Field(None, description="Where the base model comes from (200, admin keys only).")
+    intervals: dict[str, str] | None = Field(
+        None,
+        description="Registered part -> its interval status (calibrated, uncalibrated, stale_calibration, "
+        "invalid_calibration), as its answers will carry it (200 only).",
+    )
+    interval_details: dict[str, str] | None = Field(
+        None, description="Registered part -> why, in words (which fingerprint component changed; admin keys only)."
+    )
