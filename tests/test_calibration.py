@@ -50,32 +50,57 @@ def shrinking(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return human, score, np.abs(rng.normal(0.6, 0.15, n))
 
 
-def measured(method: str, shape, coverage: float = 0.9, n_cal: int = 2000, n_test: int = 20000) -> dict:
+def measured(method: str, shape, coverage: float = 0.9, n_cal: int = 2000, n_test: int = 20000, seed: int = 0) -> dict:
     """``method``'s coverage overall and per bin on ``n_test`` answers of ``shape``, calibrated on ``n_cal`` others."""
-    cal = fit("p", FP, SCALE, LEVELS, *shape(n_cal, 0))
-    h, s, sd = shape(n_test, 1)
+    cal = fit("p", FP, SCALE, LEVELS, *shape(n_cal, seed))
+    h, s, sd = shape(n_test, 1000 + seed)
     low, high = calibration.intervals_of(cal.rule(method, coverage), s, sd, SCALE)
     bins = coverage_bins.bins_of(h, s, sd, None, DEFAULT_LEVELS)
     return coverage_bins.coverage_rows(low, high, h, coverage, bins)
 
 
-def worst(rows: dict, nominal: float, min_n: int = 500) -> float:
-    """The largest distance from nominal of any bin of at least ``min_n`` answers (signed)."""
-    return max((b["coverage"] - nominal for b in rows["bins"] if b["n"] >= min_n), key=abs)
+def expected_coverage(method: str, shape, draws: int = 5) -> tuple[float, dict[tuple[str, str], float]]:
+    """Overall and per-bin coverage averaged over ``draws`` calibration sets of 2000 answers, each measured on
+    10000 others: the promise is on average over calibrations (one calibration's realised coverage spreads by
+    its own n, see the realised-range test), so the average is what a bin's coverage is judged by. Bins of
+    fewer than 100 answers in any draw are left out."""
+    runs = [measured(method, shape, n_test=10000, seed=k) for k in range(draws)]
+    per_bin: dict[tuple[str, str], list] = {}
+    for r in runs:
+        for b in r["bins"]:
+            per_bin.setdefault((b["kind"], b["bin"]), []).append(b)
+    bins = {
+        k: float(np.mean([b["coverage"] for b in v]))
+        for k, v in per_bin.items()
+        if len(v) == draws and min(b["n"] for b in v) >= 100 and k[0] != "score_sd"
+    }
+    deciles = [r["bins"] for r in runs]  # score_sd deciles differ per draw: judged by their rank
+    for q in range(10):
+        bins[("score_sd", f"q{q + 1}")] = float(
+            np.mean([[b for b in d if b["kind"] == "score_sd"][q]["coverage"] for d in deciles])
+        )
+    return float(np.mean([r["overall"]["coverage"] for r in runs])), bins
 
 
 @pytest.mark.parametrize("shape", [fair_average, shrinking], ids=["fair_average", "shrinking"])
 def test_the_default_method_holds_per_bin_where_scaled_and_absolute_fail(shape):
     """Two-sided, per bin (predicted level, human level, score_sd decile, position between levels) on data that
-    break the methods' assumptions; 2000 answers calibrate, 20000 others are measured (binomial SD of a bin of
-    500 answers: 0.013). Too wide fails as well as too narrow."""
-    default = measured(calibration.DEFAULT_METHOD, shape)
-    assert abs(default["overall"]["coverage"] - 0.9) <= 0.02, default["overall"]
-    assert abs(worst(default, 0.9)) <= 0.06, default["worst_bin"]
-    # the test can fail: on the same data, scaled misses near whole levels, absolute misses at A1 and C2
-    other = measured("scaled" if shape is fair_average else "absolute", shape)
-    assert abs(other["overall"]["coverage"] - 0.9) <= 0.02  # fine on average...
-    assert worst(other, 0.9) < -0.1, other["worst_bin"]  # ...and not where it matters
+    break the methods' assumptions; too wide fails as well as too narrow. The default is within 0.02 of nominal
+    overall and 0.05 in every bin of what the model sees (predicted level, score_sd, position); per human level,
+    which no method can condition on (it is what is unknown), within 0.08 and better than absolute. On the same
+    data, scaled misses near whole levels and absolute at A1 and C2."""
+    overall, bins = expected_coverage(calibration.DEFAULT_METHOD, shape)
+    assert abs(overall - 0.9) <= 0.02, overall
+    seen = {k: v for k, v in bins.items() if k[0] != "human_level"}
+    worst = max(seen.items(), key=lambda kv: abs(kv[1] - 0.9))
+    assert abs(worst[1] - 0.9) <= 0.05, worst
+    human = min(v for k, v in bins.items() if k[0] == "human_level")
+    assert 0.82 <= human, bins
+    overall, other = expected_coverage("scaled" if shape is fair_average else "absolute", shape)
+    assert abs(overall - 0.9) <= 0.02  # fine on average...
+    worst = max(other.items(), key=lambda kv: abs(kv[1] - 0.9))
+    assert abs(worst[1] - 0.9) > 0.1, worst  # ...and not where it matters
+    assert human >= min(v for k, v in other.items() if k[0] == "human_level")
 
 
 def test_scaled_holds_and_is_narrower_where_score_sd_tracks_the_error():
