@@ -395,6 +395,36 @@ def read_human_scores(path: str | Path, column: str = "score") -> dict[str, tupl
     return out
 
 
+def session_answer_ids(
+    out, rows: Sequence[dict], pcfg, fingerprint: dict[str, str], max_upload_mb: float
+) -> list[str] | None:
+    """Each session answer's audio id, read where the session read it (relative paths against its manifest's
+    folder), when the adapter's training record or its calibration holds answers to tell them from; None when
+    there is nothing to compare with. ``ValueError`` when an answer's audio cannot be read: it could be a
+    calibration or training answer, so it is not taken for test data."""
+    from serve.grading.audio import AudioError
+    from serve.session.sources import audio_base, read_audio, resolve_audio
+
+    if pcfg.adapter is None:
+        return None
+    train_ids, train_speakers = training_record(pcfg.adapter)
+    state = calibration.load(pcfg.adapter, fingerprint)
+    if not (train_ids or (state.calibration is not None and state.calibration.answers)):
+        return None
+    manifest = out.session_identity().get("manifest")
+    base = audio_base(manifest) if manifest else "."
+    ids = []
+    for r in rows:
+        try:
+            ids.append(calibration.audio_id(read_audio(resolve_audio(r["audio"], base), int(max_upload_mb * 2**20))))
+        except AudioError as e:
+            raise ValueError(
+                f"answer {r['response_id']}: its audio cannot be read to tell it from the calibration and training "
+                f"answers of {pcfg.adapter}: {e}"
+            ) from None
+    return ids
+
+
 def evaluate_session(
     cfg: GraderConfig,
     session: str,
@@ -437,15 +467,8 @@ def evaluate_session(
     pcfg = cfg.parts[part]
     speakers = [r.get("candidate_id") for r in scored_rows]
     adapter_hashes = {s.model.adapter_hash for s in scored}
-    ids = None
-    if pcfg.adapter is not None:  # identify the answers only where a calibration or training record can hold them
-        try:
-            ids = [calibration.audio_id(Path(r["audio"]).read_bytes()) for r in scored_rows]
-        except OSError as e:
-            raise ValueError(
-                f"{session}: an answer's audio cannot be read to tell it from the calibration and training answers "
-                f"of {pcfg.adapter}: {e}"
-            ) from None
+    fingerprint = fingerprint_of(cfg, part, adapter_hashes.pop() if len(adapter_hashes) == 1 else None)
+    ids = session_answer_ids(OutputDir(session), scored_rows, pcfg, fingerprint, cfg.audio.max_upload_mb)
     return report_on(
         part,
         session,
@@ -459,7 +482,7 @@ def evaluate_session(
         speakers=speakers,
         human_aspects=aspects,
         adapter_dir=pcfg.adapter,
-        fingerprint=fingerprint_of(cfg, part, adapter_hashes.pop() if len(adapter_hashes) == 1 else None),
+        fingerprint=fingerprint,
         method=pcfg.interval.method,
         served=True,
         plot=plot or Path(session) / f"{part}.calibration.png",

@@ -562,3 +562,55 @@ def test_aspects_of_an_admitted_part_are_checked_like_its_adapter(url, cfg_path)
     assert "vocabulary_range" in r.json()["error"]["message"]
     parts = {p["part"] for p in httpx.get(f"{url}/v1/parts", timeout=30).json()["parts"]}
     assert "aspect-door" not in parts  # nothing refused was registered
+
+
+# ---------------------------------------------------------------- calibrations at the HTTP door
+
+
+def test_a_calibration_serves_its_set_up_only_and_a_required_one_fails_closed(url, cfg_path):
+    """An answer carries the interval of a calibration made for its part's exact set-up; after the part's task is
+    changed it says stale_calibration (and /readyz names the part so); with interval.require it is refused."""
+    import shutil
+
+    import numpy as np
+
+    from serve.grading import calibration
+    from serve.grading.adapter_files import check_adapter
+    from serve.grading.config import PartConfig
+    from serve.grading.fingerprint import score_fingerprint
+
+    cfg = load_service_config(cfg_path)
+    copy = cfg.parts["interview"].adapter.parent / f"calibrated-{os.getpid()}"
+    shutil.copytree(cfg.parts["interview"].adapter, copy)
+    body = {"adapter": str(copy), "task": "Part 1, interview."}
+    fp = score_fingerprint(
+        PartConfig(**body), check_adapter(copy).content_hash, base=cfg.model.base, audio=cfg.audio, engine=cfg.engine
+    )
+    rng = np.random.default_rng(0)
+    human = rng.uniform(1, 6, 300)
+    cal = calibration.fit(
+        "calibrated", fp, (1.0, 6.0), range(1, 7), human, human + rng.normal(0, 0.5, 300), [0.5] * 300
+    )
+    calibration.write(cal, copy)
+    try:
+        assert httpx.put(f"{url}/v1/parts/calibrated", json=body, timeout=120).status_code == 200
+        got = post(url, "calibrated", 2).json()
+        assert got["interval_status"] == "calibrated" and got["interval"]["method"] == "mondrian", got
+        assert got["interval"]["calibrated_on"] == 300
+        assert httpx.get(f"{url}/readyz", timeout=30).json()["intervals"]["calibrated"] == "calibrated"
+        edited = {**body, "task": "Part 1, interview: short questions about the candidate."}
+        assert httpx.put(f"{url}/v1/parts/calibrated", json=edited, timeout=120).status_code == 200
+        got = post(url, "calibrated", 2).json()
+        assert got["interval"] is None and got["interval_status"] == "stale_calibration", got
+        ready = httpx.get(f"{url}/readyz", timeout=30).json()
+        assert ready["intervals"]["calibrated"] == "stale_calibration"
+        if "interval_details" in ready:  # admins: which component changed
+            assert "prompt" in ready["interval_details"]["calibrated"]
+        required = {**edited, "interval": {"require": True}}
+        refused = httpx.put(f"{url}/v1/parts/calibrated", json=required, timeout=120)
+        err = assert_error(refused, 422, "invalid_adapter")
+        assert "requires a valid calibration" in err["error"]["message"] and "prompt" in err["error"]["message"]
+        assert post(url, "calibrated", 2).json()["interval_status"] == "stale_calibration"  # the old version serves
+    finally:
+        httpx.delete(f"{url}/v1/parts/calibrated", timeout=30)
+        shutil.rmtree(copy)

@@ -74,15 +74,21 @@ class OutputDir:
 
     # ------------------------------------------------------------ what the folder scores
 
+    def session_identity(self) -> dict:
+        """What the folder scores, as its first run recorded it (empty before that)."""
+        path = self._path(SESSION_FILE)
+        if self.fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+            return {}
+        with self.fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
     def check_session(self, identity: dict) -> None:
         """Record what this folder scores on the first run; refuse a later run of another manifest or model."""
 
-        path = self._path(SESSION_FILE)
-        if self.fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        before = self.session_identity()
+        if not before:
             self._write_atomic(SESSION_FILE, json.dumps(identity, indent=2, sort_keys=True).encode())
             return
-        with self.fs.open_input_stream(path) as f:
-            before = json.loads(f.read())
         changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
         if changed:
             raise OutputError(
