@@ -23,7 +23,7 @@ from serve.service.admission import ScoringSlots
 from serve.service.auth import read_keys
 from serve.service.errors import ApiError
 from serve.service.proxy_guard import GuardLimits, ProxyGuard
-from serve.service.server import listen_host
+from serve.service.server import listen_host, metrics_line
 from serve.service.settings import ServiceConfig
 from serve.service.uploads import UploadLimits
 from tests.conftest import l2grader
@@ -66,6 +66,15 @@ def test_without_keys_the_service_listens_on_loopback_unless_allowed(monkeypatch
     assert listen_host(_cfg(), "0.0.0.0", True) == "0.0.0.0"
     assert listen_host(_cfg(host="0.0.0.0", allow_unauthenticated=True), None, False) == "0.0.0.0"
     assert listen_host(_cfg(host="0.0.0.0", api_keys_env="L2G_K"), None, False) == "0.0.0.0"
+
+
+def test_serve_says_who_can_read_the_metrics_export():
+    """Ray's exporter listens on every interface unless the node's address is loopback: the line says so."""
+    line = metrics_line("http://192.0.2.2:39945/metrics")
+    assert line.startswith("metrics export of this node: http://192.0.2.2:39945/metrics (")
+    assert "every machine that reaches this one" in line and "firewall" in line
+    assert metrics_line("http://127.0.0.1:39945/metrics").endswith("(this machine only)")
+    assert "none" in metrics_line(None)
 
 
 def test_part_ids_and_echoed_strings_are_bounded():
