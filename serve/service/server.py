@@ -136,9 +136,28 @@ def run_server(
     while not stop.wait(1.0):
         pass
     log("shutting down")
-    serve.shutdown()
-    ray.shutdown()
+    stop_service(joined=bool(address))
     return 0
+
+
+def stop_service(joined: bool) -> None:
+    """Stop the application and Ray Serve, then leave Ray.
+
+    A Ray of its own: ``serve.delete`` stops the application (each replica after its requests, within
+    ``graceful_shutdown_timeout_s``; the engines with them) and returns once every replica is gone, then
+    ``ray.shutdown`` stops the node, Serve's controller and proxies with it. Not ``serve.shutdown``: it waits
+    on the controller's ``graceful_shutdown``, which never returns (the controller kills itself), and Ray
+    reports that call's end as a failed task: ``(raylet) Task ServeController.graceful_shutdown failed ...
+    killed by `ray.kill` `` at every stop. Joined to a cluster, which outlives this process, ``serve.shutdown``
+    is still what removes Serve from it (and Ray may print that line). An error of either stays an error;
+    Ray is left either way."""
+    try:
+        if joined:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
 
 
 def deploy_config(config_path: str, address: str) -> int:
