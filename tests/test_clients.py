@@ -31,6 +31,8 @@ from tests.test_scorer import cfg_path, url, wav  # noqa: F401  (the module's se
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CEFR = {"A1", "A2", "B1", "B2", "C1", "C2"}
 #: The TypeScript client's tools, pinned (installed by the test into a temporary folder, not into the project).
+#: TypeScript stays at 5 (docs/api.md): openapi-typescript builds its output with TypeScript's JavaScript compiler
+#: API, which TypeScript 7 does not ship, and peers on ``typescript@^5.x``.
 NPM_PACKAGES = ["openapi-typescript@7.13.0", "openapi-fetch@0.17.0", "typescript@5.9.3", "@types/node@20"]
 #: Operations the docs page must show (method and path as Swagger UI writes them).
 OPERATIONS = {("POST", "/v1/score"), ("POST", "/v1/score/json"), ("POST", "/v1/score/batch"), ("GET", "/v1/parts")}

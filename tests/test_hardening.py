@@ -19,11 +19,12 @@ import yaml
 from serve.grading.adapter_files import AdapterError, check_adapter, check_lora_dims
 from serve.grading.config import ConfigError, GraderConfig, PartConfig, clip, validate_part_id
 from serve.grading.registry import PartRegistry
+from serve.service import server
 from serve.service.admission import ScoringSlots
 from serve.service.auth import read_keys
 from serve.service.errors import ApiError
 from serve.service.proxy_guard import GuardLimits, ProxyGuard
-from serve.service.server import listen_host
+from serve.service.server import listen_host, metrics_line
 from serve.service.settings import ServiceConfig
 from serve.service.uploads import UploadLimits
 from tests.conftest import l2grader
@@ -66,6 +67,39 @@ def test_without_keys_the_service_listens_on_loopback_unless_allowed(monkeypatch
     assert listen_host(_cfg(), "0.0.0.0", True) == "0.0.0.0"
     assert listen_host(_cfg(host="0.0.0.0", allow_unauthenticated=True), None, False) == "0.0.0.0"
     assert listen_host(_cfg(host="0.0.0.0", api_keys_env="L2G_K"), None, False) == "0.0.0.0"
+
+
+def test_serve_says_who_can_read_the_metrics_export():
+    """Ray's exporter listens on every interface unless the node's address is loopback: the line says so."""
+    line = metrics_line("http://192.0.2.2:39945/metrics")
+    assert line.startswith("metrics export of this node: http://192.0.2.2:39945/metrics (")
+    assert "every machine that reaches this one" in line and "firewall" in line
+    assert metrics_line("http://127.0.0.1:39945/metrics").endswith("(this machine only)")
+    assert "none" in metrics_line(None)
+
+
+def test_a_stop_deletes_the_application_before_leaving_ray(monkeypatch):
+    """A Ray of its own: the application is deleted (replicas stop gracefully), then Ray stops, without
+    serve.shutdown (whose controller call ends in Ray's 'graceful_shutdown failed' line); joined: serve.shutdown.
+    Ray is left even when the stop fails, and the error goes on."""
+    calls: list[str] = []
+    monkeypatch.setattr(server.serve, "delete", lambda name: calls.append(f"delete {name}"))
+    monkeypatch.setattr(server.serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    monkeypatch.setattr(server.ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    server.stop_service(joined=False)
+    assert calls == [f"delete {server.APP_NAME}", "ray.shutdown"]
+    calls.clear()
+    server.stop_service(joined=True)
+    assert calls == ["serve.shutdown", "ray.shutdown"]
+    calls.clear()
+
+    def fails(name):
+        raise RuntimeError("controller gone")
+
+    monkeypatch.setattr(server.serve, "delete", fails)
+    with pytest.raises(RuntimeError, match="controller gone"):
+        server.stop_service(joined=False)
+    assert calls == ["ray.shutdown"]
 
 
 def test_part_ids_and_echoed_strings_are_bounded():

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import ray
 from ray import serve
@@ -39,7 +40,7 @@ def listen_host(cfg: ServiceConfig, host: str | None, allow_unauthenticated: boo
             "(configure serving.api_keys_env/admin_keys_env, or pass --allow-unauthenticated)"
         )
     else:
-        log("no API keys configured: accepting clients on this machine only")
+        log("no API keys configured: the API accepts clients on this machine only")
     return host if is_loopback(host) else "127.0.0.1"
 
 
@@ -50,6 +51,25 @@ def node_observability() -> tuple[str | None, str | None]:
     ports = [(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n["NodeID"] == me]
     export = f"http://{ports[0][0]}:{ports[0][1]}/metrics" if ports and ports[0][1] else None
     return logs, export
+
+
+def metrics_line(export: str | None) -> str:
+    """What ``serve`` prints of its node's metrics export: the address and who can reach it.
+
+    Ray's exporter binds to loopback only where the node's address is loopback, and to every interface
+    otherwise, and Ray has no option to bind it elsewhere: on Linux a local Ray's node takes the machine's
+    outward address (``ray.init``/``ray start`` turn a loopback node address into that one). So the line says
+    who can read it, whatever the API's own host."""
+    if export is None:
+        return "metrics export of this node: none (Ray reported no metrics export port)"
+    host = urlsplit(export).hostname
+    if is_loopback(host):
+        return f"metrics export of this node: {export} (this machine only)"
+    return (
+        f"metrics export of this node: {export} (open to every machine that reaches this one, without a key, "
+        "like Ray's other ports, whatever host the API listens on; Ray cannot bind it to loopback: firewall "
+        "Ray's ports, see docs/operating.md#metrics)"
+    )
 
 
 def run_app(config_path: str) -> None:
@@ -107,7 +127,7 @@ def run_server(
     run_app(config_path)
     logs, export = node_observability()
     log(f"logs: {logs} (replicas: serve/, engines: worker-*; --verbose prints them here too)")
-    log(f"metrics export of this node: {export}")
+    log(metrics_line(export))
     log(f"listening on http://{host}:{port}: the page at /, API docs at /docs; Ctrl-C stops")
 
     stop = threading.Event()
@@ -116,9 +136,28 @@ def run_server(
     while not stop.wait(1.0):
         pass
     log("shutting down")
-    serve.shutdown()
-    ray.shutdown()
+    stop_service(joined=bool(address))
     return 0
+
+
+def stop_service(joined: bool) -> None:
+    """Stop the application and Ray Serve, then leave Ray.
+
+    A Ray of its own: ``serve.delete`` stops the application (each replica after its requests, within
+    ``graceful_shutdown_timeout_s``; the engines with them) and returns once every replica is gone, then
+    ``ray.shutdown`` stops the node, Serve's controller and proxies with it. Not ``serve.shutdown``: it waits
+    on the controller's ``graceful_shutdown``, which never returns (the controller kills itself), and Ray
+    reports that call's end as a failed task: ``(raylet) Task ServeController.graceful_shutdown failed ...
+    killed by `ray.kill` `` at every stop. Joined to a cluster, which outlives this process, ``serve.shutdown``
+    is still what removes Serve from it (and Ray may print that line). An error of either stays an error;
+    Ray is left either way."""
+    try:
+        if joined:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
 
 
 def deploy_config(config_path: str, address: str) -> int:
