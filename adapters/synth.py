@@ -364,6 +364,9 @@ def synth_dataset(
         raise SynthError(f"unknown voice {bias_voice!r} (voices: {', '.join(VOICES)})")
     out = Path(out_dir)
     rng = random.Random(seed)
+    # Degradations draw from a stream of their own: the answers themselves (score, voice, text, rate) are the same
+    # whatever --degrade asks, so a degraded set is the clean set with some answers degraded.
+    degrade_rng = random.Random(f"{seed}:degrade")
     jobs = []
     for split_name, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
         (out / "audio" / split_name).mkdir(parents=True, exist_ok=True)
@@ -376,9 +379,11 @@ def synth_dataset(
         for i, draw in enumerate(draws):
             speaker = f"{split_name}-{i:04d}"
             spec, done = make_aspect_spec(draw, rng) if aspects else (make_spec(draw, rng), None)
-            kind = rng.choice(DEGRADATIONS) if held_out and rng.random() < degrade_share else None
+            degraded = held_out and degrade_rng.random() < degrade_share
+            kind = degrade_rng.choice(DEGRADATIONS) if degraded else None
             rel = Path("audio") / split_name / f"{speaker}.wav"
-            jobs.append((split_name, speaker, rel, spec, kind, rng.randrange(2**32), draw if aspects else None, done))
+            job_seed = degrade_rng.randrange(2**32)
+            jobs.append((split_name, speaker, rel, spec, kind, job_seed, draw if aspects else None, done))
 
     def render(job):
         _, _, rel, spec, kind, job_seed, _, _ = job

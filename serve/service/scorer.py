@@ -32,7 +32,7 @@ from ray import serve
 from serve.engine.online import OnlineEngine
 from serve.grading.adapter_files import verify_content
 from serve.grading.audio import SAMPLE_RATE, PreparedAnswer, split
-from serve.grading.config import GraderConfig
+from serve.grading.config import GraderConfig, PartConfig
 from serve.grading.parts import Part, PartSpec
 from serve.grading.quality import measure
 from serve.grading.results import ScoredAnswer
@@ -44,6 +44,8 @@ logger = logging.getLogger("ray.serve")
 
 #: Part versions carried by requests that a replica remembers (the latest ones) for loading them.
 OFFERED_VERSIONS = 64
+#: Configs of one model id (one adapter) whose resolved specs a loaded part keeps.
+CONFIGS_PER_MODEL = 8
 
 #: ``engine_factory(cfg)`` gives an object with ``resolve``, ``load_adapter``,
 #: ``unload_adapter``, ``score_answer`` and ``shutdown`` (see OnlineEngine).
@@ -63,8 +65,13 @@ class LoadedPart:
     request of it is running, else when the last one finishes.
     """
 
-    def __init__(self, spec: PartSpec, release: Callable[[PartSpec], Awaitable[None]]):
+    def __init__(
+        self, spec: PartSpec, release: Callable[[PartSpec], Awaitable[None]], config: PartConfig | None = None
+    ):
         self.spec, self._release = spec, release
+        # The part's config it was resolved from -> its spec; a part re-registered with the same adapter and another
+        # task, levels, aspects or interval settings keeps its model id, so its requests bring their own config.
+        self.specs: dict[str, PartSpec] = {} if config is None else {config.model_dump_json(): spec}
         self.in_flight = 0
         self.retired = False
         self.released = False
@@ -131,7 +138,21 @@ class ScorerReplica:
         await self.engine.load_adapter(spec)
         self.metrics.adapter_loads.inc(1, {"part": spec.part})
         self._holders[spec.adapter_hash] += 1
-        return LoadedPart(spec, self._release)
+        return LoadedPart(spec, self._release, part.config)
+
+    async def _spec_for(self, loaded: LoadedPart, spec: PartSpec, part: Part | None) -> PartSpec:
+        """The spec of the part version a request was accepted under: the loaded one, or (same adapter, another
+        prompt or settings: the same model id) that version resolved once and kept beside it."""
+        if part is None or not loaded.specs:
+            return spec
+        key = part.config.model_dump_json()
+        if key not in loaded.specs:
+            resolved = await asyncio.to_thread(self.engine.resolve, part)
+            await self.engine.load_adapter(resolved)  # an aspect may have an adapter of its own in this version
+            while len(loaded.specs) >= CONFIGS_PER_MODEL:
+                loaded.specs.pop(next(iter(loaded.specs)))
+            loaded.specs[key] = resolved
+        return loaded.specs[key]
 
     async def _release(self, spec: PartSpec) -> None:
         """A dropped part is idle: unload its adapter unless another loaded part uses the same weights."""
@@ -156,6 +177,7 @@ class ScorerReplica:
                 self._offered.popitem(last=False)
         loaded = await self.get_part(model_id)
         async with loaded.in_use() as spec:
+            spec = await self._spec_for(loaded, spec, part if part is not None and part.model_id == model_id else None)
             result = await self.engine.score_answer(spec, prepared, request_id)
         self.metrics.answers.inc(1, {"part": spec.part})
         self.metrics.chunks.inc(len(prepared.chunks), {"part": spec.part})
