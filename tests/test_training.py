@@ -214,10 +214,12 @@ def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     for kind in ("noise", "clipping", "gaps"):
         assert groups[("degradation", kind)]["review_rate"] >= 0.8, kind
     assert clean["review_rate"] <= 0.3
-    # The planted bias: the voice's whole SMD interval lies below zero (on ~16 answers it need not clear the
-    # 0.10 flag limit as well: a flag needs the whole interval beyond it).
+    # The planted bias: the voice's SMD lies beyond the subgroup limit (-0.10) and is the most negative of all
+    # voices (on ~15 answers its 95 % interval may still reach zero).
     biased = groups[("voice", BIAS_VOICE)]
-    assert biased["smd"] < 0 and biased["smd_ci"][1] < 0 and not biased["too_small"], biased
+    voices = [g for g in out["groups"] if g["field"] == "voice" and not g["too_small"]]
+    assert biased["smd"] < -0.1 and not biased["too_small"], biased
+    assert min(voices, key=lambda g: g["smd"])["group"] == BIAS_VOICE, [(g["group"], g["smd"]) for g in voices]
     intervals = out["intervals"]  # no calibration beside this adapter: one half calibrates, the other is measured
     assert intervals["n_test"] >= 40 and len(intervals["rows"]) == 9  # 3 methods x 80/90/95 %
     for row in intervals["rows"]:  # every bin says its n and the range that n allows
@@ -601,8 +603,11 @@ def test_vllm_serves_the_aspects_the_trainer_learned(aspect_run, aspect_synth):
         assert s["aspects"]["pronunciation"]["adapter"].startswith("interview.pronunciation@")  # its own
         assert s["aspects"]["fluency"]["adapter"] == s["model"]["adapter"]  # the part's
     meta = json.loads((aspect_run["adapter"] / METADATA_FILE).read_text())
-    assert meta["training"]["aspects"] == {a: ASPECT_TRAIN for a in shared}
+    # every scorable training answer has every aspect's score (an answer the speech check refuses is left out)
+    assert meta["training"]["aspects"] == {a: meta["training"]["train_answers"] for a in shared}
+    assert ASPECT_TRAIN - 3 <= meta["training"]["train_answers"] <= ASPECT_TRAIN
     summary = json.loads((aspect_run["adapter"] / "training_summary.json").read_text())
     assert summary["finished"] and summary["aspects"] == meta["training"]["aspects"]
     own_meta = json.loads((aspect_run["own_adapter"] / METADATA_FILE).read_text())
-    assert own_meta["aspect"] == "pronunciation" and own_meta["training"]["aspects"] == {"pronunciation": ASPECT_TRAIN}
+    assert own_meta["aspect"] == "pronunciation"
+    assert own_meta["training"]["aspects"] == {"pronunciation": meta["training"]["train_answers"]}
