@@ -137,10 +137,7 @@ def coverage_rows(
 def method_table(
     cal_fit,
     human: Sequence[float],
-    score: Sequence[float],
-    score_sd: Sequence[float],
     bins: Mapping[str, Sequence[str]],
-    scale: tuple[float, float],
     coverages: Sequence[float] = calibration.REPORT_COVERAGES,
     methods: Sequence[str] = calibration.METHODS,
 ) -> list[dict[str, Any]]:

@@ -247,7 +247,7 @@ def interval_report(
         bins = coverage.bins_of(
             h[test], score[test], sd[test], [c for c, t in zip(chunks, test) if t], levels, sub_groups
         )
-        report["rows"] = coverage.method_table(fitted, h[test], score[test], sd[test], bins, scale)
+        report["rows"] = coverage.method_table(fitted, h[test], bins)
     if served:
         carried = [i for i, s in enumerate(scored) if s.interval is not None]
         report["served_status"] = dict(Counter(s.interval_status for s in scored))
@@ -625,7 +625,6 @@ def aspect_calibrations(
     answers: Sequence[Answer],
     scored: Sequence[ScoredAnswer],
     speakers: Sequence[str | None],
-    scale: tuple[float, float],
 ) -> dict[str, calibration.AspectCalibration]:
     """Each aspect's records and validation, from the answers that have its human score."""
     from adapters.agreement import aspect_validation
@@ -718,9 +717,9 @@ def calibrate(
         speakers=[sp for sp in speakers if sp is not None],
         coverage=nominal,
         small_sample=small,
+        aspects=aspect_calibrations(cfg, part, answers, scored, speakers),
         data=str(data),
     )
-    cal.aspects = aspect_calibrations(cfg, part, answers, scored, speakers, scale)
     path = calibration.write(cal, pcfg.adapter)
     print(f"{part}: calibrated on {cal.n} answers from {data} ({len(bad)} not scorable), adapter {adapter_hash}")
     for name in pcfg.aspects:
@@ -742,9 +741,7 @@ def calibrate(
     bins = coverage.bins_of(
         np.asarray(human, float), np.asarray(scores, float), np.asarray(sds, float), cal.chunks, pcfg.levels
     )
-    rows = coverage.method_table(
-        coverage.cross_fitted(human, scores, sds, cal.level_scores, scale), human, scores, sds, bins, scale
-    )
+    rows = coverage.method_table(coverage.cross_fitted(human, scores, sds, cal.level_scores, scale), human, bins)
     print("coverage by 10-fold cross-fitting on the calibration answers (each judged by a rule fitted on the others):")
     for line in coverage.format_table(rows, detail=(pcfg.interval.method, nominal)):
         print(line)

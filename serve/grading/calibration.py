@@ -38,7 +38,7 @@ at B1).
 
 Why hand-written and not MAPIE or crepes: serving computes one interval per
 answer in the scorer, from a JSON file, without scikit-learn or pandas in
-the service image; the four rules are a few array quantiles each.
+the service image; each method is a few array quantiles.
 ``tests/test_calibration.py`` checks them per bin on simulated model
 outputs of several shapes.
 """
@@ -49,7 +49,6 @@ import datetime as _dt
 import functools
 import hashlib
 import json
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,8 +59,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from serve.grading.results import ScoreInterval
-
-logger = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
 METHODS = ("absolute", "scaled", "mondrian")
