@@ -17,6 +17,7 @@ from serve.grading.audio import SAMPLE_RATE, PreparedAnswer, split
 from serve.grading.config import load_config
 from serve.grading.quality import measure
 from tests.audio_fixtures import speechlike
+from tests.engine_process import config_engine, engine_process
 
 pytestmark = pytest.mark.engine
 TOL = 1e-4
@@ -35,23 +36,26 @@ def to_transformers4_names(src, dst):
 
 
 @pytest.fixture(scope="module")
-def cfg(tiny_dir, tiny_config, tmp_path_factory):
+def cfg_path(tiny_dir, tiny_config, tmp_path_factory):
     d = tmp_path_factory.mktemp("engine_cfg")
     to_transformers4_names(tiny_dir / "adapters" / "interview", d / "interview_t4")
     raw = tiny_config()
     raw["parts"]["base"] = {"adapter": None, "task": raw["parts"]["interview"]["task"]}
     raw["parts"]["interview_t4"] = {**raw["parts"]["interview"], "adapter": str(d / "interview_t4")}  # its prompt
     (d / "c.yaml").write_text(yaml.safe_dump(raw))
-    return load_config(d / "c.yaml")
+    return d / "c.yaml"
 
 
 @pytest.fixture(scope="module")
-def vllm_scorer(cfg):
-    from serve.engine.offline import OfflineEngine
+def cfg(cfg_path):
+    return load_config(cfg_path)
 
-    scorer = OfflineEngine(cfg)
-    yield scorer
-    scorer.close()
+
+@pytest.fixture(scope="module")
+def vllm_scorer(cfg_path):
+    """The offline engine (``vllm.LLM``) in a process of its own: it changes process-wide state for good."""
+    with engine_process(config_engine, cfg_path) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +68,17 @@ def reference(cfg):
 WAVES = [speechlike(6, seed=11), speechlike(20, seed=12), speechlike(75, seed=13)]
 
 
-def score_waves(engine, part, waves):
-    """Score already-decoded 16 kHz answers of one part, chunked as in serving."""
+def scored_waves(engine, part, waves):
+    """Score already-decoded 16 kHz answers of one part, chunked as in serving (in the engine's process)."""
     return engine.score_answers([(part, PreparedAnswer(split(w), measure(w, SAMPLE_RATE, -50.0))) for w in waves])
 
 
+def score_waves(vllm_scorer, part, waves):
+    return vllm_scorer.call(scored_waves, part, waves)
+
+
 @pytest.mark.parametrize("part", ["base", "interview", "long_turn"])
-def test_vllm_equals_transformers_reference(vllm_scorer, reference, part):
+def test_vllm_equals_transformers_reference(vllm_scorer, reference, cfg, part):
     got = score_waves(vllm_scorer, part, WAVES)
     for wave, answer in zip(WAVES, got):
         ref = reference.score_answer(part, split(wave))
@@ -87,7 +95,7 @@ def test_vllm_equals_transformers_reference(vllm_scorer, reference, part):
             assert a.score == pytest.approx(b.score, abs=TOL)
             assert a.label_mass == pytest.approx(b.label_mass, abs=TOL)
         # Each aspect, chunked answers included, as the reference scores it with the aspect's prompt and adapter.
-        assert answer.aspects.keys() == ref.aspects.keys() == vllm_scorer.cfg.parts[part].aspects.keys()
+        assert answer.aspects.keys() == ref.aspects.keys() == cfg.parts[part].aspects.keys()
         for name, want in ref.aspects.items():
             got = answer.aspects[name]
             assert got.probabilities == pytest.approx(want.probabilities, abs=TOL)
@@ -117,32 +125,44 @@ def test_aspects_read_their_own_labels_and_adapters(vllm_scorer):
     assert own.startswith("long_turn.coherence@") and own != long_turn.model.adapter
 
 
-def test_aspects_reuse_the_holistic_prefix(vllm_scorer):
-    """The aspects' requests of a chunk find the rubric and the audio in vLLM's prefix cache: each prefills only
-    its question (the part's adapter scores them, so the cache key is the same)."""
+def holistic_prefix_use(engine) -> dict:
+    """In the engine's process: the interview's targets for one new chunk in one ``generate`` call; what each
+    request found in the prefix cache, and the token counts of the prompt's shared parts."""
     from serve.engine.requests import engine_input, lora_request, sampling_params
 
-    spec = vllm_scorer.parts["interview"]
+    spec = engine.parts["interview"]
     chunk = split(speechlike(12, seed=99))[0]  # audio no earlier request had
     targets = spec.targets
-    outs = vllm_scorer.llm.generate(
+    outs = engine.llm.generate(
         [engine_input(t, chunk) for t in targets],
         [sampling_params(t) for t in targets],
         lora_request=[lora_request(t) for t in targets],
         use_tqdm=False,
     )
-    tokenizer = vllm_scorer.llm.get_tokenizer()
+    tokenizer = engine.llm.get_tokenizer()
     prefix, _ = spec.prompt.split("<|audio_eos|>")
-    assert all(t.prompt.startswith(prefix + "<|audio_eos|>") for t in targets)
     audio_tokens = len(outs[0].prompt_token_ids) - len(tokenizer.encode(spec.prompt, add_special_tokens=False)) + 1
-    shared = len(tokenizer.encode(prefix, add_special_tokens=False)) + audio_tokens
+    return {
+        "targets_share_the_prefix": all(t.prompt.startswith(prefix + "<|audio_eos|>") for t in targets),
+        "shared": len(tokenizer.encode(prefix, add_special_tokens=False)) + audio_tokens,
+        "before_audio": len(tokenizer.encode(spec.prompt.split("<|AUDIO|>")[0], add_special_tokens=False)),
+        "requests": [(len(out.prompt_token_ids), out.num_cached_tokens or 0) for out in outs],
+    }
+
+
+def test_aspects_reuse_the_holistic_prefix(vllm_scorer):
+    """The aspects' requests of a chunk find the rubric and the audio in vLLM's prefix cache: each prefills only
+    its question (the part's adapter scores them, so the cache key is the same)."""
+    use = vllm_scorer.call(holistic_prefix_use)
+    assert use["targets_share_the_prefix"]
+    shared = use["shared"]
     block = 128  # vLLM's KV-cache block on CPU: only whole blocks are cached
-    before_audio = len(tokenizer.encode(spec.prompt.split("<|AUDIO|>")[0], add_special_tokens=False))
-    assert (outs[0].num_cached_tokens or 0) <= before_audio  # the rubric only: this audio is new
-    for out in outs[1:]:
-        assert out.num_cached_tokens >= shared // block * block > 0
-        question = len(out.prompt_token_ids) - shared
-        assert len(out.prompt_token_ids) - out.num_cached_tokens < question + block  # prefilled: its question
+    (_, first_cached), *others = use["requests"]
+    assert first_cached <= use["before_audio"]  # the rubric only: this audio is new
+    for prompt_tokens, cached in others:
+        assert cached >= shared // block * block > 0
+        question = prompt_tokens - shared
+        assert prompt_tokens - cached < question + block  # prefilled: its question
 
 
 def test_transformers4_adapter_names_apply_the_same_weights(vllm_scorer):
@@ -166,9 +186,8 @@ def test_scores_are_well_formed_and_repeatable(vllm_scorer):
     assert first[2].score == pytest.approx(chunk_scores.mean(), abs=1e-9)  # equal-length chunks
 
 
-def test_the_cpu_workers_thread_refusal_is_logged_once_not_per_request(vllm_scorer):
-    """The engine runs in this process: vLLM's CPU worker refuses torch thread changes (with a warning) and
-    vLLM's renderer asks for one twice per request."""
+def thread_refusals_while_scoring(engine, waves) -> tuple[int, list[str]]:
+    """In the engine's process: answers scored, and the refusals of torch thread changes vLLM logged meanwhile."""
     import logging
 
     from serve.engine.vllm_private import THREADS_REFUSED
@@ -179,7 +198,15 @@ def test_the_cpu_workers_thread_refusal_is_logged_once_not_per_request(vllm_scor
     logger = logging.getLogger("vllm")
     logger.addHandler(handler)
     try:
-        assert len(score_waves(vllm_scorer, "interview", WAVES[:2])) == 2
+        scored = len(scored_waves(engine, "interview", waves))
     finally:
         logger.removeHandler(handler)
-    assert not [m for m in seen if m.startswith(THREADS_REFUSED)]
+    return scored, [m for m in seen if m.startswith(THREADS_REFUSED)]
+
+
+def test_the_cpu_workers_thread_refusal_is_logged_once_not_per_request(vllm_scorer):
+    """The engine runs in its caller's process: vLLM's CPU worker refuses torch thread changes (with a warning)
+    and vLLM's renderer asks for one twice per request."""
+    scored, refusals = vllm_scorer.call(thread_refusals_while_scoring, WAVES[:2])
+    assert scored == 2
+    assert not refusals

@@ -34,6 +34,7 @@ from serve.grading.audio import AudioError
 from serve.session.sources import manifest_format, read_audio, resolve_audio
 from tests.audio_fixtures import write
 from tests.conftest import l2grader, what_it_said
+from tests.engine_process import engine_process
 
 N_GOOD = 160
 BAD = {  # response id -> (part, file, the kind its row must carry)
@@ -107,21 +108,32 @@ def config(tiny_config, tmp_path_factory) -> Path:
     return d / "c.yaml"
 
 
-@pytest.fixture(scope="module")
-def reference(session, config) -> dict:
-    """What ``l2grader score`` gives for each good answer: its engine (OfflineEngine) and the registry's parts."""
+def registry_engine(config: Path):
+    """``l2grader score``'s engine of a config: an OfflineEngine of the registry's parts."""
     from serve.engine.offline import OfflineEngine
-    from serve.grading.audio import prepare
     from serve.service.settings import load_service_config, part_registry
 
     cfg = load_service_config(config)
+    return OfflineEngine(cfg, part_registry(cfg, config).entries())
+
+
+def scored_files(engine, config: Path, answers: list[tuple[str, Path]]) -> list[dict]:
+    """In the engine's process: each (part, file) answer scored, as a dict."""
+    from serve.grading.audio import prepare
+    from serve.service.settings import load_service_config
+
+    audio = load_service_config(config).audio
+    return [r.model_dump() for r in engine.score_answers([(part, prepare(path, audio)) for part, path in answers])]
+
+
+@pytest.fixture(scope="module")
+def reference(session, config) -> dict:
+    """What ``l2grader score`` gives for each good answer: its engine (OfflineEngine, in a process of its own)
+    and the registry's parts."""
     good = [r for r in session["rows"] if not r["response_id"].startswith("bad-")]
-    engine = OfflineEngine(cfg, part_registry(cfg, config).entries())
-    try:
-        results = engine.score_answers([(r["part"], prepare(session["dir"] / r["audio"], cfg.audio)) for r in good])
-    finally:
-        engine.close()
-    return {r["response_id"]: res.model_dump() for r, res in zip(good, results)}
+    with engine_process(registry_engine, config) as engine:
+        results = engine.call(scored_files, config, [(r["part"], session["dir"] / r["audio"]) for r in good])
+    return {r["response_id"]: res for r, res in zip(good, results)}
 
 
 def score_session(config, manifest, out, *extra, timeout=600, wait=True):
