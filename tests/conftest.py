@@ -1,11 +1,20 @@
-"""Session fixtures: the generated tiny checkpoint, test audio, the one real service; the ``l2grader`` runner."""
+"""Session fixtures: the generated tiny checkpoint, test audio, the one real service; the ``l2grader`` runner.
+
+The tiers (``slow`` marks) and a check that no test leaves process-wide state changed are here too.
+"""
 
 from __future__ import annotations
 
+import gc
+import logging
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -172,11 +181,21 @@ def real_service(tiny_config, tiny_dir, tmp_path_factory) -> Iterator[RealServic
         service.stop()
 
 
+#: Fixtures whose tests are ``slow``: what starts Ray, vLLM or the whole service takes tens of seconds.
+SLOW_FIXTURES = {
+    "real_service": "the one real service (Ray Serve, vLLM)",
+    "url": "Ray Serve with the fake engine, in the test process (tests/test_scorer.py)",
+}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by it
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """Every test of a real engine or of the real service is ``slow`` (not in the fast tier, ``-m "not slow"``)."""
+    """Every test of a real engine, of the real service or of Ray Serve is ``slow`` (not in the fast tier,
+    ``-m "not slow"``); so are the tests marked ``slow`` in their module (trainings, the cluster, commands that
+    import vLLM or start Ray, installs from the network)."""
     for item in items:
-        if item.get_closest_marker("engine") or "real_service" in getattr(item, "fixturenames", ()):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("engine") or fixtures & SLOW_FIXTURES.keys():
             item.add_marker(pytest.mark.slow)
 
 
@@ -187,9 +206,83 @@ def pytest_collection_finish(session) -> None:
         session.config.stash[LAST_USER] = users[-1]
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item, nextitem) -> None:
+def stop_after_last_user(item) -> None:
     """Stop the shared service after its last user, so that later modules (cluster, training) have the machine."""
     if item.config.stash.get(LAST_USER, None) == item.nodeid:
         while _RUNNING:
             _RUNNING.pop().stop()
+
+
+# ---------------------------------------------------------------- process-wide state: no test may leave it changed
+
+#: The state taken when the first test started (and after each test that changed it, so that one change is
+#: reported once).
+_STATE = pytest.StashKey[dict]()
+
+
+def _process_state() -> dict[str, object]:
+    """What a library may change for the whole process, and that outlives the code that changed it: vLLM's CPU
+    worker replaces ``torch.set_num_threads`` and sets environment variables, the start method and
+    ``sys.excepthook`` (see tests/engine_process.py); ``gc.freeze`` is vLLM's too."""
+    root = logging.getLogger()
+    state: dict[str, object] = {
+        "environment": dict(os.environ),
+        "gc frozen objects": gc.get_freeze_count(),
+        "gc enabled": gc.isenabled(),
+        "gc thresholds": gc.get_threshold(),
+        "signal handlers": {n.name: signal.getsignal(n) for n in signal.Signals},
+        "sys.excepthook": sys.excepthook,
+        "threading.excepthook": threading.excepthook,
+        "multiprocessing start method": multiprocessing.get_start_method(allow_none=True),
+        "working directory": os.getcwd(),
+        "CPU affinity": os.sched_getaffinity(0),
+        "root logger level": root.level,
+        # pytest's own capture handlers come and go with each test phase
+        "root logger handlers": [h for h in root.handlers if not type(h).__module__.startswith("_pytest")],
+        "logging.disable": logging.root.manager.disable,
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):  # once imported (importing it takes seconds)
+        state["torch threads"] = torch.get_num_threads()
+        state["torch.set_num_threads is torch's"] = torch.set_num_threads is getattr(torch._C, "set_num_threads", None)
+    return state
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    said = []
+    for key, now in after.items():
+        if key not in before or before[key] == now:
+            continue
+        was = before[key]
+        if isinstance(was, dict) and isinstance(now, dict):
+            names = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+            said.append(f"{key}: {', '.join(names)}")
+        else:
+            said.append(f"{key}: {was!r} -> {now!r}")
+    return said
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if _STATE not in item.config.stash:
+        item.config.stash[_STATE] = _process_state()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Once the test's fixtures that end with it are torn down: stop the shared service after its last user; fail
+    (an error at teardown, naming the test) a test that left process-wide state changed."""
+    try:
+        return (yield)
+    finally:
+        stop_after_last_user(item)
+        before, after = item.config.stash.get(_STATE, {}), _process_state()
+        item.config.stash[_STATE] = {**before, **after}  # a key first seen (torch imported) is taken as it is
+        changed = _changes(before, after)
+        if changed:
+            pytest.fail(
+                f"{item.nodeid} left process-wide state changed (later tests would run in it):\n  "
+                + "\n  ".join(changed),
+                pytrace=False,
+            )
