@@ -21,6 +21,10 @@ SECONDS_PER_AUDIO_SECOND = 0.1
 #: Environment variable naming a file where the fake engine appends one line per adapter load and unload
 #: ("load <part>", "unload <part>"), so a test sees what a replica in another process did.
 EVENTS_ENV = "L2GRADER_FAKE_ENGINE_EVENTS"
+#: Environment variable naming a file of part names: while it exists, a request of a part it names waits before
+#: it is scored, so that a test orders what the replica does by events, not by sleeps. Each request also appends
+#: "score <part>" to the events file once it has started.
+HOLD_ENV = "L2GRADER_FAKE_ENGINE_HOLD"
 
 
 def _record(event: str, part: str) -> None:
@@ -28,6 +32,19 @@ def _record(event: str, part: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write(f"{event} {part}\n")
+
+
+def _holds(part: str) -> bool:
+    try:
+        with open(os.environ.get(HOLD_ENV) or "") as f:
+            return part in f.read().split()
+    except FileNotFoundError:
+        return False
+
+
+async def _held(part: str) -> None:
+    while _holds(part):
+        await asyncio.sleep(0.05)
 
 
 class LetterTokenizer:
@@ -64,6 +81,8 @@ class FakeEngine:
         chunks = prepared.chunks
         if request_id != "warm-up":
             self._check_loaded(spec, "when its request started")
+            _record("score", spec.part)
+            await _held(spec.part)
         await asyncio.sleep(SECONDS_PER_AUDIO_SECOND * sum(c.duration_s for c in chunks))
         if request_id != "warm-up":
             self._check_loaded(spec, "while its request ran")

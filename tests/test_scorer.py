@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +35,7 @@ from serve.service.settings import load_service_config
 from serve.service.uploads import UploadLimits
 from tests.audio_fixtures import speechlike
 from tests.conftest import l2grader
-from tests.fake_engine import EVENTS_ENV, FakeEngine
+from tests.fake_engine import EVENTS_ENV, HOLD_ENV, FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "scorer-test"
@@ -115,8 +117,10 @@ def url(cfg_path):
 
     from serve.service.app import build_app
 
+    environ, handlers = dict(os.environ), {n: signal.getsignal(n) for n in signal.Signals}
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ[EVENTS_ENV] = str(cfg_path.parent / "engine-events.txt")
+    os.environ[HOLD_ENV] = str(cfg_path.parent / "engine-hold.txt")
     guard_env = proxy_env(str(cfg_path))  # the proxy guard, as `l2grader serve` runs it (Ray's processes inherit it)
     os.environ.update(guard_env)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -130,8 +134,13 @@ def url(cfg_path):
     finally:
         serve.shutdown()
         ray.shutdown()
-        for name in guard_env:
-            os.environ.pop(name, None)
+        # This process as it was (Ray's driver sets environment variables and a SIGTERM handler): later tests
+        # must not run in the service's environment.
+        os.environ.clear()
+        os.environ.update(environ)
+        for n, handler in handlers.items():
+            if signal.getsignal(n) != handler:
+                signal.signal(n, handler)
 
 
 def post(url: str, part: str, seconds: float, seed: int = 0) -> httpx.Response:
@@ -140,12 +149,42 @@ def post(url: str, part: str, seconds: float, seed: int = 0) -> httpx.Response:
     )
 
 
+def engine_events() -> list[tuple[str, str]]:
+    """(event, part) pairs the scorer replica's fake engine recorded: adapter loads and unloads, scoring starts."""
+    path = Path(os.environ[EVENTS_ENV])
+    words = path.read_text().split() if path.exists() else []
+    return list(zip(words[::2], words[1::2]))
+
+
+def started(part: str) -> int:
+    """Requests of ``part`` the fake engine has started to score."""
+    return engine_events().count(("score", part))
+
+
+def wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    """Return once ``condition()`` holds (polled); fail naming ``what`` if it does not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} in {timeout_s:g} s"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def held(*parts: str):
+    """The fake engine holds every request of ``parts`` before scoring it until the block ends."""
+    hold = Path(os.environ[HOLD_ENV])
+    hold.write_text("\n".join(parts))
+    try:
+        yield
+    finally:
+        hold.unlink()
+
+
 def scorer_stats() -> dict:
     """Adapter loads and unloads (evictions) by part, as the scorer replica's fake engine recorded them."""
     from collections import Counter
 
-    lines = Path(os.environ[EVENTS_ENV]).read_text().split() if os.path.exists(os.environ[EVENTS_ENV]) else []
-    events = list(zip(lines[::2], lines[1::2]))
+    events = engine_events()
     return {
         "adapter_loads": Counter(p for e, p in events if e == "load"),
         "adapter_evictions": Counter(p for e, p in events if e == "unload"),
@@ -174,10 +213,12 @@ def test_parts_are_multiplexed_with_an_lru_of_one_adapter(url):
 
 def test_evicting_a_part_with_a_request_in_flight_lets_that_request_finish(url):
     with ThreadPoolExecutor(max_workers=1) as pool:
-        slow = pool.submit(post, url, "opinion", 20, 1)  # 2 s in the fake engine
-        time.sleep(0.8)
-        other = post(url, "long_turn", 2, 2)  # one slot: loading long_turn drops opinion
-        assert other.status_code == 200, other.text
+        with held("opinion"):
+            before = started("opinion")
+            slow = pool.submit(post, url, "opinion", 20, 1)
+            wait_for(lambda: started("opinion") > before, "opinion request in the scorer")
+            other = post(url, "long_turn", 2, 2)  # one slot: loading long_turn drops opinion while it is held
+            assert other.status_code == 200, other.text
         r = slow.result()
     assert r.status_code == 200, r.text  # the fake engine fails a request whose adapter left mid-flight
     assert r.json()["part"] == "opinion"
@@ -479,21 +520,31 @@ def _admin_put(url: str, part: str, adapter: Path) -> httpx.Response:
     return httpx.put(f"{url}/v1/parts/{part}", json={"adapter": str(adapter)}, timeout=120)
 
 
+def decoded_answers(url: str) -> float:
+    """Answers the ingress has decoded, from /metrics (replicas report every 2 s): an answer is decoded after its
+    part's version was fixed."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith("ray_l2grader_decode_seconds_count"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_answers_accepted_before_a_delete_are_scored_with_their_version(url, cfg_path):
     adapter = load_config(cfg_path).parts["interview"].adapter
     assert _admin_put(url, "drain", adapter).status_code == 200
     with ThreadPoolExecutor(max_workers=5) as pool:
-        # Three long answers fill the scorer (3 at once, 2 s each); two of "drain" wait in Serve's queue for it.
-        busy = [pool.submit(post, url, "interview", 20, 40 + i) for i in range(3)]
-        time.sleep(0.3)
-        accepted = [pool.submit(post, url, "drain", 2, 50 + i) for i in range(2)]
-        time.sleep(0.8)
-        deleted = httpx.delete(f"{url}/v1/parts/drain", timeout=30)  # before the scorer has seen "drain"
+        with held("interview"):
+            # Three answers fill the scorer (3 at once), held there; two of "drain" then wait in Serve's queue.
+            scoring, drained, decoded = started("interview"), started("drain"), decoded_answers(url)
+            busy = [pool.submit(post, url, "interview", 2, 40 + i) for i in range(3)]
+            wait_for(lambda: started("interview") >= scoring + 3, "three interview answers in the scorer")
+            accepted = [pool.submit(post, url, "drain", 2, 50 + i) for i in range(2)]
+            wait_for(lambda: decoded_answers(url) >= decoded + 5, "drain answers decoded by the ingress")
+            deleted = httpx.delete(f"{url}/v1/parts/drain", timeout=30)
+            assert started("drain") == drained  # the scorer has not seen these answers before the delete
         answers = [f.result() for f in accepted + busy]
     assert deleted.status_code == 200, deleted.text
-    # The drain answers are scored; a busy one may meet back-pressure (a retryable 503) on a loaded machine.
-    assert [r.status_code for r in answers[:2]] == [200, 200], [r.text[:300] for r in answers[:2]]
-    assert {r.status_code for r in answers[2:]} <= {200, 503}, [r.text[:300] for r in answers[2:]]
+    assert [r.status_code for r in answers] == [200] * 5, [r.text[:300] for r in answers]
     assert [r.json()["part"] for r in answers[:2]] == ["drain", "drain"]
     assert_error(post(url, "drain", 2), 404, "unknown_part")
 
