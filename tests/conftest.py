@@ -215,22 +215,26 @@ def stop_after_last_user(item) -> None:
 
 # ---------------------------------------------------------------- process-wide state: no test may leave it changed
 
-#: The state taken when the first test started (and after each test that changed it, so that one change is
-#: reported once).
+#: The state when the first test started, taken again after each module that changed it (one change, one report).
 _STATE = pytest.StashKey[dict]()
+#: Each change seen since, and the test after whose teardown it was first seen.
+_FIRST_SEEN = pytest.StashKey[dict]()
+#: Environment variables that libraries set once, where none was, when first imported or initialised (OpenCV's
+#: library path, OpenMP's and inductor's settings from torch, Ray's client mode): not a test's doing.
+IMPORT_TIME_VARIABLES = frozenset(
+    {"LD_LIBRARY_PATH", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK", "TORCHINDUCTOR_CACHE_DIR", "RAY_CLIENT_MODE"}
+)
 
 
 def _process_state() -> dict[str, object]:
     """What a library may change for the whole process, and that outlives the code that changed it: vLLM's CPU
     worker replaces ``torch.set_num_threads`` and sets environment variables, the start method and
-    ``sys.excepthook`` (see tests/engine_process.py); ``gc.freeze`` is vLLM's too."""
+    ``sys.excepthook`` (see tests/engine_process.py); ``gc.freeze`` is vLLM's too; Ray sets signal handlers."""
     root = logging.getLogger()
     state: dict[str, object] = {
-        "environment": dict(os.environ),
         "gc frozen objects": gc.get_freeze_count(),
         "gc enabled": gc.isenabled(),
         "gc thresholds": gc.get_threshold(),
-        "signal handlers": {n.name: signal.getsignal(n) for n in signal.Signals},
         "sys.excepthook": sys.excepthook,
         "threading.excepthook": threading.excepthook,
         "multiprocessing start method": multiprocessing.get_start_method(allow_none=True),
@@ -241,6 +245,8 @@ def _process_state() -> dict[str, object]:
         "root logger handlers": [h for h in root.handlers if not type(h).__module__.startswith("_pytest")],
         "logging.disable": logging.root.manager.disable,
     }
+    state.update({f"environment variable {k}": v for k, v in os.environ.items()})
+    state.update({f"{n.name} handler": signal.getsignal(n) for n in signal.Signals})
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):  # once imported (importing it takes seconds)
         state["torch threads"] = torch.get_num_threads()
@@ -248,17 +254,19 @@ def _process_state() -> dict[str, object]:
     return state
 
 
-def _changes(before: dict, after: dict) -> list[str]:
-    said = []
-    for key, now in after.items():
-        if key not in before or before[key] == now:
-            continue
-        was = before[key]
-        if isinstance(was, dict) and isinstance(now, dict):
-            names = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
-            said.append(f"{key}: {', '.join(names)}")
-        else:
-            said.append(f"{key}: {was!r} -> {now!r}")
+def _changes(before: dict, after: dict) -> dict[str, str]:
+    """What differs, each with its old and new value (a state first seen, such as torch's once imported, is not
+    a change)."""
+    said = {}
+    for key in before.keys() | after.keys():
+        if key.startswith("environment variable "):
+            if key not in before and key.removeprefix("environment variable ") in IMPORT_TIME_VARIABLES:
+                continue
+            was, now = before.get(key, "(unset)"), after.get(key, "(unset)")
+            if was != now:
+                said[key] = "changed" if key in before and key in after else f"{was} -> {now}"[:200]
+        elif key in before and key in after and before[key] != after[key]:
+            said[key] = f"{before[key]!r} -> {after[key]!r}"[:300]
     return said
 
 
@@ -266,23 +274,37 @@ def _changes(before: dict, after: dict) -> list[str]:
 def pytest_runtest_setup(item):
     if _STATE not in item.config.stash:
         item.config.stash[_STATE] = _process_state()
+        item.config.stash[_FIRST_SEEN] = {}
     return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Once the test's fixtures that end with it are torn down: stop the shared service after its last user; fail
-    (an error at teardown, naming the test) a test that left process-wide state changed."""
+    """Once the test's fixtures that end with it are torn down: stop the shared service after its last user, and
+    check the process-wide state.
+
+    A module's own fixtures may change that state while its tests run (the Ray Serve of tests/test_scorer.py sets
+    the environment its replicas inherit): once the module's fixtures are torn down, a change that remains fails
+    the module's last test (an error at its teardown), naming the test after which it was first seen.
+    """
     try:
         return (yield)
     finally:
         stop_after_last_user(item)
-        before, after = item.config.stash.get(_STATE, {}), _process_state()
-        item.config.stash[_STATE] = {**before, **after}  # a key first seen (torch imported) is taken as it is
-        changed = _changes(before, after)
-        if changed:
-            pytest.fail(
-                f"{item.nodeid} left process-wide state changed (later tests would run in it):\n  "
-                + "\n  ".join(changed),
-                pytrace=False,
-            )
+        stash = item.config.stash
+        if _STATE in stash:
+            before, after = stash[_STATE], _process_state()
+            first_seen = stash[_FIRST_SEEN]
+            changed = _changes(before, after)
+            for key in changed:
+                first_seen.setdefault(key, item.nodeid)
+            if nextitem is None or nextitem.module is not item.module:
+                stash[_STATE], stash[_FIRST_SEEN] = after, {}
+                if changed:
+                    pytest.fail(
+                        "process-wide state left changed (later tests would run in it):\n  "
+                        + "\n  ".join(
+                            f"{key}: {what} (first seen after {first_seen[key]})" for key, what in changed.items()
+                        ),
+                        pytrace=False,
+                    )

@@ -115,6 +115,7 @@ def test_serve_has_subpackages_and_no_loose_modules():
     }
 
 
+@pytest.mark.slow  # a process that imports vLLM: ~20 s on 2 cores
 def test_the_vllm_model_module_loads_without_ray_serve():
     code = (
         "import sys, serve.engine.plugin as p, importlib; "

@@ -298,6 +298,7 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
 # ---------------------------------------------------------------- manifest errors (Ray, no engine)
 
 
+@pytest.mark.slow  # four runs of the command, each importing Ray: over a minute on 2 cores
 def test_bad_manifests_fail_at_once_with_one_line(config, tmp_path):
     (tmp_path / "dup.csv").write_text("response_id,candidate_id,part,audio\n7,c,interview,a.wav\n7,c,interview,b.wav\n")
     (tmp_path / "cols.jsonl").write_text('{"response_id": "1", "candidate_id": "c", "audio": "a.wav"}\n')
