@@ -9,7 +9,9 @@ one seed each, parts taken in turn) and scores all of them, in one run, through
 (b) ``offline``: :class:`serve.engine.offline.OfflineEngine` (``vllm.LLM``), every answer
     decoded and sent to the engine in one batch, in this process;
 (c) ``reference``: transformers + peft (:class:`adapters.reference.ReferenceScorer`),
-    one answer at a time, the way a research grader runs.
+    one answer at a time, the way a research grader runs; measured first, before
+    the offline engine starts, since ``vllm.LLM`` changes process-wide state that
+    outlives it (torch's thread setting, environment variables, random seeds).
 
 Each path gets a warm-up on other answers first, so engine start-up, adapter
 loads and first-call compilation are left out. It prints each path's
@@ -404,6 +406,13 @@ def run_bench(args: argparse.Namespace) -> dict:
     import torch
 
     gpu = torch.cuda.is_available() and not args.no_gpu
+    # The reference first: the offline engine (vllm.LLM in this process) changes process-wide state for good
+    # (it replaces torch.set_num_threads, sets environment variables, seeds the random generators), so the
+    # plain pipeline is measured in the process as it started. Its answers are the first round's.
+    reference = None
+    if "reference" not in args.skip:
+        ref_answers = answers[: args.reference_answers] if args.reference_answers else answers
+        reference = (gpu_reference_phase if gpu else reference_phase)(cfg, ref_answers, warmup)
     rounds: list[dict[str, dict]] = []
     engine = None
     try:
@@ -435,9 +444,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         if engine is not None:
             engine.close()
     paths = _median_paths(rounds)
-    if "reference" not in args.skip:
-        ref_answers = answers[: args.reference_answers] if args.reference_answers else answers
-        paths["reference"] = (gpu_reference_phase if gpu else reference_phase)(cfg, ref_answers, warmup)
+    if reference is not None:
+        paths["reference"] = reference
 
     sv, off, ref = paths.get("service"), paths.get("offline"), paths.get("reference")
     result = {
