@@ -19,7 +19,7 @@ import uvicorn
 from serve.service import http_limits
 from serve.service.http_limits import PROBE_RESERVE, ConnectionLimits, use_bounded_protocol
 from serve.service.proxy_guard import ProxyGuard
-from tests.test_hardening import FakeProxy, _limits, _request
+from tests.test_hardening import FakeProxy, _limits, _request, until
 
 
 def _conn_limits(**kw) -> ConnectionLimits:
@@ -59,8 +59,7 @@ async def serving(limits: ConnectionLimits):
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
+    await until(lambda: server.started, "server started")
     try:
         yield sock.getsockname()[1]
     finally:
@@ -164,19 +163,19 @@ def test_connections_are_bounded_per_client_and_in_all_and_probes_still_pass():
     async def run():
         async with serving(_conn_limits(max_per_client=3, max_connections=20)) as port:
             held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            await asyncio.sleep(0.05)
+            await until(lambda: http_limits.open_connections() == 3, "three connections counted")
             probe = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             over = await _exchange(port, GET + b"Connection: close\r\n\r\n")
             held += [await asyncio.open_connection("127.0.0.1", port) for _ in range(PROBE_RESERVE)]
-            await asyncio.sleep(0.05)
+            await until(lambda: http_limits.open_connections() == 3 + PROBE_RESERVE, "the probes' reserve taken")
             refused_at_once = await _exchange(port)
             for _, w in held:
                 w.close()
-            await asyncio.sleep(0.1)
+            await until(lambda: http_limits.open_connections() == 0, "the held connections closed")
             after = await _exchange(port, GET + b"Connection: close\r\n\r\n")
         async with serving(_conn_limits(max_per_client=100, max_connections=5)) as port:
             held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
-            await asyncio.sleep(0.05)
+            await until(lambda: http_limits.open_connections() == 5, "five connections counted")
             full = await _exchange(port)
             for _, w in held:
                 w.close()
@@ -240,13 +239,13 @@ def test_probes_are_never_refused_for_their_addresses_other_requests():
     async def run():
         app.release.clear()
         held = [asyncio.create_task(_request(guard, [b"x"], client="10.0.0.9")) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await until(lambda: guard.held["10.0.0.9"] == 2, "two requests held")
         refused = await _request(guard, [b"x"], client="10.0.0.9")
         probes = [
             asyncio.create_task(_request(guard, [], method="GET", path=p, client="10.0.0.9", headers=[]))
             for p in ("/healthz", "/readyz")
         ]
-        await asyncio.sleep(0.05)
+        await until(lambda: len(app.bodies) == 4, "the probes at the app")
         app.release.set()
         return refused, await asyncio.gather(*probes), await asyncio.gather(*held)
 

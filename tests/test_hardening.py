@@ -113,6 +113,16 @@ def test_part_ids_and_echoed_strings_are_bounded():
 # ---------------------------------------------------------------- the proxy guard
 
 
+async def until(condition, what: str, timeout_s: float = 10) -> None:
+    """Return once ``condition()`` holds, checked each turn of the event loop; fail naming ``what`` after
+    ``timeout_s``. Tests order concurrent requests by what the code under test did, not by sleeps."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"no {what} in {timeout_s:g} s"
+        await asyncio.sleep(0.001)
+
+
 class FakeProxy:
     """Stands in for Ray Serve's proxy app: reads the body, then answers what the test tells it to."""
 
@@ -316,7 +326,7 @@ def test_one_client_holds_a_bounded_number_of_requests_and_others_are_unaffected
     async def run():
         app.release.clear()
         held = [asyncio.create_task(_request(guard, [b"x"], client="10.0.0.9")) for _ in range(3)]
-        await asyncio.sleep(0.05)
+        await until(lambda: guard.held["10.0.0.9"] == 3, "three requests held")
         refused = await _request(guard, [b"x"], client="10.0.0.9")
         app.release.set()
         other = await _request(guard, [b"x"], client="10.0.0.8")
@@ -395,8 +405,7 @@ def test_scoring_slots_queue_then_refuse_with_retry_after():
                 await gate.wait()
 
         tasks = [asyncio.create_task(answer()) for _ in range(3)]
-        await asyncio.sleep(0.05)
-        assert (slots.busy, slots.waiting) == (2, 1)
+        await until(lambda: (slots.busy, slots.waiting) == (2, 1), "two answers running and one waiting")
         with pytest.raises(ApiError) as refused:
             async with slots.slot():
                 pass
