@@ -22,6 +22,7 @@ import yaml
 from serve.grading.results import Quality
 from tests.audio_fixtures import speechlike, write
 from tests.conftest import ADMIN, SERVICE_BODY_TIMEOUT_S, USER, l2grader, require_espeak
+from tests.test_hardening import until
 
 pytestmark = pytest.mark.engine
 
@@ -474,8 +475,9 @@ def test_admin_calls_without_an_admin_key_are_refused(base_url, tiny_dir):
     assert httpx.delete(f"{base_url}/v1/parts/interview").status_code == 401
 
 
-async def _hold_slow_upload(port: int, results: list, stop_s: float) -> None:
-    """Send a score request's headers, then its body one byte a second: a client on a very bad line."""
+async def _hold_slow_upload(port: int, results: list, stop_s: float, sending: list | None = None) -> None:
+    """Send a score request's headers, then its body one byte a second: a client on a very bad line. Once its
+    headers are sent it joins ``sending``."""
     import asyncio
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -485,6 +487,8 @@ async def _hold_slow_upload(port: int, results: list, stop_s: float) -> None:
         + b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
     )
     await writer.drain()
+    if sending is not None:
+        sending.append(writer)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + stop_s
     try:
@@ -513,8 +517,12 @@ def test_150_slow_uploads_do_not_starve_health_or_scoring(base_url, audio_dir):
 
     async def run():
         results: list = []
-        slow = [asyncio.create_task(_hold_slow_upload(port, results, SERVICE_BODY_TIMEOUT_S + 20)) for _ in range(150)]
-        await asyncio.sleep(2)
+        sending: list = []
+        slow = [
+            asyncio.create_task(_hold_slow_upload(port, results, SERVICE_BODY_TIMEOUT_S + 20, sending))
+            for _ in range(150)
+        ]
+        await until(lambda: len(sending) == 150, "150 slow uploads sending", timeout_s=60)
         async with httpx.AsyncClient(timeout=30) as client:
             t0 = time.perf_counter()
             health = await client.get(f"{base_url}/healthz")
@@ -697,6 +705,14 @@ def test_dashboard_metrics_and_json_request_logs(base_url, service_log, audio_di
     assert scorer_lines and all(r["deployment"].endswith("Scorer") for r in scorer_lines)
 
 
+def wait_until(condition, what: str, timeout_s: float) -> None:
+    """Return once ``condition()`` holds (polled); fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} in {timeout_s:g} s"
+        time.sleep(0.05)
+
+
 def _service_pids(name: str, config: Path) -> list[int]:
     """The pids of this module's service processes whose command line holds ``name`` (its own tree only)."""
     import psutil
@@ -749,9 +765,12 @@ def test_a_scorer_replica_killed_under_load_gives_retryable_503s_never_500(base_
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    time.sleep(4)
+    wait_until(lambda: seen[200] > 0, "answer scored before the kill", 120)
     os.kill(scorer, signal.SIGKILL)
-    time.sleep(15)
+    # Load all through the outage: until a 503 says the replica is gone, then until its replacement scores.
+    wait_until(lambda: seen[503] > 0, "503 while the scorer replica is gone", 120)
+    scored = seen[200]
+    wait_until(lambda: seen[200] > scored, "answer scored by the replacement replica", 400)
     stop.set()
     for t in threads:
         t.join(timeout=180)
