@@ -149,19 +149,20 @@ def committed_rows(out: Path) -> int:
 # ---------------------------------------------------------------- the session, stopped and resumed
 
 
-def stderr_lines(proc: subprocess.Popen) -> list[str]:
-    """The process's stderr lines, filled by a thread as they come."""
+def stderr_lines(proc: subprocess.Popen):
+    """The process's stderr lines, filled by a thread as they come, and that thread (it ends at their end)."""
     import threading
 
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
-    return lines
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    return lines, reader
 
 
 def stopped_once_scoring(proc: subprocess.Popen, stop) -> tuple[str, float]:
     """``stop(proc)`` once the run's progress line counts a result; its stderr and the seconds it took to end. It
     ends with 130 and says how to go on."""
-    err_lines = stderr_lines(proc)
+    err_lines, reader = stderr_lines(proc)
     deadline = time.time() + 600
     progress = re.compile(r"l2grader: ([1-9]\d*)/\d+ answers \(")  # a resumed run's first batches may be empty
     while not any(progress.match(line) for line in err_lines):
@@ -172,7 +173,7 @@ def stopped_once_scoring(proc: subprocess.Popen, stop) -> tuple[str, float]:
     asked = time.monotonic()
     proc.wait(timeout=120)
     stopped_s = time.monotonic() - asked
-    time.sleep(0.5)  # the reader thread takes the last lines
+    reader.join(timeout=10)  # the reader thread has taken the last lines once stderr ends
     err = "".join(err_lines)
     assert proc.returncode == 130, err[-3000:]
     assert "run the same command again to go on" in err
