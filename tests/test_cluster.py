@@ -159,15 +159,20 @@ def _scale_route_and_kill(cluster, service, load, before, counted_before, timeli
     # Both replicas, one per node, take answers (each replica's counters in the cluster-wide GET /metrics);
     # adapters (2 slots, 6 parts) load and evict.
     assert len(set(cluster.replica_pids("Scorer").values())) == 2
-    time.sleep(20)
-    during = {rid: row for rid, row in stats_delta(before, counts_now(service.url)).items() if row["answers"]}
+    deadline = time.monotonic() + 120  # until both replicas have answered, adapters loaded and one evicted
+    while True:
+        during = {rid: row for rid, row in stats_delta(before, counts_now(service.url)).items() if row["answers"]}
+        loads = sum(r["adapter_loads"] for r in during.values())
+        evictions = sum(r["adapter_evictions"] for r in during.values())
+        if (len(during) == 2 and loads >= 2 and evictions >= 1) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     print("replicas after scale-up:", during)
     assert len(during) == 2, during
     answers = sum(r["answers"] for r in during.values())
-    loads = sum(r["adapter_loads"] for r in during.values())
     loads_per_1000 = 1000 * loads / answers
     print(f"adapter loads per 1,000 answers: {loads_per_1000:.1f} ({loads} loads, {answers} answers)")
-    assert loads >= 2 and sum(r["adapter_evictions"] for r in during.values()) >= 1
+    assert loads >= 2 and evictions >= 1
 
     # kill -9 of the replica on the worker node, found among this cluster's processes only.
     pid = cluster.kill_replica("Scorer", node=cluster.workers[0])
@@ -188,8 +193,12 @@ def _scale_route_and_kill(cluster, service, load, before, counted_before, timeli
     assert set(result["errors"]) <= {"503", "0"}, result["errors"]  # refusals were retryable, nothing else failed
 
     # The cluster-wide GET /metrics counts what the load generator got, whichever of the two ingress replicas answered.
-    time.sleep(METRICS_DELAY_S)
-    counted = answers_counted(service.url) - counted_before
+    deadline = time.monotonic() + 10 * METRICS_DELAY_S  # every replica's counters reach the page
+    while True:
+        counted = answers_counted(service.url) - counted_before
+        if abs(counted - result["answers"]) <= 0.01 * result["answers"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     print(f"answers: {result['answers']} by the load generator, {counted:.0f} in GET /metrics")
     assert abs(counted - result["answers"]) <= 0.01 * result["answers"], (counted, result["answers"])
 
@@ -198,7 +207,9 @@ def _scale_route_and_kill(cluster, service, load, before, counted_before, timeli
     while replica_counts().get("Scorer", 0) != 1 or replica_counts("STARTING").get("Scorer", 0) != 0:
         assert time.monotonic() < deadline, f"no scale-down to one replica: {timeline.changes}"
         time.sleep(1)
-    time.sleep(2)  # the timeline sees the last change
+    deadline = time.monotonic() + 30
+    while not (timeline.changes and timeline.changes[-1][1:] == (1, 0)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the timeline sees the last change
     changes = timeline.stop()
     print(
         f"scale-up after {scale_up_s:.1f} s; load ended at {load_ended:.0f} s; "
