@@ -237,7 +237,9 @@ def _process_state() -> dict[str, object]:
         "gc thresholds": gc.get_threshold(),
         "sys.excepthook": sys.excepthook,
         "threading.excepthook": threading.excepthook,
-        "multiprocessing start method": multiprocessing.get_start_method(allow_none=True),
+        # unset until something asks for it, which sets the platform's default: only another method is a change
+        "multiprocessing start method": multiprocessing.get_start_method(allow_none=True)
+        or multiprocessing.get_all_start_methods()[0],
         "working directory": os.getcwd(),
         "CPU affinity": os.sched_getaffinity(0),
         "root logger level": root.level,
@@ -250,7 +252,7 @@ def _process_state() -> dict[str, object]:
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_num_threads"):  # once imported (importing it takes seconds)
         state["torch threads"] = torch.get_num_threads()
-        state["torch.set_num_threads is torch's"] = torch.set_num_threads is getattr(torch._C, "set_num_threads", None)
+        state["torch.set_num_threads"] = torch.set_num_threads  # vLLM's CPU worker puts a no-op in its place
     return state
 
 
