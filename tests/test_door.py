@@ -1,6 +1,6 @@
 """The door's bounds without Ray: the proxy's HTTP protocol on a real uvicorn server, the guard's key and probe rules.
 
-:class:`serve.service.http_limits.BoundedHttpProtocol` runs here inside a real
+:class:`serve.service.uvicorn_private.BoundedHttpProtocol` runs here inside a real
 uvicorn server on loopback, spoken to over raw sockets (what an attacker
 sends); the proxy guard is driven directly, as in tests/test_hardening.py.
 """
@@ -16,9 +16,9 @@ import time
 import pytest
 import uvicorn
 
-from serve.service import http_limits
-from serve.service.http_limits import PROBE_RESERVE, ConnectionLimits, use_bounded_protocol
+from serve.service.http_limits import PROBE_RESERVE, ConnectionLimits
 from serve.service.proxy_guard import ProxyGuard
+from serve.service.uvicorn_private import forget_connections, use_bounded_protocol
 from tests.test_hardening import FakeProxy, _limits, _request
 
 
@@ -66,7 +66,7 @@ async def serving(limits: ConnectionLimits):
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
-        http_limits._open.clear()
+        forget_connections()
 
 
 async def _exchange(port: int, data: bytes = b"", wait_s: float = 3.0) -> tuple[int, dict, bytes, float]:
