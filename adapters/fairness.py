@@ -297,7 +297,7 @@ def format_table(table: Sequence[dict]) -> list[str]:
         lines.append(
             f"  {name[:26]:<26}{g['n']:>5}{g['n_candidates']:>6}{g['mean_error']:>+9.3f}{smd_text:>8}{ci_text:>17}"
             f"{dsm_text:>8}{100 * g['exact']:>6.0f}%{100 * g['adjacent']:>5.0f}%{100 * g['review_rate']:>6.0f}%"
-            f"{cover:>7}  {status} (limit {g['smd_limit']})"
+            f"{cover:>7}  {status} (limit {g['smd_limit']:.2f})"
         )
     return lines
 

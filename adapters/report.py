@@ -259,7 +259,7 @@ def _fairness_table(table: Sequence[dict]) -> str:
                 "too small" if g["too_small"] else ci(g["smd_ci"]),
                 g["dsm"],
                 ci(g["dsm_ci"]),
-                f"{g['status']} (limit {g['smd_limit']})",
+                f"{g['status']} (limit {g['smd_limit']:.2f})",
                 g["pcc"],
                 g["rmse"],
                 g["exact"],
@@ -283,8 +283,8 @@ def _fairness_section(fairness: dict | None) -> str:
         "<h2>Fairness across groups</h2><p>SMD: the group's mean machine score minus its mean human score, over "
         'the pooled SD of the whole set (Williamson, Xi &amp; Breyer 2012, "A framework for evaluation and use of '
         "automated scoring\"); DSM: the group's mean machine z-score minus its mean human z-score, each on the "
-        f"whole set's mean and SD. <b>flagged</b>: |SMD| beyond {lim['overall']} for the whole set or "
-        f"{lim['group']} for a subgroup; <b>clear</b>: the whole {100 * lim['level']:.0f}% interval (candidates "
+        f"whole set's mean and SD. <b>flagged</b>: |SMD| beyond {lim['overall']:.2f} for the whole set or "
+        f"{lim['group']:.2f} for a subgroup; <b>clear</b>: the whole {100 * lim['level']:.0f}% interval (candidates "
         "resampled with all their answers) lies inside the limits; <b>inconclusive</b>: neither, or a group of "
         f"fewer than {small['answers']} answers or {small['candidates']} candidates. Inconclusive is not cleared: "
         "the group has too few answers to say.</p>"
