@@ -10,13 +10,15 @@ The answers come from one of two places, and the same report is made of both:
   scoring again.
 
 The soft and hard scores are compared with the human scores
-(:mod:`adapters.agreement`), and so is each analytic aspect's score with its
-own human score where the data has one, beside the cross matrix of each
-aspect's scores against every aspect's human scores; a calibration plot of predicted against human
-scores is drawn, and :mod:`adapters.trust` measures how well the answers' trust
-signals (audio quality, uncertainty, review verdict) pick the answers to route
-to humans and how fair the scores are across groups; ``--report DIR`` puts it
-all in one HTML page (:mod:`adapters.report`).
+(:mod:`adapters.agreement`; against a second human score too, where the data
+has one: the human-human baseline), and so is each analytic aspect's score with
+its own human score where the data has one, beside the cross matrix of each
+aspect's scores against every aspect's human scores; a calibration plot of
+predicted against human scores is drawn, :mod:`adapters.trust` measures how
+well the answers' trust signals (audio quality, uncertainty, review verdict)
+pick the answers to route to humans, and :mod:`adapters.fairness` how fair the
+scores are across groups, for the part's answers and each candidate's overall
+score; ``--report DIR`` puts it all in one HTML page (:mod:`adapters.report`).
 """
 
 from __future__ import annotations
