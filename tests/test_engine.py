@@ -51,7 +51,7 @@ def vllm_scorer(cfg):
 
     scorer = OfflineEngine(cfg)
     yield scorer
-    scorer.close()
+    scorer.shutdown()
 
 
 @pytest.fixture(scope="module")
