@@ -80,17 +80,14 @@ class OnlineEngine:
 
     async def check_health(self) -> None:
         """:class:`EngineDeadError` if vLLM's engine process died (``AsyncLLM.check_health``)."""
-        try:
+        async with self._dead_as_ours():
             await self.engine.check_health()
-        except Exception as e:
-            raise EngineDeadError(f"vLLM's engine process stopped ({type(e).__name__})") from e
-        if self.engine.errored:
-            raise EngineDeadError("vLLM's engine process stopped")
 
     @contextlib.asynccontextmanager
     async def _dead_as_ours(self) -> AsyncIterator[None]:
         """Whatever a call raises once the engine is dead (vLLM's EngineDeadError, a closed socket, ...) becomes
-        :class:`EngineDeadError`: the caller tells a lost engine from a bad request by that type alone."""
+        :class:`EngineDeadError`: the caller tells a lost engine from a bad request by that type alone. (vLLM
+        raises its own EngineDeadError only once it has marked the engine dead, which ``errored`` reads.)"""
         try:
             yield
         except EngineDeadError:
