@@ -81,7 +81,7 @@ def score_with_engine(cfg: GraderConfig, part: str, answers: Sequence[Answer]) -
     try:
         return scorer.score_answers([(part, PreparedAnswer(list(a.chunks), a.quality)) for a in answers])
     finally:
-        scorer.close()
+        scorer.shutdown()
 
 
 def calibration_plot(

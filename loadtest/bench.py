@@ -214,7 +214,7 @@ def offline_engine(cfg, warmup: list[Answer]):
     try:
         scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in warmup])
     except BaseException:
-        scorer.close()
+        scorer.shutdown()
         raise
     return scorer
 
@@ -433,7 +433,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             rounds.append(paths)
     finally:
         if engine is not None:
-            engine.close()
+            engine.shutdown()
     paths = _median_paths(rounds)
     if "reference" not in args.skip:
         ref_answers = answers[: args.reference_answers] if args.reference_answers else answers

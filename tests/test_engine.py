@@ -51,7 +51,7 @@ def vllm_scorer(cfg):
 
     scorer = OfflineEngine(cfg)
     yield scorer
-    scorer.close()
+    scorer.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,29 @@ def test_the_cpu_workers_thread_refusal_is_logged_once_not_per_request(vllm_scor
     finally:
         logger.removeHandler(handler)
     assert not [m for m in seen if m.startswith(THREADS_REFUSED)]
+
+
+def test_the_offline_engine_keeps_the_contract(vllm_scorer, cfg):
+    """The contract's methods (serve.engine.contract.Engine) give what the offline batch gives: checked parts,
+    adapters loaded ahead, one answer or a batch scored alike."""
+    import asyncio
+
+    from serve.engine.contract import Engine
+    from serve.grading.parts import config_parts
+
+    assert isinstance(vllm_scorer, Engine)
+    spec = vllm_scorer.check(config_parts(cfg)["interview"])
+    answers = [PreparedAnswer(split(w), measure(w, SAMPLE_RATE, -50.0)) for w in WAVES[:2]]
+    want = vllm_scorer.score_answers([("interview", a) for a in answers])
+
+    async def run():
+        await vllm_scorer.check_health()
+        await vllm_scorer.load_adapter(spec)
+        one = await vllm_scorer.score_answer(spec, answers[0], "one")
+        batch = await vllm_scorer.score_batch([(spec, a) for a in answers], "batch")
+        await vllm_scorer.unload_adapter(spec)
+        return [one, *batch]
+
+    one, *batch = asyncio.run(run())
+    for got, expected in zip([one, *batch], [want[0], *want]):
+        assert abs(got.score - expected.score) < TOL

@@ -120,7 +120,7 @@ def reference(session, config) -> dict:
     try:
         results = engine.score_answers([(r["part"], prepare(session["dir"] / r["audio"], cfg.audio)) for r in good])
     finally:
-        engine.close()
+        engine.shutdown()
     return {r["response_id"]: res.model_dump() for r, res in zip(good, results)}
 
 

@@ -103,7 +103,7 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
                         print(f"{PROG}: error: {path}: {prepared}", file=sys.stderr, flush=True)
     finally:
         if scorer is not None:
-            scorer.close()  # frees the engine's memory now, not at interpreter exit
+            scorer.shutdown()  # frees the engine's memory now, not at interpreter exit
     return 1 if failed else 0
 
 

@@ -184,7 +184,7 @@ class Ingress:
 
     async def _score(self, upload: ScoreUpload, part: Part, prepared: PreparedAnswer) -> ScoredAnswer:
         """The complete answer from the scorer replica that holds the part's adapter (one form from there on)."""
-        answer = await self.scorer.call("score", prepared, request_id(), part, model_id=part.model_id)
+        answer = await self.scorer.score(prepared, request_id(), part)
         self.metrics.record_answer(part.part, len(prepared.chunks), answer.duration_s)
         self.metrics.record_aspects(part.part, {name: a.score for name, a in answer.aspects.items()})
         self.metrics.record_review(part.part, answer.review.reasons)
@@ -313,7 +313,7 @@ class Ingress:
         except AdapterError as e:
             raise ApiError(422, "invalid_adapter", clip(e, 500)) from None
         try:
-            await self.scorer.call("check_part", checked)  # loads it and scores a canary chunk
+            await self.scorer.check_part(checked)  # loads it and scores a canary chunk
         except ValueError as e:  # RayTaskError(ValueError) is a ValueError too
             raise ApiError(422, "invalid_adapter", clip(getattr(e, "cause", None) or e, 500)) from None
         await asyncio.to_thread(self.registry.put, checked)
