@@ -144,6 +144,14 @@ def private_uses(tree: ast.AST, own: set[str], theirs: frozenset[str] = frozense
     local = imported_names(tree, PROJECT) | {
         n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
     }
+    # and the names bound to what the project's own functions and classes return
+    local |= {
+        t.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call) and root_name(n.value.func) in local
+        for t in n.targets
+        if isinstance(t, ast.Name)
+    }
 
     def add(node: ast.AST, what: str) -> None:
         found.append(f"{node.lineno}: {what}")
@@ -277,6 +285,10 @@ def test_a_name_spelt_like_a_library_s_is_the_project_s_only_on_the_project_s_ob
         "class Ours:\n"
         "    def f(self):\n"
         "        return self._config, settings._lock\n"
+        "def made():\n"
+        "    return Ours()\n"
+        "ours = made()\n"
+        "ours._config = None\n"
     )
     assert private_uses(ast.parse(ours), own, theirs) == []
     theirs_code = "from uvicorn import Server\nclass Ours(Server):\n    def f(self):\n        return self._config\n"
