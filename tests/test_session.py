@@ -327,6 +327,7 @@ def test_bad_manifests_and_output_folders_are_refused_before_ray_leaving_nothing
     (tmp_path / "noid.csv").write_text(header + ",c,interview,a.wav\n2,c,interview,b.wav\n")
     (tmp_path / "parts.csv").write_text(header + "1,c,intervew,a.wav\n2,c,intervew,b.wav\n3,c,,c.wav\n")
     (tmp_path / "ok.csv").write_text(header + "1,c,interview,a.wav\n")
+    (tmp_path / "rowless.csv").write_text(header)
     (tmp_path / "m.txt").write_text("x")
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
     foreign = tmp_path / "foreign"
@@ -343,6 +344,7 @@ def test_bad_manifests_and_output_folders_are_refused_before_ray_leaving_nothing
         ("noid.csv", None): "1 row(s) of the manifest have no response_id",
         ("parts.csv", None): "no row of the manifest names a registered part: 2 row(s) name an unknown part "
         "'intervew' (did you mean 'interview'?",
+        ("rowless.csv", None): "has no rows: nothing to score",
         ("m.txt", None): "unknown format '.txt'",
         ("absent.csv", None): "not found",
         ("bad.parquet", None): "cannot read the manifest",

@@ -148,8 +148,8 @@ def check_manifest_location(location: str) -> str:
 
 def load_manifest(location: str) -> pa.Table:
     """The manifest as a table of :data:`COLUMNS` (text), read here (before Ray starts) and checked as a whole:
-    :class:`ManifestError` when it cannot be read, lacks a column, or has an empty or repeated ``response_id``
-    (the output's key)."""
+    :class:`ManifestError` when it cannot be read, has no rows, lacks a column, or has an empty or repeated
+    ``response_id`` (the output's key)."""
 
     fmt = check_manifest_location(location)
     path = local_path(location)
@@ -192,6 +192,8 @@ def load_manifest(location: str) -> pa.Table:
         table = pa.table({c: table[c].cast(pa.string()) for c in COLUMNS})
     except pa.ArrowException as e:
         raise ManifestError(f"cannot read the manifest {location}: {first_line(e)}") from None
+    if not table.num_rows:
+        raise ManifestError(f"the manifest {location} has no rows: nothing to score")
     ids = table["response_id"].to_pylist()
     empty = sum(1 for rid in ids if not rid)
     if empty:
