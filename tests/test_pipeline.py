@@ -197,3 +197,60 @@ def test_a_system_failure_is_not_the_candidates_and_makes_the_result_incomplete(
         {"response_id": "r", "candidate_id": "c", "part": "p", "audio": "a.wav"}, kind="silence", message="m"
     )
     assert (r["status"], r["retryable"]) == ("not_scorable", None)
+
+
+def test_a_batch_keeps_what_was_scored_when_the_scorer_fails_on_an_answer():
+    """The batch endpoint's door: an answer the scorer failed on is ``failed`` (retryable), not the candidate's
+    ``not_scorable``; when none could be scored the batch gets the error, to be retried whole."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from serve.service.errors import ApiError
+    from serve.service.ingress import Ingress
+    from serve.service.uploads import ScoreUpload
+
+    part = SimpleNamespace(part="interview", config=SimpleNamespace(levels=DEFAULT_LEVELS))
+    answer = an_answer(seconds=12)
+
+    async def resolve(name):
+        return part
+
+    async def prepare(upload):
+        if upload.response_id == "silent":
+            raise ApiError(422, "silence", "the audio is silent")
+        return prepared(12)
+
+    async def score(upload, part, p):
+        if upload.response_id == "crash":
+            raise RuntimeError("CUDA error: an illegal memory access")
+        if upload.response_id == "down":
+            raise ApiError(503, "unavailable", "the scorer is not available")
+        return answer
+
+    ingress = object.__new__(Ingress)  # its routes' logic, without Ray Serve
+    ingress.cfg = SimpleNamespace(serving=SimpleNamespace(max_batch_audio_s=3600))
+    ingress.metrics = SimpleNamespace(record_review=lambda *_: None)
+    ingress._part, ingress._prepare, ingress._score = resolve, prepare, score
+
+    def batch(*ids):
+        uploads = [ScoreUpload("interview", b"", rid) for rid in ids]
+        return asyncio.run(ingress._score_batch(SimpleNamespace(candidate_id="c"), uploads, time.perf_counter()))
+
+    got = batch("ok", "silent", "crash", "down")
+    assert [r.status for r in got.results] == ["scored", "not_scorable", "failed", "failed"]
+    crash, down = got.results[2:]
+    assert (crash.reason.kind, crash.retryable, down.reason.kind, down.retryable) == (
+        "engine_error",
+        True,
+        "unavailable",
+        True,
+    )
+    assert "CUDA" not in crash.reason.message  # no exception text to the client (the log has it)
+    o = got.overall
+    assert (o.scored, o.not_scorable, o.failed, o.complete, o.score) == (1, 1, 2, False, answer.score)
+    assert o.review.reasons[-2:] == ["not_scorable", "incomplete"]
+    assert got.model_dump()["results"][2]["status"] == "failed"  # the response model takes it as it is
+    with pytest.raises(ApiError) as e:
+        batch("silent", "down")
+    assert e.value.status == 503
