@@ -465,14 +465,21 @@ def evaluate_session(
     the human scores of ``human_file``, joined by ``response_id``; nothing is scored again. ``cfg``: the config (with
     the registry's version of the part) the session scored with: the part's scale, and its adapter's stored
     calibration, whose methods are measured beside the intervals the answers carried."""
-    from serve.session.schema import SCORED, answer_of_row
+    from serve.session.schema import FAILED, SCORED, answer_of_row
     from serve.session.store import OutputDir
 
     check_signal(selective_signal)
     human = read_human_scores(human_file, human_column)
     rows = [r for r in OutputDir(session).read_all() if r["part"] == part]
     scored_rows = [r for r in rows if r["status"] == SCORED and r["response_id"] in human]
-    not_scorable = sum(1 for r in rows if r["status"] != SCORED)
+    not_scorable = sum(1 for r in rows if r["status"] not in (SCORED, FAILED))
+    failed = sum(1 for r in rows if r["status"] == FAILED)
+    if failed:  # the grader's failures, not the answers' audio: said apart
+        print(
+            f"{failed} answers of part {part!r} failed to be scored in {session} (the grader's failure, not their "
+            "audio): left out; run score-session again to retry the retryable ones",
+            file=sys.stderr,
+        )
     no_human = sum(1 for r in rows if r["status"] == SCORED and r["response_id"] not in human)
     if no_human:
         print(

@@ -284,6 +284,7 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
     assert silent["reason"]["kind"] == "silence" and "silent" in silent["reason"]["message"]
     overall = body["overall"]
     assert overall["scored"] == 2 and overall["not_scorable"] == 1
+    assert overall["failed"] == 0 and overall["complete"] is True
     assert overall["score"] == pytest.approx(np.mean([body["results"][0]["score"], body["results"][2]["score"]]))
     assert overall["review"]["needed"] and "not_scorable" in overall["review"]["reasons"]
     after = settled_metrics(base_url)
@@ -301,6 +302,8 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
         "cefr": None,
         "scored": 0,
         "not_scorable": 1,
+        "failed": 0,
+        "complete": True,  # the candidate's audio, not a failure of the grader
         "review": {"needed": True, "reasons": ["not_scorable"]},
         "aspects": {},
     }
