@@ -1,17 +1,41 @@
-"""Agreement between predicted and human scores, as reported in this field.
+"""Agreement between predicted and human scores, in the terms automated speaking assessment reports.
 
-PCC (Pearson), Spearman's rank correlation, RMSE, and the share of answers
-within 0.5 and within 1.0 of the human score (the Speak & Improve Challenge's
-measures). Shares are fractions in [0, 1].
+Correlations: PCC (Pearson), SRC (Spearman) and KRC (Kendall's tau-b), from
+:mod:`scipy.stats`. Errors: RMSE and the shares of answers strictly less than
+0.5 and 1.0 off the human score (the Speak & Improve Challenge's LESS05 and
+LESS1). Levels: each score is put on its nearest level of the scale (and, for
+the half-level figures, on its nearest half level); QWK is scikit-learn's
+quadratically weighted Cohen's kappa on those, exact and adjacent agreement the
+shares on the same level and at most one level apart. Shares are fractions in
+[0, 1]. Where a second human score is at hand, :func:`human_baseline` gives the
+same figures for human against human and the machine's drop from them.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-METRIC_KEYS = ("pcc", "spearman", "rmse", "within_0_5", "within_1_0")
+#: The scale's level scores when a caller names none (1 = A1 ... 6 = C2).
+DEFAULT_LEVEL_SCORES = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+METRIC_KEYS = (
+    "pcc",
+    "spearman",
+    "kendall",
+    "rmse",
+    "within_0_5",
+    "within_1_0",
+    "qwk",
+    "qwk_half",
+    "exact",
+    "adjacent",
+)
+#: The metrics where lower is better (the drop from the human-human figure is the other way round).
+LOWER_IS_BETTER = ("rmse",)
+#: The data field holding an answer's second, independent human score.
+SECOND_HUMAN = "human2"
 
 
 def _pair(pred: Sequence[float], human: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -24,24 +48,33 @@ def _pair(pred: Sequence[float], human: Sequence[float]) -> tuple[np.ndarray, np
     return p, h
 
 
+def _correlation(fn, p: np.ndarray, h: np.ndarray) -> float:
+    if len(p) < 2 or np.ptp(p) == 0 or np.ptp(h) == 0:
+        return float("nan")  # undefined: a constant side
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(fn(p, h)[0])
+
+
 def pearson(pred: Sequence[float], human: Sequence[float]) -> float:
-    """Pearson correlation; NaN when either side is constant (correlation undefined)."""
-    p, h = _pair(pred, human)
-    pc, hc = p - p.mean(), h - h.mean()
-    denom = np.sqrt((pc**2).sum() * (hc**2).sum())
-    return float((pc * hc).sum() / denom) if denom > 0 else float("nan")
+    """Pearson correlation (PCC); NaN when either side is constant (correlation undefined)."""
+    from scipy.stats import pearsonr
 
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata
-
-    return rankdata(x)  # ties get their average rank
+    return _correlation(pearsonr, *_pair(pred, human))
 
 
 def spearman(pred: Sequence[float], human: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson on average ranks)."""
-    p, h = _pair(pred, human)
-    return pearson(_ranks(p), _ranks(h))
+    """Spearman's rank correlation (SRC; ties get their average rank)."""
+    from scipy.stats import spearmanr
+
+    return _correlation(spearmanr, *_pair(pred, human))
+
+
+def kendall(pred: Sequence[float], human: Sequence[float]) -> float:
+    """Kendall's rank correlation (KRC), tau-b (corrected for ties)."""
+    from scipy.stats import kendalltau
+
+    return _correlation(kendalltau, *_pair(pred, human))
 
 
 def rmse(pred: Sequence[float], human: Sequence[float]) -> float:
@@ -51,20 +84,86 @@ def rmse(pred: Sequence[float], human: Sequence[float]) -> float:
 
 
 def within(pred: Sequence[float], human: Sequence[float], tolerance: float) -> float:
-    """Share of predictions at most ``tolerance`` from the human score."""
+    """Share of predictions strictly less than ``tolerance`` from the human score (LESS05, LESS1)."""
     p, h = _pair(pred, human)
-    return float(np.mean(np.abs(p - h) <= tolerance + 1e-9))
+    return float(np.mean(np.abs(p - h) < tolerance - 1e-9))
 
 
-def all_metrics(pred: Sequence[float], human: Sequence[float]) -> dict[str, float]:
-    """Every metric, keyed as in :data:`METRIC_KEYS`."""
+def level_index(scores: Sequence[float], level_scores: Sequence[float] = DEFAULT_LEVEL_SCORES) -> np.ndarray:
+    """Each score's nearest level, as its index on the scale (halfway between two: the higher, as rounding half up)."""
+    lv = np.sort(np.asarray(level_scores, dtype=np.float64))
+    s = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
+    return np.argmin(np.abs(s - lv[None, :]) - 1e-9 * (s <= lv[None, :]), axis=1)
+
+
+def half_level_index(scores: Sequence[float], level_scores: Sequence[float] = DEFAULT_LEVEL_SCORES) -> np.ndarray:
+    """Each score's nearest half level (levels and the midpoints between them), as its index."""
+    lv = np.sort(np.asarray(level_scores, dtype=np.float64))
+    halves = np.sort(np.concatenate([lv, (lv[:-1] + lv[1:]) / 2]))
+    return level_index(scores, halves)
+
+
+def qwk(pred_index: Sequence[int], human_index: Sequence[int], n_categories: int) -> float:
+    """Quadratically weighted Cohen's kappa of two ratings on ``n_categories`` ordered categories (NaN when both
+    raters put every answer in one category)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    p, h = np.asarray(pred_index, int), np.asarray(human_index, int)
+    if len(set(p.tolist()) | set(h.tolist())) < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(cohen_kappa_score(h, p, weights="quadratic", labels=list(range(n_categories))))
+
+
+def level_agreement(
+    pred: Sequence[float], human: Sequence[float], level_scores: Sequence[float] = DEFAULT_LEVEL_SCORES
+) -> dict[str, float]:
+    """QWK on levels and on half levels, and the shares of answers on the same level and at most one apart."""
+    p, h = _pair(pred, human)
+    pi, hi = level_index(p, level_scores), level_index(h, level_scores)
+    n = len(level_scores)
     return {
+        "qwk": qwk(pi, hi, n),
+        "qwk_half": qwk(half_level_index(p, level_scores), half_level_index(h, level_scores), 2 * n - 1),
+        "exact": float(np.mean(pi == hi)),
+        "adjacent": float(np.mean(np.abs(pi - hi) <= 1)),
+    }
+
+
+def all_metrics(
+    pred: Sequence[float], human: Sequence[float], level_scores: Sequence[float] = DEFAULT_LEVEL_SCORES
+) -> dict[str, float]:
+    """Every metric, keyed as in :data:`METRIC_KEYS`."""
+    m = {
         "pcc": pearson(pred, human),
         "spearman": spearman(pred, human),
+        "kendall": kendall(pred, human),
         "rmse": rmse(pred, human),
         "within_0_5": within(pred, human, 0.5),
         "within_1_0": within(pred, human, 1.0),
+        **level_agreement(pred, human, level_scores),
     }
+    return {k: m[k] for k in METRIC_KEYS}
+
+
+def human_baseline(
+    pred: Sequence[float],
+    human: Sequence[float],
+    human2: Sequence[float | None],
+    level_scores: Sequence[float] = DEFAULT_LEVEL_SCORES,
+) -> dict | None:
+    """On the answers with a second human score: every metric of human 2 against human 1, of the machine against
+    human 1, and the machine's drop (human-human minus machine-human; for RMSE, machine minus human-human: positive
+    is always worse). None when fewer than two answers have a second score."""
+    have = [i for i, x in enumerate(human2) if x is not None]
+    if len(have) < 2:
+        return None
+    h = [float(human[i]) for i in have]
+    hh = all_metrics([float(human2[i]) for i in have], h, level_scores)
+    mh = all_metrics([float(pred[i]) for i in have], h, level_scores)
+    drop = {k: (mh[k] - hh[k]) if k in LOWER_IS_BETTER else (hh[k] - mh[k]) for k in METRIC_KEYS}
+    return {"n": len(have), "human_human": hh, "machine_human": mh, "drop": drop}
 
 
 def soft_hard_metrics(answers: Sequence, scored: Sequence) -> dict[str, dict[str, float]]:
@@ -137,9 +236,23 @@ def format_aspects(agreement: dict[str, dict]) -> list[str]:
 def format_metrics(name: str, m: dict[str, float]) -> str:
     """One human-readable line."""
     return (
-        f"{name:<5} PCC {m['pcc']:.3f}  Spearman {m['spearman']:.3f}  RMSE {m['rmse']:.3f}  "
-        f"within 0.5 {100 * m['within_0_5']:.1f}%  within 1.0 {100 * m['within_1_0']:.1f}%"
+        f"{name:<5} PCC {m['pcc']:.3f}  SRC {m['spearman']:.3f}  KRC {m['kendall']:.3f}  RMSE {m['rmse']:.3f}  "
+        f"within 0.5 {100 * m['within_0_5']:.1f}%  within 1.0 {100 * m['within_1_0']:.1f}%  QWK {m['qwk']:.3f}  "
+        f"QWK half-levels {m['qwk_half']:.3f}  exact {100 * m['exact']:.1f}%  adjacent {100 * m['adjacent']:.1f}%"
     )
+
+
+def format_baseline(b: dict | None) -> list[str]:
+    """Human-readable lines of :func:`human_baseline` (none without a second human score)."""
+    if b is None:
+        return []
+    return [
+        f"second human score on {b['n']} answers:",
+        "  " + format_metrics("h-h", b["human_human"]),
+        "  " + format_metrics("m-h", b["machine_human"]),
+        "  machine's drop from human-human: "
+        + "  ".join(f"{k} {b['drop'][k]:+.3f}" for k in ("pcc", "qwk", "exact", "adjacent", "rmse")),
+    ]
 
 
 #: Fewest answers with an aspect's human scores on which it can be validated.

@@ -10,13 +10,15 @@ The answers come from one of two places, and the same report is made of both:
   scoring again.
 
 The soft and hard scores are compared with the human scores
-(:mod:`adapters.agreement`), and so is each analytic aspect's score with its
-own human score where the data has one, beside the cross matrix of each
-aspect's scores against every aspect's human scores; a calibration plot of predicted against human
-scores is drawn, and :mod:`adapters.trust` measures how well the answers' trust
-signals (audio quality, uncertainty, review verdict) pick the answers to route
-to humans and how fair the scores are across groups; ``--report DIR`` puts it
-all in one HTML page (:mod:`adapters.report`).
+(:mod:`adapters.agreement`; against a second human score too, where the data
+has one: the human-human baseline), and so is each analytic aspect's score with
+its own human score where the data has one, beside the cross matrix of each
+aspect's scores against every aspect's human scores; a calibration plot of
+predicted against human scores is drawn, :mod:`adapters.trust` measures how
+well the answers' trust signals (audio quality, uncertainty, review verdict)
+pick the answers to route to humans, and :mod:`adapters.fairness` how fair the
+scores are across groups, for the part's answers and each candidate's overall
+score; ``--report DIR`` puts it all in one HTML page (:mod:`adapters.report`).
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ from typing import Any
 import numpy as np
 
 from adapters import coverage
-from adapters.agreement import all_metrics, aspect_agreement, format_aspects, format_metrics
+from adapters.agreement import (
+    SECOND_HUMAN,
+    all_metrics,
+    aspect_agreement,
+    format_aspects,
+    format_baseline,
+    format_metrics,
+    human_baseline,
+)
 from adapters.dataset import Answer, DataError, answer_ids, load_answers, read_aspects, read_jsonl
+from adapters.fairness import Row, fairness_report, format_fairness
 from adapters.trust import SIGNALS, trust_report
 from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter, training_record
@@ -70,7 +81,7 @@ def score_with_engine(cfg: GraderConfig, part: str, answers: Sequence[Answer]) -
     try:
         return scorer.score_answers([(part, PreparedAnswer(list(a.chunks), a.quality)) for a in answers])
     finally:
-        scorer.close()
+        scorer.shutdown()
 
 
 def calibration_plot(
@@ -130,7 +141,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def format_trust(trust: dict) -> list[str]:
-    """Human-readable lines: selective scoring per signal, the verdict, the group table."""
+    """Human-readable lines: selective scoring per signal and the verdict."""
     rates = [r["review_rate"] for r in trust["selective"]]
     lines = [
         "selective scoring, PCC of the answers kept when the most doubtful are routed to review:",
@@ -148,19 +159,31 @@ def format_trust(trust: dict) -> list[str]:
         f"{_fmt(v['rmse'])}, within 0.5 {_fmt(None if v['within_0_5'] is None else 100 * v['within_0_5'], '.1f')}%;"
         f" reasons {v['reasons']}"
     )
-    lines.append(
-        f"  {'group':<28}{'n':>5}{'PCC':>8}{'RMSE':>8}{'mean err':>10}{'SMD':>8}{'95% interval':>18}{'review':>8}"
-    )
-    for g in trust["groups"]:
-        name = "all" if g["field"] == "all" else f"{g['field']}={g['group']}"
-        flag = f"  FLAG: SMD beyond +-{g['smd_limit']}" if g["flagged"] else ""
-        ci = g.get("smd_ci")
-        ci_text = "too small" if g.get("too_small") else "-" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
-        lines.append(
-            f"  {name[:28]:<28}{g['n']:>5}{_fmt(g['pcc']):>8}{_fmt(g['rmse']):>8}{g['mean_error']:>+10.3f}"
-            f"{_fmt(g['smd'], '+.3f'):>8}{ci_text:>18}{100 * g['review_rate']:>7.0f}%{flag}"
-        )
     return lines
+
+
+def fairness_rows(
+    part: str,
+    scored: Sequence[ScoredAnswer],
+    human: Sequence[float],
+    fields: Sequence[dict],
+    speakers: Sequence[str | None] | None,
+) -> list[Row]:
+    """The rows the fairness tables are made of: each answer's soft score, human score, review verdict, fields,
+    candidate (its speaker) and the interval it carried."""
+    speakers = list(speakers) if speakers is not None else [None] * len(scored)
+    return [
+        Row(
+            s.score,
+            float(h),
+            s.review.needed,
+            f,
+            candidate=sp,
+            part=part,
+            interval=None if s.interval is None else (s.interval.low, s.interval.high),
+        )
+        for s, h, f, sp in zip(scored, human, fields, speakers)
+    ]
 
 
 def _split_by_speaker(speakers: Sequence[str | None], seed: int) -> np.ndarray:
@@ -442,14 +465,21 @@ def evaluate_session(
     the human scores of ``human_file``, joined by ``response_id``; nothing is scored again. ``cfg``: the config (with
     the registry's version of the part) the session scored with: the part's scale, and its adapter's stored
     calibration, whose methods are measured beside the intervals the answers carried."""
-    from serve.session.schema import SCORED, answer_of_row
+    from serve.session.schema import FAILED, SCORED, answer_of_row
     from serve.session.store import OutputDir
 
     check_signal(selective_signal)
     human = read_human_scores(human_file, human_column)
     rows = [r for r in OutputDir(session).read_all() if r["part"] == part]
     scored_rows = [r for r in rows if r["status"] == SCORED and r["response_id"] in human]
-    not_scorable = sum(1 for r in rows if r["status"] != SCORED)
+    not_scorable = sum(1 for r in rows if r["status"] not in (SCORED, FAILED))
+    failed = sum(1 for r in rows if r["status"] == FAILED)
+    if failed:  # the grader's failures, not the answers' audio: said apart
+        print(
+            f"{failed} answers of part {part!r} failed to be scored in {session} (the grader's failure, not their "
+            "audio): left out; run score-session again to retry the retryable ones",
+            file=sys.stderr,
+        )
     no_human = sum(1 for r in rows if r["status"] == SCORED and r["response_id"] not in human)
     if no_human:
         print(
@@ -519,17 +549,20 @@ def report_on(
     """The metrics of scored answers against their human scores, printed (the last stdout line is their JSON),
     with the calibration plot, the predictions file and the HTML report when asked. ``human_aspects``: each
     answer's human aspect scores (aspect -> score; none: the aspects' agreement is not measured)."""
+    level_scores = [lv.score for lv in levels]
     result = {
-        "soft": all_metrics([s.score for s in scored], human),
-        "hard": all_metrics([s.hard_score for s in scored], human),
+        "soft": all_metrics([s.score for s in scored], human, level_scores),
+        "hard": all_metrics([s.hard_score for s in scored], human, level_scores),
     }
+    second = [f.get(SECOND_HUMAN) for f in fields]
+    baseline = human_baseline([s.score for s in scored], human, [None if x is None else float(x) for x in second])
     human_aspects = list(human_aspects) if human_aspects is not None else [{} for _ in scored]
     aspects = aspect_agreement(
         [{a: (v.score, v.hard_score) for a, v in s.aspects.items()} for s in scored], human_aspects
     )
     unjudged = [a for a in dict.fromkeys(k for s in scored for k in s.aspects) if a not in aspects["aspects"]]
-    trust = trust_report(scored, human, fields, group_by, selective_signal)
-    level_scores = [lv.score for lv in levels]
+    trust = trust_report(scored, human, selective_signal)
+    fairness = fairness_report(fairness_rows(part, scored, human, fields, speakers), group_by, level_scores)
     intervals = interval_report(
         scored,
         human,
@@ -560,10 +593,14 @@ def report_on(
     summary = {
         "soft": _finite(result["soft"]),
         "hard": _finite(result["hard"]),
+        "human_baseline": None
+        if baseline is None
+        else {k: _finite(v) if isinstance(v, dict) else v for k, v in baseline.items()},
         "answers": len(scored),
         "not_scorable": not_scorable,
         "untrained": scored[0].model.untrained,
         **trust,
+        "fairness": fairness,
         "intervals": intervals,
         "aspects": {
             a: {"n": m["n"], "soft": _finite(m["soft"]), "hard": _finite(m["hard"])}
@@ -578,11 +615,15 @@ def report_on(
     )
     print(format_metrics("soft", result["soft"]))
     print(format_metrics("hard", result["hard"]))
+    for line in format_baseline(baseline):
+        print(line)
     for line in format_aspects(aspects):
         print(line)
     if unjudged:
         print(f"aspects scored without human scores in the data (not judged): {', '.join(unjudged)}")
     for line in format_trust(trust):
+        print(line)
+    for line in format_fairness(fairness):
         print(line)
     for line in format_intervals(intervals):
         print(line)

@@ -4,7 +4,8 @@ Figures: predicted against human scores coloured by the review verdict, the
 calibration plot, the confusion matrix of levels (human score rounded against
 the hard score), and the selective-scoring curves; then the analytic aspects'
 agreement and cross-PCC tables (where the data has aspect scores), the
-selective-scoring, error-correlation and group tables.
+selective-scoring and error-correlation tables, and the fairness tables of
+each part and of the overall score.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adapters.agreement import METRIC_KEYS
+from adapters.fairness import FLAGGED
 from serve.grading.results import ScoredAnswer
 
 
@@ -190,6 +193,112 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], flagged: Se
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+#: Column headers of :data:`adapters.agreement.METRIC_KEYS`.
+AGREEMENT_HEADERS = (
+    "PCC",
+    "SRC",
+    "KRC",
+    "RMSE",
+    "within 0.5",
+    "within 1.0",
+    "QWK (levels)",
+    "QWK (half levels)",
+    "exact level",
+    "adjacent level",
+)
+
+
+def _baseline_table(baseline: dict | None) -> str:
+    """Human against human where a second human score is at hand, the machine on the same answers, its drop."""
+    if not baseline:
+        return "<p>No second human score in the data: no human-human baseline.</p>"
+    return (
+        f"<p>On the {baseline['n']} answers with a second human score: the second human against the first, the "
+        "machine against the first, and the machine's drop from the human-human figure (positive: worse).</p>"
+        + _table(
+            ["", *AGREEMENT_HEADERS],
+            [
+                [name, *(baseline[key].get(k) for k in METRIC_KEYS)]
+                for name, key in (("human-human", "human_human"), ("machine-human", "machine_human"), ("drop", "drop"))
+            ],
+        )
+    )
+
+
+def _fairness_table(table: Sequence[dict]) -> str:
+    def ci(x):
+        return "" if x is None else f"[{x[0]:+.2f}, {x[1]:+.2f}]"
+
+    return _table(
+        [
+            "field",
+            "group",
+            "answers",
+            "candidates",
+            "mean error",
+            "SMD",
+            "SMD 95% interval",
+            "DSM",
+            "DSM 95% interval",
+            "status",
+            "PCC",
+            "RMSE",
+            "exact level",
+            "adjacent level",
+            "review rate",
+            "interval coverage",
+        ],
+        [
+            [
+                g["field"],
+                g["group"],
+                g["n"],
+                g["n_candidates"],
+                g["mean_error"],
+                g["smd"],
+                "too small" if g["too_small"] else ci(g["smd_ci"]),
+                g["dsm"],
+                ci(g["dsm_ci"]),
+                f"{g['status']} (limit {g['smd_limit']:.2f})",
+                g["pcc"],
+                g["rmse"],
+                g["exact"],
+                g["adjacent"],
+                g["review_rate"],
+                g["interval_coverage"],
+            ]
+            for g in table
+        ],
+        [g["status"] == FLAGGED for g in table],
+    )
+
+
+def _fairness_section(fairness: dict | None) -> str:
+    """Each part's fairness table and the overall score's, with what the statuses mean."""
+    if not fairness:
+        return ""
+    lim = fairness["limits"]
+    small = fairness["min_group"]
+    intro = (
+        "<h2>Fairness across groups</h2><p>SMD: the group's mean machine score minus its mean human score, over "
+        'the pooled SD of the whole set (Williamson, Xi &amp; Breyer 2012, "A framework for evaluation and use of '
+        "automated scoring\"); DSM: the group's mean machine z-score minus its mean human z-score, each on the "
+        f"whole set's mean and SD. <b>flagged</b>: |SMD| beyond {lim['overall']:.2f} for the whole set or "
+        f"{lim['group']:.2f} for a subgroup; <b>clear</b>: the whole {100 * lim['level']:.0f}% interval (candidates "
+        "resampled with all their answers) lies inside the limits; <b>inconclusive</b>: neither, or a group of "
+        f"fewer than {small['answers']} answers or {small['candidates']} candidates. Inconclusive is not cleared: "
+        "the group has too few answers to say.</p>"
+    )
+    parts = "".join(
+        f"<h3>Part {html.escape(part)}: answers</h3>" + _fairness_table(table)
+        for part, table in fairness["parts"].items()
+    )
+    overall = f"<h3>Overall score</h3><p>{html.escape(fairness['overall_rule'])}.</p>" + _fairness_table(
+        fairness["overall"]
+    )
+    return intro + parts + overall
+
+
 #: What the report says first when its scores come from the tiny demo checkpoint.
 UNTRAINED_BANNER = (
     '<p class="untrained" style="background:#fde2e2;border:2px solid #c00;padding:8px 12px;font-weight:bold">'
@@ -219,12 +328,9 @@ def write_report(
     figs += [_img(confusion, "Confusion matrix of levels"), _img(curve, "Selective scoring")]
     soft, hard = summary["soft"], summary["hard"]
     agreement = _table(
-        ["decoding", "PCC", "Spearman", "RMSE", "within 0.5", "within 1.0"],
-        [
-            [k, m["pcc"], m["spearman"], m["rmse"], m["within_0_5"], m["within_1_0"]]
-            for k, m in (("soft", soft), ("hard", hard))
-        ],
-    )
+        ["decoding", *AGREEMENT_HEADERS],
+        [[k, *(m.get(key) for key in METRIC_KEYS)] for k, m in (("soft", soft), ("hard", hard))],
+    ) + _baseline_table(summary.get("human_baseline"))
     aspects = summary.get("aspects", {})
     aspect_tables = ""
     if aspects:
@@ -268,30 +374,7 @@ def write_report(
             ]
         ],
     )
-    groups = summary["groups"]
-    group_table = _table(
-        ["field", "group", "n", "PCC", "RMSE", "mean error", "SMD", "SMD 95% interval", "review rate", "flagged"],
-        [
-            [
-                g["field"],
-                g["group"],
-                g["n"],
-                g["pcc"],
-                g["rmse"],
-                g["mean_error"],
-                g["smd"],
-                "too small"
-                if g.get("too_small")
-                else ""
-                if g.get("smd_ci") is None
-                else f"[{g['smd_ci'][0]:+.2f}, {g['smd_ci'][1]:+.2f}]",
-                g["review_rate"],
-                f"beyond +-{g['smd_limit']}" if g["flagged"] else "",
-            ]
-            for g in groups
-        ],
-        [g["flagged"] for g in groups],
-    )
+    fairness = _fairness_section(summary.get("fairness"))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1200px}}
@@ -310,10 +393,7 @@ tr.flag td{{background:#fde2e2}}</style>
 <p>The most doubtful answers by each signal are routed to human review; PCC of the answers kept.</p>{selective}
 <h3>Review verdict (the part's thresholds)</h3>{verdict}
 {_interval_section(summary.get("intervals"))}
-<h2>Groups</h2>
-<p>SMD: machine minus human mean over the pooled SD; flagged when its 95% bootstrap interval lies wholly beyond
-0.15 for the whole set and 0.10 for a subgroup (Williamson, Xi &amp; Breyer 2012, "A framework for evaluation and
-use of automated scoring"); groups of fewer than 10 answers are too small to judge.</p>{group_table}
+{fairness}
 </body></html>
 """
     (out / "report.html").write_text(page)

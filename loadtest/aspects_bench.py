@@ -173,7 +173,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                     + json.dumps({k: round(v, 1) for k, v in runs[r][-1].items()})
                 )
     finally:
-        engine.close()
+        engine.shutdown()
     result_rows = {r: medians(v) for r, v in runs.items()}
     base = result_rows["holistic"]
     return {

@@ -216,7 +216,7 @@ def offline_engine(cfg, warmup: list[Answer]):
     try:
         scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in warmup])
     except BaseException:
-        scorer.close()
+        scorer.shutdown()
         raise
     return scorer
 
@@ -442,7 +442,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             rounds.append(paths)
     finally:
         if engine is not None:
-            engine.close()
+            engine.shutdown()
     paths = _median_paths(rounds)
     if reference is not None:
         paths["reference"] = reference

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
         try:
             off = offline_phase(cfg, answers, engine)
         finally:
-            engine.close()
+            engine.shutdown()
         paths["offline"] = {k: v for k, v in off.items() if k not in ("scores", "p50_ms", "p95_ms")}
     ratio = None
     if "offline" in paths and paths["session"]["answers_per_s"]:

@@ -262,7 +262,7 @@ def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: 
                 result[name]["mean_chunk_spread"] = float(np.mean(spreads))
                 result[name]["max_chunk_spread"] = float(np.max(spreads))
         finally:
-            scorer.close()
+            scorer.shutdown()
     durations = [round(w.size / RATE, 1) for w in waves]
     print(f"{answers} long answers ({min(durations)}-{max(durations)} s)")
     for name, r in result.items():

@@ -51,7 +51,7 @@ def _serve(conn, build: Callable, build_args: tuple) -> None:
             except Exception:  # noqa: BLE001 - sent to the test, which raises it
                 conn.send(("error", traceback.format_exc()))
     finally:
-        engine.close()
+        engine.shutdown()
         conn.send(("closed", None))
 
 

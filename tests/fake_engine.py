@@ -1,18 +1,24 @@
-"""An engine stand-in for the scorer replica: no vLLM, but the same interface and observable adapter use.
+"""An engine stand-in for the scorer replica: no vLLM, but the same contract (serve.engine.contract.Engine) and
+observable adapter use.
 
 It "scores" in ``SECONDS_PER_AUDIO_SECOND`` of wall time per second of audio,
 keeps the set of adapters loaded, and fails a request whose adapter is not
 loaded when it starts or was unloaded while it ran, which is what a real
-engine must never see.
+engine must never see. Its engine "dies" when the file named by
+:data:`DEAD_ENV` is written after the engine was built: from then on it raises
+``EngineDeadError`` as the online engine does once vLLM's engine process is
+gone; an engine built later (the replacement replica's) is healthy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import numpy as np
 
+from serve.engine.contract import EngineDeadError
 from serve.grading.answers import answer_result, score_targets
 from serve.grading.parts import Part, PartSpec, resolve_part
 from serve.grading.scoring import ChunkScore
@@ -25,6 +31,8 @@ EVENTS_ENV = "L2GRADER_FAKE_ENGINE_EVENTS"
 #: it is scored, so that a test orders what the replica does by events, not by sleeps. Each request also appends
 #: "score <part>" to the events file once it has started.
 HOLD_ENV = "L2GRADER_FAKE_ENGINE_HOLD"
+#: Environment variable naming a file; writing it kills every fake engine built before.
+DEAD_ENV = "L2GRADER_FAKE_ENGINE_DEAD"
 
 
 def _record(event: str, part: str) -> None:
@@ -58,6 +66,14 @@ class FakeEngine:
     def __init__(self, cfg):
         self.cfg = cfg
         self.loaded: set[str] = set()  # adapter hashes, as vLLM keys adapters by an id made of the hash
+        self.dead = False
+        self.born = time.time()
+
+    async def check_health(self) -> None:
+        path = os.environ.get(DEAD_ENV)
+        if self.dead or (path and os.path.exists(path) and os.path.getmtime(path) >= self.born):
+            self.dead = True  # a dead engine stays dead
+            raise EngineDeadError("the fake engine was killed")
 
     def resolve(self, part: Part) -> PartSpec:
         return resolve_part(part, LetterTokenizer(), self.cfg)
@@ -79,11 +95,13 @@ class FakeEngine:
 
     async def score_answer(self, spec: PartSpec, prepared, request_id: str):
         chunks = prepared.chunks
+        await self.check_health()
         if request_id != "warm-up":
             self._check_loaded(spec, "when its request started")
             _record("score", spec.part)
             await _held(spec.part)
         await asyncio.sleep(SECONDS_PER_AUDIO_SECOND * sum(c.duration_s for c in chunks))
+        await self.check_health()
         if request_id != "warm-up":
             self._check_loaded(spec, "while its request ran")
         uniform = [
@@ -91,6 +109,11 @@ class FakeEngine:
             for t in spec.targets
         ]
         return answer_result(spec, prepared, *score_targets(spec, uniform))
+
+    async def score_batch(self, answers, request_id: str):
+        return list(
+            await asyncio.gather(*(self.score_answer(s, p, f"{request_id}-{i}") for i, (s, p) in enumerate(answers)))
+        )
 
     def shutdown(self) -> None:
         pass

@@ -16,7 +16,7 @@ from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter
 from serve.grading.config import PartConfig
 from serve.grading.fingerprint import score_fingerprint
-from serve.grading.results import ScoredAnswer
+from serve.grading.results import NotScorable, ScoredAnswer
 from serve.service.options import ALLOW_HA_PROXY_ENV, ha_proxy_refusal
 from serve.service.settings import load_service_config, part_registry
 from tests.conftest import l2grader
@@ -72,7 +72,16 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     files = ["a.wav", "corrupt.wav", "b.flac", "empty.wav", "c.ogg", "silent.wav", "d.mp3", "a.wav"]
     r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", *(audio_dir / f for f in files))
     assert r.returncode == 1, r.stderr[-3000:]
-    results = [json.loads(line) for line in r.stdout.splitlines()]
+    every = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(x["file"]).name for x in every] == files  # one object per file, in order
+    refused = [x for x in every if x["status"] != "scored"]
+    assert [(Path(x["file"]).name, x["status"], x["reason"]["kind"]) for x in refused] == [
+        ("corrupt.wav", "not_scorable", "undecodable"),
+        ("empty.wav", "not_scorable", "empty"),
+        ("silent.wav", "not_scorable", "silence"),
+    ]
+    assert all(set(x) == {"file", *NotScorable.model_fields} for x in refused)  # a batch's not_scorable result
+    results = [x for x in every if x["status"] == "scored"]
     assert [Path(x["file"]).name for x in results] == ["a.wav", "b.flac", "c.ogg", "d.mp3", "a.wav"]
     for x in results:
         assert set(x) == {"file", *ScoredAnswer.model_fields}  # the whole answer, as every door gives it

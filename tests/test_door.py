@@ -1,6 +1,6 @@
 """The door's bounds without Ray: the proxy's HTTP protocol on a real uvicorn server, the guard's key and probe rules.
 
-:class:`serve.service.http_limits.BoundedHttpProtocol` runs here inside a real
+:class:`serve.service.uvicorn_private.BoundedHttpProtocol` runs here inside a real
 uvicorn server on loopback, spoken to over raw sockets (what an attacker
 sends); the proxy guard is driven directly, as in tests/test_hardening.py.
 """
@@ -16,9 +16,9 @@ import time
 import pytest
 import uvicorn
 
-from serve.service import http_limits
-from serve.service.http_limits import PROBE_RESERVE, ConnectionLimits, use_bounded_protocol
+from serve.service.http_limits import PROBE_RESERVE, ConnectionLimits
 from serve.service.proxy_guard import ProxyGuard
+from serve.service.uvicorn_private import forget_connections, open_connections, use_bounded_protocol
 from tests.test_hardening import FakeProxy, _limits, _request, until
 
 
@@ -65,7 +65,7 @@ async def serving(limits: ConnectionLimits):
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
-        http_limits._open.clear()
+        forget_connections()
 
 
 async def _exchange(port: int, data: bytes = b"", wait_s: float = 3.0) -> tuple[int, dict, bytes, float]:
@@ -163,19 +163,19 @@ def test_connections_are_bounded_per_client_and_in_all_and_probes_still_pass():
     async def run():
         async with serving(_conn_limits(max_per_client=3, max_connections=20)) as port:
             held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-            await until(lambda: http_limits.open_connections() == 3, "three connections counted")
+            await until(lambda: open_connections() == 3, "three connections counted")
             probe = await _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             over = await _exchange(port, GET + b"Connection: close\r\n\r\n")
             held += [await asyncio.open_connection("127.0.0.1", port) for _ in range(PROBE_RESERVE)]
-            await until(lambda: http_limits.open_connections() == 3 + PROBE_RESERVE, "the probes' reserve taken")
+            await until(lambda: open_connections() == 3 + PROBE_RESERVE, "the probes' reserve taken")
             refused_at_once = await _exchange(port)
             for _, w in held:
                 w.close()
-            await until(lambda: http_limits.open_connections() == 0, "the held connections closed")
+            await until(lambda: open_connections() == 0, "the held connections closed")
             after = await _exchange(port, GET + b"Connection: close\r\n\r\n")
         async with serving(_conn_limits(max_per_client=100, max_connections=5)) as port:
             held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
-            await until(lambda: http_limits.open_connections() == 5, "five connections counted")
+            await until(lambda: open_connections() == 5, "five connections counted")
             full = await _exchange(port)
             for _, w in held:
                 w.close()

@@ -202,7 +202,9 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
     assert ev.returncode == 0, ev.stderr[-3000:]
     summary = json.loads(ev.stdout.splitlines()[-1])
     assert summary["answers"] == 4 and summary["not_scorable"] == 2 and summary["untrained"] is True
-    assert {g["group"] for g in summary["groups"] if g["field"] == "noise"} == {"noisy", "clean"}
+    part_table = summary["fairness"]["parts"]["interview"]
+    assert {g["group"] for g in part_table if g["field"] == "noise"} == {"noisy", "clean"}
+    assert all(g["status"] == "inconclusive" for g in part_table)  # 4 answers: too few to judge any group
     assert summary["intervals"]["served_status"] == {"uncalibrated": 4}  # the demo adapters have no calibration
     assert '<p class="untrained"' in (tmp_path / "report" / "report.html").read_text()
     assert "UNTRAINED" in ev.stdout

@@ -210,3 +210,37 @@ def test_the_cpu_workers_thread_refusal_is_logged_once_not_per_request(vllm_scor
     scored, refusals = vllm_scorer.call(thread_refusals_while_scoring, WAVES[:2])
     assert scored == 2
     assert not refusals
+
+
+def contract_against_batch(engine, part: str, waves) -> tuple[bool, list[float], list[float]]:
+    """In the engine's process: whether it is a contract engine, and the scores of one answer and a batch through
+    the contract's methods beside those of the offline batch."""
+    import asyncio
+
+    from serve.engine.contract import Engine
+    from serve.grading.parts import config_parts
+
+    spec = engine.check(config_parts(engine.cfg)[part])
+    answers = [PreparedAnswer(split(w), measure(w, SAMPLE_RATE, -50.0)) for w in waves]
+    want = engine.score_answers([(part, a) for a in answers])
+
+    async def run():
+        await engine.check_health()
+        await engine.load_adapter(spec)
+        one = await engine.score_answer(spec, answers[0], "one")
+        batch = await engine.score_batch([(spec, a) for a in answers], "batch")
+        await engine.unload_adapter(spec)
+        return [one, *batch]
+
+    got = asyncio.run(run())
+    return isinstance(engine, Engine), [g.score for g in got], [w.score for w in [want[0], *want]]
+
+
+def test_the_offline_engine_keeps_the_contract(vllm_scorer):
+    """The contract's methods (serve.engine.contract.Engine) give what the offline batch gives: checked parts,
+    adapters loaded ahead, one answer or a batch scored alike."""
+    is_engine, got, want = vllm_scorer.call(contract_against_batch, "interview", WAVES[:2])
+    assert is_engine
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert abs(g - w) < TOL

@@ -8,7 +8,15 @@ import pyarrow as pa
 import pytest
 from pydantic import BaseModel
 
-from serve.grading.answers import answer_result, candidate_result, refusal, score_targets
+from serve.grading.answers import (
+    FAILURE_KINDS,
+    answer_result,
+    candidate_result,
+    failure,
+    refusal,
+    score_targets,
+    unscored,
+)
 from serve.grading.audio import SAMPLE_RATE, AudioError, PreparedAnswer, split
 from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import DEFAULT_LEVELS
@@ -16,7 +24,7 @@ from serve.grading.parts import Part, resolve_part
 from serve.grading.quality import measure
 from serve.grading.results import Overall, Review, ScoredAnswer
 from serve.grading.scoring import ChunkScore
-from serve.session.schema import ANSWER_SCHEMA, CANDIDATES_SCHEMA, answer_of_row, arrow_type
+from serve.session.schema import ANSWER_SCHEMA, CANDIDATES_SCHEMA, answer_of_row, arrow_type, result_of_row
 from serve.session.stages import answer_row
 from tests.audio_fixtures import speechlike
 from tests.fake_engine import LetterTokenizer
@@ -86,6 +94,7 @@ def test_the_bulk_row_has_every_field_of_the_http_answer_nested_alike():
         "status",
         "error_kind",
         "error_message",
+        "retryable",
     }
     candidate = {f.name: struct_tree(f.type) for f in CANDIDATES_SCHEMA}
     assert {k: candidate[k] for k in Overall.model_fields} == field_tree(Overall)
@@ -148,22 +157,100 @@ def test_answer_result_judges_the_answer_against_its_parts_thresholds():
 
 def test_candidate_result_over_scored_and_not_scorable_answers():
     a, b = an_answer(review=ReviewConfig(min_label_mass=0.9)), an_answer(seconds=10)
-    overall = candidate_result([a.score, b.score], [a.review, b.review], 1, DEFAULT_LEVELS)
+    silent = refusal("interview", AudioError("silence", "the audio is silent"), "x")
+    levels = {"interview": DEFAULT_LEVELS}
+    overall = candidate_result([a, silent, b], levels)
     assert overall.score == pytest.approx((a.score + b.score) / 2) and overall.scored == 2
+    assert (overall.not_scorable, overall.failed, overall.complete) == (1, 0, True)
     assert overall.review.needed and overall.review.reasons[-1] == "not_scorable"
     assert "low_label_mass" in overall.review.reasons
     assert overall.aspects == {}
     x, y = an_answer(aspects=ASPECTS), an_answer(seconds=12, aspects=ASPECTS[:2])
-    both = candidate_result(
-        [x.score, y.score],
-        [x.review, y.review],
-        0,
-        DEFAULT_LEVELS,
-        [{k: v.score for k, v in r.aspects.items()} for r in (x, y)],
-    )
+    both = candidate_result([x, y], levels)
     assert both.aspects["fluency"] == pytest.approx((x.aspects["fluency"].score + y.aspects["fluency"].score) / 2)
     assert both.aspects["coherence"] == x.aspects["coherence"].score  # only the answers that have it
-    none = candidate_result([], [], 2, ())
+    none = candidate_result([silent, silent], {})
     assert (none.score, none.cefr, none.scored, none.not_scorable) == (None, None, 0, 2)
-    r = refusal("interview", AudioError("silence", "the audio is silent"), "x")
-    assert (r.status, r.reason.kind, r.response_id) == ("not_scorable", "silence", "x")
+    assert (silent.status, silent.reason.kind, silent.response_id) == ("not_scorable", "silence", "x")
+
+
+def test_a_system_failure_is_not_the_candidates_and_makes_the_result_incomplete():
+    a = an_answer()
+    silent = unscored("interview", "silence", "the audio is silent", "s")
+    engine = unscored("interview", "engine_error", "the engine failed", "e")
+    row = unscored("nope", "unknown_part", "unknown part 'nope'", "u")
+    assert (silent.status, engine.status, row.status) == ("not_scorable", "failed", "failed")
+    assert engine.retryable and not row.retryable  # run again as it is / fix the manifest first
+    overall = candidate_result([a, silent, engine, row], {"interview": DEFAULT_LEVELS})
+    assert (overall.scored, overall.not_scorable, overall.failed, overall.complete) == (1, 1, 2, False)
+    assert overall.score == a.score  # over the scored answer only
+    assert overall.review.needed and overall.review.reasons[-2:] == ["not_scorable", "incomplete"]
+    only_failed = candidate_result([engine], {})
+    assert only_failed.review.reasons == ["incomplete"] and only_failed.not_scorable == 0
+    assert candidate_result([a], {"interview": DEFAULT_LEVELS}).complete  # nothing failed
+    for kind, retryable in FAILURE_KINDS.items():  # a session's row of each kind says the same
+        r = answer_row({"response_id": "r", "candidate_id": "c", "part": "p", "audio": "a.wav"}, kind=kind, message="m")
+        assert (r["status"], r["retryable"]) == ("failed", retryable)
+        (back,) = pa.Table.from_pylist([r], schema=ANSWER_SCHEMA).to_pylist()
+        assert result_of_row(back) == failure("p", kind, "m", "r")
+    r = answer_row(
+        {"response_id": "r", "candidate_id": "c", "part": "p", "audio": "a.wav"}, kind="silence", message="m"
+    )
+    assert (r["status"], r["retryable"]) == ("not_scorable", None)
+
+
+def test_a_batch_keeps_what_was_scored_when_the_scorer_fails_on_an_answer():
+    """The batch endpoint's door: an answer the scorer failed on is ``failed`` (retryable), not the candidate's
+    ``not_scorable``; when none could be scored the batch gets the error, to be retried whole."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from serve.service.errors import ApiError
+    from serve.service.ingress import Ingress
+    from serve.service.uploads import ScoreUpload
+
+    part = SimpleNamespace(part="interview", config=SimpleNamespace(levels=DEFAULT_LEVELS))
+    answer = an_answer(seconds=12)
+
+    async def resolve(name):
+        return part
+
+    async def prepare(upload):
+        if upload.response_id == "silent":
+            raise ApiError(422, "silence", "the audio is silent")
+        return prepared(12)
+
+    async def score(upload, part, p):
+        if upload.response_id == "crash":
+            raise RuntimeError("CUDA error: an illegal memory access")
+        if upload.response_id == "down":
+            raise ApiError(503, "unavailable", "the scorer is not available")
+        return answer
+
+    ingress = object.__new__(Ingress)  # its routes' logic, without Ray Serve
+    ingress.cfg = SimpleNamespace(serving=SimpleNamespace(max_batch_audio_s=3600))
+    ingress.metrics = SimpleNamespace(record_review=lambda *_: None)
+    ingress._part, ingress._prepare, ingress._score = resolve, prepare, score
+
+    def batch(*ids):
+        uploads = [ScoreUpload("interview", b"", rid) for rid in ids]
+        return asyncio.run(ingress._score_batch(SimpleNamespace(candidate_id="c"), uploads, time.perf_counter()))
+
+    got = batch("ok", "silent", "crash", "down")
+    assert [r.status for r in got.results] == ["scored", "not_scorable", "failed", "failed"]
+    crash, down = got.results[2:]
+    assert (crash.reason.kind, crash.retryable, down.reason.kind, down.retryable) == (
+        "engine_error",
+        True,
+        "unavailable",
+        True,
+    )
+    assert "CUDA" not in crash.reason.message  # no exception text to the client (the log has it)
+    o = got.overall
+    assert (o.scored, o.not_scorable, o.failed, o.complete, o.score) == (1, 1, 2, False, answer.score)
+    assert o.review.reasons[-2:] == ["not_scorable", "incomplete"]
+    assert got.model_dump()["results"][2]["status"] == "failed"  # the response model takes it as it is
+    with pytest.raises(ApiError) as e:
+        batch("silent", "down")
+    assert e.value.status == 503

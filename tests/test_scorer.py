@@ -35,7 +35,7 @@ from serve.service.settings import load_service_config
 from serve.service.uploads import UploadLimits
 from tests.audio_fixtures import speechlike
 from tests.conftest import l2grader
-from tests.fake_engine import EVENTS_ENV, HOLD_ENV, FakeEngine
+from tests.fake_engine import DEAD_ENV, EVENTS_ENV, HOLD_ENV, FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
 APP = "scorer-test"
@@ -121,6 +121,7 @@ def url(cfg_path):
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     os.environ[EVENTS_ENV] = str(cfg_path.parent / "engine-events.txt")
     os.environ[HOLD_ENV] = str(cfg_path.parent / "engine-hold.txt")
+    os.environ[DEAD_ENV] = str(cfg_path.parent / "engine-dead")
     guard_env = proxy_env(str(cfg_path))  # the proxy guard, as `l2grader serve` runs it (Ray's processes inherit it)
     os.environ.update(guard_env)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -234,6 +235,31 @@ def test_back_pressure_answers_503_with_retry_after(url):
             assert r.headers["retry-after"] == "2"
             assert r.json()["error"]["kind"] == "overloaded"
     assert post(url, "interview", 2).status_code == 200  # and it recovers
+
+
+def test_a_dead_engine_gives_503s_not_ready_and_is_replaced(url):
+    """The replica's engine dies under answers in flight: they and the answers after them get a retryable 503
+    ``unavailable`` (never 500), /readyz says in words that no scorer can score, and Serve's health check
+    replaces the replica, whose fresh engine serves again."""
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        in_flight = [pool.submit(post, url, "interview", 20, 60 + i) for i in range(3)]  # 2 s each
+        time.sleep(0.8)
+        Path(os.environ[DEAD_ENV]).write_text("dead")  # the fake engines built before now die
+        killed = time.monotonic()
+        answers = [f.result() for f in in_flight]
+    answers.append(post(url, "interview", 2))
+    for r in answers:
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["kind"] == "unavailable" and r.headers["retry-after"] == "2"
+    ready = httpx.get(f"{url}/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.headers["retry-after"] == "2"
+    assert ready.json()["reason"] == "the scorer's engine stopped; a replacement replica is starting"
+    while (r := post(url, "interview", 2)).status_code != 200:
+        assert r.status_code == 503 and r.json()["error"]["kind"] == "unavailable", r.text
+        assert time.monotonic() - killed < 120, "no replacement replica within 120 s"
+        time.sleep(0.5)
+    print(f"fake engine killed: a replacement replica scored again after {time.monotonic() - killed:.1f} s")
+    assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
 
 
 # ---------------------------------------------------------------- bad and hostile requests: a JSON 4xx each

@@ -10,12 +10,16 @@ that fails with the replica.)
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
+from serve.engine.contract import EngineDeadError
 from serve.service import scorer_client
 from serve.service.errors import ApiError
 from serve.service.scorer_client import ScorerClient
+
+PART = SimpleNamespace(model_id="m")  # what the client reads of a part
 
 
 class NeverAnswering:
@@ -55,9 +59,9 @@ def test_a_call_waiting_while_no_scorer_replica_runs_gets_503(fast, monkeypatch)
     async def run():
         client = ScorerClient(NeverAnswering(), retry_after_s=2)
         with pytest.raises(ApiError) as first:
-            await asyncio.wait_for(client.call("score", None, "r1", model_id="m"), timeout=10)
+            await asyncio.wait_for(client.score(None, "r1", PART), timeout=10)
         with pytest.raises(ApiError) as second:  # at once, without waiting: the scorer is known to be down
-            await asyncio.wait_for(client.call("score", None, "r2", model_id="m"), timeout=0.5)
+            await asyncio.wait_for(client.score(None, "r2", PART), timeout=0.5)
         return first.value, second.value, await client.ready()
 
     first, second, ready = asyncio.run(run())
@@ -79,7 +83,7 @@ def test_a_long_call_keeps_waiting_unless_no_replica_runs(fast, monkeypatch, run
     async def run():
         client = ScorerClient(NeverAnswering(), retry_after_s=2)
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(client.call("score", None, "r1", model_id="m"), timeout=1.5)
+            await asyncio.wait_for(client.score(None, "r1", PART), timeout=1.5)
         return client.down_since
 
     assert asyncio.run(run()) is None
@@ -103,8 +107,65 @@ def test_readyz_says_in_words_why_no_scorer_answers(fast):
         (asyncio.TimeoutError(), "the scorer is starting"),
         (scorer_client.BackPressureError(num_queued_requests=3, max_queued_requests=2), "at capacity"),
         (scorer_client.DeploymentUnavailableError("Scorer"), "deployment is not available"),
+        (EngineDeadError("gone"), "the scorer's engine stopped"),
         (RuntimeError("x"), "the scorer did not answer (RuntimeError)"),
     ],
 )
 def test_every_failed_readiness_ping_has_a_reason_in_words(error, words):
     assert words in scorer_client.not_ready_reason(error)
+
+
+class DeadEngine:
+    """A deployment handle whose replica's engine is dead until ``revive``: every call raises EngineDeadError, as
+    Ray raises the replica's (a RayTaskError that is one)."""
+
+    app_name, deployment_name = "l2grader", "Scorer"
+
+    def __init__(self):
+        self.alive = False
+
+    def options(self, **_):
+        return self
+
+    def revive(self):
+        self.alive = True
+
+    def __getattr__(self, method):
+        handle = self
+
+        class Method:
+            @staticmethod
+            def remote(*args):
+                async def answer():
+                    if not handle.alive:
+                        raise EngineDeadError("the fake engine was killed")
+                    return True
+
+                return asyncio.ensure_future(answer())
+
+        return Method()
+
+
+def test_a_dead_engine_is_a_503_unavailable_and_not_ready_until_a_scorer_answers(fast):
+    async def run():
+        handle = DeadEngine()
+        client = ScorerClient(handle, retry_after_s=2)
+        errors = []
+        for request_id in ("r1", "r2"):
+            with pytest.raises(ApiError) as e:
+                await asyncio.wait_for(client.score(None, request_id, PART), timeout=2)
+            errors.append(e.value)
+        not_ready = await client.ready()
+        handle.revive()  # the replacement replica answers the client's probe
+        for _ in range(100):
+            if client.down_since is None:
+                break
+            await asyncio.sleep(0.02)
+        return errors, not_ready, await client.ready(), await client.score(None, "r3", PART)
+
+    errors, not_ready, ready, scored = asyncio.run(run())
+    for err in errors:
+        assert err.status == 503 and err.kind == "unavailable" and err.headers == {"Retry-After": "2"}
+    assert "engine stopped" in errors[0].message
+    assert not_ready == (False, "the scorer's engine stopped; a replacement replica is starting")
+    assert ready == (True, "") and scored is True

@@ -285,6 +285,7 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
     assert silent["reason"]["kind"] == "silence" and "silent" in silent["reason"]["message"]
     overall = body["overall"]
     assert overall["scored"] == 2 and overall["not_scorable"] == 1
+    assert overall["failed"] == 0 and overall["complete"] is True
     assert overall["score"] == pytest.approx(np.mean([body["results"][0]["score"], body["results"][2]["score"]]))
     assert overall["review"]["needed"] and "not_scorable" in overall["review"]["reasons"]
     after = settled_metrics(base_url)
@@ -302,6 +303,8 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
         "cefr": None,
         "scored": 0,
         "not_scorable": 1,
+        "failed": 0,
+        "complete": True,  # the candidate's audio, not a failure of the grader
         "review": {"needed": True, "reasons": ["not_scorable"]},
         "aspects": {},
     }
@@ -730,7 +733,7 @@ def _service_pids(name: str, config: Path) -> list[int]:
 
 
 def test_a_scorer_replica_killed_under_load_gives_retryable_503s_never_500(base_url, service_cfg, audio_dir):
-    """Last in this module: it kills the scorer replica and waits for its replacement."""
+    """Near the end of this module: it kills the scorer replica and waits for its replacement."""
     import os
     import signal
     import threading
@@ -781,3 +784,91 @@ def test_a_scorer_replica_killed_under_load_gives_retryable_503s_never_500(base_
         assert time.time() < deadline, "no scorer replica came back"
         time.sleep(3)
     assert post_file(base_url, audio_dir / "c.ogg", response_id="r0").json()["response_id"] == "r0"
+
+
+def test_a_killed_engine_process_gives_503s_and_its_replica_is_replaced(real_service, audio_dir):
+    """Last in this module: vLLM's engine process of the scorer replica is killed under a few answers in flight.
+
+    Answers get 200 or a retryable 503 (never 500), /readyz says in words that no scorer can score, Serve's
+    health check replaces the replica, and a new answer is scored by the replacement within the bound below
+    (health check ~6 s plus the replica's start: the engine's load and warm-up on the tiny checkpoint)."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    bound_s = 240
+    answer = (audio_dir / "c.ogg").read_bytes()
+    results: list[tuple[float, int, str]] = []  # (sent at, status, response id) of each answer
+    readiness: list[tuple[int, str]] = []  # /readyz while it was not 200
+    bad: list[str] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            sent = time.monotonic()
+            r = httpx.post(
+                f"{real_service.url}/v1/score",
+                data={"part": "interview", "response_id": f"e{i}-{n}"},
+                files={"audio": ("c.ogg", answer)},
+                headers=USER,
+                timeout=300,
+            )
+            results.append((sent, r.status_code, f"e{i}-{n}"))
+            if r.status_code != 200 and not (
+                r.status_code == 503 and r.headers.get("retry-after") and r.json()["error"]["kind"] == "unavailable"
+            ):
+                bad.append(f"{r.status_code} {r.headers.get('retry-after')} {r.text[:200]}")
+            if r.status_code == 503:
+                time.sleep(0.5)
+
+    def watch_readiness() -> None:
+        while not stop.is_set():
+            r = httpx.get(f"{real_service.url}/readyz", timeout=30)
+            if r.status_code != 200:
+                readiness.append((r.status_code, r.json().get("reason", "")))
+            time.sleep(0.5)
+
+    def engine_cores() -> list[psutil.Process]:
+        found = []
+        for p in psutil.Process(real_service.pid).children(recursive=True):
+            try:
+                if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    (core,) = engine_cores()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=watch_readiness))
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(3)
+        os.kill(core.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while not any(sent > killed + 1 and status == 200 for sent, status, _ in results):
+            assert time.monotonic() - killed < bound_s, f"no answer scored within {bound_s} s of the kill"
+            assert not bad, bad[:3]
+            time.sleep(0.5)
+        recovered_s = min(sent for sent, status, _ in results if sent > killed + 1 and status == 200) - killed
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    statuses = {status for _, status, _ in results}
+    counts = {code: sum(status == code for _, status, _ in results) for code in sorted(statuses)}
+    print(f"engine process killed: answers sent {recovered_s:.1f} s after the kill were scored again; {counts}")
+    assert not bad and statuses <= {200, 503} and 503 in statuses, (statuses, bad[:3])
+    assert readiness and all(status == 503 and reason for status, reason in readiness), readiness
+    reasons = {reason for _, reason in readiness}
+    assert any("engine stopped" in reason for reason in reasons), reasons
+    assert all("Error" not in reason for reason in reasons), reasons
+    (new_core,) = engine_cores()
+    assert new_core.pid != core.pid
+    refused = next(rid for _, status, rid in results if status == 503)
+    assert post_file(real_service.url, audio_dir / "c.ogg", response_id=refused).json()["response_id"] == refused

@@ -9,8 +9,11 @@ its process alone (as a stopped pod is), then run to the end; the
 output holds every manifest row exactly once, the bad ones with their kind,
 and every field of the answer ``l2grader score``'s engine gives on the same
 files (scores within 1e-5, the same quality, uncertainty and review); the
-candidates file holds what the batch endpoint's ``overall`` holds. Manifest
-and output-folder errors are checked without an engine.
+candidates file holds what the batch endpoint's ``overall`` holds, the rows the
+grader failed to score (not the candidate's audio) apart from those that were
+not scorable; a missing file put in place is scored by the next run, and a
+finished session run again starts nothing. Manifest and output-folder errors,
+a finished session and the exit statuses are checked without Ray or an engine.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ BAD = {  # response id -> (part, file, the kind its row must carry)
     "bad-part": ("no_such_part", "g0000.wav", "unknown_part"),
     "bad-no-candidate": ("interview", "g0001.wav", "invalid_row"),
 }
+#: The kinds that are the grader's failures (not the candidate's audio), and the one of them a later run retries.
+FAILED_KINDS, RETRYABLE = {"unreadable", "unknown_part", "invalid_row"}, "bad-missing"
 
 
 # ---------------------------------------------------------------- the session's files
@@ -183,9 +188,8 @@ def stopped_once_scoring(proc: subprocess.Popen, stop) -> tuple[str, float]:
 @pytest.mark.engine
 def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(session, reference, config, tmp_path):
     from serve.grading.answers import candidate_result
-    from serve.grading.results import Review
     from serve.service.settings import load_service_config, part_registry
-    from serve.session.schema import answer_of_row
+    from serve.session.schema import answer_of_row, result_of_row
 
     manifest, out = session["dir"] / "manifest.parquet", tmp_path / "out"
     total = len(session["rows"])
@@ -208,16 +212,23 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
     second = committed_rows(out)
     assert first < second < total, "the second run was not stopped part-way"
 
-    # 3. Again: only what is missing is scored (decoding in CPU tasks of their own this time, as on a cluster).
+    # 3. Again: only what is missing is scored (decoding in CPU tasks of their own this time, as on a cluster). The
+    # rows the grader failed to score (a missing file, an unknown part, an empty field) make it exit 1.
     r = score_session(config, manifest, out, "--batch-size", 16, "--rows-per-part", 16, "--decode", "tasks")
-    assert r.returncode == 0, what_it_said(r)
+    assert r.returncode == 1, what_it_said(r)
+    assert "error: the grader failed to score 3 answer(s)" in r.stderr and "retry the 1 retryable" in r.stderr
+    assert "unknown part 'no_such_part'" in r.stderr  # said up front
     assert "decoding in CPU tasks" in r.stderr
     assert [line for line in r.stderr.splitlines() if not line.startswith("l2grader: ")] == []  # quiet by default
     s = json.loads(r.stdout.splitlines()[-1])
     assert s["this_run"]["skipped"] == second and s["this_run"]["answers"] == total - second
     assert (s["answers"], s["manifest_rows"], s["duplicates"]) == (total, total, 0)
-    assert s["not_scorable"] == {kind: 1 for _, _, kind in BAD.values()}
+    assert s["not_scorable"] == {kind: 1 for _, _, kind in BAD.values() if kind not in FAILED_KINDS}
+    assert s["failed"] == {kind: 1 for kind in FAILED_KINDS} and s["retryable"] == 1
     assert s["scored"] == N_GOOD and s["candidates"] == 3  # cand-0, cand-1 and the empty id
+    run = s["this_run"]  # throughput over the scoring itself: within the run, over every answer of it
+    assert 0 < run["steady_s"] <= s["wall_s"]
+    assert run["steady_answers_per_s"] == pytest.approx(run["answers"] / run["steady_s"], rel=0.01)
     assert s["this_run"]["answers_per_s"] > 0 and s["this_run"]["audio_s_per_s"] > 0 and s["wall_s"] > 0
 
     answers = pq.read_table(out / "answers").to_pylist()
@@ -226,7 +237,9 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
     by_id = {a["response_id"]: a for a in answers}
     for rid, (part, _name, kind) in BAD.items():
         a = by_id[rid]
-        assert (a["status"], a["error_kind"], a["part"]) == ("not_scorable", kind, part), a
+        status = "failed" if kind in FAILED_KINDS else "not_scorable"
+        assert (a["status"], a["error_kind"], a["part"]) == (status, kind, part), a
+        assert a["retryable"] == (rid == RETRYABLE if status == "failed" else None), a
         assert a["error_message"] and a["score"] is None
     assert "no such file" in by_id["bad-missing"]["error_message"]
     diffs = []
@@ -265,55 +278,212 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
     for cid, c in candidates.items():
         mine = [a for a in answers if a["candidate_id"] == cid]
         scored = [a for a in mine if a["status"] == "scored"]
-        want = candidate_result(
-            [a["score"] for a in scored],
-            [Review.model_validate(a["review"]) for a in scored],
-            len(mine) - len(scored),
-            parts[scored[0]["part"]].config.levels if scored else (),
-            [{k: v["score"] for k, v in a["aspects"] or ()} for a in scored],
-        )
-        assert {k: c[k] for k in ("answers", "scored", "not_scorable")} == {
+        want = candidate_result([result_of_row(a) for a in mine], {n: p.config.levels for n, p in parts.items()})
+        failed = sum(1 for a in mine if a["status"] == "failed")
+        assert {k: c[k] for k in ("answers", "scored", "not_scorable", "failed", "complete")} == {
             "answers": len(mine),
             "scored": len(scored),
-            "not_scorable": len(mine) - len(scored),
+            "not_scorable": len(mine) - len(scored) - failed,
+            "failed": failed,
+            "complete": not failed,
         }
         assert c["score"] == (pytest.approx(want.score, abs=1e-12) if scored else None)
         assert c["review"] == want.review.model_dump() and c["cefr"] == want.cefr
         assert dict(c["aspects"]) == pytest.approx(want.aspects, abs=1e-12)
-    assert candidates["cand-1"]["not_scorable"] == len(BAD) - 1
-    assert candidates["cand-1"]["review"]["needed"] and "not_scorable" in candidates["cand-1"]["review"]["reasons"]
+    cand1 = candidates["cand-1"]  # silent, corrupt, empty: theirs; the missing file and the unknown part: ours
+    assert (cand1["not_scorable"], cand1["failed"], cand1["complete"]) == (3, 2, False)
+    assert cand1["review"]["needed"] and cand1["review"]["reasons"][-2:] == ["not_scorable", "incomplete"]
 
-    # 4. Once more: nothing to do (no engine started), same output.
+    # 4. Once the missing file is in place, a run scores that answer again (only it), and no other.
+    write(session["dir"] / "audio" / "missing.flac", 2.0, 16000, seed=7)
     again = score_session(config, manifest, out)
-    assert again.returncode == 0, what_it_said(again)
+    assert again.returncode == 1, what_it_said(again)  # the unknown part and the empty field still need fixing
+    assert "1 answer(s) of an earlier run failed in a way that may pass now" in again.stderr
     s2 = json.loads(again.stdout.splitlines()[-1])
-    assert s2["this_run"]["answers"] == 0 and s2["answers"] == total and s2["duplicates"] == 0
+    assert s2["this_run"]["answers"] == 1 and s2["answers"] == total and s2["duplicates"] == 0
+    assert s2["failed"] == {"unknown_part": 1, "invalid_row": 1} and s2["retryable"] == 0
     assert sorted(pq.read_table(out / "answers").column("response_id").to_pylist()) == sorted(ids)
+    rescored = [a for a in pq.read_table(out / "answers").to_pylist() if a["response_id"] == RETRYABLE]
+    assert [a["status"] for a in rescored] == ["scored"]
 
-    # 4. The folder refuses another session's manifest.
+    # 5. Once more: finished, said so in seconds (neither Ray nor an engine started), same output.
+    started = time.monotonic()
+    again = score_session(config, manifest, out)
+    assert again.returncode == 1 and "is finished" in again.stderr and "Ray logs" not in again.stderr
+    assert time.monotonic() - started < NO_RAY_S
+    assert json.loads(again.stdout.splitlines()[-1])["this_run"]["answers"] == 0
+
+    # 6. The folder refuses another session's manifest.
     (session["dir"] / "other.csv").write_text("response_id,candidate_id,part,audio\nx1,c,interview,audio/g0000.wav\n")
     other = score_session(config, session["dir"] / "other.csv", out)
     assert other.returncode == 2 and "holds the results of another session" in other.stderr
 
 
-# ---------------------------------------------------------------- manifest errors (Ray, no engine)
+# ---------------------------------------------------------------- refusals and finished sessions (no Ray, no engine)
+
+#: Seconds a refusal or a finished session may take: the command's start-up and the checks, never Ray's or an
+#: engine's (about 4 s on 2 busy cores; Ray alone took 20 s).
+NO_RAY_S = 30
 
 
-@pytest.mark.slow  # four runs of the command, each importing Ray: over a minute on 2 cores
-def test_bad_manifests_fail_at_once_with_one_line(config, tmp_path):
-    (tmp_path / "dup.csv").write_text("response_id,candidate_id,part,audio\n7,c,interview,a.wav\n7,c,interview,b.wav\n")
+def timed_session(config, manifest, out) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    r = score_session(config, manifest, out, timeout=120)
+    return r, time.monotonic() - started
+
+
+def test_bad_manifests_and_output_folders_are_refused_before_ray_leaving_nothing(config, tmp_path):
+    header = "response_id,candidate_id,part,audio\n"
+    (tmp_path / "dup.csv").write_text(header + "7,c,interview,a.wav\n7,c,interview,b.wav\n")
+    (tmp_path / "cols.csv").write_text("response_id,candidate_id,audio\n1,c,a.wav\n")
     (tmp_path / "cols.jsonl").write_text('{"response_id": "1", "candidate_id": "c", "audio": "a.wav"}\n')
+    (tmp_path / "noid.csv").write_text(header + ",c,interview,a.wav\n2,c,interview,b.wav\n")
+    (tmp_path / "parts.csv").write_text(header + "1,c,intervew,a.wav\n2,c,intervew,b.wav\n3,c,,c.wav\n")
+    (tmp_path / "ok.csv").write_text(header + "1,c,interview,a.wav\n")
+    (tmp_path / "rowless.csv").write_text(header)
     (tmp_path / "m.txt").write_text("x")
-    cases = {
-        "dup.csv": "appear more than once in the manifest, e.g. '7'",
-        "cols.jsonl": "lacks the column(s) part",
-        "m.txt": "unknown format '.txt'",
-        "absent.csv": "not found",
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's")
+    (tmp_path / "a-file").write_text("")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "session.json").write_text(json.dumps({"manifest": "elsewhere.csv", "answers": 9}))
+    cases = {  # manifest, out -> what the one error line says
+        ("dup.csv", None): "appear more than once in the manifest, e.g. '7'",
+        ("cols.csv", None): "lacks the column(s) part",
+        ("cols.jsonl", None): "lacks the column(s) part",
+        ("noid.csv", None): "1 row(s) of the manifest have no response_id",
+        ("parts.csv", None): "no row of the manifest names a registered part: 2 row(s) name an unknown part "
+        "'intervew' (did you mean 'interview'?",
+        ("rowless.csv", None): "has no rows: nothing to score",
+        ("m.txt", None): "unknown format '.txt'",
+        ("absent.csv", None): "not found",
+        ("bad.parquet", None): "cannot read the manifest",
+        ("ok.csv", "foreign"): "is not empty and holds no session (notes.txt)",
+        ("ok.csv", "a-file"): "is a file",
+        ("ok.csv", "other"): "holds the results of another session (changed: ",
     }
-    for name, message in cases.items():
-        r = score_session(config, tmp_path / name, tmp_path / f"out-{name}", timeout=300)
+    for (name, out_name), message in cases.items():
+        out = tmp_path / (out_name or f"out-{name}")
+        before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+        r, took = timed_session(config, tmp_path / name, out)
         lines = [x for x in r.stderr.splitlines() if x.startswith("l2grader: error:")]
-        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (name, r.stderr[-2000:])
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (name, out_name, r.stderr[-2000:])
+        assert "Ray logs" not in r.stderr and took < NO_RAY_S, (name, out_name, took)
+        if out_name is None:
+            assert not out.exists(), (name, "a refused run left its output folder behind")
+        elif before is not None:
+            assert sorted(p.name for p in out.iterdir()) == before, (name, out_name)  # untouched
+
+
+def finished_folder(config, tmp_path, rows: list[tuple[str, dict]]) -> tuple[Path, Path]:
+    """A manifest of ``rows`` (response id -> what the output holds for it: a ScoredAnswer or error kind) and an
+    output folder that a run of it wrote to the end."""
+    from serve.service.settings import load_service_config, part_registry
+    from serve.session.run import session_identity
+    from serve.session.schema import ANSWER_SCHEMA
+    from serve.session.stages import answer_row
+    from serve.session.store import OutputDir
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    manifest, out = tmp_path / "m.csv", tmp_path / "out"
+    table = [{"response_id": rid, "candidate_id": "c", "part": "interview", "audio": f"{rid}.wav"} for rid, _ in rows]
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    cfg = load_service_config(config)
+    store = OutputDir(str(out))
+    store.record_session(
+        session_identity(cfg, part_registry(cfg, config).entries(), str(manifest), [r for r, _ in rows])
+    )
+    written = [
+        answer_row(row, result) if not isinstance(result, str) else answer_row(row, kind=result, message="m")
+        for row, (_, result) in zip(table, rows)
+    ]
+    writer = store.part_writer(1024, 60)
+    writer.add(pa.Table.from_pylist(written, schema=ANSWER_SCHEMA))
+    writer.flush()
+    return manifest, out
+
+
+def test_a_finished_session_run_again_starts_neither_ray_nor_an_engine(config, tmp_path):
+    from tests.test_pipeline import an_answer
+
+    answer = an_answer(seconds=12).model_copy(update={"part": "interview"})
+    manifest, out = finished_folder(config, tmp_path, [("1", answer), ("2", "silence")])
+    r, took = timed_session(config, manifest, out)
+    assert r.returncode == 0, what_it_said(r)
+    assert "is finished: all 2 answers of the manifest are there" in r.stderr
+    assert "Ray logs" not in r.stderr and took < NO_RAY_S, took
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert (s["answers"], s["scored"], s["not_scorable"], s["failed"], s["this_run"]["answers"]) == (
+        2,
+        1,
+        {"silence": 1},
+        {},
+        0,
+    )
+    (c,) = pq.read_table(out / "candidates.parquet").to_pylist()
+    assert (c["scored"], c["not_scorable"], c["failed"], c["complete"]) == (1, 1, 0, True)
+    assert c["score"] == pytest.approx(answer.score) and c["review"]["reasons"][-1] == "not_scorable"
+
+
+def test_a_session_with_nothing_scored_or_a_failed_answer_exits_non_zero(config, tmp_path):
+    manifest, out = finished_folder(config, tmp_path / "a", [("1", "silence"), ("2", "undecodable")])
+    r, took = timed_session(config, manifest, out)
+    assert r.returncode == 1 and "error: no answer of the session could be scored" in r.stderr, what_it_said(r)
+    assert took < NO_RAY_S
+
+    # A manifest row the grader cannot score is the grader's failure, not the candidate's: counted apart, and the
+    # candidate's result says it is incomplete.
+    from tests.test_pipeline import an_answer
+
+    answer = an_answer(seconds=12).model_copy(update={"part": "interview"})
+    manifest, out = finished_folder(config, tmp_path / "b", [("1", answer), ("2", "unknown_part")])
+    r, took = timed_session(config, manifest, out)
+    assert r.returncode == 1 and took < NO_RAY_S, what_it_said(r)
+    assert "error: the grader failed to score 1 answer(s) (unknown_part 1)" in r.stderr
+    assert "retry" not in r.stderr.split("error:")[-1]  # not retryable: the manifest needs fixing
+    s = json.loads(r.stdout.splitlines()[-1])
+    assert (s["not_scorable"], s["failed"], s["retryable"]) == ({}, {"unknown_part": 1}, 0)
+    (c,) = pq.read_table(out / "candidates.parquet").to_pylist()
+    assert (c["scored"], c["not_scorable"], c["failed"], c["complete"]) == (1, 0, 1, False)
+    assert "incomplete" in c["review"]["reasons"] and "not_scorable" not in c["review"]["reasons"]
+
+
+def test_retryable_failures_are_taken_out_of_their_parts_to_be_scored_again(config, tmp_path):
+    from serve.session.store import OutputDir
+
+    rows = [("1", "silence"), ("2", "engine_error"), ("3", "invalid_row"), ("4", "unreadable")]
+    _, out = finished_folder(config, tmp_path, rows)
+    store = OutputDir(str(out))
+    assert store.retryable() == 2
+    assert store.drop_retryable() == 2
+    assert store.done_ids() == {"1", "3"} and store.retryable() == 0
+    assert [p.name for p in (out / "answers").iterdir() if p.name.startswith(".")] == []  # rewritten whole
+
+
+def test_throughput_is_measured_over_the_scoring_not_over_bursts_of_arrivals():
+    from serve.session.run import Progress
+    from serve.session.schema import ANSWER_SCHEMA
+    from serve.session.stages import SCORING_FROM, SCORING_TO
+
+    def batch(n: int, began: float, ended: float) -> pa.Table:
+        rows = [{"response_id": str(i), "status": "scored", "duration_s": 2.0} for i in range(n)]
+        t = pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA)
+        return t.append_column(SCORING_FROM, pa.array([began] * n)).append_column(SCORING_TO, pa.array([ended] * n))
+
+    # Three batches of 64 scored over 10 s each (one engine), handed to the driver at once: 6.4 answers/s, not
+    # the thousands the span between their arrivals gave.
+    progress = Progress(192, every_s=3600)
+    for i in range(3):
+        progress.add(batch(64, 1000.0 + 10 * i, 1010.0 + 10 * i))
+    rate, span = progress.steady()
+    assert span == 30.0 and rate == pytest.approx(6.4)
+    assert progress.rate(1030.0) == pytest.approx(6.4) and progress.audio_s == 384.0
 
 
 # ---------------------------------------------------------------- sources (no Ray)

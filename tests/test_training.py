@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapters.agreement import METRIC_KEYS
 from adapters.evaluate import fingerprint_of
 from adapters.synth import VOICES
 from serve.grading.adapter_files import METADATA_FILE, check_adapter
@@ -184,7 +185,7 @@ def run(synth, tiny_config, tmp_path_factory) -> dict:
 @pytest.mark.engine
 def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     """On degraded held-out answers: routing the most uncertain 10 % raises the PCC of the rest, degraded
-    answers go to review far more often than clean ones, and the planted bias is seen with confidence."""
+    answers go to review far more often than clean ones, and the planted bias is flagged."""
     proc = l2grader(
         "evaluate",
         "--config",
@@ -209,15 +210,16 @@ def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     assert all({"review_rate", "pcc", "rmse", "within_0_5"} <= set(r) for r in selective)
     assert selective[2]["pcc"] > selective[0]["pcc"]
     assert set(out["error_spearman"]) >= {"score_sd", "entropy", "label_mass", "chunk_spread", "snr_db"}
-    groups = {(g["field"], g["group"]): g for g in out["groups"]}
+    table = out["fairness"]["parts"]["interview"]
+    groups = {(g["field"], g["group"]): g for g in table}
     clean = groups[("degradation", "(none)")]
     for kind in ("noise", "clipping", "gaps"):
         assert groups[("degradation", kind)]["review_rate"] >= 0.8, kind
     assert clean["review_rate"] <= 0.3
-    # The planted bias: the voice's SMD lies beyond the subgroup limit (-0.10) and is the most negative of all
-    # voices (on ~15 answers its 95 % interval may still reach zero).
+    # The planted bias: the voice's SMD (on the whole set's pooled SD) lies beyond the subgroup limit (-0.10) and is
+    # the most negative of all voices (on ~15 answers its 95 % interval may still reach zero).
     biased = groups[("voice", BIAS_VOICE)]
-    voices = [g for g in out["groups"] if g["field"] == "voice" and not g["too_small"]]
+    voices = [g for g in table if g["field"] == "voice" and not g["too_small"]]
     assert biased["smd"] < -0.1 and not biased["too_small"], biased
     assert min(voices, key=lambda g: g["smd"])["group"] == BIAS_VOICE, [(g["group"], g["smd"]) for g in voices]
     intervals = out["intervals"]  # no calibration beside this adapter: one half calibrates, the other is measured
@@ -231,7 +233,9 @@ def test_evaluate_shows_which_scores_to_trust(run, degraded, tmp_path):
     assert html.count("data:image/png;base64,") == 5 and BIAS_VOICE in html  # with the per-bin coverage plot
     assert "Score intervals" in html
     assert '<p class="untrained"' in html  # the tiny checkpoint's scores are marked as meaning nothing
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == out["groups"]
+    assert biased["status"] == "flagged"  # the point estimate beyond the limit flags it, however wide its interval
+    assert {g["group"] for g in out["fairness"]["overall"] if g["field"] == "voice"} >= {BIAS_VOICE}
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["fairness"] == out["fairness"]
 
 
 def test_synth_data_is_a_scored_speaking_test(synth):
@@ -280,7 +284,8 @@ def test_evaluate_reports_every_metric_and_draws_the_plot(run):
             "selective_by_signal",
             "error_spearman",
             "review_verdict",
-            "groups",
+            "fairness",
+            "human_baseline",
             "intervals",
             "untrained",
             "aspects",
@@ -289,7 +294,8 @@ def test_evaluate_reports_every_metric_and_draws_the_plot(run):
         assert run[key]["aspects"] == {}  # the holistic test set has no aspect scores
         assert run[key]["untrained"] is True  # the base model is the random tiny checkpoint, trained adapter or not
         for kind in ("soft", "hard"):
-            assert set(run[key][kind]) == {"pcc", "spearman", "rmse", "within_0_5", "within_1_0"}
+            assert tuple(run[key][kind]) == METRIC_KEYS
+        assert run[key]["human_baseline"] is None  # the synthetic test set has one human score per answer
     assert "PCC" in run["eval_stdout"] and "within 0.5" in run["eval_stdout"]
     for png in ("untrained.png", "trained.png"):
         data = (run["dir"] / png).read_bytes()
@@ -560,13 +566,7 @@ def test_each_aspect_is_learned_as_itself(aspect_run):
     assert set(summary["aspects"]) == set(ASPECTS) and set(summary["aspect_cross_pcc"]) == set(ASPECTS)
     for a in ASPECTS:
         m = summary["aspects"][a]
-        assert m["n"] == ASPECT_TEST and set(m["soft"]) == set(m["hard"]) == {
-            "pcc",
-            "spearman",
-            "rmse",
-            "within_0_5",
-            "within_1_0",
-        }
+        assert m["n"] == ASPECT_TEST and tuple(m["soft"]) == tuple(m["hard"]) == METRIC_KEYS
         assert set(summary["aspect_cross_pcc"][a]) == set(ASPECTS)
     cross = summary["aspect_cross_pcc"]
     table = "\n".join(f"{a:>14} " + " ".join(f"{cross[a][b]:7.3f}" for b in ASPECTS) for a in ASPECTS)

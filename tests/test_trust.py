@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from adapters.fairness import FLAGGED, SMD_LIMIT_GROUP, Row, fairness_report, group_table, smd
 from adapters.report import write_report
-from adapters.trust import SMD_LIMIT_GROUP, Row, error_spearman, group_table, selective, smd, trust_report
+from adapters.trust import error_spearman, selective, trust_report
 from serve.grading.levels import DEFAULT_LEVELS
 from serve.grading.results import ModelInfo, Quality, Review, ScoredAnswer, Uncertainty
 
@@ -67,9 +68,9 @@ def test_smd_and_the_group_table_flag_a_planted_bias():
     assert smd(pred, human) == pytest.approx(0.0, abs=0.05)
     table = group_table([Row(p, h, False, {"voice": g}) for p, h, g in zip(pred, biased, groups)], ["voice"])
     by = {(t["field"], t["group"]): t for t in table}
-    assert by[("voice", "b")]["flagged"] and by[("voice", "b")]["smd"] < -SMD_LIMIT_GROUP
+    assert by[("voice", "b")]["status"] == FLAGGED and by[("voice", "b")]["smd"] < -SMD_LIMIT_GROUP
     assert by[("voice", "b")]["mean_error"] == pytest.approx(-0.7, abs=0.15)
-    assert not by[("voice", "a")]["flagged"] and by[("voice", "a")]["n"] == 200
+    assert by[("voice", "a")]["status"] != FLAGGED and by[("voice", "a")]["n"] == 200
     assert by[("all", "all")]["n"] == 400 and by[("all", "all")]["smd_limit"] == 0.15
     missing = group_table([Row(1.0, 1.0, True, {}), Row(2.0, 2.5, False, {"l1": None})], ["l1"])
     assert missing[1]["group"] == "(none)" and missing[1]["review_rate"] == 0.5
@@ -79,14 +80,17 @@ def test_trust_report_and_html(tmp_path):
     human, pred, sd = made_up(60)
     scored = [answer(p, s) for p, s in zip(pred, sd)]
     fields = [{"voice": "v1" if i % 3 else "v2"} for i in range(60)]
-    rep = trust_report(scored, list(human), fields, ["voice"])
+    rep = trust_report(scored, list(human))
     assert [set(r) for r in rep["selective"]] == [{"review_rate", "pcc", "rmse", "within_0_5", "n_kept"}] * 5
     assert rep["review_verdict"]["review_rate"] == pytest.approx(0.25)
     assert rep["review_verdict"]["pcc"] > rep["selective"][0]["pcc"]
     assert rep["review_verdict"]["reasons"] == {"uncertain": 15}
-    assert {g["group"] for g in rep["groups"]} == {"all", "v1", "v2"}
+    fairness = fairness_report(
+        [Row(a.score, h, a.review.needed, f, part="p") for a, h, f in zip(scored, human, fields)], ["voice"]
+    )
+    assert {g["group"] for g in fairness["parts"]["p"]} == {"all", "v1", "v2"}
     with pytest.raises(ValueError, match="unknown signal"):
-        trust_report(scored, list(human), fields, primary="nope")
+        trust_report(scored, list(human), primary="nope")
 
     summary = {
         "soft": {"pcc": 0.9, "spearman": 0.9, "rmse": 0.5, "within_0_5": 0.6, "within_1_0": 0.9},
@@ -94,6 +98,7 @@ def test_trust_report_and_html(tmp_path):
         "answers": 60,
         "not_scorable": 2,
         **rep,
+        "fairness": fairness,
     }
     page = write_report(
         tmp_path / "r", summary, list(human), scored, [lv.score for lv in DEFAULT_LEVELS], title="t <x>"
@@ -104,4 +109,5 @@ def test_trust_report_and_html(tmp_path):
     assert 'class="untrained"' not in text
     marked = write_report(tmp_path / "u", {**summary, "untrained": True}, list(human), scored, [1, 2], title="t")
     assert '<p class="untrained"' in marked.read_text()
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["groups"] == rep["groups"]
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["fairness"] == fairness
+    assert "inconclusive" in text and "Overall score" in text and "no human-human baseline" in text

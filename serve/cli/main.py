@@ -57,6 +57,8 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """One JSON object per file, in order: the scored answer, or why it has none (``status`` not_scorable or
+    failed, with its ``reason``, as a batch's results); exit 1 when a file was not scored."""
     cfg = load_config_or_exit(args.config)
     parts = parts_or_exit(cfg, args.config, [args.part])
     if cfg.model.untrained:
@@ -76,6 +78,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _score_files(args: argparse.Namespace, cfg, parts) -> int:
     from serve.engine.offline import OfflineEngine  # loaded when the command runs: the CLI starts fast
     from serve.grading.adapter_files import AdapterError
+    from serve.grading.answers import unscored
     from serve.grading.audio import PreparedAnswer
     from serve.grading.parts import LabelTokenError
 
@@ -98,12 +101,14 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
                 for path, prepared in batch:
                     if isinstance(prepared, PreparedAnswer):
                         print(json.dumps({"file": path, **next(results).model_dump()}), flush=True)
-                    else:
+                    else:  # its result as every door gives it (not_scorable, or failed), and the error line
                         failed += 1
+                        result = unscored(args.part, prepared.kind, str(prepared))
+                        print(json.dumps({"file": path, **result.model_dump()}), flush=True)
                         print(f"{PROG}: error: {path}: {prepared}", file=sys.stderr, flush=True)
     finally:
         if scorer is not None:
-            scorer.close()  # frees the engine's memory now, not at interpreter exit
+            scorer.shutdown()  # frees the engine's memory now, not at interpreter exit
     return 1 if failed else 0
 
 
@@ -164,6 +169,19 @@ def cmd_score_session(args: argparse.Namespace) -> int:
             f"error: {args.out} holds {s['answers']} of the manifest's {s['manifest_rows']} answers; "
             "run the same command again to score the rest"
         )
+        return 1
+    if s["failed"]:
+        n = sum(s["failed"].values())
+        failed = ", ".join(f"{k} {v}" for k, v in s["failed"].items())
+        todo = [f"run the same command again to retry the {s['retryable']} retryable one(s)"] if s["retryable"] else []
+        todo += [f"fix the manifest's rows of the other {n - s['retryable']}"] if n > s["retryable"] else []
+        log(
+            f"error: the grader failed to score {n} answer(s) ({failed}): the candidates' results are incomplete "
+            f"(complete: false); {' and '.join(todo)}"
+        )
+        return 1
+    if s["answers"] and not s["scored"]:
+        log("error: no answer of the session could be scored")
         return 1
     return 0
 

@@ -10,22 +10,24 @@ loggers the caller gives (the service passes vLLM's Ray metrics logger).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
+from serve.engine.contract import EngineDeadError
 from serve.engine.requests import (
+    RESENDS,
     Target,
     adapters_of,
-    check_prompt_fits,
+    check_part,
     chunk_score,
     configure_vllm_environment,
     engine_input,
     engine_kwargs,
     lora_request,
-    model_dims,
+    needs_resend,
     sampling_params,
     target_name,
 )
-from serve.grading.adapter_files import check_lora_dims
 from serve.grading.answers import answer_result, score_targets
 from serve.grading.audio import Chunk, PreparedAnswer
 from serve.grading.config import GraderConfig
@@ -40,7 +42,9 @@ def served_model_name(cfg: GraderConfig) -> str:
 
 
 class OnlineEngine:
-    """One ``AsyncLLM``; answers are scored as they come, all chunks of an answer at once."""
+    """One ``AsyncLLM`` (an :class:`serve.engine.contract.Engine`); answers are scored as they come, all chunks of
+    an answer at once. Its engine core runs in a process of its own: when that process dies, every call raises
+    :class:`EngineDeadError`."""
 
     def __init__(self, cfg: GraderConfig, stat_loggers: Sequence | None = None):
         """``stat_loggers``: vLLM stat logger factories (classes) fed with the engine's statistics."""
@@ -60,23 +64,38 @@ class OnlineEngine:
 
     def check(self, part: Part) -> PartSpec:
         """``resolve``, and ``ValueError`` unless the prompt fits the context and the LoRA matrices fit the model."""
-        spec = self.resolve(part)
-        check_prompt_fits(spec, self.tokenizer, self.cfg)
-        dims = model_dims(self.engine.model_config.hf_config)
-        for files in (part.adapter, *(f for _, f in part.aspect_adapters)):
-            if files is not None:
-                check_lora_dims(files, dims)
-        return spec
+        return check_part(part, self.tokenizer, self.cfg, self.engine.model_config.hf_config)
 
     async def load_adapter(self, spec: PartSpec) -> None:
         """Load the part's adapters (its own, its aspects') into the engine now (not on the first request)."""
-        for target in adapters_of(spec):
-            await self.engine.add_lora(lora_request(target))
+        async with self._dead_as_ours():
+            for target in adapters_of(spec):
+                await self.engine.add_lora(lora_request(target))
 
     async def unload_adapter(self, spec: PartSpec) -> None:
         """Drop the part's adapters from the engine."""
-        for target in adapters_of(spec):
-            await self.engine.remove_lora(target.adapter_int_id)
+        async with self._dead_as_ours():
+            for target in adapters_of(spec):
+                await self.engine.remove_lora(target.adapter_int_id)
+
+    async def check_health(self) -> None:
+        """:class:`EngineDeadError` if vLLM's engine process died (``AsyncLLM.check_health``)."""
+        async with self._dead_as_ours():
+            await self.engine.check_health()
+
+    @contextlib.asynccontextmanager
+    async def _dead_as_ours(self) -> AsyncIterator[None]:
+        """Whatever a call raises once the engine is dead (vLLM's EngineDeadError, a closed socket, ...) becomes
+        :class:`EngineDeadError`: the caller tells a lost engine from a bad request by that type alone. (vLLM
+        raises its own EngineDeadError only once it has marked the engine dead, which ``errored`` reads.)"""
+        try:
+            yield
+        except EngineDeadError:
+            raise
+        except Exception:
+            if self.engine.errored:
+                raise EngineDeadError("vLLM's engine process stopped") from None
+            raise
 
     async def _render(self, targets: Sequence[Target], chunk: Chunk) -> list:
         """The chunk's engine inputs, one per target: the prompt's tokens and the processed audio (vLLM's renderer).
@@ -98,12 +117,13 @@ class OnlineEngine:
         return final
 
     async def _generate(self, target: Target, rendered, chunk: Chunk, request_id: str) -> ChunkScore:
-        """One request; sent once more, rendered again, if vLLM answers that its engine process lacks the audio
-        its front end had cached (a retryable ``error`` finish: the two caches drifted apart)."""
+        """One request, rendered again and resent on a retryable ``error`` finish (:func:`needs_resend`)."""
         final = await self._final_output(target, rendered, request_id)
-        if final.outputs[0].finish_reason == "error":
+        for attempt in range(1, RESENDS + 1):
+            if not needs_resend(final):
+                break
             (rendered,) = await self._render([target], chunk)
-            final = await self._final_output(target, rendered, f"{request_id}-resent")
+            final = await self._final_output(target, rendered, f"{request_id}-resent{attempt}")
         return chunk_score(target, chunk, final)
 
     async def _score_chunk(self, spec: PartSpec, chunk: Chunk, request_id: str) -> list[ChunkScore]:
@@ -116,11 +136,20 @@ class OnlineEngine:
     async def score_answer(self, spec: PartSpec, prepared: PreparedAnswer, request_id: str) -> ScoredAnswer:
         """Score one answer: all its chunks are submitted at once, each for every target (holistic score,
         aspects)."""
-        per_chunk = await asyncio.gather(
-            *(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(prepared.chunks))
-        )
+        async with self._dead_as_ours():
+            per_chunk = await asyncio.gather(
+                *(self._score_chunk(spec, c, f"{request_id}-{i}") for i, c in enumerate(prepared.chunks))
+            )
         per_target = [list(scores) for scores in zip(*per_chunk)]
         return answer_result(spec, prepared, *score_targets(spec, per_target))
+
+    async def score_batch(
+        self, answers: Sequence[tuple[PartSpec, PreparedAnswer]], request_id: str
+    ) -> list[ScoredAnswer]:
+        """Score several answers, all submitted at once (the engine batches them)."""
+        return list(
+            await asyncio.gather(*(self.score_answer(s, p, f"{request_id}-{i}") for i, (s, p) in enumerate(answers)))
+        )
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -19,7 +19,8 @@ aspect, prefills the rubric and the audio once (its prefix cache, keyed by the
 tokens, the audio's hash and the adapter): each aspect adds a short suffix.
 
 The offline (:mod:`serve.engine.offline`) and online
-(:mod:`serve.engine.online`) engines build their requests here.
+(:mod:`serve.engine.online`) engines build their requests, check parts and
+resend failed requests (:func:`needs_resend`) here.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from serve.grading.adapter_files import check_lora_dims
 from serve.grading.audio import SAMPLE_RATE, Chunk
 from serve.grading.config import GraderConfig
-from serve.grading.parts import AspectSpec, PartSpec
+from serve.grading.parts import AspectSpec, Part, PartSpec, resolve_part
 from serve.grading.scoring import ChunkScore, label_distribution
 
 
@@ -139,6 +141,17 @@ def chunk_score(spec: Target, chunk: Chunk, output) -> ChunkScore:
     return ChunkScore(chunk.start_s, chunk.end_s, probabilities, mass)
 
 
+#: Times a request is sent again after vLLM finished it with ``finish_reason == "error"``: its engine process lacked
+#: the audio its front end had cached (the two processor caches drifted apart), which a fresh send, rendered again,
+#: does not meet. A request that fails again is an error of its answer.
+RESENDS = 1
+
+
+def needs_resend(output) -> bool:
+    """Whether vLLM finished a request (a ``RequestOutput``) with the retryable ``error`` finish (:data:`RESENDS`)."""
+    return output.outputs[0].finish_reason == "error"
+
+
 def target_name(spec: Target) -> str:
     """``holistic`` or the aspect's id (request ids, messages)."""
     return getattr(spec, "aspect", "holistic")
@@ -169,6 +182,17 @@ def check_prompt_fits(spec: PartSpec, tokenizer, cfg: GraderConfig) -> None:
                 f"needs {need} tokens, more than engine.max_model_len {cfg.engine.max_model_len} "
                 "(shorten the task text or the descriptors)"
             )
+
+
+def check_part(part: Part, tokenizer, cfg: GraderConfig, hf_config) -> PartSpec:
+    """The part resolved, and ``ValueError`` unless its prompts fit the context and its LoRA matrices the model."""
+    spec = resolve_part(part, tokenizer, cfg)
+    check_prompt_fits(spec, tokenizer, cfg)
+    dims = model_dims(hf_config)
+    for files in (part.adapter, *(f for _, f in part.aspect_adapters)):
+        if files is not None:
+            check_lora_dims(files, dims)
+    return spec
 
 
 def model_dims(hf_config) -> dict[str, int]:

@@ -169,12 +169,35 @@ class NotScorableReason(BaseModel):
 
 
 class NotScorable(BaseModel):
-    """An answer that cannot be scored (in a batch or a session; the other answers are scored)."""
+    """An answer whose audio cannot be scored: the candidate's recording (silence, empty, undecodable...). In a batch
+    or a session the other answers are scored."""
 
     status: Literal["not_scorable"] = "not_scorable"
     part: str
     response_id: str | None
     reason: NotScorableReason
+
+
+class FailureReason(BaseModel):
+    kind: str = Field(
+        description="engine_error, internal_error or unreadable (retryable); invalid_row or unknown_part (a session's "
+        "manifest row: fix the manifest)."
+    )
+    message: str
+
+
+class FailedAnswer(BaseModel):
+    """An answer the grader failed to score: a system failure, not the candidate's audio. It is never counted as
+    not scorable; the candidate's result is incomplete until it is scored."""
+
+    status: Literal["failed"] = "failed"
+    part: str
+    response_id: str | None
+    reason: FailureReason
+    retryable: bool = Field(
+        description="True: the same answer may be scored again as it is (a session's next run does); false: its "
+        "manifest row needs fixing first."
+    )
 
 
 class Overall(BaseModel):
@@ -183,10 +206,18 @@ class Overall(BaseModel):
     score: float | None = Field(description="Mean of the scored answers' scores (null when none was scorable).")
     cefr: str | None
     scored: int = Field(description="Answers scored.")
-    not_scorable: int = Field(description="Answers that could not be scored.")
+    not_scorable: int = Field(description="Answers whose audio could not be scored (silence, empty, undecodable...).")
+    failed: int = Field(
+        0, description="Answers the grader failed to score (a system failure, not the candidate's audio)."
+    )
+    complete: bool = Field(
+        True,
+        description="False when an answer failed: the score covers the scored answers only, and the review has "
+        "the reason `incomplete`; score the failed answers again.",
+    )
     review: Review = Field(
-        description="Needed when any answer needs review or was not scorable (reason "
-        "`not_scorable`); the reasons of all answers."
+        description="Needed when any answer needs review, was not scorable (reason `not_scorable`) or failed "
+        "(reason `incomplete`); the reasons of all answers."
     )
     aspects: dict[str, float] = Field(
         default_factory=dict, description="Aspect id -> mean of its scores over the scored answers that have it."

@@ -76,12 +76,16 @@ def assess(answer: ScoredAnswer, quality: Quality, thresholds: ReviewConfig) -> 
     return answer.model_copy(update={"quality": quality, "review": Review(needed=bool(reasons), reasons=reasons)})
 
 
-#: Reason of a candidate's overall review when one of their answers could not be scored.
+#: Reason of a candidate's overall review when one of their answers could not be scored (their audio).
 NOT_SCORABLE = "not_scorable"
+#: Reason of a candidate's overall review when the grader failed to score one of their answers (a system failure).
+INCOMPLETE = "incomplete"
 
 
-def overall_review(reviews: list[Review], not_scorable: int) -> Review:
-    """A candidate's verdict: every reason of their scored answers, and ``not_scorable`` when any answer was."""
+def overall_review(reviews: list[Review], not_scorable: int, failed: int = 0) -> Review:
+    """A candidate's verdict: every reason of their scored answers, ``not_scorable`` when any answer was, and
+    ``incomplete`` when the grader failed to score one."""
     hit = {reason for r in reviews for reason in r.reasons}
     reasons = [code for code in REVIEW_REASONS if code in hit] + ([NOT_SCORABLE] if not_scorable else [])
+    reasons += [INCOMPLETE] if failed else []
     return Review(needed=bool(reasons), reasons=reasons)

@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.grading import calibration, vad
 from serve.grading.adapter_files import AdapterError
-from serve.grading.answers import NOT_SCORABLE_KINDS, candidate_result, refusal
+from serve.grading.answers import NOT_SCORABLE_KINDS, candidate_result, failure, refusal
 from serve.grading.audio import AudioError, PreparedAnswer, prepare
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, validate_part_id
 from serve.grading.parts import CalibrationRequiredError, Part, part_intervals
@@ -184,7 +184,7 @@ class Ingress:
 
     async def _score(self, upload: ScoreUpload, part: Part, prepared: PreparedAnswer) -> ScoredAnswer:
         """The complete answer from the scorer replica that holds the part's adapter (one form from there on)."""
-        answer = await self.scorer.call("score", prepared, request_id(), part, model_id=part.model_id)
+        answer = await self.scorer.score(prepared, request_id(), part)
         self.metrics.record_answer(part.part, len(prepared.chunks), answer.duration_s)
         self.metrics.record_aspects(part.part, {name: a.score for name, a in answer.aspects.items()})
         self.metrics.record_review(part.part, answer.review.reasons)
@@ -228,8 +228,9 @@ class Ingress:
     )
     async def post_score_batch(self, request: Request) -> BatchResponse:
         """Score several answers of one candidate (JSON). An answer that cannot be scored (silence, too little
-        speech, undecodable) gets a `not_scorable` result and the others are scored; the overall score is the
-        mean of the scored answers'."""
+        speech, undecodable) gets a `not_scorable` result and the others are scored; an answer the grader failed
+        to score while others were scored gets a `failed` result (`retryable`) and makes the overall incomplete
+        (`complete: false`); the overall score is the mean of the scored answers'."""
         started = time.perf_counter()
         batch, uploads = await read_batch_upload(request, self.limits)
         request.state.part = "batch"
@@ -265,20 +266,28 @@ class Ingress:
                 413, "too_long", f"the batch holds {total_s:.0f} s of audio: at most {limit_s:g} s in one batch"
             )
 
+        errors: list[BaseException] = []
+
         async def result(i: int, upload: ScoreUpload, part: Part, p: PreparedAnswer | NotScorable):
             if isinstance(p, NotScorable):
                 return p
-            return await each(i, upload, lambda u: self._score(u, part, p))
+            try:
+                return await each(i, upload, lambda u: self._score(u, part, p))
+            except ApiError as e:
+                if e.status < 500:
+                    raise
+                errors.append(e)
+                return failure(upload.part, e.kind, e.message, upload.response_id)
+            except Exception as e:
+                logger.exception("request %s: answers[%d] failed in the scorer", request_id(), i)
+                errors.append(e)
+                message = f"the engine failed on this answer; quote request id {request_id()} when reporting it"
+                return failure(upload.part, "engine_error", message, upload.response_id)
 
         results = await asyncio.gather(*(result(i, *args) for i, args in enumerate(zip(uploads, parts, prepared))))
-        scored = [(r, part) for r, part in zip(results, parts) if isinstance(r, ScoredAnswer)]
-        overall = candidate_result(
-            [r.score for r, _ in scored],
-            [r.review for r, _ in scored],
-            len(results) - len(scored),
-            scored[0][1].config.levels if scored else (),
-            [{k: a.score for k, a in r.aspects.items()} for r, _ in scored],
-        )
+        if errors and not any(isinstance(r, ScoredAnswer) for r in results):
+            raise errors[0]  # nothing reached the scorer and came back: the batch as a whole failed (503: retry it)
+        overall = candidate_result(results, {u.part: p.config.levels for u, p in zip(uploads, parts)})
         rid, latency_ms = request_id(), elapsed_ms(started)
         return BatchResponse(
             candidate_id=batch.candidate_id,
@@ -313,7 +322,7 @@ class Ingress:
         except AdapterError as e:
             raise ApiError(422, "invalid_adapter", clip(e, 500)) from None
         try:
-            await self.scorer.call("check_part", checked)  # loads it and scores a canary chunk
+            await self.scorer.check_part(checked)  # loads it and scores a canary chunk
         except ValueError as e:  # RayTaskError(ValueError) is a ValueError too
             raise ApiError(422, "invalid_adapter", clip(getattr(e, "cause", None) or e, 500)) from None
         await asyncio.to_thread(self.registry.put, checked)

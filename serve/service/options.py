@@ -37,6 +37,11 @@ SERVE_RUNTIME_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
 
+#: Ray Serve's health check of a scorer replica (:meth:`serve.service.scorer.ScorerReplica.check_health`): it fails
+#: at once when the replica's engine process died, and after 3 failures in a row (Ray's threshold, ~6 s) Serve
+#: replaces the replica. The timeout is Serve's default: a replica busy scoring may answer the check late.
+SCORER_HEALTH_CHECK = {"health_check_period_s": 2.0, "health_check_timeout_s": 30.0}
+
 APP_NAME = "l2grader"
 APP_IMPORT_PATH = "serve.service.app:build_app"
 INGRESS = "Ingress"
@@ -85,10 +90,11 @@ def deployment_options(cfg: ServiceConfig) -> dict[str, dict[str, Any]]:
     The ingress bounds its scoring requests itself (:mod:`serve.service.admission`),
     so Serve admits its queued answers and room for health and admin calls too.
     Both log in ``serving.log_encoding`` (Ray Serve's ``logging_config``). The scorer's requests are
-    routed by :mod:`serve.service.routing` unless ``serving.spread_part_at`` is null.
+    routed by :mod:`serve.service.routing` unless ``serving.spread_part_at`` is null; a scorer replica whose engine
+    stopped fails its health check (:data:`SCORER_HEALTH_CHECK`) and is replaced.
     """
     s = cfg.serving
-    scorer = _options(s.scorer, s.log_encoding)
+    scorer = {**_options(s.scorer, s.log_encoding), **SCORER_HEALTH_CHECK}
     if s.spread_part_at is not None:
         scorer["request_router_config"] = {
             "request_router_class": ROUTER_CLASS,

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.grading.config import PartConfig
-from serve.grading.results import NotScorable, Overall, Quality, Review, ScoredAnswer
+from serve.grading.results import FailedAnswer, NotScorable, Overall, Quality, Review, ScoredAnswer
 
 #: Longest id a caller may give an answer or a candidate (they are echoed back and logged).
 MAX_CLIENT_ID = 256
@@ -53,7 +53,7 @@ class BatchRequest(BaseModel):
 
 class BatchResponse(BaseModel):
     candidate_id: str | None
-    results: list[Annotated[ScoreResponse | NotScorable, Field(discriminator="status")]]
+    results: list[Annotated[ScoreResponse | NotScorable | FailedAnswer, Field(discriminator="status")]]
     overall: Overall
     request_id: str
     latency_ms: float

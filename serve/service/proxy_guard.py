@@ -53,10 +53,11 @@ from serve.grading.config import clip
 from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
 from serve.service.auth import ApiKeys, allow_unauthenticated, is_loopback, keyed
 from serve.service.errors import ApiError
-from serve.service.http_limits import ConnectionLimits, error_json, use_bounded_protocol
+from serve.service.http_limits import ConnectionLimits, error_json
 from serve.service.routes import PROBE_PATHS, Access, route_of
 from serve.service.settings import ServiceConfig, load_service_config
 from serve.service.uploads import UploadLimits
+from serve.service.uvicorn_private import use_bounded_protocol
 
 logger = logging.getLogger("ray.serve")
 

@@ -14,6 +14,11 @@ A dropped part's adapter leaves the engine only once no request of it is
 still running (:class:`LoadedPart`). The engine comes from a factory, the real
 one :class:`serve.engine.online.OnlineEngine`; tests give a fake one to check
 multiplexing, eviction and back-pressure without vLLM.
+
+A replica whose engine stopped (vLLM's engine process died) raises
+:class:`serve.engine.contract.EngineDeadError` for every call, the ingress
+answers 503 ``unavailable``, and Ray Serve's health check (:meth:`ScorerReplica.check_health`)
+has the replica replaced.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import numpy as np
 from ray import serve
 
+from serve.engine.contract import Engine, EngineDeadError
 from serve.engine.online import OnlineEngine
 from serve.grading.adapter_files import verify_content
 from serve.grading.audio import SAMPLE_RATE, PreparedAnswer, split
@@ -47,9 +52,8 @@ OFFERED_VERSIONS = 64
 #: Configs of one model id (one adapter) whose resolved specs a loaded part keeps.
 CONFIGS_PER_MODEL = 8
 
-#: ``engine_factory(cfg)`` gives an object with ``resolve``, ``load_adapter``,
-#: ``unload_adapter``, ``score_answer`` and ``shutdown`` (see OnlineEngine).
-EngineFactory = Callable[[GraderConfig], Any]
+#: ``engine_factory(cfg)`` gives an :class:`serve.engine.contract.Engine`.
+EngineFactory = Callable[[GraderConfig], Engine]
 
 
 def online_engine(cfg: GraderConfig):
@@ -196,7 +200,9 @@ class ScorerReplica:
         try:
             await self.engine.load_adapter(spec)
             result = await self.engine.score_answer(spec, canary, f"canary-{spec.model_id}")
-        except Exception as e:  # noqa: BLE001 - whatever fails, the canary refuses the adapter
+        except EngineDeadError:
+            raise  # not the adapter's fault: the caller answers 503 and Serve replaces this replica
+        except Exception as e:  # noqa: BLE001 - whatever else fails, the canary refuses the adapter
             logger.warning("canary of part %s failed: %s", spec.model_id, e)
             raise ValueError(
                 f"the adapter of part {part.part!r} did not score a test chunk ({type(e).__name__})"
@@ -209,8 +215,19 @@ class ScorerReplica:
         if not min(scale) - 1e-6 <= result.score <= max(scale) + 1e-6:
             raise ValueError(f"the adapter of part {part.part!r} gave an impossible test score {result.score}")
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
+        """True, or :class:`EngineDeadError` when this replica's engine stopped (the ingress's readiness ping)."""
+        await self.engine.check_health()
         return True
+
+    async def check_health(self) -> None:
+        """Ray Serve's periodic health check: raises when the engine stopped (its process died), and Serve then
+        replaces this replica (``health_check_period_s``, ``health_check_timeout_s``: serve/service/options.py)."""
+        try:
+            await self.engine.check_health()
+        except EngineDeadError as e:
+            logger.error("scorer replica unhealthy: %s; Ray Serve replaces it", e)
+            raise
 
     def __del__(self):
         engine = getattr(self, "engine", None)

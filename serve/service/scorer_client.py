@@ -1,10 +1,12 @@
 """The ingress's side of the Scorer deployment: its calls, with every failure of the scorer a retryable API error.
 
 - The scorer's queue is full (Serve's back-pressure): 503 ``overloaded``.
-- The scorer replica died or cannot be reached while answering: 503
-  ``unavailable``, never a 500. Until a scorer answers again, new requests get
-  the same 503 at once instead of waiting, for as long as Serve needs to start
-  a replacement, on a replica that is gone; calls already waiting for a
+- The scorer replica died or cannot be reached while answering, or its
+  engine stopped (:class:`serve.engine.contract.EngineDeadError`; Serve's
+  health check then replaces the replica): 503 ``unavailable``, never a
+  500. Until a scorer answers again, new requests get the same 503 at
+  once instead of waiting, for as long as Serve needs to start a
+  replacement, on a replica that is gone; calls already waiting for a
   replica then get it too after :data:`GRACE_S`. A call that the dying
   replica had not yet taken does not fail (Serve holds it for another
   replica), so a call waiting longer than :data:`GRACE_S` also asks Serve
@@ -32,7 +34,11 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from serve.engine.contract import EngineDeadError
 from serve.grading.adapter_files import AdapterChangedError
+from serve.grading.audio import PreparedAnswer
+from serve.grading.parts import Part
+from serve.grading.results import ScoredAnswer
 from serve.service.errors import ApiError
 
 logger = logging.getLogger("ray.serve")
@@ -66,6 +72,7 @@ class ScorerClient:
         self.retry = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
         self.last_answer = 0.0  # monotonic time a scorer last answered
         self.down_since: float | None = None
+        self.down_reason = ""
         self._probe: asyncio.Task | None = None
         self._running, self._running_at = 1, float("-inf")
 
@@ -74,10 +81,18 @@ class ScorerClient:
             503, "unavailable", f"the scorer is not available ({why}); retry after the Retry-After delay", self.retry
         )
 
-    async def call(self, method: str, *args: Any, model_id: str | None = None) -> Any:
+    async def score(self, prepared: PreparedAnswer, request_id: str, part: Part) -> ScoredAnswer:
+        """The answer scored under the part version it was accepted under, on a replica that holds its adapter."""
+        return await self._call("score", prepared, request_id, part, model_id=part.model_id)
+
+    async def check_part(self, part: Part) -> None:
+        """``ValueError`` unless a scorer replica resolves the part and scores a canary chunk with its adapter."""
+        await self._call("check_part", part)
+
+    async def _call(self, method: str, *args: Any, model_id: str | None = None) -> Any:
         """``Scorer.<method>(*args)`` on a replica (one that holds ``model_id`` if given)."""
         if self.down_since is not None:
-            raise self._unavailable("a scorer replica stopped and its replacement is starting")
+            raise self._unavailable(f"{self.down_reason}; its replacement is starting")
         handle = self.handle if model_id is None else self.handle.options(multiplexed_model_id=model_id)
         started = time.monotonic()
         response = getattr(handle, method).remote(*args)
@@ -104,6 +119,9 @@ class ScorerClient:
         except REPLICA_GONE as e:
             self._went_down(e)
             raise self._unavailable("the scorer replica stopped while answering") from None
+        except EngineDeadError as e:  # Ray's RayTaskError(EngineDeadError) is one too
+            self._went_down(e)
+            raise self._unavailable("the scorer's engine stopped before or while answering") from None
         except AdapterChangedError as e:  # Ray's RayTaskError(AdapterChangedError) is one too
             cause = getattr(e, "cause", None) or e
             logger.warning("scorer refused an adapter: %s", cause)
@@ -129,6 +147,9 @@ class ScorerClient:
             why = type(error).__name__ if error is not None else "no scorer replica running"
             logger.warning("scorer replica lost (%s); answering 503 until a scorer answers again", why)
             self.down_since = time.monotonic()
+            self.down_reason = (
+                "the scorer's engine stopped" if isinstance(error, EngineDeadError) else "a scorer replica stopped"
+            )
         if self._probe is None or self._probe.done():
             self._probe = asyncio.get_running_loop().create_task(self._wait_until_back())
 
@@ -146,7 +167,7 @@ class ScorerClient:
     async def ready(self) -> tuple[bool, str]:
         """Whether a scorer answers, and why not; cheap under load."""
         if self.down_since is not None:
-            return False, "scorer replica lost; a replacement is starting"
+            return False, f"{self.down_reason}; a replacement replica is starting"
         if time.monotonic() - self.last_answer < FRESH_S:
             return True, ""
         try:
@@ -170,4 +191,6 @@ def not_ready_reason(error: BaseException) -> str:
         return "the scorer deployment is not available (starting, or failed to start)"
     if isinstance(error, RayActorError):
         return "the scorer replica stopped; a replacement is starting"
+    if isinstance(error, EngineDeadError):
+        return "the scorer's engine stopped; a replacement replica is starting"
     return f"the scorer did not answer ({type(error).__name__})"

@@ -1,10 +1,12 @@
 """``l2grader score-session``: the driver of a session run.
 
-Starts Ray locally (or joins ``--address``), reads the manifest, checks its
-ids, skips the answers the output folder already holds, streams the rest
-through :mod:`serve.session.stages` and commits the results in parts as they
-come, then writes the candidates table and prints the summary (its last line
-one JSON object).
+Reads and checks the manifest (columns, ids, part names) and the output
+folder before Ray starts, so that a refusal takes seconds and leaves nothing
+behind; skips the answers the output folder already holds (a finished session
+starts neither Ray nor an engine); starts Ray locally (or joins ``--address``),
+streams the rest through :mod:`serve.session.stages` and commits the results
+in parts as they come, then writes the candidates table and prints the summary
+(its last line one JSON object).
 """
 
 from __future__ import annotations
@@ -21,16 +23,13 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-import ray.data
 
 from serve.grading.config import GraderConfig
 from serve.grading.parts import Part
 from serve.runtime.console import log
-from serve.runtime.ray_cluster import log_folder, start_ray
-from serve.session.schema import SCORED
-from serve.session.sources import COLUMNS, ManifestError, audio_base, check_manifest_location, first_line, read_manifest
-from serve.session.stages import Scorer, prepare
+from serve.session.schema import ANSWER_SCHEMA, FAILED, SCORED
+from serve.session.sources import audio_base, check_parts, load_manifest
+from serve.session.stages import SCORING_FROM, SCORING_TO, Scorer, prepare
 from serve.session.store import OutputDir, ids_digest
 
 
@@ -53,35 +52,6 @@ class SessionOptions:
     )
 
 
-def _manifest_ids(ds) -> list[str]:
-    """The manifest's response ids; :class:`ManifestError` for an empty or repeated id (the output's key), or for
-    a column with no value at all (a JSON manifest without it)."""
-
-    ids: list[str] = []
-    filled = dict.fromkeys(COLUMNS, 0)
-    for ref in ds.to_arrow_refs():
-        block = ray.get(ref)
-        ids += block.column("response_id").to_pylist()
-        for c in COLUMNS:
-            filled[c] += block.num_rows - block.column(c).null_count
-    absent = [c for c, n in filled.items() if ids and n == 0]
-    if absent:
-        raise ManifestError(f"the manifest lacks the column(s) {', '.join(absent)} (it needs {', '.join(COLUMNS)})")
-    empty = sum(1 for rid in ids if not rid)
-    if empty:
-        raise ManifestError(f"{empty} row(s) of the manifest have no response_id (every answer needs a unique one)")
-    repeated = [rid for rid, n in Counter(ids).items() if n > 1]
-    if repeated:
-        shown = ", ".join(repr(r[:64]) for r in repeated[:5])
-        raise ManifestError(f"{len(repeated)} response_id(s) appear more than once in the manifest, e.g. {shown}")
-    return ids
-
-
-def _drop_done(batch, done):
-
-    return batch.filter(pc.invert(pc.is_in(batch.column("response_id"), value_set=done)))
-
-
 def decode_in_tasks(opts: SessionOptions) -> bool:
     """Decode in CPU tasks of their own (on a cluster: spread over its CPU nodes), or in the engine actors.
 
@@ -92,13 +62,10 @@ def decode_in_tasks(opts: SessionOptions) -> bool:
     return opts.decode == "tasks" or (opts.decode == "auto" and bool(opts.address))
 
 
-def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions, done: set[str]):
-    """The Ray Data pipeline from manifest rows (not yet done) to answer rows."""
+def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions):
+    """The Ray Data pipeline from manifest rows to answer rows."""
+    import ray.data  # the driver loads Ray only once the checks passed and there is work
 
-    if done:
-        ds = ds.map_batches(
-            _drop_done, fn_kwargs={"done": pa.array(sorted(done), pa.string())}, batch_format="pyarrow", batch_size=None
-        )
     # Ray Data fuses a task stage into the next actor stage when their remote arguments are equal (then the engine
     # actors decode each batch before scoring it); a task-only argument (retries on a lost node) keeps them apart.
     own_tasks = {"max_retries": 3} if decode_in_tasks(opts) else {"num_gpus": opts.engine_gpus or None}
@@ -125,47 +92,64 @@ def pipeline(ds, cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOpti
 
 
 class Progress:
-    """A progress line on stderr every few seconds, and the run's timings."""
+    """A progress line on stderr every few seconds, and the run's timings.
+
+    Throughput and the time to go are measured over the scoring itself: from
+    when the engines began their first batch to when they ended their last
+    (the times the engine stage stamps on its rows), not from the start of
+    the run (Ray's and the engines' start-up) nor between the arrivals of
+    results in the driver, which come in bursts.
+    """
 
     def __init__(self, todo: int, every_s: float):
         self.todo, self.every_s = todo, every_s
         self.start = self.last_print = time.monotonic()
-        self.first_t: float | None = None
-        self.first_rows = 0
-        self.last_t = self.start
+        self.scoring_from: float | None = None  # seconds since the epoch, as the engine stage stamps them
+        self.scoring_to: float | None = None
         self.rows = self.scored = 0
         self.audio_s = 0.0
         self.errors: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
 
     def add(self, table) -> None:
         now = time.monotonic()
-        if self.first_t is None:
-            self.first_t, self.first_rows = now, table.num_rows
-        self.last_t = now
         self.rows += table.num_rows
+        if table.num_rows and SCORING_FROM in table.column_names:
+            began, ended = pc.min(table[SCORING_FROM]).as_py(), pc.max(table[SCORING_TO]).as_py()
+            self.scoring_from = began if self.scoring_from is None else min(self.scoring_from, began)
+            self.scoring_to = ended if self.scoring_to is None else max(self.scoring_to, ended)
         for status, kind, duration in zip(
             *(table.column(c).to_pylist() for c in ("status", "error_kind", "duration_s"))
         ):
             if status == SCORED:
                 self.scored += 1
                 self.audio_s += duration
+            elif status == FAILED:
+                self.failures[kind] += 1
             else:
                 self.errors[kind] += 1
         if now - self.last_print >= self.every_s:
             self.last_print = now
-            rate = self.rows / (now - self.start)
-            eta = (self.todo - self.rows) / rate if rate else float("nan")
+            rate = self.rate(time.time())
+            eta = f"~{(self.todo - self.rows) / rate:.0f} s to go" if rate else "time to go not known yet"
             log(
                 f"{self.rows}/{self.todo} answers ({100 * self.rows / max(self.todo, 1):.0f} %), "
-                f"{sum(self.errors.values())} not scorable, {rate:.1f} answers/s, ~{eta:.0f} s to go"
+                f"{sum(self.errors.values())} not scorable, {sum(self.failures.values())} failed, "
+                f"{rate or 0:.1f} answers/s, {eta}"
             )
 
+    def rate(self, now: float) -> float | None:
+        """Answers per second since the engines began scoring (``now``: seconds since the epoch)."""
+        if self.scoring_from is None or now <= self.scoring_from:
+            return None
+        return self.rows / (now - self.scoring_from)
+
     def steady(self) -> tuple[float | None, float]:
-        """Answers per second from the first result to the last (engine start-up and the first batch left out)."""
-        if self.first_t is None or self.last_t <= self.first_t:
+        """Answers per second over the scoring (first batch begun to last batch ended) and its seconds."""
+        if self.scoring_from is None or self.scoring_to is None or self.scoring_to <= self.scoring_from:
             return None, 0.0
-        span = self.last_t - self.first_t
-        return (self.rows - self.first_rows) / span, span
+        span = self.scoring_to - self.scoring_from
+        return self.rows / span, span
 
 
 class StopSignals:
@@ -225,69 +209,92 @@ def _results(ds, stop: threading.Event):
         yield item
 
 
+def session_identity(cfg: GraderConfig, parts: Mapping[str, Part], manifest: str, ids: list[str]) -> dict:
+    """What an output folder scores: the manifest, its ids, the parts' models and the base model."""
+    return {
+        "manifest": manifest,
+        "answers": len(ids),
+        "response_ids_sha256": ids_digest(ids),
+        "models": {name: part.model_id for name, part in parts.items()},
+        "base": cfg.model.base,
+    }
+
+
 def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptions) -> dict:
     """Score the manifest's answers not yet in the output folder with the registered ``parts`` (the config's and
-    those added at run time, as the service sees them); the summary. ``KeyboardInterrupt`` after a stop asked by
-    SIGINT or SIGTERM (what arrived is committed)."""
+    those added at run time, as the service sees them); the summary. The manifest and the folder are checked before
+    Ray starts (:class:`ManifestError`, :class:`OutputError`: nothing is created); a finished session starts
+    neither. ``KeyboardInterrupt`` after a stop asked by SIGINT or SIGTERM (what arrived is committed)."""
 
     started = time.monotonic()
+    manifest = load_manifest(opts.manifest)
+    for line in check_parts(manifest, sorted(parts)):
+        log(f"warning: {line}; those rows fail (not_scorable does not count them)")
+    ids = manifest["response_id"].to_pylist()
     out = OutputDir(opts.out)
-    check_manifest_location(opts.manifest)  # before Ray starts: a wrong name or format costs no start-up
-    progress = Progress(0, opts.progress_s)
-    todo: int | None = None  # answers to score this run, once the manifest and the output were read
+    identity = session_identity(cfg, parts, opts.manifest, ids)
+    out.check_session(identity)
+    retry = out.retryable()
+    done = out.done_ids()
+    todo = len(ids) - len(done) + retry
+    if not todo:
+        log(f"the session in {opts.out} is finished: all {len(ids)} answers of the manifest are there")
+        return summary(parts, out, Progress(0, opts.progress_s), len(done), len(ids), time.monotonic() - started)
+    progress = Progress(todo, opts.progress_s)
     with StopSignals() as signals:
         stop = signals.event
-        # Room for the engines plus one CPU task decoding at a time; the object store bounds the decoded audio
-        # waiting for an engine.
-        start_ray(opts.address, opts.engines * opts.engine_cpus, opts.object_store_mb * 2**20, opts.verbose)
-        signals.claim()
-        if not opts.verbose:
-            log(f"engine and Ray logs: {log_folder()} (--verbose prints them here too)")
-        try:
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = sys.stderr.isatty()
-            ctx.print_on_execution_start = False
-            try:
-                manifest = read_manifest(opts.manifest).materialize()
-            except ManifestError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a reader's error inside Ray: one line
-                raise ManifestError(f"cannot read the manifest {opts.manifest}: {first_line(e)}") from None
-            ids = _manifest_ids(manifest)
-            out.check_session(
-                {
-                    "manifest": opts.manifest,
-                    "answers": len(ids),
-                    "response_ids_sha256": ids_digest(ids),
-                    "models": {name: part.model_id for name, part in parts.items()},
-                    "base": cfg.model.base,
-                }
-            )
+        out.record_session(identity)
+        if retry:
+            log(f"{retry} answer(s) of an earlier run failed in a way that may pass now: scoring them again")
+            out.drop_retryable()
             done = out.done_ids()
-            todo = len(ids) - len(done)
-            decoding = "CPU tasks" if decode_in_tasks(opts) else "the engine actors"
-            log(
-                f"{len(ids)} answers in the manifest, {len(done)} already in {opts.out}, {todo} to score "
-                f"with {opts.engines} engine(s), decoding in {decoding}"
-            )
-            progress = Progress(todo, opts.progress_s)
-            writer = out.part_writer(opts.rows_per_part, opts.part_wait_s)
-            if todo and not stop.is_set():
-                try:
-                    for table in _results(pipeline(manifest, cfg, parts, opts, done), stop):
-                        progress.add(table)
-                        writer.add(table)
-                finally:
-                    writer.flush()  # every result received is complete: keep it
-        finally:
-            ray.shutdown()
+        rows = manifest.filter(
+            pc.invert(pc.is_in(manifest["response_id"], value_set=pa.array(sorted(done), pa.string())))
+        )
+        _score(rows, cfg, parts, opts, out, progress, signals, len(ids), len(done))
         # A stop that comes after the last answer arrived changes nothing.
-        interrupted = stop.is_set() and (todo is None or progress.rows < todo)
+        interrupted = stop.is_set() and progress.rows < todo
     wall = time.monotonic() - started
     if interrupted:
         log(f"stopped: {progress.rows} answers written this run; run the same command again to go on")
         raise KeyboardInterrupt
     return summary(parts, out, progress, len(done), len(ids), wall)
+
+
+def _score(rows: pa.Table, cfg, parts, opts: SessionOptions, out: OutputDir, progress: Progress, signals, total, done):
+    """Start Ray, stream ``rows`` through the pipeline and commit the results as they come."""
+    import ray
+    import ray.data
+
+    from serve.runtime.ray_cluster import log_folder, start_ray
+
+    stop = signals.event
+    # Room for the engines plus one CPU task decoding at a time; the object store bounds the decoded audio
+    # waiting for an engine.
+    start_ray(opts.address, opts.engines * opts.engine_cpus, opts.object_store_mb * 2**20, opts.verbose)
+    signals.claim()
+    if not opts.verbose:
+        log(f"engine and Ray logs: {log_folder()} (--verbose prints them here too)")
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        ctx.print_on_execution_start = False
+        decoding = "CPU tasks" if decode_in_tasks(opts) else "the engine actors"
+        log(
+            f"{total} answers in the manifest, {done} already in {opts.out}, {rows.num_rows} to score "
+            f"with {opts.engines} engine(s), decoding in {decoding}"
+        )
+        writer = out.part_writer(opts.rows_per_part, opts.part_wait_s)
+        if stop.is_set():
+            return
+        try:
+            for table in _results(pipeline(ray.data.from_arrow(rows), cfg, parts, opts), stop):
+                progress.add(table)
+                writer.add(table.select(ANSWER_SCHEMA.names))
+        finally:
+            writer.flush()  # every result received is complete: keep it
+    finally:
+        ray.shutdown()
 
 
 def summary(
@@ -298,7 +305,9 @@ def summary(
     written = out.read_parts(["response_id", "status", "error_kind"])
     ids = written.column("response_id").to_pylist()
     statuses = written.column("status").to_pylist()
-    kinds = Counter(k for s, k in zip(statuses, written.column("error_kind").to_pylist()) if s != SCORED)
+    errors = list(zip(statuses, written.column("error_kind").to_pylist()))
+    kinds = Counter(k for s, k in errors if s not in (SCORED, FAILED))
+    failures = Counter(k for s, k in errors if s == FAILED)
     steady, span = progress.steady()
     return {
         "answers": len(ids),
@@ -306,11 +315,14 @@ def summary(
         "duplicates": len(ids) - len(set(ids)),
         "scored": sum(1 for s in statuses if s == SCORED),
         "not_scorable": dict(sorted(kinds.items())),
+        "failed": dict(sorted(failures.items())),
+        "retryable": out.retryable(),
         "candidates": candidates,
         "this_run": {
             "answers": progress.rows,
             "skipped": skipped,
             "not_scorable": dict(sorted(progress.errors.items())),
+            "failed": dict(sorted(progress.failures.items())),
             "answers_per_s": round(progress.rows / wall, 3) if wall else 0.0,
             "audio_s_per_s": round(progress.audio_s / wall, 2) if wall else 0.0,
             "steady_answers_per_s": None if steady is None else round(steady, 3),
@@ -327,15 +339,16 @@ def summary(
 def print_summary(s: dict) -> None:
     r = s["this_run"]
     kinds = ", ".join(f"{k} {v}" for k, v in s["not_scorable"].items()) or "none"
+    failed = ", ".join(f"{k} {v}" for k, v in s["failed"].items()) or "none"
     print(
         f"answers: {s['answers']} of {s['manifest_rows']} in the manifest "
-        f"({s['scored']} scored; not scorable: {kinds}); "
+        f"({s['scored']} scored; not scorable: {kinds}; failed: {failed}); "
         f"{s['candidates']} candidates"
     )
     print(
         f"this run: {r['answers']} answers ({r['skipped']} already done) in {s['wall_s']:.1f} s: "
         f"{r['answers_per_s']:.2f} answers/s, {r['audio_s_per_s']:.1f} audio s/s"
-        + (f" (after start-up: {r['steady_answers_per_s']:.2f} answers/s)" if r["steady_answers_per_s"] else "")
+        + (f" (while scoring: {r['steady_answers_per_s']:.2f} answers/s)" if r["steady_answers_per_s"] else "")
     )
     print(f"output: {s['out']}/answers/, {s['out']}/candidates.parquet")
 

@@ -18,10 +18,11 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel
 
+from serve.grading.answers import Answer, unscored
 from serve.grading.results import Overall, ScoredAnswer
 from serve.session.sources import COLUMNS
 
-SCORED, NOT_SCORABLE = "scored", "not_scorable"
+SCORED, NOT_SCORABLE, FAILED = "scored", "not_scorable", "failed"
 
 _SCALARS = {float: pa.float64(), int: pa.int64(), bool: pa.bool_(), str: pa.string()}
 
@@ -52,14 +53,16 @@ def model_fields(model: type[BaseModel], skip: frozenset[str] = frozenset()) -> 
     return [pa.field(name, arrow_type(f.annotation)) for name, f in model.model_fields.items() if name not in skip]
 
 
-#: One row per answer: the manifest's columns, ``status`` (scored | not_scorable), the error of an answer that
-#: was not scored, and the answer's fields (``part`` and ``status`` are the row's own).
+#: One row per answer: the manifest's columns, ``status`` (scored | not_scorable | failed), the error of an answer
+#: that was not scored (and, for a failed one, whether running again may score it), and the answer's fields
+#: (``part`` and ``status`` are the row's own).
 ANSWER_SCHEMA = pa.schema(
     [
         *(pa.field(c, pa.string()) for c in COLUMNS),
         pa.field("status", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("error_message", pa.string()),
+        pa.field("retryable", pa.bool_()),
         *model_fields(ScoredAnswer, skip=frozenset({"part", "status"})),
     ]
 )
@@ -97,3 +100,10 @@ def answer_of_row(row: dict) -> ScoredAnswer:
         if name != "status"
     }
     return ScoredAnswer.model_validate(fields)
+
+
+def result_of_row(row: dict) -> Answer:
+    """The result a row holds: the scored answer, or why it has none (not scorable, or a failure)."""
+    if row["status"] == SCORED:
+        return answer_of_row(row)
+    return unscored(row["part"] or "", row["error_kind"] or "", row["error_message"] or "", row["response_id"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import posixpath
+from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -19,9 +20,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs
 import pyarrow.json as pajson
-import ray.data
+import pyarrow.parquet as pq
 
 from serve.grading.audio import AudioError
+from serve.grading.config import UnknownPartError
 
 #: The manifest's columns, all text.
 COLUMNS = ("response_id", "candidate_id", "part", "audio")
@@ -135,15 +137,6 @@ def read_audio(location: str, max_bytes: int) -> bytes:
         raise AudioError("unreadable", f"cannot read {location}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _as_text(batch):
-    """The manifest's columns of a block, as text (other columns dropped; a missing one fails the read)."""
-
-    missing = [c for c in COLUMNS if c not in batch.column_names]
-    if missing:
-        raise ManifestError(f"the manifest lacks the column(s) {', '.join(missing)} (it needs {', '.join(COLUMNS)})")
-    return pa.table({c: batch.column(c).cast(pa.string()) for c in COLUMNS})
-
-
 def check_manifest_location(location: str) -> str:
     """The manifest's format; :class:`ManifestError` for an unknown format or a local file that is not there."""
     fmt = manifest_format(location)
@@ -153,38 +146,75 @@ def check_manifest_location(location: str) -> str:
     return fmt
 
 
-def read_manifest(location: str):
-    """The manifest as a Ray dataset of :data:`COLUMNS` (text), read by Ray Data's CSV, JSON or Parquet reader."""
+def load_manifest(location: str) -> pa.Table:
+    """The manifest as a table of :data:`COLUMNS` (text), read here (before Ray starts) and checked as a whole:
+    :class:`ManifestError` when it cannot be read, has no rows, lacks a column, or has an empty or repeated
+    ``response_id`` (the output's key)."""
 
     fmt = check_manifest_location(location)
     path = local_path(location)
-    where = str(path.resolve()) if path is not None else location
-    if fmt == "csv":
-        ds = ray.data.read_csv(
-            where,
-            convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False
-            ),
-        )
-    elif fmt == "json":
-        # pyarrow's reader with every column as text ("0042" stays "0042"; pandas' lines=True reader would make it 42)
-        ds = ray.data.read_json(
-            where,
-            file_extensions=None,
-            parse_options=pajson.ParseOptions(
-                explicit_schema=pa.schema([(c, pa.string()) for c in COLUMNS]), unexpected_field_behavior="ignore"
-            ),
-        )
-    else:
-        ds = ray.data.read_parquet(where)
     try:
-        names = ds.columns() or []
-    except Exception as e:  # noqa: BLE001 - Ray wraps the reader's error: say which file and why, in one line
+        if path is not None:
+            fs, where = pyarrow.fs.LocalFileSystem(), str(path.resolve())
+        else:
+            fs, where = pyarrow.fs.FileSystem.from_uri(location)
+        if fmt == "parquet":
+            table = pq.read_table(where, filesystem=fs)
+        else:
+            with fs.open_input_stream(where) as f:
+                if fmt == "csv":
+                    table = pacsv.read_csv(
+                        f,
+                        convert_options=pacsv.ConvertOptions(
+                            column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False
+                        ),
+                    )
+                else:
+                    # every column as text ("0042" stays "0042"); a missing field is null
+                    table = pajson.read_json(
+                        f,
+                        parse_options=pajson.ParseOptions(
+                            explicit_schema=pa.schema([(c, pa.string()) for c in COLUMNS]),
+                            unexpected_field_behavior="ignore",
+                        ),
+                    )
+    except (OSError, pa.ArrowException, ValueError) as e:
         raise ManifestError(f"cannot read the manifest {location}: {first_line(e)}") from None
-    missing = [c for c in COLUMNS if c not in names]
-    if missing:
-        raise ManifestError(f"the manifest lacks the column(s) {', '.join(missing)} (it needs {', '.join(COLUMNS)})")
-    return ds.map_batches(_as_text, batch_format="pyarrow", batch_size=None)
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    absent = [
+        c for c in COLUMNS if c in table.column_names and table.num_rows and table[c].null_count == table.num_rows
+    ]
+    if missing or absent:
+        raise ManifestError(
+            f"the manifest lacks the column(s) {', '.join(missing + absent)} (it needs {', '.join(COLUMNS)})"
+        )
+    try:
+        table = pa.table({c: table[c].cast(pa.string()) for c in COLUMNS})
+    except pa.ArrowException as e:
+        raise ManifestError(f"cannot read the manifest {location}: {first_line(e)}") from None
+    if not table.num_rows:
+        raise ManifestError(f"the manifest {location} has no rows: nothing to score")
+    ids = table["response_id"].to_pylist()
+    empty = sum(1 for rid in ids if not rid)
+    if empty:
+        raise ManifestError(f"{empty} row(s) of the manifest have no response_id (every answer needs a unique one)")
+    repeated = [rid for rid, n in Counter(ids).items() if n > 1]
+    if repeated:
+        shown = ", ".join(repr(r[:64]) for r in repeated[:5])
+        raise ManifestError(f"{len(repeated)} response_id(s) appear more than once in the manifest, e.g. {shown}")
+    return table
+
+
+def check_parts(table: pa.Table, known: list[str]) -> list[str]:
+    """What to say of the manifest's part names: one line per unknown part (its rows, and the part it may mean);
+    :class:`ManifestError` when no row names a registered part (nothing could be scored)."""
+    counts = Counter(p for p in table["part"].to_pylist() if p)
+    unknown = {p: n for p, n in counts.items() if p not in known}
+    lines = [f"{n} row(s) name an {UnknownPartError(p, sorted(known))}" for p, n in sorted(unknown.items())]
+    if table.num_rows and len(unknown) == len(counts):
+        why = "; ".join(lines) if lines else "every row's part is empty"
+        raise ManifestError(f"no row of the manifest names a registered part: {why}")
+    return lines
 
 
 def first_line(e: BaseException) -> str:

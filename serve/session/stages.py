@@ -15,22 +15,29 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa
 
+from serve.grading.answers import is_failure, unscored
 from serve.grading.audio import SAMPLE_RATE, AudioError, Chunk, PreparedAnswer
 from serve.grading.audio import prepare as prepare_audio
 from serve.grading.config import GraderConfig, UnknownPartError
 from serve.grading.parts import Part
 from serve.grading.results import Quality, ScoredAnswer
-from serve.session.schema import ANSWER_SCHEMA, NOT_SCORABLE, SCORED, arrow_type
+from serve.session.schema import ANSWER_SCHEMA, FAILED, NOT_SCORABLE, SCORED, arrow_type
 from serve.session.sources import COLUMNS, read_audio, resolve_audio
 
 logger = logging.getLogger(__name__)
 
 QUALITY_TYPE = arrow_type(Quality)
+
+#: Columns the engine stage adds to its rows for the driver (not written): when the batch's scoring began and ended
+#: (seconds since the epoch), so that throughput is measured over the scoring itself, not over when the driver
+#: happens to receive the results (Ray Data hands several finished blocks over at once).
+SCORING_FROM, SCORING_TO = "_scoring_from", "_scoring_to"
 
 
 # ---------------------------------------------------------------- CPU stage
@@ -104,12 +111,23 @@ def unpack(row: dict) -> PreparedAnswer:
 def answer_row(
     row: dict, result: ScoredAnswer | None = None, kind: str | None = None, message: str | None = None
 ) -> dict:
-    """The output row of a manifest row: its score, or why it has none."""
+    """The output row of a manifest row: its score, or why it has none (the candidate's audio: ``not_scorable``; a
+    system failure: ``failed``, with whether running again may score it)."""
     out = {c: row[c] for c in COLUMNS}
     if result is None:
-        return {**out, "status": NOT_SCORABLE, "error_kind": kind, "error_message": message}
+        kind = kind or "internal_error"
+        if is_failure(kind):
+            failed = unscored(row["part"] or "", kind, message or "", row["response_id"])
+            return {
+                **out,
+                "status": FAILED,
+                "error_kind": kind,
+                "error_message": message,
+                "retryable": failed.retryable,
+            }
+        return {**out, "status": NOT_SCORABLE, "error_kind": kind, "error_message": message, "retryable": None}
     fields = result.model_dump(exclude={"part", "status"})
-    return {**out, "status": SCORED, "error_kind": None, "error_message": None, **fields}
+    return {**out, "status": SCORED, "error_kind": None, "error_message": None, "retryable": None, **fields}
 
 
 class Scorer:
@@ -122,6 +140,7 @@ class Scorer:
         self.engine = OfflineEngine(cfg, parts)
 
     def __call__(self, batch):
+        started = time.time()
         rows = batch.to_pylist()
         ready = [r for r in rows if r["error_kind"] is None]
         answers = [(r["part"], unpack(r)) for r in ready]
@@ -134,7 +153,11 @@ class Scorer:
                 out.append(answer_row(r, scored[r["response_id"]]))
             else:
                 out.append(answer_row(r, kind="engine_error", message=str(scored[r["response_id"]])[:500]))
-        return pa.Table.from_pylist(out, schema=ANSWER_SCHEMA)
+        table = pa.Table.from_pylist(out, schema=ANSWER_SCHEMA)
+        stamps = pa.array([started, time.time()], pa.float64())
+        return table.append_column(SCORING_FROM, pa.repeat(stamps[0], len(out))).append_column(
+            SCORING_TO, pa.repeat(stamps[1], len(out))
+        )
 
     def _score(self, answers: list) -> list:
         """Results of a batch in one engine call; if that fails, answer by answer (an error for those that fail)."""
