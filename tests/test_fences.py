@@ -124,6 +124,15 @@ def internal_module(module: str) -> bool:
     return not any(module == p or p != top and module.startswith(p + ".") for p in public)
 
 
+def makes_local(call: ast.Call, local: set[str]) -> bool:
+    """Whether ``call`` makes one of the project's objects: a project function or class called, or ``__new__`` of
+    a project class."""
+    if root_name(call.func) in local:
+        return True
+    new = isinstance(call.func, ast.Attribute) and call.func.attr == "__new__"
+    return new and bool(call.args) and root_name(call.args[0]) in local
+
+
 def root_name(node: ast.AST) -> str | None:
     """The name an attribute chain starts from (``a`` of ``a.b.c``), if it starts from a name."""
     while isinstance(node, ast.Attribute):
@@ -144,11 +153,11 @@ def private_uses(tree: ast.AST, own: set[str], theirs: frozenset[str] = frozense
     local = imported_names(tree, PROJECT) | {
         n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
     }
-    # and the names bound to what the project's own functions and classes return
+    # and the names bound to what the project's own functions and classes return (``object.__new__(Ours)`` too)
     local |= {
         t.id
         for n in ast.walk(tree)
-        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call) and root_name(n.value.func) in local
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call) and makes_local(n.value, local)
         for t in n.targets
         if isinstance(t, ast.Name)
     }
