@@ -128,7 +128,8 @@ def candidate_result(
     2. a required part without answers is counted as the stated score, or withholds (``missing_part``);
     3. a failed answer (the grader's failure, never the candidate's) withholds it (``incomplete``: score again);
     4. the counted parts' means are combined with their normalised weights (every part answered, weight 1, when
-       the rule lists none; answers of parts not listed are shown with weight 0);
+       the rule lists none; an optional part without answers does not count; answers of parts not listed are
+       shown with weight 0);
     5. the level is read from the cut-score table (default: the midpoints of the scale of the first counted part,
        ``levels`` being part -> its levels), and the interval is the weighted sum of the parts' interval bounds
        (:class:`serve.grading.results.OverallInterval`).
@@ -144,9 +145,10 @@ def candidate_result(
     for a in answers:
         by_part.setdefault(a.part, []).append(a)
     listed = list(rule.parts)
-    counted = listed if listed else list(by_part)
+    # an optional part without answers does not count: the other parts' weights are normalised without it
+    counted = [p for p in listed if rule.parts[p].required or p in by_part] if listed else list(by_part)
     weights = {p: (rule.parts[p].weight if listed else 1.0) for p in counted}
-    total = sum(weights.values())
+    total = sum(weights.values()) or 1.0
 
     withheld: list[WithheldReason] = []
     parts: dict[str, PartOverall] = {}
