@@ -16,7 +16,7 @@ from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter
 from serve.grading.config import PartConfig
 from serve.grading.fingerprint import score_fingerprint
-from serve.grading.results import NotScorable, ScoredAnswer
+from serve.grading.results import NotScorable, Overall, ScoredAnswer
 from serve.service.options import ALLOW_HA_PROXY_ENV, ha_proxy_refusal
 from serve.service.settings import load_service_config, part_registry
 from tests.conftest import l2grader
@@ -130,9 +130,14 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
         calibration.fit("added", fp, (1.0, 6.0), range(1, 7), human, human + rng.normal(0, 0.4, 200), [0.5] * 200),
         tmp_path / "adapter",
     )
-    again = run("score", "--config", tmp_path / "c.yaml", "--part", "added", audio_dir / "b.flac")
+    again = run("score", "--config", tmp_path / "c.yaml", "--part", "added", "--candidate", "c1", audio_dir / "b.flac")
     assert again.returncode == 0, again.stderr[-2000:]
-    added = json.loads(again.stdout)
+    added, last = (json.loads(line) for line in again.stdout.splitlines())
+    # --candidate: the files' overall result last, as the batch endpoint's (the default rule: one part, weight 1)
+    assert last["candidate_id"] == "c1" and set(last["overall"]) == set(Overall.model_fields)
+    assert last["overall"]["score"] == pytest.approx(added["score"]) and not last["overall"]["withheld"]
+    assert last["overall"]["interval"]["low"] == pytest.approx(added["interval"]["low"])
+    assert last["overall"]["interval"]["coverage"] == pytest.approx(added["interval"]["coverage"])
     assert added["interval_status"] == "calibrated" and added["interval"]["method"] == "mondrian"
     assert added["interval"]["calibrated_on"] == 200 and added["interval"]["low"] < added["score"]
     assert added["model"]["adapter"].startswith("added@")
