@@ -198,3 +198,19 @@ def test_rudner_accuracy_and_consistency_against_a_hand_computed_case():
     assert sd_of_interval(0.0, 2 * 1.6448536269514722, 0.9) == pytest.approx(1.0)
     # no uncertainty: always accurate and consistent
     assert rudner([3.0], [0.0], [("B1", 2.5)])["accuracy"] == 1.0
+
+
+def test_a_sessions_candidates_table_holds_the_result_as_the_batch_gives_it():
+    import pyarrow as pa
+
+    from serve.session.schema import CANDIDATES_SCHEMA
+
+    for answers in (
+        [scored("interview", 3.0), scored("long_turn", 4.0)],
+        [scored("interview", 3.0), silent("long_turn")],
+    ):
+        got = candidate_result(answers, LEVELS, rule(parts=EXAM))
+        row = {"candidate_id": "c", "answers": 2, "parts": ["interview"], **got.model_dump()}
+        (back,) = pa.Table.from_pylist([row], schema=CANDIDATES_SCHEMA).to_pylist()
+        back["by_part"], back["aspects"] = dict(back["by_part"]), dict(back["aspects"])  # maps read back as pairs
+        assert {k: back[k] for k in got.model_dump()} == got.model_dump()
