@@ -6,8 +6,9 @@
 - :func:`refusal`: an answer whose audio could not be used -> :class:`NotScorable`;
   :func:`failure`: an answer the grader failed to score -> :class:`FailedAnswer`;
   :func:`unscored`: either, by the error's kind.
-- :func:`candidate_result`: a candidate's answers -> :class:`Overall` with its review, the one builder of every
-  door (the batch endpoint's ``overall``, a session's candidates table).
+- :func:`candidate_result`: a candidate's answers -> :class:`Overall` by the exam's stated rule (the config's
+  ``candidate:`` section), with its review, the one builder of every door (the batch endpoint's ``overall``, a
+  session's candidates table, ``l2grader score --candidate``, ``evaluate``).
 """
 
 from __future__ import annotations
