@@ -68,6 +68,20 @@ def test_bad_config_fails_with_one_line(tmp_path, audio_dir):
 
 
 @pytest.mark.engine
+def test_score_candidate_prints_the_withheld_overall_result_last(tiny_dir, audio_dir):
+    """--candidate with files that cannot be scored (no engine starts): the overall result, withheld with the
+    reason, after one object per file, as the batch endpoint's overall."""
+    files = [audio_dir / "silent.wav", audio_dir / "corrupt.wav"]
+    r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", "--candidate", "c7", *files)
+    assert r.returncode == 1, r.stderr[-3000:]
+    *answers, last = (json.loads(line) for line in r.stdout.splitlines())
+    assert [a["status"] for a in answers] == ["not_scorable", "not_scorable"]
+    assert last["candidate_id"] == "c7" and set(last["overall"]) == set(Overall.model_fields)
+    overall = last["overall"]
+    assert (overall["score"], overall["withheld"], overall["not_scorable"]) == (None, True, 2)
+    assert {(w["kind"], w["part"]) for w in overall["withheld_reasons"]} == {("not_scorable", "interview")}
+
+
 def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     files = ["a.wav", "corrupt.wav", "b.flac", "empty.wav", "c.ogg", "silent.wav", "d.mp3", "a.wav"]
     r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", *(audio_dir / f for f in files))
