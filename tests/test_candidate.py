@@ -134,7 +134,7 @@ def test_a_config_states_the_rule_and_configs_without_it_still_load():
         }
     )
     assert cfg.candidate.missing_rule("long_turn").count_as == 1 and cfg.candidate.missing_rule("x") == "withhold"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be 'withhold' or \{count_as: <score>\}, got 'drop'"):
         GraderConfig.model_validate({**base, "candidate": {"unscorable": "drop"}})  # no silent drop
 
 

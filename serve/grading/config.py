@@ -420,6 +420,13 @@ class CountAs(StrictModel):
 Rule = Literal["withhold"] | CountAs
 
 
+def check_rule(v: Any) -> Any:
+    """One clear message for a rule that is neither ``withhold`` nor ``{count_as: <score>}`` (never ``drop``)."""
+    if v is None or v == "withhold" or isinstance(v, CountAs) or (isinstance(v, dict) and set(v) == {"count_as"}):
+        return v
+    raise ValueError(f"must be 'withhold' or {{count_as: <score>}}, got {clip(v)!r}")
+
+
 class CandidatePart(StrictModel):
     """One part of the exam as the candidate's result counts it."""
 
@@ -427,6 +434,8 @@ class CandidatePart(StrictModel):
     required: bool = Field(True, description="A candidate without an answer to it is missing a part.")
     unscorable: Rule | None = Field(None, description="This part's own rule for an unscorable answer.")
     missing: Rule | None = Field(None, description="This part's own rule when the candidate has no answer to it.")
+
+    _rules = field_validator("unscorable", "missing", mode="before")(check_rule)
 
 
 class CutScore(StrictModel):
@@ -462,6 +471,8 @@ class CandidateConfig(StrictModel):
         description="Give no overall interval when its guaranteed coverage (1 - the answers' miscoverages summed) "
         "is below this.",
     )
+
+    _rules = field_validator("unscorable", "missing", mode="before")(check_rule)
 
     @field_validator("parts")
     @classmethod
