@@ -48,11 +48,13 @@ from adapters.fairness import Row, fairness_report, format_fairness
 from adapters.trust import SIGNALS, trust_report
 from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter, training_record
+from serve.grading.answers import candidate_result
 from serve.grading.audio import PreparedAnswer
-from serve.grading.config import VLLM_LORA_RANKS, GraderConfig
+from serve.grading.classification import default_cuts, format_rudner, rudner, sd_of_interval
+from serve.grading.config import VLLM_LORA_RANKS, CandidateConfig, GraderConfig
 from serve.grading.fingerprint import score_fingerprint
 from serve.grading.levels import Level
-from serve.grading.results import ScoredAnswer
+from serve.grading.results import Overall, ScoredAnswer
 
 
 def config_for(cfg: GraderConfig, part: str, adapter: str | Path | None = None) -> GraderConfig:
@@ -317,6 +319,68 @@ def format_intervals(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def answer_sd(s: ScoredAnswer) -> float:
+    """The standard error Rudner's method takes for an answer: from its interval (its unclipped width, as a normal's
+    central interval at the stated coverage) where it has one, else its score_sd."""
+    if s.interval is None:
+        return s.uncertainty.score_sd
+    width = s.interval.width_unclipped if s.interval.width_unclipped is not None else s.interval.width
+    return sd_of_interval(0.0, width, s.interval.coverage)
+
+
+def overall_sd(overall: Overall) -> float | None:
+    """A candidate's standard error from their overall interval (union bound: wide, so accuracy reads low)."""
+    i = overall.interval
+    return None if i is None or i.coverage <= 0 else sd_of_interval(i.low, i.high, i.coverage)
+
+
+def classification_report(
+    part: str,
+    scored: Sequence[ScoredAnswer],
+    levels: Sequence[Level],
+    speakers: Sequence[str | None],
+    cuts: Sequence[tuple[str, float]] | None = None,
+    candidates: Sequence[Overall] | None = None,
+) -> dict[str, Any]:
+    """Rudner's classification accuracy and consistency at each cut (:mod:`serve.grading.classification`):
+
+    - ``answers``: every answer of the part, its level by ``cuts`` (default: the midpoints of the part's levels);
+    - ``candidates``: each candidate's result on this part alone (their answers averaged, as
+      :func:`serve.grading.answers.candidate_result` makes it with a rule of this one part), from ``speakers``;
+    - ``exam``: the candidates' overall results over all parts (``candidates``: a session's candidates table, by
+      the exam's rule), where given; withheld ones and those without an interval left out.
+    """
+    cut_table = list(cuts) if cuts is not None else default_cuts(levels)
+    out: dict[str, Any] = {
+        "cuts": [{"level": c, "cut": x} for c, x in cut_table],
+        "answers": rudner([s.score for s in scored], [answer_sd(s) for s in scored], cut_table),
+    }
+    groups: dict[str, list[ScoredAnswer]] = {}
+    for s, who in zip(scored, speakers):
+        if who is not None:
+            groups.setdefault(who, []).append(s)
+    if groups:
+        one_part = CandidateConfig(parts={part: {}})
+        results = [candidate_result(g, {part: levels}, one_part) for g in groups.values()]
+        usable = [(r.score, overall_sd(r)) for r in results if r.score is not None and overall_sd(r) is not None]
+        out["candidates"] = rudner([x for x, _ in usable], [sd for _, sd in usable], cut_table)
+        out["candidates"]["left_out"] = len(results) - len(usable)
+    if candidates is not None:
+        usable = [(r.score, overall_sd(r)) for r in candidates if r.score is not None and overall_sd(r) is not None]
+        out["exam"] = rudner([x for x, _ in usable], [sd for _, sd in usable], cut_table)
+        out["exam"]["left_out"] = len(candidates) - len(usable)
+    return out
+
+
+def format_classification(report: dict[str, Any]) -> list[str]:
+    lines = format_rudner(report["answers"], "answers")
+    if "candidates" in report:
+        lines += format_rudner(report["candidates"], "candidates on this part (answers averaged)")
+    if "exam" in report:
+        lines += format_rudner(report["exam"], "candidates' overall results (the exam's rule)")
+    return lines
+
+
 def check_signal(selective_signal: str) -> None:
     """``ValueError`` for a selective-scoring signal that does not exist (before any scoring starts)."""
     if selective_signal not in SIGNALS:
@@ -361,6 +425,7 @@ def evaluate(
         adapter_dir=pcfg.adapter,
         fingerprint=fingerprint_of(cfg, part, scored[0].model.adapter_hash),
         method=pcfg.interval.method,
+        cuts=cut_table(cfg, part),
         plot=plot or default_plot_path(data, part),
         predictions=predictions,
         group_by=group_by,
@@ -448,6 +513,25 @@ def session_answer_ids(
     return ids
 
 
+def cut_table(cfg: GraderConfig, part: str) -> list[tuple[str, float]]:
+    """The exam's cut scores (the config's ``candidate.cuts``), else the midpoints of the part's levels."""
+    if cfg.candidate.cuts is not None:
+        return [(c.cefr, c.min_score) for c in cfg.candidate.cuts]
+    return default_cuts(cfg.parts[part].levels)
+
+
+def session_candidates(cfg: GraderConfig, rows: Sequence[dict]) -> list[Overall]:
+    """Each candidate's overall result from a session's rows of every part, by the exam's rule: what its
+    candidates table holds (the parts' scales from ``cfg``)."""
+    from serve.session.schema import result_of_row
+
+    groups: dict[str | None, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["candidate_id"], []).append(r)
+    levels = {name: p.levels for name, p in cfg.parts.items()}
+    return [candidate_result([result_of_row(r) for r in g], levels, cfg.candidate) for g in groups.values()]
+
+
 def evaluate_session(
     cfg: GraderConfig,
     session: str,
@@ -470,7 +554,8 @@ def evaluate_session(
 
     check_signal(selective_signal)
     human = read_human_scores(human_file, human_column)
-    rows = [r for r in OutputDir(session).read_all() if r["part"] == part]
+    every = OutputDir(session).read_all()
+    rows = [r for r in every if r["part"] == part]
     scored_rows = [r for r in rows if r["status"] == SCORED and r["response_id"] in human]
     not_scorable = sum(1 for r in rows if r["status"] not in (SCORED, FAILED))
     failed = sum(1 for r in rows if r["status"] == FAILED)
@@ -515,6 +600,8 @@ def evaluate_session(
         fingerprint=fingerprint,
         method=pcfg.interval.method,
         served=True,
+        cuts=cut_table(cfg, part),
+        candidates=session_candidates(cfg, every),
         plot=plot or Path(session) / f"{part}.calibration.png",
         predictions=predictions,
         group_by=group_by,
@@ -545,6 +632,8 @@ def report_on(
     group_by: Sequence[str],
     report: str | Path | None,
     selective_signal: str,
+    cuts: Sequence[tuple[str, float]] | None = None,
+    candidates: Sequence[Overall] | None = None,
 ) -> dict[str, Any]:
     """The metrics of scored answers against their human scores, printed (the last stdout line is their JSON),
     with the calibration plot, the predictions file and the HTML report when asked. ``human_aspects``: each
@@ -575,6 +664,14 @@ def report_on(
         method=method,
         served=served,
     )
+    classification = classification_report(
+        part,
+        scored,
+        levels,
+        list(speakers) if speakers is not None else [None] * len(scored),
+        cuts,
+        candidates,
+    )
     if predictions is not None:
         with open(predictions, "w") as f:
             for a, s, h, fl in zip(audio, scored, human, fields):
@@ -602,6 +699,7 @@ def report_on(
         **trust,
         "fairness": fairness,
         "intervals": intervals,
+        "classification": classification,
         "aspects": {
             a: {"n": m["n"], "soft": _finite(m["soft"]), "hard": _finite(m["hard"])}
             for a, m in aspects["aspects"].items()
@@ -626,6 +724,8 @@ def report_on(
     for line in format_fairness(fairness):
         print(line)
     for line in format_intervals(intervals):
+        print(line)
+    for line in format_classification(classification):
         print(line)
     print(f"calibration plot: {plot_path}")
     if report is not None:

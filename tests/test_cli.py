@@ -16,7 +16,7 @@ from serve.grading import calibration
 from serve.grading.adapter_files import check_adapter
 from serve.grading.config import PartConfig
 from serve.grading.fingerprint import score_fingerprint
-from serve.grading.results import NotScorable, ScoredAnswer
+from serve.grading.results import NotScorable, Overall, ScoredAnswer
 from serve.service.options import ALLOW_HA_PROXY_ENV, ha_proxy_refusal
 from serve.service.settings import load_service_config, part_registry
 from tests.conftest import l2grader
@@ -68,6 +68,20 @@ def test_bad_config_fails_with_one_line(tmp_path, audio_dir):
 
 
 @pytest.mark.engine
+def test_score_candidate_prints_the_withheld_overall_result_last(tiny_dir, audio_dir):
+    """--candidate with files that cannot be scored (no engine starts): the overall result, withheld with the
+    reason, after one object per file, as the batch endpoint's overall."""
+    files = [audio_dir / "silent.wav", audio_dir / "corrupt.wav"]
+    r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", "--candidate", "c7", *files)
+    assert r.returncode == 1, r.stderr[-3000:]
+    *answers, last = (json.loads(line) for line in r.stdout.splitlines())
+    assert [a["status"] for a in answers] == ["not_scorable", "not_scorable"]
+    assert last["candidate_id"] == "c7" and set(last["overall"]) == set(Overall.model_fields)
+    overall = last["overall"]
+    assert (overall["score"], overall["withheld"], overall["not_scorable"]) == (None, True, 2)
+    assert {(w["kind"], w["part"]) for w in overall["withheld_reasons"]} == {("not_scorable", "interview")}
+
+
 def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     files = ["a.wav", "corrupt.wav", "b.flac", "empty.wav", "c.ogg", "silent.wav", "d.mp3", "a.wav"]
     r = run("score", "--config", tiny_dir / "demo.yaml", "--part", "interview", *(audio_dir / f for f in files))
@@ -130,9 +144,14 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
         calibration.fit("added", fp, (1.0, 6.0), range(1, 7), human, human + rng.normal(0, 0.4, 200), [0.5] * 200),
         tmp_path / "adapter",
     )
-    again = run("score", "--config", tmp_path / "c.yaml", "--part", "added", audio_dir / "b.flac")
+    again = run("score", "--config", tmp_path / "c.yaml", "--part", "added", "--candidate", "c1", audio_dir / "b.flac")
     assert again.returncode == 0, again.stderr[-2000:]
-    added = json.loads(again.stdout)
+    added, last = (json.loads(line) for line in again.stdout.splitlines())
+    # --candidate: the files' overall result last, as the batch endpoint's (the default rule: one part, weight 1)
+    assert last["candidate_id"] == "c1" and set(last["overall"]) == set(Overall.model_fields)
+    assert last["overall"]["score"] == pytest.approx(added["score"]) and not last["overall"]["withheld"]
+    assert last["overall"]["interval"]["low"] == pytest.approx(added["interval"]["low"])
+    assert last["overall"]["interval"]["coverage"] == pytest.approx(added["interval"]["coverage"])
     assert added["interval_status"] == "calibrated" and added["interval"]["method"] == "mondrian"
     assert added["interval"]["calibrated_on"] == 200 and added["interval"]["low"] < added["score"]
     assert added["model"]["adapter"].startswith("added@")

@@ -174,6 +174,11 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
             k: o[k] for k in ("cefr", "scored", "not_scorable", "review")
         }
         assert c["review"]["needed"] and "not_scorable" in c["review"]["reasons"]
+        assert (c["withheld"], c["interval_status"], c["rule"]) == (o["withheld"], o["interval_status"], o["rule"])
+        assert c["withheld_reasons"] == o["withheld_reasons"]
+        assert {p: v["score"] for p, v in c["by_part"]} == pytest.approx(
+            {p: v["score"] for p, v in o["by_part"].items()}
+        )
 
     # evaluate on the bulk output and a file of human scores: no engine, the same report as a test set's.
     with open(tmp_path / "human.csv", "w", newline="") as f:

@@ -57,6 +57,13 @@ def test_agreement_fairness_and_no_baseline_without_a_second_score(tmp_path, cap
     for g in fair["parts"]["interview"] + fair["overall"]:
         assert g["status"] in ("flagged", "clear", "inconclusive")
     assert "fairness of the overall score" in out and "QWK" in out and "KRC" in out
+    cls = summary["classification"]  # Rudner's, at the answer level and per candidate on this part
+    assert [c["cut"] for c in cls["cuts"]] == [1.5, 2.5, 3.5, 4.5, 5.5]
+    assert cls["answers"]["n"] == 80 and len(cls["answers"]["per_cut"]) == 5
+    assert cls["candidates"]["n"] + cls["candidates"]["left_out"] == 40
+    for c in cls["answers"]["per_cut"]:
+        assert 0.5 <= c["consistency"] <= c["accuracy"] <= 1.0  # consistency p^2 + q^2 never exceeds max(p, q)
+    assert "classification of answers (Rudner, n=80)" in out
     page = (tmp_path / "r" / "report.html").read_text()
     assert "Overall score" in page and "QWK (half levels)" in page and "no human-human baseline" in page
     assert json.loads((tmp_path / "r" / "report.json").read_text())["fairness"] == fair

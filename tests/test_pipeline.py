@@ -18,7 +18,7 @@ from serve.grading.answers import (
     unscored,
 )
 from serve.grading.audio import SAMPLE_RATE, AudioError, PreparedAnswer, split
-from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
+from serve.grading.config import CandidateConfig, GraderConfig, PartConfig, ReviewConfig
 from serve.grading.levels import DEFAULT_LEVELS
 from serve.grading.parts import Part, resolve_part
 from serve.grading.quality import measure
@@ -159,8 +159,11 @@ def test_candidate_result_over_scored_and_not_scorable_answers():
     a, b = an_answer(review=ReviewConfig(min_label_mass=0.9)), an_answer(seconds=10)
     silent = refusal("interview", AudioError("silence", "the audio is silent"), "x")
     levels = {"interview": DEFAULT_LEVELS}
-    overall = candidate_result([a, silent, b], levels)
-    assert overall.score == pytest.approx((a.score + b.score) / 2) and overall.scored == 2
+    overall = candidate_result([a, silent, b], levels)  # the default rule: an unscorable answer withholds
+    assert (overall.score, overall.cefr, overall.withheld, overall.scored) == (None, None, True, 2)
+    assert [(w.kind, w.part) for w in overall.withheld_reasons] == [("not_scorable", "interview")]
+    assert overall.by_part["interview"].score == pytest.approx((a.score + b.score) / 2)  # shown, not the result
+    assert candidate_result([a, b], levels).score == pytest.approx((a.score + b.score) / 2)
     assert (overall.not_scorable, overall.failed, overall.complete) == (1, 0, True)
     assert overall.review.needed and overall.review.reasons[-1] == "not_scorable"
     assert "low_label_mass" in overall.review.reasons
@@ -183,7 +186,12 @@ def test_a_system_failure_is_not_the_candidates_and_makes_the_result_incomplete(
     assert engine.retryable and not row.retryable  # run again as it is / fix the manifest first
     overall = candidate_result([a, silent, engine, row], {"interview": DEFAULT_LEVELS})
     assert (overall.scored, overall.not_scorable, overall.failed, overall.complete) == (1, 1, 2, False)
-    assert overall.score == a.score  # over the scored answer only
+    assert overall.score is None and overall.withheld  # the grader failed: no result until scored again
+    assert {(w.kind, w.part) for w in overall.withheld_reasons} == {
+        ("not_scorable", "interview"),
+        ("incomplete", "interview"),
+        ("incomplete", "nope"),
+    }
     assert overall.review.needed and overall.review.reasons[-2:] == ["not_scorable", "incomplete"]
     only_failed = candidate_result([engine], {})
     assert only_failed.review.reasons == ["incomplete"] and only_failed.not_scorable == 0
@@ -229,7 +237,7 @@ def test_a_batch_keeps_what_was_scored_when_the_scorer_fails_on_an_answer():
         return answer
 
     ingress = object.__new__(Ingress)  # its routes' logic, without Ray Serve
-    ingress.cfg = SimpleNamespace(serving=SimpleNamespace(max_batch_audio_s=3600))
+    ingress.cfg = SimpleNamespace(serving=SimpleNamespace(max_batch_audio_s=3600), candidate=CandidateConfig())
     ingress.metrics = SimpleNamespace(record_review=lambda *_: None)
     ingress._part, ingress._prepare, ingress._score = resolve, prepare, score
 
@@ -248,7 +256,7 @@ def test_a_batch_keeps_what_was_scored_when_the_scorer_fails_on_an_answer():
     )
     assert "CUDA" not in crash.reason.message  # no exception text to the client (the log has it)
     o = got.overall
-    assert (o.scored, o.not_scorable, o.failed, o.complete, o.score) == (1, 1, 2, False, answer.score)
+    assert (o.scored, o.not_scorable, o.failed, o.complete, o.score, o.withheld) == (1, 1, 2, False, None, True)
     assert o.review.reasons[-2:] == ["not_scorable", "incomplete"]
     assert got.model_dump()["results"][2]["status"] == "failed"  # the response model takes it as it is
     with pytest.raises(ApiError) as e:

@@ -265,7 +265,8 @@ def test_the_api_docs_examples_have_exactly_the_answers_fields(base_url, audio_d
 
 
 def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
-    """One silent answer of three: 200, two scored, one not_scorable, the overall over the two, for review."""
+    """One silent answer of three: 200, two scored, one not_scorable; the overall withheld (the default rule), for
+    review, each part's mean shown."""
     b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
     before = settled_metrics(base_url)
     batch = {
@@ -286,7 +287,11 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
     overall = body["overall"]
     assert overall["scored"] == 2 and overall["not_scorable"] == 1
     assert overall["failed"] == 0 and overall["complete"] is True
-    assert overall["score"] == pytest.approx(np.mean([body["results"][0]["score"], body["results"][2]["score"]]))
+    assert (overall["score"], overall["cefr"], overall["withheld"]) == (None, None, True)  # silence never helps
+    assert [(w["kind"], w["part"]) for w in overall["withheld_reasons"]] == [("not_scorable", "long_turn")]
+    assert overall["by_part"]["interview"]["score"] == pytest.approx(body["results"][0]["score"])
+    assert overall["by_part"]["long_turn"]["score"] == pytest.approx(body["results"][2]["score"])
+    assert overall["interval_status"] == "withheld" and "withhold" in overall["rule"]
     assert overall["review"]["needed"] and "not_scorable" in overall["review"]["reasons"]
     after = settled_metrics(base_url)
     grown = metric(after, "l2grader_review_reasons_total", part="long_turn", reason="not_scorable") - metric(
@@ -298,16 +303,19 @@ def test_batch_scores_the_answers_it_can(base_url, audio_dir, trust_files):
     only_bad = {"answers": [{"part": "interview", "audio_base64": b64(audio_dir / "corrupt.wav")}]}
     r = httpx.post(f"{base_url}/v1/score/batch", json=only_bad, headers=USER, timeout=120)
     assert r.status_code == 200, r.text
-    assert r.json()["overall"] == {
+    got = r.json()["overall"]
+    assert {k: got[k] for k in ("score", "cefr", "withheld", "interval", "scored", "not_scorable", "failed")} == {
         "score": None,
         "cefr": None,
+        "withheld": True,
+        "interval": None,
         "scored": 0,
         "not_scorable": 1,
         "failed": 0,
-        "complete": True,  # the candidate's audio, not a failure of the grader
-        "review": {"needed": True, "reasons": ["not_scorable"]},
-        "aspects": {},
     }
+    assert got["complete"] is True  # the candidate's audio, not a failure of the grader
+    assert got["review"] == {"needed": True, "reasons": ["not_scorable"]} and got["aspects"] == {}
+    assert [(w["kind"], w["part"]) for w in got["withheld_reasons"]] == [("not_scorable", "interview")]
     assert r.json()["results"][0]["reason"]["kind"] == "undecodable"
 
 
@@ -329,8 +337,10 @@ def test_json_base64_and_batch(base_url, audio_dir):
     body = r.json()
     assert [x["response_id"] for x in body["results"]] == ["q1", "q2"]
     assert body["results"][1]["score"] == pytest.approx(single["score"], abs=1e-5)
-    assert body["overall"]["score"] == pytest.approx(np.mean([x["score"] for x in body["results"]]))
-    assert body["overall"]["cefr"] in {"A1", "A2", "B1", "B2", "C1", "C2"}
+    assert body["overall"]["score"] == pytest.approx(np.mean([x["score"] for x in body["results"]]))  # equal weights
+    assert body["overall"]["cefr"] in {"A1", "A2", "B1", "B2", "C1", "C2"} and not body["overall"]["withheld"]
+    assert {p: v["weight"] for p, v in body["overall"]["by_part"].items()} == {"interview": 0.5, "long_turn": 0.5}
+    assert body["overall"]["interval_status"] == "uncalibrated"  # the demo adapters have no calibration
 
 
 def test_64_concurrent_requests_across_two_parts(base_url, tmp_path):

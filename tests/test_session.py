@@ -278,7 +278,8 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
     for cid, c in candidates.items():
         mine = [a for a in answers if a["candidate_id"] == cid]
         scored = [a for a in mine if a["status"] == "scored"]
-        want = candidate_result([result_of_row(a) for a in mine], {n: p.config.levels for n, p in parts.items()})
+        levels = {n: p.config.levels for n, p in parts.items()}
+        want = candidate_result([result_of_row(a) for a in mine], levels, cfg.candidate)
         failed = sum(1 for a in mine if a["status"] == "failed")
         assert {k: c[k] for k in ("answers", "scored", "not_scorable", "failed", "complete")} == {
             "answers": len(mine),
@@ -289,10 +290,14 @@ def test_stopped_session_resumes_to_every_row_once_with_the_answers_of_score(ses
         }
         assert c["score"] == (pytest.approx(want.score, abs=1e-12) if scored else None)
         assert c["review"] == want.review.model_dump() and c["cefr"] == want.cefr
+        assert (c["withheld"], c["rule"]) == (want.withheld, want.rule)
+        assert c["withheld_reasons"] == [w.model_dump() for w in want.withheld_reasons]
         assert dict(c["aspects"]) == pytest.approx(want.aspects, abs=1e-12)
     cand1 = candidates["cand-1"]  # silent, corrupt, empty: theirs; the missing file and the unknown part: ours
     assert (cand1["not_scorable"], cand1["failed"], cand1["complete"]) == (3, 2, False)
     assert cand1["review"]["needed"] and cand1["review"]["reasons"][-2:] == ["not_scorable", "incomplete"]
+    assert cand1["withheld"] and cand1["score"] is None  # nothing dropped silently: withheld, with the reasons
+    assert {w["kind"] for w in cand1["withheld_reasons"]} == {"not_scorable", "incomplete"}
 
     # 4. Once the missing file is in place, a run scores that answer again (only it), and no other.
     write(session["dir"] / "audio" / "missing.flac", 2.0, 16000, seed=7)

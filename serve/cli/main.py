@@ -58,7 +58,9 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """One JSON object per file, in order: the scored answer, or why it has none (``status`` not_scorable or
-    failed, with its ``reason``, as a batch's results); exit 1 when a file was not scored."""
+    failed, with its ``reason``, as a batch's results); with ``--candidate``, then one object ``{"candidate_id",
+    "overall"}``: the files' overall result by the config's ``candidate:`` rule. Exit 1 when a file was not
+    scored."""
     cfg = load_config_or_exit(args.config)
     parts = parts_or_exit(cfg, args.config, [args.part])
     if cfg.model.untrained:
@@ -78,12 +80,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _score_files(args: argparse.Namespace, cfg, parts) -> int:
     from serve.engine.offline import OfflineEngine  # loaded when the command runs: the CLI starts fast
     from serve.grading.adapter_files import AdapterError
-    from serve.grading.answers import unscored
+    from serve.grading.answers import candidate_result, unscored
     from serve.grading.audio import PreparedAnswer
     from serve.grading.parts import LabelTokenError
 
     scorer = None
     failed = 0
+    results_all = []
     try:
         # Decode the next batch of files in the background while the engine scores this one.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -100,15 +103,21 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
                 results = iter(scorer.score_answers([(args.part, p) for p in good]) if good else [])
                 for path, prepared in batch:
                     if isinstance(prepared, PreparedAnswer):
-                        print(json.dumps({"file": path, **next(results).model_dump()}), flush=True)
+                        result = next(results)
+                        results_all.append(result)
+                        print(json.dumps({"file": path, **result.model_dump()}), flush=True)
                     else:  # its result as every door gives it (not_scorable, or failed), and the error line
                         failed += 1
                         result = unscored(args.part, prepared.kind, str(prepared))
+                        results_all.append(result)
                         print(json.dumps({"file": path, **result.model_dump()}), flush=True)
                         print(f"{PROG}: error: {path}: {prepared}", file=sys.stderr, flush=True)
     finally:
         if scorer is not None:
             scorer.shutdown()  # frees the engine's memory now, not at interpreter exit
+    if getattr(args, "candidate", None) is not None:
+        overall = candidate_result(results_all, {args.part: parts[args.part].config.levels}, cfg.candidate)
+        print(json.dumps({"candidate_id": args.candidate, "overall": overall.model_dump()}), flush=True)
     return 1 if failed else 0
 
 
@@ -286,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", required=True, help="exam part the answers belong to")
     p.add_argument("--batch-size", type=int, default=256, help="answers sent to the engine together (default 256)")
     p.add_argument("--verbose", action="store_true", help="print the engine's own log here (else: to a file)")
+    p.add_argument(
+        "--candidate",
+        metavar="ID",
+        help="the files are this candidate's answers: print their overall result last, by the config's candidate: "
+        "rule, as the batch endpoint's overall",
+    )
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, WebM/Opus, MP4/M4A/AAC, ...)")
     p.set_defaults(func=cmd_score)
 

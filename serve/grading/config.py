@@ -409,6 +409,98 @@ class PartConfig(StrictModel):
         return self
 
 
+class CountAs(StrictModel):
+    """An unscorable or missing part counts as this stated score (e.g. the scale's lowest)."""
+
+    count_as: float = Field(description="The score the part counts as, on the overall scale.")
+
+
+#: What an unscorable answer or a missing part does to the candidate's result: ``withhold`` it (no overall score,
+#: with the reason), or count the part as a stated score (``{count_as: 1.0}``). Never a silent drop.
+Rule = Literal["withhold"] | CountAs
+
+
+def check_rule(v: Any) -> Any:
+    """One clear message for a rule that is neither ``withhold`` nor ``{count_as: <score>}`` (never ``drop``)."""
+    if v is None or v == "withhold" or isinstance(v, CountAs) or (isinstance(v, dict) and set(v) == {"count_as"}):
+        return v
+    raise ValueError(f"must be 'withhold' or {{count_as: <score>}}, got {clip(v)!r}")
+
+
+class CandidatePart(StrictModel):
+    """One part of the exam as the candidate's result counts it."""
+
+    weight: float = Field(1.0, gt=0.0, description="Its weight in the overall score (weights are normalised).")
+    required: bool = Field(True, description="A candidate without an answer to it is missing a part.")
+    unscorable: Rule | None = Field(None, description="This part's own rule for an unscorable answer.")
+    missing: Rule | None = Field(None, description="This part's own rule when the candidate has no answer to it.")
+
+    _rules = field_validator("unscorable", "missing", mode="before")(check_rule)
+
+
+class CutScore(StrictModel):
+    """The lowest overall score of one level."""
+
+    cefr: str = Field(min_length=1, description="The level, e.g. 'B1'.")
+    min_score: float = Field(description="The lowest overall score at this level.")
+
+
+class CandidateConfig(StrictModel):
+    """How a candidate's answers make their overall result (docs/usage.md, "The candidate's result").
+
+    Answers of one part are averaged first, then the parts combined with their normalised weights. Absent,
+    every part a candidate answered counts with weight 1, and an unscorable answer withholds the overall result.
+    """
+
+    parts: dict[str, CandidatePart] = Field(
+        default_factory=dict,
+        description="The exam's parts, by id (empty: every part the candidate answered, weight 1, none required). "
+        "Answers of parts not listed are shown in the result but do not count.",
+    )
+    unscorable: Rule = Field("withhold", description="What an unscorable answer does (withhold, or {count_as: x}).")
+    missing: Rule = Field("withhold", description="What a required part without an answer does.")
+    cuts: tuple[CutScore, ...] | None = Field(
+        None,
+        description="The cut-score table: each level above the lowest with its lowest overall score, ascending. "
+        "None: the midpoints between the scale's level scores (the level nearest the score).",
+    )
+    interval_coverage: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Give no overall interval when its guaranteed coverage (1 - the answers' miscoverages summed) "
+        "is below this.",
+    )
+
+    _rules = field_validator("unscorable", "missing", mode="before")(check_rule)
+
+    @field_validator("parts")
+    @classmethod
+    def _ids(cls, v: dict[str, CandidatePart]) -> dict[str, CandidatePart]:
+        for part in v:
+            validate_part_id(part)
+        return v
+
+    @field_validator("cuts")
+    @classmethod
+    def _ascending(cls, v: tuple[CutScore, ...] | None) -> tuple[CutScore, ...] | None:
+        if v is not None:
+            scores = [c.min_score for c in v]
+            if not v or scores != sorted(scores) or len(set(scores)) != len(scores):
+                raise ValueError(f"cut scores must be at least one, strictly ascending, got {scores}")
+            if len({c.cefr for c in v}) != len(v):
+                raise ValueError("each level has one cut score")
+        return v
+
+    def unscorable_rule(self, part: str) -> Rule:
+        own = self.parts.get(part)
+        return own.unscorable if own is not None and own.unscorable is not None else self.unscorable
+
+    def missing_rule(self, part: str) -> Rule:
+        own = self.parts.get(part)
+        return own.missing if own is not None and own.missing is not None else self.missing
+
+
 class GraderConfig(StrictModel):
     """The whole config file, as grading reads it: model, engine, audio and parts.
 
@@ -424,6 +516,10 @@ class GraderConfig(StrictModel):
         default_factory=dict, description="The HTTP service's settings (checked by the service's schema)."
     )
     parts: dict[str, PartConfig] = Field(min_length=1)
+    candidate: CandidateConfig = Field(
+        default_factory=CandidateConfig,
+        description="How a candidate's answers make their overall result: parts, weights, rules, cut scores.",
+    )
 
     @field_validator("parts")
     @classmethod

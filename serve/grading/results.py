@@ -200,11 +200,78 @@ class FailedAnswer(BaseModel):
     )
 
 
-class Overall(BaseModel):
-    """A candidate's result over their answers (made by :func:`serve.grading.answers.candidate_result`)."""
+#: Why a candidate's overall result is withheld (the ``withheld_reasons[].kind`` codes, fixed).
+WITHHELD_KINDS = ("not_scorable", "missing_part", "incomplete", "nothing_counted")
 
-    score: float | None = Field(description="Mean of the scored answers' scores (null when none was scorable).")
-    cefr: str | None
+
+class WithheldReason(BaseModel):
+    """Why the overall result is withheld."""
+
+    kind: str = Field(
+        description="not_scorable (an answer's audio could not be scored and the rule withholds), missing_part (a "
+        "required part has no answer and the rule withholds), incomplete (the grader failed on an answer: score it "
+        "again) or nothing_counted (no answer of a counted part)."
+    )
+    part: str | None = Field(description="The part it concerns (null: the whole candidate).")
+    message: str
+
+
+class PartOverall(BaseModel):
+    """One part in a candidate's result: the mean of its answers, and its weight."""
+
+    weight: float = Field(description="Its normalised weight in the overall score (0: listed, but does not count).")
+    score: float | None = Field(
+        description="Mean of its answers' scores, an unscorable answer counted as the stated score where the rule "
+        "says so; a missing part counted as stated is that score (null: nothing to count)."
+    )
+    answers: int = Field(description="The candidate's answers to it.")
+    scored: int = Field(description="Of them, scored.")
+    counted_as: int = Field(0, description="Answers (or the missing part, as 1) counted as the rule's stated score.")
+    interval_low: float | None = Field(None, description="Mean of its answers' interval lows (stated scores as is).")
+    interval_high: float | None = Field(None, description="Mean of its answers' interval highs.")
+
+
+class OverallInterval(BaseModel):
+    """Where the candidate's human overall score lies: the same rule applied to human scores of the same answers.
+
+    The weighted sum of the parts' interval bounds (each part's the mean of its answers' bounds). When every
+    answer's interval holds its human score, the overall interval holds the human overall score; by the union
+    bound that happens with probability at least 1 - the sum of the answers' miscoverages (``coverage``)."""
+
+    low: float
+    high: float
+    width: float = Field(description="high - low.")
+    coverage: float = Field(
+        description="The coverage it guarantees: 1 - the sum over the counted scored answers of (1 - their "
+        "interval's coverage). Conservative: realised coverage is usually much higher."
+    )
+    method: Literal["union_bound"] = Field("union_bound", description="How it was made (docs/trust.md).")
+    answers: int = Field(description="The scored answers whose intervals it combines.")
+
+
+class Overall(BaseModel):
+    """A candidate's result over their answers (made by :func:`serve.grading.answers.candidate_result`), by the
+    exam's stated rule (the config's ``candidate:`` section; docs/usage.md, "The candidate's result")."""
+
+    score: float | None = Field(
+        description="Weighted mean of the counted parts' scores, each part the mean of its answers (null when the "
+        "result is withheld: withheld_reasons say why)."
+    )
+    cefr: str | None = Field(description="Level of the score by the exam's cut-score table (null when withheld).")
+    withheld: bool = Field(
+        False, description="True: no overall score is given (an unscorable answer, a missing or failed part)."
+    )
+    withheld_reasons: list[WithheldReason] = Field(default_factory=list, description="Why it is withheld.")
+    interval: OverallInterval | None = Field(
+        None, description="Conservative interval of the human overall score (null: interval_status says why)."
+    )
+    interval_status: str = Field(
+        "withheld",
+        description="union_bound (given), withheld (no score), uncalibrated (a counted answer has no interval) or "
+        "below_coverage (its guaranteed coverage is below candidate.interval_coverage).",
+    )
+    by_part: dict[str, PartOverall] = Field(default_factory=dict, description="Part id -> how it counts.")
+    rule: str = Field("", description="The rule applied, in words: weights, unscorable and missing parts, cuts.")
     scored: int = Field(description="Answers scored.")
     not_scorable: int = Field(description="Answers whose audio could not be scored (silence, empty, undecodable...).")
     failed: int = Field(
@@ -212,7 +279,7 @@ class Overall(BaseModel):
     )
     complete: bool = Field(
         True,
-        description="False when an answer failed: the score covers the scored answers only, and the review has "
+        description="False when an answer failed: the result is withheld (reason incomplete) and the review has "
         "the reason `incomplete`; score the failed answers again.",
     )
     review: Review = Field(
@@ -220,5 +287,6 @@ class Overall(BaseModel):
         "(reason `incomplete`); the reasons of all answers."
     )
     aspects: dict[str, float] = Field(
-        default_factory=dict, description="Aspect id -> mean of its scores over the scored answers that have it."
+        default_factory=dict,
+        description="Aspect id -> mean of its scores over the scored answers that have it (unweighted, descriptive).",
     )

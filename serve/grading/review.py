@@ -80,6 +80,8 @@ def assess(answer: ScoredAnswer, quality: Quality, thresholds: ReviewConfig) -> 
 NOT_SCORABLE = "not_scorable"
 #: Reason of a candidate's overall review when the grader failed to score one of their answers (a system failure).
 INCOMPLETE = "incomplete"
+#: Reason of a candidate's overall review when a required part of the exam has no answer.
+MISSING_PART = "missing_part"
 
 
 def overall_review(reviews: list[Review], not_scorable: int, failed: int = 0) -> Review:

@@ -287,7 +287,9 @@ class Ingress:
         results = await asyncio.gather(*(result(i, *args) for i, args in enumerate(zip(uploads, parts, prepared))))
         if errors and not any(isinstance(r, ScoredAnswer) for r in results):
             raise errors[0]  # nothing reached the scorer and came back: the batch as a whole failed (503: retry it)
-        overall = candidate_result(results, {u.part: p.config.levels for u, p in zip(uploads, parts)})
+        overall = candidate_result(
+            results, {u.part: p.config.levels for u, p in zip(uploads, parts)}, self.cfg.candidate
+        )
         rid, latency_ms = request_id(), elapsed_ms(started)
         return BatchResponse(
             candidate_id=batch.candidate_id,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve.grading.config import GraderConfig
+from serve.grading.config import CandidateConfig, GraderConfig
 from serve.grading.parts import Part
 from serve.runtime.console import log
 from serve.session.schema import ANSWER_SCHEMA, FAILED, SCORED
@@ -239,7 +239,9 @@ def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptio
     todo = len(ids) - len(done) + retry
     if not todo:
         log(f"the session in {opts.out} is finished: all {len(ids)} answers of the manifest are there")
-        return summary(parts, out, Progress(0, opts.progress_s), len(done), len(ids), time.monotonic() - started)
+        return summary(
+            parts, out, Progress(0, opts.progress_s), len(done), len(ids), time.monotonic() - started, cfg.candidate
+        )
     progress = Progress(todo, opts.progress_s)
     with StopSignals() as signals:
         stop = signals.event
@@ -258,7 +260,7 @@ def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptio
     if interrupted:
         log(f"stopped: {progress.rows} answers written this run; run the same command again to go on")
         raise KeyboardInterrupt
-    return summary(parts, out, progress, len(done), len(ids), wall)
+    return summary(parts, out, progress, len(done), len(ids), wall, cfg.candidate)
 
 
 def _score(rows: pa.Table, cfg, parts, opts: SessionOptions, out: OutputDir, progress: Progress, signals, total, done):
@@ -298,10 +300,17 @@ def _score(rows: pa.Table, cfg, parts, opts: SessionOptions, out: OutputDir, pro
 
 
 def summary(
-    parts: Mapping[str, Part], out: OutputDir, progress: Progress, skipped: int, manifest_rows: int, wall: float
+    parts: Mapping[str, Part],
+    out: OutputDir,
+    progress: Progress,
+    skipped: int,
+    manifest_rows: int,
+    wall: float,
+    rule: CandidateConfig | None = None,
 ) -> dict:
-    """The session's figures: this run's throughput, the whole output's counts."""
-    candidates = out.write_candidates(parts)
+    """The session's figures: this run's throughput, the whole output's counts (the candidates' results by the
+    exam's ``rule``, the config's ``candidate:`` section)."""
+    candidates = out.write_candidates(parts, rule)
     written = out.read_parts(["response_id", "status", "error_kind"])
     ids = written.column("response_id").to_pylist()
     statuses = written.column("status").to_pylist()
