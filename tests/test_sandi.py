@@ -216,6 +216,38 @@ def test_prediction_files_and_the_challenges_table(prepared, tmp_path):
     assert result["P1"]["less05"] == 100.0 and result["P1"]["rmse"] == pytest.approx(np.sqrt((0.01 + 0.0225) / 2))
 
 
+def test_run_chains_prepare_train_calibrate_and_predict(release, tmp_path, monkeypatch):
+    """``sandi run`` hands each step the files of the one before (the steps themselves mocked: no model)."""
+    import adapters.evaluate
+    import adapters.train
+    from serve.grading.config import load_config
+
+    calls = []
+    monkeypatch.setattr(adapters.train, "train", lambda cfg, opts: calls.append(("train", opts)) or {})
+    monkeypatch.setattr(adapters.train, "format_summary", lambda summary: "")
+    monkeypatch.setattr(
+        adapters.evaluate, "calibrate", lambda cfg, part, data, **kw: calls.append(("calibrate", part, data, kw))
+    )
+    monkeypatch.setattr(sandi, "predict", lambda cfg, data, out, **kw: calls.append(("predict", data, out, kw)))
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "speak-and-improve-2025.yaml")
+    sandi.run(cfg, release, tmp_path, train_options={"epochs": 0.5}, allow_small=True, held_out=0.2)
+    data = tmp_path / "data"
+    assert [(c[1].part, c[1].data, c[1].out, c[1].epochs) for c in calls[:4]] == [
+        (p, str(sandi.data_file(data, "train", p)), str(tmp_path / "adapters" / p), 0.5) for p in sandi.PARTS
+    ]
+    assert [(c[1], c[2], c[3]["adapter"], c[3]["allow_small"]) for c in calls[4:8]] == [
+        (p, sandi.data_file(data, "calib", p), tmp_path / "adapters" / p, True) for p in sandi.PARTS
+    ]
+    assert calls[8][:3] == ("predict", data, tmp_path / "predictions") and calls[8][3]["split"] == "dev"
+    assert calls[8][3]["adapters"] == {p: tmp_path / "adapters" / p for p in sandi.PARTS}
+
+
+def test_recipe_commands_refuse_a_config_without_the_four_parts(tmp_path):
+    demo = Path(__file__).parent.parent / "configs" / "demo.yaml"
+    r = l2grader("sandi", "predict", "--config", demo, "--prepared", tmp_path, "--out", tmp_path)
+    assert r.returncode == 2 and "needs parts P1, P3, P4, P5; missing P1, P3, P4, P5" in r.stderr
+
+
 # --- the recipe end to end on the tiny checkpoint ---
 
 
