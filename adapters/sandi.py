@@ -245,7 +245,8 @@ def prepare(
 ) -> dict[str, Any]:
     """Write the project's answer files from the release: ``OUT/{split}.{part}.jsonl`` for each split and part,
     ``OUT/calib.{part}.jsonl`` (the ``held_out`` share of train's submissions, by submission, the same for every
-    part), copies of the marks in ``OUT/marks/`` and ``OUT/prepare.json`` (counts). Each row: the response's audio,
+    part), copies of the marks in ``OUT/marks/`` and ``OUT/prepare.json`` (counts, the complete submissions of the
+    overall file list among them). Each row: the response's audio,
     its submission's part mark as ``score``, ``part``, ``speaker`` (the submission), ``response`` (the file id).
     Responses of a submission without a mark for the part are left out (counted)."""
     release, out = Path(release), Path(out)
@@ -282,6 +283,15 @@ def prepare(
                 }
             summary[split][part]["unmarked_responses"] = unmarked[part]
         summary[split]["overall_marks"] = len(overall)
+        complete = {r.submission for r in read_flist(find_flist(release, split, OVERALL), release)}
+        summary[split]["complete_submissions"] = len(complete)
+        unlisted = [s for s in overall if s not in complete]
+        if unlisted:
+            print(
+                f"{split}: {len(unlisted)} submissions with an overall mark are not in the overall file list (first "
+                f"{unlisted[0]})",
+                file=sys.stderr,
+            )
     (out / "prepare.json").write_text(json.dumps(summary, indent=1))
     return summary
 
