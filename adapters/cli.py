@@ -234,7 +234,9 @@ def add_sandi(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--config", required=True, help="grader config with parts P1, P3, P4, P5")
     q.add_argument("--prepared", required=True, help="the folder `sandi prepare` wrote")
     q.add_argument("--out", required=True, help="folder for {split}-{P1,P3,P4,P5,overall}.tsv")
-    q.add_argument("--split", default="dev", help="prepared split to score (default dev)")
+    q.add_argument(
+        "--split", default="dev", help="prepared split to score: dev (default) or calib, the held-out train submissions"
+    )
     q.add_argument(
         "--adapter",
         action="append",

@@ -258,8 +258,9 @@ def prepare(
     for split in splits:
         rows: dict[str, list[tuple[Response, float]]] = {}
         unmarked: dict[str, int] = {}
+        part_marks: dict[str, dict[str, float]] = {}
         for part in PARTS:
-            marks = read_marks(find_marks(release, split, part))
+            marks = part_marks[part] = read_marks(find_marks(release, split, part))
             write_tsv(marks_copy(out, split, part), marks)
             responses = read_flist(find_flist(release, split, part), release, part)
             rows[part] = [(r, marks[r.submission]) for r in responses if r.submission in marks]
@@ -268,6 +269,8 @@ def prepare(
         write_tsv(marks_copy(out, split, OVERALL), overall)
         if split == "train":
             calib = held_out_submissions({r.submission for part in PARTS for r, _ in rows[part]}, held_out, seed)
+            for part, marks in (*part_marks.items(), (OVERALL, overall)):  # the held-out ones, in the files' order
+                write_tsv(marks_copy(out, CALIBRATION_SPLIT, part), {s: m for s, m in marks.items() if s in calib})
         for part in PARTS:
             groups = {split: [x for x in rows[part] if x[0].submission not in calib]}
             if split == "train":

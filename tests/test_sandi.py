@@ -163,6 +163,8 @@ def test_prepare_writes_each_response_with_its_part_mark(prepared):
     assert summary["dev"]["P4"] == {"responses": 3, "submissions": 3, "unmarked_responses": 0}
     assert summary["dev"]["overall_marks"] == summary["dev"]["complete_submissions"] == 3
     assert list(sandi.read_marks(sandi.marks_copy(prepared, "dev", "P1"))) == list(DEV)[::-1]
+    for part in (*sandi.PARTS, "overall"):  # the held-out submissions' marks, to predict --split calib against
+        assert set(sandi.read_marks(sandi.marks_copy(prepared, "calib", part))) == calib
 
 
 def test_prepare_says_which_marks_file_is_missing(tmp_path):
