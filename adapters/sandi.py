@@ -497,8 +497,9 @@ def run(
 ) -> dict[str, Any]:
     """The whole recipe: ``prepare`` into ``OUT/data``, ``train`` an adapter per part into ``OUT/adapters/PART``
     (on the part's train answers, the held-out submissions left out), ``calibrate`` each on the held-out
-    submissions, then ``predict`` dev into ``OUT/predictions``. ``train_options``: :class:`adapters.train.TrainOptions`
-    fields (epochs, lr, batch_size, ...)."""
+    submissions (a part that cannot be, e.g. too few of them without ``allow_small``, is left uncalibrated with a
+    warning: the predictions do not use intervals), then ``predict`` dev into ``OUT/predictions``.
+    ``train_options``: :class:`adapters.train.TrainOptions` fields (epochs, lr, batch_size, ...)."""
     from adapters.evaluate import calibrate as calibrate_part
     from adapters.train import TrainOptions, format_summary, train
 
@@ -521,7 +522,10 @@ def run(
     if calibrate:
         for part in PARTS:
             print(f"== {part}: calibrating on {data_file(data, CALIBRATION_SPLIT, part)}", file=sys.stderr)
-            calibrate_part(
-                cfg, part, data_file(data, CALIBRATION_SPLIT, part), adapter=adapters[part], allow_small=allow_small
-            )
+            try:
+                calibrate_part(
+                    cfg, part, data_file(data, CALIBRATION_SPLIT, part), adapter=adapters[part], allow_small=allow_small
+                )
+            except ValueError as e:  # the predictions do not need it: say so, and go on
+                print(f"WARNING: {part} not calibrated (its answers carry no interval): {e}", file=sys.stderr)
     return predict(cfg, data, out / "predictions", split="dev", adapters=adapters)
