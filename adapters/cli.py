@@ -6,6 +6,7 @@ Heavy imports (torch, peft, vLLM) happen inside the commands.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -140,8 +141,130 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_args(values: list[str] | None) -> dict[str, str]:
+    """``--adapter P1=DIR`` flags as {part: folder}."""
+    from adapters.sandi import PARTS
+
+    out = {}
+    for v in values or []:
+        part, sep, path = v.partition("=")
+        if not sep or part not in PARTS or not path:
+            _fail(f"--adapter {v!r}: expected PART=FOLDER with PART one of {', '.join(PARTS)}", 2)
+        out[part] = path
+    return out
+
+
+def cmd_sandi(args: argparse.Namespace) -> int:
+    from adapters import sandi
+    from adapters.dataset import DataError
+
+    if args.sandi_command == "prepare":
+        try:
+            summary = sandi.prepare(args.release, args.out, held_out=args.held_out, seed=args.seed)
+        except (DataError, OSError) as e:
+            _fail(str(e), 1)
+        for split in (*sandi.SPLITS, sandi.CALIBRATION_SPLIT):
+            for part in sandi.PARTS:
+                n = summary[split][part]
+                print(
+                    f"{sandi.data_file(args.out, split, part)}: {n['responses']} responses of {n['submissions']} "
+                    "submissions"
+                    + (f" ({n['unmarked_responses']} unmarked, left out)" if n.get("unmarked_responses") else ""),
+                    file=sys.stderr,
+                )
+        print(json.dumps(summary), flush=True)
+        return 0
+    if args.sandi_command == "score":
+        try:
+            sandi.report(sandi.score_files(args.predictions, args.prepared, args.split), args.split)
+        except (DataError, OSError) as e:
+            _fail(str(e), 1)
+        return 0
+    cfg = load_config_or_exit(args.config)
+    missing = [p for p in sandi.PARTS if p not in cfg.parts]
+    if missing:
+        _fail(f"{args.config}: the recipe needs parts {', '.join(sandi.PARTS)}; missing {', '.join(missing)}", 2)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from adapters.train import TrainError
+    from serve.grading.adapter_files import AdapterError
+
+    try:
+        if args.sandi_command == "predict":
+            sandi.predict(cfg, args.prepared, args.out, split=args.split, adapters=_adapter_args(args.adapter))
+        else:
+            options = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "progress": False}
+            sandi.run(
+                cfg,
+                args.release,
+                args.out,
+                train_options=options,
+                calibrate=not args.no_calibrate,
+                allow_small=args.allow_small,
+                held_out=args.held_out,
+                seed=args.seed,
+            )
+    except (DataError, AdapterError, TrainError, ValueError, OSError) as e:
+        _fail(str(e), 1)
+    return 0
+
+
+def add_sandi(sub: argparse._SubParsersAction) -> None:
+    """``l2grader sandi prepare|predict|score|run``: the Speak & Improve 2025 recipe (docs/speak-and-improve.md)."""
+    p = sub.add_parser("sandi", help="Speak & Improve Corpus 2025: prepare, predict, score in its format, run it all")
+    sp = p.add_subparsers(dest="sandi_command", required=True, metavar="{prepare,predict,score,run}")
+    p.set_defaults(func=cmd_sandi)
+
+    def held_out_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument(
+            "--held-out",
+            type=float,
+            default=0.1,
+            help="share of train's submissions kept out of training to calibrate on (default 0.1)",
+        )
+        q.add_argument("--seed", type=int, default=0, help="draw of the held-out submissions (default 0)")
+
+    q = sp.add_parser("prepare", help="read the release (file lists, marks) into JSON-lines answers per split and part")
+    q.add_argument("release", help="the release root (holding reference-materials/)")
+    q.add_argument("out", help="output folder: {train,calib,dev}.{P1,P3,P4,P5}.jsonl, marks/, prepare.json")
+    held_out_flags(q)
+
+    q = sp.add_parser("predict", help="score a prepared split and write the challenge's prediction files and table")
+    q.add_argument("--config", required=True, help="grader config with parts P1, P3, P4, P5")
+    q.add_argument("--prepared", required=True, help="the folder `sandi prepare` wrote")
+    q.add_argument("--out", required=True, help="folder for {split}-{P1,P3,P4,P5,overall}.tsv")
+    q.add_argument(
+        "--split", default="dev", help="prepared split to score: dev (default) or calib, the held-out train submissions"
+    )
+    q.add_argument(
+        "--adapter",
+        action="append",
+        metavar="PART=DIR",
+        help="a part's adapter instead of the configured one (repeatable)",
+    )
+    q.add_argument("--verbose", action="store_true", help="show the engine's own log")
+
+    q = sp.add_parser("score", help="the challenge's table of existing prediction files (no model)")
+    q.add_argument("--prepared", required=True, help="the folder `sandi prepare` wrote (its marks/)")
+    q.add_argument("--predictions", required=True, help="folder of {split}-{part}.tsv prediction files")
+    q.add_argument("--split", default="dev", help="split (default dev)")
+
+    q = sp.add_parser("run", help="prepare, train each part, calibrate each on held-out train, predict dev")
+    q.add_argument("--config", required=True, help="grader config with parts P1, P3, P4, P5")
+    q.add_argument("release", help="the release root (holding reference-materials/)")
+    q.add_argument("out", help="output folder: data/, adapters/PART/, predictions/")
+    held_out_flags(q)
+    q.add_argument("--epochs", type=float, default=2.0, help="passes over each part's data (default 2)")
+    q.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    q.add_argument("--batch-size", type=int, default=8, help="chunks per optimizer step (default 8)")
+    q.add_argument("--no-calibrate", action="store_true", help="skip the calibration of the adapters")
+    q.add_argument("--allow-small", action="store_true", help="calibrate on fewer answers than coverage needs")
+    q.add_argument("--verbose", action="store_true", help="show the engine's and transformers' own notices")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the adapter subcommands (make-tiny-model, train, evaluate, calibrate, synth-data) to the parser."""
+    """Add the adapter subcommands (make-tiny-model, train, evaluate, calibrate, synth-data, sandi) to the parser."""
     p = sub.add_parser(
         "make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml"
     )
@@ -281,3 +404,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "property of the speech; the score is their mean",
     )
     p.set_defaults(func=cmd_synth_data)
+
+    add_sandi(sub)

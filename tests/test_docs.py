@@ -53,5 +53,5 @@ def test_site_builds_strict_with_the_api_reference(tmp_path):
         assert f"{method} {path}" in reference and op_id in reference, (method, path)
     for schema in doc["components"]["schemas"]:
         assert f'id="{schema.lower()}"' in reference, schema
-    for page in ("usage", "api", "operating", "trust", "training", "benchmarks", "architecture"):
+    for page in ("usage", "api", "operating", "trust", "training", "speak-and-improve", "benchmarks", "architecture"):
         assert (site / page / "index.html").exists(), page
