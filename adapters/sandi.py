@@ -468,7 +468,7 @@ def predict(
     try:
         scored = scorer.score_answers(batch)
     finally:
-        scorer.close()
+        scorer.shutdown()
     per_part = {
         part: submission_scores((sub, s.score) for (p, sub), s in zip(owners, scored) if p == part) for part in PARTS
     }
