@@ -433,7 +433,9 @@ def test_a_finished_session_run_again_starts_neither_ray_nor_an_engine(config, t
     )
     (c,) = pq.read_table(out / "candidates.parquet").to_pylist()
     assert (c["scored"], c["not_scorable"], c["failed"], c["complete"]) == (1, 1, 0, True)
-    assert c["score"] == pytest.approx(answer.score) and c["review"]["reasons"][-1] == "not_scorable"
+    # the default rule: an unscorable answer withholds the candidate's result, with the reason, never drops out
+    assert c["score"] is None and c["withheld"] and "not_scorable" in c["review"]["reasons"]
+    assert [w["kind"] for w in c["withheld_reasons"]] == ["not_scorable"]
 
 
 def test_a_session_with_nothing_scored_or_a_failed_answer_exits_non_zero(config, tmp_path):
