@@ -14,6 +14,7 @@ to ``docs/page.png`` (the README's picture).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -405,3 +406,110 @@ def test_noisy_file_replaces_the_recording_and_needs_review(driver, base_url, tm
     )
     own = driver.find_element("css selector", '#aspects tr[data-aspect="task_fulfilment"] th').text
     assert own == "task fulfilment (own adapter)"
+
+
+def add_answer(drv, part: str, path: Path) -> None:
+    """Choose a file for a part in the page's candidate section and add it to the candidate's answers."""
+    from selenium.webdriver.support.ui import Select
+
+    Select(drv.find_element("id", "cand-part")).select_by_value(part)
+    drv.find_element("id", "cand-file").send_keys(str(path))
+    wait_for(drv, lambda d: d.find_element("id", "cand-add").is_enabled(), 20, "the add-answer button")
+    before = len(drv.find_elements("css selector", "#cand-answers li"))
+    drv.find_element("id", "cand-add").click()
+    wait_for(drv, lambda d: len(d.find_elements("css selector", "#cand-answers li")) == before + 1, 20, "the answer")
+
+
+def score_candidate(drv, answers: int) -> dict:
+    """Click "Score the candidate", wait (bounded) for the batch's result, return it as the page holds it."""
+    drv.find_element("id", "cand-submit").click()
+    wait_for(
+        drv,
+        lambda d: (
+            d.execute_script("return window.lastBatch && window.lastBatch.results.length")
+            or d.find_element("id", "cand-error").is_displayed()
+        ),
+        SCORE_WAIT_S,
+        "the candidate's result",
+    )
+    assert not drv.find_element("id", "cand-error").is_displayed(), text(drv, "cand-error")
+    batch = drv.execute_script("return window.lastBatch")
+    assert len(batch["results"]) == answers and drv.find_element("id", "cand-result").is_displayed()
+    return batch
+
+
+def check_candidate(drv, batch: dict) -> None:
+    """The overall as the service gave it: score, level, withheld and why, the rule, the counts, the review, and
+    each answer's own result in order."""
+    o = batch["overall"]
+    assert text(drv, "cand-score") == ("withheld" if o["score"] is None else f"{o['score']:.2f}")
+    assert text(drv, "cand-cefr") == ("withheld" if o["cefr"] is None else o["cefr"])
+    assert drv.find_element("id", "cand-verdict").get_attribute("class") == (
+        "verdict review" if o["withheld"] else "verdict ok"
+    )
+    assert text(drv, "cand-verdict-title").startswith("Withheld" if o["withheld"] else "Overall score given")
+    withheld = drv.find_elements("css selector", "#cand-withheld li")
+    assert [li.get_attribute("data-kind") for li in withheld] == [w["kind"] for w in o["withheld_reasons"]]
+    assert all(li.text.startswith(w["message"]) for li, w in zip(withheld, o["withheld_reasons"], strict=True))
+    assert o["rule"] and text(drv, "cand-rule") == f"Rule: {o['rule']}"
+    counts = {dd.get_attribute("data-field"): dd.text for dd in drv.find_elements("css selector", "#cand-counts dd")}
+    assert counts == {
+        "scored": str(o["scored"]),
+        "not_scorable": str(o["not_scorable"]),
+        "failed": str(o["failed"]),
+        "complete": "yes" if o["complete"] else "no",
+    }
+    assert drv.find_element("id", "cand-interval-box").is_displayed() and text(drv, "cand-interval")
+    reasons = drv.find_elements("css selector", "#cand-reasons li")
+    assert [li.get_attribute("data-code") for li in reasons] == o["review"]["reasons"]
+    for li in reasons:
+        code = li.get_attribute("data-code")
+        assert li.text == code or (li.text.endswith(f"({code})") and len(li.text) > 30), li.text
+    items = drv.find_elements("css selector", "#cand-results li")
+    assert [(li.get_attribute("data-part"), li.get_attribute("data-status")) for li in items] == [
+        (r["part"], r["status"]) for r in batch["results"]
+    ]
+    for li, r in zip(items, batch["results"], strict=True):
+        if r["status"] == "scored":
+            assert f"score {r['score']:.2f}, {r['cefr']}" in li.text, li.text
+
+
+def test_candidate_answers_scored_together(driver, base_url, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    files = {
+        "interview": write(tmp_path / "interview.wav", 12, 16000, seed=34),
+        "long_turn": write(tmp_path / "long_turn.wav", 20, 16000, seed=35),
+    }
+    open_page(driver, base_url)
+    assert driver.find_element("id", "cand-submit").get_attribute("disabled")  # no answers yet
+    for part, path in files.items():
+        add_answer(driver, part, path)
+    batch = score_candidate(driver, 2)
+    assert [r["status"] for r in batch["results"]] == ["scored", "scored"], batch["results"]
+    o = batch["overall"]
+    assert not o["withheld"] and o["cefr"] in CEFR and set(o["by_part"]) == set(files)
+    check_candidate(driver, batch)
+    # the same batch straight through the API: the page shows its overall
+    answers = [
+        {"part": part, "audio_base64": base64.b64encode(path.read_bytes()).decode(), "response_id": f"answer-{i}"}
+        for i, (part, path) in enumerate(files.items(), 1)
+    ]
+    api = httpx.post(f"{base_url}/v1/score/batch", headers=USER, json={"answers": answers}, timeout=SCORE_WAIT_S)
+    assert api.status_code == 200, api.text
+    want = api.json()["overall"]
+    assert float(text(driver, "cand-score")) == pytest.approx(want["score"], abs=0.006)
+    assert (text(driver, "cand-cefr"), o["withheld"], o["rule"]) == (want["cefr"], want["withheld"], want["rule"])
+    assert [r["response_id"] for r in batch["results"]] == ["answer-1", "answer-2"]
+    # a silent third answer: the default rule withholds the result, and the page says why
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000 * 5, dtype=np.float32), 16000)
+    add_answer(driver, "interview", silent)
+    batch = score_candidate(driver, 3)
+    o = batch["overall"]
+    assert batch["results"][2]["status"] == "not_scorable" and o["withheld"] and o["score"] is None, o
+    assert "not_scorable" in o["review"]["reasons"] and o["withheld_reasons"], o
+    check_candidate(driver, batch)
+    assert "could not be scored" in text(driver, "cand-reasons")
+    assert text(driver, "cand-score") == "withheld"
