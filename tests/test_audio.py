@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from serve.grading import audio
 from serve.grading.audio import (
     SAMPLE_RATE,
     AudioError,
@@ -139,6 +140,15 @@ def test_every_chunk_fits_whatever_the_pauses_and_settings():
         assert bounds[0][0] == 0 and bounds[-1][1] == n
         assert all(b1 == a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:]))
         assert all(0 < b - a <= round(max_chunk_s * SAMPLE_RATE) for a, b in bounds)
+
+
+def test_window_argmax_is_the_first_largest_of_each_window():
+    rng = np.random.default_rng(2)
+    for size, width in [(1, 1), (10, 3), (50, 50), (300, 17), (300, 64), (1000, 255)]:
+        values = rng.integers(0, 20, size)  # many equal values: the first of them is taken
+        windows = np.lib.stride_tricks.sliding_window_view(values, width)
+        expected = np.arange(windows.shape[0]) + np.argmax(windows, axis=1)
+        assert np.array_equal(audio._window_argmax(values, width), expected)
 
 
 @pytest.mark.parametrize("name", ["a.wav", "b.flac", "c.ogg", "d.mp3"])

@@ -385,11 +385,9 @@ def _plan(k: int, n: int, max_len: int, search: int, grid: int, pauses: _Pauses)
         a, b = max(prev_first, lo), min(prev_last, last - step_lo)
         if a <= b:
             padded[a - lo : b - lo + 1] = value[a - prev_first : b - prev_first + 1]
-        windows = np.lib.stride_tricks.sliding_window_view(padded, width)
-        rows = np.arange(windows.shape[0])
-        arg = np.argmax(windows, axis=1)
-        best = windows[rows, arg]
-        back.append(lo + rows + arg)
+        arg = _window_argmax(padded, width)
+        best = padded[arg]
+        back.append(lo + arg)
         value = np.where(best > _IMPOSSIBLE // 2, best + pauses.scores(first, last, i * n / k), _IMPOSSIBLE)
     # The last chunk's length is within bounds on every point of the last boundary's reach.
     if value.max() <= _IMPOSSIBLE // 2:
@@ -412,6 +410,23 @@ def _plan(k: int, n: int, max_len: int, search: int, grid: int, pauses: _Pauses)
         if 0 < target - before <= max_len and 0 < after - target <= max_len:
             cuts[i] = target
     return cuts
+
+
+def _window_argmax(values: np.ndarray, width: int) -> np.ndarray:
+    """For each window ``values[i : i + width]``, the index of its largest value (the first of equals).
+
+    A sparse table of the windows of 1, 2, 4, ... values: O(n log width) time,
+    O(n) memory, where the windows as rows of a matrix would take n x width.
+    """
+    best = np.arange(values.size)
+    span = 1
+    while 2 * span <= width:
+        left, right = best[: best.size - span], best[span:]
+        best = np.where(values[right] > values[left], right, left)
+        span *= 2
+    n = values.size - width + 1
+    left, right = best[:n], best[width - span : width - span + n]
+    return np.where(values[right] > values[left], right, left)
 
 
 def split(wave: np.ndarray, max_chunk_s: float = 30.0, bounds: list[tuple[int, int]] | None = None) -> list[Chunk]:
