@@ -2,7 +2,8 @@
 
 Qwen2-Audio's encoder hears at most 30 s; vLLM silently truncates anything
 longer, so long answers are cut here into balanced chunks (75 s -> 3 x 25 s,
-never 30 + 30 + 15) whose scores are averaged, weighted by duration.
+never 30 + 30 + 15), their boundaries moved into pauses (:func:`pause_bounds`),
+whose scores are averaged, weighted by duration.
 """
 
 from __future__ import annotations
