@@ -262,6 +262,9 @@ _MAX_PLANNED_CHUNKS = 256
 #: Score of a cut (int64, summed over an answer's cuts): a cut in speech costs more than any sum of pause lengths
 #: gains, and a step of pause length gains more than any sum of distances (in grid steps, capped) costs.
 _IN_SPEECH, _PER_STEP, _MAX_DIST = 1 << 40, 1 << 20, (1 << 12) - 1
+#: Pause lengths count up to this many steps (102.3 s: longer pauses tie), so that no sum of them outweighs a cut in
+#: speech.
+_MAX_STEPS = (1 << 10) - 1
 _IMPOSSIBLE = -(1 << 62)
 
 
@@ -336,7 +339,7 @@ class _Pauses:
             if lo > hi:
                 continue
             middle = (a + b) / 2 / grid
-            self.steps[lo : hi + 1] = int((b - a) / SAMPLE_RATE / PAUSE_STEP_S + 1e-9)
+            self.steps[lo : hi + 1] = min(int((b - a) / SAMPLE_RATE / PAUSE_STEP_S + 1e-9), _MAX_STEPS)
             self.off_middle[lo : hi + 1] = np.minimum(
                 np.round(np.abs(np.arange(lo, hi + 1) - middle) * 2), _MAX_DIST
             ).astype(np.int64)
