@@ -189,10 +189,24 @@ def demo_config_dict(model_dir: str, adapter_dirs: dict[str, str], parts: dict[s
             },
         },
         "parts": {
-            part: {"adapter": adapter_dirs[part], "task": task, **demo_aspects(part, adapter_dirs)}
+            part: {
+                "adapter": adapter_dirs[part],
+                "task": task,
+                **demo_aspects(part, adapter_dirs),
+                "review": dict(DEMO_DURATIONS.get(part, DEMO_DURATIONS["long_turn"])),
+            }
             for part, task in (parts or DEMO_PARTS).items()
         },
     }
+
+
+#: Each demo part's expected answer length (review reasons too_short and too_long), around its task's wording and
+#: wide enough for the repository's sample answer (docs/sample-answer.wav, 6 s, scored as an interview answer); the
+#: extra parts speak "for about a minute", as the long turn.
+DEMO_DURATIONS = {
+    "interview": {"min_duration_s": 5.0, "max_duration_s": 60.0},  # asked for 10-20 s
+    "long_turn": {"min_duration_s": 15.0, "max_duration_s": 120.0},  # asked for about a minute
+}
 
 
 #: The demo's analytic aspects: the interview's four, scored by the part's adapter; the long turn's coherence, by an

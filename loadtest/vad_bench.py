@@ -230,6 +230,18 @@ def long_answers(n: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def _pause_at(speech: np.ndarray, frame: int) -> int:
+    """Frames of the non-speech run holding ``frame`` (0 in speech)."""
+    frame = min(speech.size - 1, frame)
+    if speech[frame]:
+        return 0
+    speech_at = np.flatnonzero(speech)
+    i = np.searchsorted(speech_at, frame)
+    start = speech_at[i - 1] + 1 if i else 0
+    end = speech_at[i] if i < speech_at.size else speech.size
+    return int(end - start)
+
+
 def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: bool = True) -> dict:
     """Long answers cut at balanced points and in pauses: the share of cuts that fall in speech (Silero VAD's
     frames) and, scored by the config's engine, the mean spread of the chunk scores (highest minus lowest)."""
@@ -245,12 +257,19 @@ def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: 
         audio_cfg = cfg.audio.model_copy(update={"cut_at_pauses": pauses})
         prepared[name] = [prepare(encode(w, RATE), audio_cfg) for w in waves]
         in_speech = cuts = 0
+        pause_s = []
         for w, p in zip(waves, prepared[name]):
             frames = vad.silero(w)
             for c in p.chunks[1:]:
                 cuts += 1
-                in_speech += bool(frames.speech[min(frames.speech.size - 1, int(c.start_s / frames.frame_s))])
-        result[name] = {"cuts": cuts, "cuts_in_speech": in_speech}
+                pause_s.append(_pause_at(frames.speech, int(c.start_s / frames.frame_s)) * frames.frame_s)
+                in_speech += pause_s[-1] == 0
+        result[name] = {
+            "chunks": sum(len(p.chunks) for p in prepared[name]),
+            "cuts": cuts,
+            "cuts_in_speech": in_speech,
+            "mean_pause_at_cut_s": float(np.mean(pause_s)) if pause_s else None,
+        }
     if engine:
         from serve.engine.offline import OfflineEngine
 
@@ -267,7 +286,9 @@ def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: 
     print(f"{answers} long answers ({min(durations)}-{max(durations)} s)")
     for name, r in result.items():
         spread = f", chunk spread mean {r['mean_chunk_spread']:.3f} max {r['max_chunk_spread']:.3f}" if engine else ""
-        print(f"  cut at {name:<9}: {r['cuts_in_speech']}/{r['cuts']} cuts in speech{spread}")
+        pause = f", mean pause at a cut {r['mean_pause_at_cut_s']:.2f} s" if r["cuts"] else ""
+        cut = f"{r['chunks']} chunks, {r['cuts_in_speech']}/{r['cuts']} cuts in speech"
+        print(f"  cut at {name:<9}: {cut}{pause}{spread}")
     print(json.dumps(result), flush=True)
     return result
 

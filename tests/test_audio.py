@@ -2,7 +2,17 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serve.grading.audio import SAMPLE_RATE, AudioError, chunk_bounds, decode, prepare, prepare_answer, split
+from serve.grading import audio
+from serve.grading.audio import (
+    SAMPLE_RATE,
+    AudioError,
+    chunk_bounds,
+    decode,
+    pause_bounds,
+    prepare,
+    prepare_answer,
+    split,
+)
 from serve.grading.config import AudioConfig
 from tests.audio_fixtures import speechlike
 
@@ -25,6 +35,120 @@ def test_chunks_are_few_and_balanced(seconds, n_chunks):
 def test_split_reports_times():
     chunks = split(np.zeros(75 * SAMPLE_RATE, dtype=np.float32))
     assert [(c.start_s, c.end_s) for c in chunks] == [(0, 25), (25, 50), (50, 75)]
+
+
+FRAME_S = 0.032  # Silero VAD's frames
+
+
+def speech_mask(seconds: float, pauses: list[tuple[float, float]]) -> np.ndarray:
+    """One bool per frame, all speech but the ``(start_s, length_s)`` pauses."""
+    speech = np.ones(int(seconds / FRAME_S), bool)
+    for start, length in pauses:
+        speech[int(round(start / FRAME_S)) : int(round((start + length) / FRAME_S))] = False
+    return speech
+
+
+def cuts_of(seconds: float, pauses: list[tuple[float, float]], **settings) -> list[float]:
+    """The inner boundaries (s) of ``seconds`` of speech with ``pauses``, after checking the chunks' shape."""
+    n = int(round(seconds * SAMPLE_RATE))
+    settings = {"search_s": 4.0, **settings}
+    bounds = pause_bounds(n, 30.0, speech_mask(seconds, pauses), FRAME_S, **settings)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(b1 == a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:]))
+    assert all(0 < b - a <= 30 * SAMPLE_RATE for a, b in bounds)
+    return [b / SAMPLE_RATE for _, b in bounds[:-1]]
+
+
+@pytest.mark.parametrize("min_pause_s", [0.25, 0.0])
+def test_a_long_pause_beats_a_short_dip_nearer_the_balanced_point(min_pause_s):
+    # balanced point 25 s: a 32 ms dip 0.2 s after it, a 1 s pause 2 s before it (22.5-23.5 s)
+    (cut,) = cuts_of(50, [(25.2, 0.032), (22.5, 1.0)], min_pause_s=min_pause_s)
+    assert 22.9 <= cut <= 23.1  # the middle of the pause
+
+
+def test_pauses_of_about_the_same_length_go_to_the_one_nearer_the_balanced_point():
+    near, far = (27.008, 0.512), (21.504, 0.576)  # middles 2.3 s and 3.2 s from 25 s; both 5 steps of 0.1 s
+    assert cuts_of(50, [near, far]) == pytest.approx([27.264], abs=0.02)
+    longer = (21.12, 1.024)  # twice as long, 3.4 s away: it wins
+    assert cuts_of(50, [near, longer]) == pytest.approx([21.632], abs=0.02)
+
+
+ELEVENTHS = [round(300 / 11 * i - 1.5, 3) for i in range(1, 11)]  # 1.5 s before each balanced point of 11 chunks
+
+
+@pytest.mark.parametrize(
+    "seconds, middles, settings, expected",
+    [
+        (59, [29.7], {}, [29.7]),  # in reach of the balanced point (29.5 s)
+        (59, [26.5], {}, [29.5]),  # its second chunk would last 32.5 s; three chunks cut speech as often
+        (60, [30.0], {}, [30.0]),
+        (60, [27.0], {}, [30.0]),  # the only cut two chunks allow; three would still cut speech once
+        (60, [27.0, 44.0], {}, [27.0, 44.0]),  # one chunk more puts every cut in a pause
+        (60, [27.0, 44.0], {"max_extra_chunks": 0}, [30.0]),
+        (61, [19.0, 42.0], {}, [19.0, 42.0]),  # 1.3 s before and after the balanced points 20.3 s and 40.7 s
+        (61, [11.0, 50.0], {}, [11.0, 30.5, 50.0]),  # out of reach of three chunks: four cut speech once, not twice
+        (61, [11.0, 50.0], {"max_extra_chunks": 0}, [61 / 3, 122 / 3]),
+        (300, ELEVENTHS, {}, ELEVENTHS),  # ten chunks must each last 30.0 s: eleven cut in the pauses
+        (300, ELEVENTHS, {"max_extra_chunks": 0}, [30.0 * i for i in range(1, 10)]),
+    ],
+)
+def test_cuts_go_to_pauses_in_reach(seconds, middles, settings, expected):
+    assert cuts_of(seconds, [(m - 0.256, 0.512) for m in middles], **settings) == pytest.approx(expected, abs=0.02)
+
+
+def pauses_every(low_s: float, high_s: float, seed: int) -> list[tuple[float, float]]:
+    """0.3-0.8 s pauses over 900 s, ``low_s``-``high_s`` apart."""
+    rng = np.random.default_rng(seed)
+    pauses, t = [], 2.0
+    while t < 898:
+        pauses.append((t, rng.uniform(0.3, 0.8)))
+        t += rng.uniform(low_s, high_s)
+    return pauses
+
+
+def test_a_900_s_answer_is_cut_in_its_pauses_not_at_multiples_of_30_s():
+    for pauses, most_in_speech in [(pauses_every(1.0, 3.0, 7), 0), (pauses_every(3.0, 7.0, 7), 3)]:
+        speech = speech_mask(900, pauses)
+        cuts = cuts_of(900, pauses)
+        assert len(cuts) == 30  # 31 chunks: the fewest, 30, would each last exactly 30.0 s
+        assert sum(bool(speech[int(c / FRAME_S)]) for c in cuts) <= most_in_speech
+        assert not any(abs(c - 30 * round(c / 30)) < 0.1 for c in cuts)
+        assert cuts_of(900, pauses, max_extra_chunks=0) == pytest.approx([30.0 * i for i in range(1, 30)])
+
+
+@pytest.mark.parametrize("seconds", [30.01, 45, 59.99, 60, 61, 75, 300, 899.99, 900])
+def test_without_pauses_the_cuts_are_balanced(seconds):
+    n = int(round(seconds * SAMPLE_RATE))
+    for dips in ([], [(s, 0.2) for s in np.arange(1.0, seconds - 1, 2.0)]):  # dips shorter than min_pause_s
+        speech = speech_mask(seconds, dips)
+        assert pause_bounds(n, 30.0, speech, FRAME_S, 4.0) == chunk_bounds(n, 30.0)
+
+
+def test_every_chunk_fits_whatever_the_pauses_and_settings():
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        seconds = float(rng.uniform(30.0, 900.0))
+        max_chunk_s = float(rng.choice([30.0, 29.99, 20.0, 7.5]))
+        n = int(seconds * SAMPLE_RATE)
+        speech = rng.random(int(seconds / FRAME_S)) < rng.uniform(0.5, 1.0)  # pauses of any length, anywhere
+        extra = int(rng.integers(0, 3))
+        bounds = pause_bounds(
+            n, max_chunk_s, speech, FRAME_S, float(rng.uniform(0, 10)), float(rng.uniform(0, 1)), extra
+        )
+        fewest = len(chunk_bounds(n, max_chunk_s))
+        assert fewest <= len(bounds) <= fewest + extra
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(b1 == a2 for (_, b1), (a2, _) in zip(bounds, bounds[1:]))
+        assert all(0 < b - a <= round(max_chunk_s * SAMPLE_RATE) for a, b in bounds)
+
+
+def test_window_argmax_is_the_first_largest_of_each_window():
+    rng = np.random.default_rng(2)
+    for size, width in [(1, 1), (10, 3), (50, 50), (300, 17), (300, 64), (1000, 255)]:
+        values = rng.integers(0, 20, size)  # many equal values: the first of them is taken
+        windows = np.lib.stride_tricks.sliding_window_view(values, width)
+        expected = np.arange(windows.shape[0]) + np.argmax(windows, axis=1)
+        assert np.array_equal(audio._window_argmax(values, width), expected)
 
 
 @pytest.mark.parametrize("name", ["a.wav", "b.flac", "c.ogg", "d.mp3"])

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import yaml
 
 from adapters.tiny_model import DEMO_ASPECTS, DEMO_PARTS, demo_config_dict
@@ -20,6 +21,9 @@ def test_shipped_configs_validate():
     assert demo.model.untrained and set(demo.parts) == set(DEMO_PARTS)
     assert demo.model.base == str(REPO / "models" / "tiny" / "model")
     assert demo.parts["interview"].adapter == REPO / "models" / "tiny" / "adapters" / "interview"
+    sample_s = sf.info(REPO / "docs" / "sample-answer.wav").duration  # the README's interview answer
+    review = demo.parts["interview"].review
+    assert review.min_duration_s <= sample_s <= review.max_duration_s and demo.parts["long_turn"].review.max_duration_s
     real = load_config(REPO / "configs" / "qwen2-audio-7b.yaml")
     assert real.model.base == "Qwen/Qwen2-Audio-7B-Instruct"  # hub id kept as is
     assert real.engine.dtype == "bfloat16" and not real.model.untrained

@@ -52,6 +52,9 @@ CHANGES = {
     "audio (vad threshold)": dict(audio=AudioConfig(vad_threshold=0.6)),
     "audio (chunk length)": dict(audio=AudioConfig(max_chunk_s=20.0)),
     "audio (pause cutting)": dict(audio=AudioConfig(cut_at_pauses=False)),
+    "audio (pause search)": dict(audio=AudioConfig(pause_search_s=2.0)),
+    "audio (shortest pause)": dict(audio=AudioConfig(min_pause_s=0.5)),
+    "audio (extra chunks)": dict(audio=AudioConfig(max_extra_chunks=0)),
     "audio (detector)": dict(audio=AudioConfig(speech_detector="loudness")),
     "engine (dtype)": dict(engine=EngineConfig(dtype="bfloat16")),
 }

@@ -103,7 +103,7 @@ def test_a_recording_cut_off_mid_speech_ends_in_speech(speech):
     assert not prepare(encode(wave, SAMPLE_RATE), VAD).quality.ends_in_speech
 
 
-def test_pause_bounds_move_each_cut_into_the_nearest_pause_within_bounds():
+def test_pause_bounds_move_each_cut_into_a_pause_in_reach_within_bounds():
     frame_s = 0.032
     n = int(75 * SAMPLE_RATE)  # balanced: 25 s, 50 s
     speech = np.ones(int(75 / frame_s), bool)

@@ -2,7 +2,8 @@
 
 Qwen2-Audio's encoder hears at most 30 s; vLLM silently truncates anything
 longer, so long answers are cut here into balanced chunks (75 s -> 3 x 25 s,
-never 30 + 30 + 15) whose scores are averaged, weighted by duration.
+never 30 + 30 + 15), their boundaries moved into pauses (:func:`pause_bounds`),
+whose scores are averaged, weighted by duration.
 """
 
 from __future__ import annotations
@@ -253,37 +254,183 @@ def chunk_bounds(n_samples: int, max_chunk_s: float) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def pause_bounds(
-    n_samples: int, max_chunk_s: float, speech: np.ndarray, frame_s: float, search_s: float
-) -> list[tuple[int, int]]:
-    """The chunks of :func:`chunk_bounds`, each inner boundary moved into the pause nearest it.
+#: Pause lengths are compared in steps of this (s): pauses within one step of each other tie, and the one nearer
+#: the balanced point wins.
+PAUSE_STEP_S = 0.1
+#: Most chunks :func:`pause_bounds` plans for (beyond them, balanced cuts): keeps its integer scores exact.
+_MAX_PLANNED_CHUNKS = 256
+#: Score of a cut (int64, summed over an answer's cuts): a cut in speech costs more than any sum of pause lengths
+#: gains, and a step of pause length gains more than any sum of distances (in grid steps, capped) costs.
+_IN_SPEECH, _PER_STEP, _MAX_DIST = 1 << 40, 1 << 20, (1 << 12) - 1
+#: Pause lengths count up to this many steps (102.3 s: longer pauses tie), so that no sum of them outweighs a cut in
+#: speech.
+_MAX_STEPS = (1 << 10) - 1
+_IMPOSSIBLE = -(1 << 62)
 
-    A boundary moves at most ``search_s`` from its balanced point, to the
-    middle of the nearest run of non-speech frames (``speech``: one bool per
-    frame of ``frame_s``) that reaches that window, and only as far as every
-    chunk stays within ``max_chunk_s``; with no pause in reach it stays put.
+
+def pause_bounds(
+    n_samples: int,
+    max_chunk_s: float,
+    speech: np.ndarray,
+    frame_s: float,
+    search_s: float,
+    min_pause_s: float = 0.25,
+    max_extra_chunks: int = 1,
+) -> list[tuple[int, int]]:
+    """Chunks of at most ``max_chunk_s`` whose inner boundaries fall in the longest pauses in reach.
+
+    ``speech`` holds one bool per frame of ``frame_s``; a pause is a run of
+    non-speech frames of at least ``min_pause_s``. With ``k`` chunks, each
+    chunk lasts the balanced length ``n / k`` give or take ``2 * search_s``
+    (each of its boundaries moved by up to ``search_s``), and at most
+    ``max_chunk_s``. Among the cuts that allow, the plan puts the fewest
+    boundaries in speech, then the longest pauses (lengths compared in steps
+    of :data:`PAUSE_STEP_S`), then boundaries nearest their balanced points
+    (``i * n / k``); a boundary sits in the middle of its pause, or as near it
+    as the chunk lengths allow, and one in speech at its balanced point where
+    its neighbours allow. It is found exactly, by dynamic programming over a
+    grid of half frames, in time and memory linear in the answer's length.
+
+    The fewest chunks are taken, unless up to ``max_extra_chunks`` more put
+    fewer boundaries in speech (an answer of exactly 60 s can only be cut at
+    30.0 s in two chunks; in three it can be cut in pauses); the fewest such.
+    With no pause in reach the cuts are those of :func:`chunk_bounds`.
     """
     bounds = chunk_bounds(n_samples, max_chunk_s)
     if len(bounds) == 1 or speech.size == 0:
         return bounds
     max_len = int(round(max_chunk_s * SAMPLE_RATE))
-    frame, search = int(round(frame_s * SAMPLE_RATE)), int(round(search_s * SAMPLE_RATE))
-    # Pauses as [start, end) sample ranges.
-    edges = np.diff(np.concatenate([[1], speech.astype(np.int8), [1]]))
-    starts, ends = np.flatnonzero(edges == -1) * frame, np.flatnonzero(edges == 1) * frame
-    cuts, prev, k = [0], 0, len(bounds)
-    for i, (_, balanced) in enumerate(bounds[:-1], start=1):
-        lo = max(balanced - search, prev + 1, n_samples - (k - i) * max_len)
-        hi = min(balanced + search, prev + max_len, n_samples - 1)
-        best = min(max(balanced, lo), hi)
-        a, b = np.maximum(starts, lo), np.minimum(ends, hi)  # each pause clipped to the window
-        mids = ((a + b) // 2)[a < b]
-        if mids.size:
-            best = int(mids[np.argmin(np.abs(mids - balanced))])
-        cuts.append(best)
-        prev = best
-    cuts.append(n_samples)
-    return list(zip(cuts[:-1], cuts[1:]))
+    frame = int(round(frame_s * SAMPLE_RATE))
+    grid = max(1, frame // 2)
+    pauses = _Pauses(speech, frame, grid, n_samples, max(min_pause_s, 1e-9))
+    best, best_in_speech = bounds, None
+    for k in range(len(bounds), len(bounds) + max_extra_chunks + 1):
+        if k > _MAX_PLANNED_CHUNKS or k * max_len < n_samples:
+            break
+        cuts = _plan(k, n_samples, max_len, int(round(search_s * SAMPLE_RATE)), grid, pauses)
+        if cuts is None:
+            continue
+        in_speech = sum(not pauses.holds(c) for c in cuts)
+        if best_in_speech is None or in_speech < best_in_speech:
+            edges = [0, *cuts, n_samples]
+            best, best_in_speech = list(zip(edges[:-1], edges[1:])), in_speech
+        if in_speech == 0:
+            break
+    return best
+
+
+class _Pauses:
+    """The pauses of an answer on a grid of ``grid`` samples: for each grid point inside a pause (a run of
+    non-speech frames of at least ``min_pause_s``), the pause's length in :data:`PAUSE_STEP_S` steps and the
+    point's distance from the pause's middle; -1 outside pauses."""
+
+    def __init__(self, speech: np.ndarray, frame: int, grid: int, n_samples: int, min_pause_s: float):
+        edges = np.diff(np.concatenate([[1], speech.astype(np.int8), [1]]))
+        starts, ends = np.flatnonzero(edges == -1) * frame, np.flatnonzero(edges == 1) * frame
+        ends = np.minimum(ends, n_samples)
+        keep = (ends - starts) >= min_pause_s * SAMPLE_RATE
+        starts, ends = starts[keep], ends[keep]
+        self.grid = grid
+        n_points = n_samples // grid + 1
+        self.steps = np.full(n_points, -1, np.int64)
+        self.off_middle = np.zeros(n_points, np.int64)
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            lo, hi = a // grid + 1, (b - 1) // grid  # grid points strictly inside the pause
+            if lo > hi:
+                continue
+            middle = (a + b) / 2 / grid
+            self.steps[lo : hi + 1] = min(int((b - a) / SAMPLE_RATE / PAUSE_STEP_S + 1e-9), _MAX_STEPS)
+            self.off_middle[lo : hi + 1] = np.minimum(
+                np.round(np.abs(np.arange(lo, hi + 1) - middle) * 2), _MAX_DIST
+            ).astype(np.int64)
+
+    def holds(self, sample: int) -> bool:
+        """Whether a cut at ``sample`` falls in a pause."""
+        return sample % self.grid == 0 and self.steps[sample // self.grid] >= 0
+
+    def scores(self, first: int, last: int, balanced: float) -> np.ndarray:
+        """The score of a boundary at each grid point ``first..last`` (see :data:`_IN_SPEECH`)."""
+        points = np.arange(first, last + 1)
+        steps, off = self.steps[first : last + 1], self.off_middle[first : last + 1]
+        to_balanced = np.minimum(np.abs(points * self.grid - balanced) // self.grid, _MAX_DIST).astype(np.int64)
+        # in a pause: its length, then its middle (an off-middle point loses half a step), then the balanced point
+        in_pause = steps * _PER_STEP - np.where(off > 1, _PER_STEP // 2 + off, 0) - to_balanced
+        return np.where(steps >= 0, in_pause, -_IN_SPEECH - to_balanced)
+
+
+def _plan(k: int, n: int, max_len: int, search: int, grid: int, pauses: _Pauses) -> list[int] | None:
+    """The best ``k - 1`` inner boundaries (samples, on the grid) under :func:`pause_bounds`' rules; None if the
+    chunk lengths allow none on the grid."""
+    lo_len = max(grid, math.ceil(n / k - 2 * search))
+    hi_len = min(max_len, math.floor(n / k + 2 * search))
+    if lo_len > hi_len:
+        return None
+    step_lo, step_hi = -(-lo_len // grid), hi_len // grid  # grid steps between neighbouring boundaries
+    if step_lo > step_hi:
+        return None
+    # Grid points each boundary can reach at all, given the chunks before and after it.
+    reach = []
+    for i in range(1, k):
+        first = -(-max(i * lo_len, n - (k - i) * hi_len) // grid)
+        last = min(i * hi_len, n - (k - i) * lo_len) // grid
+        if first > last:
+            return None
+        reach.append((first, last))
+    first, last = reach[0]
+    value = pauses.scores(first, last, n / k)
+    back: list[np.ndarray] = []
+    for i in range(2, k):
+        prev_first, prev_last = first, last
+        first, last = reach[i - 1]
+        # value[p] = score(p) + max of the previous boundary's value over p - step_hi .. p - step_lo
+        width = step_hi - step_lo + 1
+        lo = first - step_hi
+        padded = np.full(last - step_lo - lo + 1, _IMPOSSIBLE, np.int64)
+        a, b = max(prev_first, lo), min(prev_last, last - step_lo)
+        if a <= b:
+            padded[a - lo : b - lo + 1] = value[a - prev_first : b - prev_first + 1]
+        arg = _window_argmax(padded, width)
+        best = padded[arg]
+        back.append(lo + arg)
+        value = np.where(best > _IMPOSSIBLE // 2, best + pauses.scores(first, last, i * n / k), _IMPOSSIBLE)
+    # The last chunk's length is within bounds on every point of the last boundary's reach.
+    if value.max() <= _IMPOSSIBLE // 2:
+        return None
+    p = first + int(np.argmax(value))
+    points = [p]
+    for i in range(k - 1, 1, -1):
+        p = int(back[i - 2][p - reach[i - 1][0]])
+        points.append(p)
+    cuts = [q * grid for q in reversed(points)]
+    if not any(pauses.holds(c) for c in cuts):
+        return [round(i * n / k) for i in range(1, k)]  # chunk_bounds' cuts
+    # A boundary in speech goes to its balanced point where its neighbours allow (chunk_bounds' point).
+    for i, c in enumerate(cuts):
+        if pauses.holds(c):
+            continue
+        target = round((i + 1) * n / k)
+        before = cuts[i - 1] if i else 0
+        after = cuts[i + 1] if i + 1 < len(cuts) else n
+        if 0 < target - before <= max_len and 0 < after - target <= max_len:
+            cuts[i] = target
+    return cuts
+
+
+def _window_argmax(values: np.ndarray, width: int) -> np.ndarray:
+    """For each window ``values[i : i + width]``, the index of its largest value (the first of equals).
+
+    A sparse table of the windows of 1, 2, 4, ... values: O(n log width) time,
+    O(n) memory, where the windows as rows of a matrix would take n x width.
+    """
+    best = np.arange(values.size)
+    span = 1
+    while 2 * span <= width:
+        left, right = best[: best.size - span], best[span:]
+        best = np.where(values[right] > values[left], right, left)
+        span *= 2
+    n = values.size - width + 1
+    left, right = best[:n], best[width - span : width - span + n]
+    return np.where(values[right] > values[left], right, left)
 
 
 def split(wave: np.ndarray, max_chunk_s: float = 30.0, bounds: list[tuple[int, int]] | None = None) -> list[Chunk]:
@@ -329,7 +476,15 @@ def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] |
     )
     bounds = None
     if audio_cfg.cut_at_pauses:
-        bounds = pause_bounds(len(wave), audio_cfg.max_chunk_s, frames.speech, frames.frame_s, audio_cfg.pause_search_s)
+        bounds = pause_bounds(
+            len(wave),
+            audio_cfg.max_chunk_s,
+            frames.speech,
+            frames.frame_s,
+            audio_cfg.pause_search_s,
+            audio_cfg.min_pause_s,
+            audio_cfg.max_extra_chunks,
+        )
     return PreparedAnswer(split(wave, audio_cfg.max_chunk_s, bounds), measured)
 
 

@@ -221,10 +221,24 @@ class AudioConfig(StrictModel):
     vad_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Speech probability from which a frame is speech.")
     vad_threads: int = Field(1, ge=1, description="torch threads one answer's speech detection may use.")
     cut_at_pauses: bool = Field(
-        True, description="Cut answers longer than max_chunk_s in the pause nearest each balanced point."
+        True, description="Cut answers longer than max_chunk_s in the longest pauses in reach of the balanced points."
     )
     pause_search_s: float = Field(
-        4.0, ge=0.0, description="How far from a balanced point a chunk boundary may move to fall in a pause."
+        4.0,
+        ge=0.0,
+        description="How far a chunk boundary may move from its balanced point to fall in a pause: each chunk lasts "
+        "the balanced length give or take twice this (0: balanced cuts).",
+    )
+    min_pause_s: float = Field(
+        0.25, ge=0.0, description="Shortest run without speech a chunk boundary is put in (shorter dips are speech)."
+    )
+    max_extra_chunks: int = Field(
+        1,
+        ge=0,
+        le=8,
+        description="Chunks an answer may be cut into beyond the fewest, where that puts fewer boundaries in speech "
+        "(an answer of 60 s fits two 30 s chunks only if cut at 30.0 s). Each is one more engine request: the "
+        "answer's audio is the same, the per-request overhead grows (0: the fewest chunks always).",
     )
     max_duration_s: float = Field(900.0, gt=0.0, description="Longest answer accepted.")
     max_upload_mb: float = Field(50.0, gt=0.0, description="Largest upload accepted.")

@@ -13,7 +13,8 @@ component differs, naming which:
 - ``prompt``: the rendered holistic prompt (task, levels, descriptors);
 - ``scale``: each level's label, CEFR level and score;
 - ``audio``: the audio preparation that changes what the model hears
-  (chunk length, speech detector and its threshold, pause cutting);
+  (chunk length, speech detector and its threshold, pause cutting and its
+  settings);
 - ``engine``: the engine settings that change logprobs (dtype).
 
 Limits, timeouts and other settings that decide *whether* an answer is
@@ -32,7 +33,16 @@ from serve.grading.config import AudioConfig, EngineConfig, PartConfig
 from serve.grading.prompt import build_prompt
 
 #: The audio settings that change the chunks the model hears.
-AUDIO_FIELDS = ("max_chunk_s", "speech_detector", "vad_threshold", "silence_dbfs", "cut_at_pauses", "pause_search_s")
+AUDIO_FIELDS = (
+    "max_chunk_s",
+    "speech_detector",
+    "vad_threshold",
+    "silence_dbfs",
+    "cut_at_pauses",
+    "pause_search_s",
+    "min_pause_s",
+    "max_extra_chunks",
+)
 #: The engine settings that change the label log-probabilities.
 ENGINE_FIELDS = ("dtype",)
 
