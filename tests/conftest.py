@@ -275,6 +275,8 @@ def _changes(before: dict, after: dict) -> dict[str, str]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
     if _STATE not in item.config.stash:
+        import ray  # noqa: F401 - replaces sys.excepthook when first imported: the state starts with it imported
+
         item.config.stash[_STATE] = _process_state()
         item.config.stash[_FIRST_SEEN] = {}
     return (yield)
