@@ -226,6 +226,20 @@ IMPORT_TIME_VARIABLES = frozenset(
 )
 
 
+@contextmanager
+def environment_and_signals_restored() -> Iterator[None]:
+    """The block may change the environment and signal handlers (a Ray driver sets both); they are put back after."""
+    environ, handlers = dict(os.environ), {n: signal.getsignal(n) for n in signal.Signals}
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for n, handler in handlers.items():
+            if signal.getsignal(n) != handler:
+                signal.signal(n, handler)
+
+
 def _process_state() -> dict[str, object]:
     """What a library may change for the whole process, and that outlives the code that changed it: vLLM's CPU
     worker replaces ``torch.set_num_threads`` and sets environment variables, the start method and

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from loadtest.mix import parse_parts
+from tests.conftest import environment_and_signals_restored
 
 # ---------------------------------------------------------------- units (no cluster)
 
@@ -118,13 +119,15 @@ def cluster_service(tmp_path_factory):
         downscale_delay_s=30,
         ingress_replicas=2,
     )
-    with LocalCluster(config, workers=1) as cluster:
+    # this process joins the cluster as a Ray driver: its environment and signal handlers are put back after
+    with environment_and_signals_restored(), LocalCluster(config, workers=1) as cluster:
         service = serve_on(cluster, config, d / "serve.log")
         try:
             ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
             assert replica_counts()["Scorer"] == 1 and replica_counts()["Ingress"] == 2
             yield cluster, service, config, d
         finally:
+            ray.shutdown()
             service.stop()
 
 

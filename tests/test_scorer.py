@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ from serve.service.scorer import LoadedPart
 from serve.service.settings import load_service_config
 from serve.service.uploads import UploadLimits
 from tests.audio_fixtures import speechlike
-from tests.conftest import l2grader
+from tests.conftest import environment_and_signals_restored, l2grader
 from tests.fake_engine import DEAD_ENV, EVENTS_ENV, HOLD_ENV, FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,31 +116,28 @@ def url(cfg_path):
 
     from serve.service.app import build_app
 
-    environ, handlers = dict(os.environ), {n: signal.getsignal(n) for n in signal.Signals}
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    os.environ[EVENTS_ENV] = str(cfg_path.parent / "engine-events.txt")
-    os.environ[HOLD_ENV] = str(cfg_path.parent / "engine-hold.txt")
-    os.environ[DEAD_ENV] = str(cfg_path.parent / "engine-dead")
-    guard_env = proxy_env(str(cfg_path))  # the proxy guard, as `l2grader serve` runs it (Ray's processes inherit it)
-    os.environ.update(guard_env)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            build_app({"config": str(cfg_path), "engine": "tests.fake_engine:FakeEngine"}), name=APP, route_prefix="/"
-        )
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        # This process as it was (Ray's driver sets environment variables and a SIGTERM handler): later tests
-        # must not run in the service's environment.
-        os.environ.clear()
-        os.environ.update(environ)
-        for n, handler in handlers.items():
-            if signal.getsignal(n) != handler:
-                signal.signal(n, handler)
+    # This process as it was after (Ray's driver sets environment variables and a SIGTERM handler): later tests
+    # must not run in the service's environment.
+    with environment_and_signals_restored():
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        os.environ[EVENTS_ENV] = str(cfg_path.parent / "engine-events.txt")
+        os.environ[HOLD_ENV] = str(cfg_path.parent / "engine-hold.txt")
+        os.environ[DEAD_ENV] = str(cfg_path.parent / "engine-dead")
+        guard_env = proxy_env(str(cfg_path))  # the proxy guard, as `l2grader serve` runs it (Ray's processes inherit)
+        os.environ.update(guard_env)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(
+                build_app({"config": str(cfg_path), "engine": "tests.fake_engine:FakeEngine"}),
+                name=APP,
+                route_prefix="/",
+            )
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def post(url: str, part: str, seconds: float, seed: int = 0) -> httpx.Response:

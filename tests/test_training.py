@@ -290,6 +290,7 @@ def test_evaluate_reports_every_metric_and_draws_the_plot(run):
             "untrained",
             "aspects",
             "aspect_cross_pcc",
+            "classification",
         }
         assert run[key]["aspects"] == {}  # the holistic test set has no aspect scores
         assert run[key]["untrained"] is True  # the base model is the random tiny checkpoint, trained adapter or not
