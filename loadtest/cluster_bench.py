@@ -133,10 +133,14 @@ class Load:
         )
 
     def stop(self) -> None:
-        """End the run now (its summary is then incomplete)."""
+        """End the run now: no new answers; those in flight finish and count in :meth:`result`'s summary."""
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.wait(timeout=180)  # in-flight answers finish (Locust's --stop-timeout, 120 s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def result(self) -> dict:
         self.proc.wait()

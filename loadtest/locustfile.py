@@ -31,6 +31,9 @@ Settings (environment):
 ``L2GRADER_STATS``         where to write this run's exact per-answer record (JSON) at the end
 ``L2GRADER_RETRIES``       times an answer refused with 503/429 (or a broken connection) is sent again, after
                            Retry-After with backoff and the same response_id (default 3; 0: never)
+
+SIGUSR1 ends the run early as its time limit would: no new answers, those in flight finish (within
+``--stop-timeout``), the record is written.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -165,6 +169,17 @@ def _fetch_parts(host: str) -> list[str]:
     req = urllib.request.Request(f"{host.rstrip('/')}/v1/parts", headers=_auth())  # noqa: S310 - loopback http URLs built here
     with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310 - loopback http URLs built here
         return sorted(p["part"] for p in json.load(r)["parts"])
+
+
+@events.init.add_listener
+def _end_early_on_sigusr1(environment, **_):
+    import gevent
+
+    def end():
+        if environment.runner is not None:
+            environment.runner.quit()  # what the time limit does: users finish their answer, then the summary
+
+    gevent.signal_handler(signal.SIGUSR1, end)
 
 
 @events.test_start.add_listener

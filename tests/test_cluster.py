@@ -188,6 +188,7 @@ def _scale_route_and_kill(cluster, service, load, before, counted_before, timeli
         if replica_counts().get("Scorer", 0) == 2:
             back_s = time.monotonic() - killed
         time.sleep(0.5)
+    load.stop()  # once the replacement is up, the rest of the load shows nothing new: end it, answers in flight finish
     result = load.result()
     load_ended = time.monotonic() - timeline.started
     print(f"killed scorer pid {pid}; two scorers again after {back_s} s; load: {result}")
