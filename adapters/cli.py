@@ -10,8 +10,8 @@ import json
 import os
 import sys
 
+from serve.cli.common import engine_output, load_config_or_exit, parts_or_exit
 from serve.cli.common import fail as _fail
-from serve.cli.common import load_config_or_exit, parts_or_exit
 from serve.cli.common import log as _log
 
 
@@ -102,8 +102,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config_or_exit(args.config)
     (part,) = parts_or_exit(cfg, args.config, [args.part]).values()
     cfg = cfg.model_copy(update={"parts": {args.part: part.config}})  # the registry's version of the part
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from adapters.dataset import DataError
     from adapters.evaluate import evaluate, evaluate_session
     from serve.grading.adapter_files import AdapterError
@@ -120,7 +118,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.session is not None:
             evaluate_session(cfg, args.session, args.part, args.human, human_column=args.human_column, **shared)
         else:
-            evaluate(cfg, args.part, args.data, adapter=args.adapter, **shared)
+            with engine_output("evaluate", args.verbose):
+                evaluate(cfg, args.part, args.data, adapter=args.adapter, **shared)
     except (DataError, AdapterError, OutputError, ValueError) as e:
         _fail(str(e), 1)
     return 0
@@ -128,14 +127,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     cfg = load_config_or_exit(args.config, args.part)
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from adapters.dataset import DataError
     from adapters.evaluate import calibrate
     from serve.grading.adapter_files import AdapterError
 
     try:
-        calibrate(cfg, args.part, args.data, adapter=args.adapter, allow_small=args.allow_small, report=args.report)
+        with engine_output("calibrate", args.verbose):
+            calibrate(cfg, args.part, args.data, adapter=args.adapter, allow_small=args.allow_small, report=args.report)
     except (DataError, AdapterError, ValueError, OSError) as e:
         _fail(str(e), 1)
     return 0
@@ -185,28 +183,33 @@ def cmd_sandi(args: argparse.Namespace) -> int:
     if missing:
         _fail(f"{args.config}: the recipe needs parts {', '.join(sandi.PARTS)}; missing {', '.join(missing)}", 2)
     if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from adapters.train import TrainError
     from serve.grading.adapter_files import AdapterError
 
     try:
-        if args.sandi_command == "predict":
-            sandi.predict(cfg, args.prepared, args.out, split=args.split, adapters=_adapter_args(args.adapter))
-        else:
-            options = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "progress": False}
-            sandi.run(
-                cfg,
-                args.release,
-                args.out,
-                train_options=options,
-                calibrate=not args.no_calibrate,
-                allow_small=args.allow_small,
-                held_out=args.held_out,
-                seed=args.seed,
-            )
+        with engine_output(f"sandi-{args.sandi_command}", args.verbose):
+            return _sandi_engine_command(args, cfg, sandi)
     except (DataError, AdapterError, TrainError, ValueError, OSError) as e:
         _fail(str(e), 1)
+
+
+def _sandi_engine_command(args: argparse.Namespace, cfg, sandi) -> int:
+    """``sandi predict`` or ``sandi run``: the recipe's steps that start the engine."""
+    if args.sandi_command == "predict":
+        sandi.predict(cfg, args.prepared, args.out, split=args.split, adapters=_adapter_args(args.adapter))
+        return 0
+    options = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "progress": False}
+    sandi.run(
+        cfg,
+        args.release,
+        args.out,
+        train_options=options,
+        calibrate=not args.no_calibrate,
+        allow_small=args.allow_small,
+        held_out=args.held_out,
+        seed=args.seed,
+    )
     return 0
 
 

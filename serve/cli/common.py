@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
-from serve.runtime.console import PROG, fail, log  # noqa: F401 - the commands' shared helpers
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from serve.runtime.console import PROG, fail, library_output_to, log
+
+
+def engine_output(command: str, verbose: bool) -> contextlib.AbstractContextManager:
+    """Within: unless ``verbose``, vLLM's log and what the engine's libraries print go to a file under the temporary
+    folder, named on stderr, while the program's own lines still reach the terminal. Enter it before vLLM is
+    imported (its logging is configured at import)."""
+    if verbose:
+        return contextlib.nullcontext()
+    from serve.engine.requests import vllm_logs_to_file  # does not import vLLM
+
+    path = Path(tempfile.gettempdir()) / PROG / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    vllm_logs_to_file(path)
+    log(f"engine log: {path} (--verbose prints it here)")
+    return library_output_to(path)
 
 
 def load_config_or_exit(path: str, part: str | None = None):

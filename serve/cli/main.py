@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from serve.cli.common import PROG, fail, load_config_or_exit, log, parts_or_exit
+from serve.cli.common import PROG, engine_output, fail, load_config_or_exit, log, parts_or_exit
 from serve.runtime.console import library_output_to
 
 #: Entry-point group of the subcommands other packages add: ``add_commands(subparsers)``.
@@ -65,15 +65,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     parts = parts_or_exit(cfg, args.config, [args.part])
     if cfg.model.untrained:
         log("WARNING: scoring with the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
-    from serve.engine.requests import vllm_logs_to_file
-
-    quiet = contextlib.nullcontext()
-    if not args.verbose:
-        engine_log = Path(tempfile.gettempdir()) / PROG / f"score-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-        vllm_logs_to_file(engine_log)
-        quiet = library_output_to(engine_log)  # what the engine's libraries print too
-        log(f"engine log: {engine_log} (--verbose prints it here)")
-    with quiet:
+    with engine_output("score", args.verbose):
         return _score_files(args, cfg, parts)
 
 
