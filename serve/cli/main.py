@@ -116,7 +116,11 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
         if scorer is not None:
             scorer.shutdown()  # frees the engine's memory now, not at interpreter exit
     if getattr(args, "candidate", None) is not None:
-        overall = candidate_result(results_all, {args.part: parts[args.part].config.levels}, cfg.candidate)
+        from serve.grading.parts import candidate_intervals_of
+
+        every = parts_or_exit(cfg, args.config) if cfg.candidate.calibration is not None else parts
+        intervals = candidate_intervals_of(cfg, every)
+        overall = candidate_result(results_all, {args.part: parts[args.part].config.levels}, cfg.candidate, intervals)
         print(json.dumps({"candidate_id": args.candidate, "overall": overall.model_dump()}), flush=True)
     return 1 if failed else 0
 
