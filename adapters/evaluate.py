@@ -529,7 +529,12 @@ def session_candidates(cfg: GraderConfig, rows: Sequence[dict]) -> list[Overall]
     for r in rows:
         groups.setdefault(r["candidate_id"], []).append(r)
     levels = {name: p.levels for name, p in cfg.parts.items()}
-    return [candidate_result([result_of_row(r) for r in g], levels, cfg.candidate) for g in groups.values()]
+    intervals = None
+    if cfg.candidate.calibration is not None:
+        from serve.grading.parts import candidate_intervals_of, config_parts
+
+        intervals = candidate_intervals_of(cfg, config_parts(cfg))
+    return [candidate_result([result_of_row(r) for r in g], levels, cfg.candidate, intervals) for g in groups.values()]
 
 
 def evaluate_session(
