@@ -246,12 +246,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Each registered part: its adapter, and whether its answers get an interval (and, if not, why)."""
+    """Each registered part: its adapter, and whether its answers get an interval (and, if not, why); then whether
+    the candidates' overall interval comes from the candidate calibration (and, if not, why)."""
     cfg = load_config_or_exit(args.config)
     from serve.grading.parts import CalibrationRequiredError, part_intervals
 
     problems = 0
-    for name, part in parts_or_exit(cfg, args.config).items():
+    parts = parts_or_exit(cfg, args.config)
+    for name, part in parts.items():
         try:
             state = part_intervals(part, cfg).state
         except CalibrationRequiredError as e:
@@ -268,6 +270,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(
             f"{name}: {part.model_id}; intervals: {state.status} ({iv.method}, {100 * iv.coverage:.0f}%): "
             f"{state.detail}{extra}"
+        )
+    if cfg.candidate.calibration is not None:
+        from serve.grading.parts import candidate_intervals_of
+
+        c = candidate_intervals_of(cfg, parts)
+        print(
+            f"candidates' overall interval: {c.state.status} ({c.method}, {100 * c.coverage:.0f}%): {c.state.detail}"
+            + ("" if c.state.calibration is not None else "; the parts' union bound serves instead")
         )
     return 1 if problems else 0
 
