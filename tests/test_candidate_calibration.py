@@ -202,3 +202,58 @@ def test_calibrate_candidates_fits_from_tables_and_the_doors_see_it(tmp_path, ca
     assert candidate_intervals_of(reweighted, parts).state.status == "stale_calibration"
     with pytest.raises(ValueError, match="one of --session or --candidates"):
         calibrate_candidates(cfg, parts, tmp_path / "human.tsv")
+
+
+def test_calibrate_candidates_from_a_session_and_its_candidates_table_uses_it(tmp_path, capsys):
+    """A session's answers (several per part) are combined by the config's rule, fitted beside the union bound on
+    the same candidates, and the candidates table the session writes then carries the calibrated interval; a session
+    scored by another adapter is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serve.session.schema import ANSWER_SCHEMA
+    from serve.session.stages import answer_row
+    from serve.session.store import OutputDir
+
+    path = tmp_path / "candidates.json"
+    cfg = GraderConfig.model_validate(
+        {
+            "model": {"base": "tiny"},
+            "parts": {p: {} for p in PARTS},
+            "candidate": {"parts": EXAM, "calibration": {"path": str(path), "method": "absolute"}},
+        }
+    )
+    parts = {name: Part(name, pcfg, None) for name, pcfg in cfg.parts.items()}
+    rng = np.random.default_rng(4)
+    results, human = simulate(150, rng, cfg.candidate)
+    rows = [
+        answer_row({"response_id": f"c{i}-{j}", "candidate_id": f"c{i}", "part": a.part, "audio": "x.wav"}, a)
+        for i, answers in enumerate(results)
+        for j, a in enumerate(answers)
+    ]
+    store = OutputDir(str(tmp_path / "out"))
+    writer = store.part_writer(100_000, 60)
+    writer.add(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA))
+    writer.flush()
+    (tmp_path / "human.csv").write_text("candidate_id,score\n" + "".join(f"c{i},{h}\n" for i, h in enumerate(human)))
+    cal = calibrate_candidates(cfg, parts, tmp_path / "human.csv", session=str(tmp_path / "out"))
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert cal.n == 150 and summary["union_bound"]["n"] == 150
+    assert summary["union_bound"]["coverage"] > 0.95 and "the parts' union bound on the same 150" in out
+    assert any(b["kind"] == "answers" for b in summary["rows"][0]["bins"])  # per number of scored answers
+    assert cal.score[cal.candidates.index("c0")] == pytest.approx(
+        candidate_result(results[0], LEVELS, cfg.candidate).score
+    )
+    intervals = candidate_intervals_of(cfg, parts)
+    assert store.write_candidates(parts, cfg.candidate, intervals) == 150
+    table = pq.read_table(str(tmp_path / "out" / "candidates.parquet")).to_pylist()
+    assert {r["interval"]["method"] for r in table} == {"candidate_calibration"}
+    assert {r["candidate_calibration"] for r in table} == {"calibrated"}
+    rows[0]["model"] = {**rows[0]["model"], "adapter_hash": "0123abcd"}
+    other = OutputDir(str(tmp_path / "other"))
+    writer = other.part_writer(100_000, 60)
+    writer.add(pa.Table.from_pylist(rows, schema=ANSWER_SCHEMA))
+    writer.flush()
+    with pytest.raises(ValueError, match="scored by adapter 0123abcd"):
+        calibrate_candidates(cfg, parts, tmp_path / "human.csv", session=str(tmp_path / "other"))
