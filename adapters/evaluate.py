@@ -329,7 +329,8 @@ def answer_sd(s: ScoredAnswer) -> float:
 
 
 def overall_sd(overall: Overall) -> float | None:
-    """A candidate's standard error from their overall interval (union bound: wide, so accuracy reads low)."""
+    """A candidate's standard error from their overall interval (the union bound's is wide, so accuracy reads low;
+    a candidate calibration's is read at its nominal coverage)."""
     i = overall.interval
     return None if i is None or i.coverage <= 0 else sd_of_interval(i.low, i.high, i.coverage)
 
