@@ -84,6 +84,12 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
     from serve.grading.audio import PreparedAnswer
     from serve.grading.parts import LabelTokenError
 
+    intervals = None
+    if getattr(args, "candidate", None) is not None and cfg.candidate.calibration is not None:
+        from serve.grading.parts import candidate_intervals_of
+
+        # checked before scoring, against every registered part (the rule counts parts this run does not score)
+        intervals = candidate_intervals_of(cfg, parts_or_exit(cfg, args.config))
     scorer = None
     failed = 0
     results_all = []
@@ -116,10 +122,6 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
         if scorer is not None:
             scorer.shutdown()  # frees the engine's memory now, not at interpreter exit
     if getattr(args, "candidate", None) is not None:
-        from serve.grading.parts import candidate_intervals_of
-
-        every = parts_or_exit(cfg, args.config) if cfg.candidate.calibration is not None else parts
-        intervals = candidate_intervals_of(cfg, every)
         overall = candidate_result(results_all, {args.part: parts[args.part].config.levels}, cfg.candidate, intervals)
         print(json.dumps({"candidate_id": args.candidate, "overall": overall.model_dump()}), flush=True)
     return 1 if failed else 0
