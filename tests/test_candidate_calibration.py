@@ -250,6 +250,10 @@ def test_calibrate_candidates_from_a_session_and_its_candidates_table_uses_it(tm
     table = pq.read_table(str(tmp_path / "out" / "candidates.parquet")).to_pylist()
     assert {r["interval"]["method"] for r in table} == {"candidate_calibration"}
     assert {r["candidate_calibration"] for r in table} == {"calibrated"}
+    from adapters.evaluate import session_candidates  # evaluate --session's door
+
+    by_evaluate = session_candidates(cfg, store.read_all())
+    assert {o.interval.method for o in by_evaluate} == {"candidate_calibration"}
     rows[0]["model"] = {**rows[0]["model"], "adapter_hash": "0123abcd"}
     other = OutputDir(str(tmp_path / "other"))
     writer = other.part_writer(100_000, 60)

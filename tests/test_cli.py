@@ -186,6 +186,7 @@ def test_calibrate_candidates_then_check_says_whether_the_overall_interval_is_ca
     assert "calibrated on 40 candidates" in r.stdout and "absolute" in r.stdout
     r = run("check", "--config", tmp_path / "c.yaml", timeout=120)
     assert r.returncode == 0 and "candidates' overall interval: calibrated (absolute, 90%)" in r.stdout, r.stdout
+    assert "small sample: 40 of the 102 candidates needed" in r.stdout
     shutil.rmtree(tmp_path / "long_turn")
     shutil.copytree(tmp_path / "interview", tmp_path / "long_turn")  # another adapter for long_turn
     r = run("check", "--config", tmp_path / "c.yaml", timeout=120)

@@ -277,9 +277,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         from serve.grading.parts import candidate_intervals_of
 
         c = candidate_intervals_of(cfg, parts)
+        small = c.state.calibration.small_sample if c.state.calibration is not None else None
         print(
             f"candidates' overall interval: {c.state.status} ({c.method}, {100 * c.coverage:.0f}%): {c.state.detail}"
             + ("" if c.state.calibration is not None else "; the parts' union bound serves instead")
+            + (
+                ""
+                if small is None
+                else f" (small sample: {c.state.calibration.n} of the {small.required} candidates needed; realised "
+                f"coverage {100 * small.coverage_range[0]:.1f}-{100 * small.coverage_range[1]:.1f}%)"
+            )
         )
     return 1 if problems else 0
 
