@@ -141,7 +141,9 @@ def test_a_changed_weight_or_part_makes_the_calibration_stale_and_the_result_fal
     assert broken.candidate_calibration == "invalid_calibration" and broken.interval.method == "union_bound"
     path.unlink()
     gone = result(rule)
-    assert gone.candidate_calibration == "uncalibrated" and "no candidate calibration at" in gone.interval_detail
+    assert gone.candidate_calibration == "uncalibrated" and "no candidate calibration file" in gone.interval_detail
+    for r in (fresh, same, broken, gone):
+        assert str(tmp_path) not in r.interval_detail  # a result names no server path
     none = candidate_result(answers, LEVELS, CandidateConfig.model_validate({"parts": EXAM}))
     assert none.candidate_calibration == "uncalibrated" and "not configured" not in none.interval_detail
     assert "candidate.calibration" in none.interval_detail

@@ -279,7 +279,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         c = candidate_intervals_of(cfg, parts)
         small = c.state.calibration.small_sample if c.state.calibration is not None else None
         print(
-            f"candidates' overall interval: {c.state.status} ({c.method}, {100 * c.coverage:.0f}%): {c.state.detail}"
+            f"candidates' overall interval: {c.state.status} ({c.method}, {100 * c.coverage:.0f}%): "
+            f"{cfg.candidate.calibration.path}: {c.state.detail}"
             + ("" if c.state.calibration is not None else "; the parts' union bound serves instead")
             + (
                 ""

@@ -159,20 +159,24 @@ def _read(path: str, size: int, mtime_ns: int, ctime_ns: int) -> CandidateCalibr
 
 
 def load(path: str | Path, fingerprint_: Mapping[str, str]) -> CalibrationState:
-    """The candidate calibration at ``path``, checked against the fingerprint of what is served now."""
+    """The candidate calibration at ``path``, checked against the fingerprint of what is served now. Its ``detail``
+    goes into every candidate's result, so it names no file path (``l2grader check`` prints the path)."""
     path = Path(path)
     if not path.is_file():
-        return CalibrationState(None, "uncalibrated", f"no candidate calibration at {path}")
+        return CalibrationState(None, "uncalibrated", "no candidate calibration file (candidate.calibration.path)")
     try:
         st = path.stat()
         cal = _read(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    except (OSError, ValueError, RecursionError, ValidationError) as e:
-        return CalibrationState(None, "invalid_calibration", f"{path}: {type(e).__name__}: {str(e)[:300]}")
+    except OSError as e:
+        return CalibrationState(None, "invalid_calibration", f"the candidate calibration file: {e.strerror}")
+    except (ValueError, RecursionError, ValidationError) as e:
+        why = f"{type(e).__name__}: {str(e)[:300]}"
+        return CalibrationState(None, "invalid_calibration", f"the candidate calibration file is invalid: {why}")
     changed = stale_components(cal.fingerprint, dict(fingerprint_))
     if changed:
         what = "; ".join(f"{k} (calibrated {cal.fingerprint.get(k)}, serving {fingerprint_.get(k)})" for k in changed)
-        return CalibrationState(None, "stale_calibration", f"{path} was fitted for another {what}")
-    return CalibrationState(cal, "calibrated", f"{path}: {cal.n} candidates from {cal.human_data or 'unrecorded data'}")
+        return CalibrationState(None, "stale_calibration", f"fitted for another {what}")
+    return CalibrationState(cal, "calibrated", f"{cal.n} candidates, fitted {cal.created or 'at an unrecorded time'}")
 
 
 @dataclass(frozen=True)
