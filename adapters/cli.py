@@ -139,6 +139,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate_candidates(args: argparse.Namespace) -> int:
+    cfg = load_config_or_exit(args.config)
+    parts = parts_or_exit(cfg, args.config)  # as served: the parts added with PUT /v1/parts too
+    from adapters.candidate_calibrate import calibrate_candidates
+
+    try:
+        calibrate_candidates(
+            cfg,
+            parts,
+            args.human,
+            session=args.session,
+            candidates_file=args.candidates,
+            id_column=args.id_column,
+            human_column=args.human_column,
+            out=args.out,
+            allow_small=args.allow_small,
+            report=args.report,
+        )
+    except (ValueError, OSError) as e:
+        _fail(str(e), 1)
+    return 0
+
+
 def _adapter_args(values: list[str] | None) -> dict[str, str]:
     """``--adapter P1=DIR`` flags as {part: folder}."""
     from adapters.sandi import PARTS
@@ -267,7 +290,8 @@ def add_sandi(sub: argparse._SubParsersAction) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add the adapter subcommands (make-tiny-model, train, evaluate, calibrate, synth-data, sandi) to the parser."""
+    """Add the adapter subcommands (make-tiny-model, train, evaluate, calibrate, calibrate-candidates, synth-data,
+    sandi) to the parser."""
     p = sub.add_parser(
         "make-tiny-model", help="write a tiny random Qwen2-Audio checkpoint, demo adapters and demo.yaml"
     )
@@ -382,6 +406,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="DIR", help="also write the per-bin coverage table to DIR/calibration.json")
     p.add_argument("--verbose", action="store_true", help="show the engine's own log")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "calibrate-candidates",
+        help="fit the overall interval on held-out candidates' human overall scores (candidate.calibration)",
+    )
+    p.add_argument("--config", required=True, help="grader YAML config (its candidate: rule and parts)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--session", metavar="OUT", help="a finished session's output folder (score-session --out)")
+    src.add_argument(
+        "--candidates",
+        metavar="FILE",
+        help="a table of candidates' machine overall scores by the config's rule: candidate_id, score "
+        "(CSV, TSV, JSON lines or Parquet, e.g. a session's candidates.parquet)",
+    )
+    p.add_argument(
+        "--human",
+        required=True,
+        metavar="FILE",
+        help="held-out candidates' human overall scores: candidate_id, score (CSV, TSV, JSON lines or Parquet)",
+    )
+    p.add_argument("--id-column", default="candidate_id", help="the candidate id's column (default candidate_id)")
+    p.add_argument("--human-column", default="score", help="the human score's column in --human (default score)")
+    p.add_argument("--out", help="calibration file to write (default: the config's candidate.calibration.path)")
+    p.add_argument(
+        "--allow-small",
+        action="store_true",
+        help="calibrate on fewer candidates than the coverage needs (the calibration records n and the range of "
+        "coverage it may realise)",
+    )
+    p.add_argument("--report", metavar="DIR", help="also write the per-bin coverage table to DIR")
+    p.set_defaults(func=cmd_calibrate_candidates)
 
     p = sub.add_parser("synth-data", help="make a synthetic scored speaking test with espeak-ng (train/dev/test)")
     p.add_argument("dir", help="output folder")

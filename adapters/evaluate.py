@@ -329,7 +329,8 @@ def answer_sd(s: ScoredAnswer) -> float:
 
 
 def overall_sd(overall: Overall) -> float | None:
-    """A candidate's standard error from their overall interval (union bound: wide, so accuracy reads low)."""
+    """A candidate's standard error from their overall interval (the union bound's is wide, so accuracy reads low;
+    a candidate calibration's is read at its nominal coverage)."""
     i = overall.interval
     return None if i is None or i.coverage <= 0 else sd_of_interval(i.low, i.high, i.coverage)
 
@@ -529,7 +530,12 @@ def session_candidates(cfg: GraderConfig, rows: Sequence[dict]) -> list[Overall]
     for r in rows:
         groups.setdefault(r["candidate_id"], []).append(r)
     levels = {name: p.levels for name, p in cfg.parts.items()}
-    return [candidate_result([result_of_row(r) for r in g], levels, cfg.candidate) for g in groups.values()]
+    intervals = None
+    if cfg.candidate.calibration is not None:
+        from serve.grading.parts import candidate_intervals_of, config_parts
+
+        intervals = candidate_intervals_of(cfg, config_parts(cfg))
+    return [candidate_result([result_of_row(r) for r in g], levels, cfg.candidate, intervals) for g in groups.values()]
 
 
 def evaluate_session(

@@ -159,6 +159,41 @@ def test_score_batch_with_bad_files(tiny_dir, tiny_config, audio_dir, tmp_path):
     assert added["probabilities"] == pytest.approx(by_name["b.flac"]["probabilities"], abs=1e-6)
 
 
+def test_calibrate_candidates_then_check_says_whether_the_overall_interval_is_calibrated(tiny_config, tmp_path):
+    """`l2grader calibrate-candidates` (no engine) writes the file candidate.calibration names, fitted for the rule
+    and the parts' real adapters; `check` says it serves, and stale (naming the part and component) once a part's
+    adapter is replaced."""
+    raw = tiny_config()
+    for name in ("interview", "long_turn"):
+        shutil.copytree(raw["parts"][name]["adapter"], tmp_path / name)
+        raw["parts"][name]["adapter"] = str(tmp_path / name)
+    raw["candidate"] = {
+        "parts": {"interview": {"weight": 2}, "long_turn": {"weight": 1}},
+        "calibration": {"path": "cal/candidates.json", "method": "absolute"},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    rng = np.random.default_rng(1)
+    machine = rng.uniform(1.5, 5.5, 40)
+    (tmp_path / "m.csv").write_text("candidate_id,score\n" + "".join(f"c{i},{m}\n" for i, m in enumerate(machine)))
+    (tmp_path / "h.tsv").write_text(
+        "candidate_id\tscore\n" + "".join(f"c{i}\t{m + rng.normal(0, 0.3)}\n" for i, m in enumerate(machine))
+    )
+    args = ("calibrate-candidates", "--config", tmp_path / "c.yaml", "--candidates", tmp_path / "m.csv")
+    r = run(*args, "--human", tmp_path / "h.tsv", timeout=120)
+    assert r.returncode == 1 and "--allow-small" in r.stderr, r.stdout + r.stderr  # 40 candidates: too few for 90 %
+    r = run(*args, "--human", tmp_path / "h.tsv", "--allow-small", timeout=120)
+    assert r.returncode == 0 and (tmp_path / "cal" / "candidates.json").is_file(), r.stdout + r.stderr
+    assert "calibrated on 40 candidates" in r.stdout and "absolute" in r.stdout
+    r = run("check", "--config", tmp_path / "c.yaml", timeout=120)
+    assert r.returncode == 0 and "candidates' overall interval: calibrated (absolute, 90%)" in r.stdout, r.stdout
+    assert "small sample: 40 of the 102 candidates needed" in r.stdout
+    shutil.rmtree(tmp_path / "long_turn")
+    shutil.copytree(tmp_path / "interview", tmp_path / "long_turn")  # another adapter for long_turn
+    r = run("check", "--config", tmp_path / "c.yaml", timeout=120)
+    assert r.returncode == 0 and "candidates' overall interval: stale_calibration" in r.stdout, r.stdout
+    assert "long_turn.adapter" in r.stdout and "union bound serves instead" in r.stdout
+
+
 def test_check_says_which_parts_have_a_valid_calibration_and_why_not(tiny_dir, tiny_config, tmp_path):
     """`l2grader check` (no engine): a calibration made for the config is valid; after the part's task, a level's
     descriptor or the audio rules change it is stale, naming what changed; interval.require makes that fatal."""

@@ -76,6 +76,12 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
     from serve.grading.audio import PreparedAnswer
     from serve.grading.parts import LabelTokenError
 
+    intervals = None
+    if getattr(args, "candidate", None) is not None and cfg.candidate.calibration is not None:
+        from serve.grading.parts import candidate_intervals_of
+
+        # checked before scoring, against every registered part (the rule counts parts this run does not score)
+        intervals = candidate_intervals_of(cfg, parts_or_exit(cfg, args.config))
     scorer = None
     failed = 0
     results_all = []
@@ -108,7 +114,7 @@ def _score_files(args: argparse.Namespace, cfg, parts) -> int:
         if scorer is not None:
             scorer.shutdown()  # frees the engine's memory now, not at interpreter exit
     if getattr(args, "candidate", None) is not None:
-        overall = candidate_result(results_all, {args.part: parts[args.part].config.levels}, cfg.candidate)
+        overall = candidate_result(results_all, {args.part: parts[args.part].config.levels}, cfg.candidate, intervals)
         print(json.dumps({"candidate_id": args.candidate, "overall": overall.model_dump()}), flush=True)
     return 1 if failed else 0
 
@@ -234,12 +240,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Each registered part: its adapter, and whether its answers get an interval (and, if not, why)."""
+    """Each registered part: its adapter, and whether its answers get an interval (and, if not, why); then whether
+    the candidates' overall interval comes from the candidate calibration (and, if not, why)."""
     cfg = load_config_or_exit(args.config)
     from serve.grading.parts import CalibrationRequiredError, part_intervals
 
     problems = 0
-    for name, part in parts_or_exit(cfg, args.config).items():
+    parts = parts_or_exit(cfg, args.config)
+    for name, part in parts.items():
         try:
             state = part_intervals(part, cfg).state
         except CalibrationRequiredError as e:
@@ -256,6 +264,22 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(
             f"{name}: {part.model_id}; intervals: {state.status} ({iv.method}, {100 * iv.coverage:.0f}%): "
             f"{state.detail}{extra}"
+        )
+    if cfg.candidate.calibration is not None:
+        from serve.grading.parts import candidate_intervals_of
+
+        c = candidate_intervals_of(cfg, parts)
+        small = c.state.calibration.small_sample if c.state.calibration is not None else None
+        print(
+            f"candidates' overall interval: {c.state.status} ({c.method}, {100 * c.coverage:.0f}%): "
+            f"{cfg.candidate.calibration.path}: {c.state.detail}"
+            + ("" if c.state.calibration is not None else "; the parts' union bound serves instead")
+            + (
+                ""
+                if small is None
+                else f" (small sample: {c.state.calibration.n} of the {small.required} candidates needed; realised "
+                f"coverage {100 * small.coverage_range[0]:.1f}-{100 * small.coverage_range[1]:.1f}%)"
+            )
         )
     return 1 if problems else 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from serve.grading.audio import AudioError, PreparedAnswer
+from serve.grading.candidate_calibration import NOT_CONFIGURED, CandidateIntervals
 from serve.grading.classification import default_cuts, level_at, lowest_level
 from serve.grading.config import CandidateConfig, Rule
 from serve.grading.levels import Level
@@ -120,6 +121,7 @@ def candidate_result(
     answers: Sequence[Answer],
     levels: Mapping[str, Sequence[Level]],
     rule: CandidateConfig | None = None,
+    intervals: CandidateIntervals | None = None,
 ) -> Overall:
     """A candidate's overall result from their answers, at every door, by the exam's stated ``rule`` (the config's
     ``candidate:`` section; None: its defaults):
@@ -132,13 +134,18 @@ def candidate_result(
        the rule lists none; an optional part without answers does not count; answers of parts not listed are
        shown with weight 0);
     5. the level is read from the cut-score table (default: the midpoints of the scale of the first counted part,
-       ``levels`` being part -> its levels), and the interval is the weighted sum of the parts' interval bounds
+       ``levels`` being part -> its levels);
+    6. the interval comes from the candidate-level calibration where ``intervals`` holds a fresh one
+       (:func:`serve.grading.candidate_calibration.candidate_intervals`: the rule's ``calibration``, checked against
+       the rule and the parts served now), else it is the weighted sum of the parts' interval bounds (the union
+       bound); ``interval.method``, ``candidate_calibration`` and ``interval_detail`` say which and why
        (:class:`serve.grading.results.OverallInterval`).
 
     Each aspect's overall is the plain mean over the scored answers that have it; the review holds every scored
     answer's reasons, ``not_scorable`` and ``incomplete``.
     """
     rule = rule if rule is not None else CandidateConfig()
+    intervals = intervals if intervals is not None else NOT_CONFIGURED
     scored = [a for a in answers if isinstance(a, ScoredAnswer)]
     not_scorable = sum(1 for a in answers if isinstance(a, NotScorable))
     failed = sum(1 for a in answers if isinstance(a, FailedAnswer))
@@ -156,7 +163,7 @@ def candidate_result(
     low_sum = high_sum = 0.0
     interval_ok = True
     miscoverage = 0.0
-    interval_answers = 0
+    interval_answers = counted_answers = 0
     for part in dict.fromkeys([*counted, *by_part]):
         mine = by_part.get(part, [])
         weight = weights[part] / total if part in weights else 0.0
@@ -165,6 +172,7 @@ def candidate_result(
         for a in mine:
             if isinstance(a, ScoredAnswer):
                 values.append(a.score)
+                counted_answers += bool(weight)
                 if a.interval is None:
                     interval_ok = interval_ok and weight == 0
                 else:
@@ -242,19 +250,34 @@ def candidate_result(
     cuts = [(c.cefr, c.min_score) for c in rule.cuts] if rule.cuts is not None else default_cuts(scale)
     score = cefr = interval = None
     status = "withheld"
+    detail = "withheld: no overall score, no interval"
     if not withheld:
         score = float(sum(v.weight * v.score for v in counted_parts.values()))
         cefr = level_at(score, lowest_level(scale), cuts) if scale else None
         coverage = max(0.0, 1.0 - miscoverage)
-        if not interval_ok:
-            status = "uncalibrated"
-        elif coverage < rule.interval_coverage or (interval_answers and coverage <= 0):
-            status = "below_coverage"
-        else:
-            status = "union_bound"
-            interval = OverallInterval(
-                low=low_sum, high=high_sum, width=high_sum - low_sum, coverage=coverage, answers=interval_answers
+        interval = intervals.interval(score, counted_answers)
+        if interval is not None:
+            status = "candidate_calibration"
+            detail = (
+                f"candidate calibration ({intervals.method}, {100 * intervals.coverage:g} %): {intervals.state.detail}"
             )
+        else:
+            why = f"candidate calibration not used ({intervals.state.status}: {intervals.state.detail})"
+            if not interval_ok:
+                status = "uncalibrated"
+                detail = f"no interval: a counted answer has no interval; {why}"
+            elif coverage < rule.interval_coverage or (interval_answers and coverage <= 0):
+                status = "below_coverage"
+                detail = (
+                    f"no interval: the union bound guarantees {100 * coverage:.3g} %, below "
+                    f"candidate.interval_coverage; {why}"
+                )
+            else:
+                status = "union_bound"
+                detail = f"the parts' intervals combined by the union bound; {why}"
+                interval = OverallInterval(
+                    low=low_sum, high=high_sum, width=high_sum - low_sum, coverage=coverage, answers=interval_answers
+                )
     by_aspect: dict[str, list[float]] = {}
     for a in scored:
         for name, aspect in a.aspects.items():
@@ -269,6 +292,8 @@ def candidate_result(
         withheld_reasons=withheld,
         interval=interval,
         interval_status=status,
+        candidate_calibration=intervals.state.status,
+        interval_detail=detail,
         by_part=parts,
         rule=describe_rule(rule, {p: w / total for p, w in weights.items()}, cuts),
         scored=len(scored),

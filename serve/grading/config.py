@@ -459,6 +459,19 @@ class CutScore(StrictModel):
     min_score: float = Field(description="The lowest overall score at this level.")
 
 
+class CandidateCalibrationConfig(StrictModel):
+    """Where the candidate-level calibration lies and how it is served (``l2grader calibrate-candidates`` writes it;
+    docs/trust.md, "The candidate's interval")."""
+
+    path: Path = Field(description="The calibration file (relative: to the config file's folder).")
+    coverage: float = Field(0.9, gt=0.0, lt=1.0, description="The overall interval's nominal coverage.")
+    method: Literal["absolute", "mondrian"] = Field(
+        "mondrian",
+        description="absolute: score +- one quantile of |human - score|; mondrian: per predicted level, the "
+        "two-sided quantiles of the signed error (as a part's intervals).",
+    )
+
+
 class CandidateConfig(StrictModel):
     """How a candidate's answers make their overall result (docs/usage.md, "The candidate's result").
 
@@ -484,6 +497,11 @@ class CandidateConfig(StrictModel):
         lt=1.0,
         description="Give no overall interval when its guaranteed coverage (1 - the answers' miscoverages summed) "
         "is below this.",
+    )
+    calibration: CandidateCalibrationConfig | None = Field(
+        None,
+        description="A candidate-level calibration from candidates' human overall scores: while it is fresh, the "
+        "overall interval comes from it instead of the parts' combined intervals.",
     )
 
     _rules = field_validator("unscorable", "missing", mode="before")(check_rule)
@@ -557,6 +575,8 @@ class GraderConfig(StrictModel):
             for holder in (part, *part.aspects.values()):
                 if holder.adapter is not None:
                     holder.adapter = beside(base_dir, holder.adapter)
+        if self.candidate.calibration is not None:
+            self.candidate.calibration.path = beside(base_dir, self.candidate.calibration.path)
 
 
 class UnknownPartError(KeyError):

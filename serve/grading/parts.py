@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from serve.grading import calibration
 from serve.grading.adapter_files import AdapterFiles, check_adapter
 from serve.grading.aspects import title
+from serve.grading.candidate_calibration import CandidateIntervals, candidate_intervals
 from serve.grading.config import GraderConfig, PartConfig, ReviewConfig
 from serve.grading.fingerprint import aspect_fingerprint, base_hash, base_name, score_fingerprint
 from serve.grading.levels import Level
@@ -239,6 +241,17 @@ def part_intervals(part: Part, cfg: GraderConfig, *, log: bool = True) -> calibr
             100 * pcfg.interval.coverage,
         )
     return calibration.Intervals(state, pcfg.interval.coverage, pcfg.interval.method)
+
+
+def candidate_intervals_of(cfg: GraderConfig, parts: Mapping[str, Part], *, log: bool = False) -> CandidateIntervals:
+    """How candidates' overall results get their interval: the config's candidate calibration (``candidate.
+    calibration``), checked against the rule and the fingerprints of the registered ``parts`` as they serve now;
+    every door passes it to :func:`serve.grading.answers.candidate_result`."""
+    got = candidate_intervals(cfg.candidate, {name: part_fingerprint(p, cfg) for name, p in parts.items()})
+    if log and cfg.candidate.calibration is not None:
+        say = logger.info if got.state.calibration is not None else logger.warning
+        say("candidates' overall interval: %s: %s", got.state.status, got.state.detail)
+    return got
 
 
 def resolve_part(part: Part, tokenizer, cfg: GraderConfig) -> PartSpec:

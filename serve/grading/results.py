@@ -234,19 +234,27 @@ class PartOverall(BaseModel):
 class OverallInterval(BaseModel):
     """Where the candidate's human overall score lies: the same rule applied to human scores of the same answers.
 
-    The weighted sum of the parts' interval bounds (each part's the mean of its answers' bounds). When every
-    answer's interval holds its human score, the overall interval holds the human overall score; by the union
-    bound that happens with probability at least 1 - the sum of the answers' miscoverages (``coverage``)."""
+    Two sources (``method``): ``candidate_calibration``, a split-conformal interval from held-out candidates' human
+    overall scores (the config's ``candidate.calibration``, while it is fresh); else ``union_bound``, the weighted
+    sum of the parts' interval bounds (each part's the mean of its answers' bounds): when every answer's interval
+    holds its human score, the overall interval holds the human overall score, which by the union bound happens with
+    probability at least 1 - the sum of the answers' miscoverages (``coverage``)."""
 
     low: float
     high: float
     width: float = Field(description="high - low.")
     coverage: float = Field(
-        description="The coverage it guarantees: 1 - the sum over the counted scored answers of (1 - their "
-        "interval's coverage). Conservative: realised coverage is usually much higher."
+        description="union_bound: the coverage it guarantees, 1 - the sum over the counted scored answers of (1 - "
+        "their interval's coverage), conservative (realised coverage is usually much higher); "
+        "candidate_calibration: the nominal coverage, over candidates exchangeable with the calibration's."
     )
-    method: Literal["union_bound"] = Field("union_bound", description="How it was made (docs/trust.md).")
-    answers: int = Field(description="The scored answers whose intervals it combines.")
+    method: Literal["union_bound", "candidate_calibration"] = Field(
+        "union_bound", description='Where it came from (docs/trust.md, "The candidate\'s interval").'
+    )
+    answers: int = Field(description="The scored answers of the counted parts.")
+    calibrated_on: int | None = Field(
+        None, description="candidate_calibration: the held-out candidates it was calibrated on (else null)."
+    )
 
 
 class Overall(BaseModel):
@@ -263,12 +271,22 @@ class Overall(BaseModel):
     )
     withheld_reasons: list[WithheldReason] = Field(default_factory=list, description="Why it is withheld.")
     interval: OverallInterval | None = Field(
-        None, description="Conservative interval of the human overall score (null: interval_status says why)."
+        None, description="Interval of the human overall score (null: interval_status says why)."
     )
     interval_status: str = Field(
         "withheld",
-        description="union_bound (given), withheld (no score), uncalibrated (a counted answer has no interval) or "
-        "below_coverage (its guaranteed coverage is below candidate.interval_coverage).",
+        description="candidate_calibration or union_bound (given, from that source), withheld (no score), "
+        "uncalibrated (no fresh candidate calibration and a counted answer has no interval) or below_coverage (the "
+        "union bound's guaranteed coverage is below candidate.interval_coverage).",
+    )
+    candidate_calibration: str = Field(
+        "uncalibrated",
+        description="The candidate-level calibration's state: calibrated (it gave the interval), uncalibrated (none "
+        "configured, or no file), stale_calibration (the rule or a part changed since it was fitted) or "
+        "invalid_calibration; interval_detail says why.",
+    )
+    interval_detail: str = Field(
+        "", description="Where the interval came from, or why the candidate calibration was not used."
     )
     by_part: dict[str, PartOverall] = Field(default_factory=dict, description="Part id -> how it counts.")
     rule: str = Field("", description="The rule applied, in words: weights, unscorable and missing parts, cuts.")

@@ -29,8 +29,9 @@ from serve.grading import calibration, vad
 from serve.grading.adapter_files import AdapterError
 from serve.grading.answers import NOT_SCORABLE_KINDS, candidate_result, failure, refusal
 from serve.grading.audio import AudioError, PreparedAnswer, prepare
+from serve.grading.candidate_calibration import CandidateIntervals
 from serve.grading.config import PART_ID_CHARS, UnknownPartError, clip, validate_part_id
-from serve.grading.parts import CalibrationRequiredError, Part, part_intervals
+from serve.grading.parts import CalibrationRequiredError, Part, candidate_intervals_of, part_intervals
 from serve.grading.results import NotScorable, ScoredAnswer
 from serve.grading.review import NOT_SCORABLE
 from serve.service.admission import ScoringSlots
@@ -164,6 +165,17 @@ class Ingress:
         except UnknownPartError as e:
             raise ApiError(404, "unknown_part", clip(e, 300)) from None
 
+    async def _candidate_intervals(self, answered: dict[str, Part]) -> CandidateIntervals | None:
+        """The candidate calibration checked against the rule and the parts as they serve now (the answers' parts
+        as the batch scored them, the others as registered); None when the config names none."""
+        if self.cfg.candidate.calibration is None:
+            return None
+
+        def check() -> CandidateIntervals:
+            return candidate_intervals_of(self.cfg, {**self.registry.entries(), **answered})
+
+        return await asyncio.to_thread(check)
+
     async def _prepare(self, upload: ScoreUpload) -> PreparedAnswer:
         """Decode, check, measure and chunk one answer in the bounded decoding pool (stops if the client leaves)."""
         stop = threading.Event()
@@ -288,7 +300,10 @@ class Ingress:
         if errors and not any(isinstance(r, ScoredAnswer) for r in results):
             raise errors[0]  # nothing reached the scorer and came back: the batch as a whole failed (503: retry it)
         overall = candidate_result(
-            results, {u.part: p.config.levels for u, p in zip(uploads, parts)}, self.cfg.candidate
+            results,
+            {u.part: p.config.levels for u, p in zip(uploads, parts)},
+            self.cfg.candidate,
+            await self._candidate_intervals({u.part: p for u, p in zip(uploads, parts)}),
         )
         rid, latency_ms = request_id(), elapsed_ms(started)
         return BatchResponse(

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from serve.grading.candidate_calibration import CandidateIntervals
 from serve.grading.config import CandidateConfig, GraderConfig
-from serve.grading.parts import Part
+from serve.grading.parts import Part, candidate_intervals_of
 from serve.runtime.console import log
 from serve.session.schema import ANSWER_SCHEMA, FAILED, SCORED
 from serve.session.sources import audio_base, check_parts, load_manifest
@@ -240,7 +241,14 @@ def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptio
     if not todo:
         log(f"the session in {opts.out} is finished: all {len(ids)} answers of the manifest are there")
         return summary(
-            parts, out, Progress(0, opts.progress_s), len(done), len(ids), time.monotonic() - started, cfg.candidate
+            parts,
+            out,
+            Progress(0, opts.progress_s),
+            len(done),
+            len(ids),
+            time.monotonic() - started,
+            cfg.candidate,
+            candidate_intervals_of(cfg, parts, log=True),
         )
     progress = Progress(todo, opts.progress_s)
     with StopSignals() as signals:
@@ -260,7 +268,9 @@ def run_session(cfg: GraderConfig, parts: Mapping[str, Part], opts: SessionOptio
     if interrupted:
         log(f"stopped: {progress.rows} answers written this run; run the same command again to go on")
         raise KeyboardInterrupt
-    return summary(parts, out, progress, len(done), len(ids), wall, cfg.candidate)
+    return summary(
+        parts, out, progress, len(done), len(ids), wall, cfg.candidate, candidate_intervals_of(cfg, parts, log=True)
+    )
 
 
 def _score(rows: pa.Table, cfg, parts, opts: SessionOptions, out: OutputDir, progress: Progress, signals, total, done):
@@ -307,10 +317,11 @@ def summary(
     manifest_rows: int,
     wall: float,
     rule: CandidateConfig | None = None,
+    intervals: CandidateIntervals | None = None,
 ) -> dict:
     """The session's figures: this run's throughput, the whole output's counts (the candidates' results by the
-    exam's ``rule``, the config's ``candidate:`` section)."""
-    candidates = out.write_candidates(parts, rule)
+    exam's ``rule``, the config's ``candidate:`` section, their intervals from ``intervals``)."""
+    candidates = out.write_candidates(parts, rule, intervals)
     written = out.read_parts(["response_id", "status", "error_kind"])
     ids = written.column("response_id").to_pylist()
     statuses = written.column("status").to_pylist()

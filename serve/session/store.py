@@ -33,6 +33,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 
 from serve.grading.answers import FAILURE_KINDS, candidate_result
+from serve.grading.candidate_calibration import CandidateIntervals
 from serve.grading.config import CandidateConfig
 from serve.grading.parts import Part
 from serve.session.schema import ANSWER_SCHEMA, CANDIDATES_SCHEMA, FAILED, SCORED, result_of_row
@@ -199,9 +200,15 @@ class OutputDir:
 
     # ------------------------------------------------------------ candidates
 
-    def write_candidates(self, parts: Mapping[str, Part], rule: CandidateConfig | None = None) -> int:
+    def write_candidates(
+        self,
+        parts: Mapping[str, Part],
+        rule: CandidateConfig | None = None,
+        intervals: CandidateIntervals | None = None,
+    ) -> int:
         """Make ``candidates.parquet`` from all committed answers (each candidate's result as the batch endpoint's
-        ``overall``, by the exam's ``rule``: the config's ``candidate:`` section); the number of candidates."""
+        ``overall``, by the exam's ``rule``: the config's ``candidate:`` section, the interval from ``intervals``:
+        :func:`serve.grading.parts.candidate_intervals_of`); the number of candidates."""
 
         by_candidate: dict[str, list[dict]] = {}
         for a in self.read_parts([c for c in ANSWER_SCHEMA.names if c != "retryable"]).to_pylist():
@@ -210,7 +217,7 @@ class OutputDir:
         rows = []
         for cid in sorted(by_candidate, key=lambda c: (c is None, c or "")):
             group = by_candidate[cid]
-            overall = candidate_result([result_of_row(a) for a in group], levels, rule)
+            overall = candidate_result([result_of_row(a) for a in group], levels, rule, intervals)
             parts_scored = sorted({a["part"] for a in group if a["status"] == SCORED})
             rows.append({"candidate_id": cid, "answers": len(group), "parts": parts_scored, **overall.model_dump()})
         sink = pa.BufferOutputStream()
