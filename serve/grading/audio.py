@@ -467,7 +467,7 @@ def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] |
         cancelled=cancelled,
     )
     frames = vad.detect(wave, audio_cfg)
-    measured = quality.measure_frames(wave, frames)  # its speech_s is the speech check's
+    measured = quality.measure_frames(wave, frames, audio_cfg.cut_off_db)  # its speech_s is the speech check's
     _refuse_too_little_speech(
         measured.speech_s,
         len(wave) / SAMPLE_RATE,

@@ -78,7 +78,9 @@ class Quality(BaseModel):
         None, description="RMS level of the frames without speech (the noise floor), dBFS; null when all is speech."
     )
     ends_in_speech: bool = Field(
-        False, description="Speech runs into the last frames: the recording was probably cut off mid-speech."
+        False,
+        description="The recording was probably cut off mid-word: speech runs into its end, and its last 20 ms are "
+        "within audio.cut_off_db of the speech level (a finished word falls towards silence first).",
     )
     speech_detector: str = Field(
         "loudness", description="What told speech from the rest: 'silero_vad' (a speech model) or 'loudness'."
