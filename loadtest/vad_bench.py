@@ -69,11 +69,23 @@ def pink(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.fft.irfft(spectrum, n).astype(np.float32)
 
 
-def hum(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Mains hum: 50 Hz and its harmonics."""
+def hum(n: int, rng: np.random.Generator, mains: float = 50.0) -> np.ndarray:
+    """Mains hum: 50 Hz (or ``mains``) and its harmonics."""
     t = np.arange(n) / RATE
-    base = 50.0 * (1 + 0.002 * rng.standard_normal())
+    base = mains * (1 + 0.002 * rng.standard_normal())
     return sum(np.sin(2 * np.pi * k * base * t + rng.random() * 6.28) / k for k in (1, 2, 3, 4, 5)).astype(np.float32)
+
+
+def buzz(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A buzz: a sawtooth of 100-200 Hz (a buzzer, an electric razor), every harmonic at 1/k."""
+    t = np.arange(n) / RATE
+    return (2 * ((rng.uniform(100, 200) * t) % 1.0) - 1).astype(np.float32)
+
+
+def tones(n: int, rng: np.random.Generator, freqs: tuple[float, ...] = (440.0,)) -> np.ndarray:
+    """Steady pure tones (one: a test tone; several: a dial tone, a whistle's partials), random phases."""
+    t = np.arange(n) / RATE
+    return sum(np.sin(2 * np.pi * f * t + rng.random() * 6.28) for f in freqs).astype(np.float32)
 
 
 def music(n: int, rng: np.random.Generator) -> np.ndarray:
