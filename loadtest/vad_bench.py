@@ -256,7 +256,8 @@ def _pause_at(speech: np.ndarray, frame: int) -> int:
 
 def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: bool = True) -> dict:
     """Long answers cut at balanced points and in pauses: the share of cuts that fall in speech (Silero VAD's
-    frames) and, scored by the config's engine, the mean spread of the chunk scores (highest minus lowest)."""
+    frames) and, scored by the config's engine, the mean spread of the chunk scores (highest minus lowest) and how
+    far each answer's score moves between the two cuts (mean and largest absolute difference)."""
     from loadtest.audio import encode
     from serve.grading.audio import prepare
     from serve.grading.config import load_config
@@ -286,17 +287,26 @@ def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: 
         from serve.engine.offline import OfflineEngine
 
         scorer = OfflineEngine(cfg)
+        scores = {}
         try:
             for name, ps in prepared.items():
-                scored = scorer.score_answers([(part, p.chunks) for p in ps])
+                scored = scorer.score_answers([(part, p) for p in ps])
                 spreads = [s.uncertainty.chunk_spread for s in scored]
+                scores[name] = np.array([s.score for s in scored])
                 result[name]["mean_chunk_spread"] = float(np.mean(spreads))
                 result[name]["max_chunk_spread"] = float(np.max(spreads))
         finally:
             scorer.shutdown()
+        shift = np.abs(scores["pauses"] - scores["balanced"])
+        result["score_shift"] = {"n": int(shift.size), "mean_abs": float(shift.mean()), "max_abs": float(shift.max())}
     durations = [round(w.size / RATE, 1) for w in waves]
     print(f"{answers} long answers ({min(durations)}-{max(durations)} s)")
     for name, r in result.items():
+        if name == "score_shift":
+            print(
+                f"  score moved by pause cuts: mean |diff| {r['mean_abs']:.3f}, max {r['max_abs']:.3f} (n = {r['n']})"
+            )
+            continue
         spread = f", chunk spread mean {r['mean_chunk_spread']:.3f} max {r['max_chunk_spread']:.3f}" if engine else ""
         pause = f", mean pause at a cut {r['mean_pause_at_cut_s']:.2f} s" if r["cuts"] else ""
         cut = f"{r['chunks']} chunks, {r['cuts_in_speech']}/{r['cuts']} cuts in speech"
