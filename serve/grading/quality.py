@@ -41,8 +41,8 @@ MAX_SNR_DB = 100.0
 _FLOOR_POWER = 1e-12
 #: Pauses shorter than this in all give no noise floor of their own (the loudest/quietest estimate is used).
 MIN_PAUSE_S = 0.25
-#: The end of an answer whose level :func:`end_db` measures (s): a few pitch periods, short enough that a finished
-#: word's fall towards silence shows in it.
+#: The end of an answer whose level :meth:`SpeechFrames.end_db` measures (s): a few pitch periods, short enough
+#: that a finished word's fall towards silence shows in it.
 END_S = 0.02
 #: Default of ``audio.cut_off_db``: an answer whose end is within this many dB of its speech level ends mid-word.
 CUT_OFF_DB: float = AudioConfig.model_fields["cut_off_db"].default
