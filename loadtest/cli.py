@@ -253,6 +253,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from loadtest.aspects_bench import add_bench_aspects_command
     from loadtest.bench import add_bench_command
     from loadtest.cluster_bench import add_bench_cluster_command
+    from loadtest.cutoff_bench import add_bench_cutoff_command
     from loadtest.session_bench import add_bench_session_command
     from loadtest.soak import add_soak_command
     from loadtest.vad_bench import add_bench_chunks_command, add_bench_vad_command
@@ -264,3 +265,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_soak_command(sub)
     add_bench_vad_command(sub)
     add_bench_chunks_command(sub)
+    add_bench_cutoff_command(sub)

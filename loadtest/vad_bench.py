@@ -69,11 +69,23 @@ def pink(n: int, rng: np.random.Generator) -> np.ndarray:
     return np.fft.irfft(spectrum, n).astype(np.float32)
 
 
-def hum(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Mains hum: 50 Hz and its harmonics."""
+def hum(n: int, rng: np.random.Generator, mains: float = 50.0) -> np.ndarray:
+    """Mains hum: 50 Hz (or ``mains``) and its harmonics."""
     t = np.arange(n) / RATE
-    base = 50.0 * (1 + 0.002 * rng.standard_normal())
+    base = mains * (1 + 0.002 * rng.standard_normal())
     return sum(np.sin(2 * np.pi * k * base * t + rng.random() * 6.28) / k for k in (1, 2, 3, 4, 5)).astype(np.float32)
+
+
+def buzz(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A buzz: a sawtooth of 100-200 Hz (a buzzer, an electric razor), every harmonic at 1/k."""
+    t = np.arange(n) / RATE
+    return (2 * ((rng.uniform(100, 200) * t) % 1.0) - 1).astype(np.float32)
+
+
+def tones(n: int, rng: np.random.Generator, freqs: tuple[float, ...] = (440.0,)) -> np.ndarray:
+    """Steady pure tones (one: a test tone; several: a dial tone, a whistle's partials), random phases."""
+    t = np.arange(n) / RATE
+    return sum(np.sin(2 * np.pi * f * t + rng.random() * 6.28) for f in freqs).astype(np.float32)
 
 
 def music(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -244,7 +256,8 @@ def _pause_at(speech: np.ndarray, frame: int) -> int:
 
 def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: bool = True) -> dict:
     """Long answers cut at balanced points and in pauses: the share of cuts that fall in speech (Silero VAD's
-    frames) and, scored by the config's engine, the mean spread of the chunk scores (highest minus lowest)."""
+    frames) and, scored by the config's engine, the mean spread of the chunk scores (highest minus lowest) and how
+    far each answer's score moves between the two cuts (mean and largest absolute difference)."""
     from loadtest.audio import encode
     from serve.grading.audio import prepare
     from serve.grading.config import load_config
@@ -274,17 +287,26 @@ def chunk_cuts(config: str, part: str, answers: int = 6, seed: int = 0, engine: 
         from serve.engine.offline import OfflineEngine
 
         scorer = OfflineEngine(cfg)
+        scores = {}
         try:
             for name, ps in prepared.items():
-                scored = scorer.score_answers([(part, p.chunks) for p in ps])
+                scored = scorer.score_answers([(part, p) for p in ps])
                 spreads = [s.uncertainty.chunk_spread for s in scored]
+                scores[name] = np.array([s.score for s in scored])
                 result[name]["mean_chunk_spread"] = float(np.mean(spreads))
                 result[name]["max_chunk_spread"] = float(np.max(spreads))
         finally:
             scorer.shutdown()
+        shift = np.abs(scores["pauses"] - scores["balanced"])
+        result["score_shift"] = {"n": int(shift.size), "mean_abs": float(shift.mean()), "max_abs": float(shift.max())}
     durations = [round(w.size / RATE, 1) for w in waves]
     print(f"{answers} long answers ({min(durations)}-{max(durations)} s)")
     for name, r in result.items():
+        if name == "score_shift":
+            print(
+                f"  score moved by pause cuts: mean |diff| {r['mean_abs']:.3f}, max {r['max_abs']:.3f} (n = {r['n']})"
+            )
+            continue
         spread = f", chunk spread mean {r['mean_chunk_spread']:.3f} max {r['max_chunk_spread']:.3f}" if engine else ""
         pause = f", mean pause at a cut {r['mean_pause_at_cut_s']:.2f} s" if r["cuts"] else ""
         cut = f"{r['chunks']} chunks, {r['cuts_in_speech']}/{r['cuts']} cuts in speech"

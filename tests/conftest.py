@@ -43,6 +43,33 @@ def require_espeak() -> None:
         pytest.skip(msg)
 
 
+#: The espeak-ng sentences of :func:`espeak_sentences`: three voices at two rates, two texts whose last two words
+#: end in a consonant that fades (the voices that stop a final vowel at full loudness: docs/trust.md, cut-off answers).
+ESPEAK_VOICES, ESPEAK_RATES = ("en-us", "en-gb-scotland", "en+f3"), (120, 200)
+ESPEAK_TEXTS = ("My favourite food is rice with vegetables", "At the weekend I play football with friends")
+
+
+@pytest.fixture(scope="session")
+def espeak_speech() -> list:
+    """Two espeak-ng answers of 6-10 s (sentences with pauses, silence around, speech at -20 dBFS; 16 kHz float32),
+    made once per session: speech that a speech detector must hear as speech."""
+    require_espeak()
+    from loadtest import vad_bench
+
+    return [vad_bench._speech(i) for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def espeak_sentences() -> list:
+    """Twelve espeak-ng sentences of 2-4 s (:data:`ESPEAK_VOICES` x :data:`ESPEAK_RATES` x :data:`ESPEAK_TEXTS`), a
+    pause before each of their last two words, each with where those words lie
+    (:class:`loadtest.cutoff_bench.Answer`), made once per session (~1 s)."""
+    require_espeak()
+    from loadtest import cutoff_bench
+
+    return cutoff_bench.answers(ESPEAK_VOICES, ESPEAK_RATES, ESPEAK_TEXTS)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny checkpoint with its demo adapters and demo.yaml, made once per session."""

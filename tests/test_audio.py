@@ -4,6 +4,7 @@ import soundfile as sf
 
 from serve.grading import audio
 from serve.grading.audio import (
+    NOISE_MESSAGE,
     SAMPLE_RATE,
     AudioError,
     chunk_bounds,
@@ -14,7 +15,7 @@ from serve.grading.audio import (
     split,
 )
 from serve.grading.config import AudioConfig
-from tests.audio_fixtures import speechlike
+from tests.audio_fixtures import not_speech, speechlike
 
 
 @pytest.mark.parametrize(
@@ -194,16 +195,22 @@ def _wav(wave: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_silence_and_too_little_speech():
+def test_silence_too_little_speech_and_noise(espeak_speech):
     cfg = AudioConfig(min_speech_s=1.0, silence_dbfs=-50)
     with pytest.raises(AudioError, match="silent") as e:
         prepare(_wav(np.zeros(5 * SAMPLE_RATE, np.float32)), cfg)
     assert e.value.kind == "silence"
+    speech = espeak_speech[0]
+    start = int(np.flatnonzero(np.abs(speech) > 0.01)[0])
     blip = np.zeros(5 * SAMPLE_RATE, np.float32)
-    blip[: SAMPLE_RATE // 4] = speechlike(0.25)
-    with pytest.raises(AudioError, match="too short"):
+    blip[: SAMPLE_RATE // 4] = speech[start : start + SAMPLE_RATE // 4]  # a quarter of a second of a word
+    with pytest.raises(AudioError, match="too short") as e:
         prepare(_wav(blip), cfg)
-    assert prepare(_wav(speechlike(3.0)), cfg).quality.speech_s > 1.0
+    assert e.value.kind == "silence"
+    with pytest.raises(AudioError) as e:  # as loud as speech, but no speech in it
+        prepare(_wav(not_speech("buzz", 5.0)), cfg)
+    assert (e.value.kind, str(e.value)) == ("noise", NOISE_MESSAGE)
+    assert prepare(_wav(speech), cfg).quality.speech_s > 1.0
 
 
 def test_prepare_answer(audio_dir):

@@ -177,6 +177,18 @@ def test_candidate_result_over_scored_and_not_scorable_answers():
     assert (silent.status, silent.reason.kind, silent.response_id) == ("not_scorable", "silence", "x")
 
 
+def test_noise_is_the_candidates_recording_not_scorable_like_silence():
+    from serve.grading.answers import NOT_SCORABLE_KINDS, is_failure
+    from serve.grading.audio import NOISE_MESSAGE
+
+    noise = unscored("interview", "noise", NOISE_MESSAGE, "n")
+    assert (noise.status, noise.reason.kind, noise.reason.message) == ("not_scorable", "noise", NOISE_MESSAGE)
+    assert {"noise", "silence"} <= NOT_SCORABLE_KINDS and not is_failure("noise")
+    result = candidate_result([an_answer(), noise], {"interview": DEFAULT_LEVELS})
+    assert (result.not_scorable, result.failed, result.withheld) == (1, 0, True)
+    assert result.review.reasons[-1] == "not_scorable"
+
+
 def test_a_system_failure_is_not_the_candidates_and_makes_the_result_incomplete():
     a = an_answer()
     silent = unscored("interview", "silence", "the audio is silent", "s")

@@ -48,6 +48,45 @@ def test_prepare_measures_quality_once_and_refuses_silence_from_it():
     assert sum(c.duration_s for c in p.chunks) == pytest.approx(9.5)
 
 
+def test_prepare_measures_espeak_speech_with_the_speech_detector(espeak_speech):
+    wave = espeak_speech[0]
+    p = prepare(encode(wave, SAMPLE_RATE), AudioConfig())
+    q = p.quality
+    assert q.speech_detector == "silero_vad" and 0.5 < q.speech_ratio < 1.0 and q.snr_db > 60
+    assert -25 < q.speech_dbfs < -15 and not q.ends_in_speech
+    assert sum(c.duration_s for c in p.chunks) == pytest.approx(len(wave) / SAMPLE_RATE, abs=0.01)
+
+
+def test_cut_off_flags_answers_cut_mid_word_not_complete_ones(espeak_sentences):
+    """The cut_off rule on 12 espeak-ng sentences (3 voices x 2 rates x 2 texts, conftest.espeak_sentences),
+    through the grader's audio path: each whole (its trailing silence kept) and trimmed at the last millisecond
+    above -50 dBFS (n = 24 complete answers: at most 5 % flagged, so at most 1), and cut 30, 50 and 70 % through
+    its last word and through the word before it (n = 72 cut answers: at least 90 % flagged, so at least 65).
+
+    Both texts end in a fading /z/; words espeak-ng stops at full loudness (a final vowel or /l/) are flagged
+    trimmed too, as docs/trust.md measures ("Cut-off answers")."""
+    from loadtest import cutoff_bench
+
+    cfg = AudioConfig(min_speech_s=0.0)  # a cut early in the second text leaves little speech: the rule, not the check
+    complete, cut, flagged = 0, 0, {}
+    for a in espeak_sentences:
+        for case, wave in cutoff_bench.cases(a).items():
+            q = prepare(encode(wave, SAMPLE_RATE), cfg).quality
+            hit = "cut_off" in review_reasons(SURE, q, ReviewConfig())
+            assert hit == q.ends_in_speech
+            complete += case in ("whole", "trimmed")
+            cut += case not in ("whole", "trimmed")
+            flagged.setdefault(case in ("whole", "trimmed"), []).append((hit, a.voice, a.rate, case))
+    assert (complete, cut) == (24, 72)
+    wrongly = [x for x in flagged[True] if x[0]]
+    missed = [x for x in flagged[False] if not x[0]]
+    assert len(wrongly) <= 1, wrongly
+    assert len(missed) <= 7, missed
+    cut_q = CLEAN.model_copy(update={"ends_in_speech": True})
+    assert review_reasons(SURE, cut_q, ReviewConfig()) == ["cut_off"]
+    assert review_reasons(SURE, cut_q, ReviewConfig(cut_off=False)) == []
+
+
 @pytest.mark.parametrize(
     ("quality", "uncertainty", "reasons"),
     [

@@ -10,19 +10,18 @@ import pytest
 from loadtest import vad_bench
 from loadtest.audio import encode
 from serve.grading import vad
-from serve.grading.audio import SAMPLE_RATE, AudioError, pause_bounds, prepare
+from serve.grading.audio import NOISE_MESSAGE, SAMPLE_RATE, AudioError, pause_bounds, prepare
 from serve.grading.config import AudioConfig
-from tests.conftest import require_espeak
+from tests.audio_fixtures import NOT_SPEECH, not_speech
 
 VAD = AudioConfig()
 LOUDNESS = AudioConfig(speech_detector="loudness")
 
 
-@pytest.fixture(scope="module")
-def speech() -> list[np.ndarray]:
-    """Two espeak-ng answers (pauses between words, silence around), speech at -20 dBFS."""
-    require_espeak()
-    return [vad_bench._speech(i) for i in range(2)]
+@pytest.fixture
+def speech(espeak_speech) -> list[np.ndarray]:
+    """Two espeak-ng answers (pauses between words, silence around), speech at -20 dBFS (made once per session)."""
+    return espeak_speech
 
 
 def test_batched_probabilities_equal_the_packages_frame_by_frame_model(speech):
@@ -70,9 +69,31 @@ def test_noise_hum_music_and_clicks_at_speech_loudness_are_not_scorable(kind):
     data = encode(wave, SAMPLE_RATE)
     with pytest.raises(AudioError) as e:
         prepare(data, VAD)
-    assert e.value.kind == "silence" and "of speech" in str(e.value)
-    if kind != "clicks":  # the loudness rule takes them for speech
-        assert prepare(data, LOUDNESS).quality.speech_ratio > 0.9
+    if kind == "clicks":  # too little sound above audio.silence_dbfs to be speech: silence
+        assert e.value.kind == "silence" and "of speech" in str(e.value)
+    else:  # sound at speech loudness without speech
+        assert e.value.kind == "noise" and str(e.value) == NOISE_MESSAGE
+        assert prepare(data, LOUDNESS).quality.speech_ratio > 0.9  # the loudness rule takes them for speech
+
+
+@pytest.mark.parametrize("kind", sorted(NOT_SPEECH))
+def test_buzz_hum_tones_and_music_are_noise_not_silence_nor_speech(kind):
+    data = encode(not_speech(kind, 4.0, seed=3), SAMPLE_RATE)
+    with pytest.raises(AudioError) as e:
+        prepare(data, VAD)
+    assert (e.value.kind, str(e.value)) == ("noise", "no speech found: the recording holds noise or music")
+    with pytest.raises(AudioError) as quiet:  # the same sound under audio.silence_dbfs is silence
+        prepare(encode(not_speech(kind, 4.0, seed=3, dbfs=-60), SAMPLE_RATE), VAD)
+    assert quiet.value.kind == "silence"
+
+
+def test_silence_keeps_its_kind_and_speech_is_heard_over_a_buzz(speech):
+    with pytest.raises(AudioError) as e:
+        prepare(encode(np.zeros(4 * SAMPLE_RATE, np.float32), SAMPLE_RATE), VAD)
+    assert e.value.kind == "silence" and "silent" in str(e.value)
+    assert prepare(encode(speech[1], SAMPLE_RATE), VAD).quality.speech_s > 2.0
+    buzzed = speech[1] + not_speech("buzz", speech[1].size / SAMPLE_RATE, dbfs=vad_bench.SPEECH_DBFS - 20)
+    assert prepare(encode(buzzed, SAMPLE_RATE), VAD).quality.speech_s > 2.0  # speech over a quiet buzz is speech
 
 
 def test_quiet_clean_speech_is_heard(speech):

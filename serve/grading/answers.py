@@ -37,7 +37,7 @@ from serve.grading.review import MISSING_PART, assess, overall_review
 from serve.grading.scoring import ChunkScore, aggregate, aspect_score
 
 #: Audio refusals that make an answer ``not_scorable`` (a batch or a session goes on with the other answers).
-NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "silence"})
+NOT_SCORABLE_KINDS = frozenset({"empty", "undecodable", "unsupported_audio", "silence", "noise"})
 
 #: System failures, kind -> retryable: the answer was not scored, but not because of the candidate's audio. They are
 #: never counted as not scorable; the candidate's result is incomplete (``failed``, reason ``incomplete``).

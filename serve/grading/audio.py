@@ -237,6 +237,21 @@ class _Resampler:
         return [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
 
 
+#: The message of kind ``noise``: sound at speech loudness in which the speech detector finds no speech.
+NOISE_MESSAGE = "no speech found: the recording holds noise or music"
+
+
+def _refuse_noise(frames: quality.SpeechFrames, min_speech_s: float, silence_dbfs: float) -> None:
+    """Kind ``noise``: Silero VAD finds less than ``min_speech_s`` of speech in an answer that holds at least that
+    much sound louder than ``silence_dbfs`` (the loudness rule would take it for speech): buzz, hum, tones, music,
+    steady noise. Quieter answers stay kind ``silence``."""
+    if frames.detector == "loudness" or frames.speech_s >= min_speech_s:
+        return
+    loud_s = float(np.count_nonzero(quality.voiced_mask(frames.powers, silence_dbfs)) * frames.frame_s)
+    if loud_s >= min_speech_s:
+        raise AudioError("noise", NOISE_MESSAGE)
+
+
 def _refuse_too_little_speech(voiced: float, total: float, min_speech_s: float, what_counts: str) -> None:
     if voiced < min_speech_s:
         what = "silent" if voiced == 0 else "too short to score"
@@ -456,7 +471,8 @@ def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] |
 
     The speech detector (:mod:`serve.grading.vad`) runs once on the decoded
     audio: its frames give the quality, the speech check (too little speech:
-    kind ``silence``) and the pauses long answers are cut in.
+    kind ``noise`` where the answer is loud enough to be speech, ``silence``
+    otherwise) and the pauses long answers are cut in.
     """
     from serve.grading import vad  # here: torch and the speech model load only where answers are decoded
 
@@ -467,7 +483,8 @@ def prepare(data: bytes | str | Path, audio_cfg, cancelled: Callable[[], bool] |
         cancelled=cancelled,
     )
     frames = vad.detect(wave, audio_cfg)
-    measured = quality.measure_frames(wave, frames)  # its speech_s is the speech check's
+    measured = quality.measure_frames(wave, frames, audio_cfg.cut_off_db)  # its speech_s is the speech check's
+    _refuse_noise(frames, audio_cfg.min_speech_s, audio_cfg.silence_dbfs)
     _refuse_too_little_speech(
         measured.speech_s,
         len(wave) / SAMPLE_RATE,

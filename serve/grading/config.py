@@ -220,6 +220,13 @@ class AudioConfig(StrictModel):
     )
     vad_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Speech probability from which a frame is speech.")
     vad_threads: int = Field(1, ge=1, description="torch threads one answer's speech detection may use.")
+    cut_off_db: float = Field(
+        14.0,
+        ge=0.0,
+        description="An answer whose speech runs into its end and whose last 20 ms are within this many dB of its "
+        "speech level was cut off mid-word (quality.ends_in_speech; review reason cut_off). A finished word falls "
+        "towards silence first. docs/trust.md measures it (l2grader bench-cutoff).",
+    )
     cut_at_pauses: bool = Field(
         True, description="Cut answers longer than max_chunk_s in the longest pauses in reach of the balanced points."
     )
@@ -293,7 +300,11 @@ class ReviewConfig(StrictModel):
     max_duration_s: float | None = Field(
         None, ge=0.0, description="too_long: the answer lasts more than this (the part's expected range)."
     )
-    cut_off: bool = Field(True, description="cut_off: speech runs into the answer's last frames (recording cut off).")
+    cut_off: bool = Field(
+        True,
+        description="cut_off: the answer ends mid-word, its speech running into its end at speech level "
+        "(quality.ends_in_speech, by audio.cut_off_db).",
+    )
     max_aspect_gap: float | None = Field(
         1.5,
         ge=0.0,

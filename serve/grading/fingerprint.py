@@ -32,7 +32,8 @@ from pathlib import Path
 from serve.grading.config import AudioConfig, EngineConfig, PartConfig
 from serve.grading.prompt import build_prompt
 
-#: The audio settings that change the chunks the model hears.
+#: The audio settings that change the chunks the model hears (``min_speech_s`` and ``cut_off_db`` decide whether an
+#: answer is scored or goes to review, not what the model hears: they are not here).
 AUDIO_FIELDS = (
     "max_chunk_s",
     "speech_detector",

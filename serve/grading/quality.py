@@ -8,8 +8,14 @@
   has no floor and reads as :data:`MAX_SNR_DB`. Without pauses (or with the
   loudness rule, whose "pauses" are silent by definition) the loudest 10 % of
   frames against the quietest 10 %;
-- the answer ends in speech: its last frame is speech at speech level
-  (:data:`CUT_OFF_DB`): the recording was cut off mid-speech;
+- the answer ends in speech: the speech detector's last frame is speech and
+  the answer's last :data:`END_S` (the end of the signal itself, not of the
+  detector's last whole frame) are within ``audio.cut_off_db`` of the speech
+  frames' mean power: the recording was cut off mid-word. A finished word
+  falls towards silence before the recording ends (or a pause follows it); a
+  cut stops at speech loudness. ``loadtest/cutoff_bench.py`` measures the rule
+  on espeak-ng answers kept whole, trimmed at their last word and cut mid-word
+  (docs/trust.md);
 - clipping: the share of samples at full scale (``|x| >= 0.99``; decoding
   clips everything beyond full scale to 1);
 - speech loudness: RMS of the speech frames, in dBFS.
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve.grading.config import AudioConfig
 from serve.grading.results import Quality
 
 FRAME_S = 0.025
@@ -34,9 +41,11 @@ MAX_SNR_DB = 100.0
 _FLOOR_POWER = 1e-12
 #: Pauses shorter than this in all give no noise floor of their own (the loudest/quietest estimate is used).
 MIN_PAUSE_S = 0.25
-#: A last frame that is speech and within this many dB of the speech frames' mean power: cut off mid-speech
-#: (a finished answer's last word decays into a pause; a cut recording stops at speech level).
-CUT_OFF_DB = 25.0
+#: The end of an answer whose level :meth:`SpeechFrames.end_db` measures (s): a few pitch periods, short enough
+#: that a finished word's fall towards silence shows in it.
+END_S = 0.02
+#: Default of ``audio.cut_off_db``: an answer whose end is within this many dB of its speech level ends mid-word.
+CUT_OFF_DB: float = AudioConfig.model_fields["cut_off_db"].default
 
 
 def frame_powers(wave: np.ndarray, sample_rate: int, frame_s: float = FRAME_S) -> np.ndarray:
@@ -68,11 +77,20 @@ class SpeechFrames:
     def speech_s(self) -> float:
         return float(np.count_nonzero(self.speech) * self.frame_s)
 
-    def ends_in_speech(self) -> bool:
-        """The last frame is speech, at speech level (within :data:`CUT_OFF_DB` of the speech frames' mean)."""
+    def end_db(self, wave: np.ndarray, sample_rate: int = 16000) -> float | None:
+        """The level of the answer's last :data:`END_S` against the speech frames' mean power, in dB (0: as loud
+        as the speech); None where the detector's last frame is not speech (the answer ends in a pause)."""
         if not self.speech.size or not self.speech[-1]:
-            return False
-        return bool(self.powers[-1] >= self.powers[self.speech].mean() * 10 ** (-CUT_OFF_DB / 10))
+            return None
+        end = np.asarray(wave[-int(END_S * sample_rate) :], np.float64)
+        power = float(np.mean(end * end)) if end.size else 0.0
+        return _dbfs(power) - _dbfs(float(self.powers[self.speech].mean()))
+
+    def ends_in_speech(self, wave: np.ndarray, cut_off_db: float = CUT_OFF_DB, sample_rate: int = 16000) -> bool:
+        """The answer was cut off mid-word: its last frame is speech and its last :data:`END_S` are within
+        ``cut_off_db`` of the speech frames' mean power (:meth:`end_db`)."""
+        level = self.end_db(wave, sample_rate)
+        return level is not None and level >= -cut_off_db
 
 
 def loudness(wave: np.ndarray, silence_dbfs: float) -> SpeechFrames:
@@ -104,8 +122,9 @@ def measure(wave: np.ndarray, sample_rate: int, silence_dbfs: float) -> Quality:
     return measure_frames(wave, loudness(wave, silence_dbfs))
 
 
-def measure_frames(wave: np.ndarray, frames: SpeechFrames) -> Quality:
-    """The answer's :class:`Quality`, from its speech frames (:func:`serve.grading.vad.detect`)."""
+def measure_frames(wave: np.ndarray, frames: SpeechFrames, cut_off_db: float = CUT_OFF_DB) -> Quality:
+    """The answer's :class:`Quality`, from its speech frames (:func:`serve.grading.vad.detect`); ``cut_off_db`` is
+    ``audio.cut_off_db`` (:meth:`SpeechFrames.ends_in_speech`)."""
     powers, speech = frames.powers, frames.speech
     speech_s = frames.speech_s
     duration_s = len(wave) / 16000
@@ -126,6 +145,6 @@ def measure_frames(wave: np.ndarray, frames: SpeechFrames) -> Quality:
         clipped_fraction=round(clipped, 6),
         speech_dbfs=round(_dbfs(float(powers[speech].mean())) if speech.any() else _dbfs(0.0), 2),
         noise_dbfs=None if noise is None else round(_dbfs(noise), 2),
-        ends_in_speech=frames.detector != "loudness" and frames.ends_in_speech(),
+        ends_in_speech=frames.detector != "loudness" and frames.ends_in_speech(wave, cut_off_db),
         speech_detector=frames.detector,
     )

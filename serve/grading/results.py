@@ -78,7 +78,9 @@ class Quality(BaseModel):
         None, description="RMS level of the frames without speech (the noise floor), dBFS; null when all is speech."
     )
     ends_in_speech: bool = Field(
-        False, description="Speech runs into the last frames: the recording was probably cut off mid-speech."
+        False,
+        description="The recording was probably cut off mid-word: speech runs into its end, and its last 20 ms are "
+        "within audio.cut_off_db of the speech level (a finished word falls towards silence first).",
     )
     speech_detector: str = Field(
         "loudness", description="What told speech from the rest: 'silero_vad' (a speech model) or 'loudness'."
@@ -164,13 +166,16 @@ class ScoredAnswer(BaseModel):
 
 
 class NotScorableReason(BaseModel):
-    kind: str = Field(description="silence, empty, undecodable or unsupported_audio (as the single-answer 422).")
+    kind: str = Field(
+        description="silence, noise (sound at speech loudness without speech: buzz, hum, tones, music), empty, "
+        "undecodable or unsupported_audio (as the single-answer 422)."
+    )
     message: str
 
 
 class NotScorable(BaseModel):
-    """An answer whose audio cannot be scored: the candidate's recording (silence, empty, undecodable...). In a batch
-    or a session the other answers are scored."""
+    """An answer whose audio cannot be scored: the candidate's recording (silence, noise, empty, undecodable...).
+    In a batch or a session the other answers are scored."""
 
     status: Literal["not_scorable"] = "not_scorable"
     part: str
@@ -291,7 +296,9 @@ class Overall(BaseModel):
     by_part: dict[str, PartOverall] = Field(default_factory=dict, description="Part id -> how it counts.")
     rule: str = Field("", description="The rule applied, in words: weights, unscorable and missing parts, cuts.")
     scored: int = Field(description="Answers scored.")
-    not_scorable: int = Field(description="Answers whose audio could not be scored (silence, empty, undecodable...).")
+    not_scorable: int = Field(
+        description="Answers whose audio could not be scored (silence, noise, empty, undecodable...)."
+    )
     failed: int = Field(
         0, description="Answers the grader failed to score (a system failure, not the candidate's audio)."
     )

@@ -88,6 +88,7 @@ AUDIO_STATUS = {
     "unreadable": 422,
     "unsupported_audio": 422,
     "silence": 422,
+    "noise": 422,
     "too_long": 413,
     "too_large": 413,
     "cancelled": 499,
@@ -240,9 +241,9 @@ class Ingress:
     )
     async def post_score_batch(self, request: Request) -> BatchResponse:
         """Score several answers of one candidate (JSON). An answer that cannot be scored (silence, too little
-        speech, undecodable) gets a `not_scorable` result and the others are scored; an answer the grader failed
-        to score while others were scored gets a `failed` result (`retryable`) and makes the overall incomplete
-        (`complete: false`); the overall score is the mean of the scored answers'."""
+        speech, noise or music, undecodable) gets a `not_scorable` result and the others are scored; an answer the
+        grader failed to score while others were scored gets a `failed` result (`retryable`) and makes the overall
+        incomplete (`complete: false`); the overall score is the mean of the scored answers'."""
         started = time.perf_counter()
         batch, uploads = await read_batch_upload(request, self.limits)
         request.state.part = "batch"
