@@ -230,16 +230,26 @@ def is_module(package: str, name: str) -> bool:
     return (folder / f"{name}.py").is_file() or (folder / name / "__init__.py").is_file()
 
 
-def scan() -> dict[str, list[str]]:
+@functools.cache
+def project_trees() -> dict[Path, ast.AST]:
+    """Every project source outside the fences, parsed once per test run."""
     fences = {ROOT / f for f in FENCES.values()}
-    trees = {p: ast.parse(p.read_text(), str(p)) for p in sources()}
-    own = own_names([t for p, t in trees.items() if p not in fences])
+    return {p: ast.parse(p.read_text(), str(p)) for p in sources() if p not in fences}
+
+
+@functools.cache
+def project_own_names() -> frozenset[str]:
+    return frozenset(own_names(list(project_trees().values())))
+
+
+def scan() -> dict[str, list[str]]:
+    trees = project_trees()
+    own = project_own_names()
     theirs = library_names_defined()
     return {
         path: uses
         for p, t in trees.items()
-        if p not in fences
-        and (path := str(p.relative_to(ROOT)))
+        if (path := str(p.relative_to(ROOT)))
         and (uses := [u for u in private_uses(t, own, theirs) if (path, u.rsplit(".", 1)[-1]) not in ELSEWHERE])
     }
 
@@ -276,8 +286,7 @@ PLANTED = {
 
 @pytest.mark.parametrize("code", list(PLANTED))
 def test_a_planted_private_use_is_found(code):
-    own = own_names([ast.parse(p.read_text()) for p in sources() if str(p.relative_to(ROOT)) not in FENCES.values()])
-    own -= {"_torch_extract_fbank_features", "_process_audio_input"}
+    own = set(project_own_names()) - {"_torch_extract_fbank_features", "_process_audio_input"}
     found = private_uses(ast.parse(code), own, library_names_defined())
     assert any(PLANTED[code] in f for f in found), found
 
