@@ -75,13 +75,17 @@ def config_for(cfg: GraderConfig, part: str, adapter: str | Path | None = None) 
     return cfg.model_copy(update={"parts": {part: pcfg}, "engine": engine})
 
 
-def score_with_engine(cfg: GraderConfig, part: str, answers: Sequence[Answer]) -> list[ScoredAnswer]:
-    """Score every answer with one vLLM engine, all chunks in one batch."""
+def score_with_engine(cfg: GraderConfig, part: str, answers: Sequence[Answer], engine=None) -> list[ScoredAnswer]:
+    """Score every answer with one vLLM engine, all chunks in one batch: ``engine`` (an
+    :class:`serve.engine.offline.OfflineEngine` that serves ``part``, kept open) or one started for ``cfg``."""
     from serve.engine.offline import OfflineEngine
 
+    batch = [(part, PreparedAnswer(list(a.chunks), a.quality)) for a in answers]
+    if engine is not None:
+        return engine.score_answers(batch)
     scorer = OfflineEngine(cfg)
     try:
-        return scorer.score_answers([(part, PreparedAnswer(list(a.chunks), a.quality)) for a in answers])
+        return scorer.score_answers(batch)
     finally:
         scorer.shutdown()
 
@@ -808,8 +812,10 @@ def calibrate(
     adapter: str | Path | None = None,
     allow_small: bool = False,
     report: str | Path | None = None,
+    engine=None,
 ) -> calibration.Calibration:
-    """Score held-out ``data`` through vLLM and store the part's calibration beside its adapter.
+    """Score held-out ``data`` through vLLM (``engine`` where one serving the part with this adapter is open) and
+    store the part's calibration beside its adapter.
 
     The data must be new to the adapter (checked against its training record: audio and speakers) and not the data
     its intervals are later measured on. Fewer answers than :func:`adapters.coverage.required_answers` at the part's
@@ -841,7 +847,7 @@ def calibrate(
         raise ValueError(f"{data}: {len(answers)} usable answers of part {part!r}; at least 2 are needed")
     ids, speakers = answer_ids(answers), [a.example.speaker for a in answers]
     check_held_out(pcfg.adapter, ids, speakers, data)
-    scored = score_with_engine(cfg, part, answers)
+    scored = score_with_engine(cfg, part, answers, engine)
     adapter_hash = scored[0].model.adapter_hash
     if adapter_hash != check_adapter(pcfg.adapter).content_hash:
         raise ValueError(f"adapter {pcfg.adapter} changed while it was being calibrated")

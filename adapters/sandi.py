@@ -445,10 +445,12 @@ def predict(
     *,
     split: str = "dev",
     adapters: Mapping[str, str | Path] | None = None,
+    engine=None,
 ) -> dict[str, Any]:
-    """Score every response of ``split`` (one engine, all parts in one batch), combine them per submission (mean of
-    the responses per part, mean of the four parts overall), write the challenge's files ``OUT/{split}-{part}.tsv``
-    in each marks file's order and print the challenge's table against the marks."""
+    """Score every response of ``split`` (one engine, all parts in one batch: ``engine`` when one serving the four
+    parts is open), combine them per submission (mean of the responses per part, mean of the four parts overall),
+    write the challenge's files ``OUT/{split}-{part}.tsv`` in each marks file's order and print the challenge's
+    table against the marks."""
     from adapters.dataset import load_answers, read_jsonl
     from serve.engine.offline import OfflineEngine
     from serve.grading.audio import PreparedAnswer
@@ -464,11 +466,14 @@ def predict(
         owners += [(part, a.example.speaker) for a in answers]
     if not batch:
         raise DataError(f"{prepared}: no scorable responses of {split}")
-    scorer = OfflineEngine(cfg)  # as adapters.evaluate.score_with_engine, with the answers of every part at once
-    try:
-        scored = scorer.score_answers(batch)
-    finally:
-        scorer.shutdown()
+    if engine is not None:
+        scored = engine.score_answers(batch)
+    else:
+        scorer = OfflineEngine(cfg)  # as adapters.evaluate.score_with_engine, with the answers of every part at once
+        try:
+            scored = scorer.score_answers(batch)
+        finally:
+            scorer.shutdown()
     per_part = {
         part: submission_scores((sub, s.score) for (p, sub), s in zip(owners, scored) if p == part) for part in PARTS
     }
@@ -519,13 +524,24 @@ def run(
             **dict(train_options or {}),
         )
         print(format_summary(train(cfg, opts)), file=sys.stderr)
-    if calibrate:
-        for part in PARTS:
-            print(f"== {part}: calibrating on {data_file(data, CALIBRATION_SPLIT, part)}", file=sys.stderr)
-            try:
-                calibrate_part(
-                    cfg, part, data_file(data, CALIBRATION_SPLIT, part), adapter=adapters[part], allow_small=allow_small
-                )
-            except ValueError as e:  # the predictions do not need it: say so, and go on
-                print(f"WARNING: {part} not calibrated (its answers carry no interval): {e}", file=sys.stderr)
-    return predict(cfg, data, out / "predictions", split="dev", adapters=adapters)
+    from serve.engine.offline import OfflineEngine
+
+    engine = OfflineEngine(adapters_for(cfg, adapters))  # one engine start for the calibrations and the predictions
+    try:
+        if calibrate:
+            for part in PARTS:
+                print(f"== {part}: calibrating on {data_file(data, CALIBRATION_SPLIT, part)}", file=sys.stderr)
+                try:
+                    calibrate_part(
+                        cfg,
+                        part,
+                        data_file(data, CALIBRATION_SPLIT, part),
+                        adapter=adapters[part],
+                        allow_small=allow_small,
+                        engine=engine,
+                    )
+                except ValueError as e:  # the predictions do not need it: say so, and go on
+                    print(f"WARNING: {part} not calibrated (its answers carry no interval): {e}", file=sys.stderr)
+        return predict(cfg, data, out / "predictions", split="dev", adapters=adapters, engine=engine)
+    finally:
+        engine.shutdown()

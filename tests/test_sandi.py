@@ -1,10 +1,8 @@
 """The Speak & Improve 2025 recipe on a small corpus written in the release's own layout.
 
 The layout reader, the mark mapping, the combination of a part's responses and the challenge's output format are
-checked without a model (fast); one engine test runs the recipe's commands end to end on the tiny checkpoint:
-``sandi prepare`` and ``sandi predict`` with the untrained demo adapters (what is checked, the files and the
-table, does not depend on training); ``sandi run``'s chaining of prepare, train, calibrate and predict is checked
-with the steps mocked.
+checked without a model (fast), and so is ``sandi run``'s hand-over of files between its steps (the steps mocked);
+one engine test runs ``sandi run`` end to end on the tiny checkpoint: prepare, train, calibrate, predict.
 """
 
 from __future__ import annotations
@@ -232,17 +230,35 @@ def test_run_chains_prepare_train_calibrate_and_predict(release, tmp_path, monke
         adapters.evaluate, "calibrate", lambda cfg, part, data, **kw: calls.append(("calibrate", part, data, kw))
     )
     monkeypatch.setattr(sandi, "predict", lambda cfg, data, out, **kw: calls.append(("predict", data, out, kw)))
+    monkeypatch.setattr(sandi, "adapters_for", lambda cfg, adapters: ("engine config", adapters))
+
+    class Engine:  # the one engine the calibrations and the predictions share
+        def __init__(self, cfg):
+            calls.append(("engine", cfg))
+            self.open = True
+
+        def shutdown(self):
+            self.open = False
+
+    import serve.engine.offline
+
+    monkeypatch.setattr(serve.engine.offline, "OfflineEngine", Engine)
     cfg = load_config(Path(__file__).parent.parent / "configs" / "speak-and-improve-2025.yaml")
     sandi.run(cfg, release, tmp_path, train_options={"epochs": 0.5}, allow_small=True, held_out=0.2)
     data = tmp_path / "data"
+    adapters = {p: tmp_path / "adapters" / p for p in sandi.PARTS}
     assert [(c[1].part, c[1].data, c[1].out, c[1].epochs) for c in calls[:4]] == [
-        (p, str(sandi.data_file(data, "train", p)), str(tmp_path / "adapters" / p), 0.5) for p in sandi.PARTS
+        (p, str(sandi.data_file(data, "train", p)), str(adapters[p]), 0.5) for p in sandi.PARTS
     ]
-    assert [(c[1], c[2], c[3]["adapter"], c[3]["allow_small"]) for c in calls[4:8]] == [
-        (p, sandi.data_file(data, "calib", p), tmp_path / "adapters" / p, True) for p in sandi.PARTS
+    assert calls[4] == ("engine", ("engine config", adapters))  # started once, after training, with every adapter
+    engine = calls[5][3]["engine"]
+    assert [(c[1], c[2], c[3]["adapter"], c[3]["allow_small"]) for c in calls[5:9]] == [
+        (p, sandi.data_file(data, "calib", p), adapters[p], True) for p in sandi.PARTS
     ]
-    assert calls[8][:3] == ("predict", data, tmp_path / "predictions") and calls[8][3]["split"] == "dev"
-    assert calls[8][3]["adapters"] == {p: tmp_path / "adapters" / p for p in sandi.PARTS}
+    assert all(c[3]["engine"] is engine for c in calls[5:9])
+    assert calls[9][:3] == ("predict", data, tmp_path / "predictions") and calls[9][3]["split"] == "dev"
+    assert calls[9][3]["adapters"] == adapters and calls[9][3]["engine"] is engine
+    assert not engine.open  # shut down at the end
 
 
 def test_recipe_commands_refuse_a_config_without_the_four_parts(tmp_path):
@@ -255,42 +271,56 @@ def test_recipe_commands_refuse_a_config_without_the_four_parts(tmp_path):
 
 
 @pytest.mark.engine
-def test_recipe_prepares_and_predicts_in_the_challenges_format(release, tiny_config, tiny_dir, tmp_path):
-    """``sandi prepare`` then ``sandi predict`` on the tiny checkpoint, with its untrained demo adapters: what is
-    checked (the files, their order and format, the overall of the complete submissions, the table) does not
-    depend on the adapters' training, which ``train`` and its tests cover on these same JSON-lines files."""
+def test_recipe_runs_end_to_end_in_the_challenges_format(release, tiny_config, tmp_path):
+    """``sandi run`` on the tiny checkpoint: prepare the release, train an adapter per part (one epoch), calibrate
+    each on the held-out submission (P1 and P5 hold 3 and 2 of its responses; P3 and P4 one each, too few: left
+    uncalibrated with a warning), predict dev with one engine for the calibrations and the predictions, and write
+    the challenge's files and table. What is checked (the files, their order and format, the overall of the
+    complete submissions, which adapter scored) does not depend on how well the tiny model learns."""
     import yaml
 
+    from serve.grading.adapter_files import check_adapter
+
     raw = tiny_config()
-    demo = tiny_dir / "adapters"
     recipe = yaml.safe_load((Path(__file__).parent.parent / "configs" / "speak-and-improve-2025.yaml").read_text())
-    raw["parts"] = {p: {**c, "adapter": str(demo / "interview")} for p, c in recipe["parts"].items()}
+    raw["parts"] = {p: {k: v for k, v in c.items() if k != "adapter"} for p, c in recipe["parts"].items()}
     config = tmp_path / "sandi.yaml"
     config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    data, out = tmp_path / "data", tmp_path / "predictions"
 
     t = time.time()
-    r = l2grader("sandi", "prepare", release, data, "--held-out", "0.2", env=env, timeout=120)
+    args = ["--config", config, release, out, "--held-out", "0.2", "--epochs", "1", "--allow-small"]
+    r = l2grader("sandi", "run", *args, env=env, timeout=600)
     assert r.returncode == 0, what_it_said(r)
-    assert json.loads(r.stdout.strip().splitlines()[-1])["calib"]["P1"] == {"responses": 3, "submissions": 1}
-    prepared_s = time.time() - t
-    t = time.time()
-    # P3 with another adapter than the config's, as a trained one is given
-    args = ["--prepared", data, "--out", out, "--adapter", f"P3={demo / 'long_turn'}"]
-    r = l2grader("sandi", "predict", "--config", config, *args, env=env, timeout=300)
-    assert r.returncode == 0, what_it_said(r)
-    print(f"prepare {prepared_s:.1f} s, predict {time.time() - t:.1f} s")
+    print(f"sandi run {time.time() - t:.1f} s")
+    data, adapters, predictions = out / "data", out / "adapters", out / "predictions"
+
+    # trained, one adapter per part, on that part's train answers (the held-out submission left out)
+    for part in sandi.PARTS:
+        assert f"trained '{part}' adapter -> {adapters / part}" in r.stdout + r.stderr
+        summary = json.loads((adapters / part / "training_summary.json").read_text())
+        assert summary["train_answers"] == len(read_jsonl(sandi.data_file(data, "train", part), part)), summary
+    # calibrated where the held-out submission gave two answers or more, by the adapter trained here
+    for part in ("P1", "P5"):
+        cal = json.loads((adapters / part / "calibration.json").read_text())
+        assert cal["fingerprint"]["adapter"] == check_adapter(adapters / part).content_hash
+        assert cal["data"] == str(sandi.data_file(data, "calib", part))
+    for part in ("P3", "P4"):
+        assert not (adapters / part / "calibration.json").exists()
+        assert f"WARNING: {part} not calibrated" in r.stderr
+    log = re.search(r"l2grader: engine log: (\S+)", r.stderr)
+    assert log and Path(log[1]).read_text().count("Initializing a V1 LLM engine") == 1  # one engine for it all
 
     for part in sandi.PARTS:
-        lines = sandi.prediction_file(out, "dev", part).read_text().splitlines()
+        lines = sandi.prediction_file(predictions, "dev", part).read_text().splitlines()
         marks = sandi.read_marks(sandi.marks_copy(data, "dev", part))
         assert [x.split("\t")[0] for x in lines] == list(marks)
         assert all(re.fullmatch(r"\d\.\d{3}", x.split("\t")[1]) for x in lines)
         assert all(1.0 <= float(x.split("\t")[1]) <= 6.0 for x in lines)
-    overall = sandi.read_marks(sandi.prediction_file(out, "dev", "overall"))
+    overall = sandi.read_marks(sandi.prediction_file(predictions, "dev", "overall"))
     assert list(overall) == [s for s in list(DEV)[::-1] if len(DEV[s]) == 4]  # the incomplete one left out
-    parts = {p: sandi.read_marks(sandi.prediction_file(out, "dev", p)) for p in sandi.PARTS}
+    parts = {p: sandi.read_marks(sandi.prediction_file(predictions, "dev", p)) for p in sandi.PARTS}
     for sub, score in overall.items():
         assert score == pytest.approx(np.mean([parts[p][sub] for p in sandi.PARTS]), abs=2e-3)
     assert "UNTRAINED" in r.stdout and "challenge baseline" in r.stdout
