@@ -42,6 +42,8 @@ def summarise(record: dict, wall_s: float, service_cpu_s: float | None = None) -
         "errors": errors,
         "retries": record.get("retries", 0),
         "answers_given_up": record.get("given_up", 0),
+        "refusal_kinds": record.get("refusal_kinds", {}),
+        "refusals_without_retry_after": record.get("refusals_without_retry_after", 0),
     }
     if service_cpu_s is not None and answers:
         out["service_cpu_ms_per_answer"] = round(service_cpu_s * 1000 / answers, 2)

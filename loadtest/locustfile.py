@@ -119,6 +119,8 @@ class Record:
         self.parts: dict[str, dict] = {}  # part -> its latencies (answers) and statuses (attempts)
         self.retries = 0  # attempts sent again after a retryable refusal
         self.given_up = 0  # answers still refused after every retry
+        self.refusal_kinds: dict[str, int] = {}  # 503/429 refusals by their JSON error kind ("?" if none)
+        self.refusals_without_retry_after = 0
         self.first_start: float | None = None
         self.last_end: float | None = None
 
@@ -136,6 +138,16 @@ class Record:
             self.audio_s += audio_s
             self.chunks += chunks
 
+    def refused(self, response) -> None:
+        """A retryable refusal: its error kind (the API's JSON body) and whether it said when to retry."""
+        try:
+            kind = str(response.json()["error"]["kind"])
+        except (ValueError, KeyError, TypeError):
+            kind = "?"
+        self.refusal_kinds[kind] = self.refusal_kinds.get(kind, 0) + 1
+        if not response.headers.get("Retry-After"):
+            self.refusals_without_retry_after += 1
+
     def dump(self) -> dict:
         return {
             "latencies_ms": self.latencies_ms,
@@ -145,6 +157,8 @@ class Record:
             "by_part": self.parts,
             "retries": self.retries,
             "given_up": self.given_up,
+            "refusal_kinds": self.refusal_kinds,
+            "refusals_without_retry_after": self.refusals_without_retry_after,
             "first_start": self.first_start,
             "last_end": self.last_end,
         }
@@ -259,6 +273,7 @@ class ExamPlatform(FastHttpUser):
                     r.failure(f"unreadable score: {e}")
             elif status in RETRYABLE:
                 r.failure(f"{status} retryable (Retry-After {r.headers.get('Retry-After')})")
+                RECORD.refused(r)
             else:
                 r.failure(f"{status}: {(r.text or '')[:200]}")
             RECORD.add(status, started, time.time(), latency_ms, audio_s, chunks, part)

@@ -195,6 +195,10 @@ def _scale_route_and_kill(cluster, service, load, before, counted_before, timeli
     assert result["answers"] > 100
     assert result["answers_given_up"] == 0, result  # every answer scored, retried with its response_id
     assert set(result["errors"]) <= {"503", "0"}, result["errors"]  # refusals were retryable, nothing else failed
+    # each refusal in the API's JSON, saying when to retry: the replica's death is "unavailable" (or "overloaded"
+    # while the survivor takes all the load), never a bare 503
+    assert result["refusals_without_retry_after"] == 0, result
+    assert set(result["refusal_kinds"]) <= {"unavailable", "overloaded"}, result["refusal_kinds"]
 
     # The cluster-wide GET /metrics counts what the load generator got, whichever of the two ingress replicas answered.
     deadline = time.monotonic() + 10 * METRICS_DELAY_S  # every replica's counters reach the page
