@@ -51,10 +51,17 @@ def cmd_synth_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_transformers() -> None:
+    """transformers' and peft's notices: errors only; no "Loading weights" bar (the commands print their progress).
+    Before transformers is imported: both are read at import."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config_or_exit(args.config, args.part)
     if not args.verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' and peft's notices: errors only
+        quiet_transformers()
     from adapters.dataset import DataError
     from adapters.train import TrainError, TrainOptions, format_summary, train
 
@@ -206,7 +213,7 @@ def cmd_sandi(args: argparse.Namespace) -> int:
     if missing:
         _fail(f"{args.config}: the recipe needs parts {', '.join(sandi.PARTS)}; missing {', '.join(missing)}", 2)
     if not args.verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        quiet_transformers()
     from adapters.train import TrainError
     from serve.grading.adapter_files import AdapterError
 
