@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 
 from serve.session.schema import answer_of_row
-from tests.audio_fixtures import speechlike
+from tests.audio_fixtures import not_speech, speechlike
 from tests.conftest import ADMIN, USER, l2grader, what_it_said
 
 pytestmark = pytest.mark.engine
@@ -32,7 +32,8 @@ WANT_ASPECTS = {"interview": {"fluency", "pronunciation", "language_use", "coher
 
 
 def write_answers(d) -> list[dict]:
-    """Manifest rows: per candidate a clean and a noisy answer of each part, and one silent answer."""
+    """Manifest rows: per candidate a clean and a noisy answer of each part, one silent answer and one of music
+    (sound at speech loudness with no speech in it: not scorable as ``noise``, not ``silence``)."""
     rows = []
     for c in range(2):
         for k, part in enumerate(("interview", ADDED)):
@@ -52,6 +53,10 @@ def write_answers(d) -> list[dict]:
                 "part": "interview",
                 "audio": f"c{c}-silent.wav",
             }
+        )
+        sf.write(d / f"c{c}-music.wav", not_speech("music-like", 4.0, seed=c).astype(np.float32), 16000)
+        rows.append(
+            {"response_id": f"c{c}-music", "candidate_id": f"cand-{c}", "part": ADDED, "audio": f"c{c}-music.wav"}
         )
     return rows
 
@@ -110,6 +115,11 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
         batches[cid] = resp.json()
     silent = single.pop("c0-silent"), single.pop("c1-silent")
     assert all(s.status_code == 422 and s.json()["error"]["kind"] == "silence" for s in silent)
+    music = single.pop("c0-music"), single.pop("c1-music")
+    assert all(s.status_code == 422 and s.json()["error"]["kind"] == "noise" for s in music)
+    assert all("noise or music" in s.json()["error"]["message"] for s in music)
+    in_batches = {a["response_id"]: a for b in batches.values() for a in b["results"]}
+    assert {in_batches[f"c{c}-music"]["status"] for c in range(2)} == {"not_scorable"}
     assert all(s.status_code == 200 for s in single.values()), {
         k: s.text for k, s in single.items() if s.status_code != 200
     }
@@ -135,6 +145,7 @@ def test_bulk_rows_and_candidates_equal_the_http_answers_and_evaluate_reads_them
     assert r.returncode == 0, what_it_said(r)
     bulk = {row["response_id"]: row for row in pq.read_table(out / "answers").to_pylist()}
     assert {bulk[f"c{c}-silent"]["error_kind"] for c in range(2)} == {"silence"}
+    assert {bulk[f"c{c}-music"]["error_kind"] for c in range(2)} == {"noise"}
 
     for rid, resp in single.items():
         http = resp.json()
