@@ -66,6 +66,8 @@ def cfg_path(tiny_config, tmp_path_factory) -> Path:
             "retry_after_s": 2,
         },
     }
+    # a candidate calibration named but not fitted yet: test_a_batch_overall_interval_... fits it
+    raw["candidate"] = {"calibration": {"path": str(d / "candidates.calibration.json")}}
     (d / "c.yaml").write_text(yaml.safe_dump(raw))
     return d / "c.yaml"
 
@@ -380,6 +382,48 @@ def test_batch_limits(url):
     assert "at most 60 s" in body["error"]["message"]
     ok = {"answers": [{"part": "interview", "audio_base64": one}] * 2}
     assert httpx.post(f"{url}/v1/score/batch", json=ok, timeout=60).status_code == 200
+
+
+def test_a_batch_overall_interval_comes_from_the_candidate_calibration_once_fitted(url, cfg_path, tmp_path):
+    """Over HTTP: with the configured calibration file absent, the overall interval is the parts' union bound and
+    says why; fitted by ``l2grader calibrate-candidates`` for this rule and these parts, the next batch's interval
+    comes from it (no restart); a broken file falls back again, saying so."""
+    import numpy as np
+
+    one = base64.b64encode(wav(6.0, seed=51)).decode()
+    batch = {"candidate_id": "c-1", "answers": [{"part": p, "audio_base64": one} for p in ("interview", "long_turn")]}
+
+    def overall() -> dict:
+        r = httpx.post(f"{url}/v1/score/batch", json=batch, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["overall"]
+
+    before = overall()
+    assert before["candidate_calibration"] == "uncalibrated" and before["interval_detail"]
+    assert before["interval"] is None or before["interval"]["method"] == "union_bound"
+
+    rng = np.random.default_rng(5)
+    machine = rng.uniform(1.5, 5.5, 40)
+    (tmp_path / "machine.csv").write_text(
+        "candidate_id,score\n" + "".join(f"k{i},{m:.4f}\n" for i, m in enumerate(machine))
+    )
+    (tmp_path / "human.csv").write_text(
+        "candidate_id,score\n" + "".join(f"k{i},{m + rng.normal(0, 0.3):.4f}\n" for i, m in enumerate(machine))
+    )
+    args = ["--candidates", tmp_path / "machine.csv", "--human", tmp_path / "human.csv", "--allow-small"]
+    r = l2grader("calibrate-candidates", "--config", cfg_path, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = overall()
+    assert after["candidate_calibration"] == "calibrated", after
+    assert after["interval"]["method"] == "candidate_calibration" and after["interval"]["calibrated_on"] == 40
+    assert after["interval"]["low"] <= after["score"] <= after["interval"]["high"]
+    assert after["score"] == pytest.approx(before["score"])  # the interval's source never moves the score
+
+    (cfg_path.parent / "candidates.calibration.json").write_text("{not json")
+    broken = overall()
+    assert broken["candidate_calibration"] == "invalid_calibration" and broken["interval_detail"], broken
+    assert broken["interval"] is None or broken["interval"]["method"] == "union_bound"
+    assert "/" not in broken["interval_detail"]  # no server path in an answer
 
 
 # ---------------------------------------------------------------- body limits at the proxy guard, every route
