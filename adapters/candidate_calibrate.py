@@ -35,12 +35,19 @@ def read_table(path: str | Path, id_column: str, columns: tuple[str, ...]) -> li
     import pyarrow.parquet
 
     suffix = Path(path).suffix.lower()
+    if Path(path).is_dir():
+        raise ValueError(f"{path}: is a folder, not a table of candidates' scores")
+    if not Path(path).exists():
+        raise ValueError(f"{path}: no such file")
     try:
         if suffix in (".csv", ".tsv"):
             table = pyarrow.csv.read_csv(
                 str(path),
                 parse_options=pyarrow.csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
-                convert_options=pyarrow.csv.ConvertOptions(column_types={id_column: pa.string()}),
+                # only an empty field is missing: "nan" or "NA" in a score column is a bad score, not a blank one
+                convert_options=pyarrow.csv.ConvertOptions(
+                    column_types={id_column: pa.string()}, null_values=[""], strings_can_be_null=True
+                ),
             )
         elif suffix in (".jsonl", ".ndjson"):
             table = pyarrow.json.read_json(str(path))
@@ -56,23 +63,35 @@ def read_table(path: str | Path, id_column: str, columns: tuple[str, ...]) -> li
     return table.select([id_column, *columns]).to_pylist()
 
 
-def read_scores(path: str | Path, id_column: str = "candidate_id", column: str = "score") -> dict[str, float]:
-    """``candidate_id`` -> score (rows without a score left out); a duplicate id or a non-number is an error."""
+def read_scores(
+    path: str | Path, id_column: str = "candidate_id", column: str = "score", scale: tuple[float, float] | None = None
+) -> tuple[dict[str, float], set[str]]:
+    """``candidate_id`` -> score, and the ids whose score is empty (no score: left out, and counted). A row without
+    an id, a duplicate id, a non-number, NaN or infinity, or (given ``scale``) a score off the scale is an error."""
     out: dict[str, float] = {}
-    for row in read_table(path, id_column, (column,)):
+    empty: set[str] = set()
+    for n, row in enumerate(read_table(path, id_column, (column,)), start=1):
         cid, value = row[id_column], row[column]
-        if cid is None or value is None:
-            continue
+        if cid is None or str(cid).strip() == "":
+            raise ValueError(f"{path}: row {n} has no {id_column}")
         cid = str(cid)
-        if cid in out:
+        if cid in out or cid in empty:
             raise ValueError(f"{path}: candidate {cid!r} appears twice")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            empty.add(cid)
+            continue
         try:
-            out[cid] = float(value)
+            score = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{path}: {column} {value!r} of candidate {cid!r} is not a number") from None
-        if not np.isfinite(out[cid]):
-            raise ValueError(f"{path}: {column} of candidate {cid!r} is not finite")
-    return out
+        if not np.isfinite(score):
+            raise ValueError(f"{path}: {column} of candidate {cid!r} is {score} (not a finite number)")
+        if scale is not None and not scale[0] <= score <= scale[1]:
+            raise ValueError(
+                f"{path}: {column} {score:g} of candidate {cid!r} is off the exam's scale {scale[0]:g}-{scale[1]:g}"
+            )
+        out[cid] = score
+    return out, empty
 
 
 def session_overall(cfg: GraderConfig, session: str, parts: Mapping[str, Part]) -> dict[str, Any]:
@@ -81,6 +100,9 @@ def session_overall(cfg: GraderConfig, session: str, parts: Mapping[str, Part]) 
     from serve.session.schema import SCORED, result_of_row
     from serve.session.store import OutputDir
 
+    if not Path(session).is_dir():
+        hint = " (a candidates table goes with --candidates)" if Path(session).is_file() else ""
+        raise ValueError(f"{session}: no such folder: give a score-session output folder{hint}")
     rows = OutputDir(session).read_all()
     if not rows:
         raise ValueError(f"{session}: no answers (is it a score-session output folder?)")
@@ -144,28 +166,39 @@ def calibrate_candidates(
     if unknown:
         raise ValueError(f"the rule's parts {unknown} are not registered: nothing to fingerprint them by")
     levels = parts[scope[0]].config.levels
+    scale = (min(lv.score for lv in levels), max(lv.score for lv in levels))
 
-    human = read_scores(human_file, id_column, human_column)
+    human, unrated = read_scores(human_file, id_column, human_column, scale)
     union: dict[str, Any] = {}
     if session is not None:
         results = session_overall(cfg, session, parts)
         machine = {cid: o.score for cid, o in results.items() if o.score is not None}
         union = {cid: o.interval for cid, o in results.items() if o.interval is not None}
         answers = {cid: o.scored for cid, o in results.items()}
-        withheld = len(results) - len(machine)
+        withheld = set(results) - set(machine)
         source = str(session)
     else:
-        machine = read_scores(candidates_file, id_column, "score")
+        machine, withheld = read_scores(candidates_file, id_column, "score", scale)
         answers = {}
-        withheld = 0
         source = str(candidates_file)
+        print(
+            f"WARNING: {candidates_file}: its scores are taken to be this exam's overall scores under the adapters "
+            "serving now, which a table cannot show (a session's answers name their adapters: --session checks "
+            "them)",
+            file=sys.stderr,
+        )
     ids = sorted(set(machine) & set(human))
-    no_human = len(set(machine) - set(human))
     print(
-        f"{len(ids)} candidates with a machine and a human overall score ({withheld} withheld, {no_human} without a "
-        f"human score, {len(set(human) - set(machine))} human scores without a machine one: left out)",
+        f"{len(ids)} candidates with a machine and a human overall score; left out: {len(withheld)} withheld, "
+        f"{len(set(machine) - set(human) - unrated)} without a human score, {len(unrated)} with an empty human score, "
+        f"{len(set(human) - set(machine) - withheld)} human scores without a machine one",
         file=sys.stderr,
     )
+    if len(ids) >= 2 and all(human[i] == machine[i] for i in ids):
+        raise ValueError(
+            f"the machine scores ({source}) and the human scores ({human_file}) are the same for every candidate: "
+            "the same file twice?"
+        )
     if len(ids) < 2:
         raise ValueError(f"{len(ids)} candidates to calibrate on; at least 2 are needed")
     check_held_out(parts, scope, ids)
@@ -183,7 +216,6 @@ def calibrate_candidates(
         small = candidate_calibration.SmallSample(required=need, coverage_range=(lo, hi))
     h = np.array([human[i] for i in ids])
     s = np.array([machine[i] for i in ids])
-    scale = (min(lv.score for lv in levels), max(lv.score for lv in levels))
     fp = candidate_calibration.fingerprint(rule, {name: part_fingerprint(p, cfg) for name, p in parts.items()})
     cal = candidate_calibration.fit(
         fp,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,9 +184,10 @@ def test_calibrate_candidates_fits_from_tables_and_the_doors_see_it(tmp_path, ca
         "candidate_id,score\n" + "".join(f"{c},{m:.4f}\n" for c, m in zip(ids, machine)) + "999,\n"
     )
     (tmp_path / "human.tsv").write_text(
-        "candidate_id\tscore\n" + "".join(f"{c}\t{m + rng.normal(0, 0.3):.4f}\n" for c, m in zip(ids, machine))
+        "candidate_id\tscore\n"
+        + "".join(f"{c}\t{np.clip(m + rng.normal(0, 0.3), 1, 6):.4f}\n" for c, m in zip(ids, machine))
     )
-    assert list(read_scores(tmp_path / "human.tsv"))[:2] == ["000", "001"]
+    assert list(read_scores(tmp_path / "human.tsv")[0])[:2] == ["000", "001"]
     with pytest.raises(ValueError, match="60 candidates: .* bring that within 5 points"):
         calibrate_candidates(cfg, parts, tmp_path / "human.tsv", candidates_file=tmp_path / "machine.csv")
     cal = calibrate_candidates(
@@ -264,3 +266,47 @@ def test_calibrate_candidates_from_a_session_and_its_candidates_table_uses_it(tm
     writer.flush()
     with pytest.raises(ValueError, match="scored by adapter 0123abcd"):
         calibrate_candidates(cfg, parts, tmp_path / "human.csv", session=str(tmp_path / "other"))
+
+
+def test_calibrate_candidates_refuses_tables_it_cannot_trust_in_one_line(tmp_path, capsys):
+    """The same file as machine and human scores, a score off the exam's scale, NaN, a folder, a missing session:
+    each refused with a line that names it; empty scores are left out and counted, each candidate once."""
+    cfg = GraderConfig.model_validate(
+        {
+            "model": {"base": "tiny"},
+            "parts": {"interview": {}},
+            "candidate": {"calibration": {"path": str(tmp_path / "cal.json")}},
+        }
+    )
+    parts = {name: Part(name, pcfg, None) for name, pcfg in cfg.parts.items()}
+    rows = [(f"k{i}", 1.5 + 4 * i / 39) for i in range(40)]
+
+    def table(name: str, extra: str = "", shift: float = 0.0) -> Path:
+        path = tmp_path / name
+        path.write_text("candidate_id,score\n" + "".join(f"{c},{v + shift:.3f}\n" for c, v in rows) + extra)
+        return path
+
+    machine, human = table("machine.csv", "k40,\n"), table("human.csv", "k41,\nk42,3.0\n", shift=0.2)
+
+    def refused(match: str, **kw) -> None:
+        with pytest.raises(ValueError, match=match):
+            calibrate_candidates(cfg, parts, kw.pop("human", human), allow_small=True, **kw)
+
+    refused("the same for every candidate", candidates_file=machine, human=table("copy.csv"))
+    off = _write(tmp_path / "off.csv", "candidate_id,score\nk9,7.5\n")
+    refused("score 7.5 of candidate 'k9' is off the exam's scale 1-6", candidates_file=machine, human=off)
+    nan = _write(tmp_path / "nan.csv", "candidate_id,score\nk1,nan\n")
+    refused("candidate 'k1' is nan", candidates_file=machine, human=nan)
+    refused("is a folder", candidates_file=tmp_path)
+    refused("no such folder", session=str(tmp_path / "nowhere"))
+    refused("a candidates table goes with --candidates", session=str(machine))
+
+    cal = calibrate_candidates(cfg, parts, human, candidates_file=machine, allow_small=True)
+    err = capsys.readouterr().err
+    assert cal.n == 40 and "its scores are taken to be this exam's overall scores" in err
+    assert "left out: 1 withheld, 0 without a human score, 1 with an empty human score, 1 human scores without" in err
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -175,9 +175,8 @@ def test_calibrate_candidates_then_check_says_whether_the_overall_interval_is_ca
     rng = np.random.default_rng(1)
     machine = rng.uniform(1.5, 5.5, 40)
     (tmp_path / "m.csv").write_text("candidate_id,score\n" + "".join(f"c{i},{m}\n" for i, m in enumerate(machine)))
-    (tmp_path / "h.tsv").write_text(
-        "candidate_id\tscore\n" + "".join(f"c{i}\t{m + rng.normal(0, 0.3)}\n" for i, m in enumerate(machine))
-    )
+    human = np.clip(machine + rng.normal(0, 0.3, len(machine)), 1, 6)  # human scores are on the scale
+    (tmp_path / "h.tsv").write_text("candidate_id\tscore\n" + "".join(f"c{i}\t{h}\n" for i, h in enumerate(human)))
     args = ("calibrate-candidates", "--config", tmp_path / "c.yaml", "--candidates", tmp_path / "m.csv")
     r = run(*args, "--human", tmp_path / "h.tsv", timeout=120)
     assert r.returncode == 1 and "--allow-small" in r.stderr, r.stdout + r.stderr  # 40 candidates: too few for 90 %

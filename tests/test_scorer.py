@@ -407,9 +407,9 @@ def test_a_batch_overall_interval_comes_from_the_candidate_calibration_once_fitt
     (tmp_path / "machine.csv").write_text(
         "candidate_id,score\n" + "".join(f"k{i},{m:.4f}\n" for i, m in enumerate(machine))
     )
-    (tmp_path / "human.csv").write_text(
-        "candidate_id,score\n" + "".join(f"k{i},{m + rng.normal(0, 0.3):.4f}\n" for i, m in enumerate(machine))
-    )
+    human = np.clip(machine + rng.normal(0, 0.3, len(machine)), 1, 6)  # human scores are on the scale
+    rows = "".join(f"k{i},{h:.4f}\n" for i, h in enumerate(human))
+    (tmp_path / "human.csv").write_text("candidate_id,score\n" + rows)
     args = ["--candidates", tmp_path / "machine.csv", "--human", tmp_path / "human.csv", "--allow-small"]
     r = l2grader("calibrate-candidates", "--config", cfg_path, *args)
     assert r.returncode == 0, r.stderr[-3000:]
