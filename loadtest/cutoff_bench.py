@@ -226,8 +226,28 @@ def add_bench_cutoff_command(sub) -> None:
         "bench-cutoff", help="the cut_off rule on espeak-ng answers kept whole, trimmed and cut mid-word"
     )
     p.add_argument("--voices", default=",".join(VOICES), help="espeak-ng voices, comma-separated")
-    p.add_argument("--rates", default=",".join(map(str, RATES)), help="words a minute, comma-separated")
-    p.set_defaults(func=lambda a: main(tuple(a.voices.split(",")), tuple(int(r) for r in a.rates.split(","))) and 0)
+    p.add_argument("--rates", default=",".join(map(str, RATES)), help="words a minute (80-450), comma-separated")
+    p.set_defaults(func=_cmd_bench_cutoff)
+
+
+def _cmd_bench_cutoff(args) -> int:
+    from serve.cli.common import fail
+
+    voices = tuple(v.strip() for v in args.voices.split(",") if v.strip())
+    try:
+        rates = tuple(int(r) for r in args.rates.split(",") if r.strip())
+    except ValueError:
+        fail(f"--rates {args.rates!r}: whole numbers of words a minute, comma-separated")
+    if not voices or not rates or not all(80 <= r <= 450 for r in rates):
+        fail("--voices and --rates need at least one each; rates from 80 to 450 words a minute (espeak-ng's range)")
+    try:
+        main(voices, rates)
+    except FileNotFoundError:
+        fail("espeak-ng is not installed (apt-get install espeak-ng)", 1)
+    except subprocess.CalledProcessError as e:
+        said = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        fail(f"espeak-ng failed on voice {e.cmd[e.cmd.index('-v') + 1]!r}: {said[-1] if said else 'no message'}", 1)
+    return 0
 
 
 if __name__ == "__main__":
