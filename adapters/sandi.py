@@ -28,6 +28,7 @@ expected) are trained as A1, the loss clipping them to the scale.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -395,12 +396,23 @@ def score_files(predictions: str | Path, prepared: str | Path, split: str = "dev
     return results
 
 
+#: Below this many submissions a row's figures are too uncertain to read (at 30, the 95 % interval of a correlation of
+#: 0.5 is 0.17-0.73).
+FEW_SUBMISSIONS = 30
+
+
 def report(results: Mapping[str, Any], split: str, untrained: bool = False) -> None:
     """Print the table and, last, its JSON."""
     if untrained:
         print("WARNING: scores of the tiny UNTRAINED demo checkpoint (random weights): they mean nothing")
     for line in format_table(results, f"Speak & Improve 2025, {split}: predictions against the marks"):
         print(line)
+    few = sorted(k for k, m in results.items() if m is not None and m["n"] < FEW_SUBMISSIONS)
+    if few:
+        print(
+            f"WARNING: fewer than {FEW_SUBMISSIONS} submissions in {', '.join(few)}: their figures are too uncertain "
+            "to compare with each other or with the published ones"
+        )
     clean = {
         k: None if m is None else {x: (None if isinstance(y, float) and math.isnan(y) else y) for x, y in m.items()}
         for k, m in results.items()
@@ -532,14 +544,15 @@ def run(
             for part in PARTS:
                 print(f"== {part}: calibrating on {data_file(data, CALIBRATION_SPLIT, part)}", file=sys.stderr)
                 try:
-                    calibrate_part(
-                        cfg,
-                        part,
-                        data_file(data, CALIBRATION_SPLIT, part),
-                        adapter=adapters[part],
-                        allow_small=allow_small,
-                        engine=engine,
-                    )
+                    with contextlib.redirect_stdout(sys.stderr):  # stdout: the dev table, its JSON the last line
+                        calibrate_part(
+                            cfg,
+                            part,
+                            data_file(data, CALIBRATION_SPLIT, part),
+                            adapter=adapters[part],
+                            allow_small=allow_small,
+                            engine=engine,
+                        )
                 except ValueError as e:  # the predictions do not need it: say so, and go on
                     print(f"WARNING: {part} not calibrated (its answers carry no interval): {e}", file=sys.stderr)
         return predict(cfg, data, out / "predictions", split="dev", adapters=adapters, engine=engine)
