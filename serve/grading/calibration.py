@@ -357,10 +357,16 @@ def fit(
 
 
 def write(calibration: Calibration, adapter_dir: str | Path) -> Path:
-    """Store the calibration beside the adapter (atomically: a reader sees the old file or the new one)."""
-    path = Path(adapter_dir) / CALIBRATION_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(calibration.model_dump_json() + "\n")
+    """Store the calibration beside the adapter."""
+    return write_file(calibration, Path(adapter_dir) / CALIBRATION_FILE)
+
+
+def write_file(record: Records, path: str | Path) -> Path:
+    """Store a calibration at ``path`` (atomically: a reader sees the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(record.model_dump_json() + "\n")
     tmp.replace(path)
     return path
 
@@ -398,15 +404,29 @@ def stale_components(calibrated: dict[str, str], serving: dict[str, str]) -> lis
     return [k for k in sorted(set(calibrated) | set(serving)) if calibrated.get(k) != serving.get(k)]
 
 
-@functools.lru_cache(maxsize=32)
-def _read(path: str, size: int, mtime_ns: int, ctime_ns: int) -> Calibration:
-    """A calibration file, parsed and checked once per version (keyed by its size and change times)."""
+def read_file(path: Path, model: type[Records], command: str) -> Records:
+    """A calibration file as ``model``, parsed and checked once per version of the file (``command`` remakes it)."""
+    st = path.stat()
+    return _read(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, model, command)
+
+
+@functools.lru_cache(maxsize=40)
+def _read(path: str, size: int, mtime_ns: int, ctime_ns: int, model: type[Records], command: str) -> Records:
+    """Keyed by the file's size and change times: a new version is read again."""
     if size > MAX_FILE_BYTES:
         raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
     raw = json.loads(Path(path).read_bytes())
     if isinstance(raw, dict) and raw.get("format") != FORMAT:
-        raise ValueError(f"format {raw.get('format')!r}, {FORMAT} expected: run `l2grader calibrate` again")
-    return Calibration.model_validate(raw)
+        raise ValueError(f"format {raw.get('format')!r}, {FORMAT} expected: run `l2grader {command}` again")
+    return model.model_validate(raw)
+
+
+def stale_detail(calibrated: dict[str, str], serving: dict[str, str]) -> str | None:
+    """What differs between a calibration's fingerprint and what is served now, in words; None when nothing."""
+    changed = stale_components(calibrated, serving)
+    if not changed:
+        return None
+    return "; ".join(f"{k} (calibrated {calibrated.get(k)}, serving {serving.get(k)})" for k in changed)
 
 
 def load(adapter_dir: str | Path | None, fingerprint: dict[str, str]) -> CalibrationState:
@@ -417,13 +437,11 @@ def load(adapter_dir: str | Path | None, fingerprint: dict[str, str]) -> Calibra
     if not path.is_file():
         return CalibrationState(None, "uncalibrated", f"no {CALIBRATION_FILE} beside the adapter {adapter_dir}")
     try:
-        st = path.stat()
-        cal = _read(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cal = read_file(path, Calibration, "calibrate")
     except (OSError, ValueError, RecursionError, ValidationError) as e:
         return CalibrationState(None, "invalid_calibration", f"{path}: {type(e).__name__}: {str(e)[:300]}")
-    changed = stale_components(cal.fingerprint, fingerprint)
-    if changed:
-        what = "; ".join(f"{k} (calibrated {cal.fingerprint.get(k)}, serving {fingerprint.get(k)})" for k in changed)
+    what = stale_detail(cal.fingerprint, fingerprint)
+    if what:
         return CalibrationState(None, "stale_calibration", f"{path} was computed for another {what}")
     return CalibrationState(cal, "calibrated", f"{path}: {cal.n} answers from {cal.data or 'unrecorded data'}")
 

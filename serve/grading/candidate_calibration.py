@@ -23,7 +23,6 @@ calibration candidates do not represent.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,11 +34,12 @@ from pydantic import Field, ValidationError
 
 from serve.grading.calibration import (
     FORMAT,
-    MAX_FILE_BYTES,
     CalibrationState,
     Records,
     SmallSample,
-    stale_components,
+    read_file,
+    stale_detail,
+    write_file,
 )
 from serve.grading.config import CandidateConfig
 from serve.grading.results import OverallInterval
@@ -138,24 +138,8 @@ def fit(
 
 
 def write(cal: CandidateCalibration, path: str | Path) -> Path:
-    """Store the calibration at ``path`` (atomically: a reader sees the old file or the new one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(cal.model_dump_json() + "\n")
-    tmp.replace(path)
-    return path
-
-
-@functools.lru_cache(maxsize=8)
-def _read(path: str, size: int, mtime_ns: int, ctime_ns: int) -> CandidateCalibration:
-    """A calibration file, parsed and checked once per version (keyed by its size and change times)."""
-    if size > MAX_FILE_BYTES:
-        raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-    raw = json.loads(Path(path).read_bytes())
-    if isinstance(raw, dict) and raw.get("format") != FORMAT:
-        raise ValueError(f"format {raw.get('format')!r}, {FORMAT} expected: run `l2grader calibrate-candidates` again")
-    return CandidateCalibration.model_validate(raw)
+    """Store the calibration at ``path`` (atomically)."""
+    return write_file(cal, path)
 
 
 def load(path: str | Path, fingerprint_: Mapping[str, str]) -> CalibrationState:
@@ -165,16 +149,14 @@ def load(path: str | Path, fingerprint_: Mapping[str, str]) -> CalibrationState:
     if not path.is_file():
         return CalibrationState(None, "uncalibrated", "no candidate calibration file (candidate.calibration.path)")
     try:
-        st = path.stat()
-        cal = _read(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cal = read_file(path, CandidateCalibration, "calibrate-candidates")
     except OSError as e:
         return CalibrationState(None, "invalid_calibration", f"the candidate calibration file: {e.strerror}")
     except (ValueError, RecursionError, ValidationError) as e:
         why = f"{type(e).__name__}: {str(e)[:300]}"
         return CalibrationState(None, "invalid_calibration", f"the candidate calibration file is invalid: {why}")
-    changed = stale_components(cal.fingerprint, dict(fingerprint_))
-    if changed:
-        what = "; ".join(f"{k} (calibrated {cal.fingerprint.get(k)}, serving {fingerprint_.get(k)})" for k in changed)
+    what = stale_detail(cal.fingerprint, dict(fingerprint_))
+    if what:
         return CalibrationState(None, "stale_calibration", f"fitted for another {what}")
     return CalibrationState(cal, "calibrated", f"{cal.n} candidates, fitted {cal.created or 'at an unrecorded time'}")
 
