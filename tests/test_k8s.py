@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from serve.runtime.ray_cluster import ray_env
+from serve.service.kuberay import in_cluster_config_path
 from serve.service.options import INGRESS, SCORER, serve_config, serve_env
 from serve.service.settings import load_service_config
 from tests.kustomize_lite import KustomizeError, build
@@ -276,7 +277,7 @@ def test_worker_groups_match_serve_autoscaling(overlay):
         actor = deployments[deployment]["ray_actor_options"]
         assert float(g["rayStartParams"]["num-cpus"]) == actor["num_cpus"] == dcfg.num_cpus
         assert float(g["rayStartParams"].get("num-gpus", 0)) == actor.get("num_gpus", 0) == dcfg.num_gpus
-        (container,) = g["template"]["spec"]["containers"]
+        container = g["template"]["spec"]["containers"][0]  # Ray's (the edge beside it holds no GPU)
         gpus = container["resources"]["limits"].get("nvidia.com/gpu", "0")
         assert float(gpus) == dcfg.num_gpus, f"{group_name}: GPU limit {gpus} != num_gpus {dcfg.num_gpus}"
     if name == "gpu":
@@ -293,7 +294,8 @@ def test_pods_use_config_paths_keys_and_port(overlay):
     secrets = {d["metadata"]["name"]: d for d in _by_kind(docs, "Secret")}
     for group, spec in _pod_specs(docs).items():
         volumes = {v["name"]: v for v in spec["volumes"]}
-        (container,) = spec["containers"]
+        container, *beside = spec["containers"]  # Ray's container first (KubeRay's rule), then the edge
+        assert [c["name"] for c in beside] == (["edge"] if group == "ingress" else []), group
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
 
         def mount_of(path: Path, mounts=mounts, volumes=volumes, group=group) -> dict:
@@ -338,6 +340,35 @@ def test_pods_use_config_paths_keys_and_port(overlay):
             assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     auto = _cluster(docs)["autoscalerOptions"]["resources"]
     assert auto["requests"] and auto["limits"]
+
+
+def test_the_api_goes_through_the_edge_beside_each_ingress_replica(overlay):
+    name, docs = overlay
+    cfg = _config(name)
+    assert cfg.serving.edge != "ray_proxy"
+    specs = _pod_specs(docs)
+    edge = next(c for c in specs["ingress"]["containers"] if c["name"] == "edge")
+    ray_container = specs["ingress"]["containers"][0]
+    assert edge["image"] == ray_container["image"]  # the overlay's image, as for Ray's container
+    assert edge["command"][:2] == ["l2grader", "edge"] and "$(POD_IP)" in edge["command"]
+    assert edge["command"][edge["command"].index("--config") + 1] == in_cluster_config_path(gen.OVERLAYS[name])
+    args = dict(zip(edge["args"][::2], edge["args"][1::2], strict=True))
+    ports = {p["name"]: p["containerPort"] for p in edge["ports"]}
+    assert ports["api"] == int(args["--port"]) and int(args["--proxy-port"]) == cfg.serving.port
+    assert edge["resources"]["requests"] and edge["resources"]["limits"]
+    secrets = {d["metadata"]["name"]: d for d in _by_kind(docs, "Secret")}
+    for group, spec in specs.items():  # every Ray process knows the secret and runs Serve's direct ingress
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"]["value"] == "1", group
+        ref = env["L2GRADER_EDGE_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "l2grader-edge", "key": "L2GRADER_EDGE_TOKEN"}, group
+        if secrets:
+            assert "L2GRADER_EDGE_TOKEN" in secrets["l2grader-edge"].get("data", {}) or secrets["l2grader-edge"].get(
+                "stringData"
+            )
+    (api,) = [d for d in _by_kind(docs, "Service") if d["metadata"]["name"] == "l2grader-api"]
+    assert api["spec"]["selector"]["app.kubernetes.io/component"] == "ingress"
+    assert api["spec"]["ports"][0]["targetPort"] == "api"
 
 
 def test_in_cluster_config_files_are_in_the_image():

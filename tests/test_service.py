@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -508,9 +509,11 @@ async def _hold_slow_upload(port: int, results: list, stop_s: float, sending: li
         while loop.time() < deadline:
             try:
                 status = await asyncio.wait_for(reader.readline(), 1.0)
-                try:
-                    rest = await asyncio.wait_for(reader.read(), 5)  # read() ends when the server closes
-                except ConnectionResetError:  # closed with our unread bytes in its buffer: the kernel resets
+                try:  # the head, then the body by its Content-Length
+                    rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    length = re.search(rb"content-length: *(\d+)", rest, re.I)
+                    rest += await asyncio.wait_for(reader.readexactly(int(length[1])), 5) if length else b""
+                except (ConnectionResetError, asyncio.IncompleteReadError):  # closed with our unread bytes: reset
                     rest = b""
                 results.append((status.decode().split(" ")[1] if status else "closed", rest))
                 return

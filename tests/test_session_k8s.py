@@ -76,7 +76,8 @@ def test_session_rayjob_validates_and_runs_the_service_cluster(overlay, rayjob_v
         assert mine["rayStartParams"] == theirs["rayStartParams"]
         t, m = theirs["template"]["spec"], mine["template"]["spec"]
         assert m["volumes"] == t["volumes"] and m.get("initContainers") == t.get("initContainers")
-        (tc,), (mc,) = t["containers"], m["containers"]
+        (tc, *beside), (mc,) = t["containers"], m["containers"]  # the service's edge is not the job's
+        assert [c["name"] for c in beside] in ([], ["edge"])
         for key in ("image", "volumeMounts", "resources", "ports"):
             assert mc[key] == tc[key], key
         assert mc["env"] == [e for e in tc["env"] if e["name"] not in SERVICE_ONLY_ENV]

@@ -229,6 +229,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args.config, args.host, args.port, args.address, args.allow_unauthenticated, args.verbose)
 
 
+def cmd_edge(args: argparse.Namespace) -> int:
+    """``l2grader edge``: the HAProxy edge beside an ingress pod (Kubernetes)."""
+    from serve.service.server import run_edge  # loads Ray: only in the command that runs the edge
+
+    return run_edge(args.config, args.address, args.node_ip, args.host, args.port, args.proxy_port)
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     load_config_or_exit(args.config)
     from serve.service.server import deploy_config  # loads Ray: only in the command that deploys
@@ -385,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verbose", action="store_true", help="print Ray's, Ray Serve's and the engine's logs here too")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "edge", help="run the HAProxy edge in front of this node's ingress replicas (beside a Kubernetes pod)"
+    )
+    p.add_argument("--config", required=True, help="grader YAML config (the cluster's)")
+    p.add_argument("--address", required=True, help="the Ray cluster's address (the head's GCS, host:6379)")
+    p.add_argument("--node-ip", required=True, help="this node's address as Ray knows it (the pod's IP)")
+    p.add_argument("--host", default="0.0.0.0", help="address the edge listens on (default: 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="the API's port (default: 8000)")
+    p.add_argument("--proxy-port", type=int, default=8001, help="Serve's proxy on this node, the backup (8001)")
+    p.set_defaults(func=cmd_edge)
 
     p = sub.add_parser("deploy", help="update the service running on a Ray cluster to a new config, in place")
     p.add_argument("--config", required=True, help="the new grader YAML config (at the same path on every node)")

@@ -9,12 +9,17 @@ needs of them is here and nowhere else (``tests/test_fences.py`` checks that):
   (:func:`serve_request_id`; Ray 2.60 exports no public accessor);
 - ``ray.init``'s ``_system_config`` (:func:`system_config_kwargs`);
 - Serve's import-path resolver (:func:`import_path_target`, for the checks);
+- the addresses of the ingress replicas' own HTTP servers (Serve's direct
+  ingress), which the project's HAProxy edge forwards to
+  (:func:`ingress_targets`, from the controller's target groups);
 - the words of the texts Serve's proxy answers with when it sheds load or a
   replica is gone (:func:`is_backpressure_text`, :func:`is_replica_gone_text`),
   checked by the tests against the texts the real proxy sends.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import ray
 
@@ -67,3 +72,34 @@ def import_path_target(path: str):
     from ray._common.utils import import_attr  # Serve's own resolver, for the checks that use it
 
     return import_attr(path)
+
+
+@dataclass(frozen=True)
+class IngressTarget:
+    """One HTTP server a request to an application can go to: an ingress replica's (direct ingress) or, while the
+    application has no running replica, a Serve proxy's."""
+
+    node_ip: str
+    port: int
+    name: str  #: Serve's name of the replica or proxy
+
+    @property
+    def is_replica(self) -> bool:
+        return self.name.startswith("SERVE_REPLICA::")
+
+
+def ingress_targets(app_name: str) -> list[IngressTarget]:
+    """Where Serve's controller says the HTTP requests of ``app_name`` go now (its ingress replicas' direct-ingress
+    servers once they run; Serve's proxies before). Needs ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the cluster."""
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    groups = ray.get(controller.get_target_groups.remote(app_name, from_proxy_manager=True), timeout=10)
+    return [
+        IngressTarget(t.ip, t.port, t.name)
+        for g in groups
+        if g.protocol == RequestProtocol.HTTP and g.app_name in (app_name, "", None)
+        for t in g.targets
+        if t.port
+    ]

@@ -14,7 +14,13 @@ base RayService (``k8s/base/rayservice.yaml``) that sets
 - on every Ray container (head and workers), the ``RAY_*`` variables of
   :func:`serve.runtime.ray_cluster.ray_env` and
   :func:`serve.service.proxy_guard.proxy_env`: the Ray settings and the proxy
-  guard ``l2grader serve`` gives a local cluster.
+  guard ``l2grader serve`` gives a local cluster;
+- unless ``serving.edge`` is ``ray_proxy``, the edge (:mod:`serve.service.edge`):
+  Serve's direct ingress and the edge's secret (from the Secret
+  ``l2grader-edge``) on every Ray container, and beside each ingress pod's Ray
+  container an ``edge`` container running ``l2grader edge`` on port
+  :data:`EDGE_PORT` (named ``api``, what the ``l2grader-api`` Service sends to),
+  in front of that pod's ingress replica.
 
 ``k8s/generate.py`` writes one such patch per overlay.
 """
@@ -30,6 +36,7 @@ import yaml
 
 from serve.runtime.ray_cluster import ray_env
 from serve.service.auth import keyed
+from serve.service.edge import EDGE_TOKEN_ENV, replica_env
 from serve.service.options import serve_config, serve_env
 from serve.service.proxy_guard import proxy_env
 from serve.service.settings import DeploymentConfig, ServiceConfig
@@ -41,6 +48,12 @@ IMAGE_CONFIG_DIR = "/app/configs"
 GROUPS: dict[str, tuple[int, str]] = {"ingress": (0, "ingress"), "scorer": (1, "scorer")}
 
 PATCH_FILE = "rayservice-serve-config.yaml"
+#: The edge's port in an ingress pod (Serve's proxy keeps ``serving.port`` there, as the edge's backup).
+EDGE_PORT = 8100
+#: The Secret holding the edge's secret (``L2GRADER_EDGE_TOKEN``), made by the operator (the demo overlay ships one).
+EDGE_SECRET = "l2grader-edge"
+#: RayService's head Service (KubeRay names it after the RayService): where the edge joins the cluster.
+HEAD_GCS = "l2grader-head-svc:6379"
 
 
 def in_cluster_config_path(config: str) -> str:
@@ -99,8 +112,48 @@ def patch_ops(cfg: ServiceConfig, config_path: str) -> list[dict[str, Any]]:
                     "value": {"name": name, "value": value},
                 }
             )
+    if cfg.serving.edge != "ray_proxy":
+        ops += _edge_ops(cfg, config_path, pods)
     text = yaml.safe_dump(serve_config(cfg, config_path), sort_keys=False)
     ops.append({"op": "add", "path": "/spec/serveConfigV2", "value": text})
+    return ops
+
+
+def _edge_env() -> list[dict[str, Any]]:
+    """What every Ray container needs behind the edge: Serve's direct ingress, a short drain, the edge's secret."""
+    plain = {k: v for k, v in replica_env("unused", peers=("127.0.0.1", "::1")).items() if k != EDGE_TOKEN_ENV}
+    return [{"name": k, "value": v} for k, v in plain.items()] + [
+        {"name": EDGE_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": EDGE_SECRET, "key": EDGE_TOKEN_ENV}}}
+    ]
+
+
+def edge_container(cfg: ServiceConfig, config_path: str) -> dict[str, Any]:
+    """The ``edge`` container beside an ingress pod's Ray container (same image, same pod network)."""
+    return {
+        "name": "edge",
+        "image": "l2grader:latest",
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["l2grader", "edge", "--config", config_path, "--address", HEAD_GCS, "--node-ip", "$(POD_IP)"],
+        "args": ["--port", str(EDGE_PORT), "--proxy-port", str(cfg.serving.port)],
+        "ports": [{"name": "api", "containerPort": EDGE_PORT}],
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            _edge_env()[-1],
+        ],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "api"}, "periodSeconds": 5, "failureThreshold": 2},
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False},
+    }
+
+
+def _edge_ops(cfg: ServiceConfig, config_path: str, pods: list[str]) -> list[dict[str, Any]]:
+    ops = [
+        {"op": "add", "path": f"{pod}/template/spec/containers/0/env/-", "value": env}
+        for pod in pods
+        for env in _edge_env()
+    ]
+    ingress = f"/spec/rayClusterConfig/workerGroupSpecs/{GROUPS['ingress'][0]}/template/spec/containers/-"
+    ops.append({"op": "add", "path": ingress, "value": edge_container(cfg, config_path)})
     return ops
 
 
@@ -133,7 +186,7 @@ def render_patch(cfg: ServiceConfig, config: str) -> str:
 #: Labels of a session's pods (not the service's: its PodDisruptionBudgets and probes do not concern them).
 SESSION_POD_NAME = "l2grader-session"
 #: Pod environment that only the HTTP service reads.
-SERVICE_ONLY_ENV = ("L2GRADER_API_KEYS", "L2GRADER_ADMIN_KEYS")
+SERVICE_ONLY_ENV = ("L2GRADER_API_KEYS", "L2GRADER_ADMIN_KEYS", *replica_env("unused"))
 
 
 def session_entrypoint(config: str, manifest: str, out: str, engines: int) -> str:
@@ -170,8 +223,8 @@ def session_rayjob(
     The cluster is the service's (same image, volumes, Ray settings, groups and
     resources, from the same grader config): the ``ingress`` group's CPU pods
     decode, the ``scorer`` group holds ``engines`` engine actors (default: the
-    scorer's ``max_replicas``; one GPU each on GPU overlays). Serve's probes and
-    the API keys are left out (no HTTP in a job). ``out`` must be shared by the
+    scorer's ``max_replicas``; one GPU each on GPU overlays). Serve's probes, the
+    API keys and the edge are left out (no HTTP in a job). ``out`` must be shared by the
     pods: an object-store URI or a path on a ReadWriteMany volume. A failed job
     is retried and goes on where it stopped (``score-session`` is resumable).
     """
@@ -183,6 +236,7 @@ def session_rayjob(
     for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in groups.values())]:
         template.get("metadata", {}).get("labels", {})["app.kubernetes.io/name"] = SESSION_POD_NAME
         template.get("metadata", {}).pop("annotations", None)
+        template["spec"]["containers"] = [c for c in template["spec"]["containers"] if c["name"] != "edge"]
         for container in template["spec"]["containers"]:
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 container.pop(probe, None)

@@ -23,6 +23,9 @@ and, per request:
   (503 beyond);
 - without any API key configured, refuses clients beyond this machine unless
   the service was started with ``--allow-unauthenticated`` (403);
+- behind the project's edge (:mod:`serve.service.edge`), refuses a request
+  that does not carry the edge's secret (403): it went around the edge
+  (health and readiness probes excepted: the orchestrator's own);
 - turns the errors the proxy makes itself (back-pressure 503, timeouts, and
   the empty answer it gives when the ingress replica died mid-request) into
   the API's JSON error body, with ``Retry-After`` on every 503.
@@ -39,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hmac
 import logging
 import math
 import os
@@ -52,6 +57,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve.grading.config import clip
 from serve.runtime.ray_private import is_backpressure_text, is_replica_gone_text
 from serve.service.auth import ApiKeys, allow_unauthenticated, is_loopback, keyed
+from serve.service.edge import EDGE_HEADER, EDGE_HEADER_BYTES, EDGE_HEADERS, EDGE_PEERS_ENV, EDGE_TOKEN_ENV
 from serve.service.errors import ApiError
 from serve.service.http_limits import ConnectionLimits, error_json
 from serve.service.routes import PROBE_PATHS, Access, route_of
@@ -84,6 +90,7 @@ class GuardLimits:
     local_only: bool
     request_timeout_s: float = math.inf
     keys: ApiKeys | None = None  # None: no keys configured
+    edge_token: str | None = None  # set: every request must come through the edge (serve.service.edge)
 
     @classmethod
     def of_config(cls, cfg: ServiceConfig) -> GuardLimits:
@@ -98,6 +105,7 @@ class GuardLimits:
             local_only=not keyed(s) and not allow_unauthenticated(s),
             request_timeout_s=s.request_timeout_s,
             keys=ApiKeys(s) if keyed(s) else None,
+            edge_token=os.environ.get(EDGE_TOKEN_ENV) or None,
         )
 
 
@@ -108,7 +116,16 @@ def middlewares() -> list[Middleware]:
         raise RuntimeError(f"{CONFIG_ENV} must name the grader config for the proxy guard")
     cfg = load_service_config(path)
     limits = GuardLimits.of_config(cfg)
-    use_bounded_protocol(ConnectionLimits.of_config(cfg.serving, limits.retry_after_s))
+    connections = ConnectionLimits.of_config(cfg.serving, limits.retry_after_s)
+    if limits.edge_token:  # behind the edge: its address is the one whose X-Forwarded-For is believed
+        peers = tuple(p for p in os.environ.get(EDGE_PEERS_ENV, "").split(",") if p)
+        connections = dataclasses.replace(
+            connections,
+            trusted_proxies=connections.trusted_proxies + peers,
+            max_header_bytes=connections.max_header_bytes + EDGE_HEADER_BYTES,  # room for what the edge adds
+            max_headers=connections.max_headers + EDGE_HEADERS,
+        )
+    use_bounded_protocol(connections)
     return [Middleware(ProxyGuard, limits=limits)]
 
 
@@ -148,6 +165,14 @@ class ProxyGuard:
             return await self.app(scope, receive, send)
         client = scope["client"][0] if scope.get("client") else "-"
         retry = {"Retry-After": str(self.limits.retry_after_s)}
+        if (
+            self.limits.edge_token is not None
+            and not _from_edge(scope, self.limits.edge_token)
+            and not (scope["method"] in ("GET", "HEAD") and scope["path"] in PROBE_PATHS)  # the orchestrator's probes
+        ):
+            return await _send_all(
+                send, error_messages(403, "forbidden", "this service is reached through its edge only")
+            )
         if self.limits.local_only and not is_loopback(client):
             return await _send_all(
                 send,
@@ -327,6 +352,11 @@ def _declares_body(scope: Scope) -> bool:
 def _has_body(scope: Scope) -> bool:
     """Whether the guard reads a body for this request (every method but the bodyless ones, unless they declare one)."""
     return scope["method"] not in BODYLESS or _declares_body(scope)
+
+
+def _from_edge(scope: Scope, token: str) -> bool:
+    """Whether the request carries the edge's secret (it came through the edge, which sets it on each request)."""
+    return hmac.compare_digest(_header(scope, EDGE_HEADER.encode()) or b"", token.encode())
 
 
 def _authorization(scope: Scope) -> str:

@@ -16,8 +16,10 @@ from serve.engine.requests import configure_vllm_environment
 from serve.grading.config import ConfigError
 from serve.runtime.console import log
 from serve.runtime.ray_cluster import log_folder, quiet_ray, start_ray
+from serve.runtime.ray_private import ingress_targets
 from serve.service.app import build_app
 from serve.service.auth import ALLOW_UNAUTHENTICATED_ENV, admin_keys, api_keys, is_loopback
+from serve.service.edge import EDGE_TOKEN_ENV, Edge, free_port, local_targets, replica_env
 from serve.service.options import APP_NAME, ha_proxy_refusal, http_options, serve_env
 from serve.service.proxy_guard import proxy_env
 from serve.service.settings import ServiceConfig, load_service_config
@@ -113,6 +115,15 @@ def run_server(
     if cfg.model.untrained:
         log("WARNING: serving the tiny UNTRAINED demo checkpoint (random weights): scores mean nothing")
 
+    edge_plan = None
+    if cfg.serving.edge == "haproxy" and address:
+        log("error: serving.edge haproxy runs with a Ray of its own; on a cluster the manifests run the edge")
+        return 2
+    if cfg.serving.edge != "ray_proxy" and not address:
+        # The replicas (and Serve's proxy, the edge's backup) listen on loopback; the edge on the public address.
+        edge_plan = Edge.plan(cfg, host, port, proxy_port=free_port())
+        os.environ.update(replica_env(edge_plan.token))
+
     # Joined: the cluster's Ray settings (k8s: serve.runtime.ray_cluster.ray_env() and proxy_env() on every pod). Local:
     # enough logical CPUs for every replica the config may start.
     s = cfg.serving
@@ -121,11 +132,25 @@ def run_server(
         s.ingress.num_cpus * s.ingress.autoscaling.max_replicas + s.scorer.num_cpus * s.scorer.autoscaling.max_replicas,
         verbose=verbose,
     )
-    serve.start(http_options=http_options(cfg, host, port))
+    if edge_plan:
+        serve.start(http_options=http_options(cfg, edge_plan.proxy_host, edge_plan.proxy_port))
+    else:
+        serve.start(http_options=http_options(cfg, host, port))
     quiet_ray(verbose)
     log(f"deploying {APP_NAME} from {config_path} (engine start-up can take a minute)")
     run_app(config_path)
     logs, export = node_observability()
+    edge = None
+    if edge_plan:
+        edge = Edge(cfg, edge_plan, lambda: local_targets(ingress_targets(APP_NAME)), Path(logs or ".") / "edge.log")
+        try:
+            edge.start()
+        except (OSError, RuntimeError) as e:
+            log(f"error: the edge did not start: {e}")
+            edge.stop()
+            stop_service(joined=False)
+            return 1
+        log(f"edge: HAProxy on {host}:{port} in front of the ingress replicas (its log: {edge.log_path})")
     log(f"logs: {logs} (replicas: serve/, engines: worker-*; --verbose prints them here too)")
     log(metrics_line(export))
     log(f"listening on http://{host}:{port}: the page at /, API docs at /docs; Ctrl-C stops")
@@ -136,7 +161,49 @@ def run_server(
     while not stop.wait(1.0):
         pass
     log("shutting down")
-    stop_service(joined=bool(address))
+    try:
+        if edge:  # no new connection; requests in flight go on to their replicas
+            edge.stop_accepting()
+        stop_service(joined=bool(address))
+    finally:
+        if edge:
+            edge.stop()
+    return 0
+
+
+def run_edge(config_path: str, address: str, node_ip: str, host: str, port: int, proxy_port: int) -> int:
+    """The edge beside an ingress pod of a Ray cluster (Kubernetes): HAProxy on ``host:port`` in front of the ingress
+    replicas that run on the node at ``node_ip`` (reached on loopback: the pod's network), Serve's proxy on
+    ``proxy_port`` its backup; until SIGTERM. The cluster runs with the same :data:`EDGE_TOKEN_ENV` (exit 2 if
+    unset)."""
+    config_path = str(Path(config_path).resolve())
+    cfg = load_service_config(config_path)
+    token = os.environ.get(EDGE_TOKEN_ENV, "")
+    if len(token) < 16:
+        log(f"error: {EDGE_TOKEN_ENV} must hold the edge's secret (16 characters or more), as on every Ray node")
+        return 2
+    start_ray(address)
+
+    def here() -> list[tuple[str, int]]:
+        return [("127.0.0.1", t.port) for t in ingress_targets(APP_NAME) if t.is_replica and t.node_ip == node_ip]
+
+    plan = Edge.plan(cfg, host, port, proxy_port=proxy_port, token=token)
+    edge = Edge(cfg, plan, here, Path(plan.folder.parent) / f"l2grader-edge-{port}.log")
+    try:
+        edge.start()
+    except (OSError, RuntimeError) as e:
+        log(f"error: the edge did not start: {e}")
+        edge.stop()
+        return 1
+    log(f"edge: HAProxy on {host}:{port} in front of the ingress replicas of node {node_ip}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log("edge: stopping (requests in flight finish)")
+    edge.stop()
+    ray.shutdown()
     return 0
 
 

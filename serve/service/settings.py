@@ -88,6 +88,12 @@ class ServingConfig(StrictModel):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    edge: Literal["auto", "haproxy", "ray_proxy"] = Field(
+        "auto",
+        description="What clients connect to: the project's HAProxy in front of the ingress replicas (haproxy), or "
+        "Ray Serve's Python proxy (ray_proxy); auto: HAProxy with a Ray of the service's own, Serve's proxy when "
+        "joined to a cluster (whose manifests run the edge). See docs/operating.md#the-edge.",
+    )
     ingress: DeploymentConfig = Field(default_factory=_ingress_default)
     scorer: DeploymentConfig = Field(default_factory=_scorer_default)
     adapters_per_replica: int = Field(8, ge=1, description="Adapters a scorer replica keeps loaded (LRU).")
