@@ -123,7 +123,7 @@ def make_prepared(cfg, part: str, n: int, min_s: float, max_s: float, long_n: in
     from serve.grading.audio import prepare
 
     raw = make_answers([part], n - long_n, min_s, max_s, seed) + make_answers([part], long_n, max_s, long_s, seed + 1)
-    return [(a.part, prepare(a.wav, cfg.audio)) for a in raw]
+    return [(a.part, prepare(a.audio, cfg.audio)) for a in raw]
 
 
 def without_aspects(engine, cfg, part: str):

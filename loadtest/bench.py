@@ -77,19 +77,23 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 class Answer:
     part: str
     seconds: float
-    wav: bytes
+    audio: bytes  #: the file as uploaded
+    fmt: str = "wav"
 
 
-def make_answers(parts: list[str], n: int, min_s: float, max_s: float, seed: int, variant: int = 0) -> list[Answer]:
-    """``n`` distinct 16 kHz WAV answers, lengths uniform in [min_s, max_s], parts in turn. Another ``variant``
-    gives the same parts and lengths with other audio, which no engine cache has seen."""
+def make_answers(
+    parts: list[str], n: int, min_s: float, max_s: float, seed: int, variant: int = 0, fmt: str = "wav"
+) -> list[Answer]:
+    """``n`` distinct 16 kHz answers in ``fmt`` (wav, flac, ogg, mp3), lengths uniform in [min_s, max_s], parts in
+    turn. Another ``variant`` gives the same parts and lengths with other audio, which no engine cache has seen."""
     from loadtest.audio import answer_bytes
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
         s = round(rng.uniform(min_s, max_s), 2)
-        out.append(Answer(parts[i % len(parts)], s, answer_bytes(s, seed * 100_003 + i + variant * 1_000_003)))
+        audio = answer_bytes(s, seed * 100_003 + i + variant * 1_000_003, fmt=fmt)
+        out.append(Answer(parts[i % len(parts)], s, audio, fmt))
     return out
 
 
@@ -123,7 +127,7 @@ def summary(
 
 def _post(port: int, answer: Answer, headers: dict[str, str], retries: int = 3) -> tuple[int, float, dict]:
     """Score one answer; a 503/429 or a broken connection is sent again (same response_id) after Retry-After."""
-    form = multipart_answer(answer.part, answer.wav, "a.wav")
+    form = multipart_answer(answer.part, answer.audio, f"a.{answer.fmt}")
     body = form.with_response_id(uuid.uuid4().hex)
     t0 = time.perf_counter()
     for attempt in range(retries + 1):
@@ -199,6 +203,11 @@ def service_phase(
     ok = [(lat, got) for status, lat, got in results if status == 200]
     s = summary("service", [lat for lat, _ in ok], wall, len(ok), sum(g["duration_s"] for _, g in ok), cpu_s, errors)
     s["idle_cpu_ms_per_s"] = round(idle_cpu_s * 1000 / idle_s, 1)
+    s["cpu_ms_per_answer_by_process"] = {
+        kind: round(used * 1000 / max(1, len(ok)), 1)
+        for kind, used in sorted(cpu.by_process.items(), key=lambda kv: -kv[1])
+        if used * 1000 / max(1, len(ok)) >= 0.1
+    }
     s["scores"] = [None if status != 200 else got["score"] for status, _, got in results]
     return s
 
@@ -214,7 +223,7 @@ def offline_engine(cfg, warmup: list[Answer]):
     log("(b) offline: starting the engine (vllm.LLM)")
     scorer = OfflineEngine(cfg)
     try:
-        scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in warmup])
+        scorer.score_answers([(a.part, prepare(a.audio, cfg.audio)) for a in warmup])
     except BaseException:
         scorer.shutdown()
         raise
@@ -230,7 +239,7 @@ def offline_phase(cfg, answers: list[Answer], scorer) -> dict:
     cpu = TreeCpu([os.getpid()])
     cpu.start()
     t0 = time.perf_counter()
-    results = scorer.score_answers([(a.part, prepare(a.wav, cfg.audio)) for a in answers])
+    results = scorer.score_answers([(a.part, prepare(a.audio, cfg.audio)) for a in answers])
     wall = time.perf_counter() - t0
     cpu_s = cpu.stop()
     # Every answer of the batch is done when the batch is: its latency is the batch's.
@@ -250,7 +259,7 @@ def reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     log("(c) reference: loading transformers + peft")
     ref = ReferenceScorer(cfg)
     for a in warmup[:2]:
-        ref.score_answer(a.part, prepare_answer(a.wav, cfg.audio))
+        ref.score_answer(a.part, prepare_answer(a.audio, cfg.audio))
     log(f"(c) reference: {len(answers)} answers one at a time")
     lat, audio_s, scores = [], 0.0, []
     cpu = TreeCpu([os.getpid()])
@@ -258,7 +267,7 @@ def reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dict:
     t0 = time.perf_counter()
     for a in answers:
         t = time.perf_counter()
-        r = ref.score_answer(a.part, prepare_answer(a.wav, cfg.audio))
+        r = ref.score_answer(a.part, prepare_answer(a.audio, cfg.audio))
         lat.append(time.perf_counter() - t)
         audio_s += r.duration_s
         scores.append(r.score)
@@ -348,7 +357,7 @@ def gpu_reference_phase(cfg, answers: list[Answer], warmup: list[Answer]) -> dic
         spec = specs[a.part]
         model.set_adapter(a.part)
         flops = 0.0
-        for c in prepare_answer(a.wav, cfg.audio):
+        for c in prepare_answer(a.audio, cfg.audio):
             inputs = processor_inputs(processor, spec.prompt, [c.samples], "cuda", torch.bfloat16)
             model(**inputs).logits[0, -1].float().cpu()
             flops += 2.0 * (audio_params * 1500 + lm_params * int(inputs["input_ids"].shape[1]))
@@ -395,12 +404,14 @@ def run_bench(args: argparse.Namespace) -> dict:
     ensure_tiny_model(cfg)
     out = Path(args.out or "runs/bench")
     out.mkdir(parents=True, exist_ok=True)
-    answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed)
-    warmup = make_answers(parts, min(args.warmup, args.answers), args.min_s, args.max_s, seed=args.seed + 1)
+    answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed, fmt=args.format)
+    warmup = make_answers(
+        parts, min(args.warmup, args.answers), args.min_s, args.max_s, seed=args.seed + 1, fmt=args.format
+    )
     audio_total = sum(a.seconds for a in answers)
     log(
-        f"{len(answers)} answers of {args.min_s:g}-{args.max_s:g} s ({audio_total:.0f} s of audio), "
-        f"parts {', '.join(parts)}"
+        f"{len(answers)} {args.format} answers of {args.min_s:g}-{args.max_s:g} s ({audio_total:.0f} s of audio, "
+        f"{sum(len(a.audio) for a in answers) / 1e6:.1f} MB), parts {', '.join(parts)}"
     )
 
     import torch
@@ -422,7 +433,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             # Each round new audio (same parts and lengths): the kept offline engine (or a --url service) must not
             # find the earlier rounds' answers in its prefix and audio caches.
             if r:
-                answers = make_answers(parts, args.answers, args.min_s, args.max_s, seed=args.seed, variant=r)
+                answers = make_answers(
+                    parts, args.answers, args.min_s, args.max_s, seed=args.seed, variant=r, fmt=args.format
+                )
             paths = {}
             if "service" not in args.skip:
                 paths["service"] = service_phase(
@@ -520,6 +533,10 @@ def _median_paths(rounds: list[dict[str, dict]]) -> dict[str, dict]:
             for status, count in run["errors"].items():
                 errors[status] = errors.get(status, 0) + count
         m["errors"] = errors
+        if "cpu_ms_per_answer_by_process" in m:  # each process kind's median over the rounds
+            kinds = {k for run in runs for k in run.get("cpu_ms_per_answer_by_process", {})}
+            by_kind = {k: _median([run["cpu_ms_per_answer_by_process"].get(k, 0.0) for run in runs]) for k in kinds}
+            m["cpu_ms_per_answer_by_process"] = dict(sorted(by_kind.items(), key=lambda kv: -(kv[1] or 0)))
         merged[name] = m
     return merged
 
@@ -569,6 +586,9 @@ def print_report(result: dict) -> None:
     for k, v in result["ratios"].items():
         if v is not None:
             print(f"{k.replace('_', ' ')}: {v:.2f}x")
+    by_process = rows.get("service", {}).get("cpu_ms_per_answer_by_process")
+    if by_process:
+        print("service CPU ms per answer by process: " + ", ".join(f"{k} {v:.1f}" for k, v in by_process.items()))
     if "service_extra_cpu_ms_per_answer" in result:
         print(
             f"service CPU over offline per answer: {result['service_extra_cpu_ms_per_answer']:+.1f} ms "
@@ -598,6 +618,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answers", type=int, default=256, help="answers scored by each path (default 256)")
     p.add_argument("--min-s", type=float, default=8.0, help="shortest answer, seconds (default 8)")
     p.add_argument("--max-s", type=float, default=20.0, help="longest answer, seconds (default 20)")
+    p.add_argument("--format", default="wav", choices=["wav", "flac", "ogg", "mp3"], help="upload format (default wav)")
     p.add_argument("--concurrency", type=int, default=32, help="concurrent HTTP clients of the service (default 32)")
     p.add_argument(
         "--reference-answers",

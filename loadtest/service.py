@@ -174,9 +174,11 @@ class TreeCpu:
 
     def __init__(self, root_pids):
         self.root_pids = list(root_pids)
-        self._start: dict[tuple[int, float], float] = {}
+        self._start: dict[tuple[int, float], tuple[str, float]] = {}
+        #: CPU seconds of the last measure, by process kind (:func:`process_kind`).
+        self.by_process: dict[str, float] = {}
 
-    def _sample(self) -> dict[tuple[int, float], float]:
+    def _sample(self) -> dict[tuple[int, float], tuple[str, float]]:
         import psutil
 
         out = {}
@@ -190,7 +192,8 @@ class TreeCpu:
         for p in procs:
             try:
                 t = p.cpu_times()
-                out[(p.pid, p.create_time())] = t.user + t.system + t.children_user + t.children_system
+                used = t.user + t.system + t.children_user + t.children_system
+                out[(p.pid, p.create_time())] = (process_kind(p), used)
             except psutil.NoSuchProcess:
                 continue
         return out
@@ -200,7 +203,29 @@ class TreeCpu:
 
     def stop(self) -> float:
         end = self._sample()
-        return sum(v - self._start.get(k, 0.0) for k, v in end.items())
+        self.by_process = {}
+        for key, (kind, used) in end.items():
+            spent = used - self._start.get(key, (kind, 0.0))[1]
+            self.by_process[kind] = self.by_process.get(kind, 0.0) + spent
+        return sum(self.by_process.values())
+
+
+def process_kind(p) -> str:
+    """What a process of the service is, for the per-process CPU table: Ray's process title (``ray::...``) or its
+    program's name (haproxy, raylet, ...); one Ray driver or worker's title per kind."""
+    try:
+        cmd = p.cmdline()
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
+        cmd = []
+    title = cmd[0] if cmd else ""
+    if title.startswith("ray::"):
+        return title.split(" ")[0]
+    if title.startswith("VLLM") or p.name().startswith("VLLM"):
+        return p.name()
+    name = p.name()
+    if name.startswith("python") and any("l2grader" in c for c in cmd[:2]):
+        return "l2grader serve"
+    return name
 
 
 def percentile(values, q: float) -> float:

@@ -87,7 +87,7 @@ def write_session(answers, out: Path) -> Path:
         w = csv.writer(f)
         w.writerow(["response_id", "candidate_id", "part", "audio"])
         for i, a in enumerate(answers):
-            (audio / f"{i:06d}.wav").write_bytes(a.wav)
+            (audio / f"{i:06d}.wav").write_bytes(a.audio)
             w.writerow([f"r{i:06d}", f"c{i // 4:05d}", a.part, f"audio/{i:06d}.wav"])
     return manifest
 
