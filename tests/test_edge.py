@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.service.edge import EDGE_HEADER, Edge, EdgePlan, haproxy_binary, haproxy_config, write_files
+from serve.service.edge import EDGE_HEADER, SYNC_INTERVAL_S, Edge, EdgePlan, haproxy_binary, haproxy_config, write_files
 from serve.service.routes import ROUTES, Body
 from serve.service.settings import ServiceConfig
 from serve.service.uploads import UploadLimits
@@ -203,7 +203,7 @@ def test_a_lost_upstream_is_a_json_503_with_retry_after_and_the_backup_takes_ove
     if status == 503:
         assert body["error"]["kind"] == "unavailable" and headers.get("Retry-After") == "1"
     edge.test_targets.clear()  # the controller says it is gone: the slot goes to maintenance
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + SYNC_INTERVAL_S + 5
     while time.monotonic() < deadline and _get(_url(edge))[0] != 200:
         time.sleep(0.2)
     assert _get(_url(edge))[0] == 200
@@ -214,12 +214,13 @@ def test_a_replica_that_appears_is_used_and_one_that_leaves_is_not(edge):
     other = Upstream()
     try:
         edge.test_targets.append(("127.0.0.1", other.port))
-        time.sleep(1.5)  # a sync round and a health check
-        for _ in range(8):
+        deadline = time.monotonic() + 2 * SYNC_INTERVAL_S + 3  # a sync round, then requests spread by leastconn
+        while not other.seen and time.monotonic() < deadline:
             _get(_url(edge))
+            time.sleep(0.1)
         assert other.seen, "the new replica got no request"
         edge.test_targets.remove(("127.0.0.1", other.port))
-        time.sleep(1.0)
+        time.sleep(SYNC_INTERVAL_S + 0.5)
         n = len(other.seen)
         for _ in range(8):
             _get(_url(edge))

@@ -59,9 +59,9 @@ EDGE_TOKEN_ENV = "L2GRADER_EDGE_TOKEN"
 EDGE_PEERS_ENV = "L2GRADER_EDGE_PEERS"
 EDGE_HEADER = "x-l2grader-edge"
 #: A replica that stops stays reachable this long after the edge is told (Serve's floor is 30 s by default).
-DRAIN_S = 2.0
+DRAIN_S = 1.0
 #: How often the edge asks Serve's controller where the replicas are.
-SYNC_INTERVAL_S = 0.5
+SYNC_INTERVAL_S = 1.0
 #: HAProxy's own limit on a stop: requests still in flight after it are cut.
 HARD_STOP_S = 10
 

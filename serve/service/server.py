@@ -88,7 +88,9 @@ def run_server(
     verbose: bool = False,
 ) -> int:
     """Deploy the application and block until SIGINT/SIGTERM; exit 2 when a named key variable is unset or
-    Ray Serve's HAProxy ingress is asked for (:func:`serve.service.options.ha_proxy_refusal`).
+    Ray Serve's HAProxy ingress is asked for (:func:`serve.service.options.ha_proxy_refusal`). With a Ray of its
+    own and ``serving.edge`` auto or haproxy, clients reach the replicas through the edge
+    (:mod:`serve.service.edge`), which the stop closes first.
 
     Prints the project's own lines only (Ray's, Ray Serve's and vLLM's stay in the Ray log folder it names)
     unless ``verbose``."""
@@ -120,6 +122,12 @@ def run_server(
         log("error: serving.edge haproxy runs with a Ray of its own; on a cluster the manifests run the edge")
         return 2
     if cfg.serving.edge != "ray_proxy" and not address:
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+            log(
+                "error: RAY_SERVE_ENABLE_HA_PROXY=1 (Ray's HAProxy) and the edge exclude each other: "
+                "set serving.edge: ray_proxy to measure Ray's"
+            )
+            return 2
         # The replicas (and Serve's proxy, the edge's backup) listen on loopback; the edge on the public address.
         edge_plan = Edge.plan(cfg, host, port, proxy_port=free_port())
         os.environ.update(replica_env(edge_plan.token))
