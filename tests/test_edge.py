@@ -291,3 +291,26 @@ def test_behind_the_edge_the_guard_answers_only_requests_that_carry_its_secret(m
     assert status == want, body
     if want == 403:
         assert json.loads(body)["error"]["kind"] == "forbidden"
+
+
+@pytest.mark.parametrize("token", [None, "too-short"])
+def test_the_edge_command_refuses_to_start_without_the_clusters_secret(token):
+    import os
+
+    from tests.conftest import l2grader
+
+    env = {k: v for k, v in os.environ.items() if k != "L2GRADER_EDGE_TOKEN"}
+    if token:
+        env["L2GRADER_EDGE_TOKEN"] = token
+    r = l2grader(
+        "edge",
+        "--config",
+        Path(__file__).resolve().parents[1] / "configs/demo.yaml",
+        "--address",
+        "127.0.0.1:1",
+        "--node-ip",
+        "127.0.0.1",
+        env=env,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "L2GRADER_EDGE_TOKEN" in r.stderr and "Traceback" not in r.stderr
