@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -46,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.grading.config import clip
-from serve.service.http_limits import error_json
 from serve.service.routes import PROBE_PATHS, ROUTES, Body
 from serve.service.settings import ServiceConfig
 from serve.service.uploads import UploadLimits
@@ -117,6 +117,11 @@ LOST_UPSTREAM = {
 }
 
 
+def _retry_after_s(cfg: ServiceConfig) -> int:
+    """``Retry-After`` in whole seconds, as the guard sends it."""
+    return max(1, math.ceil(cfg.serving.ingress.retry_after_s))
+
+
 def _json_format(kind: str, message: str) -> str:
     """The API's error body as an HAProxy log-format string (``message`` may hold ``%[...]`` fetches): a fresh
     request id each time; an apostrophe is JSON's ``\\u0027`` (the string is single-quoted in the config)."""
@@ -132,7 +137,8 @@ def _reply(status: int, kind: str, message: str, retry_after_s: int | None) -> s
 
 def lost_upstream_file(message: str, retry_after_s: int) -> bytes:
     """The raw 503 HAProxy sends in place of its own 502 or 504 (an ``errorfile``; its request id is empty)."""
-    body, _ = error_json("unavailable", message, request_id="")
+    # A static file: no request id is known (error_json would bake one id into every answer).
+    body = json.dumps({"error": {"kind": "unavailable", "message": message}, "request_id": ""}).encode()
     head = [
         "HTTP/1.1 503 Service Unavailable",
         "Content-Type: application/json",
@@ -221,7 +227,7 @@ def haproxy_config(cfg: ServiceConfig, plan: EdgePlan) -> str:
     """The edge's HAProxy configuration for the grader config ``cfg`` (see the module docstring)."""
     s = cfg.serving
     header_bytes = int(s.max_header_kb * 1024)
-    retry_after = max(1, round(s.ingress.retry_after_s))
+    retry_after = _retry_after_s(cfg)
     probes = " ".join(sorted(PROBE_PATHS))
     errors = [
         f"    http-error {_reply(status, kind, message, retry_after if retry else None)}"
@@ -311,7 +317,7 @@ def _bind(host: str, port: int) -> str:
 
 def write_files(cfg: ServiceConfig, plan: EdgePlan) -> None:
     """The config and the error files, in the plan's private folder."""
-    retry_after = max(1, round(cfg.serving.ingress.retry_after_s))
+    retry_after = _retry_after_s(cfg)
     for status, message in LOST_UPSTREAM.items():
         (plan.folder / f"{status}.http").write_bytes(lost_upstream_file(message, retry_after))
     plan.config_file.write_text(haproxy_config(cfg, plan))
@@ -429,17 +435,8 @@ class Edge:
         finally:
             shutil.rmtree(self.plan.folder, ignore_errors=True)
 
-    def status(self) -> dict[str, str]:
-        """Each replica slot in use and its state (from ``show servers state``), for tests and ``--verbose``."""
-        lines = self.admin("show servers state ingress").splitlines()[2:]
-        out = {}
-        for line in lines:
-            f = line.split()
-            if len(f) > 6 and f[3] in self.servers:
-                out[f[3]] = f"{f[4]}:{self.servers[f[3]][1]} state={f[5]}"
-        return out
 
-
-def local_targets(targets: list, here: str = "127.0.0.1") -> list[tuple[str, int]]:
-    """Targets on this machine, at the internal address the replicas bound to (Serve reports the node's address)."""
-    return [(here, t.port) for t in targets if t.is_replica]
+def local_targets(targets: list, node_ip: str | None = None) -> list[tuple[str, int]]:
+    """The ingress replicas among ``targets`` (those of the node at ``node_ip`` only, if given), at the loopback
+    address they are reached on from this machine or pod (Serve reports the node's address)."""
+    return [("127.0.0.1", t.port) for t in targets if t.is_replica and node_ip in (None, t.node_ip)]

@@ -151,23 +151,14 @@ def run_server(
     edge = None
     if edge_plan:
         edge = Edge(cfg, edge_plan, lambda: local_targets(ingress_targets(APP_NAME)), Path(logs or ".") / "edge.log")
-        try:
-            edge.start()
-        except (OSError, RuntimeError) as e:
-            log(f"error: the edge did not start: {e}")
-            edge.stop()
+        if not started(edge, f"the ingress replicas (its log: {edge.log_path})"):
             stop_service(joined=False)
             return 1
-        log(f"edge: HAProxy on {host}:{port} in front of the ingress replicas (its log: {edge.log_path})")
     log(f"logs: {logs} (replicas: serve/, engines: worker-*; --verbose prints them here too)")
     log(metrics_line(export))
     log(f"listening on http://{host}:{port}: the page at /, API docs at /docs; Ctrl-C stops")
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+    wait_for_stop_signal()
     log("shutting down")
     try:
         if edge:  # no new connection; requests in flight go on to their replicas
@@ -177,6 +168,27 @@ def run_server(
         if edge:
             edge.stop()
     return 0
+
+
+def started(edge: Edge, before: str) -> bool:
+    """Start ``edge`` (in front of ``before``) and say so; False, said in one line, if it did not start."""
+    try:
+        edge.start()
+    except (OSError, RuntimeError) as e:
+        log(f"error: the edge did not start: {e}")
+        edge.stop()
+        return False
+    log(f"edge: HAProxy on {edge.plan.host}:{edge.plan.port} in front of {before}")
+    return True
+
+
+def wait_for_stop_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
 
 
 def run_edge(config_path: str, address: str, node_ip: str, host: str, port: int, proxy_port: int) -> int:
@@ -192,23 +204,12 @@ def run_edge(config_path: str, address: str, node_ip: str, host: str, port: int,
         return 2
     start_ray(address)
 
-    def here() -> list[tuple[str, int]]:
-        return [("127.0.0.1", t.port) for t in ingress_targets(APP_NAME) if t.is_replica and t.node_ip == node_ip]
-
     plan = Edge.plan(cfg, host, port, proxy_port=proxy_port, token=token)
-    edge = Edge(cfg, plan, here, Path(plan.folder.parent) / f"l2grader-edge-{port}.log")
-    try:
-        edge.start()
-    except (OSError, RuntimeError) as e:
-        log(f"error: the edge did not start: {e}")
-        edge.stop()
+    log_path = Path(plan.folder.parent) / f"l2grader-edge-{port}.log"
+    edge = Edge(cfg, plan, lambda: local_targets(ingress_targets(APP_NAME), node_ip), log_path)
+    if not started(edge, f"the ingress replicas of node {node_ip}"):
         return 1
-    log(f"edge: HAProxy on {host}:{port} in front of the ingress replicas of node {node_ip}")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
+    wait_for_stop_signal()
     log("edge: stopping (requests in flight finish)")
     edge.stop()
     ray.shutdown()
